@@ -1,0 +1,132 @@
+# Scalable-Chat. `make` builds build/chatd and build/chatctl; `make run` starts a chat on
+# the embedded store; `make test` installs what is missing, builds, and runs every test.
+
+CC      ?= gcc
+CLANG   ?= clang
+PYTHON  ?= python3
+PORT    ?= 8000
+STORE   ?= sqlite:./data/chat.db
+
+WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wstrict-prototypes
+CFLAGS  ?= -O2 -g
+BASEFLAGS := -std=c11 -D_GNU_SOURCE $(WARN) -pthread -MMD -MP
+LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lcrypto -lz -lpthread -lm
+
+LIB_SRC := $(sort $(wildcard src/core/*.c src/http/*.c src/ws/*.c src/chat/*.c \
+                              src/store/*.c src/bus/*.c))
+UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
+FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
+
+# ---- release build ----------------------------------------------------------------------
+B := build
+LIB_OBJ := $(LIB_SRC:%.c=$(B)/obj/%.o)
+UNITS := $(UNIT_SRC:tests/unit/%.c=$(B)/tests/%)
+
+all: $(B)/chatd $(B)/chatctl
+
+$(B)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(BASEFLAGS) $(CFLAGS) -c $< -o $@
+
+$(B)/libchat.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(B)/chatd: $(B)/obj/src/main.o $(B)/libchat.a
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
+$(B)/chatctl: $(B)/obj/src/chatctl.o $(B)/libchat.a
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
+$(B)/tests/%: $(B)/obj/tests/unit/%.o $(B)/libchat.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
+# ---- sanitizer build (ASan + UBSan) of the library and the unit tests --------------------
+SB := build/asan
+SAN := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+SAN_OBJ := $(LIB_SRC:%.c=$(SB)/obj/%.o)
+SAN_UNITS := $(UNIT_SRC:tests/unit/%.c=$(SB)/tests/%)
+
+$(SB)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(BASEFLAGS) $(SAN) -c $< -o $@
+
+$(SB)/libchat.a: $(SAN_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(SB)/tests/%: $(SB)/obj/tests/unit/%.o $(SB)/libchat.a
+	@mkdir -p $(dir $@)
+	$(CC) $(SAN) -pthread -o $@ $^ $(LDLIBS)
+
+$(SB)/chatd: $(SB)/obj/src/main.o $(SB)/libchat.a
+	$(CC) $(SAN) -pthread -o $@ $^ $(LDLIBS)
+
+# ---- libFuzzer harnesses (clang) --------------------------------------------------------
+FB := build/fuzz
+FUZZFLAGS := -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FB)/obj/%.o)
+FUZZERS := $(FUZZ_SRC:tests/fuzz/%.c=$(FB)/%)
+FUZZ_SECONDS ?= 60
+
+$(FB)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CLANG) -std=c11 -D_GNU_SOURCE $(WARN) -Wno-unused-command-line-argument -pthread -MMD -MP \
+	    -O1 -g -fsanitize=fuzzer-no-link,address,undefined -c $< -o $@
+
+$(FB)/libchat.a: $(FUZZ_LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
+	$(CLANG) $(FUZZFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
+# ---- targets ----------------------------------------------------------------------------
+.PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional create-models clean format
+
+run: all
+	@mkdir -p data
+	CHAT_PORT=$${CHAT_PORT:-$(PORT)} CHAT_STORE=$${CHAT_STORE:-$(STORE)} ./$(B)/chatd
+
+create-models: $(B)/chatctl
+	@mkdir -p data
+	./$(B)/chatctl migrate --store "$${CHAT_STORE:-$(STORE)}"
+
+deps:
+	@bash scripts/deps.sh
+
+unit: $(UNITS)
+	@set -e; for t in $(UNITS); do echo "== $$t"; $$t; done
+
+unit-asan: $(SAN_UNITS)
+	@set -e; for t in $(SAN_UNITS); do echo "== $$t (asan+ubsan)"; \
+	    ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 $$t; done
+
+fuzz-replay: $(FUZZERS)
+	@set -e; for f in $(FUZZERS); do n=$$(basename $$f); echo "== $$n: corpus replay"; \
+	    $$f -runs=0 tests/fuzz/corpus/$$n >/dev/null 2>$(FB)/$$n.log || { tail -40 $(FB)/$$n.log; exit 1; }; \
+	    grep -E 'Done [0-9]+ runs|INITED' $(FB)/$$n.log | tail -1; done
+
+fuzz: $(FUZZERS)
+	@set -e; for f in $(FUZZERS); do n=$$(basename $$f); mkdir -p $(FB)/corpus/$$n; \
+	    echo "== $$n for $(FUZZ_SECONDS)s"; \
+	    $$f -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/$$n.dict $(FB)/corpus/$$n tests/fuzz/corpus/$$n 2>&1 | tail -3; done
+
+functional: all
+	$(PYTHON) -m pytest -q tests/functional
+
+test: deps
+	$(MAKE) all
+	$(MAKE) unit
+	$(MAKE) unit-asan
+	$(MAKE) fuzz-replay
+	$(MAKE) functional
+
+format:
+	clang-format -i src/*.c src/*/*.c src/*/*.h tests/unit/*.c tests/fuzz/*.c
+
+clean:
+	rm -rf build
+
+-include $(shell find build -name '*.d' 2>/dev/null)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install what building and testing need and is not there yet: Debian packages (as root,
+# or with sudo) and the Python test packages. Idempotent and quiet when all is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+debs=(gcc make pkg-config clang libclang-rt-14-dev llvm
+      libuv1-dev libjansson-dev libhttp-parser-dev libsqlite3-dev libssl-dev zlib1g-dev
+      libhiredis-dev redis-server)
+missing=()
+for p in "${debs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "deps: installing Debian packages: ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+py=${PYTHON:-python3}
+if ! $py - <<'PY' 2>/dev/null
+import importlib.metadata as m, pathlib, re, sys
+for line in pathlib.Path("tests/requirements.txt").read_text().splitlines():
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    name, _, ver = line.partition("==")
+    if m.version(name.strip()) != ver.strip():
+        sys.exit(1)
+PY
+then
+    echo "deps: installing Python test packages from tests/requirements.txt"
+    $py -m pip install -q -r tests/requirements.txt 2>&1 | grep -v "Running pip as the 'root' user" || true
+fi

@@ -1,0 +1,178 @@
+/* chat: declarations shared by the files of the chat layer; not part of its contract. */
+#ifndef CHAT_CHAT_INTERNAL_H
+#define CHAT_CHAT_INTERNAL_H
+
+#include <jansson.h>
+
+#include "../store/store.h"
+#include "chat.h"
+
+/* ---- the JSON protocol (protocol.c) --------------------------------------------------- */
+enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE };
+/* allow_events flag: an object without "event" is a message:message (the REST body) */
+#define PROTO_IMPLICIT_MESSAGE (1u << 8)
+
+#define PROTO_MAX_CLIENT_ID 128
+
+typedef struct proto_cmd {
+    int kind;
+    json_t *root;          /* owns the strings below; released by proto_cmd_free */
+    const char *message;   /* PROTO_MESSAGE, PROTO_EDIT */
+    size_t message_len;
+    const char *client_id; /* optional; NULL if absent */
+    uint64_t message_id;   /* PROTO_EDIT, PROTO_DELETE */
+    const char *error;     /* after CHAT_EPROTO: a static, readable reason */
+} proto_cmd_t;
+
+/* Decode one client text message (valid UTF-8 already). Returns
+ *   0            *cmd is filled; free with proto_cmd_free
+ *   CHAT_EINVAL  not JSON or not a JSON object (the connection closes with 1007)
+ *   CHAT_EPROTO  a well-formed object that is not a valid command: cmd->error says why and
+ *                cmd->client_id/message_id are set where they could be read (error event
+ *                "bad_request"; the connection stays open). Free with proto_cmd_free.
+ * allow_events: bitmask of (1 << PROTO_*) accepted; others are "unknown event". */
+int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_cmd_t *cmd);
+void proto_cmd_free(proto_cmd_t *cmd);
+
+/* Append a stored message as a JSON object.
+ * event != NULL: the live event ({"event":..,"chat_id":..,...}); the text is left out when
+ * the message is deleted. event == NULL: the history form, with "deleted": true/false. */
+void proto_put_msg(sbuf_t *sb, const char *event, const store_msg_t *m);
+/* Append an error event {"event":"error","code":..,"detail":..} with the optional
+ * client_id / message_id (0 = none) it refers to. */
+void proto_put_error(sbuf_t *sb, const char *code, const char *detail, const char *client_id,
+                     uint64_t message_id);
+
+#endif
+
+/* ---- the server's state (server.c, session.c, routes.c) ------------------------------- */
+#include "../bus/bus.h"
+#include "../http/http.h"
+#include "../ws/ws.h"
+
+enum { PEER_HTTP = 1, PEER_WS = 2 };
+
+typedef struct peer peer_t;
+struct peer {
+    int kind;
+    chat_server_t *srv;
+    conn_t *conn;            /* NULL once the connection is gone */
+    peer_t *prev, *next;     /* the server's list of open connections */
+    uint64_t last_rx;        /* uv_now() of the last bytes received */
+    uint64_t closing_since;  /* uv_now() when we started closing, 0 if not */
+    int refs;                /* 1 for the connection + 1 per store request in flight */
+};
+
+typedef struct room room_t;
+
+typedef struct session {
+    peer_t peer;
+    ws_parser_t parser;
+    room_t *room;
+    struct session *rprev, *rnext; /* members of the room */
+    uint64_t ping_sent;            /* uv_now() of an unanswered keepalive ping, 0 if none */
+    uint16_t close_code;           /* what we sent or echoed, for metrics; 0 = none yet */
+    char user[129];
+} session_t;
+
+typedef struct http_peer {
+    peer_t peer;
+    http_reader_t reader;
+    bool busy;      /* a request waits for the store */
+    sbuf_t pending; /* bytes that arrived meanwhile, parsed after its answer */
+} http_peer_t;
+
+struct room {
+    char *chat_id;
+    session_t *members;
+    size_t n;
+    room_t *hnext;
+    uint32_t hash;
+};
+
+/* A store request with what its completion needs. */
+typedef struct op {
+    store_req_t req;
+    chat_server_t *srv;
+    peer_t *origin; /* referenced; its conn may be gone by completion */
+    proto_cmd_t cmd;
+    uint64_t t0;    /* uv_hrtime() at submit */
+    bool rest;      /* the origin is an HTTP request, not a WebSocket */
+    bool keep_alive;
+    char chat_id[129];
+    char user[129];
+} op_t;
+
+#define METRIC_LAT_BUCKETS 13
+enum { CLOSE_CODE_SLOTS = 16 }; /* 1000..1015, and one slot for anything else */
+
+typedef struct chat_metrics {
+    uint64_t messages_in, messages_out, http_requests, store_errors;
+    uint64_t lat_buckets[METRIC_LAT_BUCKETS]; /* cumulative at scrape time, stored per bucket */
+    uint64_t lat_count;
+    double lat_sum;
+    uint64_t closes[CLOSE_CODE_SLOTS + 1];
+    uint64_t ws_opened;
+} chat_metrics_t;
+
+typedef struct static_file {
+    char *path;         /* URL path, e.g. "/index.html" */
+    const char *type;   /* Content-Type */
+    buf_t *body;
+} static_file_t;
+
+struct chat_server {
+    uv_loop_t *loop;
+    chat_config_t cfg;
+    conn_server_t cs;
+    store_t *store;
+    bus_t *bus;
+    id_gen_t ids;
+    room_t **rooms;
+    size_t rooms_cap, n_rooms;
+    peer_t *peers;
+    size_t n_peers, n_sessions;
+    uv_timer_t sweep;
+    static_file_t *files;
+    size_t n_files;
+    chat_metrics_t m;
+    /* shutdown */
+    bool stopping;
+    uint16_t stop_code;
+    int stop_step;
+    uv_timer_t stop_timer;
+    void (*stop_done)(void *);
+    void *stop_arg;
+};
+
+/* server.c */
+void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c);
+void chat_peer_unlink(peer_t *p);  /* the connection closed */
+void chat_peer_unref(peer_t *p);   /* frees at zero */
+void chat_record_close(chat_server_t *s, uint16_t code);
+void chat_record_latency(chat_server_t *s, uint64_t t0);
+room_t *chat_room_find(chat_server_t *s, const char *chat_id);
+int chat_room_join(chat_server_t *s, session_t *ss, const char *chat_id);
+void chat_room_leave(chat_server_t *s, session_t *ss);
+/* Queue frame to every member; slow consumers are cut off. Returns deliveries. */
+size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame);
+const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n);
+void chat_metrics_render(chat_server_t *s, sbuf_t *sb);
+void chat_maybe_finish_stop(chat_server_t *s);
+
+/* session.c */
+extern const conn_handler_t chat_ws_handler;
+/* Take over an upgraded connection: the 101 was sent; rest are bytes already read. */
+void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
+                        const uint8_t *rest, size_t rest_len);
+/* Send a close frame with code and reason, then close gracefully. */
+void chat_session_close(session_t *ss, uint16_t code, const char *reason);
+/* Submit a command from a session or a REST request; the op owns cmd afterwards. */
+int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
+                const char *chat_id, const char *user, proto_cmd_t *cmd);
+
+/* routes.c */
+extern const conn_handler_t chat_http_handler;
+/* An op from a REST request completed: answer it. ev is the encoded event (empty on
+ * failure). */
+void chat_rest_complete(op_t *op, const sbuf_t *ev);

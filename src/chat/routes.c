@@ -1,0 +1,484 @@
+/* routes: the HTTP side of a connection. Requests are read with http_reader_t and routed:
+ * the WebSocket upgrade, the REST API, health, metrics and the static web client.
+ *
+ * One request is answered at a time per connection, in order (HTTP/1.1 pipelining): while
+ * one waits for the store, bytes that arrive are kept aside and parsed after its answer.
+ * Every error is a status with a JSON body {"error": code, "detail": ...}.
+ */
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "chat_internal.h"
+
+#define HTTP_PENDING_MAX (1u << 20) /* bytes kept while a request waits for the store */
+#define HISTORY_DEFAULT 50
+#define HISTORY_MAX 200
+
+static void http__drive(http_peer_t *hp, const uint8_t *data, size_t len);
+
+/* The request that waited for the store was answered: go on with the bytes that arrived
+ * meanwhile (pipelined requests). */
+static void http__resume(http_peer_t *hp) {
+    hp->busy = false;
+    sbuf_t pending = hp->pending;
+    memset(&hp->pending, 0, sizeof(hp->pending));
+    if (hp->peer.conn && !conn_is_closing(hp->peer.conn)) {
+        http_reader_consume(&hp->reader);
+        http__drive(hp, (const uint8_t *)pending.p, pending.len);
+    }
+    sbuf_free(&pending);
+}
+
+/* ---- answering ------------------------------------------------------------------------ */
+
+/* Queue a response; on a connection that is not kept alive, close after it. Responses are
+ * forced past the outbound limit: they are bounded by the request limits and the page size,
+ * and the client is waiting for them. */
+static void http__send(http_peer_t *hp, buf_t *resp, bool keep_alive) {
+    conn_t *c = hp->peer.conn;
+    chat_server_t *s = hp->peer.srv;
+    s->m.http_requests++;
+    if (!c || conn_is_closing(c)) {
+        buf_unref(resp);
+        return;
+    }
+    if (resp) conn_send_force(c, resp);
+    buf_unref(resp);
+    if (!resp || !keep_alive || s->stopping) conn_close(c);
+}
+
+static void http__error(http_peer_t *hp, int status, const char *code, const char *detail,
+                        bool keep_alive) {
+    http__send(hp, http_error_new(status, code, detail, keep_alive), keep_alive);
+}
+
+static void http__json(http_peer_t *hp, int status, const sbuf_t *body, bool keep_alive) {
+    if (body->oom) {
+        http__error(hp, 500, "internal", "out of memory", false);
+        return;
+    }
+    http__send(hp,
+               http_response_new(status, "application/json", body->p, body->len, keep_alive,
+                                 NULL),
+               keep_alive);
+}
+
+/* ---- auth ----------------------------------------------------------------------------- */
+
+/* 0 with *cl filled (free with jwt_claims_free), or the HTTP status to answer (401/403)
+ * with *why set. chat_id NULL: no chat to check. */
+static int http__auth(chat_server_t *s, const http_request_t *req, const char *chat_id,
+                      jwt_claims_t *cl, const char **why) {
+    char qtok[8193];
+    const char *tok = NULL;
+    size_t tlen = 0;
+    size_t alen;
+    const char *auth = http_header(req, "Authorization", &alen);
+    if (auth && alen > 7 && strncasecmp(auth, "Bearer ", 7) == 0) {
+        tok = auth + 7;
+        tlen = alen - 7;
+        while (tlen && tok[0] == ' ') tok++, tlen--;
+    } else {
+        int n = http_query_param(req, "token", qtok, sizeof qtok);
+        if (n > 0) {
+            tok = qtok;
+            tlen = (size_t)n;
+        }
+    }
+    if (!tok) {
+        *why = "missing token: pass ?token= or Authorization: Bearer";
+        return 401;
+    }
+    int rc = jwt_verify(tok, tlen, s->cfg.jwt_secret, (int64_t)time(NULL), cl);
+    if (rc == CHAT_EEXPIRED) {
+        *why = "token expired";
+        return 401;
+    }
+    if (rc < 0) {
+        *why = "invalid token";
+        return 401;
+    }
+    if (chat_id && !jwt_allows_chat(cl, chat_id)) {
+        jwt_claims_free(cl);
+        *why = "this token does not allow this chat";
+        return 403;
+    }
+    return 0;
+}
+
+/* ---- WebSocket upgrade ---------------------------------------------------------------- */
+
+static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char *chat_id) {
+    chat_server_t *s = hp->peer.srv;
+    bool ka = req->keep_alive;
+    if (req->method != HTTP_GET) {
+        s->m.http_requests++;
+        http__send(hp,
+                   http_response_new(405, "application/json",
+                                     "{\"error\":\"method_not_allowed\",\"detail\":\"use GET\"}",
+                                     49, ka, "Allow: GET\r\n"),
+                   ka);
+        return;
+    }
+    if (s->stopping) {
+        http__error(hp, 503, "shutting_down", "the server is shutting down", false);
+        return;
+    }
+    if (!http_header_has_token(req, "Upgrade", "websocket")) {
+        http__error(hp, 400, "bad_handshake", "expected Upgrade: websocket", ka);
+        return;
+    }
+    if (!http_header_has_token(req, "Connection", "upgrade")) {
+        http__error(hp, 400, "bad_handshake", "expected Connection: upgrade", ka);
+        return;
+    }
+    size_t vlen;
+    const char *ver = http_header(req, "Sec-WebSocket-Version", &vlen);
+    if (!ver || vlen != 2 || memcmp(ver, "13", 2) != 0) {
+        s->m.http_requests++;
+        const char body[] = "{\"error\":\"unsupported_version\",\"detail\":"
+                            "\"only WebSocket version 13 is supported\"}";
+        http__send(hp,
+                   http_response_new(426, "application/json", body, sizeof body - 1, ka,
+                                     "Sec-WebSocket-Version: 13\r\n"),
+                   ka);
+        return;
+    }
+    size_t klen;
+    const char *key = http_header(req, "Sec-WebSocket-Key", &klen);
+    char accept[29];
+    if (!key || ws_accept_key(key, klen, accept) < 0) {
+        http__error(hp, 400, "bad_handshake",
+                    "Sec-WebSocket-Key must be the base64 of 16 bytes", ka);
+        return;
+    }
+    jwt_claims_t cl;
+    const char *why;
+    int st = http__auth(s, req, chat_id, &cl, &why);
+    if (st) {
+        http__error(hp, st, st == 401 ? "unauthorized" : "forbidden", why, ka);
+        return;
+    }
+    char head[160];
+    int n = snprintf(head, sizeof head,
+                     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
+                     accept);
+    conn_t *c = hp->peer.conn;
+    s->m.http_requests++;
+    conn_send_copy(c, head, (size_t)n);
+    size_t rest_len;
+    const char *rest = http_reader_rest(&hp->reader, &rest_len);
+    /* The connection changes hands: the HTTP peer lets go of it (it stays allocated, and
+     * rest valid, until http__drive's reference is dropped). */
+    chat_peer_unlink(&hp->peer);
+    chat_session_start(s, c, chat_id, cl.sub, (const uint8_t *)rest, rest_len);
+    char peer[80];
+    conn_peer(c, peer, sizeof peer);
+    log_debug("ws_open peer=%s user=%s chat=%s", peer, cl.sub, chat_id);
+    jwt_claims_free(&cl);
+}
+
+/* ---- REST ----------------------------------------------------------------------------- */
+
+static void http__history_done(store_req_t *req) {
+    op_t *op = req->data;
+    http_peer_t *hp = (http_peer_t *)op->origin;
+    chat_server_t *s = op->srv;
+    chat_record_latency(s, op->t0);
+    if (req->status < 0) {
+        s->m.store_errors++;
+        http__error(hp, 503, "store_unavailable", chat_strerror(req->status), op->keep_alive);
+    } else {
+        int want = req->limit - 1; /* one more was asked for, to know if a page follows */
+        size_t n = req->n_msgs > (size_t)want ? (size_t)want : req->n_msgs;
+        sbuf_t sb = {0};
+        sbuf_puts(&sb, "{\"chat_id\":");
+        sbuf_json_str(&sb, op->chat_id, strlen(op->chat_id));
+        sbuf_puts(&sb, ",\"messages\":[");
+        for (size_t i = 0; i < n; i++) {
+            if (i) sbuf_puts(&sb, ",");
+            proto_put_msg(&sb, NULL, &req->msgs[i]);
+        }
+        if (req->n_msgs > n && n)
+            sbuf_printf(&sb, "],\"next_before\":\"%" PRIu64 "\"}", req->msgs[n - 1].id);
+        else
+            sbuf_puts(&sb, "],\"next_before\":null}");
+        http__json(hp, 200, &sb, op->keep_alive);
+        sbuf_free(&sb);
+    }
+    store_req_cleanup(req);
+    free(op);
+    http__resume(hp);
+    chat_peer_unref(&hp->peer);
+}
+
+static int http__parse_limit(const http_request_t *req, int *limit, uint64_t *before,
+                             const char **why) {
+    char v[32];
+    int n = http_query_param(req, "limit", v, sizeof v);
+    *limit = HISTORY_DEFAULT;
+    if (n != CHAT_ENOTFOUND) {
+        uint64_t l;
+        if (n <= 0 || id_parse(v, (size_t)n, &l) < 0 || l < 1 || l > HISTORY_MAX) {
+            *why = "limit must be an integer from 1 to 200";
+            return -1;
+        }
+        *limit = (int)l;
+    }
+    *before = 0;
+    n = http_query_param(req, "before", v, sizeof v);
+    if (n != CHAT_ENOTFOUND && (n <= 0 || id_parse(v, (size_t)n, before) < 0 || !*before)) {
+        *why = "before must be a message id";
+        return -1;
+    }
+    return 0;
+}
+
+static void http__messages(http_peer_t *hp, const http_request_t *req, const char *chat_id) {
+    chat_server_t *s = hp->peer.srv;
+    bool ka = req->keep_alive;
+    if (req->method != HTTP_GET && req->method != HTTP_POST) {
+        s->m.http_requests++;
+        const char body[] = "{\"error\":\"method_not_allowed\",\"detail\":\"use GET or POST\"}";
+        http__send(hp,
+                   http_response_new(405, "application/json", body, sizeof body - 1, ka,
+                                     "Allow: GET, POST\r\n"),
+                   ka);
+        return;
+    }
+    jwt_claims_t cl;
+    const char *why;
+    int st = http__auth(s, req, chat_id, &cl, &why);
+    if (st) {
+        http__error(hp, st, st == 401 ? "unauthorized" : "forbidden", why, ka);
+        return;
+    }
+    if (req->method == HTTP_GET) {
+        int limit;
+        uint64_t before;
+        if (http__parse_limit(req, &limit, &before, &why) < 0) {
+            http__error(hp, 400, "bad_request", why, ka);
+            goto out;
+        }
+        op_t *op = calloc(1, sizeof(*op));
+        if (!op) {
+            http__error(hp, 500, "internal", "out of memory", false);
+            goto out;
+        }
+        op->srv = s;
+        op->origin = &hp->peer;
+        op->rest = true;
+        op->keep_alive = ka;
+        snprintf(op->chat_id, sizeof op->chat_id, "%s", chat_id);
+        op->req.op = STORE_HISTORY;
+        op->req.chat_id = op->chat_id;
+        op->req.id = before;
+        op->req.limit = limit + 1;
+        op->req.data = op;
+        op->req.cb = http__history_done;
+        op->t0 = uv_hrtime();
+        if (store_submit(s->store, &op->req) < 0) {
+            free(op);
+            http__error(hp, 503, "store_unavailable", "the store is not accepting requests", ka);
+            goto out;
+        }
+        hp->peer.refs++;
+        hp->busy = true;
+        goto out;
+    }
+    /* POST: the same command as a WebSocket message:message, for bots and scripts */
+    size_t tlen;
+    const char *ct = http_header(req, "Content-Type", &tlen);
+    if (!ct || tlen < 16 || strncasecmp(ct, "application/json", 16) != 0 ||
+        (tlen > 16 && ct[16] != ';' && ct[16] != ' ')) {
+        http__error(hp, 415, "unsupported_media_type", "send Content-Type: application/json",
+                    ka);
+        goto out;
+    }
+    proto_cmd_t cmd;
+    int rc = proto_decode((const uint8_t *)(req->body ? req->body : ""), req->body_len,
+                          (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE, &cmd);
+    if (rc == CHAT_EINVAL) {
+        http__error(hp, 400, "bad_request", "the body must be a JSON object", ka);
+        goto out;
+    }
+    if (rc == CHAT_EPROTO) {
+        http__error(hp, 400, "bad_request", cmd.error, ka);
+        proto_cmd_free(&cmd);
+        goto out;
+    }
+    if (chat_submit(s, &hp->peer, true, ka, chat_id, cl.sub, &cmd) < 0) {
+        proto_cmd_free(&cmd);
+        http__error(hp, 503, "store_unavailable", "the store is not accepting requests", ka);
+        goto out;
+    }
+    hp->busy = true;
+out:
+    jwt_claims_free(&cl);
+}
+
+void chat_rest_complete(op_t *op, const sbuf_t *ev) {
+    http_peer_t *hp = (http_peer_t *)op->origin;
+    store_req_t *req = &op->req;
+    if (req->status == 0)
+        http__json(hp, req->duplicate ? 200 : 201, ev, op->keep_alive);
+    else if (req->status == CHAT_ENOTFOUND)
+        http__error(hp, 404, "not_found", "no such message in this chat", op->keep_alive);
+    else if (req->status == CHAT_EPERM)
+        http__error(hp, 403, "not_author", "only the author may change a message",
+                    op->keep_alive);
+    else
+        http__error(hp, 503, "store_unavailable",
+                    "the message could not be stored; it was not delivered", op->keep_alive);
+    http__resume(hp);
+}
+
+/* ---- routing -------------------------------------------------------------------------- */
+
+/* If path is prefix + one segment + suffix (suffix may be "" or "/" when slash_ok), decode
+ * the segment into out. Returns 1 on a match, 0 if the shape differs, -1 if the segment
+ * is not a valid chat id. */
+static int http__match(const char *path, size_t n, const char *prefix, const char *suffix,
+                       bool slash_ok, char *out, size_t outcap) {
+    size_t pl = strlen(prefix), sl = strlen(suffix);
+    if (n <= pl || memcmp(path, prefix, pl) != 0) return 0;
+    const char *seg = path + pl;
+    size_t rest = n - pl;
+    const char *slash = memchr(seg, '/', rest);
+    size_t seglen = slash ? (size_t)(slash - seg) : rest;
+    const char *tail = seg + seglen;
+    size_t tail_len = rest - seglen;
+    bool ok = (tail_len == sl && memcmp(tail, suffix, sl) == 0) ||
+              (slash_ok && tail_len == sl + 1 && memcmp(tail, suffix, sl) == 0 &&
+               tail[sl] == '/');
+    if (!ok) return 0;
+    int dl = http_pct_decode(seg, seglen, out, outcap, false);
+    if (dl <= 0 || !chat_id_valid(out, (size_t)dl)) return -1;
+    return 1;
+}
+
+static void http__route(http_peer_t *hp, const http_request_t *req) {
+    chat_server_t *s = hp->peer.srv;
+    bool ka = req->keep_alive;
+    const char *p = req->path;
+    size_t n = req->path_len;
+    char chat_id[512];
+
+    int m = http__match(p, n, "/ws/chat/", "", true, chat_id, sizeof chat_id);
+    if (m) {
+        if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
+                                                       "[A-Za-z0-9_.-]", ka);
+        else http__upgrade(hp, req, chat_id);
+        return;
+    }
+    m = http__match(p, n, "/api/chats/", "/messages", false, chat_id, sizeof chat_id);
+    if (m) {
+        if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
+                                                       "[A-Za-z0-9_.-]", ka);
+        else http__messages(hp, req, chat_id);
+        return;
+    }
+    bool get = req->method == HTTP_GET || req->method == HTTP_HEAD;
+    if (n == 8 && memcmp(p, "/healthz", 8) == 0) {
+        if (!get) goto not_allowed;
+        static const char ok[] = "{\"status\":\"ok\"}";
+        http__send(hp, http_response_new(s->stopping ? 503 : 200, "application/json", ok,
+                                         sizeof ok - 1, ka, NULL),
+                   ka);
+        return;
+    }
+    if (n == 8 && memcmp(p, "/metrics", 8) == 0) {
+        if (!get) goto not_allowed;
+        sbuf_t sb = {0};
+        chat_metrics_render(s, &sb);
+        http__send(hp, http_response_new(200, "text/plain; version=0.0.4", sb.p, sb.len, ka,
+                                         NULL),
+                   ka);
+        sbuf_free(&sb);
+        return;
+    }
+    const static_file_t *f = (n >= 4 && memcmp(p, "/api", 4) == 0) ? NULL
+                                                                    : chat_static_find(s, p, n);
+    if (f) {
+        if (!get) goto not_allowed;
+        http__send(hp, http_response_new(200, f->type, f->body->data, f->body->len, ka,
+                                         "Cache-Control: no-cache\r\n"),
+                   ka);
+        return;
+    }
+    http__error(hp, 404, "not_found", "no such resource", ka);
+    return;
+not_allowed:
+    s->m.http_requests++;
+    {
+        const char body[] = "{\"error\":\"method_not_allowed\",\"detail\":\"use GET\"}";
+        http__send(hp, http_response_new(405, "application/json", body, sizeof body - 1, ka,
+                                         "Allow: GET, HEAD\r\n"),
+                   ka);
+    }
+}
+
+/* ---- the connection ------------------------------------------------------------------- */
+
+static void http__drive(http_peer_t *hp, const uint8_t *data, size_t len) {
+    http_request_t req;
+    hp->peer.refs++;
+    int rc = http_reader_feed(&hp->reader, (const char *)data, len, &req);
+    while (rc == 1) {
+        http__route(hp, &req);
+        if (!hp->peer.conn || hp->peer.kind != PEER_HTTP) break; /* upgraded or gone */
+        if (hp->busy || conn_is_closing(hp->peer.conn)) break;
+        http_reader_consume(&hp->reader);
+        rc = http_reader_feed(&hp->reader, NULL, 0, &req);
+    }
+    if (rc < 0 && hp->peer.conn && !conn_is_closing(hp->peer.conn)) {
+        int st = hp->reader.error_status ? hp->reader.error_status : 400;
+        http__error(hp, st,
+                    st == 431   ? "headers_too_large"
+                    : st == 413 ? "body_too_large"
+                                : "bad_request",
+                    st == 431   ? "the request head is too large"
+                    : st == 413 ? "the request body is too large"
+                                : "malformed HTTP request",
+                    false);
+    }
+    chat_peer_unref(&hp->peer);
+}
+
+static void http__on_open(conn_t *c) {
+    chat_server_t *s = c->server->handler_data;
+    http_peer_t *hp = calloc(1, sizeof(*hp));
+    if (!hp) {
+        conn_abort(c);
+        return;
+    }
+    chat_peer_link(s, &hp->peer, PEER_HTTP, c);
+    http_reader_init(&hp->reader);
+    hp->reader.max_body_bytes = s->cfg.max_body_bytes;
+    conn_set_handler(c, &chat_http_handler, hp);
+}
+
+static void http__on_read(conn_t *c, uint8_t *data, size_t len) {
+    http_peer_t *hp = c->ctx;
+    hp->peer.last_rx = uv_now(hp->peer.srv->loop);
+    if (hp->busy) {
+        sbuf_put(&hp->pending, data, len);
+        if (hp->pending.oom || hp->pending.len > HTTP_PENDING_MAX) conn_abort(c);
+        return;
+    }
+    http__drive(hp, data, len);
+}
+
+static void http__on_close(conn_t *c) {
+    http_peer_t *hp = c->ctx;
+    chat_peer_unlink(&hp->peer);
+}
+
+const conn_handler_t chat_http_handler = {
+    .on_open = http__on_open,
+    .on_read = http__on_read,
+    .on_close = http__on_close,
+};

@@ -1,0 +1,483 @@
+/* server: the chat server's lifecycle and shared state: connections (peers), rooms,
+ * metrics, static files, the keepalive sweep, and the graceful shutdown.
+ *
+ * A room is the set of this node's sessions in one chat. It exists while it has members;
+ * its first member subscribes the node to the chat on the bus and its last unsubscribes,
+ * so the bus sees one subscription per node per chat however many clients join.
+ *
+ * One timer sweeps every connection for keepalive instead of a timer per connection: a
+ * connection costs no timer handle, and the sweep is a walk of a list a few times per
+ * idle period.
+ */
+#include <dirent.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "chat_internal.h"
+
+/* ---- peers ---------------------------------------------------------------------------- */
+
+void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c) {
+    p->kind = kind;
+    p->srv = s;
+    p->conn = c;
+    p->refs = 1;
+    p->last_rx = uv_now(s->loop);
+    p->prev = NULL;
+    p->next = s->peers;
+    if (s->peers) s->peers->prev = p;
+    s->peers = p;
+    s->n_peers++;
+}
+
+void chat_peer_unlink(peer_t *p) {
+    chat_server_t *s = p->srv;
+    if (p->prev) p->prev->next = p->next;
+    else s->peers = p->next;
+    if (p->next) p->next->prev = p->prev;
+    p->prev = p->next = NULL;
+    p->conn = NULL;
+    s->n_peers--;
+    chat_peer_unref(p);
+    chat_maybe_finish_stop(s);
+}
+
+void chat_peer_unref(peer_t *p) {
+    if (--p->refs > 0) return;
+    if (p->kind == PEER_WS) {
+        ws_parser_free(&((session_t *)p)->parser);
+    } else {
+        http_reader_free(&((http_peer_t *)p)->reader);
+        sbuf_free(&((http_peer_t *)p)->pending);
+    }
+    free(p);
+}
+
+/* ---- metrics -------------------------------------------------------------------------- */
+
+static const double lat_bounds[METRIC_LAT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+                                                       0.005,  0.01,    0.025,  0.05,  0.1,
+                                                       0.25,   0.5,     1.0};
+
+void chat_record_latency(chat_server_t *s, uint64_t t0) {
+    double secs = (double)(uv_hrtime() - t0) / 1e9;
+    s->m.lat_count++;
+    s->m.lat_sum += secs;
+    for (int i = 0; i < METRIC_LAT_BUCKETS; i++)
+        if (secs <= lat_bounds[i]) {
+            s->m.lat_buckets[i]++;
+            break;
+        }
+}
+
+void chat_record_close(chat_server_t *s, uint16_t code) {
+    if (code >= 1000 && code < 1000 + CLOSE_CODE_SLOTS) s->m.closes[code - 1000]++;
+    else s->m.closes[CLOSE_CODE_SLOTS]++;
+}
+
+void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
+    sbuf_puts(sb, "# HELP chat_connections Open WebSocket connections.\n"
+                  "# TYPE chat_connections gauge\n");
+    sbuf_printf(sb, "chat_connections %zu\n", s->n_sessions);
+    sbuf_puts(sb, "# HELP chat_http_connections Open connections still speaking HTTP.\n"
+                  "# TYPE chat_http_connections gauge\n");
+    sbuf_printf(sb, "chat_http_connections %zu\n", s->n_peers - s->n_sessions);
+    sbuf_puts(sb, "# HELP chat_rooms Chats with at least one member on this node.\n"
+                  "# TYPE chat_rooms gauge\n");
+    sbuf_printf(sb, "chat_rooms %zu\n", s->n_rooms);
+    sbuf_puts(sb, "# HELP chat_websocket_opened_total WebSocket connections accepted.\n"
+                  "# TYPE chat_websocket_opened_total counter\n");
+    sbuf_printf(sb, "chat_websocket_opened_total %" PRIu64 "\n", s->m.ws_opened);
+    sbuf_puts(sb, "# HELP chat_messages_in_total Chat events received from clients.\n"
+                  "# TYPE chat_messages_in_total counter\n");
+    sbuf_printf(sb, "chat_messages_in_total %" PRIu64 "\n", s->m.messages_in);
+    sbuf_puts(sb, "# HELP chat_messages_out_total Event frames queued to WebSocket members.\n"
+                  "# TYPE chat_messages_out_total counter\n");
+    sbuf_printf(sb, "chat_messages_out_total %" PRIu64 "\n", s->m.messages_out);
+    sbuf_puts(sb, "# HELP chat_http_requests_total HTTP requests answered.\n"
+                  "# TYPE chat_http_requests_total counter\n");
+    sbuf_printf(sb, "chat_http_requests_total %" PRIu64 "\n", s->m.http_requests);
+    sbuf_puts(sb, "# HELP chat_store_errors_total Store requests that failed.\n"
+                  "# TYPE chat_store_errors_total counter\n");
+    sbuf_printf(sb, "chat_store_errors_total %" PRIu64 "\n", s->m.store_errors);
+    sbuf_puts(sb, "# HELP chat_store_latency_seconds Time from store submit to completion.\n"
+                  "# TYPE chat_store_latency_seconds histogram\n");
+    uint64_t cum = 0;
+    for (int i = 0; i < METRIC_LAT_BUCKETS; i++) {
+        cum += s->m.lat_buckets[i];
+        sbuf_printf(sb, "chat_store_latency_seconds_bucket{le=\"%g\"} %" PRIu64 "\n",
+                    lat_bounds[i], cum);
+    }
+    sbuf_printf(sb, "chat_store_latency_seconds_bucket{le=\"+Inf\"} %" PRIu64 "\n",
+                s->m.lat_count);
+    sbuf_printf(sb, "chat_store_latency_seconds_sum %.6f\n", s->m.lat_sum);
+    sbuf_printf(sb, "chat_store_latency_seconds_count %" PRIu64 "\n", s->m.lat_count);
+    sbuf_puts(sb, "# HELP chat_ws_closes_total WebSocket connections closed, by close code "
+                  "(1006: dropped without a close frame).\n"
+                  "# TYPE chat_ws_closes_total counter\n");
+    for (int i = 0; i < CLOSE_CODE_SLOTS; i++)
+        if (s->m.closes[i])
+            sbuf_printf(sb, "chat_ws_closes_total{code=\"%d\"} %" PRIu64 "\n", 1000 + i,
+                        s->m.closes[i]);
+    if (s->m.closes[CLOSE_CODE_SLOTS])
+        sbuf_printf(sb, "chat_ws_closes_total{code=\"other\"} %" PRIu64 "\n",
+                    s->m.closes[CLOSE_CODE_SLOTS]);
+}
+
+/* ---- rooms ---------------------------------------------------------------------------- */
+
+static uint32_t chat__hash(const char *s) {
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
+room_t *chat_room_find(chat_server_t *s, const char *chat_id) {
+    if (!s->rooms_cap) return NULL;
+    uint32_t h = chat__hash(chat_id);
+    for (room_t *r = s->rooms[h & (s->rooms_cap - 1)]; r; r = r->hnext)
+        if (r->hash == h && strcmp(r->chat_id, chat_id) == 0) return r;
+    return NULL;
+}
+
+static int chat__rooms_grow(chat_server_t *s) {
+    size_t ncap = s->rooms_cap ? s->rooms_cap * 2 : 64;
+    room_t **nt = calloc(ncap, sizeof(*nt));
+    if (!nt) return CHAT_ENOMEM;
+    for (size_t i = 0; i < s->rooms_cap; i++) {
+        room_t *r = s->rooms[i];
+        while (r) {
+            room_t *next = r->hnext;
+            r->hnext = nt[r->hash & (ncap - 1)];
+            nt[r->hash & (ncap - 1)] = r;
+            r = next;
+        }
+    }
+    free(s->rooms);
+    s->rooms = nt;
+    s->rooms_cap = ncap;
+    return 0;
+}
+
+int chat_room_join(chat_server_t *s, session_t *ss, const char *chat_id) {
+    room_t *r = chat_room_find(s, chat_id);
+    if (!r) {
+        if (!s->rooms_cap || s->n_rooms + 1 > s->rooms_cap * 3 / 4)
+            if (chat__rooms_grow(s) < 0) return CHAT_ENOMEM;
+        r = calloc(1, sizeof(*r));
+        if (!r || !(r->chat_id = strdup(chat_id))) {
+            free(r);
+            return CHAT_ENOMEM;
+        }
+        r->hash = chat__hash(chat_id);
+        r->hnext = s->rooms[r->hash & (s->rooms_cap - 1)];
+        s->rooms[r->hash & (s->rooms_cap - 1)] = r;
+        s->n_rooms++;
+        if (bus_subscribe(s->bus, chat_id) < 0) log_warn("bus_subscribe_failed chat=%s", chat_id);
+    }
+    ss->room = r;
+    ss->rprev = NULL;
+    ss->rnext = r->members;
+    if (r->members) r->members->rprev = ss;
+    r->members = ss;
+    r->n++;
+    return 0;
+}
+
+void chat_room_leave(chat_server_t *s, session_t *ss) {
+    room_t *r = ss->room;
+    if (!r) return;
+    if (ss->rprev) ss->rprev->rnext = ss->rnext;
+    else r->members = ss->rnext;
+    if (ss->rnext) ss->rnext->rprev = ss->rprev;
+    ss->room = NULL;
+    ss->rprev = ss->rnext = NULL;
+    if (--r->n) return;
+    room_t **pp = &s->rooms[r->hash & (s->rooms_cap - 1)];
+    while (*pp != r) pp = &(*pp)->hnext;
+    *pp = r->hnext;
+    s->n_rooms--;
+    if (bus_unsubscribe(s->bus, r->chat_id) < 0)
+        log_warn("bus_unsubscribe_failed chat=%s", r->chat_id);
+    free(r->chat_id);
+    free(r);
+}
+
+size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame) {
+    size_t n = 0;
+    for (session_t *m = r->members; m; m = m->rnext) {
+        conn_t *c = m->peer.conn;
+        if (!c || conn_is_closing(c)) continue;
+        int rc = conn_send(c, frame);
+        if (rc == 0) {
+            n++;
+        } else if (rc == CHAT_EBUSY) {
+            /* The client stopped reading: cut it off so its queue cannot grow. It would
+             * not read a close frame either, so none is queued; the code is recorded. */
+            char peer[80];
+            conn_peer(c, peer, sizeof peer);
+            log_warn("slow_consumer peer=%s user=%s chat=%s queued=%zu", peer, m->user,
+                     r->chat_id, c->q_bytes);
+            m->close_code = WS_CLOSE_POLICY;
+            conn_abort(c);
+        }
+    }
+    s->m.messages_out += n;
+    return n;
+}
+
+/* ---- static files --------------------------------------------------------------------- */
+
+static const char *chat__mime(const char *name) {
+    const char *dot = strrchr(name, '.');
+    if (!dot) return "application/octet-stream";
+    static const struct { const char *ext, *type; } types[] = {
+        {".html", "text/html; charset=utf-8"},
+        {".js", "text/javascript; charset=utf-8"},
+        {".mjs", "text/javascript; charset=utf-8"},
+        {".css", "text/css; charset=utf-8"},
+        {".json", "application/json"},
+        {".svg", "image/svg+xml"},
+        {".png", "image/png"},
+        {".ico", "image/x-icon"},
+        {".txt", "text/plain; charset=utf-8"},
+        {".webmanifest", "application/manifest+json"},
+    };
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
+        if (strcmp(dot, types[i].ext) == 0) return types[i].type;
+    return "application/octet-stream";
+}
+
+/* The web client is small and fixed: read it once at start so serving it never touches
+ * the disk from the loop. Two levels deep is all the page uses. */
+static void chat__load_dir(chat_server_t *s, const char *dir, const char *prefix, int depth) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char path[4096], url[1024];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        snprintf(url, sizeof url, "%s/%s", prefix, e->d_name);
+        struct stat st;
+        if (stat(path, &st) < 0) continue;
+        if (S_ISDIR(st.st_mode)) {
+            if (depth < 2) chat__load_dir(s, path, url, depth + 1);
+            continue;
+        }
+        if (!S_ISREG(st.st_mode) || st.st_size > (8 << 20)) continue;
+        FILE *f = fopen(path, "rb");
+        if (!f) continue;
+        buf_t *b = buf_new((size_t)st.st_size);
+        if (b && fread(b->data, 1, (size_t)st.st_size, f) == (size_t)st.st_size) {
+            b->len = (size_t)st.st_size;
+            static_file_t *nf = realloc(s->files, sizeof(*nf) * (s->n_files + 1));
+            if (nf) {
+                s->files = nf;
+                s->files[s->n_files++] =
+                    (static_file_t){.path = strdup(url), .type = chat__mime(e->d_name), .body = b};
+                b = NULL;
+            }
+        }
+        buf_unref(b);
+        fclose(f);
+    }
+    closedir(d);
+}
+
+const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n) {
+    if (n == 1 && path[0] == '/') {
+        path = "/index.html";
+        n = strlen(path);
+    }
+    for (size_t i = 0; i < s->n_files; i++)
+        if (strlen(s->files[i].path) == n && memcmp(s->files[i].path, path, n) == 0)
+            return &s->files[i];
+    return NULL;
+}
+
+/* ---- keepalive sweep ------------------------------------------------------------------ */
+
+#define HTTP_IDLE_MS 60000 /* an HTTP connection idle (or a request trickling) this long */
+#define CLOSING_MAX_MS 5000
+
+static void chat__sweep(uv_timer_t *t) {
+    chat_server_t *s = t->data;
+    uint64_t now = uv_now(s->loop), idle = s->cfg.idle_timeout_ms;
+    peer_t *p = s->peers;
+    while (p) {
+        peer_t *next = p->next; /* closing below never unlinks synchronously, but be safe */
+        conn_t *c = p->conn;
+        if (!c) {
+            p = next;
+            continue;
+        }
+        if (conn_is_closing(c)) {
+            /* A peer that never reads our close keeps its queue: give up on it. */
+            if (!p->closing_since) p->closing_since = now;
+            else if (now - p->closing_since > CLOSING_MAX_MS) conn_abort(c);
+        } else if (p->kind == PEER_WS) {
+            session_t *ss = (session_t *)p;
+            if (ss->ping_sent && now - ss->ping_sent >= idle) {
+                log_info("ping_timeout user=%s", ss->user);
+                chat_session_close(ss, WS_CLOSE_GOING_AWAY, "ping timeout");
+            } else if (!ss->ping_sent && now - p->last_rx >= idle) {
+                buf_t *ping = ws_frame_new(WS_OP_PING, "keepalive", 9);
+                if (ping && conn_send_force(c, ping) == 0) ss->ping_sent = now;
+                buf_unref(ping);
+            }
+        } else if (!((http_peer_t *)p)->busy && now - p->last_rx >= HTTP_IDLE_MS) {
+            conn_close(c);
+        }
+        p = next;
+    }
+}
+
+/* ---- start and stop ------------------------------------------------------------------- */
+
+static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payload,
+                              size_t len) {
+    chat_server_t *s = ud;
+    room_t *r = chat_room_find(s, chat_id);
+    if (!r) return;
+    buf_t *frame = ws_frame_new(WS_OP_TEXT, payload, len);
+    if (!frame) return;
+    chat_room_broadcast(s, r, frame);
+    buf_unref(frame);
+}
+
+int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg,
+                      char *err, size_t errlen) {
+    chat_server_t *s = calloc(1, sizeof(*s));
+    if (!s) return CHAT_ENOMEM;
+    s->loop = loop;
+    s->cfg = *cfg;
+    if (!s->cfg.max_message_bytes) s->cfg.max_message_bytes = 65536;
+    if (!s->cfg.max_outbound_bytes) s->cfg.max_outbound_bytes = 4u << 20;
+    if (!s->cfg.max_body_bytes) s->cfg.max_body_bytes = 1u << 20;
+    if (!s->cfg.idle_timeout_ms) s->cfg.idle_timeout_ms = 60000;
+    id_gen_init(&s->ids, cfg->node_id);
+
+    int rc = store_open(&s->store, loop, cfg->store_url, err, errlen);
+    if (rc < 0) goto fail;
+    if ((rc = bus_open(&s->bus, loop, cfg->bus_url, chat__bus_message, s, err, errlen)) < 0)
+        goto fail_store;
+    if (cfg->web_root) chat__load_dir(s, cfg->web_root, "", 0);
+
+    conn_server_opts_t o = {
+        .host = cfg->host,
+        .port = cfg->port,
+        .max_outbound_bytes = s->cfg.max_outbound_bytes,
+        .handler = &chat_http_handler,
+        .handler_data = s,
+    };
+    if ((rc = conn_server_init(&s->cs, loop, &o)) < 0) {
+        snprintf(err, errlen, "cannot listen on %s:%d", cfg->host ? cfg->host : "0.0.0.0",
+                 cfg->port);
+        goto fail_bus;
+    }
+    uv_timer_init(loop, &s->sweep);
+    s->sweep.data = s;
+    uint64_t every = s->cfg.idle_timeout_ms / 4;
+    if (every < 50) every = 50;
+    if (every > 5000) every = 5000;
+    uv_timer_start(&s->sweep, chat__sweep, every, every);
+    uv_timer_init(loop, &s->stop_timer);
+    s->stop_timer.data = s;
+    *out = s;
+    return 0;
+
+fail_bus:
+    bus_close(s->bus, NULL, NULL);
+fail_store:
+    /* nothing was submitted: the store closes at once */
+    store_close(s->store, NULL, NULL);
+fail:
+    free(s);
+    return rc;
+}
+
+int chat_server_port(const chat_server_t *s) { return s->cs.port; }
+
+/* Shutdown runs in steps, each started when the previous one finished:
+ * 0 closing connections -> 1 store flushed -> 2 bus closed -> 3 handles closed -> done. */
+static void chat__stop_step(void *arg);
+
+static void chat__handle_closed(uv_handle_t *h) {
+    chat_server_t *s = h->data;
+    if (--s->stop_step == 100) chat__stop_step(s);
+}
+
+static void chat__stop_step(void *arg) {
+    chat_server_t *s = arg;
+    switch (s->stop_step) {
+    case 1:
+        s->stop_step = 2;
+        store_close(s->store, chat__stop_step, s);
+        return;
+    case 2:
+        s->stop_step = 3;
+        bus_close(s->bus, chat__stop_step, s);
+        return;
+    case 3:
+        s->stop_step = 4;
+        conn_server_close(&s->cs, chat__stop_step, s);
+        return;
+    case 4:
+        s->stop_step = 102; /* two handles to close; chat__handle_closed counts down */
+        uv_close((uv_handle_t *)&s->sweep, chat__handle_closed);
+        uv_close((uv_handle_t *)&s->stop_timer, chat__handle_closed);
+        return;
+    case 100: {
+        void (*done)(void *) = s->stop_done;
+        void *darg = s->stop_arg;
+        for (size_t i = 0; i < s->n_files; i++) {
+            free(s->files[i].path);
+            buf_unref(s->files[i].body);
+        }
+        free(s->files);
+        free(s->rooms);
+        free(s);
+        if (done) done(darg);
+        return;
+    }
+    }
+}
+
+void chat_maybe_finish_stop(chat_server_t *s) {
+    if (!s->stopping || s->stop_step != 0 || s->n_peers) return;
+    uv_timer_stop(&s->stop_timer);
+    s->stop_step = 1;
+    chat__stop_step(s);
+}
+
+static void chat__stop_deadline(uv_timer_t *t) {
+    chat_server_t *s = t->data;
+    log_warn("shutdown_deadline open_connections=%zu: dropping them", s->n_peers);
+    for (peer_t *p = s->peers; p; p = p->next)
+        if (p->conn) conn_abort(p->conn);
+}
+
+void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(void *),
+                          void *arg) {
+    if (s->stopping) return;
+    s->stopping = true;
+    s->stop_code = close_code;
+    s->stop_done = done;
+    s->stop_arg = arg;
+    conn_server_stop_listening(&s->cs);
+    log_info("shutdown connections=%zu code=%u", s->n_peers, close_code);
+    for (peer_t *p = s->peers; p; p = p->next) {
+        if (!p->conn) continue;
+        if (p->kind == PEER_WS)
+            chat_session_close((session_t *)p, close_code, "server shutting down");
+        else if (!((http_peer_t *)p)->busy)
+            conn_close(p->conn);
+        /* a busy HTTP peer closes once its answer is written (routes.c checks stopping) */
+    }
+    uv_timer_start(&s->stop_timer, chat__stop_deadline, 5000, 0);
+    chat_maybe_finish_stop(s);
+}

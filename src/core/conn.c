@@ -1,0 +1,461 @@
+/* conn: TCP connections on libuv with corked, refcounted output.
+ *
+ * The one idea: never write per message. conn_send() only appends a reference to the
+ * connection's queue and puts the connection on the server's dirty list; a uv_check
+ * handle (run right after the poll phase of every loop turn) writes each dirty connection
+ * with one writev (uv_try_write) of everything it has queued. A broadcast to 1,000 members
+ * costs 1,000 queue appends and, at the end of the turn, one syscall per member however
+ * many events the turn produced. Only when the kernel buffer is full does a uv_write_t get
+ * allocated for the rest, so an idle or keeping-up connection owns no write request.
+ *
+ * Every connection reads into one shared buffer: handlers consume the bytes during the
+ * read callback (the HTTP reader and WebSocket parser copy only what they must keep), so an
+ * idle connection holds no read buffer.
+ *
+ * Closing is graceful by default: queued output is written, the write side is shut down,
+ * and the socket lingers (discarding input) until the peer closes or a deadline passes, so
+ * the peer reads our last bytes (a close frame, an error response) instead of a reset.
+ */
+#include "core.h"
+
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum {
+    CF_DIRTY = 1 << 0,   /* on the dirty list */
+    CF_WRITING = 1 << 1, /* a uv_write is in flight */
+    CF_CLOSING = 1 << 2, /* conn_close called: flush, shut down, linger */
+    CF_SHUT = 1 << 3,    /* uv_shutdown issued */
+    CF_CLOSED = 1 << 4,  /* uv_close issued */
+    CF_LINGER = 1 << 5,  /* on the linger list */
+};
+
+#define CONN_READ_BUF (64 * 1024)
+#define CONN_IOV_MAX 64
+#define CONN_LINGER_MS 2000
+
+struct conn_seg {
+    buf_t *b;
+    uint32_t off; /* bytes of b already written */
+};
+
+static void conn__flush(conn_t *c);
+static void conn__hard_close(conn_t *c);
+static void conn__on_idle(uv_idle_t *h);
+static void conn__on_linger_timer(uv_timer_t *t);
+
+/* ---- output queue --------------------------------------------------------------------- */
+
+static int conn__q_grow(conn_t *c) {
+    uint32_t ncap = c->q_cap ? c->q_cap * 2 : 8;
+    struct conn_seg *nq = malloc(sizeof(*nq) * ncap);
+    if (!nq) return CHAT_ENOMEM;
+    /* unroll the ring so the head is at 0 */
+    for (uint32_t i = 0; i < c->q_len; i++) nq[i] = c->q[(c->q_head + i) & (c->q_cap - 1)];
+    free(c->q);
+    c->q = nq;
+    c->q_cap = ncap;
+    c->q_head = 0;
+    return 0;
+}
+
+static inline struct conn_seg *conn__seg(conn_t *c, uint32_t i) {
+    return &c->q[(c->q_head + i) & (c->q_cap - 1)];
+}
+
+static void conn__q_pop(conn_t *c) {
+    struct conn_seg *s = conn__seg(c, 0);
+    buf_unref(s->b);
+    s->b = NULL;
+    c->q_head = (c->q_head + 1) & (c->q_cap - 1);
+    c->q_len--;
+}
+
+/* Forget everything queued, and give the ring back once it is empty: a connection that
+ * once had a burst should not keep its peak queue forever. */
+static void conn__q_clear(conn_t *c) {
+    while (c->q_len) conn__q_pop(c);
+    c->q_bytes = 0;
+    free(c->q);
+    c->q = NULL;
+    c->q_cap = c->q_head = 0;
+}
+
+/* Mark n bytes written from the front of the queue. */
+static void conn__q_consume(conn_t *c, size_t n) {
+    c->q_bytes -= n;
+    while (n && c->q_len) {
+        struct conn_seg *s = conn__seg(c, 0);
+        size_t left = s->b->len - s->off;
+        if (n < left) {
+            s->off += (uint32_t)n;
+            return;
+        }
+        n -= left;
+        conn__q_pop(c);
+    }
+}
+
+static void conn__mark_dirty(conn_t *c) {
+    if (c->flags & (CF_DIRTY | CF_CLOSED)) return;
+    conn_server_t *s = c->server;
+    c->flags |= CF_DIRTY;
+    c->dirty_prev = NULL;
+    c->dirty_next = s->dirty;
+    if (s->dirty) s->dirty->dirty_prev = c;
+    else uv_idle_start(&s->kick, conn__on_idle);
+    s->dirty = c;
+}
+
+static void conn__unmark_dirty(conn_t *c) {
+    if (!(c->flags & CF_DIRTY)) return;
+    conn_server_t *s = c->server;
+    if (c->dirty_prev) c->dirty_prev->dirty_next = c->dirty_next;
+    else s->dirty = c->dirty_next;
+    if (c->dirty_next) c->dirty_next->dirty_prev = c->dirty_prev;
+    c->dirty_prev = c->dirty_next = NULL;
+    c->flags &= (uint16_t)~CF_DIRTY;
+}
+
+static int conn__enqueue(conn_t *c, buf_t *b, bool force) {
+    if (c->flags & (CF_CLOSING | CF_CLOSED)) return CHAT_ECLOSED;
+    if (b->len == 0) return 0;
+    if (!force && c->q_bytes + b->len > c->max_outbound) return CHAT_EBUSY;
+    if (c->q_len == c->q_cap && conn__q_grow(c) < 0) return CHAT_ENOMEM;
+    struct conn_seg *s = conn__seg(c, c->q_len);
+    s->b = buf_ref(b);
+    s->off = 0;
+    c->q_len++;
+    c->q_bytes += b->len;
+    conn__mark_dirty(c);
+    return 0;
+}
+
+int conn_send(conn_t *c, buf_t *b) { return conn__enqueue(c, b, false); }
+int conn_send_force(conn_t *c, buf_t *b) { return conn__enqueue(c, b, true); }
+
+int conn_send_copy(conn_t *c, const void *p, size_t n) {
+    buf_t *b = buf_from(p, n);
+    if (!b) return CHAT_ENOMEM;
+    int rc = conn_send(c, b);
+    buf_unref(b);
+    return rc;
+}
+
+/* ---- closing -------------------------------------------------------------------------- */
+
+static void conn__on_closed(uv_handle_t *h) {
+    conn_t *c = h->data;
+    conn_server_t *s = c->server;
+    if (c->handler && c->handler->on_close) c->handler->on_close(c);
+    conn__q_clear(c);
+    free(c->wreq);
+    s->n_conns--;
+    free(c);
+}
+
+static void conn__unlinger(conn_t *c) {
+    if (!(c->flags & CF_LINGER)) return;
+    conn_t **pp = &c->server->lingering;
+    while (*pp && *pp != c) pp = &(*pp)->linger_next;
+    if (*pp) *pp = c->linger_next;
+    c->flags &= (uint16_t)~CF_LINGER;
+}
+
+static void conn__hard_close(conn_t *c) {
+    if (c->flags & CF_CLOSED) return;
+    c->flags |= CF_CLOSED;
+    conn__unmark_dirty(c);
+    conn__unlinger(c);
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    uv_close((uv_handle_t *)&c->tcp, conn__on_closed);
+}
+
+static void conn__on_shutdown(uv_shutdown_t *req, int status) {
+    conn_t *c = req->data;
+    free(req);
+    if (c->flags & CF_CLOSED) return;
+    if (status < 0) {
+        conn__hard_close(c);
+        return;
+    }
+    /* Wait for the peer's FIN (the read callback sees EOF) or the linger deadline. */
+    conn_server_t *s = c->server;
+    c->linger_deadline = uv_now(s->loop) + CONN_LINGER_MS;
+    c->linger_next = s->lingering;
+    s->lingering = c;
+    c->flags |= CF_LINGER;
+    if (!uv_is_active((uv_handle_t *)&s->linger_timer))
+        uv_timer_start(&s->linger_timer, conn__on_linger_timer, 250, 250);
+}
+
+static void conn__shutdown(conn_t *c) {
+    if (c->flags & (CF_SHUT | CF_CLOSED)) return;
+    c->flags |= CF_SHUT;
+    uv_shutdown_t *req = malloc(sizeof(*req));
+    if (!req) {
+        conn__hard_close(c);
+        return;
+    }
+    req->data = c;
+    if (uv_shutdown(req, (uv_stream_t *)&c->tcp, conn__on_shutdown) < 0) {
+        free(req);
+        conn__hard_close(c);
+    }
+}
+
+void conn_close(conn_t *c) {
+    if (c->flags & (CF_CLOSING | CF_CLOSED)) return;
+    c->flags |= CF_CLOSING;
+    if (c->q_len == 0 && !(c->flags & CF_WRITING)) conn__shutdown(c);
+    /* else the flush that empties the queue shuts down */
+}
+
+void conn_abort(conn_t *c) {
+    c->flags |= CF_CLOSING;
+    conn__hard_close(c);
+}
+
+bool conn_is_closing(const conn_t *c) { return (c->flags & (CF_CLOSING | CF_CLOSED)) != 0; }
+
+/* ---- writing -------------------------------------------------------------------------- */
+
+static void conn__on_write(uv_write_t *req, int status) {
+    conn_t *c = req->data;
+    c->flags &= (uint16_t)~CF_WRITING;
+    if (status < 0 || (c->flags & CF_CLOSED)) {
+        if (!(c->flags & CF_CLOSED)) conn__hard_close(c);
+        return;
+    }
+    /* The segments covered were written whole (libuv finishes a uv_write before its cb). */
+    size_t n = 0;
+    for (uint32_t i = 0; i < c->w_segs; i++) {
+        struct conn_seg *s = conn__seg(c, i);
+        n += s->b->len - s->off;
+    }
+    conn__q_consume(c, n);
+    c->w_segs = 0;
+    if (c->q_len) conn__flush(c);
+    else if (c->flags & CF_CLOSING) conn__shutdown(c);
+    else if (c->q_cap > 64) conn__q_clear(c);
+}
+
+static void conn__flush(conn_t *c) {
+    if (c->flags & (CF_WRITING | CF_CLOSED)) return;
+    uv_buf_t iov[CONN_IOV_MAX];
+    while (c->q_len) {
+        uint32_t n = c->q_len < CONN_IOV_MAX ? c->q_len : CONN_IOV_MAX;
+        size_t total = 0;
+        for (uint32_t i = 0; i < n; i++) {
+            struct conn_seg *s = conn__seg(c, i);
+            iov[i] = uv_buf_init((char *)s->b->data + s->off, (unsigned)(s->b->len - s->off));
+            total += iov[i].len;
+        }
+        int w = uv_try_write((uv_stream_t *)&c->tcp, iov, n);
+        if (w == UV_EAGAIN) w = 0;
+        if (w < 0) {
+            conn__hard_close(c);
+            return;
+        }
+        conn__q_consume(c, (size_t)w);
+        if ((size_t)w == total) continue;
+        /* The kernel buffer is full: hand the rest to libuv, which waits for POLLOUT. */
+        n = c->q_len < CONN_IOV_MAX ? c->q_len : CONN_IOV_MAX;
+        for (uint32_t i = 0; i < n; i++) {
+            struct conn_seg *s = conn__seg(c, i);
+            iov[i] = uv_buf_init((char *)s->b->data + s->off, (unsigned)(s->b->len - s->off));
+        }
+        if (!c->wreq && !(c->wreq = malloc(sizeof(*c->wreq)))) {
+            conn__hard_close(c);
+            return;
+        }
+        c->wreq->data = c;
+        if (uv_write(c->wreq, (uv_stream_t *)&c->tcp, iov, n, conn__on_write) < 0) {
+            conn__hard_close(c);
+            return;
+        }
+        c->flags |= CF_WRITING;
+        c->w_segs = n;
+        return;
+    }
+    if (c->flags & CF_CLOSING) conn__shutdown(c);
+    else if (c->q_cap > 64) conn__q_clear(c);
+}
+
+static void conn__on_check(uv_check_t *h) {
+    conn_server_t *s = h->data;
+    while (s->dirty) {
+        conn_t *c = s->dirty;
+        conn__unmark_dirty(c);
+        conn__flush(c);
+    }
+    uv_idle_stop(&s->kick);
+}
+
+static void conn__on_idle(uv_idle_t *h) { (void)h; }
+
+/* ---- reading -------------------------------------------------------------------------- */
+
+static void conn__alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+    (void)suggested;
+    conn_t *c = h->data;
+    buf->base = (char *)c->server->rbuf;
+    buf->len = CONN_READ_BUF;
+}
+
+static void conn__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
+    conn_t *c = st->data;
+    if (nread == 0) return;
+    if (nread < 0) {
+        /* EOF or error: a lingering close is complete, anything else is the peer gone. */
+        conn__hard_close(c);
+        return;
+    }
+    if (c->flags & CF_CLOSING) return; /* discard input while closing */
+    c->handler->on_read(c, (uint8_t *)buf->base, (size_t)nread);
+}
+
+/* ---- the listener --------------------------------------------------------------------- */
+
+static void conn__on_linger_timer(uv_timer_t *t) {
+    conn_server_t *s = t->data;
+    uint64_t now = uv_now(s->loop);
+    conn_t **pp = &s->lingering;
+    while (*pp) {
+        conn_t *c = *pp;
+        if (c->linger_deadline <= now) {
+            *pp = c->linger_next;
+            c->flags &= (uint16_t)~CF_LINGER;
+            conn__hard_close(c);
+        } else {
+            pp = &c->linger_next;
+        }
+    }
+    if (!s->lingering) uv_timer_stop(t);
+}
+
+static void conn__on_connection(uv_stream_t *ls, int status) {
+    conn_server_t *s = ls->data;
+    if (status < 0) {
+        log_warn("accept_failed error=%s", uv_strerror(status));
+        return;
+    }
+    conn_t *c = calloc(1, sizeof(*c));
+    if (!c) return;
+    uv_tcp_init(s->loop, &c->tcp);
+    c->tcp.data = c;
+    c->server = s;
+    c->handler = s->opts.handler;
+    c->max_outbound = s->opts.max_outbound_bytes;
+    c->id = ++s->next_id;
+    if (uv_accept(ls, (uv_stream_t *)&c->tcp) < 0) {
+        uv_close((uv_handle_t *)&c->tcp, (uv_close_cb)free);
+        return;
+    }
+    s->n_conns++;
+    uv_tcp_nodelay(&c->tcp, 1);
+    if (uv_read_start((uv_stream_t *)&c->tcp, conn__alloc, conn__on_read) < 0) {
+        conn__hard_close(c);
+        return;
+    }
+    if (c->handler->on_open) c->handler->on_open(c);
+}
+
+int conn_server_init(conn_server_t *s, uv_loop_t *loop, const conn_server_opts_t *o) {
+    memset(s, 0, sizeof(*s));
+    s->loop = loop;
+    s->opts = *o;
+    s->handler_data = o->handler_data;
+    if (!s->opts.max_outbound_bytes) s->opts.max_outbound_bytes = 4u << 20;
+    s->rbuf = malloc(CONN_READ_BUF);
+    if (!s->rbuf) return CHAT_ENOMEM;
+
+    struct sockaddr_storage addr;
+    const char *host = o->host ? o->host : "0.0.0.0";
+    int rc = strchr(host, ':') ? uv_ip6_addr(host, o->port, (struct sockaddr_in6 *)&addr)
+                               : uv_ip4_addr(host, o->port, (struct sockaddr_in *)&addr);
+    if (rc < 0) goto fail_buf;
+    uv_tcp_init(loop, &s->listener);
+    s->listener.data = s;
+    if ((rc = uv_tcp_bind(&s->listener, (struct sockaddr *)&addr, 0)) < 0 ||
+        (rc = uv_listen((uv_stream_t *)&s->listener, 1024, conn__on_connection)) < 0) {
+        uv_close((uv_handle_t *)&s->listener, NULL);
+        goto fail_buf;
+    }
+    struct sockaddr_storage bound;
+    int len = sizeof(bound);
+    uv_tcp_getsockname(&s->listener, (struct sockaddr *)&bound, &len);
+    s->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                                : ((struct sockaddr_in *)&bound)->sin_port);
+    s->listening = true;
+
+    uv_check_init(loop, &s->flusher);
+    s->flusher.data = s;
+    uv_check_start(&s->flusher, conn__on_check);
+    uv_idle_init(loop, &s->kick);
+    s->kick.data = s;
+    uv_timer_init(loop, &s->linger_timer);
+    s->linger_timer.data = s;
+    return 0;
+
+fail_buf:
+    free(s->rbuf);
+    s->rbuf = NULL;
+    log_error("listen_failed host=%s port=%d error=%s", host, o->port, uv_strerror(rc));
+    return CHAT_EIO;
+}
+
+void conn_server_stop_listening(conn_server_t *s) {
+    if (!s->listening) return;
+    s->listening = false;
+    uv_close((uv_handle_t *)&s->listener, NULL);
+}
+
+struct conn_server_closing {
+    int left;
+    void (*done)(void *);
+    void *arg;
+    uint8_t *rbuf;
+};
+
+static void conn__server_handle_closed(uv_handle_t *h) {
+    struct conn_server_closing *cl = h->data;
+    if (--cl->left) return;
+    free(cl->rbuf);
+    if (cl->done) cl->done(cl->arg);
+    free(cl);
+}
+
+void conn_server_close(conn_server_t *s, void (*done)(void *), void *arg) {
+    conn_server_stop_listening(s);
+    struct conn_server_closing *cl = malloc(sizeof(*cl));
+    if (!cl) abort(); /* shutting down; nothing sensible is left to do */
+    cl->left = 3;
+    cl->done = done;
+    cl->arg = arg;
+    cl->rbuf = s->rbuf;
+    s->rbuf = NULL;
+    s->flusher.data = s->kick.data = s->linger_timer.data = cl;
+    uv_close((uv_handle_t *)&s->flusher, conn__server_handle_closed);
+    uv_close((uv_handle_t *)&s->kick, conn__server_handle_closed);
+    uv_close((uv_handle_t *)&s->linger_timer, conn__server_handle_closed);
+}
+
+void conn_peer(const conn_t *c, char *out, size_t n) {
+    struct sockaddr_storage a;
+    int len = sizeof(a);
+    char ip[64] = "?";
+    int port = 0;
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&a, &len) == 0) {
+        if (a.ss_family == AF_INET6) {
+            uv_ip6_name((struct sockaddr_in6 *)&a, ip, sizeof ip);
+            port = ntohs(((struct sockaddr_in6 *)&a)->sin6_port);
+        } else {
+            uv_ip4_name((struct sockaddr_in *)&a, ip, sizeof ip);
+            port = ntohs(((struct sockaddr_in *)&a)->sin_port);
+        }
+    }
+    snprintf(out, n, "%s:%d", ip, port);
+}

@@ -1,0 +1,200 @@
+/* core: what every layer above needs and nothing more.
+ *
+ * - error codes: one table of negative ints, chat_strerror(); no global last-error.
+ * - buf_t: a refcounted byte buffer. A broadcast frame is encoded once into one buf_t and
+ *   the same buf_t is queued to every recipient; each queue holds a reference.
+ * - logging to stderr, one line per event: "ts level msg key=value ...".
+ * - Snowflake-style ids and millisecond time helpers.
+ * - conn_t: a TCP connection on libuv with a corked output queue: sends during a loop turn
+ *   are queued and written with one writev per connection at the end of that turn.
+ */
+#ifndef CHAT_CORE_H
+#define CHAT_CORE_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+/* ---- errors ------------------------------------------------------------------------- */
+enum {
+    CHAT_OK = 0,
+    CHAT_EAGAIN = -1,    /* incremental parser: need more bytes */
+    CHAT_ENOMEM = -2,
+    CHAT_EINVAL = -3,    /* malformed input */
+    CHAT_ENOTFOUND = -4, /* no such message / chat / route */
+    CHAT_EPERM = -5,     /* not allowed (e.g. not the author) */
+    CHAT_EIO = -6,       /* storage or socket failure */
+    CHAT_ETOOBIG = -7,   /* over a configured size limit */
+    CHAT_EPROTO = -8,    /* protocol violation */
+    CHAT_EUTF8 = -9,     /* invalid UTF-8 */
+    CHAT_ECLOSED = -10,  /* the object is closing or closed */
+    CHAT_EAUTH = -11,    /* bad or missing credentials */
+    CHAT_EEXPIRED = -12, /* credentials expired */
+    CHAT_EBUSY = -13,    /* backpressure: try later */
+    CHAT_ERANGE = -14,   /* value out of range */
+};
+/* Static string for an error code; never NULL. */
+const char *chat_strerror(int err);
+
+/* ---- refcounted buffers --------------------------------------------------------------- */
+typedef struct buf {
+    uint32_t refs;
+    uint32_t cap;
+    size_t len;
+    uint8_t data[]; /* cap bytes */
+} buf_t;
+
+/* New buffer with one reference, len 0 and room for cap bytes. NULL on OOM.
+ * The caller owns that reference and releases it with buf_unref(). */
+buf_t *buf_new(size_t cap);
+/* New buffer holding a copy of p[0..n). One reference, owned by the caller. */
+buf_t *buf_from(const void *p, size_t n);
+/* Take another reference; returns b. Single-threaded: only the loop thread touches refs. */
+static inline buf_t *buf_ref(buf_t *b) { b->refs++; return b; }
+/* Drop a reference; frees the buffer at zero. NULL is ignored. */
+void buf_unref(buf_t *b);
+
+/* ---- string builder ------------------------------------------------------------------- */
+/* A growable byte string for encoding responses and events. After an allocation failure
+ * every append is a no-op and oom stays set: check it once at the end. sbuf_free releases. */
+typedef struct sbuf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+} sbuf_t;
+void sbuf_put(sbuf_t *sb, const void *p, size_t n);
+void sbuf_puts(sbuf_t *sb, const char *s);
+void sbuf_printf(sbuf_t *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Append s[0..n) as a JSON string literal, quotes included. s must be valid UTF-8 (it is
+ * copied as is); quotes, backslashes and control characters are escaped. */
+void sbuf_json_str(sbuf_t *sb, const char *s, size_t n);
+void sbuf_free(sbuf_t *sb);
+
+/* ---- logging -------------------------------------------------------------------------- */
+enum { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
+void log_set_level(int level);
+/* printf-style message; by convention "event key=value key=value". One line to stderr. */
+void log_msg(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+#define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)
+#define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)
+#define log_warn(...) log_msg(LOG_WARN, __VA_ARGS__)
+#define log_error(...) log_msg(LOG_ERROR, __VA_ARGS__)
+
+/* ---- time and ids --------------------------------------------------------------------- */
+/* Wall-clock milliseconds since the Unix epoch. */
+int64_t time_now_ms(void);
+/* RFC 3339 UTC with milliseconds, "2026-11-29T12:00:00.123Z"; out needs 25 bytes. */
+void time_format_ms(int64_t ms, char out[25]);
+
+/* Snowflake ids: 41 bits of milliseconds since ID_EPOCH_MS, 10 bits of node id, 12 bits of
+ * sequence. Time-ordered, unique per node; the clock never runs backwards in ids (a clock
+ * step back reuses the last millisecond until the wall clock catches up). */
+#define ID_EPOCH_MS 1577836800000LL /* 2020-01-01T00:00:00Z */
+typedef struct id_gen {
+    unsigned node;   /* 0..1023 */
+    int64_t last_ms; /* last millisecond handed out, relative to the epoch */
+    unsigned seq;
+} id_gen_t;
+void id_gen_init(id_gen_t *g, unsigned node);
+/* Next id; *ms_out (may be NULL) gets its Unix time in ms. Not thread-safe: one per loop. */
+uint64_t id_next(id_gen_t *g, int64_t *ms_out);
+/* Unix ms encoded in an id. */
+int64_t id_time_ms(uint64_t id);
+/* Parse a decimal id; 0 on success, CHAT_EINVAL if not a non-empty decimal uint64. */
+int id_parse(const char *s, size_t n, uint64_t *out);
+
+/* ---- connections ---------------------------------------------------------------------- */
+typedef struct conn conn_t;
+typedef struct conn_server conn_server_t;
+
+/* What a connection does with its bytes. The handler can be swapped at any time (HTTP
+ * upgrades to WebSocket by calling conn_set_handler). */
+typedef struct conn_handler {
+    /* A connection was accepted (handler data: c->server->handler_data). May close it. */
+    void (*on_open)(conn_t *c);
+    /* Bytes arrived. data is valid only during the call and may be modified in place
+     * (the WebSocket parser unmasks in place). The callback may close the connection. */
+    void (*on_read)(conn_t *c, uint8_t *data, size_t len);
+    /* The connection is gone (peer closed, error, conn_close finished). Release ctx here;
+     * the conn_t is freed right after this returns. Called exactly once. */
+    void (*on_close)(conn_t *c);
+} conn_handler_t;
+
+struct conn {
+    uv_tcp_t tcp;
+    conn_server_t *server;
+    const conn_handler_t *handler;
+    void *ctx; /* the handler's state */
+    /* output queue: refcounted segments, written by one writev per loop turn */
+    struct conn_seg *q;
+    uint32_t q_head, q_len, q_cap;
+    size_t q_bytes;       /* bytes queued, not yet written */
+    size_t max_outbound;  /* conn_send fails with CHAT_EBUSY past this */
+    uv_write_t *wreq;     /* allocated only while a write waits for the kernel buffer */
+    uint32_t w_segs;      /* segments covered by wreq */
+    struct conn *dirty_prev, *dirty_next; /* on the server's list of connections to flush */
+    struct conn *linger_next;             /* on the server's list of half-closed connections */
+    uint64_t linger_deadline;             /* uv_now() after which a half-closed conn is dropped */
+    uint16_t flags;
+    uint64_t id;          /* for logs */
+};
+
+typedef struct conn_server_opts {
+    const char *host; /* "0.0.0.0" if NULL */
+    int port;         /* 0 = pick a free port */
+    size_t max_outbound_bytes;
+    const conn_handler_t *handler; /* initial handler of every accepted connection */
+    void *handler_data;            /* conn_server_t.handler_data, for the handler's use */
+} conn_server_opts_t;
+
+struct conn_server {
+    uv_loop_t *loop;
+    uv_tcp_t listener;
+    uv_check_t flusher; /* writes every dirty connection after the poll phase */
+    uv_idle_t kick;     /* keeps the poll from blocking while anything is dirty */
+    uv_timer_t linger_timer; /* drops half-closed connections whose peer never closes */
+    conn_t *dirty;
+    conn_t *lingering;
+    conn_server_opts_t opts;
+    uint8_t *rbuf;           /* one read buffer for every connection: reads are handled at once */
+    void *handler_data;
+    size_t n_conns;
+    int port; /* the bound port */
+    bool listening;
+    uint64_t next_id;
+};
+
+/* Bind and listen. On success *srv->port is the bound port. The server struct is owned by
+ * the caller and must outlive every connection. */
+int conn_server_init(conn_server_t *s, uv_loop_t *loop, const conn_server_opts_t *o);
+/* Stop accepting; existing connections stay open. */
+void conn_server_stop_listening(conn_server_t *s);
+/* Release the loop handles (after every connection closed); done (if not NULL) runs once
+ * they are closed. */
+void conn_server_close(conn_server_t *s, void (*done)(void *), void *arg);
+
+/* Queue a buffer for sending. Takes its own reference on b (the caller keeps its own).
+ * Written at the end of this loop turn together with everything else queued.
+ * CHAT_EBUSY: the outbound limit would be exceeded; nothing was queued (the caller
+ * decides, usually to abort the slow client). CHAT_ECLOSED: connection is closing. */
+int conn_send(conn_t *c, buf_t *b);
+/* Same as conn_send with a private copy of p[0..n). */
+int conn_send_copy(conn_t *c, const void *p, size_t n);
+/* Same as conn_send, ignoring the outbound limit (for the final close frame). */
+int conn_send_force(conn_t *c, buf_t *b);
+/* Write what is queued, stop reading, then close. on_close follows. Idempotent. */
+void conn_close(conn_t *c);
+/* Close now, discarding queued output. on_close follows. Idempotent. */
+void conn_abort(conn_t *c);
+/* Swap the handler (and its ctx). */
+static inline void conn_set_handler(conn_t *c, const conn_handler_t *h, void *ctx) {
+    c->handler = h;
+    c->ctx = ctx;
+}
+bool conn_is_closing(const conn_t *c);
+/* Peer address as "ip:port" for logs. */
+void conn_peer(const conn_t *c, char *out, size_t n);
+
+#endif

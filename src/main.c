@@ -1,0 +1,240 @@
+/* chatd: wiring only. Reads flags and CHAT_* environment variables (flags win), starts
+ * the chat server on a libuv loop, and turns SIGTERM/SIGINT into a graceful shutdown. */
+#include <errno.h>
+#include <getopt.h>
+#include <libgen.h>
+#include <limits.h>
+#include <openssl/rand.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "chat/chat.h"
+#include "core/core.h"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: chatd [options]\n"
+            "\n"
+            "Every option can also be set in the environment (the flag wins).\n"
+            "  --port N                 CHAT_PORT                listen port; 0 picks a free one "
+            "(default 8000)\n"
+            "  --host ADDR              CHAT_HOST                listen address (default 0.0.0.0)\n"
+            "  --store URL              CHAT_STORE               message store (default "
+            "sqlite:./data/chat.db)\n"
+            "  --bus URL                CHAT_BUS                 event bus between nodes (default "
+            "local)\n"
+            "  --jwt-secret S           CHAT_JWT_SECRET          HS256 secret for tokens "
+            "(required unless --dev)\n"
+            "  --dev                    CHAT_DEV=1               development mode: generate a "
+            "secret and print how to mint a token\n"
+            "  --max-message-bytes N    CHAT_MAX_MESSAGE_BYTES   largest WebSocket message "
+            "(default 65536)\n"
+            "  --max-outbound-bytes N   CHAT_MAX_OUTBOUND_BYTES  output queued per connection "
+            "before a slow client is cut off (default 4194304)\n"
+            "  --max-body-bytes N       CHAT_MAX_BODY_BYTES      largest HTTP request body "
+            "(default 1048576)\n"
+            "  --idle-timeout SECONDS   CHAT_IDLE_TIMEOUT        ping after this much silence, "
+            "close if unanswered (default 60)\n"
+            "  --node-id N              CHAT_NODE_ID             0..1023, unique per node: part "
+            "of every message id (default 0)\n"
+            "  --web-root DIR           CHAT_WEB_ROOT            static files served at / "
+            "(default: web/ beside the binary's directory, else ./web)\n"
+            "  --log-level LEVEL        CHAT_LOG_LEVEL           debug, info, warn or error "
+            "(default info)\n"
+            "  --help                                            this text\n");
+}
+
+static const char *env_or(const char *name, const char *def) {
+    const char *v = getenv(name);
+    return v && *v ? v : def;
+}
+
+static int parse_size(const char *what, const char *v, size_t *out) {
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(v, &end, 10);
+    if (errno || end == v || *end || n == 0) {
+        fprintf(stderr, "chatd: %s must be a positive integer, got '%s'\n", what, v);
+        return -1;
+    }
+    *out = (size_t)n;
+    return 0;
+}
+
+static uv_signal_t sig_term, sig_int;
+static chat_server_t *server;
+
+static void on_stopped(void *arg) {
+    (void)arg;
+    uv_close((uv_handle_t *)&sig_term, NULL);
+    uv_close((uv_handle_t *)&sig_int, NULL);
+    server = NULL;
+    log_info("stopped");
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+    (void)h;
+    if (!server) return;
+    log_info("signal %s: shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    chat_server_shutdown(server, 1001, on_stopped, NULL);
+}
+
+static const char *find_web_root(const char *argv0, char *buf, size_t n) {
+    char exe[PATH_MAX];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    struct stat st;
+    if (len > 0) {
+        exe[len] = 0;
+        snprintf(buf, n, "%s/../web", dirname(exe));
+        if (stat(buf, &st) == 0 && S_ISDIR(st.st_mode)) return buf;
+    }
+    (void)argv0;
+    if (stat("web", &st) == 0 && S_ISDIR(st.st_mode)) return "web";
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    chat_config_t cfg = {0};
+    const char *port = env_or("CHAT_PORT", "8000");
+    cfg.host = env_or("CHAT_HOST", "0.0.0.0");
+    cfg.store_url = env_or("CHAT_STORE", "sqlite:./data/chat.db");
+    cfg.bus_url = env_or("CHAT_BUS", "local");
+    cfg.jwt_secret = env_or("CHAT_JWT_SECRET", NULL);
+    const char *dev = env_or("CHAT_DEV", "0");
+    cfg.dev = strcmp(dev, "1") == 0 || strcmp(dev, "true") == 0;
+    const char *max_msg = env_or("CHAT_MAX_MESSAGE_BYTES", "65536");
+    const char *max_out = env_or("CHAT_MAX_OUTBOUND_BYTES", "4194304");
+    const char *max_body = env_or("CHAT_MAX_BODY_BYTES", "1048576");
+    const char *idle = env_or("CHAT_IDLE_TIMEOUT", "60");
+    const char *node = env_or("CHAT_NODE_ID", "0");
+    cfg.web_root = env_or("CHAT_WEB_ROOT", NULL);
+    const char *level = env_or("CHAT_LOG_LEVEL", "info");
+
+    enum { O_PORT = 1, O_HOST, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
+           O_IDLE, O_NODE, O_WEB, O_LEVEL, O_HELP };
+    static const struct option opts[] = {
+        {"port", required_argument, 0, O_PORT},
+        {"host", required_argument, 0, O_HOST},
+        {"store", required_argument, 0, O_STORE},
+        {"bus", required_argument, 0, O_BUS},
+        {"jwt-secret", required_argument, 0, O_SECRET},
+        {"dev", no_argument, 0, O_DEV},
+        {"max-message-bytes", required_argument, 0, O_MAXMSG},
+        {"max-outbound-bytes", required_argument, 0, O_MAXOUT},
+        {"max-body-bytes", required_argument, 0, O_MAXBODY},
+        {"idle-timeout", required_argument, 0, O_IDLE},
+        {"node-id", required_argument, 0, O_NODE},
+        {"web-root", required_argument, 0, O_WEB},
+        {"log-level", required_argument, 0, O_LEVEL},
+        {"help", no_argument, 0, O_HELP},
+        {0, 0, 0, 0},
+    };
+    int c;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case O_PORT: port = optarg; break;
+        case O_HOST: cfg.host = optarg; break;
+        case O_STORE: cfg.store_url = optarg; break;
+        case O_BUS: cfg.bus_url = optarg; break;
+        case O_SECRET: cfg.jwt_secret = optarg; break;
+        case O_DEV: cfg.dev = true; break;
+        case O_MAXMSG: max_msg = optarg; break;
+        case O_MAXOUT: max_out = optarg; break;
+        case O_MAXBODY: max_body = optarg; break;
+        case O_IDLE: idle = optarg; break;
+        case O_NODE: node = optarg; break;
+        case O_WEB: cfg.web_root = optarg; break;
+        case O_LEVEL: level = optarg; break;
+        case 'h':
+        case O_HELP: usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "chatd: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+
+    char *end;
+    long p = strtol(port, &end, 10);
+    if (*end || end == port || p < 0 || p > 65535) {
+        fprintf(stderr, "chatd: port must be 0..65535, got '%s'\n", port);
+        return 2;
+    }
+    cfg.port = (int)p;
+    if (parse_size("max-message-bytes", max_msg, &cfg.max_message_bytes) < 0 ||
+        parse_size("max-outbound-bytes", max_out, &cfg.max_outbound_bytes) < 0 ||
+        parse_size("max-body-bytes", max_body, &cfg.max_body_bytes) < 0)
+        return 2;
+    double idle_s = strtod(idle, &end);
+    if (*end || end == idle || !(idle_s > 0) || idle_s > 86400) {
+        fprintf(stderr, "chatd: idle-timeout must be seconds > 0, got '%s'\n", idle);
+        return 2;
+    }
+    cfg.idle_timeout_ms = (unsigned)(idle_s * 1000);
+    if (cfg.idle_timeout_ms == 0) cfg.idle_timeout_ms = 1;
+    long nid = strtol(node, &end, 10);
+    if (*end || end == node || nid < 0 || nid > 1023) {
+        fprintf(stderr, "chatd: node-id must be 0..1023, got '%s'\n", node);
+        return 2;
+    }
+    cfg.node_id = (unsigned)nid;
+    static const char *levels[] = {"debug", "info", "warn", "error"};
+    cfg.log_level = -1;
+    for (int i = 0; i < 4; i++)
+        if (strcmp(level, levels[i]) == 0) cfg.log_level = i;
+    if (cfg.log_level < 0) {
+        fprintf(stderr, "chatd: log-level must be debug, info, warn or error\n");
+        return 2;
+    }
+    log_set_level(cfg.log_level);
+
+    char secret[65];
+    if (!cfg.jwt_secret || !*cfg.jwt_secret) {
+        if (!cfg.dev) {
+            fprintf(stderr, "chatd: no JWT secret: set CHAT_JWT_SECRET or pass --jwt-secret "
+                            "(or run with --dev to generate one)\n");
+            return 2;
+        }
+        unsigned char raw[32];
+        if (RAND_bytes(raw, sizeof raw) != 1) {
+            fprintf(stderr, "chatd: cannot generate a secret\n");
+            return 1;
+        }
+        for (int i = 0; i < 32; i++) snprintf(secret + 2 * i, 3, "%02x", raw[i]);
+        cfg.jwt_secret = secret;
+        char ctl[PATH_MAX];
+        snprintf(ctl, sizeof ctl, "%s", argv[0]);
+        fprintf(stderr,
+                "\n  dev mode: generated JWT secret %s\n"
+                "  mint a token:  %s/chatctl token --user alice --secret %s\n\n",
+                secret, dirname(ctl), secret);
+    }
+    char webbuf[PATH_MAX];
+    if (!cfg.web_root) cfg.web_root = find_web_root(argv[0], webbuf, sizeof webbuf);
+
+    signal(SIGPIPE, SIG_IGN);
+    uv_loop_t *loop = uv_default_loop();
+    char err[256] = "";
+    int rc = chat_server_start(&server, loop, &cfg, err, sizeof err);
+    if (rc < 0) {
+        fprintf(stderr, "chatd: cannot start: %s (%s)\n", err[0] ? err : chat_strerror(rc),
+                chat_strerror(rc));
+        return 1;
+    }
+    log_info("listening host=%s port=%d store=%s bus=%s node=%u%s", cfg.host,
+             chat_server_port(server), cfg.store_url, cfg.bus_url, cfg.node_id,
+             cfg.dev ? " dev=1" : "");
+    uv_signal_init(loop, &sig_term);
+    uv_signal_init(loop, &sig_int);
+    uv_signal_start(&sig_term, on_signal, SIGTERM);
+    uv_signal_start(&sig_int, on_signal, SIGINT);
+    uv_run(loop, UV_RUN_DEFAULT);
+    rc = uv_loop_close(loop);
+    if (rc < 0) log_warn("loop_close error=%s", uv_strerror(rc));
+    return 0;
+}

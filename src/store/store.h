@@ -1,0 +1,109 @@
+/* store: durable message storage behind one asynchronous interface.
+ *
+ * The domain submits a store_req_t and gets its callback later on the loop thread; the
+ * backend does its work elsewhere (SQLite: a writer thread with group commit and reader
+ * threads; Cassandra: requests on the loop). A callback that reports success for a write
+ * means the write is durable (committed and synced): only then may the event be delivered.
+ *
+ * Backends are a struct of function pointers; store_open() picks one from a URL:
+ *   sqlite:PATH            (e.g. sqlite:./data/chat.db)
+ *   cassandra://...        (later)
+ */
+#ifndef CHAT_STORE_H
+#define CHAT_STORE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "../core/core.h"
+
+/* One stored message. Strings are NUL-terminated, owned by whoever owns the containing
+ * request (freed by store_req_cleanup). message is NULL when deleted; client_id may be NULL. */
+typedef struct store_msg {
+    uint64_t id;
+    char *chat_id;
+    char *user_from;
+    char *message;
+    char *client_id;
+    int64_t created_at; /* Unix ms */
+    int64_t edited_at;  /* Unix ms, 0 if never edited */
+    int64_t deleted_at; /* Unix ms, 0 if not deleted */
+} store_msg_t;
+
+typedef enum store_op {
+    STORE_APPEND,  /* in: chat_id user text client_id id at. out: msg, duplicate */
+    STORE_EDIT,    /* in: chat_id user text id at. out: msg (edited). CHAT_ENOTFOUND, CHAT_EPERM */
+    STORE_DELETE,  /* in: chat_id user id at. out: msg (deleted). CHAT_ENOTFOUND, CHAT_EPERM */
+    STORE_HISTORY, /* in: chat_id id (before; 0 = newest) limit. out: msgs, newest first */
+    STORE_AFTER,   /* in: chat_id id (after) limit. out: msgs, oldest first */
+} store_op_t;
+
+typedef struct store_req store_req_t;
+typedef void (*store_cb)(store_req_t *req);
+
+struct store_req {
+    store_op_t op;
+    /* inputs: owned by the caller, must stay valid until the callback */
+    const char *chat_id;
+    const char *user;
+    const char *text;
+    const char *client_id; /* APPEND: NULL = not idempotent */
+    uint64_t id;           /* APPEND: the new id; EDIT/DELETE: target; HISTORY: before; AFTER: after */
+    int64_t at;            /* APPEND: created_at; EDIT/DELETE: the time of the change (Unix ms) */
+    int limit;             /* HISTORY/AFTER */
+    /* outputs, valid in the callback, freed by store_req_cleanup() */
+    int status;            /* 0 or a negative CHAT_E* code */
+    bool duplicate;        /* APPEND: client_id seen before; msg is the original */
+    store_msg_t msg;       /* APPEND/EDIT/DELETE */
+    store_msg_t *msgs;     /* HISTORY/AFTER */
+    size_t n_msgs;
+    /* the caller's */
+    void *data;
+    store_cb cb;
+    /* private to the backend */
+    store_req_t *next_;
+    void *priv_;
+};
+
+typedef struct store store_t;
+
+typedef struct store_ops {
+    const char *name;
+    /* Queue a request. 0: cb will be called exactly once, on the loop thread. A negative
+     * code: cb will never be called. */
+    int (*submit)(store_t *s, store_req_t *req);
+    /* Create or upgrade the schema, synchronously (for chatctl migrate). Idempotent. */
+    int (*migrate)(store_t *s);
+    /* Finish every queued write, call their callbacks, then free the store and call done
+     * (if not NULL) on the loop thread. No submit after close. */
+    void (*close)(store_t *s, void (*done)(void *arg), void *arg);
+} store_ops_t;
+
+/* Every backend's struct starts with this. */
+struct store {
+    const store_ops_t *ops;
+    uv_loop_t *loop;
+};
+
+/* Open a store from a URL. loop may be NULL only for migrate-only use (chatctl), in which
+ * case submit must not be called. On success *out is owned by the caller and released with
+ * store_close(). Errors: CHAT_EINVAL for an unknown scheme, CHAT_EIO if it cannot be opened;
+ * err (if not NULL, errlen > 0) gets a readable reason. */
+int store_open(store_t **out, uv_loop_t *loop, const char *url, char *err, size_t errlen);
+
+static inline int store_submit(store_t *s, store_req_t *r) { return s->ops->submit(s, r); }
+static inline int store_migrate(store_t *s) { return s->ops->migrate(s); }
+static inline void store_close(store_t *s, void (*done)(void *), void *arg) {
+    s->ops->close(s, done, arg);
+}
+
+/* Free the outputs of a request (msg strings, msgs array) so it can be reused. */
+void store_req_cleanup(store_req_t *r);
+/* Free a message's strings and zero it. */
+void store_msg_clear(store_msg_t *m);
+
+/* Backends (declared here so store.c can list them; the domain uses store_open only). */
+int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *err, size_t errlen);
+
+#endif
