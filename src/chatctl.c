@@ -1,0 +1,219 @@
+/* chatctl: the admin CLI (mint a development token, apply the store's schema).
+ *
+ * The one idea: parsing and wiring only. Tokens come from jwt_sign and schemas from
+ * store_migrate, so chatctl and chatd can never disagree about either; anything smarter
+ * than reading options belongs in the library. Exit codes: 0 done, 1 the operation
+ * failed, 2 bad usage.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "chat/chat.h"
+#include "core/core.h"
+#include "store/store.h"
+
+#define DEFAULT_STORE "sqlite:./data/chat.db"
+#define DEFAULT_TTL 86400
+
+static void usage(FILE *f) {
+    fputs("usage: chatctl COMMAND [OPTIONS]\n"
+          "\n"
+          "commands:\n"
+          "  token      mint an HS256 JWT for a user and print it\n"
+          "    --user U          user id, the token's \"sub\" (required; 1..128 bytes,\n"
+          "                      no control characters)\n"
+          "    --secret S        signing secret (default: $CHAT_JWT_SECRET)\n"
+          "    --ttl SECONDS     lifetime in seconds, 0 = never expires (default: 86400)\n"
+          "    --chats A,B,...   allow only these chat ids (default: every chat)\n"
+          "  migrate    create or upgrade the store's schema (safe to repeat)\n"
+          "    --store URL       store to migrate (default: $CHAT_STORE, else\n"
+          "                      " DEFAULT_STORE ")\n"
+          "  help       show this help (also --help, -h; every command takes --help too)\n"
+          "\n"
+          "exit status: 0 success, 1 the operation failed, 2 bad usage\n",
+          f);
+}
+
+/* A usage mistake: one line saying what is wrong, then where to look. Returns 2. */
+static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int usage_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("chatctl: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputs("\nrun 'chatctl --help' for usage\n", stderr);
+    return 2;
+}
+
+/* getopt_long's '?' and ':' as a message. opterr is off so every message has one form. */
+static int option_error(const char *cmd, int c, char **argv) {
+    const char *arg = argv[optind - 1];
+    if (c == ':') return usage_error("%s: option '%s' needs a value", cmd, arg);
+    if (optopt) return usage_error("%s: unknown option '-%c'", cmd, optopt);
+    return usage_error("%s: unknown option '%s'", cmd, arg);
+}
+
+/* Mirrors jwt.c's rule for "sub" so the message can name the problem; jwt_sign enforces
+ * the same rule regardless. */
+static bool user_ok(const char *u) {
+    size_t n = strlen(u);
+    if (n == 0 || n > 128) return false;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)u[i] < 0x20 || u[i] == 0x7f) return false;
+    return true;
+}
+
+static int parse_ttl(const char *s, int64_t *out) {
+    if (*s < '0' || *s > '9') return CHAT_EINVAL; /* strtoll would take " +5" and "-5" */
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || *end) return CHAT_EINVAL;
+    *out = v;
+    return 0;
+}
+
+/* Split "a,b" in place into a NULL-terminated list. An empty item is kept (and then
+ * fails validation) rather than silently skipped. Returns NULL on OOM. */
+static char **split_chats(char *s) {
+    size_t n = 1;
+    for (const char *p = s; *p; p++) n += *p == ',';
+    char **list = calloc(n + 1, sizeof(*list));
+    if (!list) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        list[i] = s;
+        char *comma = strchr(s, ',');
+        if (comma) {
+            *comma = '\0';
+            s = comma + 1;
+        }
+    }
+    return list;
+}
+
+static int cmd_token(int argc, char **argv) {
+    static const struct option opts[] = {
+        {"user", required_argument, NULL, 'u'},  {"secret", required_argument, NULL, 's'},
+        {"ttl", required_argument, NULL, 't'},   {"chats", required_argument, NULL, 'c'},
+        {"help", no_argument, NULL, 'h'},        {NULL, 0, NULL, 0},
+    };
+    const char *user = NULL, *secret = NULL, *ttl_arg = NULL, *chats_arg = NULL;
+    int c;
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'u': user = optarg; break;
+        case 's': secret = optarg; break;
+        case 't': ttl_arg = optarg; break;
+        case 'c': chats_arg = optarg; break;
+        case 'h': usage(stdout); return 0;
+        default: return option_error("token", c, argv);
+        }
+    }
+    if (optind < argc) return usage_error("token: unexpected argument '%s'", argv[optind]);
+    if (!user) return usage_error("token: --user is required");
+    if (!user_ok(user))
+        return usage_error("token: invalid --user: need 1..128 bytes, no control characters");
+    int64_t ttl = DEFAULT_TTL;
+    if (ttl_arg && parse_ttl(ttl_arg, &ttl) < 0)
+        return usage_error("token: invalid --ttl '%s': need a whole number of seconds >= 0",
+                           ttl_arg);
+    if (!secret) secret = getenv("CHAT_JWT_SECRET");
+    if (!secret || !*secret) return usage_error("no secret: pass --secret or set CHAT_JWT_SECRET");
+
+    int rc = 2;
+    char *chats_buf = NULL, **chats = NULL, *token = NULL;
+    if (chats_arg) {
+        chats_buf = strdup(chats_arg);
+        chats = chats_buf ? split_chats(chats_buf) : NULL;
+        if (!chats) {
+            fprintf(stderr, "chatctl: token: %s\n", chat_strerror(CHAT_ENOMEM));
+            rc = 1;
+            goto out;
+        }
+        for (size_t i = 0; chats[i]; i++) {
+            if (!chat_id_valid(chats[i], strlen(chats[i]))) {
+                rc = usage_error("token: invalid chat id '%s' in --chats: need 1..128 of "
+                                 "A-Z a-z 0-9 _ . -",
+                                 chats[i]);
+                goto out;
+            }
+        }
+    }
+    token = jwt_sign(user, (int64_t)time(NULL), ttl, (const char *const *)chats, secret);
+    if (!token) {
+        /* jwt_sign reports every failure as NULL; these are the ones left after the checks
+         * above */
+        fprintf(stderr, "chatctl: token: cannot mint: --user is not UTF-8, --ttl is too "
+                        "large, the token would exceed 8 KiB, or out of memory\n");
+        rc = 1;
+        goto out;
+    }
+    printf("%s\n", token);
+    rc = fflush(stdout) == 0 ? 0 : 1;
+out:
+    free(token);
+    free(chats);
+    free(chats_buf);
+    return rc;
+}
+
+static int cmd_migrate(int argc, char **argv) {
+    static const struct option opts[] = {
+        {"store", required_argument, NULL, 'S'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *url = NULL;
+    int c;
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'S': url = optarg; break;
+        case 'h': usage(stdout); return 0;
+        default: return option_error("migrate", c, argv);
+        }
+    }
+    if (optind < argc) return usage_error("migrate: unexpected argument '%s'", argv[optind]);
+    if (!url) url = getenv("CHAT_STORE");
+    if (!url || !*url) url = DEFAULT_STORE;
+
+    store_t *s = NULL;
+    char err[512] = "";
+    int rc = store_open(&s, NULL, url, err, sizeof err);
+    if (rc < 0) {
+        fprintf(stderr, "chatctl: migrate: %s: %s\n", url, err[0] ? err : chat_strerror(rc));
+        return 1;
+    }
+    rc = store_migrate(s);
+    store_close(s, NULL, NULL);
+    if (rc < 0) {
+        fprintf(stderr, "chatctl: migrate: %s: %s\n", url, chat_strerror(rc));
+        return 1;
+    }
+    printf("schema up to date: %s\n", url);
+    return fflush(stdout) == 0 ? 0 : 1;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fputs("chatctl: missing command\n\n", stderr);
+        usage(stderr);
+        return 2;
+    }
+    const char *cmd = argv[1];
+    opterr = 0;
+    /* each command parses its own options, with its name in argv[0] */
+    if (strcmp(cmd, "token") == 0) return cmd_token(argc - 1, argv + 1);
+    if (strcmp(cmd, "migrate") == 0) return cmd_migrate(argc - 1, argv + 1);
+    if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (cmd[0] == '-') return usage_error("unknown option '%s'", cmd);
+    return usage_error("unknown command '%s'", cmd);
+}
