@@ -85,9 +85,11 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 # ---- targets ----------------------------------------------------------------------------
 .PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional create-models clean format
 
+# No secret configured: dev mode, which generates one and prints how to mint a token.
 run: all
 	@mkdir -p data
-	CHAT_PORT=$${CHAT_PORT:-$(PORT)} CHAT_STORE=$${CHAT_STORE:-$(STORE)} ./$(B)/chatd
+	CHAT_PORT=$${CHAT_PORT:-$(PORT)} CHAT_STORE=$${CHAT_STORE:-$(STORE)} \
+	    ./$(B)/chatd $$([ -n "$${CHAT_JWT_SECRET:-}" ] || echo --dev)
 
 create-models: $(B)/chatctl
 	@mkdir -p data
@@ -111,7 +113,8 @@ fuzz-replay: $(FUZZERS)
 fuzz: $(FUZZERS)
 	@set -e; for f in $(FUZZERS); do n=$$(basename $$f); mkdir -p $(FB)/corpus/$$n; \
 	    echo "== $$n for $(FUZZ_SECONDS)s"; \
-	    $$f -max_total_time=$(FUZZ_SECONDS) -dict=tests/fuzz/$$n.dict $(FB)/corpus/$$n tests/fuzz/corpus/$$n 2>&1 | tail -3; done
+	    dict=; [ -f tests/fuzz/$$n.dict ] && dict=-dict=tests/fuzz/$$n.dict; \
+	    $$f -max_total_time=$(FUZZ_SECONDS) $$dict $(FB)/corpus/$$n tests/fuzz/corpus/$$n 2>&1 | tail -3; done
 
 functional: all
 	$(PYTHON) -m pytest -q tests/functional

@@ -1,0 +1,155 @@
+/* Unit tests of the JSON protocol: what is accepted, what is a bad_request, what closes
+ * the connection, and the exact bytes of the events we send. */
+#include "../../src/chat/chat_internal.h"
+#include "test.h"
+
+#define ALL ((1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) | (1u << PROTO_DELETE))
+
+static int decode(const char *s, unsigned allow, proto_cmd_t *c) {
+    return proto_decode((const uint8_t *)s, strlen(s), allow, c);
+}
+
+static void test_message(void) {
+    proto_cmd_t c;
+    CHECK_INT(decode("{\"event\":\"message:message\",\"message\":\"hello\",\"client_id\":\"c-1\","
+                     "\"extra\":[1,2]}",
+                     ALL, &c),
+              0);
+    CHECK_INT(c.kind, PROTO_MESSAGE);
+    CHECK_STR(c.message, "hello");
+    CHECK_INT(c.message_len, 5);
+    CHECK_STR(c.client_id, "c-1");
+    proto_cmd_free(&c);
+    /* the seed's ChatMessage: event and message only */
+    CHECK_INT(decode("{\"event\":\"message:message\",\"message\":\"\\u00e9\\ud83d\\ude00\"}", ALL,
+                     &c),
+              0);
+    CHECK_STR(c.message, "\xc3\xa9\xf0\x9f\x98\x80");
+    CHECK(c.client_id == NULL);
+    proto_cmd_free(&c);
+}
+
+static void test_edit_delete_ids(void) {
+    proto_cmd_t c;
+    CHECK_INT(decode("{\"event\":\"message:edit\",\"message\":\"x\",\"message_id\":"
+                     "\"7261835409563648\"}",
+                     ALL, &c),
+              0);
+    CHECK_INT(c.kind, PROTO_EDIT);
+    CHECK(c.message_id == 7261835409563648ULL);
+    proto_cmd_free(&c);
+    CHECK_INT(decode("{\"event\":\"message:delete\",\"message_id\":42}", ALL, &c), 0);
+    CHECK_INT(c.kind, PROTO_DELETE);
+    CHECK(c.message_id == 42);
+    CHECK(c.message == NULL);
+    proto_cmd_free(&c);
+}
+
+static void test_bad_requests(void) {
+    static const char *bad[] = {
+        "{}",
+        "{\"event\":\"message:shout\",\"message\":\"x\"}",
+        "{\"event\":7,\"message\":\"x\"}",
+        "{\"event\":\"message:message\"}",
+        "{\"event\":\"message:message\",\"message\":5}",
+        "{\"event\":\"message:message\",\"message\":\"\"}",
+        "{\"event\":\"message:message\",\"message\":\"x\",\"client_id\":3}",
+        "{\"event\":\"message:message\",\"message\":\"x\",\"client_id\":\"\"}",
+        "{\"event\":\"message:edit\",\"message\":\"x\"}",
+        "{\"event\":\"message:edit\",\"message\":\"x\",\"message_id\":\"12ab\"}",
+        "{\"event\":\"message:edit\",\"message\":\"x\",\"message_id\":\"0\"}",
+        "{\"event\":\"message:edit\",\"message\":\"x\",\"message_id\":-3}",
+        "{\"event\":\"message:edit\",\"message_id\":\"5\"}",
+        "{\"event\":\"message:delete\",\"message_id\":1.5}",
+        "{\"event\":\"message:delete\"}",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        proto_cmd_t c;
+        int rc = decode(bad[i], ALL, &c);
+        if (rc != CHAT_EPROTO) fprintf(stderr, "  case %zu: %s\n", i, bad[i]);
+        CHECK_INT(rc, CHAT_EPROTO);
+        CHECK(c.error != NULL && c.error[0]);
+        proto_cmd_free(&c);
+    }
+    /* a long client_id: 129 bytes */
+    char big[300];
+    snprintf(big, sizeof big, "{\"event\":\"message:message\",\"message\":\"x\",\"client_id\":\"%0129d\"}", 0);
+    proto_cmd_t c;
+    CHECK_INT(decode(big, ALL, &c), CHAT_EPROTO);
+    proto_cmd_free(&c);
+}
+
+static void test_not_an_object(void) {
+    static const char *bad[] = {"", "not json", "[1,2]", "\"str\"", "42", "null",
+                                "{\"event\":\"message:message\"", "{\"a\":\"\\u0000\"}"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        proto_cmd_t c;
+        CHECK_INT(decode(bad[i], ALL, &c), CHAT_EINVAL);
+        CHECK(c.root == NULL);
+    }
+}
+
+static void test_allowed_events(void) {
+    proto_cmd_t c;
+    /* the REST body: no event means message:message; edit is not allowed there */
+    CHECK_INT(decode("{\"message\":\"hi\"}", (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE, &c), 0);
+    CHECK_INT(c.kind, PROTO_MESSAGE);
+    proto_cmd_free(&c);
+    CHECK_INT(decode("{\"message\":\"hi\"}", ALL, &c), CHAT_EPROTO);
+    proto_cmd_free(&c);
+    CHECK_INT(decode("{\"event\":\"message:edit\",\"message\":\"x\",\"message_id\":\"1\"}",
+                     (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE, &c),
+              CHAT_EPROTO);
+    proto_cmd_free(&c);
+}
+
+static void test_encode_event(void) {
+    store_msg_t m = {.id = 7261835409563648ULL,
+                     .chat_id = "general",
+                     .user_from = "al\"ice",
+                     .message = "hi\n<b>",
+                     .client_id = "c-1",
+                     .created_at = 1795940400123LL};
+    sbuf_t sb = {0};
+    proto_put_msg(&sb, "message:message", &m);
+    CHECK_STR(sb.p, "{\"event\":\"message:message\",\"chat_id\":\"general\",\"message_id\":"
+                    "\"7261835409563648\",\"user_from\":\"al\\\"ice\",\"message\":\"hi\\n<b>\","
+                    "\"created_at\":\"2026-11-29T08:20:00.123Z\",\"client_id\":\"c-1\"}");
+    sbuf_free(&sb);
+    m.edited_at = 1795940401000LL;
+    m.client_id = NULL;
+    proto_put_msg(&sb, "message:edit", &m);
+    CHECK_STR(sb.p, "{\"event\":\"message:edit\",\"chat_id\":\"general\",\"message_id\":"
+                    "\"7261835409563648\",\"user_from\":\"al\\\"ice\",\"message\":\"hi\\n<b>\","
+                    "\"created_at\":\"2026-11-29T08:20:00.123Z\",\"edited_at\":"
+                    "\"2026-11-29T08:20:01.000Z\"}");
+    sbuf_free(&sb);
+    /* deleted: never the text, in either form */
+    m.deleted_at = 1795940402000LL;
+    m.edited_at = 0;
+    m.message = NULL;
+    proto_put_msg(&sb, NULL, &m);
+    CHECK_STR(sb.p, "{\"chat_id\":\"general\",\"message_id\":\"7261835409563648\",\"user_from\":"
+                    "\"al\\\"ice\",\"created_at\":\"2026-11-29T08:20:00.123Z\",\"deleted_at\":"
+                    "\"2026-11-29T08:20:02.000Z\",\"deleted\":true}");
+    sbuf_free(&sb);
+}
+
+static void test_encode_error(void) {
+    sbuf_t sb = {0};
+    proto_put_error(&sb, "not_author", "only \"the\" author", "c-9", 12);
+    CHECK_STR(sb.p, "{\"event\":\"error\",\"code\":\"not_author\",\"detail\":\"only \\\"the\\\" "
+                    "author\",\"client_id\":\"c-9\",\"message_id\":\"12\"}");
+    sbuf_free(&sb);
+}
+
+int main(void) {
+    RUN(test_message);
+    RUN(test_edit_delete_ids);
+    RUN(test_bad_requests);
+    RUN(test_not_an_object);
+    RUN(test_allowed_events);
+    RUN(test_encode_event);
+    RUN(test_encode_error);
+    return test_summary("test_protocol");
+}
