@@ -219,9 +219,17 @@ int main(int argc, char **argv) {
 
     signal(SIGPIPE, SIG_IGN);
     uv_loop_t *loop = uv_default_loop();
+    /* Before anything can announce that we listen: a supervisor may signal right away. */
+    uv_signal_init(loop, &sig_term);
+    uv_signal_init(loop, &sig_int);
+    uv_signal_start(&sig_term, on_signal, SIGTERM);
+    uv_signal_start(&sig_int, on_signal, SIGINT);
     char err[256] = "";
     int rc = chat_server_start(&server, loop, &cfg, err, sizeof err);
     if (rc < 0) {
+        uv_close((uv_handle_t *)&sig_term, NULL);
+        uv_close((uv_handle_t *)&sig_int, NULL);
+        uv_run(loop, UV_RUN_DEFAULT);
         fprintf(stderr, "chatd: cannot start: %s (%s)\n", err[0] ? err : chat_strerror(rc),
                 chat_strerror(rc));
         return 1;
@@ -229,10 +237,6 @@ int main(int argc, char **argv) {
     log_info("listening host=%s port=%d store=%s bus=%s node=%u%s", cfg.host,
              chat_server_port(server), cfg.store_url, cfg.bus_url, cfg.node_id,
              cfg.dev ? " dev=1" : "");
-    uv_signal_init(loop, &sig_term);
-    uv_signal_init(loop, &sig_int);
-    uv_signal_start(&sig_term, on_signal, SIGTERM);
-    uv_signal_start(&sig_int, on_signal, SIGINT);
     uv_run(loop, UV_RUN_DEFAULT);
     rc = uv_loop_close(loop);
     if (rc < 0) log_warn("loop_close error=%s", uv_strerror(rc));

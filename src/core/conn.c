@@ -30,6 +30,8 @@ enum {
     CF_SHUT = 1 << 3,    /* uv_shutdown issued */
     CF_CLOSED = 1 << 4,  /* uv_close issued */
     CF_LINGER = 1 << 5,  /* on the linger list */
+    CF_EOF = 1 << 6,     /* the peer shut down its side */
+    CF_RESET = 1 << 7,   /* conn_abort: close with a reset */
 };
 
 #define CONN_READ_BUF (64 * 1024)
@@ -170,7 +172,10 @@ static void conn__hard_close(conn_t *c) {
     conn__unmark_dirty(c);
     conn__unlinger(c);
     uv_read_stop((uv_stream_t *)&c->tcp);
-    uv_close((uv_handle_t *)&c->tcp, conn__on_closed);
+    /* An abort resets the connection: the kernel drops what it still buffers for the
+     * peer (a slow consumer may have megabytes there) and the peer learns at once. */
+    if (!(c->flags & CF_RESET) || uv_tcp_close_reset(&c->tcp, conn__on_closed) < 0)
+        uv_close((uv_handle_t *)&c->tcp, conn__on_closed);
 }
 
 static void conn__on_shutdown(uv_shutdown_t *req, int status) {
@@ -178,6 +183,10 @@ static void conn__on_shutdown(uv_shutdown_t *req, int status) {
     free(req);
     if (c->flags & CF_CLOSED) return;
     if (status < 0) {
+        conn__hard_close(c);
+        return;
+    }
+    if (c->flags & CF_EOF) {
         conn__hard_close(c);
         return;
     }
@@ -214,7 +223,7 @@ void conn_close(conn_t *c) {
 }
 
 void conn_abort(conn_t *c) {
-    c->flags |= CF_CLOSING;
+    c->flags |= CF_CLOSING | CF_RESET;
     conn__hard_close(c);
 }
 
@@ -308,8 +317,15 @@ static void conn__alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 static void conn__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
     conn_t *c = st->data;
     if (nread == 0) return;
+    if (nread == UV_EOF && !(c->flags & CF_SHUT)) {
+        /* The peer finished sending but may still read: let what we queued reach it (a
+         * client that half-closes after its request still gets the answer). */
+        c->flags |= CF_EOF;
+        conn_close(c);
+        return;
+    }
     if (nread < 0) {
-        /* EOF or error: a lingering close is complete, anything else is the peer gone. */
+        /* a lingering close completed, or the connection failed */
         conn__hard_close(c);
         return;
     }

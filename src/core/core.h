@@ -186,7 +186,8 @@ int conn_send_copy(conn_t *c, const void *p, size_t n);
 int conn_send_force(conn_t *c, buf_t *b);
 /* Write what is queued, stop reading, then close. on_close follows. Idempotent. */
 void conn_close(conn_t *c);
-/* Close now, discarding queued output. on_close follows. Idempotent. */
+/* Close now with a TCP reset, discarding queued output (ours and what the kernel still
+ * buffers). on_close follows. Idempotent. */
 void conn_abort(conn_t *c);
 /* Swap the handler (and its ctx). */
 static inline void conn_set_handler(conn_t *c, const conn_handler_t *h, void *ctx) {
