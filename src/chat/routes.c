@@ -365,7 +365,7 @@ static void http__route(http_peer_t *hp, const http_request_t *req) {
     bool ka = req->keep_alive;
     const char *p = req->path;
     size_t n = req->path_len;
-    char chat_id[512];
+    char chat_id[129]; /* a valid chat id is at most 128 bytes */
 
     int m = http__match(p, n, "/ws/chat/", "", true, chat_id, sizeof chat_id);
     if (m) {
@@ -439,9 +439,11 @@ static void http__drive(http_peer_t *hp, const uint8_t *data, size_t len) {
         http__error(hp, st,
                     st == 431   ? "headers_too_large"
                     : st == 413 ? "body_too_large"
+                    : st >= 500 ? "internal"
                                 : "bad_request",
                     st == 431   ? "the request head is too large"
                     : st == 413 ? "the request body is too large"
+                    : st >= 500 ? "out of memory"
                                 : "malformed HTTP request",
                     false);
     }
