@@ -65,6 +65,17 @@ static void http__json(http_peer_t *hp, int status, const sbuf_t *body, bool kee
                keep_alive);
 }
 
+/* 405 with the Allow header; allow is a literal like "GET, POST". */
+static void http__not_allowed(http_peer_t *hp, const char *allow, bool keep_alive) {
+    char extra[64], body[128];
+    snprintf(extra, sizeof extra, "Allow: %s\r\n", allow);
+    int n = snprintf(body, sizeof body,
+                     "{\"error\":\"method_not_allowed\",\"detail\":\"allowed: %s\"}", allow);
+    http__send(hp,
+               http_response_new(405, "application/json", body, (size_t)n, keep_alive, extra),
+               keep_alive);
+}
+
 /* ---- auth ----------------------------------------------------------------------------- */
 
 /* 0 with *cl filled (free with jwt_claims_free), or the HTTP status to answer (401/403)
@@ -114,12 +125,7 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
     chat_server_t *s = hp->peer.srv;
     bool ka = req->keep_alive;
     if (req->method != HTTP_GET) {
-        s->m.http_requests++;
-        http__send(hp,
-                   http_response_new(405, "application/json",
-                                     "{\"error\":\"method_not_allowed\",\"detail\":\"use GET\"}",
-                                     49, ka, "Allow: GET\r\n"),
-                   ka);
+        http__not_allowed(hp, "GET", ka);
         return;
     }
     if (s->stopping) {
@@ -137,7 +143,6 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
     size_t vlen;
     const char *ver = http_header(req, "Sec-WebSocket-Version", &vlen);
     if (!ver || vlen != 2 || memcmp(ver, "13", 2) != 0) {
-        s->m.http_requests++;
         const char body[] = "{\"error\":\"unsupported_version\",\"detail\":"
                             "\"only WebSocket version 13 is supported\"}";
         http__send(hp,
@@ -241,12 +246,7 @@ static void http__messages(http_peer_t *hp, const http_request_t *req, const cha
     chat_server_t *s = hp->peer.srv;
     bool ka = req->keep_alive;
     if (req->method != HTTP_GET && req->method != HTTP_POST) {
-        s->m.http_requests++;
-        const char body[] = "{\"error\":\"method_not_allowed\",\"detail\":\"use GET or POST\"}";
-        http__send(hp,
-                   http_response_new(405, "application/json", body, sizeof body - 1, ka,
-                                     "Allow: GET, POST\r\n"),
-                   ka);
+        http__not_allowed(hp, "GET, POST", ka);
         return;
     }
     jwt_claims_t cl;
@@ -381,7 +381,7 @@ static void http__route(http_peer_t *hp, const http_request_t *req) {
         else http__messages(hp, req, chat_id);
         return;
     }
-    bool get = req->method == HTTP_GET || req->method == HTTP_HEAD;
+    bool get = req->method == HTTP_GET;
     if (n == 8 && memcmp(p, "/healthz", 8) == 0) {
         if (!get) goto not_allowed;
         static const char ok[] = "{\"status\":\"ok\"}";
@@ -412,13 +412,7 @@ static void http__route(http_peer_t *hp, const http_request_t *req) {
     http__error(hp, 404, "not_found", "no such resource", ka);
     return;
 not_allowed:
-    s->m.http_requests++;
-    {
-        const char body[] = "{\"error\":\"method_not_allowed\",\"detail\":\"use GET\"}";
-        http__send(hp, http_response_new(405, "application/json", body, sizeof body - 1, ka,
-                                         "Allow: GET, HEAD\r\n"),
-                   ka);
-    }
+    http__not_allowed(hp, "GET", ka);
 }
 
 /* ---- the connection ------------------------------------------------------------------- */
