@@ -1,0 +1,66 @@
+/* store: picks a backend from a URL and frees request outputs.
+ *
+ * The one idea: everything a backend hands back in a store_req_t is plain malloc'd memory
+ * (each string its own allocation), so one cleanup function serves every backend. */
+#include "store.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void set_err(char *err, size_t errlen, const char *msg) {
+    if (err && errlen > 0) snprintf(err, errlen, "%s", msg);
+}
+
+int store_open(store_t **out, uv_loop_t *loop, const char *url, char *err, size_t errlen) {
+    *out = NULL;
+    if (!url || !*url) {
+        set_err(err, errlen, "empty store URL");
+        return CHAT_EINVAL;
+    }
+    if (strncmp(url, "sqlite:", 7) == 0) {
+        const char *path = url + 7;
+        if (strncmp(path, "//", 2) == 0) {
+            /* sqlite:///abs/path.db: an empty authority, then an absolute path. A host
+             * part ("sqlite://host/x") means nothing for an embedded file, so refuse it
+             * rather than guess. */
+            path += 2;
+            if (*path != '/') {
+                set_err(err, errlen, "sqlite URL with a host; use sqlite:PATH or "
+                                     "sqlite:///absolute/path");
+                return CHAT_EINVAL;
+            }
+        }
+        if (!*path) {
+            set_err(err, errlen, "sqlite URL without a path");
+            return CHAT_EINVAL;
+        }
+        return store_sqlite_open(out, loop, path, err, errlen);
+    }
+    if (strncmp(url, "cassandra://", 12) == 0) {
+        set_err(err, errlen, "cassandra store not built yet");
+        return CHAT_EINVAL;
+    }
+    if (err && errlen > 0) {
+        snprintf(err, errlen, "unknown store URL scheme in \"%.64s\" (want sqlite:PATH)", url);
+    }
+    return CHAT_EINVAL;
+}
+
+void store_msg_clear(store_msg_t *m) {
+    free(m->chat_id);
+    free(m->user_from);
+    free(m->message);
+    free(m->client_id);
+    memset(m, 0, sizeof *m);
+}
+
+void store_req_cleanup(store_req_t *r) {
+    store_msg_clear(&r->msg);
+    for (size_t i = 0; i < r->n_msgs; i++) store_msg_clear(&r->msgs[i]);
+    free(r->msgs);
+    r->msgs = NULL;
+    r->n_msgs = 0;
+    r->duplicate = false;
+    r->status = 0;
+}

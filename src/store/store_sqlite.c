@@ -1,0 +1,945 @@
+/* store_sqlite: the embedded message store. One writer thread with group commit, a small
+ * pool of reader threads, completions handed back to the loop through one uv_async_t.
+ *
+ * The one idea: durability costs one fsync per transaction, not per message. The writer
+ * takes everything queued while it was busy and commits it as one transaction (WAL +
+ * synchronous=FULL: one fsync of the WAL per commit), so the busier the server, the more
+ * messages share each fsync. A callback reporting success always follows a COMMIT that
+ * returned; a failed COMMIT fails the whole batch.
+ *
+ * Threads and ownership:
+ * - loop thread: submit() (a short critical section to queue), on_async() (callbacks),
+ *   close(), migrate().
+ * - writer: owns wdb and its statements; uses them only while holding wdb_lock, so that
+ *   migrate() and store_sqlite_exec() can borrow the connection between two batches.
+ * - readers: each owns one read-only connection (WAL lets them read while a write
+ *   transaction is open; each statement sees one committed snapshot).
+ * Requests travel between threads on intrusive lists (req->next_) under s->lock. */
+#include "store_sqlite_internal.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+/* Requests per transaction. Large on purpose: a transaction costs one fsync plus one WAL
+ * frame per page it dirties, and with many active chats nearly every append dirties its own
+ * pages (its chat's tail, its place in the client_id index), so bigger batches share pages
+ * and measured 2-3x faster than 1024 with 1000 chats. Small loads make small batches
+ * anyway; the cap only bounds one commit under a backlog. */
+#define WRITE_BATCH_MAX 8192
+/* Callbacks run per turn of the loop, so that a big batch does not stall its other I/O. */
+#define DELIVER_MAX 1024
+#define N_READERS 2
+#define READ_LIMIT_MAX 1000
+#define BUSY_TIMEOUT_MS 5000
+
+/* Version 1. Kept byte-for-byte equal, modulo comments and whitespace, to schema/sqlite.sql
+ * (the unit test compares them). Why WITHOUT ROWID clustered on (chat_id, id): every read
+ * is "one chat, a range of ids", so a history page is one b-tree seek followed by adjacent
+ * cells in the same leaf pages; a rowid table keyed by id would need a (chat_id, id) index
+ * and one more seek per returned row, plus one more b-tree to update on every append.
+ * The price: with 4 KB pages a row over about 1 KB keeps only its head in the leaf and the
+ * rest in overflow pages; chat messages are mostly far shorter. id is unique per chat by
+ * the key and globally by the Snowflake scheme; nothing looks a message up by id alone. */
+static const char SCHEMA_V1[] =
+    "CREATE TABLE IF NOT EXISTS messages (\n"
+    "    chat_id    TEXT    NOT NULL,\n"
+    "    id         INTEGER NOT NULL,\n"
+    "    user_from  TEXT    NOT NULL,\n"
+    "    message    TEXT,\n"
+    "    client_id  TEXT,\n"
+    "    created_at INTEGER NOT NULL,\n"
+    "    edited_at  INTEGER,\n"
+    "    deleted_at INTEGER,\n"
+    "    PRIMARY KEY (chat_id, id)\n"
+    ") WITHOUT ROWID;\n"
+    "CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id\n"
+    "    ON messages (chat_id, user_from, client_id) WHERE client_id IS NOT NULL;\n";
+
+const char *const store_sqlite_schema[] = {SCHEMA_V1};
+const int store_sqlite_schema_versions =
+    (int)(sizeof store_sqlite_schema / sizeof store_sqlite_schema[0]);
+
+/* Column order shared by every statement that returns rows (row_to_msg reads it). */
+#define MSG_COLS "id, chat_id, user_from, message, client_id, created_at, edited_at, deleted_at"
+
+typedef struct sqlite_store sqlite_store_t;
+
+typedef struct reader {
+    sqlite_store_t *s;
+    uv_thread_t tid;
+    sqlite3 *db;
+    sqlite3_stmt *history, *after;
+} reader_t;
+
+struct sqlite_store {
+    store_t base;
+    char *path;
+
+    /* the write connection; the writer thread's, borrowed under wdb_lock */
+    uv_mutex_t wdb_lock;
+    sqlite3 *wdb;
+    sqlite3_stmt *begin, *commit, *rollback;
+    sqlite3_stmt *insert, *by_client, *edit, *del, *get;
+
+    reader_t readers[N_READERS];
+    int n_readers_started;
+    uv_thread_t writer;
+    bool writer_started;
+    uv_async_t async;
+
+    /* guarded by lock */
+    uv_mutex_t lock;
+    uv_cond_t wcond; /* the writer waits for work; it also waits here for readers to exit */
+    uv_cond_t rcond; /* readers wait for work */
+    store_req_t *wq_head, *wq_tail;
+    store_req_t *rq_head, *rq_tail;
+    store_req_t *done_head, *done_tail;
+    int threads_live;
+    int readers_live;
+    bool closing;
+    bool paused;
+    store_sqlite_stats_t stats;
+
+    /* loop thread only */
+    store_req_t *cb_head, *cb_tail; /* completed, callbacks not yet called */
+    bool close_called;
+    bool finishing;
+    void (*done)(void *);
+    void *done_arg;
+};
+
+static const store_ops_t sqlite_ops;
+
+/* ---- small helpers ------------------------------------------------------------------- */
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || errlen == 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* mkdir -p of the directory part of path. Errors are left for sqlite3_open to report with
+ * the file name, except a failing mkdir, which says more. */
+static int make_parent_dir(const char *path, char *err, size_t errlen) {
+    char *dir = strdup(path);
+    if (!dir) return CHAT_ENOMEM;
+    int rc = 0;
+    char *slash = strrchr(dir, '/');
+    if (!slash || slash == dir) goto out;
+    *slash = '\0';
+    for (char *p = dir + 1;; p++) {
+        if (*p != '/' && *p != '\0') continue;
+        char c = *p;
+        *p = '\0';
+        if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+            set_err(err, errlen, "cannot create directory %s: %s", dir, strerror(errno));
+            rc = CHAT_EIO;
+            goto out;
+        }
+        *p = c;
+        if (!c) break;
+    }
+out:
+    free(dir);
+    return rc;
+}
+
+static int prepare(sqlite3 *db, const char *sql, sqlite3_stmt **st) {
+    return sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, st, NULL);
+}
+
+/* Run a statement that returns no rows we need; the step's result. */
+static int step_once(sqlite3_stmt *st) {
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    return rc;
+}
+
+static int exec(sqlite3 *db, const char *sql) {
+    return sqlite3_exec(db, sql, NULL, NULL, NULL);
+}
+
+static int col_dup(sqlite3_stmt *st, int i, char **out) {
+    *out = NULL;
+    if (sqlite3_column_type(st, i) == SQLITE_NULL) return 0;
+    const unsigned char *t = sqlite3_column_text(st, i);
+    if (!t) return CHAT_ENOMEM;
+    size_t n = (size_t)sqlite3_column_bytes(st, i);
+    char *p = malloc(n + 1);
+    if (!p) return CHAT_ENOMEM;
+    memcpy(p, t, n);
+    p[n] = '\0';
+    *out = p;
+    return 0;
+}
+
+/* Fill m from the current row (MSG_COLS order). On failure m is cleared. */
+static int row_to_msg(sqlite3_stmt *st, store_msg_t *m) {
+    memset(m, 0, sizeof *m);
+    m->id = (uint64_t)sqlite3_column_int64(st, 0);
+    m->created_at = sqlite3_column_int64(st, 5);
+    m->edited_at = sqlite3_column_int64(st, 6); /* NULL reads as 0, the header's "never" */
+    m->deleted_at = sqlite3_column_int64(st, 7);
+    if (col_dup(st, 1, &m->chat_id) || col_dup(st, 2, &m->user_from) ||
+        col_dup(st, 3, &m->message) || col_dup(st, 4, &m->client_id)) {
+        store_msg_clear(m);
+        return CHAT_ENOMEM;
+    }
+    return 0;
+}
+
+static char *dup_or_null(const char *s, bool *oom) {
+    if (!s) return NULL;
+    char *p = strdup(s);
+    if (!p) *oom = true;
+    return p;
+}
+
+/* ---- connections and schema ------------------------------------------------------------ */
+
+/* Apply every schema version newer than the database's, in one transaction. */
+static int migrate_db(sqlite3 *db, const char *path, char *err, size_t errlen) {
+    sqlite3_stmt *st = NULL;
+    int version = -1;
+    if (exec(db, "BEGIN IMMEDIATE") != SQLITE_OK) goto fail;
+    if (sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &st, NULL) != SQLITE_OK) goto fail;
+    if (sqlite3_step(st) == SQLITE_ROW) version = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    st = NULL;
+    if (version < 0) goto fail;
+    if (version > store_sqlite_schema_versions) {
+        set_err(err, errlen, "%s: schema version %d is newer than this program (%d)", path,
+                version, store_sqlite_schema_versions);
+        log_error("store_schema_too_new path=%s version=%d known=%d", path, version,
+                  store_sqlite_schema_versions);
+        exec(db, "ROLLBACK");
+        return CHAT_EIO;
+    }
+    for (int v = version; v < store_sqlite_schema_versions; v++) {
+        if (exec(db, store_sqlite_schema[v]) != SQLITE_OK) goto fail;
+    }
+    if (version < store_sqlite_schema_versions) {
+        char sql[64];
+        snprintf(sql, sizeof sql, "PRAGMA user_version = %d", store_sqlite_schema_versions);
+        if (exec(db, sql) != SQLITE_OK) goto fail;
+    }
+    if (exec(db, "COMMIT") != SQLITE_OK) goto fail;
+    if (version < store_sqlite_schema_versions) {
+        log_info("store_schema_applied path=%s from=%d to=%d", path, version,
+                 store_sqlite_schema_versions);
+    }
+    return 0;
+fail:
+    set_err(err, errlen, "%s: schema: %s", path, sqlite3_errmsg(db));
+    log_error("store_schema_failed path=%s err=\"%s\"", path, sqlite3_errmsg(db));
+    sqlite3_finalize(st);
+    if (!sqlite3_get_autocommit(db)) exec(db, "ROLLBACK");
+    return CHAT_EIO;
+}
+
+static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, size_t errlen) {
+    /* NOMUTEX: each connection is used by one thread at a time (the writer's is handed over
+     * under wdb_lock), so SQLite's per-connection mutex would be pure overhead. */
+    int flags = SQLITE_OPEN_NOMUTEX |
+                (readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    sqlite3 *db = NULL;
+    int rc = sqlite3_open_v2(path, &db, flags, NULL);
+    if (rc != SQLITE_OK) goto fail;
+    sqlite3_extended_result_codes(db, 1);
+    sqlite3_busy_timeout(db, BUSY_TIMEOUT_MS);
+    if (!readonly) {
+        /* WAL: readers never block the writer nor it them. synchronous=FULL in WAL mode
+         * fsyncs the WAL on every commit, so an acknowledged message survives power loss
+         * (NORMAL would only survive a process crash). The journal mode is stored in the
+         * file; the rest is per connection. secure_delete=ON zeroes what a deleted message
+         * leaves behind, in its page and in freed overflow pages, so the text is really gone
+         * once the WAL is checkpointed; deletes are rare, the extra writes cheap. Set here
+         * because the compiled-in default differs between builds. The checkpoint runs
+         * every 8192 pages (32 MB) rather than SQLite's 1000: one big batch alone passes 1000,
+         * and a rarer checkpoint writes each hot page (a chat's tail) once for many commits. */
+        sqlite3_stmt *st = NULL;
+        if (sqlite3_prepare_v2(db, "PRAGMA journal_mode=WAL", -1, &st, NULL) != SQLITE_OK)
+            goto fail;
+        const unsigned char *mode = NULL;
+        if (sqlite3_step(st) == SQLITE_ROW) mode = sqlite3_column_text(st, 0);
+        bool wal = mode && strcmp((const char *)mode, "wal") == 0;
+        sqlite3_finalize(st);
+        if (!wal) {
+            set_err(err, errlen, "%s: cannot switch to WAL mode: %s", path,
+                    sqlite3_errmsg(db));
+            rc = SQLITE_ERROR;
+            goto fail_msg;
+        }
+        rc = exec(db, "PRAGMA synchronous=FULL;"
+                      "PRAGMA foreign_keys=OFF;"
+                      "PRAGMA cache_size=-32768;"
+                      "PRAGMA temp_store=MEMORY;"
+                      "PRAGMA secure_delete=ON;"
+                      "PRAGMA wal_autocheckpoint=8192;"
+                      "PRAGMA journal_size_limit=67108864;");
+    } else {
+        rc = exec(db, "PRAGMA cache_size=-16384;");
+    }
+    if (rc != SQLITE_OK) goto fail;
+    *out = db;
+    return 0;
+fail:
+    set_err(err, errlen, "cannot open %s: %s", path, db ? sqlite3_errmsg(db) : "out of memory");
+fail_msg:
+    log_error("store_open_failed path=%s ro=%d err=\"%s\"", path, readonly,
+              db ? sqlite3_errmsg(db) : "out of memory");
+    sqlite3_close(db);
+    *out = NULL;
+    return CHAT_EIO;
+}
+
+static int prepare_writer(sqlite_store_t *s) {
+    sqlite3 *db = s->wdb;
+    /* An append that hits the client_id index does nothing and changes no row; the caller
+     * then reads the original. Any other conflict (the primary key) is an error. */
+    if (prepare(db, "BEGIN IMMEDIATE", &s->begin) || prepare(db, "COMMIT", &s->commit) ||
+        prepare(db, "ROLLBACK", &s->rollback) ||
+        prepare(db,
+                "INSERT INTO messages (chat_id, id, user_from, message, client_id, created_at)"
+                " VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                " ON CONFLICT (chat_id, user_from, client_id) WHERE client_id IS NOT NULL"
+                " DO NOTHING",
+                &s->insert) ||
+        prepare(db,
+                "SELECT " MSG_COLS " FROM messages"
+                " WHERE chat_id = ?1 AND user_from = ?2 AND client_id = ?3",
+                &s->by_client) ||
+        prepare(db,
+                "UPDATE messages SET message = ?4, edited_at = ?5"
+                " WHERE chat_id = ?1 AND id = ?2 AND user_from = ?3 AND deleted_at IS NULL"
+                " RETURNING " MSG_COLS,
+                &s->edit) ||
+        prepare(db,
+                "UPDATE messages SET message = NULL, deleted_at = ?4"
+                " WHERE chat_id = ?1 AND id = ?2 AND user_from = ?3 AND deleted_at IS NULL"
+                " RETURNING " MSG_COLS,
+                &s->del) ||
+        prepare(db, "SELECT user_from, deleted_at FROM messages WHERE chat_id = ?1 AND id = ?2",
+                &s->get)) {
+        log_error("store_prepare_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(db));
+        return CHAT_EIO;
+    }
+    return 0;
+}
+
+static void close_writer_db(sqlite_store_t *s) {
+    sqlite3_stmt **sts[] = {&s->begin, &s->commit, &s->rollback, &s->insert,
+                            &s->by_client, &s->edit, &s->del, &s->get};
+    for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++) {
+        sqlite3_finalize(*sts[i]);
+        *sts[i] = NULL;
+    }
+    if (s->wdb && sqlite3_close(s->wdb) != SQLITE_OK) {
+        log_error("store_close_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->wdb));
+    }
+    s->wdb = NULL;
+}
+
+static int open_reader(sqlite_store_t *s, reader_t *rd, char *err, size_t errlen) {
+    rd->s = s;
+    int rc = open_db(&rd->db, s->path, true, err, errlen);
+    if (rc) return rc;
+    if (prepare(rd->db,
+                "SELECT " MSG_COLS " FROM messages WHERE chat_id = ?1 AND id < ?2"
+                " ORDER BY id DESC LIMIT ?3",
+                &rd->history) ||
+        prepare(rd->db,
+                "SELECT " MSG_COLS " FROM messages WHERE chat_id = ?1 AND id > ?2"
+                " ORDER BY id ASC LIMIT ?3",
+                &rd->after)) {
+        set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(rd->db));
+        log_error("store_prepare_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(rd->db));
+        return CHAT_EIO;
+    }
+    return 0;
+}
+
+static void close_reader_db(reader_t *rd) {
+    sqlite3_finalize(rd->history);
+    sqlite3_finalize(rd->after);
+    rd->history = rd->after = NULL;
+    sqlite3_close(rd->db);
+    rd->db = NULL;
+}
+
+/* ---- the writer ---------------------------------------------------------------------- */
+
+/* Each op returns SQLITE_OK when the request has its outcome in r->status (success or a
+ * per-request failure that leaves the transaction intact), or the SQLite error that makes
+ * the transaction unusable (the batch then fails as a whole). */
+
+static int do_append(sqlite_store_t *s, store_req_t *r) {
+    sqlite3_stmt *st = s->insert;
+    /* Copy the outputs before inserting: on OOM nothing was written, so the status is
+     * honest and a retry is safe. */
+    bool oom = false;
+    store_msg_t *m = &r->msg;
+    m->id = r->id;
+    m->created_at = r->at;
+    m->chat_id = dup_or_null(r->chat_id, &oom);
+    m->user_from = dup_or_null(r->user, &oom);
+    m->message = dup_or_null(r->text, &oom);
+    m->client_id = dup_or_null(r->client_id, &oom);
+    if (oom) {
+        store_msg_clear(m);
+        r->status = CHAT_ENOMEM;
+        return SQLITE_OK;
+    }
+    sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)r->id);
+    sqlite3_bind_text(st, 3, r->user, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, r->text, -1, SQLITE_STATIC);
+    if (r->client_id) {
+        sqlite3_bind_text(st, 5, r->client_id, -1, SQLITE_STATIC);
+    } else {
+        sqlite3_bind_null(st, 5);
+    }
+    sqlite3_bind_int64(st, 6, r->at);
+    int rc = sqlite3_step(st);
+    int changed = rc == SQLITE_DONE ? sqlite3_changes(s->wdb) : 0;
+    if (rc != SQLITE_DONE) {
+        log_error("store_append_failed chat=%s id=%" PRIu64 " err=\"%s\"", r->chat_id, r->id,
+                  sqlite3_errmsg(s->wdb));
+    }
+    sqlite3_reset(st);
+    if (rc != SQLITE_DONE) {
+        store_msg_clear(m);
+        /* A primary key clash (an id reused) fails this request only. */
+        if ((rc & 0xff) == SQLITE_CONSTRAINT) {
+            r->status = CHAT_EIO;
+            return SQLITE_OK;
+        }
+        return rc;
+    }
+    r->status = 0;
+    if (changed) return SQLITE_OK;
+
+    /* The (chat, user, client_id) key exists, possibly from earlier in this same batch:
+     * answer with the stored original. */
+    store_msg_clear(m);
+    st = s->by_client;
+    sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, r->user, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, r->client_id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        r->status = row_to_msg(st, m);
+        r->duplicate = r->status == 0;
+        rc = SQLITE_OK;
+    } else if (rc == SQLITE_DONE) {
+        log_error("store_append_conflict_without_row chat=%s", r->chat_id);
+        r->status = CHAT_EIO;
+        rc = SQLITE_OK;
+    }
+    sqlite3_reset(st);
+    return rc;
+}
+
+/* EDIT and DELETE: one UPDATE ... RETURNING does the common case; when it matches nothing,
+ * a lookup tells "no such message" from "not yours". */
+static int do_change(sqlite_store_t *s, store_req_t *r) {
+    if (r->id > (uint64_t)INT64_MAX) {
+        r->status = CHAT_ENOTFOUND;
+        return SQLITE_OK;
+    }
+    sqlite3_stmt *st = r->op == STORE_EDIT ? s->edit : s->del;
+    sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)r->id);
+    sqlite3_bind_text(st, 3, r->user, -1, SQLITE_STATIC);
+    if (r->op == STORE_EDIT) {
+        sqlite3_bind_text(st, 4, r->text, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 5, r->at);
+    } else {
+        sqlite3_bind_int64(st, 4, r->at);
+    }
+    int rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        r->status = row_to_msg(st, &r->msg);
+        sqlite3_reset(st); /* the change itself was made by the first step */
+        return SQLITE_OK;
+    }
+    if (rc != SQLITE_DONE) {
+        log_error("store_change_failed chat=%s id=%" PRIu64 " err=\"%s\"", r->chat_id, r->id,
+                  sqlite3_errmsg(s->wdb));
+        sqlite3_reset(st);
+        return rc;
+    }
+    sqlite3_reset(st);
+
+    st = s->get;
+    sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)r->id);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        bool deleted = sqlite3_column_type(st, 1) != SQLITE_NULL;
+        const char *author = (const char *)sqlite3_column_text(st, 0);
+        if (deleted) {
+            r->status = CHAT_ENOTFOUND;
+        } else {
+            r->status = author && strcmp(author, r->user) != 0 ? CHAT_EPERM : CHAT_ENOTFOUND;
+        }
+        rc = SQLITE_OK;
+    } else if (rc == SQLITE_DONE) {
+        r->status = CHAT_ENOTFOUND;
+        rc = SQLITE_OK;
+    }
+    sqlite3_reset(st);
+    return rc;
+}
+
+static void fail_batch(store_req_t *batch) {
+    for (store_req_t *r = batch; r; r = r->next_) {
+        store_msg_clear(&r->msg);
+        r->duplicate = false;
+        r->status = CHAT_EIO;
+    }
+}
+
+/* One transaction for the whole batch. Caller holds wdb_lock. true if committed. */
+static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
+    int rc = step_once(s->begin);
+    if (rc != SQLITE_DONE) {
+        log_error("store_begin_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->wdb));
+        goto fail;
+    }
+    for (store_req_t *r = batch; r; r = r->next_) {
+        rc = r->op == STORE_APPEND ? do_append(s, r) : do_change(s, r);
+        /* After an I/O error, a full disk or OOM SQLite may already have rolled the
+         * transaction back; either way nothing in this batch can be promised. */
+        if (rc != SQLITE_OK) goto fail;
+    }
+    rc = step_once(s->commit);
+    if (rc != SQLITE_DONE) {
+        log_error("store_commit_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->wdb));
+        goto fail;
+    }
+    return true;
+fail:
+    if (!sqlite3_get_autocommit(s->wdb)) step_once(s->rollback);
+    fail_batch(batch);
+    return false;
+}
+
+/* Hand finished requests (a list ending at tail) to the loop thread. */
+static void post_done(sqlite_store_t *s, store_req_t *head, store_req_t *tail, uint64_t n,
+                      int batch_result) {
+    uv_mutex_lock(&s->lock);
+    if (s->done_tail) {
+        s->done_tail->next_ = head;
+    } else {
+        s->done_head = head;
+    }
+    s->done_tail = tail;
+    if (batch_result > 0) s->stats.batches++;
+    if (batch_result < 0) s->stats.failed_batches++;
+    if (batch_result) {
+        s->stats.writes += n;
+        if (n > s->stats.max_batch) s->stats.max_batch = n;
+    } else {
+        s->stats.reads += n;
+    }
+    uv_mutex_unlock(&s->lock);
+    uv_async_send(&s->async);
+}
+
+static void writer_main(void *arg) {
+    sqlite_store_t *s = arg;
+    for (;;) {
+        uv_mutex_lock(&s->lock);
+        while ((!s->wq_head || s->paused) && !s->closing) uv_cond_wait(&s->wcond, &s->lock);
+        store_req_t *list = s->wq_head;
+        s->wq_head = s->wq_tail = NULL;
+        uv_mutex_unlock(&s->lock);
+        if (!list) break; /* closing, and nothing left to write */
+        while (list) {
+            store_req_t *head = list, *tail = list;
+            uint64_t n = 1;
+            while (n < WRITE_BATCH_MAX && tail->next_) {
+                tail = tail->next_;
+                n++;
+            }
+            list = tail->next_;
+            tail->next_ = NULL;
+            uv_mutex_lock(&s->wdb_lock);
+            bool ok = write_batch(s, head);
+            uv_mutex_unlock(&s->wdb_lock);
+            post_done(s, head, tail, n, ok ? 1 : -1);
+        }
+    }
+
+    /* Wait for the readers to close their connections, so that ours is the last one: then
+     * SQLite checkpoints and removes the WAL, and the database is one file again. */
+    uv_mutex_lock(&s->lock);
+    while (s->readers_live > 0) uv_cond_wait(&s->wcond, &s->lock);
+    uv_mutex_unlock(&s->lock);
+    uv_mutex_lock(&s->wdb_lock);
+    if (exec(s->wdb, "PRAGMA wal_checkpoint(TRUNCATE)") != SQLITE_OK) {
+        log_warn("store_checkpoint_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->wdb));
+    }
+    close_writer_db(s);
+    uv_mutex_unlock(&s->wdb_lock);
+
+    uv_mutex_lock(&s->lock);
+    s->threads_live--;
+    uv_mutex_unlock(&s->lock);
+    /* The loop joins this thread before it closes the async handle, so the handle is still
+     * alive here even if the loop already saw threads_live == 0. */
+    uv_async_send(&s->async);
+}
+
+/* ---- the readers --------------------------------------------------------------------- */
+
+static void do_read(reader_t *rd, store_req_t *r) {
+    sqlite3_stmt *st = r->op == STORE_HISTORY ? rd->history : rd->after;
+    int limit = r->limit < 1 ? 1 : r->limit > READ_LIMIT_MAX ? READ_LIMIT_MAX : r->limit;
+    /* ids are < 2^63; a bound beyond that (or "before 0" = from the newest) is INT64_MAX,
+     * which gives everything for HISTORY and nothing for AFTER, as it should. */
+    sqlite3_int64 bound = (sqlite3_int64)r->id;
+    if (r->id > (uint64_t)INT64_MAX || (r->op == STORE_HISTORY && r->id == 0)) {
+        bound = INT64_MAX;
+    }
+    sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, bound);
+    sqlite3_bind_int(st, 3, limit);
+
+    store_msg_t *msgs = NULL;
+    size_t n = 0, cap = 0;
+    int status = 0, rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 16;
+            if (ncap > (size_t)limit) ncap = (size_t)limit;
+            store_msg_t *p = realloc(msgs, ncap * sizeof *p);
+            if (!p) {
+                status = CHAT_ENOMEM;
+                break;
+            }
+            msgs = p;
+            cap = ncap;
+        }
+        if ((status = row_to_msg(st, &msgs[n])) != 0) break;
+        n++;
+    }
+    if (status == 0 && rc != SQLITE_DONE) {
+        log_error("store_read_failed chat=%s err=\"%s\"", r->chat_id, sqlite3_errmsg(rd->db));
+        status = CHAT_EIO;
+    }
+    sqlite3_reset(st);
+    if (status != 0) {
+        for (size_t i = 0; i < n; i++) store_msg_clear(&msgs[i]);
+        free(msgs);
+        msgs = NULL;
+        n = 0;
+    }
+    r->status = status;
+    r->msgs = msgs;
+    r->n_msgs = n;
+}
+
+static void reader_main(void *arg) {
+    reader_t *rd = arg;
+    sqlite_store_t *s = rd->s;
+    for (;;) {
+        uv_mutex_lock(&s->lock);
+        while (!s->rq_head && !s->closing) uv_cond_wait(&s->rcond, &s->lock);
+        store_req_t *r = s->rq_head;
+        if (r) {
+            s->rq_head = r->next_;
+            if (!s->rq_head) s->rq_tail = NULL;
+            r->next_ = NULL;
+        }
+        uv_mutex_unlock(&s->lock);
+        if (!r) break; /* closing, and every queued read served */
+        do_read(rd, r);
+        post_done(s, r, r, 1, 0);
+    }
+    close_reader_db(rd);
+    uv_mutex_lock(&s->lock);
+    s->readers_live--;
+    s->threads_live--;
+    uv_mutex_unlock(&s->lock);
+    uv_cond_broadcast(&s->wcond); /* the writer may be waiting for the last reader */
+    uv_async_send(&s->async);
+}
+
+/* ---- the loop side --------------------------------------------------------------------- */
+
+static void free_store(sqlite_store_t *s) {
+    uv_cond_destroy(&s->rcond);
+    uv_cond_destroy(&s->wcond);
+    uv_mutex_destroy(&s->lock);
+    uv_mutex_destroy(&s->wdb_lock);
+    free(s->path);
+    free(s);
+}
+
+static void on_closed(uv_handle_t *h) {
+    sqlite_store_t *s = h->data;
+    void (*done)(void *) = s->done;
+    void *arg = s->done_arg;
+    free_store(s);
+    if (done) done(arg);
+}
+
+/* Join what was started and close what the threads did not (after a failed start, some
+ * connections never had a thread). Then the async handle, and the store with it. */
+static void finish(sqlite_store_t *s) {
+    s->finishing = true;
+    for (int i = 0; i < s->n_readers_started; i++) uv_thread_join(&s->readers[i].tid);
+    if (s->writer_started) uv_thread_join(&s->writer);
+    for (int i = 0; i < N_READERS; i++) close_reader_db(&s->readers[i]);
+    close_writer_db(s);
+    uv_close((uv_handle_t *)&s->async, on_closed);
+}
+
+static void on_async(uv_async_t *h) {
+    sqlite_store_t *s = h->data;
+    uv_mutex_lock(&s->lock);
+    if (s->done_head) {
+        if (s->cb_tail) {
+            s->cb_tail->next_ = s->done_head;
+        } else {
+            s->cb_head = s->done_head;
+        }
+        s->cb_tail = s->done_tail;
+        s->done_head = s->done_tail = NULL;
+    }
+    uv_mutex_unlock(&s->lock);
+    for (int n = 0; s->cb_head && n < DELIVER_MAX; n++) {
+        store_req_t *r = s->cb_head;
+        s->cb_head = r->next_; /* before the callback, which may free or resubmit r */
+        if (!s->cb_head) s->cb_tail = NULL;
+        r->next_ = NULL;
+        r->cb(r);
+    }
+    if (s->cb_head) {
+        uv_async_send(&s->async); /* the rest on the next turn, after pending I/O */
+        return;
+    }
+    if (s->finishing) return;
+    uv_mutex_lock(&s->lock);
+    bool all_done = s->closing && s->threads_live == 0 && !s->done_head;
+    uv_mutex_unlock(&s->lock);
+    if (all_done) finish(s);
+}
+
+static void stop_threads(sqlite_store_t *s) {
+    uv_mutex_lock(&s->lock);
+    s->closing = true;
+    uv_mutex_unlock(&s->lock);
+    uv_cond_broadcast(&s->wcond);
+    uv_cond_broadcast(&s->rcond);
+}
+
+/* ---- the ops ------------------------------------------------------------------------- */
+
+static int sq_submit(store_t *base, store_req_t *r) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    if (!s->base.loop || !r || !r->cb || !r->chat_id) return CHAT_EINVAL;
+    bool write = true;
+    switch (r->op) {
+    case STORE_APPEND:
+        if (!r->user || !r->text || r->id == 0 || r->id > (uint64_t)INT64_MAX) {
+            return CHAT_EINVAL;
+        }
+        break;
+    case STORE_EDIT:
+        if (!r->user || !r->text) return CHAT_EINVAL;
+        break;
+    case STORE_DELETE:
+        if (!r->user) return CHAT_EINVAL;
+        break;
+    case STORE_HISTORY:
+    case STORE_AFTER:
+        write = false;
+        break;
+    default:
+        return CHAT_EINVAL;
+    }
+    r->status = 0;
+    r->duplicate = false;
+    memset(&r->msg, 0, sizeof r->msg);
+    r->msgs = NULL;
+    r->n_msgs = 0;
+    r->next_ = NULL;
+
+    bool wake;
+    uv_mutex_lock(&s->lock);
+    if (s->closing) {
+        uv_mutex_unlock(&s->lock);
+        return CHAT_ECLOSED;
+    }
+    store_req_t **head = write ? &s->wq_head : &s->rq_head;
+    store_req_t **tail = write ? &s->wq_tail : &s->rq_tail;
+    /* The writer sleeps only on an empty queue, so only the first request after that
+     * needs to wake it; the rest of a burst joins the same batch for free. */
+    wake = !*head || !write;
+    if (*tail) {
+        (*tail)->next_ = r;
+    } else {
+        *head = r;
+    }
+    *tail = r;
+    uv_mutex_unlock(&s->lock);
+    if (wake) uv_cond_signal(write ? &s->wcond : &s->rcond);
+    return 0;
+}
+
+static int sq_migrate(store_t *base) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    uv_mutex_lock(&s->wdb_lock);
+    int rc = s->wdb ? migrate_db(s->wdb, s->path, NULL, 0) : CHAT_ECLOSED;
+    uv_mutex_unlock(&s->wdb_lock);
+    return rc;
+}
+
+static void sq_close(store_t *base, void (*done)(void *), void *arg) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    if (!s->base.loop) {
+        /* migrate-only use: no threads, nothing in flight */
+        close_writer_db(s);
+        free_store(s);
+        if (done) done(arg);
+        return;
+    }
+    if (s->close_called) {
+        log_warn("store_close_twice path=%s", s->path);
+        return;
+    }
+    s->close_called = true;
+    s->done = done;
+    s->done_arg = arg;
+    stop_threads(s); /* each thread drains its queue, posts, and sends the async on exit */
+}
+
+static const store_ops_t sqlite_ops = {
+    .name = "sqlite",
+    .submit = sq_submit,
+    .migrate = sq_migrate,
+    .close = sq_close,
+};
+
+int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *err,
+                      size_t errlen) {
+    *out = NULL;
+    if (strcmp(path, ":memory:") == 0 || *path == '\0') {
+        set_err(err, errlen, "sqlite store needs a file path, not \"%s\"", path);
+        return CHAT_EINVAL;
+    }
+    if (!sqlite3_threadsafe()) {
+        set_err(err, errlen, "libsqlite3 was built without thread support");
+        return CHAT_EIO;
+    }
+    sqlite_store_t *s = calloc(1, sizeof *s);
+    if (!s) return CHAT_ENOMEM;
+    s->base.ops = &sqlite_ops;
+    s->base.loop = loop;
+    int rc = CHAT_ENOMEM;
+    if (!(s->path = strdup(path))) goto fail_free;
+    rc = CHAT_EIO;
+    if (uv_mutex_init(&s->lock)) goto fail_free;
+    if (uv_mutex_init(&s->wdb_lock)) goto fail_lock;
+    if (uv_cond_init(&s->wcond)) goto fail_wdb_lock;
+    if (uv_cond_init(&s->rcond)) goto fail_wcond;
+
+    if ((rc = make_parent_dir(path, err, errlen)) != 0) goto fail_sync;
+    if ((rc = open_db(&s->wdb, path, false, err, errlen)) != 0) goto fail_sync;
+    if ((rc = migrate_db(s->wdb, path, err, errlen)) != 0) goto fail_dbs;
+    if (!loop) {
+        *out = &s->base;
+        return 0;
+    }
+    rc = CHAT_EIO;
+    if (prepare_writer(s)) {
+        set_err(err, errlen, "%s: %s", path, sqlite3_errmsg(s->wdb));
+        goto fail_dbs;
+    }
+    for (int i = 0; i < N_READERS; i++) {
+        if ((rc = open_reader(s, &s->readers[i], err, errlen)) != 0) goto fail_dbs;
+    }
+    if (uv_async_init(loop, &s->async, on_async)) goto fail_dbs;
+    s->async.data = s;
+
+    /* Readers first: the writer, on its way out, waits for readers_live to reach zero. */
+    s->threads_live = N_READERS + 1;
+    s->readers_live = N_READERS;
+    for (int i = 0; i < N_READERS; i++) {
+        if (uv_thread_create(&s->readers[i].tid, reader_main, &s->readers[i])) goto fail_threads;
+        s->n_readers_started++;
+    }
+    if (uv_thread_create(&s->writer, writer_main, s)) goto fail_threads;
+    s->writer_started = true;
+    log_info("store_opened backend=sqlite path=%s readers=%d", path, N_READERS);
+    *out = &s->base;
+    return 0;
+
+fail_threads:
+    /* Rare enough to keep simple: the writer never started (it starts last), so stop the
+     * readers that did, join them, close every connection, and let the async handle's
+     * close callback free the store once the loop runs. */
+    set_err(err, errlen, "%s: cannot start store threads", path);
+    stop_threads(s);
+    finish(s);
+    return CHAT_EIO;
+fail_dbs:
+    for (int i = 0; i < N_READERS; i++) close_reader_db(&s->readers[i]);
+    close_writer_db(s);
+fail_sync:
+    uv_cond_destroy(&s->rcond);
+fail_wcond:
+    uv_cond_destroy(&s->wcond);
+fail_wdb_lock:
+    uv_mutex_destroy(&s->wdb_lock);
+fail_lock:
+    uv_mutex_destroy(&s->lock);
+fail_free:
+    free(s->path);
+    free(s);
+    return rc;
+}
+
+/* ---- internal API (store_sqlite_internal.h) ------------------------------------------- */
+
+void store_sqlite_stats(store_t *base, store_sqlite_stats_t *out) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    uv_mutex_lock(&s->lock);
+    *out = s->stats;
+    uv_mutex_unlock(&s->lock);
+}
+
+void store_sqlite_pause(store_t *base, bool paused) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    uv_mutex_lock(&s->lock);
+    s->paused = paused;
+    uv_mutex_unlock(&s->lock);
+    if (!paused) uv_cond_broadcast(&s->wcond);
+}
+
+int store_sqlite_exec(store_t *base, const char *sql) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    uv_mutex_lock(&s->wdb_lock);
+    int rc = s->wdb ? exec(s->wdb, sql) : SQLITE_MISUSE;
+    if (rc != SQLITE_OK) {
+        log_error("store_exec_failed sql=\"%s\" err=\"%s\"", sql,
+                  s->wdb ? sqlite3_errmsg(s->wdb) : "closed");
+    }
+    uv_mutex_unlock(&s->wdb_lock);
+    return rc == SQLITE_OK ? 0 : CHAT_EIO;
+}
