@@ -39,6 +39,8 @@ static void usage(FILE *f) {
             "(default 1048576)\n"
             "  --idle-timeout SECONDS   CHAT_IDLE_TIMEOUT        ping after this much silence, "
             "close if unanswered (default 60)\n"
+            "  --replay-limit N         CHAT_REPLAY_LIMIT        most missed messages replayed for "
+            "?since= (default 1000)\n"
             "  --node-id N              CHAT_NODE_ID             0..1023, unique per node: part "
             "of every message id (default 0)\n"
             "  --web-root DIR           CHAT_WEB_ROOT            static files served at / "
@@ -111,11 +113,12 @@ int main(int argc, char **argv) {
     const char *max_body = env_or("CHAT_MAX_BODY_BYTES", "1048576");
     const char *idle = env_or("CHAT_IDLE_TIMEOUT", "60");
     const char *node = env_or("CHAT_NODE_ID", "0");
+    const char *replay = env_or("CHAT_REPLAY_LIMIT", "1000");
     cfg.web_root = env_or("CHAT_WEB_ROOT", NULL);
     const char *level = env_or("CHAT_LOG_LEVEL", "info");
 
     enum { O_PORT = 1, O_HOST, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
-           O_IDLE, O_NODE, O_WEB, O_LEVEL, O_HELP };
+           O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_HELP };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
@@ -127,6 +130,7 @@ int main(int argc, char **argv) {
         {"max-outbound-bytes", required_argument, 0, O_MAXOUT},
         {"max-body-bytes", required_argument, 0, O_MAXBODY},
         {"idle-timeout", required_argument, 0, O_IDLE},
+        {"replay-limit", required_argument, 0, O_REPLAY},
         {"node-id", required_argument, 0, O_NODE},
         {"web-root", required_argument, 0, O_WEB},
         {"log-level", required_argument, 0, O_LEVEL},
@@ -146,6 +150,7 @@ int main(int argc, char **argv) {
         case O_MAXOUT: max_out = optarg; break;
         case O_MAXBODY: max_body = optarg; break;
         case O_IDLE: idle = optarg; break;
+        case O_REPLAY: replay = optarg; break;
         case O_NODE: node = optarg; break;
         case O_WEB: cfg.web_root = optarg; break;
         case O_LEVEL: level = optarg; break;
@@ -170,6 +175,13 @@ int main(int argc, char **argv) {
         parse_size("max-outbound-bytes", max_out, &cfg.max_outbound_bytes) < 0 ||
         parse_size("max-body-bytes", max_body, &cfg.max_body_bytes) < 0)
         return 2;
+    size_t replay_limit;
+    if (parse_size("replay-limit", replay, &replay_limit) < 0) return 2;
+    if (replay_limit > 100000) {
+        fprintf(stderr, "chatd: replay-limit must be at most 100000\n");
+        return 2;
+    }
+    cfg.replay_limit = (unsigned)replay_limit;
     double idle_s = strtod(idle, &end);
     if (*end || end == idle || !(idle_s > 0) || idle_s > 86400) {
         fprintf(stderr, "chatd: idle-timeout must be seconds > 0, got '%s'\n", idle);

@@ -60,6 +60,7 @@ typedef struct chat_config {
     size_t max_outbound_bytes;  /* per-connection queued output limit (default 4 MiB) */
     size_t max_body_bytes;      /* HTTP request body limit (default 1 MiB) */
     unsigned idle_timeout_ms;   /* ping after this much silence, close if no answer */
+    unsigned replay_limit;      /* most messages replayed for ?since= (default 1000) */
     int log_level;
 } chat_config_t;
 

@@ -65,6 +65,14 @@ struct peer {
 
 typedef struct room room_t;
 
+/* A live event held back from a session while its replay is read from the store. */
+typedef struct held_event {
+    struct held_event *next;
+    buf_t *frame;
+    uint64_t id;
+    bool is_new; /* message:message (the others change a message already sent) */
+} held_event_t;
+
 typedef struct session {
     peer_t peer;
     ws_parser_t parser;
@@ -72,6 +80,9 @@ typedef struct session {
     struct session *rprev, *rnext; /* members of the room */
     uint64_t ping_sent;            /* uv_now() of an unanswered keepalive ping, 0 if none */
     uint16_t close_code;           /* what we sent or echoed, for metrics; 0 = none yet */
+    bool replaying;                /* ?since=: the backlog is being read; live events wait */
+    held_event_t *held, *held_tail;
+    size_t held_bytes;
     char user[129];
 } session_t;
 
@@ -154,17 +165,23 @@ void chat_record_latency(chat_server_t *s, uint64_t t0);
 room_t *chat_room_find(chat_server_t *s, const char *chat_id);
 int chat_room_join(chat_server_t *s, session_t *ss, const char *chat_id);
 void chat_room_leave(chat_server_t *s, session_t *ss);
-/* Queue frame to every member; slow consumers are cut off. Returns deliveries. */
-size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame);
+/* Queue frame (the event of message id; is_new for message:message) to every member;
+ * members still replaying hold it; slow consumers are cut off. Returns deliveries. */
+size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id);
+/* Read the event name and message id from an encoded event (ours: "event" comes first). */
+bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
 const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n);
 void chat_metrics_render(chat_server_t *s, sbuf_t *sb);
 void chat_maybe_finish_stop(chat_server_t *s);
 
 /* session.c */
 extern const conn_handler_t chat_ws_handler;
-/* Take over an upgraded connection: the 101 was sent; rest are bytes already read. */
+/* Take over an upgraded connection: the 101 was sent; rest are bytes already read.
+ * since != NULL: first replay every message after *since, then go live. */
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
-                        const uint8_t *rest, size_t rest_len);
+                        const uint64_t *since, const uint8_t *rest, size_t rest_len);
+/* Queue a live event to one member (or hold it while the member replays). */
+int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id);
 /* Send a close frame with code and reason, then close gracefully. */
 void chat_session_close(session_t *ss, uint16_t code, const char *reason);
 /* Submit a command from a session or a REST request; the op owns cmd afterwards. */

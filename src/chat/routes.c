@@ -159,6 +159,13 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
                     "Sec-WebSocket-Key must be the base64 of 16 bytes", ka);
         return;
     }
+    uint64_t since = 0;
+    char sv[32];
+    int sn = http_query_param(req, "since", sv, sizeof sv);
+    if (sn != CHAT_ENOTFOUND && (sn <= 0 || id_parse(sv, (size_t)sn, &since) < 0)) {
+        http__error(hp, 400, "bad_request", "since must be a message id", ka);
+        return;
+    }
     jwt_claims_t cl;
     const char *why;
     int st = http__auth(s, req, chat_id, &cl, &why);
@@ -179,7 +186,8 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
     /* The connection changes hands: the HTTP peer lets go of it (it stays allocated, and
      * rest valid, until http__drive's reference is dropped). */
     chat_peer_unlink(&hp->peer);
-    chat_session_start(s, c, chat_id, cl.sub, (const uint8_t *)rest, rest_len);
+    chat_session_start(s, c, chat_id, cl.sub, sn > 0 ? &since : NULL, (const uint8_t *)rest,
+                       rest_len);
     char peer[80];
     conn_peer(c, peer, sizeof peer);
     log_debug("ws_open peer=%s user=%s chat=%s", peer, cl.sub, chat_id);
@@ -320,6 +328,43 @@ out:
     jwt_claims_free(&cl);
 }
 
+/* Development only (--dev): a token for any user name, so a person can try the web page
+ * without minting tokens by hand. Without --dev the route does not exist. */
+static void http__dev_token(http_peer_t *hp, const http_request_t *req) {
+    chat_server_t *s = hp->peer.srv;
+    bool ka = req->keep_alive;
+    if (req->method != HTTP_POST) {
+        http__not_allowed(hp, "POST", ka);
+        return;
+    }
+    json_error_t jerr;
+    json_t *body = req->body ? json_loadb(req->body, req->body_len, 0, &jerr) : NULL;
+    const char *user = json_string_value(json_object_get(body, "user"));
+    size_t ulen = user ? strlen(user) : 0;
+    bool ok = ulen >= 1 && ulen <= 64;
+    for (size_t i = 0; ok && i < ulen; i++)
+        if ((unsigned char)user[i] < 0x20 || user[i] == 0x7f) ok = false;
+    if (!ok) {
+        json_decref(body);
+        http__error(hp, 400, "bad_request",
+                    "body must be {\"user\": name}, 1 to 64 bytes without control characters",
+                    ka);
+        return;
+    }
+    char *tok = jwt_sign(user, (int64_t)time(NULL), 86400, NULL, s->cfg.jwt_secret);
+    sbuf_t sb = {0};
+    if (tok) {
+        sbuf_puts(&sb, "{\"user\":");
+        sbuf_json_str(&sb, user, ulen);
+        sbuf_printf(&sb, ",\"token\":\"%s\"}", tok);
+    }
+    json_decref(body);
+    free(tok);
+    if (!tok) http__error(hp, 500, "internal", "cannot sign a token", ka);
+    else http__json(hp, 200, &sb, ka);
+    sbuf_free(&sb);
+}
+
 void chat_rest_complete(op_t *op, const sbuf_t *ev) {
     http_peer_t *hp = (http_peer_t *)op->origin;
     store_req_t *req = &op->req;
@@ -379,6 +424,10 @@ static void http__route(http_peer_t *hp, const http_request_t *req) {
         if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
                                                        "[A-Za-z0-9_.-]", ka);
         else http__messages(hp, req, chat_id);
+        return;
+    }
+    if (s->cfg.dev && n == 14 && memcmp(p, "/api/dev/token", 14) == 0) {
+        http__dev_token(hp, req);
         return;
     }
     bool get = req->method == HTTP_GET;

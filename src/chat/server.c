@@ -206,27 +206,23 @@ void chat_room_leave(chat_server_t *s, session_t *ss) {
     free(r);
 }
 
-size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame) {
+size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
     size_t n = 0;
-    for (session_t *m = r->members; m; m = m->rnext) {
-        conn_t *c = m->peer.conn;
-        if (!c || conn_is_closing(c)) continue;
-        int rc = conn_send(c, frame);
-        if (rc == 0) {
-            n++;
-        } else if (rc == CHAT_EBUSY) {
-            /* The client stopped reading: cut it off so its queue cannot grow. It would
-             * not read a close frame either, so none is queued; the code is recorded. */
-            char peer[80];
-            conn_peer(c, peer, sizeof peer);
-            log_warn("slow_consumer peer=%s user=%s chat=%s queued=%zu", peer, m->user,
-                     r->chat_id, c->q_bytes);
-            m->close_code = WS_CLOSE_POLICY;
-            conn_abort(c);
-        }
-    }
+    for (session_t *m = r->members; m; m = m->rnext)
+        if (chat_session_deliver(m, frame, is_new, id) == 0) n++;
     s->m.messages_out += n;
     return n;
+}
+
+bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id) {
+    static const char ev[] = "{\"event\":\"message:message\"";
+    static const char key[] = "\"message_id\":\"";
+    *is_new = n >= sizeof ev - 1 && memcmp(p, ev, sizeof ev - 1) == 0;
+    const uint8_t *k = memmem(p, n, key, sizeof key - 1);
+    if (!k) return false;
+    k += sizeof key - 1;
+    const uint8_t *e = memchr(k, '"', n - (size_t)(k - p));
+    return e && id_parse((const char *)k, (size_t)(e - k), id) == 0;
 }
 
 /* ---- static files --------------------------------------------------------------------- */
@@ -343,9 +339,15 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
     chat_server_t *s = ud;
     room_t *r = chat_room_find(s, chat_id);
     if (!r) return;
+    bool is_new;
+    uint64_t id;
+    if (!chat_event_peek(payload, len, &is_new, &id)) {
+        log_warn("bus_bad_event chat=%s len=%zu", chat_id, len);
+        return;
+    }
     buf_t *frame = ws_frame_new(WS_OP_TEXT, payload, len);
     if (!frame) return;
-    chat_room_broadcast(s, r, frame);
+    chat_room_broadcast(s, r, frame, is_new, id);
     buf_unref(frame);
 }
 
@@ -359,6 +361,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if (!s->cfg.max_outbound_bytes) s->cfg.max_outbound_bytes = 4u << 20;
     if (!s->cfg.max_body_bytes) s->cfg.max_body_bytes = 1u << 20;
     if (!s->cfg.idle_timeout_ms) s->cfg.idle_timeout_ms = 60000;
+    if (!s->cfg.replay_limit) s->cfg.replay_limit = 1000;
     id_gen_init(&s->ids, cfg->node_id);
 
     int rc = store_open(&s->store, loop, cfg->store_url, err, errlen);

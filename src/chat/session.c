@@ -40,6 +40,42 @@ static void chat__send_error(session_t *ss, const char *code, const char *detail
     sbuf_free(&sb);
 }
 
+int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id) {
+    conn_t *c = ss->peer.conn;
+    if (!c || conn_is_closing(c)) return CHAT_ECLOSED;
+    if (!ss->replaying) return chat__send(ss, frame);
+    /* Replaying: keep the live event until the backlog has gone out, bounded like the
+     * connection's own queue. */
+    held_event_t *h = malloc(sizeof(*h));
+    if (!h || ss->held_bytes + frame->len > ss->peer.srv->cfg.max_outbound_bytes) {
+        free(h);
+        log_warn("slow_consumer user=%s held=%zu (during replay)", ss->user, ss->held_bytes);
+        ss->close_code = WS_CLOSE_POLICY;
+        conn_abort(c);
+        return CHAT_EBUSY;
+    }
+    h->next = NULL;
+    h->frame = buf_ref(frame);
+    h->id = id;
+    h->is_new = is_new;
+    if (ss->held_tail) ss->held_tail->next = h;
+    else ss->held = h;
+    ss->held_tail = h;
+    ss->held_bytes += frame->len;
+    return 0;
+}
+
+static void chat__held_free(session_t *ss) {
+    while (ss->held) {
+        held_event_t *h = ss->held;
+        ss->held = h->next;
+        buf_unref(h->frame);
+        free(h);
+    }
+    ss->held_tail = NULL;
+    ss->held_bytes = 0;
+}
+
 void chat_session_close(session_t *ss, uint16_t code, const char *reason) {
     conn_t *c = ss->peer.conn;
     if (!c || conn_is_closing(c)) return;
@@ -68,7 +104,8 @@ static void chat__op_done(store_req_t *req) {
             /* Durable now: deliver to this node's members and to the other nodes. */
             room_t *r = chat_room_find(s, op->chat_id);
             buf_t *frame = ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
-            if (frame && r) chat_room_broadcast(s, r, frame);
+            if (frame && r)
+                chat_room_broadcast(s, r, frame, req->op == STORE_APPEND, req->msg.id);
             if (bus_publish(s->bus, op->chat_id, ev.p, ev.len) < 0)
                 log_warn("bus_publish_failed chat=%s id=%" PRIu64, op->chat_id, req->msg.id);
             buf_unref(frame);
@@ -226,6 +263,7 @@ static void chat__ws_close(conn_t *c) {
     session_t *ss = c->ctx;
     chat_server_t *s = ss->peer.srv;
     chat_room_leave(s, ss);
+    chat__held_free(ss);
     s->n_sessions--;
     chat_record_close(s, ss->close_code ? ss->close_code : WS_CLOSE_ABNORMAL);
     chat_peer_unlink(&ss->peer);
@@ -236,8 +274,75 @@ const conn_handler_t chat_ws_handler = {
     .on_close = chat__ws_close,
 };
 
+/* The backlog of a ?since= connection arrived: send it, then what was held meanwhile,
+ * skipping new messages the backlog already had (ids up to its last one). */
+static void chat__replay_done(store_req_t *req) {
+    op_t *op = req->data;
+    session_t *ss = (session_t *)op->origin;
+    chat_server_t *s = op->srv;
+    chat_record_latency(s, op->t0);
+    if (ss->peer.conn && !conn_is_closing(ss->peer.conn)) {
+        uint64_t last = 0;
+        if (req->status < 0) {
+            s->m.store_errors++;
+            chat__send_error(ss, "store_unavailable", "the missed messages could not be read",
+                             NULL, 0);
+        } else if (req->n_msgs > s->cfg.replay_limit) {
+            /* Too much to push down one socket: the client pages the REST API instead and
+             * gets live events from now on. */
+            chat__send_error(ss, "replay_too_large",
+                             "too many missed messages: page GET /api/chats/{chat_id}/messages",
+                             NULL, 0);
+        } else {
+            for (size_t i = 0; i < req->n_msgs && !conn_is_closing(ss->peer.conn); i++) {
+                const store_msg_t *m = &req->msgs[i];
+                sbuf_t ev = {0};
+                proto_put_msg(&ev, m->deleted_at ? "message:delete" : "message:message", m);
+                chat__send_json(ss, &ev);
+                sbuf_free(&ev);
+                last = m->id;
+            }
+        }
+        ss->replaying = false;
+        for (held_event_t *h = ss->held; h && !conn_is_closing(ss->peer.conn); h = h->next)
+            if (!(h->is_new && h->id <= last)) chat__send(ss, h->frame);
+    }
+    ss->replaying = false;
+    chat__held_free(ss);
+    store_req_cleanup(req);
+    chat_peer_unref(&ss->peer);
+    free(op);
+}
+
+static void chat__replay_start(session_t *ss, uint64_t since) {
+    chat_server_t *s = ss->peer.srv;
+    op_t *op = calloc(1, sizeof(*op));
+    if (!op) {
+        chat_session_close(ss, WS_CLOSE_INTERNAL, "out of memory");
+        return;
+    }
+    op->srv = s;
+    op->origin = &ss->peer;
+    snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->room->chat_id);
+    op->req.op = STORE_AFTER;
+    op->req.chat_id = op->chat_id;
+    op->req.id = since;
+    op->req.limit = (int)s->cfg.replay_limit + 1; /* one more tells that there is too much */
+    op->req.data = op;
+    op->req.cb = chat__replay_done;
+    op->t0 = uv_hrtime();
+    if (store_submit(s->store, &op->req) < 0) {
+        free(op);
+        chat__send_error(ss, "store_unavailable", "the missed messages could not be read", NULL,
+                         0);
+        return;
+    }
+    ss->peer.refs++;
+    ss->replaying = true;
+}
+
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
-                        const uint8_t *rest, size_t rest_len) {
+                        const uint64_t *since, const uint8_t *rest, size_t rest_len) {
     session_t *ss = calloc(1, sizeof(*ss));
     if (!ss) {
         conn_abort(c);
@@ -250,10 +355,13 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
     conn_set_handler(c, &chat_ws_handler, ss);
     s->n_sessions++;
     s->m.ws_opened++;
+    /* Join before reading the backlog: an event stored meanwhile is then either in the
+     * backlog or held as live, never in neither. */
     if (chat_room_join(s, ss, chat_id) < 0) {
         chat_session_close(ss, WS_CLOSE_INTERNAL, "out of memory");
         return;
     }
+    if (since) chat__replay_start(ss, *since);
     if (rest_len) {
         /* Frames that came with the handshake: the parser unmasks in place, so copy. */
         uint8_t *copy = malloc(rest_len);

@@ -39,6 +39,9 @@ typedef enum store_op {
     STORE_AFTER,   /* in: chat_id id (after) limit. out: msgs, oldest first */
 } store_op_t;
 
+/* The most rows one HISTORY or AFTER request returns; larger limits are clamped. */
+#define STORE_READ_MAX 100001
+
 typedef struct store_req store_req_t;
 typedef void (*store_cb)(store_req_t *req);
 

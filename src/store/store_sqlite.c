@@ -36,7 +36,6 @@
 /* Callbacks run per turn of the loop, so that a big batch does not stall its other I/O. */
 #define DELIVER_MAX 1024
 #define N_READERS 2
-#define READ_LIMIT_MAX 1000
 #define BUSY_TIMEOUT_MS 5000
 
 /* Version 1. Kept byte-for-byte equal, modulo comments and whitespace, to schema/sqlite.sql
@@ -608,7 +607,7 @@ static void writer_main(void *arg) {
 
 static void do_read(reader_t *rd, store_req_t *r) {
     sqlite3_stmt *st = r->op == STORE_HISTORY ? rd->history : rd->after;
-    int limit = r->limit < 1 ? 1 : r->limit > READ_LIMIT_MAX ? READ_LIMIT_MAX : r->limit;
+    int limit = r->limit < 1 ? 1 : r->limit > STORE_READ_MAX ? STORE_READ_MAX : r->limit;
     /* ids are < 2^63; a bound beyond that (or "before 0" = from the newest) is INT64_MAX,
      * which gives everything for HISTORY and nothing for AFTER, as it should. */
     sqlite3_int64 bound = (sqlite3_int64)r->id;
