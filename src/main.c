@@ -27,6 +27,8 @@ static void usage(FILE *f) {
             "sqlite:./data/chat.db)\n"
             "  --bus URL                CHAT_BUS                 event bus between nodes (default "
             "local)\n"
+            "  --public-url URL         CHAT_PUBLIC_URL          this node's WebSocket base URL "
+            "for /api/connect (default ws://HOST:PORT)\n"
             "  --jwt-secret S           CHAT_JWT_SECRET          HS256 secret for tokens "
             "(required unless --dev)\n"
             "  --dev                    CHAT_DEV=1               development mode: generate a "
@@ -69,6 +71,7 @@ static int parse_size(const char *what, const char *v, size_t *out) {
 
 static uv_signal_t sig_term, sig_int;
 static chat_server_t *server;
+static bool clustered; /* a bus other than local: SIGTERM is a restart, not an end */
 
 static void on_stopped(void *arg) {
     (void)arg;
@@ -81,8 +84,11 @@ static void on_stopped(void *arg) {
 static void on_signal(uv_signal_t *h, int signum) {
     (void)h;
     if (!server) return;
+    /* In a cluster SIGTERM drains the node: clients get 1012 (service restart) and
+     * reconnect to another node through /api/connect. Alone, or on SIGINT, it is 1001. */
+    uint16_t code = clustered && signum == SIGTERM ? 1012 : 1001;
     log_info("signal %s: shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
-    chat_server_shutdown(server, 1001, on_stopped, NULL);
+    chat_server_shutdown(server, code, on_stopped, NULL);
 }
 
 static const char *find_web_root(const char *argv0, char *buf, size_t n) {
@@ -115,13 +121,15 @@ int main(int argc, char **argv) {
     const char *node = env_or("CHAT_NODE_ID", "0");
     const char *replay = env_or("CHAT_REPLAY_LIMIT", "1000");
     cfg.web_root = env_or("CHAT_WEB_ROOT", NULL);
+    cfg.public_url = env_or("CHAT_PUBLIC_URL", NULL);
     const char *level = env_or("CHAT_LOG_LEVEL", "info");
 
-    enum { O_PORT = 1, O_HOST, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
+    enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
            O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_HELP };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
+        {"public-url", required_argument, 0, O_PUBURL},
         {"store", required_argument, 0, O_STORE},
         {"bus", required_argument, 0, O_BUS},
         {"jwt-secret", required_argument, 0, O_SECRET},
@@ -142,6 +150,7 @@ int main(int argc, char **argv) {
         switch (c) {
         case O_PORT: port = optarg; break;
         case O_HOST: cfg.host = optarg; break;
+        case O_PUBURL: cfg.public_url = optarg; break;
         case O_STORE: cfg.store_url = optarg; break;
         case O_BUS: cfg.bus_url = optarg; break;
         case O_SECRET: cfg.jwt_secret = optarg; break;
@@ -229,6 +238,7 @@ int main(int argc, char **argv) {
     char webbuf[PATH_MAX];
     if (!cfg.web_root) cfg.web_root = find_web_root(argv[0], webbuf, sizeof webbuf);
 
+    clustered = strcmp(cfg.bus_url, "local") != 0;
     signal(SIGPIPE, SIG_IGN);
     uv_loop_t *loop = uv_default_loop();
     /* Before anything can announce that we listen: a supervisor may signal right away. */

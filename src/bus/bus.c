@@ -1,15 +1,66 @@
-/* bus: URL dispatch and the "local" backend.
+/* bus: URL dispatch, the instance id, and the "local" backend.
  * With one process there is no other node to reach: the hub has already delivered every
- * event to every local member, so local publish and subscribe have nothing to do. */
+ * event to every local member, so local publish and subscribe have nothing to do, and the
+ * only live node is this one. */
 #include "bus.h"
 
+#include <openssl/rand.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+typedef struct bus_local {
+    bus_t base;
+    bus_node_t self;
+    bool registered;
+} bus_local_t;
+
 static int local_subscribe(bus_t *b, const char *chat_id) { return 0; }
 static int local_unsubscribe(bus_t *b, const char *chat_id) { return 0; }
 static int local_publish(bus_t *b, const char *chat_id, const void *p, size_t n) { return 0; }
+
+static int local_heartbeat(bus_t *b, const bus_node_t *self, unsigned ttl_ms) {
+    bus_local_t *l = (bus_local_t *)b;
+    l->self = *self;
+    l->self.seen_at = time_now_ms();
+    l->registered = true;
+    return 0;
+}
+
+static int local_deregister(bus_t *b, const char *id) {
+    ((bus_local_t *)b)->registered = false;
+    return 0;
+}
+
+typedef struct local_list {
+    uv_idle_t idle;
+    bus_local_t *bus;
+    bus_nodes_cb cb;
+    void *ud;
+} local_list_t;
+
+static void local_list_closed(uv_handle_t *h) { free(h->data); }
+
+/* Answer on a later loop turn, as every backend does: callers may rely on it. */
+static void local_list_run(uv_idle_t *h) {
+    local_list_t *q = h->data;
+    uv_idle_stop(h);
+    q->cb(q->ud, 0, &q->bus->self, q->bus->registered ? 1 : 0);
+    uv_close((uv_handle_t *)h, local_list_closed);
+}
+
+static int local_list_nodes(bus_t *b, bus_nodes_cb cb, void *ud) {
+    local_list_t *q = calloc(1, sizeof(*q));
+    if (!q) return CHAT_ENOMEM;
+    q->bus = (bus_local_t *)b;
+    q->cb = cb;
+    q->ud = ud;
+    uv_idle_init(b->loop, &q->idle);
+    q->idle.data = q;
+    uv_idle_start(&q->idle, local_list_run);
+    return 0;
+}
+
 static void local_close(bus_t *b, void (*done)(void *), void *arg) {
     free(b);
     if (done) done(arg);
@@ -20,22 +71,38 @@ static const bus_ops_t local_ops = {
     .subscribe = local_subscribe,
     .unsubscribe = local_unsubscribe,
     .publish = local_publish,
+    .heartbeat = local_heartbeat,
+    .deregister = local_deregister,
+    .list_nodes = local_list_nodes,
     .close = local_close,
 };
 
-int bus_open(bus_t **out, uv_loop_t *loop, const char *url, bus_message_cb cb, void *ud,
-             char *err, size_t errlen) {
+int bus_open(bus_t **out, uv_loop_t *loop, const char *url, bus_message_cb cb,
+             bus_state_cb state_cb, void *ud, char *err, size_t errlen) {
+    bus_t *b = NULL;
+    int rc;
     if (!url || !*url || strcmp(url, "local") == 0) {
-        bus_t *b = calloc(1, sizeof(*b));
-        if (!b) return CHAT_ENOMEM;
-        b->ops = &local_ops;
-        b->loop = loop;
-        b->on_message = cb;
-        b->ud = ud;
-        *out = b;
-        return 0;
+        bus_local_t *l = calloc(1, sizeof(*l));
+        if (!l) return CHAT_ENOMEM;
+        l->base.ops = &local_ops;
+        b = &l->base;
+    } else if (strncmp(url, "redis://", 8) == 0) {
+        if ((rc = bus_redis_open(&b, loop, url, err, errlen)) < 0) return rc;
+    } else {
+        if (err && errlen)
+            snprintf(err, errlen, "unknown bus '%s' (supported: local, redis://host:port)", url);
+        return CHAT_EINVAL;
     }
-    if (err && errlen)
-        snprintf(err, errlen, "unknown bus '%s' (supported: local)", url);
-    return CHAT_EINVAL;
+    b->loop = loop;
+    b->on_message = cb;
+    b->on_state = state_cb;
+    b->ud = ud;
+    unsigned char raw[16];
+    if (RAND_bytes(raw, sizeof raw) != 1) {
+        bus_close(b, NULL, NULL);
+        return CHAT_EIO;
+    }
+    for (int i = 0; i < 16; i++) snprintf(b->instance + 2 * i, 3, "%02x", raw[i]);
+    *out = b;
+    return 0;
 }

@@ -21,6 +21,24 @@ typedef struct bus bus_t;
 /* An event published by another node. chat_id and payload are valid during the call. */
 typedef void (*bus_message_cb)(void *ud, const char *chat_id, const uint8_t *payload,
                                size_t len);
+/* The bus went down (up == false: events from other nodes may be missed from now on) or
+ * came back (up == true: reconnected AND every chat resubscribed; the server now reads
+ * from the store what its chats missed). The local bus never calls it. */
+typedef void (*bus_state_cb)(void *ud, bool up);
+
+/* A live chatd node, as registered on the bus (service discovery). */
+typedef struct bus_node {
+    char id[33];          /* this process's instance id: 32 hex chars, new at every start */
+    char url[256];        /* public WebSocket base URL, e.g. "ws://127.0.0.1:8001" */
+    uint64_t connections; /* WebSocket connections open on it */
+    int64_t started_at;   /* Unix ms */
+    int64_t seen_at;      /* Unix ms of its last heartbeat */
+    bool draining;        /* shutting down: send no new clients there */
+} bus_node_t;
+
+/* The live nodes (heartbeat younger than their TTL), in no particular order. status 0 or a
+ * negative CHAT_E* (then n == 0). nodes is valid during the call only. */
+typedef void (*bus_nodes_cb)(void *ud, int status, const bus_node_t *nodes, size_t n);
 
 typedef struct bus_ops {
     const char *name;
@@ -28,7 +46,16 @@ typedef struct bus_ops {
     int (*unsubscribe)(bus_t *b, const char *chat_id);
     /* Queue payload for the other nodes (copied; no reply is awaited). */
     int (*publish)(bus_t *b, const char *chat_id, const void *payload, size_t len);
-    /* Stop and free; done (if not NULL) runs on the loop thread when every handle closed. */
+    /* Register this node or refresh its entry (the server calls it every second with a
+     * fresh connection count); the entry expires ttl_ms after the last call. self is copied. */
+    int (*heartbeat)(bus_t *b, const bus_node_t *self, unsigned ttl_ms);
+    /* Remove this node's entry now (drain). */
+    int (*deregister)(bus_t *b, const char *id);
+    /* Ask for the live nodes; cb runs later on the loop thread, exactly once, unless this
+     * returns an error. */
+    int (*list_nodes)(bus_t *b, bus_nodes_cb cb, void *ud);
+    /* Stop and free; done (if not NULL) runs on the loop thread when every handle closed.
+     * Publishes queued before close are sent first, if the connection allows. */
     void (*close)(bus_t *b, void (*done)(void *), void *arg);
 } bus_ops_t;
 
@@ -36,13 +63,17 @@ struct bus {
     const bus_ops_t *ops;
     uv_loop_t *loop;
     bus_message_cb on_message;
+    bus_state_cb on_state;
     void *ud;
+    char instance[33]; /* this process's instance id (hex), set by bus_open */
 };
 
-/* Open a bus from a URL ("local"; NULL means local). *out is owned by the caller, released
- * with bus_close(). err gets a readable reason on failure (CHAT_EINVAL: unknown scheme). */
-int bus_open(bus_t **out, uv_loop_t *loop, const char *url, bus_message_cb cb, void *ud,
-             char *err, size_t errlen);
+/* Open a bus from a URL: "local" (or NULL), or "redis://[:password@]host:port[/db]".
+ * *out is owned by the caller, released with bus_close(). err gets a readable reason on
+ * failure (CHAT_EINVAL: unknown scheme or bad URL). A Redis bus that cannot connect yet
+ * still opens: it keeps retrying with backoff and reports through on_state. */
+int bus_open(bus_t **out, uv_loop_t *loop, const char *url, bus_message_cb cb,
+             bus_state_cb state_cb, void *ud, char *err, size_t errlen);
 
 static inline int bus_subscribe(bus_t *b, const char *chat) { return b->ops->subscribe(b, chat); }
 static inline int bus_unsubscribe(bus_t *b, const char *chat) {
@@ -51,8 +82,18 @@ static inline int bus_unsubscribe(bus_t *b, const char *chat) {
 static inline int bus_publish(bus_t *b, const char *chat, const void *p, size_t n) {
     return b->ops->publish(b, chat, p, n);
 }
+static inline int bus_heartbeat(bus_t *b, const bus_node_t *self, unsigned ttl_ms) {
+    return b->ops->heartbeat(b, self, ttl_ms);
+}
+static inline int bus_deregister(bus_t *b, const char *id) { return b->ops->deregister(b, id); }
+static inline int bus_list_nodes(bus_t *b, bus_nodes_cb cb, void *ud) {
+    return b->ops->list_nodes(b, cb, ud);
+}
 static inline void bus_close(bus_t *b, void (*done)(void *), void *arg) {
     b->ops->close(b, done, arg);
 }
+
+/* Backends (store.c-style registry; the domain uses bus_open only). */
+int bus_redis_open(bus_t **out, uv_loop_t *loop, const char *url, char *err, size_t errlen);
 
 #endif

@@ -54,6 +54,7 @@ typedef struct chat_config {
     const char *bus_url;
     const char *jwt_secret;
     const char *web_root;       /* static files served at / */
+    const char *public_url;     /* this node's WebSocket base URL for discovery; NULL: derived */
     bool dev;
     unsigned node_id;
     size_t max_message_bytes;   /* WebSocket message limit (default 65536) */

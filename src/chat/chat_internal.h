@@ -93,12 +93,26 @@ typedef struct http_peer {
     sbuf_t pending; /* bytes that arrived meanwhile, parsed after its answer */
 } http_peer_t;
 
+/* The newest message id seen in a room from one origin node. A node stores and publishes
+ * its messages in id order, so an id at or below the mark is a duplicate (a catch-up read
+ * and a delayed publish of the same message). */
+typedef struct room_mark {
+    uint16_t node;
+    uint64_t id;
+} room_mark_t;
+
 struct room {
     char *chat_id;
     session_t *members;
     size_t n;
     room_t *hnext;
     uint32_t hash;
+    uint64_t gen;           /* distinguishes this room from an earlier one of the same chat */
+    room_mark_t *marks;
+    uint16_t n_marks;
+    bool catching_up;       /* reading what the bus missed: live events wait in held */
+    held_event_t *held, *held_tail;
+    size_t held_bytes;
 };
 
 /* A store request with what its completion needs. */
@@ -147,6 +161,12 @@ struct chat_server {
     static_file_t *files;
     size_t n_files;
     chat_metrics_t m;
+    uint64_t room_gen;
+    /* the cluster (cluster.c) */
+    bool bus_up;
+    int64_t bus_down_ms;     /* when the bus went down, 0 if it never did */
+    uv_timer_t heartbeat;
+    bus_node_t self;
     /* shutdown */
     bool stopping;
     uint16_t stop_code;
@@ -173,6 +193,15 @@ bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
 const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n);
 void chat_metrics_render(chat_server_t *s, sbuf_t *sb);
 void chat_maybe_finish_stop(chat_server_t *s);
+
+/* cluster.c */
+void chat_cluster_start(chat_server_t *s);
+/* Deregister and stop heartbeats (drain). */
+void chat_cluster_stop(chat_server_t *s);
+void chat_cluster_bus_state(chat_server_t *s, bool up);
+/* Pass or drop an event by the room's marks; true if it is new to this room. */
+bool chat_room_admit(room_t *r, bool is_new, uint64_t id);
+void chat_room_free_held(room_t *r);
 
 /* session.c */
 extern const conn_handler_t chat_ws_handler;

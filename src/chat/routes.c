@@ -328,6 +328,126 @@ out:
     jwt_claims_free(&cl);
 }
 
+/* ---- discovery: /api/nodes and /api/connect ----------------------------------------- */
+
+typedef struct nodes_wait {
+    http_peer_t *hp;
+    bool keep_alive;
+    bool connect;       /* /api/connect: pick one; else list them all */
+    char chat_id[129];
+} nodes_wait_t;
+
+static void http__put_node(sbuf_t *sb, const bus_node_t *n) {
+    char started[25], seen[25];
+    time_format_ms(n->started_at, started);
+    time_format_ms(n->seen_at, seen);
+    sbuf_printf(sb, "{\"id\":\"%s\",\"url\":", n->id);
+    sbuf_json_str(sb, n->url, strlen(n->url));
+    sbuf_printf(sb, ",\"connections\":%" PRIu64 ",\"started_at\":\"%s\",\"seen_at\":\"%s\","
+                    "\"draining\":%s}",
+                n->connections, started, seen, n->draining ? "true" : "false");
+}
+
+static void http__nodes_done(void *ud, int status, const bus_node_t *nodes, size_t n) {
+    nodes_wait_t *w = ud;
+    http_peer_t *hp = w->hp;
+    chat_server_t *s = hp->peer.srv;
+    sbuf_t sb = {0};
+    if (!w->connect) {
+        if (status < 0) {
+            http__error(hp, 503, "bus_unavailable", "the node registry cannot be read now",
+                        w->keep_alive);
+        } else {
+            sbuf_puts(&sb, "{\"nodes\":[");
+            for (size_t i = 0; i < n; i++) {
+                if (i) sbuf_puts(&sb, ",");
+                http__put_node(&sb, &nodes[i]);
+            }
+            sbuf_puts(&sb, "]}");
+            http__json(hp, 200, &sb, w->keep_alive);
+        }
+    } else {
+        /* The least-loaded live node that is not draining; ourselves if the registry is
+         * out of reach (a client should still get somewhere). */
+        const bus_node_t *best = NULL;
+        for (size_t i = 0; status == 0 && i < n; i++)
+            if (!nodes[i].draining && (!best || nodes[i].connections < best->connections))
+                best = &nodes[i];
+        if (!best && !s->stopping) best = &s->self;
+        if (!best) {
+            http__error(hp, 503, "no_nodes", "no node is accepting connections", w->keep_alive);
+        } else {
+            sbuf_puts(&sb, "{\"chat_id\":");
+            sbuf_json_str(&sb, w->chat_id, strlen(w->chat_id));
+            sbuf_printf(&sb, ",\"node\":\"%s\",\"url\":", best->id);
+            sbuf_json_str(&sb, best->url, strlen(best->url));
+            sbuf_puts(&sb, ",\"ws_url\":");
+            char full[512];
+            int fl = snprintf(full, sizeof full, "%s/ws/chat/%s", best->url, w->chat_id);
+            sbuf_json_str(&sb, full, (size_t)fl < sizeof full ? (size_t)fl : sizeof full - 1);
+            sbuf_puts(&sb, "}");
+            http__json(hp, 200, &sb, w->keep_alive);
+        }
+    }
+    sbuf_free(&sb);
+    free(w);
+    http__resume(hp);
+    chat_peer_unref(&hp->peer);
+}
+
+static void http__nodes(http_peer_t *hp, const http_request_t *req, bool connect) {
+    chat_server_t *s = hp->peer.srv;
+    bool ka = req->keep_alive;
+    if (req->method != HTTP_GET) {
+        http__not_allowed(hp, "GET", ka);
+        return;
+    }
+    jwt_claims_t cl;
+    const char *why;
+    int st = http__auth(s, req, NULL, &cl, &why);
+    if (st) {
+        http__error(hp, st, "unauthorized", why, ka);
+        return;
+    }
+    nodes_wait_t *w = calloc(1, sizeof(*w));
+    if (!w) {
+        jwt_claims_free(&cl);
+        http__error(hp, 500, "internal", "out of memory", false);
+        return;
+    }
+    w->hp = hp;
+    w->keep_alive = ka;
+    w->connect = connect;
+    if (connect) {
+        int n = http_query_param(req, "chat_id", w->chat_id, sizeof w->chat_id);
+        const char *bad = n == CHAT_ENOTFOUND ? "chat_id is required"
+                          : n <= 0 || !chat_id_valid(w->chat_id, (size_t)n)
+                              ? "chat id must be a UUID or 1-128 of [A-Za-z0-9_.-]"
+                              : NULL;
+        if (!bad && !jwt_allows_chat(&cl, w->chat_id)) {
+            jwt_claims_free(&cl);
+            free(w);
+            http__error(hp, 403, "forbidden", "this token does not allow this chat", ka);
+            return;
+        }
+        if (bad) {
+            jwt_claims_free(&cl);
+            free(w);
+            http__error(hp, 400, "bad_request", bad, ka);
+            return;
+        }
+    }
+    jwt_claims_free(&cl);
+    if (bus_list_nodes(s->bus, http__nodes_done, w) < 0) {
+        free(w);
+        http__error(hp, 503, "bus_unavailable", "the node registry cannot be read now", ka);
+        return;
+    }
+    /* busy until the registry answers (peer kept alive by the extra reference) */
+    hp->peer.refs++;
+    hp->busy = true;
+}
+
 /* Development only (--dev): a token for any user name, so a person can try the web page
  * without minting tokens by hand. Without --dev the route does not exist. */
 static void http__dev_token(http_peer_t *hp, const http_request_t *req) {
@@ -424,6 +544,14 @@ static void http__route(http_peer_t *hp, const http_request_t *req) {
         if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
                                                        "[A-Za-z0-9_.-]", ka);
         else http__messages(hp, req, chat_id);
+        return;
+    }
+    if (n == 10 && memcmp(p, "/api/nodes", 10) == 0) {
+        http__nodes(hp, req, false);
+        return;
+    }
+    if (n == 12 && memcmp(p, "/api/connect", 12) == 0) {
+        http__nodes(hp, req, true);
         return;
     }
     if (s->cfg.dev && n == 14 && memcmp(p, "/api/dev/token", 14) == 0) {

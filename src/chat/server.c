@@ -173,6 +173,7 @@ int chat_room_join(chat_server_t *s, session_t *ss, const char *chat_id) {
             return CHAT_ENOMEM;
         }
         r->hash = chat__hash(chat_id);
+        r->gen = ++s->room_gen;
         r->hnext = s->rooms[r->hash & (s->rooms_cap - 1)];
         s->rooms[r->hash & (s->rooms_cap - 1)] = r;
         s->n_rooms++;
@@ -202,11 +203,25 @@ void chat_room_leave(chat_server_t *s, session_t *ss) {
     s->n_rooms--;
     if (bus_unsubscribe(s->bus, r->chat_id) < 0)
         log_warn("bus_unsubscribe_failed chat=%s", r->chat_id);
+    chat_room_free_held(r);
+    free(r->marks);
     free(r->chat_id);
     free(r);
 }
 
 size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
+    if (r->catching_up) {
+        /* not admitted yet: the backlog goes first, then these through the filter */
+        held_event_t *h = malloc(sizeof(*h));
+        if (!h) return 0;
+        *h = (held_event_t){.frame = buf_ref(frame), .id = id, .is_new = is_new};
+        if (r->held_tail) r->held_tail->next = h;
+        else r->held = h;
+        r->held_tail = h;
+        r->held_bytes += frame->len;
+        return 0;
+    }
+    if (!chat_room_admit(r, is_new, id)) return 0;
     size_t n = 0;
     for (session_t *m = r->members; m; m = m->rnext)
         if (chat_session_deliver(m, frame, is_new, id) == 0) n++;
@@ -351,6 +366,8 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
     buf_unref(frame);
 }
 
+static void chat__bus_state(void *ud, bool up) { chat_cluster_bus_state(ud, up); }
+
 int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg,
                       char *err, size_t errlen) {
     chat_server_t *s = calloc(1, sizeof(*s));
@@ -366,7 +383,8 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
 
     int rc = store_open(&s->store, loop, cfg->store_url, err, errlen);
     if (rc < 0) goto fail;
-    if ((rc = bus_open(&s->bus, loop, cfg->bus_url, chat__bus_message, s, err, errlen)) < 0)
+    if ((rc = bus_open(&s->bus, loop, cfg->bus_url, chat__bus_message, chat__bus_state, s, err,
+                       errlen)) < 0)
         goto fail_store;
     if (cfg->web_root) chat__load_dir(s, cfg->web_root, "", 0);
 
@@ -390,6 +408,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     uv_timer_start(&s->sweep, chat__sweep, every, every);
     uv_timer_init(loop, &s->stop_timer);
     s->stop_timer.data = s;
+    chat_cluster_start(s);
     *out = s;
     return 0;
 
@@ -430,9 +449,10 @@ static void chat__stop_step(void *arg) {
         conn_server_close(&s->cs, chat__stop_step, s);
         return;
     case 4:
-        s->stop_step = 102; /* two handles to close; chat__handle_closed counts down */
+        s->stop_step = 103; /* three handles to close; chat__handle_closed counts down */
         uv_close((uv_handle_t *)&s->sweep, chat__handle_closed);
         uv_close((uv_handle_t *)&s->stop_timer, chat__handle_closed);
+        uv_close((uv_handle_t *)&s->heartbeat, chat__handle_closed);
         return;
     case 100: {
         void (*done)(void *) = s->stop_done;
@@ -472,6 +492,7 @@ void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(vo
     s->stop_done = done;
     s->stop_arg = arg;
     conn_server_stop_listening(&s->cs);
+    chat_cluster_stop(s);
     log_info("shutdown connections=%zu code=%u", s->n_peers, close_code);
     for (peer_t *p = s->peers; p; p = p->next) {
         if (!p->conn) continue;

@@ -1,0 +1,207 @@
+/* cluster: what a node does as one of many. It registers itself on the bus every second
+ * (service discovery), drops out on drain, and keeps its members whole across a bus
+ * outage: when the bus comes back, every room reads from the store what was stored since
+ * shortly before the outage and delivers what it had not seen.
+ *
+ * The one idea: the store is the truth and the bus is a fast path. Duplicates between the
+ * two are removed by per-origin marks (room_mark_t): every node stores and publishes its
+ * own messages in id order, so for each origin node an id at or below the newest one seen
+ * was seen already.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "chat_internal.h"
+
+#define HEARTBEAT_MS 1000
+#define NODE_TTL_MS 5000
+/* Read back from this long before the outage: publishes in flight when it began. */
+#define CATCHUP_MARGIN_MS 5000
+#define CATCHUP_PAGES 20
+
+/* ---- duplicate filter ------------------------------------------------------------------ */
+
+bool chat_room_admit(room_t *r, bool is_new, uint64_t id) {
+    if (!is_new) return true; /* edits and deletes are idempotent for clients */
+    uint16_t node = (uint16_t)((id >> 12) & 1023);
+    for (uint16_t i = 0; i < r->n_marks; i++) {
+        if (r->marks[i].node != node) continue;
+        if (id <= r->marks[i].id) return false;
+        r->marks[i].id = id;
+        return true;
+    }
+    room_mark_t *nm = realloc(r->marks, sizeof(*nm) * (r->n_marks + 1u));
+    if (!nm) return true; /* better a possible duplicate than a loss */
+    r->marks = nm;
+    r->marks[r->n_marks++] = (room_mark_t){.node = node, .id = id};
+    return true;
+}
+
+void chat_room_free_held(room_t *r) {
+    while (r->held) {
+        held_event_t *h = r->held;
+        r->held = h->next;
+        buf_unref(h->frame);
+        free(h);
+    }
+    r->held_tail = NULL;
+    r->held_bytes = 0;
+}
+
+/* ---- catch-up after a bus outage ------------------------------------------------------- */
+
+typedef struct catchup {
+    store_req_t req;
+    chat_server_t *srv;
+    uint64_t gen;
+    int pages;
+    char chat_id[129];
+} catchup_t;
+
+static void cluster__catchup_submit(catchup_t *cu, uint64_t after);
+
+static room_t *cluster__room(catchup_t *cu) {
+    room_t *r = chat_room_find(cu->srv, cu->chat_id);
+    return r && r->gen == cu->gen ? r : NULL;
+}
+
+static void cluster__catchup_done(store_req_t *req) {
+    catchup_t *cu = req->data;
+    chat_server_t *s = cu->srv;
+    room_t *r = cluster__room(cu);
+    if (!r) goto done; /* the room emptied meanwhile: nobody to catch up */
+    if (req->status < 0) {
+        s->m.store_errors++;
+        log_error("catchup_failed chat=%s error=%s", cu->chat_id, chat_strerror(req->status));
+    } else {
+        uint64_t last = 0;
+        /* Delivered straight to members (the room is still holding live events). */
+        for (size_t i = 0; i < req->n_msgs; i++) {
+            const store_msg_t *m = &req->msgs[i];
+            last = m->id;
+            if (!chat_room_admit(r, true, m->id)) continue;
+            sbuf_t ev = {0};
+            proto_put_msg(&ev, m->deleted_at ? "message:delete" : "message:message", m);
+            buf_t *frame = ev.oom ? NULL : ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
+            sbuf_free(&ev);
+            if (!frame) continue;
+            for (session_t *ss = r->members; ss; ss = ss->rnext)
+                if (chat_session_deliver(ss, frame, true, m->id) == 0) s->m.messages_out++;
+            buf_unref(frame);
+        }
+        if (req->n_msgs == (size_t)req->limit && ++cu->pages < CATCHUP_PAGES) {
+            store_req_cleanup(req);
+            cluster__catchup_submit(cu, last);
+            return;
+        }
+        if (req->n_msgs) log_info("catchup chat=%s delivered_up_to=%" PRIu64, cu->chat_id, last);
+    }
+    /* Then what arrived live meanwhile, through the same filter. */
+    r->catching_up = false;
+    held_event_t *h = r->held;
+    r->held = r->held_tail = NULL;
+    r->held_bytes = 0;
+    while (h) {
+        held_event_t *next = h->next;
+        if (chat_room_admit(r, h->is_new, h->id))
+            for (session_t *ss = r->members; ss; ss = ss->rnext)
+            if (chat_session_deliver(ss, h->frame, h->is_new, h->id) == 0) s->m.messages_out++;
+        buf_unref(h->frame);
+        free(h);
+        h = next;
+    }
+done:
+    store_req_cleanup(req);
+    free(cu);
+}
+
+static void cluster__catchup_submit(catchup_t *cu, uint64_t after) {
+    chat_server_t *s = cu->srv;
+    memset(&cu->req, 0, sizeof(cu->req));
+    cu->req.op = STORE_AFTER;
+    cu->req.chat_id = cu->chat_id;
+    cu->req.id = after;
+    cu->req.limit = (int)s->cfg.replay_limit;
+    cu->req.data = cu;
+    cu->req.cb = cluster__catchup_done;
+    if (store_submit(s->store, &cu->req) < 0) {
+        room_t *r = cluster__room(cu);
+        log_error("catchup_not_submitted chat=%s", cu->chat_id);
+        if (r) {
+            /* deliver what was held rather than hold it forever */
+            cu->req.status = CHAT_EIO;
+            cu->req.limit = 1;
+            cluster__catchup_done(&cu->req);
+            return;
+        }
+        free(cu);
+    }
+}
+
+static void cluster__catchup_all(chat_server_t *s) {
+    int64_t from_ms = s->bus_down_ms - CATCHUP_MARGIN_MS;
+    uint64_t after = from_ms > ID_EPOCH_MS ? (uint64_t)(from_ms - ID_EPOCH_MS) << 22 : 0;
+    size_t n = 0;
+    for (size_t i = 0; i < s->rooms_cap; i++)
+        for (room_t *r = s->rooms[i]; r; r = r->hnext) {
+            if (r->catching_up) continue; /* one catch-up per room at a time */
+            catchup_t *cu = calloc(1, sizeof(*cu));
+            if (!cu) continue;
+            cu->srv = s;
+            cu->gen = r->gen;
+            snprintf(cu->chat_id, sizeof cu->chat_id, "%s", r->chat_id);
+            r->catching_up = true;
+            cluster__catchup_submit(cu, after);
+            n++;
+        }
+    log_info("bus_catchup rooms=%zu since_ms=%" PRId64, n, from_ms);
+}
+
+void chat_cluster_bus_state(chat_server_t *s, bool up) {
+    if (!up) {
+        if (s->bus_up || !s->bus_down_ms) s->bus_down_ms = time_now_ms();
+        s->bus_up = false;
+        log_warn("bus_down: events from other nodes wait for the reconnect");
+        return;
+    }
+    bool was_down = s->bus_down_ms != 0;
+    s->bus_up = true;
+    log_info("bus_up");
+    if (was_down && !s->stopping) cluster__catchup_all(s);
+}
+
+/* ---- discovery ------------------------------------------------------------------------- */
+
+static void cluster__heartbeat(uv_timer_t *t) {
+    chat_server_t *s = t->data;
+    s->self.connections = s->n_sessions;
+    int rc = bus_heartbeat(s->bus, &s->self, NODE_TTL_MS);
+    if (rc < 0) log_debug("heartbeat_failed error=%s", chat_strerror(rc));
+}
+
+void chat_cluster_start(chat_server_t *s) {
+    memset(&s->self, 0, sizeof(s->self));
+    snprintf(s->self.id, sizeof s->self.id, "%s", s->bus->instance);
+    if (s->cfg.public_url && *s->cfg.public_url) {
+        snprintf(s->self.url, sizeof s->self.url, "%s", s->cfg.public_url);
+    } else {
+        const char *h = s->cfg.host;
+        bool any = !h || !strcmp(h, "0.0.0.0") || !strcmp(h, "::");
+        snprintf(s->self.url, sizeof s->self.url, strchr(any ? "" : h, ':') ? "ws://[%s]:%d"
+                                                                             : "ws://%s:%d",
+                 any ? "127.0.0.1" : h, s->cs.port);
+    }
+    s->self.started_at = time_now_ms();
+    uv_timer_init(s->loop, &s->heartbeat);
+    s->heartbeat.data = s;
+    cluster__heartbeat(&s->heartbeat);
+    uv_timer_start(&s->heartbeat, cluster__heartbeat, HEARTBEAT_MS, HEARTBEAT_MS);
+}
+
+void chat_cluster_stop(chat_server_t *s) {
+    uv_timer_stop(&s->heartbeat);
+    s->self.draining = true;
+    if (bus_deregister(s->bus, s->self.id) < 0) log_warn("deregister_failed");
+}
