@@ -13,12 +13,14 @@
 #include <string.h>
 #include <time.h>
 
+#include "bus/bus.h"
 #include "chat/chat.h"
 #include "core/core.h"
 #include "store/store.h"
 
 #define DEFAULT_STORE "sqlite:./data/chat.db"
 #define DEFAULT_TTL 86400
+#define DEFAULT_BUS "redis://127.0.0.1:6379"
 
 static void usage(FILE *f) {
     fputs("usage: chatctl COMMAND [OPTIONS]\n"
@@ -33,6 +35,9 @@ static void usage(FILE *f) {
           "  migrate    create or upgrade the store's schema (safe to repeat)\n"
           "    --store URL       store to migrate (default: $CHAT_STORE, else\n"
           "                      " DEFAULT_STORE ")\n"
+          "  nodes      list the live chatd nodes registered on the bus\n"
+          "    --bus URL         redis://[:password@]host:port[/db] (default: $CHAT_BUS,\n"
+          "                      else " DEFAULT_BUS ")\n"
           "  help       show this help (also --help, -h; every command takes --help too)\n"
           "\n"
           "exit status: 0 success, 1 the operation failed, 2 bad usage\n",
@@ -199,6 +204,108 @@ static int cmd_migrate(int argc, char **argv) {
     return fflush(stdout) == 0 ? 0 : 1;
 }
 
+/* ---- nodes: ask the bus, print a table ---------------------------------------------- */
+
+typedef struct nodes_run {
+    bus_t *bus;
+    uv_timer_t timeout, retry;
+    int rc, tries;
+    bool asked;
+} nodes_run_t;
+
+static void nodes_print(void *ud, int status, const bus_node_t *nodes, size_t n);
+
+static void nodes_ask(uv_timer_t *t) {
+    nodes_run_t *r = t->data;
+    int rc = bus_list_nodes(r->bus, nodes_print, r);
+    if (rc < 0) nodes_print(r, rc, NULL, 0);
+}
+
+static void nodes_print(void *ud, int status, const bus_node_t *nodes, size_t n) {
+    nodes_run_t *r = ud;
+    /* The subscriber link may be up before the command link: ask again shortly. */
+    if (status == CHAT_EIO && ++r->tries < 20) {
+        uv_timer_start(&r->retry, nodes_ask, 100, 0);
+        return;
+    }
+    uv_timer_stop(&r->timeout);
+    if (status < 0) {
+        fprintf(stderr, "chatctl: nodes: %s\n", chat_strerror(status));
+        r->rc = 1;
+    } else {
+        printf("%-32s  %-28s  %11s  %-24s  %-24s  %s\n", "ID", "URL", "CONNECTIONS", "STARTED",
+               "SEEN", "STATE");
+        for (size_t i = 0; i < n; i++) {
+            char started[25], seen[25];
+            time_format_ms(nodes[i].started_at, started);
+            time_format_ms(nodes[i].seen_at, seen);
+            printf("%-32s  %-28s  %11llu  %-24s  %-24s  %s\n", nodes[i].id, nodes[i].url,
+                   (unsigned long long)nodes[i].connections, started, seen,
+                   nodes[i].draining ? "draining" : "live");
+        }
+        r->rc = 0;
+    }
+    bus_close(r->bus, NULL, NULL);
+    uv_close((uv_handle_t *)&r->timeout, NULL);
+    uv_close((uv_handle_t *)&r->retry, NULL);
+}
+
+static void nodes_state(void *ud, bool up) {
+    nodes_run_t *r = ud;
+    if (!up || r->asked) return;
+    r->asked = true;
+    nodes_ask(&r->retry);
+}
+
+static void nodes_timeout(uv_timer_t *t) {
+    nodes_run_t *r = t->data;
+    fprintf(stderr, "chatctl: nodes: no answer from the bus within 5 s\n");
+    r->rc = 1;
+    uv_timer_stop(&r->retry);
+    bus_close(r->bus, NULL, NULL);
+    uv_close((uv_handle_t *)&r->timeout, NULL);
+    uv_close((uv_handle_t *)&r->retry, NULL);
+}
+
+static int cmd_nodes(int argc, char **argv) {
+    static const struct option opts[] = {
+        {"bus", required_argument, NULL, 'B'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *url = NULL;
+    int c;
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'B': url = optarg; break;
+        case 'h': usage(stdout); return 0;
+        default: return option_error("nodes", c, argv);
+        }
+    }
+    if (optind < argc) return usage_error("nodes: unexpected argument '%s'", argv[optind]);
+    if (!url) url = getenv("CHAT_BUS");
+    if (!url || !*url) url = DEFAULT_BUS;
+    if (strncmp(url, "redis://", 8) != 0)
+        return usage_error("nodes: needs a redis:// bus; '%s' has no registry", url);
+
+    uv_loop_t *loop = uv_default_loop();
+    nodes_run_t r = {.rc = 1};
+    char err[256] = "";
+    int rc = bus_open(&r.bus, loop, url, NULL, nodes_state, &r, err, sizeof err);
+    if (rc < 0) {
+        fprintf(stderr, "chatctl: nodes: %s: %s\n", url, err[0] ? err : chat_strerror(rc));
+        return 1;
+    }
+    uv_timer_init(loop, &r.timeout);
+    r.timeout.data = &r;
+    uv_timer_init(loop, &r.retry);
+    r.retry.data = &r;
+    uv_timer_start(&r.timeout, nodes_timeout, 5000, 0);
+    uv_run(loop, UV_RUN_DEFAULT);
+    uv_loop_close(loop);
+    return r.rc;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fputs("chatctl: missing command\n\n", stderr);
@@ -210,6 +317,7 @@ int main(int argc, char **argv) {
     /* each command parses its own options, with its name in argv[0] */
     if (strcmp(cmd, "token") == 0) return cmd_token(argc - 1, argv + 1);
     if (strcmp(cmd, "migrate") == 0) return cmd_migrate(argc - 1, argv + 1);
+    if (strcmp(cmd, "nodes") == 0) return cmd_nodes(argc - 1, argv + 1);
     if (strcmp(cmd, "help") == 0 || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0) {
         usage(stdout);
         return 0;
