@@ -11,7 +11,7 @@
 #include "chat_internal.h"
 
 static int proto__id(json_t *v, uint64_t *out) {
-    if (json_is_string(v))
+    if (json_is_string(v)) /* id_parse stops at nothing: a NUL inside fails as a non-digit */
         return id_parse(json_string_value(v), json_string_length(v), out) == 0 && *out ? 0
                                                                                       : -1;
     if (json_is_integer(v) && json_integer_value(v) > 0) {
@@ -29,8 +29,9 @@ static int proto__fail(proto_cmd_t *cmd, const char *why) {
 int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_cmd_t *cmd) {
     memset(cmd, 0, sizeof(*cmd));
     json_error_t jerr;
-    /* NUL in strings stays rejected (jansson's default): our strings become C strings. */
-    json_t *root = json_loadb((const char *)data, len, 0, &jerr);
+    /* "\u0000" is valid JSON: parse it, then refuse it in the fields we keep (below), so a
+     * client learns why (bad_request) instead of being cut off as if it sent garbage. */
+    json_t *root = json_loadb((const char *)data, len, JSON_ALLOW_NUL, &jerr);
     if (!root) return CHAT_EINVAL;
     if (!json_is_object(root)) {
         json_decref(root);
@@ -41,7 +42,8 @@ int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_c
     json_t *cid = json_object_get(root, "client_id");
     if (cid && !json_is_null(cid)) {
         if (!json_is_string(cid) || json_string_length(cid) == 0 ||
-            json_string_length(cid) > PROTO_MAX_CLIENT_ID)
+            json_string_length(cid) > PROTO_MAX_CLIENT_ID ||
+            strlen(json_string_value(cid)) != json_string_length(cid))
             return proto__fail(cmd, "client_id must be a string of 1 to 128 bytes");
         cmd->client_id = json_string_value(cid);
     }
@@ -50,6 +52,7 @@ int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_c
 
     json_t *ev = json_object_get(root, "event");
     const char *e = json_string_value(ev);
+    if (e && strlen(e) != json_string_length(ev)) e = "";
     if (!ev && (allow_events & PROTO_IMPLICIT_MESSAGE)) e = "message:message";
     else if (!e) return proto__fail(cmd, "missing \"event\"");
     if (strcmp(e, "message:message") == 0) cmd->kind = PROTO_MESSAGE;
@@ -68,6 +71,8 @@ int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_c
         if (!m) return proto__fail(cmd, "missing \"message\"");
         if (!json_is_string(m)) return proto__fail(cmd, "\"message\" must be a string");
         if (json_string_length(m) == 0) return proto__fail(cmd, "\"message\" is empty");
+        if (strlen(json_string_value(m)) != json_string_length(m))
+            return proto__fail(cmd, "\"message\" must not contain U+0000");
         cmd->message = json_string_value(m);
         cmd->message_len = json_string_length(m);
     }
