@@ -63,6 +63,16 @@ $(SB)/tests/%: $(SB)/obj/tests/unit/%.o $(SB)/libchat.a
 $(SB)/chatd: $(SB)/obj/src/main.o $(SB)/libchat.a
 	$(CC) $(SAN) -pthread -o $@ $^ $(LDLIBS)
 
+$(SB)/chatctl: $(SB)/obj/src/chatctl.o $(SB)/libchat.a
+	$(CC) $(SAN) -pthread -o $@ $^ $(LDLIBS)
+
+# The functional suite against the sanitizer build of the server: every error, and any leak
+# at exit, fails the server's exit code and so the test. A small quarantine keeps RSS
+# meaningful for the memory checks.
+functional-asan: $(SB)/chatd $(SB)/chatctl
+	CHATD_BIN=$(SB)/chatd ASAN_OPTIONS=detect_leaks=1:quarantine_size_mb=8:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests/functional
+
 # ---- libFuzzer harnesses (clang) --------------------------------------------------------
 FB := build/fuzz
 FUZZFLAGS := -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
@@ -83,7 +93,8 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 	$(CLANG) $(FUZZFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 # ---- targets ----------------------------------------------------------------------------
-.PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional create-models clean format
+.PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional functional-asan create-models \
+        clean format
 
 # No secret configured: dev mode, which generates one and prints how to mint a token.
 run: all
@@ -124,6 +135,7 @@ test: deps
 	$(MAKE) unit
 	$(MAKE) unit-asan
 	$(MAKE) fuzz-replay
+	$(MAKE) functional-asan
 	$(MAKE) functional
 
 format:
