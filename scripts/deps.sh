@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 debs=(gcc make pkg-config clang libclang-rt-14-dev llvm
       libuv1-dev libjansson-dev libhttp-parser-dev libsqlite3-dev libssl-dev zlib1g-dev
-      libhiredis-dev redis-server)
+      libhiredis-dev redis-server haproxy chromium openjdk-17-jre-headless maven)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -18,6 +18,10 @@ if ((${#missing[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# Node.js (for the browser tests) comes with this kind of machine; Debian's is older.
+command -v node >/dev/null && command -v npm >/dev/null ||
+    { echo "deps: node and npm are required for the browser tests" >&2; exit 1; }
 
 py=${PYTHON:-python3}
 if ! $py - <<'PY' 2>/dev/null
