@@ -93,7 +93,7 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 	$(CLANG) $(FUZZFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 # ---- targets ----------------------------------------------------------------------------
-.PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional functional-asan create-models \
+.PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional functional-asan browser create-models \
         clean format
 
 # No secret configured: dev mode, which generates one and prints how to mint a token.
@@ -130,12 +130,17 @@ fuzz: $(FUZZERS)
 functional: all
 	$(PYTHON) -m pytest -q tests/functional
 
+# The web client in Debian's Chromium, driven by playwright-core, against the real chatd.
+browser: all
+	cd tests/browser && npm ci --no-audit --no-fund --silent && node --test
+
 test: deps
 	$(MAKE) all
 	$(MAKE) unit
 	$(MAKE) unit-asan
 	$(MAKE) fuzz-replay
 	$(MAKE) functional-asan
+	$(MAKE) browser
 	$(MAKE) functional
 
 format:

@@ -1,0 +1,168 @@
+// The web client across failures: chatd killed with SIGKILL and restarted on the same port,
+// a message typed while the server is down, a message sent while one reader is away, and an
+// acknowledgement lost on the wire. Nothing may be lost and nothing may be shown or stored twice.
+
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import {
+  Chatd, freePort, launchBrowser, msg, openPage, requireBinaries, shot, signIn, waitStatus,
+} from './harness.mjs';
+
+let chatd;
+let browser;
+const pages = [];
+
+async function person(user, chat, setup) {
+  const page = await openPage(browser, chatd.base);
+  pages.push(page);
+  if (setup) await setup(page);
+  await signIn(page, user, chat);
+  return page;
+}
+
+async function send(page, text) {
+  await page.locator('#input').fill(text);
+  await page.locator('#input').press('Enter');
+}
+
+const copies = (list, text) => list.filter((m) => m.message === text).length;
+
+before(async () => {
+  requireBinaries();
+  chatd = new Chatd({ name: 'chatd-reconnect' });
+  await chatd.start();
+  browser = await launchBrowser();
+});
+
+after(async () => {
+  await browser?.close();
+  await chatd?.stop();
+  for (const p of pages) assert.deepEqual(p.errors, [], 'no uncaught error in any page');
+});
+
+test('SIGKILL and a restart on the same port: reconnecting, then nothing lost or doubled',
+  async () => {
+    const alice = await person('alice', 'resume');
+    const bob = await person('bob', 'resume');
+    await send(alice, 'before the crash');
+    await msg(bob, 'before the crash').waitFor();
+    await send(bob, 'bob before the crash');
+    await msg(alice, 'bob before the crash').waitFor();
+
+    await chatd.kill('SIGKILL');
+    await waitStatus(alice, 'reconnecting');
+    await waitStatus(bob, 'reconnecting');
+
+    // Typed while the server is gone: shown greyed as pending, kept for the reconnect.
+    await send(alice, 'typed while offline');
+    const pending = alice.locator('#pending li.msg.pending', { hasText: 'typed while offline' });
+    await pending.waitFor();
+    await pending.locator('.note', { hasText: 'waiting for the connection' }).waitFor();
+    const opacity = await pending.locator('.bubble').evaluate((e) => getComputedStyle(e).opacity);
+    assert.ok(Number(opacity) < 1, `a pending message is greyed (opacity ${opacity})`);
+    await shot(alice, 'reconnecting');
+
+    // Keep Alice away while Bob talks, so what he says must reach her through the replay.
+    await alice.context().setOffline(true);
+    await waitStatus(alice, 'offline');
+    await chatd.start();
+    await waitStatus(bob, 'connected');
+    await send(bob, 'sent while alice was away');
+    await msg(bob, 'sent while alice was away').waitFor();
+    // An edit of a message Alice had already seen: older than her since=, so not replayed.
+    const old = msg(bob, 'bob before the crash');
+    const oldId = await old.getAttribute('data-id');
+    await old.hover();
+    await old.locator('button.edit').click();
+    await bob.locator(`li[data-id="${oldId}"] .edit-form textarea`).fill('bob, edited meanwhile');
+    await bob.locator(`li[data-id="${oldId}"] .edit-form textarea`).press('Enter');
+    await msg(bob, 'bob, edited meanwhile').locator('.edited').waitFor();
+
+    await alice.context().setOffline(false);
+    await waitStatus(alice, 'connected');
+    await msg(alice, 'sent while alice was away').waitFor();
+    await msg(alice, 'bob, edited meanwhile').locator('.edited').waitFor();
+    await msg(alice, 'typed while offline').waitFor();
+    await pending.waitFor({ state: 'detached' });
+    await msg(bob, 'typed while offline').waitFor();
+
+    for (const p of [alice, bob]) {
+      for (const t of ['before the crash', 'typed while offline', 'sent while alice was away']) {
+        assert.equal(await msg(p, t).count(), 1, `one copy of "${t}" on the page`);
+      }
+    }
+    // Alice's message is stored when she comes back, after Bob's; both pages show that order.
+    const order = ['before the crash', 'bob, edited meanwhile', 'sent while alice was away',
+      'typed while offline'];
+    const history = await chatd.history(await chatd.token('alice'), 'resume');
+    assert.deepEqual(history.map((m) => m.message), order);
+    for (const p of [alice, bob]) {
+      assert.deepEqual(await p.locator('#messages li.msg .text').allTextContents(), order);
+    }
+    await shot(alice, 'after-restart');
+  });
+
+test('an acknowledgement lost on the wire: resent with the same client_id, stored once',
+  async () => {
+    // Carol's first socket carries her message to the server, then loses the echo and closes
+    // as if the node restarted (1012). Every frame the page sends is recorded per socket.
+    const sent = [];
+    let sockets = 0;
+    const route = (page) => page.routeWebSocket(/\/ws\/chat\/acks/, (ws) => {
+      const n = ++sockets;
+      const server = ws.connectToServer();
+      ws.onMessage((m) => {
+        sent.push({ n, frame: JSON.parse(m) });
+        server.send(m);
+      });
+      server.onMessage((m) => {
+        if (n === 1 && m.includes('ack lost once')) {
+          ws.close({ code: 1012, reason: 'test: the ack is lost' });
+          server.close();
+          return;
+        }
+        ws.send(m);
+      });
+    });
+    const carol = await person('carol', 'acks', route);
+    const dave = await person('dave', 'acks');
+    await send(carol, 'ack lost once');
+    await msg(dave, 'ack lost once').waitFor();
+    await msg(carol, 'ack lost once').waitFor();
+    await carol.locator('#pending li').first().waitFor({ state: 'detached' });
+    await waitStatus(carol, 'connected');
+
+    const first = sent.find((s) => s.n === 1 && s.frame.message === 'ack lost once');
+    const again = sent.find((s) => s.n > 1 && s.frame.message === 'ack lost once');
+    assert.ok(first && again, 'the message went out on the first socket and again after');
+    assert.equal(again.frame.client_id, first.frame.client_id, 'the retry reuses the client_id');
+
+    await send(carol, 'and life goes on');
+    await msg(dave, 'and life goes on').waitFor();
+    assert.equal(await msg(dave, 'ack lost once').count(), 1);
+    assert.equal(await msg(carol, 'ack lost once').count(), 1);
+    const history = await chatd.history(await chatd.token('carol'), 'acks');
+    assert.equal(copies(history, 'ack lost once'), 1, 'stored exactly once');
+    assert.equal(copies(history, 'and life goes on'), 1);
+  });
+
+test('the page connects to the node /api/connect names, and to its own host if that fails',
+  async () => {
+    const dead = await freePort();
+    const lookup = (answer) => async (page) => {
+      page.sockets = [];
+      page.on('websocket', (ws) => page.sockets.push(new URL(ws.url()).host));
+      await page.route('**/api/connect?*', (route) => {
+        assert.equal(route.request().headers().authorization?.startsWith('Bearer '), true);
+        route.fulfill({ json: { url: answer() } });
+      });
+    };
+    // Frank is sent to this node under another name: the page must use the URL it is given.
+    const frank = await person('frank', 'nodes', lookup(() => `ws://localhost:${chatd.port}`));
+    assert.deepEqual(frank.sockets, [`localhost:${chatd.port}`]);
+    // Erin is sent to a node that is gone: the next attempt goes to the page's own host.
+    const erin = await person('erin', 'nodes', lookup(() => `ws://127.0.0.1:${dead}`));
+    assert.deepEqual(erin.sockets, [`127.0.0.1:${dead}`, `127.0.0.1:${chatd.port}`]);
+    await send(erin, 'found my way');
+    await msg(frank, 'found my way').waitFor();
+  });

@@ -1,0 +1,248 @@
+// One chat's live connection: asks /api/connect which node to use, resumes with ?since= the
+// last id seen, reconnects with capped exponential backoff and jitter, and keeps every
+// unacknowledged send in an outbox that is sent again, byte for byte, after each reconnect.
+// The one idea: a send is done only when the server echoes it back; until then it is retried
+// with the same client_id, and the server's dedup turns the retries into exactly one message.
+
+const BACKOFF_START_MS = 250;
+const BACKOFF_CAP_MS = 5000;
+const CONNECT_LOOKUP_MS = 2000;
+
+export function idLess(a, b) {
+  // Ids are decimal strings of 64-bit numbers: compare by length first, then digit by digit.
+  return a.length !== b.length ? a.length < b.length : a < b;
+}
+
+function ownBase() {
+  return (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host;
+}
+
+// The least-loaded node's WebSocket base URL when the server knows one, else this page's host.
+async function resolveBase(chatId, token) {
+  try {
+    const r = await fetch('/api/connect?chat_id=' + encodeURIComponent(chatId), {
+      headers: { Authorization: 'Bearer ' + token },
+      signal: AbortSignal.timeout(CONNECT_LOOKUP_MS),
+    });
+    if (r.ok) {
+      const j = await r.json();
+      if (typeof j.url === 'string' && /^wss?:\/\/[^/?#\s]+\/?$/.test(j.url)) {
+        let url = j.url.replace(/\/$/, '');
+        if (location.protocol === 'https:') url = url.replace(/^ws:/, 'wss:');
+        return { base: url, viaLookup: true };
+      }
+    }
+  } catch { /* no lookup service, or this node is down: try our own host */ }
+  return { base: ownBase(), viaLookup: false };
+}
+
+export class ChatConnection {
+  // hooks: prepare() -> since, onEvent(ev), onState(state, detail), onOpen(isReconnect),
+  // onAuthError(status)
+  constructor({ chatId, user, token, since, outbox, hooks }) {
+    this.chatId = chatId;
+    this.user = user;
+    this.token = token;
+    this.since = since;              // highest message id seen, '0' for an empty chat
+    this.hooks = hooks;
+    // key -> frame exactly as sent: client_id for a message, 'e:'/'d:' + id for edit/delete.
+    this.outbox = new Map(outbox ? outbox.map((f) => [f.client_id, f]) : []);
+    this.ws = null;
+    this.attempt = 0;
+    this.timer = 0;
+    this.stopped = false;
+    this.everOpened = false;
+    this.skipLookup = false;
+    this.waiting = false;            // parked in a backoff timer or for the network
+    this.prepared = false;           // hooks.prepare() (the first history page) succeeded
+    this.onOnline = () => this.retryNow();
+    addEventListener('online', this.onOnline);
+    addEventListener('offline', this.onOnline);
+  }
+
+  seen(id) {
+    if (idLess(this.since, id)) this.since = id;
+  }
+
+  state(s, detail = '') {
+    this.hooks.onState(s, detail);
+  }
+
+  async connect() {
+    if (this.stopped) return;
+    clearTimeout(this.timer);
+    this.waiting = false;
+    if (!navigator.onLine) {
+      this.waiting = true;
+      this.state('offline', 'no network');
+      return;
+    }
+    this.state(this.everOpened ? 'reconnecting' : 'connecting');
+    if (!this.prepared) {
+      // The first page of history comes before the socket, so since= joins it without a gap.
+      try {
+        const since = await this.hooks.prepare();
+        if (since) this.since = since;
+        this.prepared = true;
+      } catch (err) {
+        if (this.stopped) return;
+        if (err.status === 401 || err.status === 403) {
+          this.stop();
+          this.hooks.onAuthError(err.status);
+        } else {
+          this.schedule(false);
+        }
+        return;
+      }
+      if (this.stopped) return;
+    }
+    // A node named by the lookup that just failed may still be listed: go to our own host once.
+    const found = this.skipLookup ? { base: ownBase(), viaLookup: false }
+                                  : await resolveBase(this.chatId, this.token);
+    if (this.stopped) return;
+    const url = `${found.base}/ws/chat/${encodeURIComponent(this.chatId)}` +
+      `?token=${encodeURIComponent(this.token)}&since=${this.since}`;
+    let ws;
+    try {
+      ws = new WebSocket(url);
+    } catch {
+      this.skipLookup = found.viaLookup;
+      this.schedule(false);
+      return;
+    }
+    this.ws = ws;
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      const again = this.everOpened;
+      this.everOpened = true;
+      this.attempt = 0;
+      this.skipLookup = false;
+      this.state('connected');
+      for (const frame of this.outbox.values()) ws.send(JSON.stringify(frame));
+      this.hooks.onOpen(again);
+    };
+    ws.onmessage = (e) => {
+      let ev;
+      try { ev = JSON.parse(e.data); } catch { return; }
+      if (!ev || typeof ev !== 'object') return;
+      this.settle(ev);
+      this.hooks.onEvent(ev);
+    };
+    ws.onclose = (e) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      if (this.stopped) return;
+      if (!opened) {
+        this.skipLookup = found.viaLookup;
+        this.checkRefusal();
+        return;
+      }
+      // 1008 (policy, slow consumer) and application codes: our fault or a refusal; wait the
+      // longest. 1000/1001/1006/1011/1012: the node went away or restarts; come back soon.
+      const polite = e.code === 1008 || (e.code >= 4000 && e.code < 5000) ||
+        e.code === 1002 || e.code === 1003 || e.code === 1007 || e.code === 1009;
+      if (e.code === 4401 || e.code === 4403) {
+        this.stop();
+        this.hooks.onAuthError(e.code - 4000);
+        return;
+      }
+      this.schedule(polite);
+    };
+  }
+
+  // A handshake that never opened: the browser hides its HTTP status, so ask the REST API
+  // with the same token whether it is the token (401/403) or just the network.
+  async checkRefusal() {
+    let status = 0;
+    try {
+      const r = await fetch(`/api/chats/${encodeURIComponent(this.chatId)}/messages?limit=1`, {
+        headers: { Authorization: 'Bearer ' + this.token },
+        signal: AbortSignal.timeout(CONNECT_LOOKUP_MS),
+      });
+      status = r.status;
+    } catch { /* unreachable: keep trying */ }
+    if (this.stopped) return;
+    if (status === 401 || status === 403) {
+      this.stop();
+      this.hooks.onAuthError(status);
+      return;
+    }
+    this.schedule(false);
+  }
+
+  schedule(polite) {
+    if (this.stopped) return;
+    const exp = Math.min(BACKOFF_CAP_MS, BACKOFF_START_MS * 2 ** this.attempt);
+    const ceiling = polite ? BACKOFF_CAP_MS : exp;
+    // Equal jitter: never less than half the step, so a crowd spreads out but still backs off.
+    const delay = Math.round(ceiling / 2 + Math.random() * ceiling / 2);
+    this.attempt++;
+    this.state(navigator.onLine ? 'reconnecting' : 'offline',
+      `retrying in ${(delay / 1000).toFixed(1)} s`);
+    this.waiting = true;
+    this.timer = setTimeout(() => this.connect(), delay);
+  }
+
+  retryNow() {
+    if (this.stopped || !this.waiting) return;
+    this.attempt = 0;
+    this.connect();
+  }
+
+  // Remove from the outbox what this event acknowledges or refuses for good.
+  settle(ev) {
+    if (ev.message_id) this.seen(String(ev.message_id));
+    if (ev.event === 'message:message' && ev.client_id && ev.user_from === this.user) {
+      this.outbox.delete(ev.client_id);
+    } else if (ev.event === 'message:edit') {
+      const f = this.outbox.get('e:' + ev.message_id);
+      if (f && f.message === ev.message) this.outbox.delete('e:' + ev.message_id);
+    } else if (ev.event === 'message:delete') {
+      this.outbox.delete('e:' + ev.message_id);
+      this.outbox.delete('d:' + ev.message_id);
+    } else if (ev.event === 'error') {
+      if (ev.message_id && ev.code !== 'store_unavailable') {
+        this.outbox.delete('e:' + ev.message_id);
+        this.outbox.delete('d:' + ev.message_id);
+      }
+      if (ev.client_id && ev.code === 'bad_request') this.outbox.delete(ev.client_id);
+    }
+  }
+
+  // Queue and, if connected, send. Edits and deletes are keyed by message so a newer edit
+  // replaces an older unsent one.
+  send(frame) {
+    let key = frame.client_id;
+    if (frame.event === 'message:edit') key = 'e:' + frame.message_id;
+    if (frame.event === 'message:delete') {
+      this.outbox.delete('e:' + frame.message_id);
+      key = 'd:' + frame.message_id;
+    }
+    this.outbox.set(key, frame);
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(frame));
+  }
+
+  // Send an unacknowledged message again now (the user asked to retry after a store error).
+  resend(clientId) {
+    const f = this.outbox.get(clientId);
+    if (f && this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(f));
+  }
+
+  pendingMessages() {
+    return [...this.outbox.values()].filter((f) => f.event === 'message:message');
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    removeEventListener('online', this.onOnline);
+    removeEventListener('offline', this.onOnline);
+    if (this.ws) {
+      const ws = this.ws;
+      this.ws = null;
+      ws.onclose = null;
+      ws.close(1000);
+    }
+  }
+}
