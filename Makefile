@@ -22,7 +22,7 @@ B := build
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/obj/%.o)
 UNITS := $(UNIT_SRC:tests/unit/%.c=$(B)/tests/%)
 
-all: $(B)/chatd $(B)/chatctl
+all: $(B)/chatd $(B)/chatctl $(B)/chat-bench
 
 $(B)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -36,6 +36,10 @@ $(B)/chatd: $(B)/obj/src/main.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 $(B)/chatctl: $(B)/obj/src/chatctl.o $(B)/libchat.a
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
+# the load generator (bench/README.md)
+$(B)/chat-bench: $(B)/obj/bench/chat_bench.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 $(B)/tests/%: $(B)/obj/tests/unit/%.o $(B)/libchat.a
@@ -93,7 +97,8 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 	$(CLANG) $(FUZZFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 # ---- targets ----------------------------------------------------------------------------
-.PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional functional-asan browser create-models \
+.PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
+        bench-full create-models \
         clean format
 
 # No secret configured: dev mode, which generates one and prints how to mint a token.
@@ -129,6 +134,13 @@ fuzz: $(FUZZERS)
 
 functional: all
 	$(PYTHON) -m pytest -q tests/functional
+
+# Benchmarks: quick versions of every scenario (a few minutes), or the full ones.
+bench: all
+	bench/run quick
+
+bench-full: all
+	bench/run full
 
 # The web client in Debian's Chromium, driven by playwright-core, against the real chatd.
 browser: all
