@@ -98,7 +98,7 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 
 # ---- targets ----------------------------------------------------------------------------
 .PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
-        bench-full create-models \
+        bench-full cluster cluster-stop cluster-tests create-models \
         clean format
 
 # No secret configured: dev mode, which generates one and prints how to mint a token.
@@ -135,6 +135,17 @@ fuzz: $(FUZZERS)
 functional: all
 	$(PYTHON) -m pytest -q tests/functional
 
+# A cluster on loopback: Redis, the store, three chatd nodes, HAProxy on :8000.
+cluster: all
+	scripts/cluster start
+
+cluster-stop:
+	scripts/cluster stop
+
+# Several nodes over a real Redis: fan-out, failover, resume, discovery, the Docker files.
+cluster-tests: all
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/cluster
+
 # Benchmarks: quick versions of every scenario (a few minutes), or the full ones.
 bench: all
 	bench/run quick
@@ -153,6 +164,7 @@ test: deps
 	$(MAKE) fuzz-replay
 	$(MAKE) functional-asan
 	$(MAKE) browser
+	$(MAKE) cluster-tests
 	$(MAKE) functional
 
 format:

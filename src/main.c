@@ -239,6 +239,7 @@ int main(int argc, char **argv) {
     if (!cfg.web_root) cfg.web_root = find_web_root(argv[0], webbuf, sizeof webbuf);
 
     clustered = strcmp(cfg.bus_url, "local") != 0;
+    srand((unsigned)time_now_ms() ^ (unsigned)getpid()); /* ties in /api/connect */
     signal(SIGPIPE, SIG_IGN);
     uv_loop_t *loop = uv_default_loop();
     /* Before anything can announce that we listen: a supervisor may signal right away. */

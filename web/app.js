@@ -519,7 +519,7 @@ function historyState() {
   else el.historyState.textContent = cur.loadingOlder ? 'Loading older messages…' : '';
 }
 
-// The newest page, before the socket opens; returns the id to resume after.
+// The newest page, before the socket opens; returns its ids (the cursors to resume after).
 async function loadLatest(c) {
   const page = await fetchPage(null);
   if (cur !== c) throw Object.assign(new Error('left'), { status: 0 });
@@ -528,8 +528,7 @@ async function loadLatest(c) {
   historyState();
   toBottom();
   fillViewport();
-  const newest = page.messages.length ? String(page.messages[0].message_id) : '0';
-  return newest;
+  return page.messages.map((m) => String(m.message_id));
 }
 
 async function loadOlder() {

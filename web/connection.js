@@ -37,13 +37,17 @@ async function resolveBase(chatId, token) {
 }
 
 export class ChatConnection {
-  // hooks: prepare() -> since, onEvent(ev), onState(state, detail), onOpen(isReconnect),
+  // hooks: prepare() -> ids already shown, onEvent(ev), onState(state, detail), onOpen(isReconnect),
   // onAuthError(status)
   constructor({ chatId, user, token, since, outbox, hooks }) {
     this.chatId = chatId;
     this.user = user;
     this.token = token;
     this.since = since;              // highest message id seen, '0' for an empty chat
+    // The newest id seen from each origin node (bits 12..21 of an id). Each node delivers its
+    // own messages in id order, but messages of different nodes interleave: resuming with one
+    // cursor per node cannot pass over a message another node still had in flight.
+    this.cursors = new Map();
     this.hooks = hooks;
     // key -> frame exactly as sent: client_id for a message, 'e:'/'d:' + id for edit/delete.
     this.outbox = new Map(outbox ? outbox.map((f) => [f.client_id, f]) : []);
@@ -62,6 +66,13 @@ export class ChatConnection {
 
   seen(id) {
     if (idLess(this.since, id)) this.since = id;
+    const node = Number((BigInt(id) >> 12n) & 1023n);
+    const had = this.cursors.get(node);
+    if (!had || idLess(had, id)) this.cursors.set(node, id);
+  }
+
+  sinceParam() {
+    return this.cursors.size ? [...this.cursors.values()].join(',') : this.since;
   }
 
   state(s, detail = '') {
@@ -81,8 +92,8 @@ export class ChatConnection {
     if (!this.prepared) {
       // The first page of history comes before the socket, so since= joins it without a gap.
       try {
-        const since = await this.hooks.prepare();
-        if (since) this.since = since;
+        const ids = await this.hooks.prepare();
+        for (const id of ids || []) this.seen(id);
         this.prepared = true;
       } catch (err) {
         if (this.stopped) return;
@@ -101,7 +112,7 @@ export class ChatConnection {
                                   : await resolveBase(this.chatId, this.token);
     if (this.stopped) return;
     const url = `${found.base}/ws/chat/${encodeURIComponent(this.chatId)}` +
-      `?token=${encodeURIComponent(this.token)}&since=${this.since}`;
+      `?token=${encodeURIComponent(this.token)}&since=${this.sinceParam()}`;
     let ws;
     try {
       ws = new WebSocket(url);

@@ -15,7 +15,7 @@ typedef struct bus_local {
     bool registered;
 } bus_local_t;
 
-static int local_subscribe(bus_t *b, const char *chat_id) { return 0; }
+static int local_subscribe(bus_t *b, const char *chat_id) { return 1; /* nothing to wait for */ }
 static int local_unsubscribe(bus_t *b, const char *chat_id) { return 0; }
 static int local_publish(bus_t *b, const char *chat_id, const void *p, size_t n) { return 0; }
 

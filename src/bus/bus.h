@@ -26,6 +26,10 @@ typedef void (*bus_message_cb)(void *ud, const char *chat_id, const uint8_t *pay
  * from the store what its chats missed). The local bus never calls it. */
 typedef void (*bus_state_cb)(void *ud, bool up);
 
+/* The subscription to chat_id is active at the broker: from now on nothing published for
+ * it is missed (the server reads the store for a resuming client only after this). */
+typedef void (*bus_subscribed_cb)(void *ud, const char *chat_id);
+
 /* A live chatd node, as registered on the bus (service discovery). */
 typedef struct bus_node {
     char id[33];          /* this process's instance id: 32 hex chars, new at every start */
@@ -42,6 +46,7 @@ typedef void (*bus_nodes_cb)(void *ud, int status, const bus_node_t *nodes, size
 
 typedef struct bus_ops {
     const char *name;
+    /* 1: active now; 0: on_subscribed follows once the broker confirms; < 0: error. */
     int (*subscribe)(bus_t *b, const char *chat_id);
     int (*unsubscribe)(bus_t *b, const char *chat_id);
     /* Queue payload for the other nodes (copied; no reply is awaited). */
@@ -64,6 +69,7 @@ struct bus {
     uv_loop_t *loop;
     bus_message_cb on_message;
     bus_state_cb on_state;
+    bus_subscribed_cb on_subscribed; /* set by the caller after bus_open, may be NULL */
     void *ud;
     char instance[33]; /* this process's instance id (hex), set by bus_open */
 };

@@ -951,7 +951,17 @@ static void sub_cb(redisAsyncContext *ac, void *reply, void *priv) {
             r->base.on_message(r->base.ud, idbuf, (const uint8_t *)body->str + INSTANCE_LEN + 1,
                                body->len - INSTANCE_LEN - 1);
     } else if (rep_is(kind, "subscribe", 9)) {
-        if (!e || !e->confirm_pending) return;
+        if (!e) return;
+        if (r->base.on_subscribed) {
+            char idbuf[CHAT_ID_MAX + 1];
+            memcpy(idbuf, id, idlen);
+            idbuf[idlen] = 0;
+            r->base.on_subscribed(r->base.ud, idbuf);
+            /* the callback may unsubscribe: look the entry up again */
+            e = set_find(&r->chats, id, idlen, hash_bytes(id, idlen));
+            if (!e) return;
+        }
+        if (!e->confirm_pending) return;
         e->confirm_pending = false;
         if (--r->unconfirmed == 0 && r->sub.state == ST_RESUB) sub_up(r);
     }

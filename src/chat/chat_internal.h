@@ -81,8 +81,17 @@ typedef struct session {
     uint64_t ping_sent;            /* uv_now() of an unanswered keepalive ping, 0 if none */
     uint16_t close_code;           /* what we sent or echoed, for metrics; 0 = none yet */
     bool replaying;                /* ?since=: the backlog is being read; live events wait */
+    bool replay_waiting;           /* ... once the room's bus subscription is active */
     held_event_t *held, *held_tail;
     size_t held_bytes;
+    /* ?since= cursors (one per origin node, or one id) until the backlog is read */
+    uint64_t *cursors;
+    uint16_t n_cursors;
+    /* ids the backlog sent: the same message may still come live from another node (the
+     * store can be ahead of the bus), and must not be sent twice; kept for a while */
+    uint64_t *replayed;
+    uint32_t n_replayed;
+    uint64_t replayed_until;       /* uv_now() after which replayed is dropped */
     char user[129];
 } session_t;
 
@@ -111,6 +120,7 @@ struct room {
     room_mark_t *marks;
     uint16_t n_marks;
     bool catching_up;       /* reading what the bus missed: live events wait in held */
+    bool subscribed;        /* the bus confirmed the subscription: resumes may read */
     held_event_t *held, *held_tail;
     size_t held_bytes;
 };
@@ -167,6 +177,14 @@ struct chat_server {
     int64_t bus_down_ms;     /* when the bus went down, 0 if it never did */
     uv_timer_t heartbeat;
     bus_node_t self;
+    /* clients this node sent to each node by /api/connect since that node's last heartbeat
+     * (its connection count does not show them yet) */
+    struct handout {
+        char id[33];
+        int64_t seen_at;
+        uint32_t n;
+    } handouts[64];
+    size_t n_handouts;
     /* shutdown */
     bool stopping;
     uint16_t stop_code;
@@ -199,6 +217,9 @@ void chat_cluster_start(chat_server_t *s);
 /* Deregister and stop heartbeats (drain). */
 void chat_cluster_stop(chat_server_t *s);
 void chat_cluster_bus_state(chat_server_t *s, bool up);
+/* /api/connect: the least-loaded live node that is not draining, counting the clients
+ * already sent there since its last heartbeat; ties broken at random. NULL if none. */
+const bus_node_t *chat_cluster_pick(chat_server_t *s, const bus_node_t *nodes, size_t n);
 /* Pass or drop an event by the room's marks; true if it is new to this room. */
 bool chat_room_admit(room_t *r, bool is_new, uint64_t id);
 void chat_room_free_held(room_t *r);
@@ -206,9 +227,17 @@ void chat_room_free_held(room_t *r);
 /* session.c */
 extern const conn_handler_t chat_ws_handler;
 /* Take over an upgraded connection: the 101 was sent; rest are bytes already read.
- * since != NULL: first replay every message after *since, then go live. */
+ * n_since > 0: first replay what the cursors since[] say was missed, then go live.
+ * One cursor: every message after it. Several (one per origin node, the newest id seen
+ * from each): per origin node, every message after its cursor; origins not named, every
+ * message from shortly before the oldest cursor. */
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
-                        const uint64_t *since, const uint8_t *rest, size_t rest_len);
+                        const uint64_t *since, size_t n_since, const uint8_t *rest,
+                        size_t rest_len);
+/* The room's subscription became active: start a replay that waited for it. */
+void chat_session_subscribed(session_t *ss);
+/* Forget the replayed ids once they can no longer come live (called by the sweep). */
+void chat_session_expire_replayed(session_t *ss, uint64_t now);
 /* Queue a live event to one member (or hold it while the member replays). */
 int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id);
 /* Send a close frame with code and reason, then close gracefully. */

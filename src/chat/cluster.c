@@ -50,6 +50,8 @@ void chat_room_free_held(room_t *r) {
     r->held_bytes = 0;
 }
 
+static void cluster__heartbeat(uv_timer_t *t);
+
 /* ---- catch-up after a bus outage ------------------------------------------------------- */
 
 typedef struct catchup {
@@ -169,7 +171,53 @@ void chat_cluster_bus_state(chat_server_t *s, bool up) {
     bool was_down = s->bus_down_ms != 0;
     s->bus_up = true;
     log_info("bus_up");
+    if (!s->stopping) cluster__heartbeat(&s->heartbeat); /* be listed at once */
     if (was_down && !s->stopping) cluster__catchup_all(s);
+}
+
+/* ---- balancing ------------------------------------------------------------------------ */
+
+static struct handout *cluster__handout(chat_server_t *s, const bus_node_t *n) {
+    for (size_t i = 0; i < s->n_handouts; i++)
+        if (strcmp(s->handouts[i].id, n->id) == 0) {
+            struct handout *h = &s->handouts[i];
+            if (h->seen_at != n->seen_at) { /* a fresh heartbeat counts them already */
+                h->seen_at = n->seen_at;
+                h->n = 0;
+            }
+            return h;
+        }
+    size_t slot = s->n_handouts < sizeof s->handouts / sizeof s->handouts[0]
+                      ? s->n_handouts++
+                      : (size_t)rand() % s->n_handouts; /* forget one: best effort */
+    struct handout *h = &s->handouts[slot];
+    snprintf(h->id, sizeof h->id, "%s", n->id);
+    h->seen_at = n->seen_at;
+    h->n = 0;
+    return h;
+}
+
+const bus_node_t *chat_cluster_pick(chat_server_t *s, const bus_node_t *nodes, size_t n) {
+    const bus_node_t *best = NULL;
+    struct handout *best_h = NULL;
+    uint64_t best_load = 0;
+    unsigned ties = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (nodes[i].draining) continue;
+        struct handout *h = cluster__handout(s, &nodes[i]);
+        uint64_t load = nodes[i].connections + h->n;
+        if (!best || load < best_load) {
+            best = &nodes[i];
+            best_h = h;
+            best_load = load;
+            ties = 1;
+        } else if (load == best_load && (unsigned)rand() % ++ties == 0) {
+            best = &nodes[i]; /* reservoir choice: every tied node equally likely */
+            best_h = h;
+        }
+    }
+    if (best_h) best_h->n++;
+    return best;
 }
 
 /* ---- discovery ------------------------------------------------------------------------- */

@@ -15,6 +15,7 @@
 #define HTTP_PENDING_MAX (1u << 20) /* bytes kept while a request waits for the store */
 #define HISTORY_DEFAULT 50
 #define HISTORY_MAX 200
+#define HTTP_MAX_CURSORS 32
 
 static void http__drive(http_peer_t *hp, const uint8_t *data, size_t len);
 
@@ -159,12 +160,28 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
                     "Sec-WebSocket-Key must be the base64 of 16 bytes", ka);
         return;
     }
-    uint64_t since = 0;
-    char sv[32];
+    /* since: one message id, or a comma-separated list of them, one per origin node */
+    uint64_t since[HTTP_MAX_CURSORS];
+    size_t n_since = 0;
+    char sv[HTTP_MAX_CURSORS * 21 + 1];
     int sn = http_query_param(req, "since", sv, sizeof sv);
-    if (sn != CHAT_ENOTFOUND && (sn <= 0 || id_parse(sv, (size_t)sn, &since) < 0)) {
-        http__error(hp, 400, "bad_request", "since must be a message id", ka);
-        return;
+    if (sn != CHAT_ENOTFOUND) {
+        const char *p = sv, *end = sv + (sn > 0 ? sn : 0);
+        bool ok = sn > 0;
+        while (ok && p < end) {
+            const char *comma = memchr(p, ',', (size_t)(end - p));
+            const char *e = comma ? comma : end;
+            ok = n_since < HTTP_MAX_CURSORS && id_parse(p, (size_t)(e - p), &since[n_since]) == 0;
+            n_since++;
+            p = comma ? comma + 1 : end;
+            if (comma && p == end) ok = false;
+        }
+        if (!ok) {
+            http__error(hp, 400, "bad_request",
+                        "since must be a message id, or up to 32 of them separated by commas",
+                        ka);
+            return;
+        }
     }
     jwt_claims_t cl;
     const char *why;
@@ -186,8 +203,7 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
     /* The connection changes hands: the HTTP peer lets go of it (it stays allocated, and
      * rest valid, until http__drive's reference is dropped). */
     chat_peer_unlink(&hp->peer);
-    chat_session_start(s, c, chat_id, cl.sub, sn > 0 ? &since : NULL, (const uint8_t *)rest,
-                       rest_len);
+    chat_session_start(s, c, chat_id, cl.sub, since, n_since, (const uint8_t *)rest, rest_len);
     char peer[80];
     conn_peer(c, peer, sizeof peer);
     log_debug("ws_open peer=%s user=%s chat=%s", peer, cl.sub, chat_id);
@@ -369,10 +385,7 @@ static void http__nodes_done(void *ud, int status, const bus_node_t *nodes, size
     } else {
         /* The least-loaded live node that is not draining; ourselves if the registry is
          * out of reach (a client should still get somewhere). */
-        const bus_node_t *best = NULL;
-        for (size_t i = 0; status == 0 && i < n; i++)
-            if (!nodes[i].draining && (!best || nodes[i].connections < best->connections))
-                best = &nodes[i];
+        const bus_node_t *best = status == 0 ? chat_cluster_pick(s, nodes, n) : NULL;
         if (!best && !s->stopping) best = &s->self;
         if (!best) {
             http__error(hp, 503, "no_nodes", "no node is accepting connections", w->keep_alive);

@@ -177,7 +177,9 @@ int chat_room_join(chat_server_t *s, session_t *ss, const char *chat_id) {
         r->hnext = s->rooms[r->hash & (s->rooms_cap - 1)];
         s->rooms[r->hash & (s->rooms_cap - 1)] = r;
         s->n_rooms++;
-        if (bus_subscribe(s->bus, chat_id) < 0) log_warn("bus_subscribe_failed chat=%s", chat_id);
+        int rc = bus_subscribe(s->bus, chat_id);
+        if (rc < 0) log_warn("bus_subscribe_failed chat=%s", chat_id);
+        r->subscribed = rc == 1;
     }
     ss->room = r;
     ss->rprev = NULL;
@@ -332,6 +334,7 @@ static void chat__sweep(uv_timer_t *t) {
             else if (now - p->closing_since > CLOSING_MAX_MS) conn_abort(c);
         } else if (p->kind == PEER_WS) {
             session_t *ss = (session_t *)p;
+            chat_session_expire_replayed(ss, now);
             if (ss->ping_sent && now - ss->ping_sent >= idle) {
                 log_info("ping_timeout user=%s", ss->user);
                 chat_session_close(ss, WS_CLOSE_GOING_AWAY, "ping timeout");
@@ -368,6 +371,18 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
 
 static void chat__bus_state(void *ud, bool up) { chat_cluster_bus_state(ud, up); }
 
+static void chat__bus_subscribed(void *ud, const char *chat_id) {
+    chat_server_t *s = ud;
+    room_t *r = chat_room_find(s, chat_id);
+    if (!r || r->subscribed) return;
+    r->subscribed = true;
+    session_t *next;
+    for (session_t *m = r->members; m; m = next) {
+        next = m->rnext;
+        chat_session_subscribed(m);
+    }
+}
+
 int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg,
                       char *err, size_t errlen) {
     chat_server_t *s = calloc(1, sizeof(*s));
@@ -386,6 +401,10 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if ((rc = bus_open(&s->bus, loop, cfg->bus_url, chat__bus_message, chat__bus_state, s, err,
                        errlen)) < 0)
         goto fail_store;
+    s->bus->on_subscribed = chat__bus_subscribed;
+    /* until the bus says it is up, treat it as down since now: the first "up" then reads
+     * back whatever rooms missed while it connected */
+    if (strcmp(s->bus->ops->name, "local") != 0) s->bus_down_ms = time_now_ms();
     if (cfg->web_root) chat__load_dir(s, cfg->web_root, "", 0);
 
     conn_server_opts_t o = {

@@ -40,9 +40,29 @@ static void chat__send_error(session_t *ss, const char *code, const char *detail
     sbuf_free(&sb);
 }
 
+static bool chat__was_replayed(const session_t *ss, uint64_t id) {
+    size_t lo = 0, hi = ss->n_replayed; /* sorted: the backlog comes in id order */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ss->replayed[mid] == id) return true;
+        if (ss->replayed[mid] < id) lo = mid + 1;
+        else hi = mid;
+    }
+    return false;
+}
+
+void chat_session_expire_replayed(session_t *ss, uint64_t now) {
+    if (ss->replayed && now >= ss->replayed_until) {
+        free(ss->replayed);
+        ss->replayed = NULL;
+        ss->n_replayed = 0;
+    }
+}
+
 int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id) {
     conn_t *c = ss->peer.conn;
     if (!c || conn_is_closing(c)) return CHAT_ECLOSED;
+    if (is_new && ss->replayed && chat__was_replayed(ss, id)) return CHAT_EINVAL;
     if (!ss->replaying) return chat__send(ss, frame);
     /* Replaying: keep the live event until the backlog has gone out, bounded like the
      * connection's own queue. */
@@ -264,6 +284,10 @@ static void chat__ws_close(conn_t *c) {
     chat_server_t *s = ss->peer.srv;
     chat_room_leave(s, ss);
     chat__held_free(ss);
+    free(ss->cursors);
+    ss->cursors = NULL;
+    free(ss->replayed);
+    ss->replayed = NULL;
     s->n_sessions--;
     chat_record_close(s, ss->close_code ? ss->close_code : WS_CLOSE_ABNORMAL);
     chat_peer_unlink(&ss->peer);
@@ -274,15 +298,29 @@ const conn_handler_t chat_ws_handler = {
     .on_close = chat__ws_close,
 };
 
-/* The backlog of a ?since= connection arrived: send it, then what was held meanwhile,
- * skipping new messages the backlog already had (ids up to its last one). */
+/* Replay from how long before the oldest cursor for origin nodes the client named no
+ * cursor for: what another node had in flight when the client lost its node. */
+#define REPLAY_MARGIN_MS 10000
+#define REPLAYED_KEEP_MS 60000
+
+/* The cursor for the origin node of id: the client has everything from that node up to
+ * it (each node delivers its own messages in id order). */
+static uint64_t chat__cursor_for(const session_t *ss, uint64_t id, uint64_t unknown) {
+    if (ss->n_cursors == 1) return ss->cursors[0];
+    unsigned node = (unsigned)((id >> 12) & 1023);
+    for (uint16_t i = 0; i < ss->n_cursors; i++)
+        if (((ss->cursors[i] >> 12) & 1023) == node) return ss->cursors[i];
+    return unknown;
+}
+
+/* The backlog of a ?since= connection arrived: send what the cursors say was missed, then
+ * what was held meanwhile, skipping what the backlog already sent. */
 static void chat__replay_done(store_req_t *req) {
     op_t *op = req->data;
     session_t *ss = (session_t *)op->origin;
     chat_server_t *s = op->srv;
     chat_record_latency(s, op->t0);
     if (ss->peer.conn && !conn_is_closing(ss->peer.conn)) {
-        uint64_t last = 0;
         if (req->status < 0) {
             s->m.store_errors++;
             chat__send_error(ss, "store_unavailable", "the missed messages could not be read",
@@ -293,40 +331,61 @@ static void chat__replay_done(store_req_t *req) {
             chat__send_error(ss, "replay_too_large",
                              "too many missed messages: page GET /api/chats/{chat_id}/messages",
                              NULL, 0);
-        } else {
+        } else if (req->n_msgs) {
+            ss->replayed = malloc(sizeof(uint64_t) * req->n_msgs);
+            ss->n_replayed = 0;
+            ss->replayed_until = uv_now(s->loop) + REPLAYED_KEEP_MS;
             for (size_t i = 0; i < req->n_msgs && !conn_is_closing(ss->peer.conn); i++) {
                 const store_msg_t *m = &req->msgs[i];
+                if (m->id <= chat__cursor_for(ss, m->id, req->id)) continue;
                 sbuf_t ev = {0};
                 proto_put_msg(&ev, m->deleted_at ? "message:delete" : "message:message", m);
                 chat__send_json(ss, &ev);
                 sbuf_free(&ev);
-                last = m->id;
+                if (ss->replayed) ss->replayed[ss->n_replayed++] = m->id;
             }
         }
         ss->replaying = false;
         for (held_event_t *h = ss->held; h && !conn_is_closing(ss->peer.conn); h = h->next)
-            if (!(h->is_new && h->id <= last)) chat__send(ss, h->frame);
+            if (!(h->is_new && ss->replayed && chat__was_replayed(ss, h->id)))
+                chat__send(ss, h->frame);
     }
     ss->replaying = false;
     chat__held_free(ss);
+    free(ss->cursors);
+    ss->cursors = NULL;
+    ss->n_cursors = 0;
     store_req_cleanup(req);
     chat_peer_unref(&ss->peer);
     free(op);
 }
 
-static void chat__replay_start(session_t *ss, uint64_t since) {
+/* Read the backlog. Called once the room's subscription is active (or the bus is down:
+ * then the catch-up after its return covers the rest), so that nothing published
+ * meanwhile falls between the store read and the live stream. */
+static void chat__replay_read(session_t *ss) {
     chat_server_t *s = ss->peer.srv;
+    const uint64_t *since = ss->cursors;
+    size_t n = ss->n_cursors;
+    ss->replay_waiting = false;
     op_t *op = calloc(1, sizeof(*op));
     if (!op) {
         chat_session_close(ss, WS_CLOSE_INTERNAL, "out of memory");
         return;
+    }
+    uint64_t from = since[0];
+    for (size_t i = 1; i < n; i++)
+        if (since[i] < from) from = since[i];
+    if (n > 1) {
+        uint64_t margin = (uint64_t)REPLAY_MARGIN_MS << 22;
+        from = from > margin ? from - margin : 0;
     }
     op->srv = s;
     op->origin = &ss->peer;
     snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->room->chat_id);
     op->req.op = STORE_AFTER;
     op->req.chat_id = op->chat_id;
-    op->req.id = since;
+    op->req.id = from;
     op->req.limit = (int)s->cfg.replay_limit + 1; /* one more tells that there is too much */
     op->req.data = op;
     op->req.cb = chat__replay_done;
@@ -335,14 +394,35 @@ static void chat__replay_start(session_t *ss, uint64_t since) {
         free(op);
         chat__send_error(ss, "store_unavailable", "the missed messages could not be read", NULL,
                          0);
+        ss->replaying = false;
+        chat__held_free(ss);
         return;
     }
     ss->peer.refs++;
-    ss->replaying = true;
+}
+
+static void chat__replay_start(session_t *ss, const uint64_t *since, size_t n) {
+    chat_server_t *s = ss->peer.srv;
+    ss->cursors = malloc(sizeof(uint64_t) * n);
+    if (!ss->cursors) {
+        chat_session_close(ss, WS_CLOSE_INTERNAL, "out of memory");
+        return;
+    }
+    memcpy(ss->cursors, since, sizeof(uint64_t) * n);
+    ss->n_cursors = (uint16_t)n;
+    ss->replaying = true; /* live events are held from now on */
+    if (ss->room->subscribed || !s->bus_up) chat__replay_read(ss);
+    else ss->replay_waiting = true;
+}
+
+void chat_session_subscribed(session_t *ss) {
+    if (ss->replay_waiting && ss->peer.conn && !conn_is_closing(ss->peer.conn))
+        chat__replay_read(ss);
 }
 
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
-                        const uint64_t *since, const uint8_t *rest, size_t rest_len) {
+                        const uint64_t *since, size_t n_since, const uint8_t *rest,
+                        size_t rest_len) {
     session_t *ss = calloc(1, sizeof(*ss));
     if (!ss) {
         conn_abort(c);
@@ -361,7 +441,7 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
         chat_session_close(ss, WS_CLOSE_INTERNAL, "out of memory");
         return;
     }
-    if (since) chat__replay_start(ss, *since);
+    if (n_since) chat__replay_start(ss, since, n_since);
     if (rest_len) {
         /* Frames that came with the handshake: the parser unmasks in place, so copy. */
         uint8_t *copy = malloc(rest_len);

@@ -1,0 +1,104 @@
+"""Discovery: /api/nodes lists the live nodes, /api/connect spreads new clients over them by
+load, and a drained node (SIGTERM) closes its clients with 1012, leaves the registry and
+gets no new clients."""
+
+import asyncio
+import collections
+
+from clusterlib import Member, wait_until
+
+NEW_CLIENTS = 30
+
+
+def wait_registered(cluster, asked, nodes, timeout=10):
+    """Until asked's /api/nodes lists exactly these nodes (a node registers with its first
+    heartbeat on the bus, up to a second after it listens)."""
+    want = sorted(n.url for n in nodes)
+    wait_until(lambda: sorted(x["url"] for x in asked.nodes()) == want, timeout,
+               f"chatd{asked.idx}'s /api/nodes to list {want}")
+
+
+async def open_through_connect(cluster, n, prefix, ask):
+    """Open n members one after the other, each where /api/connect says; the question goes
+    to the nodes of ask in turn (any node answers for the whole cluster)."""
+    members = []
+    for k in range(n):
+        via = ask[k % len(ask)]
+        chat = f"{prefix}-{k % 4}"
+        info = await asyncio.to_thread(via.connect_info, chat)
+        assert info["chat_id"] == chat and info["ws_url"] == f"{info['url']}/ws/chat/{chat}"
+        m = Member(cluster.secret, chat, f"{prefix}-u{k}")
+        await m.connect(full_url=info["ws_url"])
+        m.node = cluster.node_by_url(info["url"])
+        members.append(m)
+    return members
+
+
+def test_nodes_lists_the_cluster(cluster):
+    for asked in cluster.nodes:
+        wait_registered(cluster, asked, cluster.nodes)
+        nodes = asked.nodes()
+        assert sorted(x["url"] for x in nodes) == sorted(n.url for n in cluster.nodes)
+        assert len({x["id"] for x in nodes}) == 3
+        for x in nodes:
+            assert x["draining"] is False and x["connections"] == 0, x
+            assert set(x) >= {"id", "url", "connections", "started_at", "seen_at", "draining"}
+    r = cluster.node(1).session.get(cluster.node(1).http + "/api/nodes", timeout=5)
+    assert r.status_code == 401, "the node list needs a token"
+
+
+def test_connect_spreads_new_clients(cluster):
+    # a cluster that has been up for a while: every node registered
+    wait_registered(cluster, cluster.node(1), cluster.nodes)
+
+    async def scenario():
+        # whom the client asks does not matter: node 1 answers for the cluster
+        members = await open_through_connect(cluster, NEW_CLIENTS, "spread", [cluster.node(1)])
+        counts = collections.Counter(m.node.idx for m in members)
+        # roughly balanced: every node gets a fair share, none more than half
+        assert set(counts) == {1, 2, 3}, f"clients per node: {dict(counts)}"
+        assert min(counts.values()) >= NEW_CLIENTS // 6, f"clients per node: {dict(counts)}"
+        assert max(counts.values()) <= NEW_CLIENTS // 2, f"clients per node: {dict(counts)}"
+        # and the registry's counts catch up with what is open (heartbeat: every second)
+        want = {n.url: counts[n.idx] for n in cluster.nodes}
+        await asyncio.to_thread(
+            wait_until,
+            lambda: {x["url"]: x["connections"] for x in cluster.node(1).nodes()} == want,
+            10, f"/api/nodes connection counts {want}")
+        for m in members:
+            await m.close()
+
+    asyncio.run(scenario())
+
+
+def test_drained_node_gets_no_clients(cluster):
+    n1, n2, n3 = cluster.nodes
+    wait_registered(cluster, n1, cluster.nodes)
+
+    async def scenario():
+        on_n3 = []
+        for k in range(3):
+            m = Member(cluster.secret, "drain", f"n3-u{k}")
+            await m.connect(n3.url)
+            on_n3.append(m)
+        elsewhere = Member(cluster.secret, "drain", "n1-u0")
+        await elsewhere.connect(n1.url)
+
+        n3.sigterm()
+        for m in on_n3:
+            await m.wait_for(lambda x: x.closed.is_set(), 10, "the drain's close")
+            assert m.close_code == 1012, f"{m.user} closed with {m.close_code}, not 1012"
+        assert await asyncio.to_thread(n3.wait) == 0, "a drained node exits 0"
+        assert not elsewhere.closed.is_set()
+
+        for asked in (n1, n2):
+            await asyncio.to_thread(wait_registered, cluster, asked, [n1, n2], 5)
+
+        members = await open_through_connect(cluster, 12, "after", [n1, n2])
+        counts = collections.Counter(m.node.idx for m in members)
+        # (how they spread over the two others is test_connect_spreads_new_clients's matter)
+        assert 3 not in counts, f"the drained node got clients: {dict(counts)}"
+        for m in members + [elsewhere]:
+            await m.close()
+
+    asyncio.run(scenario())
