@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 # CHATD_BIN runs the suite against another build (e.g. build/asan/chatd)
 CHATD = Path(os.environ.get("CHATD_BIN", REPO / "build" / "chatd")).resolve()
 CHATCTL = REPO / "build" / "chatctl"
+# CHAT_TEST_STORE=cassandra runs the whole suite on a real Cassandra (one fresh keyspace per
+# server); the default is the embedded SQLite store.
+TEST_STORE = os.environ.get("CHAT_TEST_STORE", "sqlite")
 LISTEN_RE = re.compile(r"listening.*\bport=(\d+)")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -112,6 +115,12 @@ class Chatd:
         require_binary(CHATD)
         self.tmp_path = Path(tmp_path)
         self.secret = secret or secrets.token_hex(24)
+        self.owned_store = None
+        if store is None and TEST_STORE == "cassandra":
+            sys.path.insert(0, str(REPO / "tests"))
+            import cassandra_support  # noqa: E402
+
+            store = self.owned_store = cassandra_support.new_store_url()
         self.store = store or f"sqlite:{self.tmp_path}/chat.db"
         self.args = [str(a) for a in args]
         self.env = env
@@ -302,11 +311,14 @@ def chatd(tmp_path, request):
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
     errors = []
     for s in servers:
-        if s.killed:
-            continue
-        rc = s.stop()
-        if rc != 0:
-            errors.append(f"chatd exited with {rc} after SIGTERM at teardown\n--- log ---\n{s.log[-20000:]}")
+        if not s.killed:
+            rc = s.stop()
+            if rc != 0:
+                errors.append(f"chatd exited with {rc} after SIGTERM at teardown\n--- log ---\n{s.log[-20000:]}")
+        if s.owned_store:
+            import cassandra_support  # noqa: E402
+
+            cassandra_support.drop_store(s.owned_store)
     if failed:
         for s in servers:
             print(f"--- chatd log (port {s.port}) ---\n{s.log[-20000:]}")
