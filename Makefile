@@ -98,7 +98,8 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 
 # ---- targets ----------------------------------------------------------------------------
 .PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
-        bench-full cluster cluster-stop cluster-tests create-models \
+        bench-full cluster cluster-stop cluster-tests create-models test-suites \
+        functional-cassandra cassandra-tests \
         clean format
 
 # No secret configured: dev mode, which generates one and prints how to mint a token.
@@ -157,15 +158,34 @@ bench-full: all
 browser: all
 	cd tests/browser && npm ci --no-audit --no-fund --silent && node --test
 
+# One real Cassandra node serves every suite of a `make test` run (the unit tests, the
+# functional suite on Cassandra, tests/cassandra); it is stopped however the run ends.
+CASSANDRA_PORT ?= 19042
+CASSANDRA_DIR  ?= /tmp/scalable-chat-cassandra-$(CASSANDRA_PORT)
+export CHAT_TEST_CASSANDRA_PORT := $(CASSANDRA_PORT)
+export CHAT_TEST_CASSANDRA_DIR := $(CASSANDRA_DIR)
+
 test: deps
 	$(MAKE) all
-	$(MAKE) unit
-	$(MAKE) unit-asan
-	$(MAKE) fuzz-replay
-	$(MAKE) functional-asan
-	$(MAKE) browser
-	$(MAKE) cluster-tests
-	$(MAKE) functional
+	scripts/cassandra start --port $(CASSANDRA_PORT) --dir $(CASSANDRA_DIR)
+	$(MAKE) test-suites; rc=$$?; \
+	    scripts/cassandra stop --port $(CASSANDRA_PORT) --dir $(CASSANDRA_DIR); \
+	    rm -rf $(CASSANDRA_DIR); exit $$rc
+
+test-suites: unit unit-asan fuzz-replay functional-asan browser cluster-tests \
+             functional-cassandra cassandra-tests functional
+
+# the functional suite again, each server on a fresh keyspace of the real Cassandra
+functional-cassandra: all
+	CHAT_TEST_STORE=cassandra $(PYTHON) -m pytest -q -p no:cacheprovider tests/functional
+
+# Cassandra itself: cross-checks with the DataStax driver, outages, auth, buckets
+cassandra-tests: all
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/cassandra
+
+# store throughput and history latency, SQLite and Cassandra side by side (bench/RESULTS.md)
+$(B)/store_bench: $(B)/obj/bench/store_bench.o $(B)/libchat.a
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 format:
 	clang-format -i src/*.c src/*/*.c src/*/*.h tests/unit/*.c tests/fuzz/*.c

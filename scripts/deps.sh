@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 debs=(gcc make pkg-config clang libclang-rt-14-dev llvm
       libuv1-dev libjansson-dev libhttp-parser-dev libsqlite3-dev libssl-dev zlib1g-dev
-      libhiredis-dev redis-server haproxy chromium openjdk-17-jre-headless maven
+      libhiredis-dev redis-server haproxy chromium openjdk-17-jdk-headless maven
       docker-compose curl)
 missing=()
 for p in "${debs[@]}"; do

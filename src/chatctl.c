@@ -188,19 +188,20 @@ static int cmd_migrate(int argc, char **argv) {
     if (!url || !*url) url = DEFAULT_STORE;
 
     store_t *s = NULL;
-    char err[512] = "";
+    char err[512] = "", shown[512];
+    url_redact(url, shown, sizeof shown);
     int rc = store_open(&s, NULL, url, err, sizeof err);
     if (rc < 0) {
-        fprintf(stderr, "chatctl: migrate: %s: %s\n", url, err[0] ? err : chat_strerror(rc));
+        fprintf(stderr, "chatctl: migrate: %s: %s\n", shown, err[0] ? err : chat_strerror(rc));
         return 1;
     }
     rc = store_migrate(s);
     store_close(s, NULL, NULL);
     if (rc < 0) {
-        fprintf(stderr, "chatctl: migrate: %s: %s\n", url, chat_strerror(rc));
+        fprintf(stderr, "chatctl: migrate: %s: %s\n", shown, chat_strerror(rc));
         return 1;
     }
-    printf("schema up to date: %s\n", url);
+    printf("schema up to date: %s\n", shown);
     return fflush(stdout) == 0 ? 0 : 1;
 }
 
@@ -294,7 +295,9 @@ static int cmd_nodes(int argc, char **argv) {
     char err[256] = "";
     int rc = bus_open(&r.bus, loop, url, NULL, nodes_state, &r, err, sizeof err);
     if (rc < 0) {
-        fprintf(stderr, "chatctl: nodes: %s: %s\n", url, err[0] ? err : chat_strerror(rc));
+        char shown[512];
+        url_redact(url, shown, sizeof shown);
+        fprintf(stderr, "chatctl: nodes: %s: %s\n", shown, err[0] ? err : chat_strerror(rc));
         return 1;
     }
     uv_timer_init(loop, &r.timeout);

@@ -257,8 +257,11 @@ int main(int argc, char **argv) {
                 chat_strerror(rc));
         return 1;
     }
+    char store_shown[512], bus_shown[512];
+    url_redact(cfg.store_url, store_shown, sizeof store_shown);
+    url_redact(cfg.bus_url, bus_shown, sizeof bus_shown);
     log_info("listening host=%s port=%d store=%s bus=%s node=%u%s", cfg.host,
-             chat_server_port(server), cfg.store_url, cfg.bus_url, cfg.node_id,
+             chat_server_port(server), store_shown, bus_shown, cfg.node_id,
              cfg.dev ? " dev=1" : "");
     uv_run(loop, UV_RUN_DEFAULT);
     rc = uv_loop_close(loop);

@@ -210,3 +210,17 @@ void sbuf_free(sbuf_t *sb) {
     sb->len = sb->cap = 0;
     sb->oom = false;
 }
+
+void url_redact(const char *url, char *out, size_t n) {
+    if (!n) return;
+    const char *auth = strstr(url, "://");
+    auth = auth ? auth + 3 : url;
+    const char *at = strchr(auth, '@');
+    const char *slash = strchr(auth, '/');
+    const char *colon = at ? memchr(auth, ':', (size_t)(at - auth)) : NULL;
+    if (!at || (slash && slash < at) || !colon) {
+        snprintf(out, n, "%s", url);
+        return;
+    }
+    snprintf(out, n, "%.*s:***%s", (int)(colon - url), url, at);
+}

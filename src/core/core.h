@@ -72,6 +72,10 @@ void sbuf_printf(sbuf_t *sb, const char *fmt, ...) __attribute__((format(printf,
 void sbuf_json_str(sbuf_t *sb, const char *s, size_t n);
 void sbuf_free(sbuf_t *sb);
 
+/* Copy a URL for logs with any password hidden: "scheme://user:secret@host" becomes
+ * "scheme://user:***@host" (also ":secret@" without a user). Always NUL-terminates out. */
+void url_redact(const char *url, char *out, size_t n);
+
 /* ---- logging -------------------------------------------------------------------------- */
 enum { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
 void log_set_level(int level);

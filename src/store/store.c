@@ -38,8 +38,7 @@ int store_open(store_t **out, uv_loop_t *loop, const char *url, char *err, size_
         return store_sqlite_open(out, loop, path, err, errlen);
     }
     if (strncmp(url, "cassandra://", 12) == 0) {
-        set_err(err, errlen, "cassandra store not built yet");
-        return CHAT_EINVAL;
+        return store_cassandra_open(out, loop, url, err, errlen);
     }
     if (err && errlen > 0) {
         snprintf(err, errlen, "unknown store URL scheme in \"%.64s\" (want sqlite:PATH)", url);

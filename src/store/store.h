@@ -7,7 +7,7 @@
  *
  * Backends are a struct of function pointers; store_open() picks one from a URL:
  *   sqlite:PATH            (e.g. sqlite:./data/chat.db)
- *   cassandra://...        (later)
+ *   cassandra://[user:pass@]host:9042,host2:9042/keyspace?consistency=local_quorum
  */
 #ifndef CHAT_STORE_H
 #define CHAT_STORE_H
@@ -108,5 +108,8 @@ void store_msg_clear(store_msg_t *m);
 
 /* Backends (declared here so store.c can list them; the domain uses store_open only). */
 int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *err, size_t errlen);
+/* url: the whole "cassandra://[user:pass@]host[:port][,host...]/keyspace?options" URL. */
+int store_cassandra_open(store_t **out, uv_loop_t *loop, const char *url, char *err,
+                         size_t errlen);
 
 #endif

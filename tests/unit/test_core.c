@@ -90,6 +90,18 @@ static void test_sbuf_json(void) {
     sbuf_free(&sb);
 }
 
+static void test_url_redact(void) {
+    char out[128];
+    url_redact("cassandra://chat:s3cret@h1:9042,h2/ks?consistency=one", out, sizeof out);
+    CHECK_STR(out, "cassandra://chat:***@h1:9042,h2/ks?consistency=one");
+    url_redact("redis://:pw@127.0.0.1:6379/0", out, sizeof out);
+    CHECK_STR(out, "redis://:***@127.0.0.1:6379/0");
+    url_redact("sqlite:./data/chat.db", out, sizeof out);
+    CHECK_STR(out, "sqlite:./data/chat.db");
+    url_redact("redis://host/a@b", out, sizeof out); /* an @ after the path is no password */
+    CHECK_STR(out, "redis://host/a@b");
+}
+
 static void test_strerror(void) {
     CHECK_STR(chat_strerror(CHAT_EPERM), "not allowed");
     CHECK_STR(chat_strerror(-999), "unknown error");
@@ -103,6 +115,7 @@ int main(void) {
     RUN(test_id_parse);
     RUN(test_buf_refcount);
     RUN(test_sbuf_json);
+    RUN(test_url_redact);
     RUN(test_strerror);
     return test_summary("test_core");
 }

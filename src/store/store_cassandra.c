@@ -1,0 +1,1373 @@
+/* store_cassandra: the message store on Apache Cassandra, through our CQL client (src/cql).
+ *
+ *   cassandra://[user:pass@]host1:9042,host2:9042/keyspace?consistency=local_quorum
+ *
+ * Query options: consistency (default local_quorum), serial_consistency (serial, or
+ * local_serial), replication (what migrate creates: "simple:N" or
+ * "nts:dc1=3,dc2=3"; replication_factor=N is short for simple:N), timeout_ms (per request,
+ * default 12000), connect_timeout_ms (5000), pool (connections per host, 2),
+ * reconnect_max_ms (5000).
+ *
+ * Data model (schema/cassandra.cql): messages_by_chat is partitioned by (chat_id, bucket),
+ * bucket = the message id's time / 10 days, so a partition holds at most ten days of one
+ * chat. chat_buckets lists, per chat, the buckets that have messages, newest first: history
+ * reads it to walk buckets backwards without probing the empty ones. message_client_ids
+ * maps (chat, user, client_id) to the message id, for idempotent sends.
+ *
+ * The one idea: every request is a small state machine of CQL calls, and the store's
+ * callback reports success only after each write it made was acknowledged at the configured
+ * consistency, so "durable before delivery" holds as it does with SQLite.
+ *
+ * Idempotent append, and what it costs. Without a client_id an append is one write (plus,
+ * once per chat and bucket per process, one write to chat_buckets, issued before the
+ * message and remembered). With a client_id it first claims (chat, user, client_id) with a
+ * lightweight transaction, INSERT ... IF NOT EXISTS at the serial consistency: a Paxos
+ * round (on Cassandra 5.0 with the default Paxos v1, four replica round trips: prepare,
+ * read, propose, commit) that decides, for the whole cluster and for concurrent retries, who
+ * owns the client_id. The winner writes the message row with its own id. A loser reads the
+ * claimed id and created_at, then the message row: if it exists, that is the duplicate's
+ * answer; if it does not (the first sender crashed, or its message write failed, between
+ * the two writes), the loser writes the message with the claimed id and time, so a retry
+ * always ends with exactly one message under the original id (and it is delivered then,
+ * as the first delivery). So an idempotent send costs one LWT + one write, about 3-4x a
+ * plain send in latency; a retried one costs one LWT + one read. Retries of the same key
+ * in flight on this node at the same time are also folded in memory, so they do not race
+ * each other between the claim and the message write. The claim rows never expire (the
+ * SQLite store forgets no client_id either); a TTL would bound them if that ever matters.
+ *
+ * Edits and deletes read the row (author, deleted), then update it with a lightweight
+ * transaction conditioned on the author and "not deleted", so a delete racing an edit can
+ * never bring the text back.
+ */
+#include "store.h"
+
+#include <ctype.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../cql/cql.h"
+
+#define BUCKET_MS (10LL * 24 * 3600 * 1000)
+#define BUCKETS_PER_QUERY 64
+#define READ_PAGE_ROWS 1000
+#define BUCKET_CACHE_MAX 65536
+#define CLAIM_SLOTS 1024
+#define MAX_HOSTS 16
+
+/* ---- configuration ------------------------------------------------------------------- */
+
+typedef struct cass_cfg {
+    char *hosts[MAX_HOSTS];
+    size_t n_hosts;
+    char *user, *password;
+    char keyspace[49];
+    int consistency, serial;
+    char replication[512]; /* the CQL map for CREATE KEYSPACE */
+    unsigned timeout_ms, connect_timeout_ms, pool, reconnect_max_ms;
+} cass_cfg_t;
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || errlen == 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static void cfg_free(cass_cfg_t *c) {
+    for (size_t i = 0; i < c->n_hosts; i++) free(c->hosts[i]);
+    free(c->user);
+    if (c->password) memset(c->password, 0, strlen(c->password));
+    free(c->password);
+    memset(c, 0, sizeof *c);
+}
+
+static int hexval(int ch) {
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decode s[0..n) into a new string; NULL on a bad escape or OOM. */
+static char *pct_decode(const char *s, size_t n) {
+    char *out = malloc(n + 1), *o = out;
+    if (!out) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != '%') {
+            *o++ = s[i];
+            continue;
+        }
+        int hi = i + 1 < n ? hexval((unsigned char)s[i + 1]) : -1;
+        int lo = i + 2 < n ? hexval((unsigned char)s[i + 2]) : -1;
+        if (hi < 0 || lo < 0) {
+            free(out);
+            return NULL;
+        }
+        *o++ = (char)(hi * 16 + lo);
+        i += 2;
+    }
+    *o = '\0';
+    return out;
+}
+
+static bool parse_uint(const char *s, size_t n, unsigned lo, unsigned hi, unsigned *out) {
+    if (n == 0 || n > 9) return false;
+    unsigned v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isdigit((unsigned char)s[i])) return false;
+        v = v * 10 + (unsigned)(s[i] - '0');
+    }
+    if (v < lo || v > hi) return false;
+    *out = v;
+    return true;
+}
+
+/* "simple:N", "SimpleStrategy:N", "nts:dc1=3,dc2=2", "NetworkTopologyStrategy:dc1=3". */
+static bool parse_replication(const char *v, size_t n, char *out, size_t outn) {
+    const char *colon = memchr(v, ':', n);
+    if (!colon) return false;
+    size_t cn = (size_t)(colon - v);
+    const char *rest = colon + 1;
+    size_t rn = n - cn - 1;
+    if ((cn == 6 && strncasecmp(v, "simple", 6) == 0) ||
+        (cn == 14 && strncmp(v, "SimpleStrategy", 14) == 0)) {
+        unsigned rf;
+        if (!parse_uint(rest, rn, 1, 100, &rf)) return false;
+        snprintf(out, outn, "{'class': 'SimpleStrategy', 'replication_factor': %u}", rf);
+        return true;
+    }
+    if (!((cn == 3 && strncasecmp(v, "nts", 3) == 0) ||
+          (cn == 23 && strncmp(v, "NetworkTopologyStrategy", 23) == 0))) {
+        return false;
+    }
+    size_t len = (size_t)snprintf(out, outn, "{'class': 'NetworkTopologyStrategy'");
+    const char *p = rest, *end = rest + rn;
+    int ndc = 0;
+    while (p < end) {
+        const char *comma = memchr(p, ',', (size_t)(end - p));
+        const char *item_end = comma ? comma : end;
+        const char *eq = memchr(p, '=', (size_t)(item_end - p));
+        if (!eq || eq == p) return false;
+        for (const char *q = p; q < eq; q++) {
+            if (!isalnum((unsigned char)*q) && *q != '_' && *q != '-' && *q != '.') return false;
+        }
+        unsigned rf;
+        if (!parse_uint(eq + 1, (size_t)(item_end - eq - 1), 0, 100, &rf)) return false;
+        int k = snprintf(out + len, outn > len ? outn - len : 0, ", '%.*s': %u", (int)(eq - p),
+                         p, rf);
+        if (k < 0 || len + (size_t)k + 2 >= outn) return false;
+        len += (size_t)k;
+        ndc++;
+        p = comma ? comma + 1 : end;
+    }
+    if (!ndc) return false;
+    snprintf(out + len, outn - len, "}");
+    return true;
+}
+
+static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
+    memset(c, 0, sizeof *c);
+    c->consistency = CQL_LOCAL_QUORUM;
+    c->serial = CQL_SERIAL;
+    c->timeout_ms = 12000;
+    c->connect_timeout_ms = 5000;
+    c->pool = 2;
+    c->reconnect_max_ms = 5000;
+    snprintf(c->keyspace, sizeof c->keyspace, "chat");
+    snprintf(c->replication, sizeof c->replication,
+             "{'class': 'SimpleStrategy', 'replication_factor': 1}");
+    if (strncmp(url, "cassandra://", 12) != 0) {
+        set_err(err, errlen, "not a cassandra:// URL");
+        return CHAT_EINVAL;
+    }
+    const char *p = url + 12;
+    const char *auth_end = p + strcspn(p, "/?");
+    const char *at = NULL;
+    for (const char *q = p; q < auth_end; q++) {
+        if (*q == '@') at = q; /* the last @: a password may hold an encoded one */
+    }
+    if (at) {
+        const char *colon = memchr(p, ':', (size_t)(at - p));
+        size_t un = colon ? (size_t)(colon - p) : (size_t)(at - p);
+        c->user = pct_decode(p, un);
+        c->password = colon ? pct_decode(colon + 1, (size_t)(at - colon - 1)) : strdup("");
+        if (!c->user || !c->password || !*c->user) {
+            set_err(err, errlen, "cassandra URL: bad user:password before @");
+            goto fail;
+        }
+        p = at + 1;
+    }
+    /* hosts */
+    while (p < auth_end) {
+        const char *comma = memchr(p, ',', (size_t)(auth_end - p));
+        const char *e = comma ? comma : auth_end;
+        if (e == p) {
+            set_err(err, errlen, "cassandra URL: empty host");
+            goto fail;
+        }
+        if (c->n_hosts == MAX_HOSTS) {
+            set_err(err, errlen, "cassandra URL: more than %d hosts", MAX_HOSTS);
+            goto fail;
+        }
+        if (!(c->hosts[c->n_hosts] = strndup(p, (size_t)(e - p)))) goto oom;
+        c->n_hosts++;
+        p = comma ? comma + 1 : e;
+    }
+    if (!c->n_hosts) {
+        set_err(err, errlen, "cassandra URL without a host (cassandra://HOST:9042/KEYSPACE)");
+        goto fail;
+    }
+    if (*p == '/') {
+        p++;
+        size_t kn = strcspn(p, "?");
+        if (kn) {
+            if (kn > 48 || !islower((unsigned char)p[0])) goto bad_ks;
+            for (size_t i = 0; i < kn; i++) {
+                if (!islower((unsigned char)p[i]) && !isdigit((unsigned char)p[i]) && p[i] != '_')
+                    goto bad_ks;
+            }
+            snprintf(c->keyspace, sizeof c->keyspace, "%.*s", (int)kn, p);
+        }
+        p += kn;
+    }
+    if (*p == '?') p++;
+    while (*p) {
+        size_t n = strcspn(p, "&");
+        const char *eq = memchr(p, '=', n);
+        if (!eq) {
+            set_err(err, errlen, "cassandra URL: option \"%.*s\" without a value", (int)n, p);
+            goto fail;
+        }
+        size_t kn = (size_t)(eq - p), vn = n - kn - 1;
+        const char *v = eq + 1;
+        char val[256];
+        snprintf(val, sizeof val, "%.*s", (int)(vn < 255 ? vn : 255), v);
+#define KEY(s) (kn == strlen(s) && strncmp(p, s, kn) == 0)
+        bool ok = true;
+        if (KEY("consistency")) {
+            int cl = cql_consistency_parse(val);
+            ok = cl >= 0 && cl != CQL_SERIAL && cl != CQL_LOCAL_SERIAL;
+            c->consistency = cl;
+        } else if (KEY("serial_consistency")) {
+            int cl = cql_consistency_parse(val);
+            ok = cl == CQL_SERIAL || cl == CQL_LOCAL_SERIAL;
+            c->serial = cl;
+        } else if (KEY("replication")) {
+            ok = parse_replication(v, vn, c->replication, sizeof c->replication);
+        } else if (KEY("replication_factor")) {
+            unsigned rf;
+            ok = parse_uint(v, vn, 1, 100, &rf);
+            if (ok) {
+                snprintf(c->replication, sizeof c->replication,
+                         "{'class': 'SimpleStrategy', 'replication_factor': %u}", rf);
+            }
+        } else if (KEY("timeout_ms")) {
+            ok = parse_uint(v, vn, 1, 600000, &c->timeout_ms);
+        } else if (KEY("connect_timeout_ms")) {
+            ok = parse_uint(v, vn, 1, 600000, &c->connect_timeout_ms);
+        } else if (KEY("pool")) {
+            ok = parse_uint(v, vn, 1, 64, &c->pool);
+        } else if (KEY("reconnect_max_ms")) {
+            ok = parse_uint(v, vn, 1, 600000, &c->reconnect_max_ms);
+        } else {
+            set_err(err, errlen,
+                    "cassandra URL: unknown option \"%.*s\" (known: consistency, "
+                    "serial_consistency, replication, replication_factor, timeout_ms, "
+                    "connect_timeout_ms, pool, reconnect_max_ms)",
+                    (int)kn, p);
+            goto fail;
+        }
+#undef KEY
+        if (!ok) {
+            set_err(err, errlen, "cassandra URL: bad value \"%s\" for %.*s", val, (int)kn, p);
+            goto fail;
+        }
+        p += n;
+        if (*p == '&') p++;
+    }
+    return 0;
+bad_ks:
+    set_err(err, errlen,
+            "cassandra URL: the keyspace must be 1 to 48 lowercase letters, digits or _, "
+            "starting with a letter");
+    goto fail;
+oom:
+    cfg_free(c);
+    return CHAT_ENOMEM;
+fail:
+    cfg_free(c);
+    return CHAT_EINVAL;
+}
+
+/* ---- the store ----------------------------------------------------------------------------- */
+
+enum {
+    S_INSERT_BUCKET,
+    S_INSERT_MSG,
+    S_CLAIM,
+    S_GET,
+    S_EDIT,
+    S_DELETE,
+    S_BUCKETS_DESC,
+    S_BUCKETS_ASC,
+    S_HISTORY,
+    S_AFTER,
+    S_COUNT
+};
+
+#define MSG_COLS                                                                           \
+    "message_id, user_from, message, client_id, created_at, edited_at, deleted, deleted_at"
+
+static const char *const STMT_SQL[S_COUNT] = {
+    [S_INSERT_BUCKET] = "INSERT INTO %s.chat_buckets (chat_id, bucket) VALUES (?, ?)",
+    [S_INSERT_MSG] = "INSERT INTO %s.messages_by_chat (chat_id, bucket, message_id, user_from,"
+                     " message, client_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    [S_CLAIM] = "INSERT INTO %s.message_client_ids (chat_id, user_from, client_id, message_id,"
+                " created_at) VALUES (?, ?, ?, ?, ?) IF NOT EXISTS",
+    [S_GET] = "SELECT " MSG_COLS " FROM %s.messages_by_chat"
+              " WHERE chat_id = ? AND bucket = ? AND message_id = ?",
+    [S_EDIT] = "UPDATE %s.messages_by_chat SET message = ?, edited_at = ?"
+               " WHERE chat_id = ? AND bucket = ? AND message_id = ?"
+               " IF user_from = ? AND deleted != true",
+    [S_DELETE] = "UPDATE %s.messages_by_chat SET message = null, deleted = true, deleted_at = ?"
+                 " WHERE chat_id = ? AND bucket = ? AND message_id = ?"
+                 " IF user_from = ? AND deleted != true",
+    [S_BUCKETS_DESC] = "SELECT bucket FROM %s.chat_buckets WHERE chat_id = ? AND bucket <= ?"
+                       " LIMIT ?",
+    [S_BUCKETS_ASC] = "SELECT bucket FROM %s.chat_buckets WHERE chat_id = ? AND bucket >= ?"
+                      " ORDER BY bucket ASC LIMIT ?",
+    [S_HISTORY] = "SELECT " MSG_COLS " FROM %s.messages_by_chat"
+                  " WHERE chat_id = ? AND bucket = ? AND message_id < ? LIMIT ?",
+    [S_AFTER] = "SELECT " MSG_COLS " FROM %s.messages_by_chat"
+                " WHERE chat_id = ? AND bucket = ? AND message_id > ?"
+                " ORDER BY message_id ASC LIMIT ?",
+};
+
+/* The schema, applied in order by migrate; %1$s is the keyspace, %2$s the replication map.
+ * schema/cassandra.cql holds the same statements for people and cqlsh (the tests create a
+ * keyspace from each and compare the two). */
+static const char *const SCHEMA[] = {
+    "CREATE KEYSPACE IF NOT EXISTS %1$s WITH replication = %2$s",
+    "CREATE TABLE IF NOT EXISTS %1$s.messages_by_chat ("
+    " chat_id text, bucket int, message_id bigint,"
+    " user_from text, message text, client_id text,"
+    " created_at timestamp, edited_at timestamp, deleted boolean, deleted_at timestamp,"
+    " PRIMARY KEY ((chat_id, bucket), message_id)"
+    ") WITH CLUSTERING ORDER BY (message_id DESC)",
+    "CREATE TABLE IF NOT EXISTS %1$s.chat_buckets ("
+    " chat_id text, bucket int,"
+    " PRIMARY KEY (chat_id, bucket)"
+    ") WITH CLUSTERING ORDER BY (bucket DESC)",
+    "CREATE TABLE IF NOT EXISTS %1$s.message_client_ids ("
+    " chat_id text, user_from text, client_id text,"
+    " message_id bigint, created_at timestamp,"
+    " PRIMARY KEY ((chat_id, user_from, client_id))"
+    ")",
+};
+#define N_SCHEMA (sizeof SCHEMA / sizeof SCHEMA[0])
+static const char *const TABLES[] = {"messages_by_chat", "chat_buckets", "message_client_ids"};
+
+typedef struct cass_op cass_op_t;
+
+/* The writes of one chat in flight, in submission order. Cassandra answers concurrent
+ * writes in any order; the callbacks go out in this order, as the SQLite store's single
+ * writer does, so every member sees a chat's events in id order and a sender's
+ * acknowledgements in the order it sent. */
+typedef struct chatq {
+    char *chat;
+    uint32_t hash;
+    cass_op_t *head, *tail;
+    struct chatq *next; /* same hash slot */
+} chatq_t;
+
+#define CHATQ_SLOTS 1024
+
+typedef struct cass_store {
+    store_t base;
+    cass_cfg_t cfg;
+    cql_client_t *cql;
+    cql_stmt_t *st[S_COUNT];
+    cass_op_t *ops; /* in flight */
+    size_t n_ops;
+    cass_op_t *claims[CLAIM_SLOTS]; /* in-flight client_id claims, chained by claim_next */
+    chatq_t *chatqs[CHATQ_SLOTS];
+    /* (chat, bucket) pairs known to be in chat_buckets: "bucket\tchat" in a hash set */
+    char **bcache;
+    size_t bcache_n, bcache_cap;
+    bool closing;
+    void (*done)(void *);
+    void *done_arg;
+} cass_store_t;
+
+struct cass_op {
+    cass_store_t *s;
+    store_req_t *req;
+    cass_op_t *prev, *next;
+    bool in_submit; /* the first step runs inside submit: a failure there is returned */
+    bool finished;  /* outcome recorded, waiting for earlier writes of the chat */
+    chatq_t *q;     /* writes only */
+    cass_op_t *qnext;
+    int sync_fail;
+    /* append */
+    uint64_t id;
+    int64_t created_at;
+    int32_t bucket;
+    char *claim_key;
+    uint32_t claim_hash;
+    cass_op_t *claim_next; /* the next claim in the same hash slot */
+    cass_op_t *dups;       /* same key, waiting for this one to finish */
+    cass_op_t *dup_next;
+    /* edit/delete: the row before the change */
+    store_msg_t row;
+    /* reads */
+    int32_t buckets[BUCKETS_PER_QUERY];
+    int n_buckets, bucket_i;
+    bool more_buckets;
+    int32_t bucket_bound;
+    uint8_t *paging;
+    int32_t paging_len;
+    int limit;
+    store_msg_t *msgs;
+    size_t n_msgs, cap_msgs;
+};
+
+static int32_t bucket_of(uint64_t id) {
+    int64_t t = id_time_ms(id);
+    int64_t b = t >= 0 ? t / BUCKET_MS : -((-t + BUCKET_MS - 1) / BUCKET_MS);
+    return (int32_t)b;
+}
+
+static uint32_t hash_str(const char *s) {
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 16777619u;
+    return h;
+}
+
+/* ---- the bucket cache ------------------------------------------------------------------------ */
+
+static char *bucket_key(const char *chat, int32_t bucket) {
+    size_t n = strlen(chat) + 16;
+    char *k = malloc(n);
+    if (k) snprintf(k, n, "%" PRId32 "\t%s", bucket, chat);
+    return k;
+}
+
+static bool bcache_has(cass_store_t *s, const char *chat, int32_t bucket) {
+    if (!s->bcache_n) return false;
+    char *k = bucket_key(chat, bucket);
+    if (!k) return false;
+    size_t i = hash_str(k) & (s->bcache_cap - 1);
+    bool found = false;
+    for (; s->bcache[i]; i = (i + 1) & (s->bcache_cap - 1)) {
+        if (strcmp(s->bcache[i], k) == 0) {
+            found = true;
+            break;
+        }
+    }
+    free(k);
+    return found;
+}
+
+static void bcache_clear(cass_store_t *s) {
+    for (size_t i = 0; i < s->bcache_cap; i++) free(s->bcache[i]);
+    free(s->bcache);
+    s->bcache = NULL;
+    s->bcache_n = s->bcache_cap = 0;
+}
+
+/* Remember a pair written to chat_buckets. Forgetting is always safe (one more idempotent
+ * write), so a full cache is simply emptied. */
+static void bcache_add(cass_store_t *s, const char *chat, int32_t bucket) {
+    if (s->bcache_n >= BUCKET_CACHE_MAX) bcache_clear(s);
+    if (!s->bcache) {
+        s->bcache_cap = 1024;
+        s->bcache = calloc(s->bcache_cap, sizeof *s->bcache);
+        if (!s->bcache) {
+            s->bcache_cap = 0;
+            return;
+        }
+    }
+    if ((s->bcache_n + 1) * 2 > s->bcache_cap) {
+        size_t ncap = s->bcache_cap * 2;
+        char **nt = calloc(ncap, sizeof *nt);
+        if (!nt) return;
+        for (size_t i = 0; i < s->bcache_cap; i++) {
+            if (!s->bcache[i]) continue;
+            size_t j = hash_str(s->bcache[i]) & (ncap - 1);
+            while (nt[j]) j = (j + 1) & (ncap - 1);
+            nt[j] = s->bcache[i];
+        }
+        free(s->bcache);
+        s->bcache = nt;
+        s->bcache_cap = ncap;
+    }
+    char *k = bucket_key(chat, bucket);
+    if (!k) return;
+    size_t i = hash_str(k) & (s->bcache_cap - 1);
+    for (; s->bcache[i]; i = (i + 1) & (s->bcache_cap - 1)) {
+        if (strcmp(s->bcache[i], k) == 0) {
+            free(k);
+            return;
+        }
+    }
+    s->bcache[i] = k;
+    s->bcache_n++;
+}
+
+/* ---- per-chat write order -------------------------------------------------------------------- */
+
+static chatq_t *chatq_get(cass_store_t *s, const char *chat) {
+    uint32_t h = hash_str(chat);
+    chatq_t *q = s->chatqs[h % CHATQ_SLOTS];
+    for (; q; q = q->next) {
+        if (q->hash == h && strcmp(q->chat, chat) == 0) return q;
+    }
+    q = calloc(1, sizeof *q);
+    if (!q || !(q->chat = strdup(chat))) {
+        free(q);
+        return NULL;
+    }
+    q->hash = h;
+    q->next = s->chatqs[h % CHATQ_SLOTS];
+    s->chatqs[h % CHATQ_SLOTS] = q;
+    return q;
+}
+
+static void chatq_free(cass_store_t *s, chatq_t *q) {
+    chatq_t **pp = &s->chatqs[q->hash % CHATQ_SLOTS];
+    while (*pp != q) pp = &(*pp)->next;
+    *pp = q->next;
+    free(q->chat);
+    free(q);
+}
+
+/* Take op off its queue before it was delivered (a submit that failed at once). */
+static void chatq_remove(cass_store_t *s, cass_op_t *op) {
+    chatq_t *q = op->q;
+    if (!q) return;
+    cass_op_t **pp = &q->head, *prev = NULL;
+    while (*pp && *pp != op) {
+        prev = *pp;
+        pp = &(*pp)->qnext;
+    }
+    if (*pp) *pp = op->qnext;
+    if (q->tail == op) q->tail = prev;
+    op->q = NULL;
+    /* op was the tail (just added), so it held nothing back: no flush is due */
+    if (!q->head) chatq_free(s, q);
+}
+
+/* ---- ops --------------------------------------------------------------------------------- */
+
+static void store_finish_close(cass_store_t *s);
+static void append_bucket(cass_op_t *op);
+static void append_start_claim(cass_op_t *op);
+
+static void claim_unlink(cass_op_t *op) {
+    if (!op->claim_key) return;
+    cass_op_t **pp = &op->s->claims[op->claim_hash % CLAIM_SLOTS];
+    while (*pp && *pp != op) pp = &(*pp)->claim_next;
+    if (*pp) *pp = op->claim_next;
+    op->claim_next = NULL;
+}
+
+static void op_free(cass_op_t *op) {
+    free(op->claim_key);
+    free(op->paging);
+    store_msg_clear(&op->row);
+    for (size_t i = 0; i < op->n_msgs; i++) store_msg_clear(&op->msgs[i]);
+    free(op->msgs);
+    free(op);
+}
+
+static int msg_copy(store_msg_t *dst, const store_msg_t *src) {
+    memset(dst, 0, sizeof *dst);
+    *dst = *src;
+    dst->chat_id = dst->user_from = dst->message = dst->client_id = NULL;
+    if ((src->chat_id && !(dst->chat_id = strdup(src->chat_id))) ||
+        (src->user_from && !(dst->user_from = strdup(src->user_from))) ||
+        (src->message && !(dst->message = strdup(src->message))) ||
+        (src->client_id && !(dst->client_id = strdup(src->client_id)))) {
+        store_msg_clear(dst);
+        return CHAT_ENOMEM;
+    }
+    return 0;
+}
+
+/* Finish op: hand the outcome to the caller, then release what waited on it. */
+/* Hand a finished op to its caller; the op is gone after this. */
+static void op_deliver(cass_op_t *op) {
+    cass_store_t *s = op->s;
+    store_req_t *r = op->req;
+    if (op->prev) {
+        op->prev->next = op->next;
+    } else {
+        s->ops = op->next;
+    }
+    if (op->next) op->next->prev = op->prev;
+    s->n_ops--;
+    op_free(op);
+    r->cb(r); /* may free r, submit more, or close the store */
+}
+
+/* Deliver, in submission order, the finished writes at the front of q. */
+static void chatq_flush(cass_store_t *s, chatq_t *q) {
+    while (q->head && q->head->finished) {
+        cass_op_t *op = q->head;
+        q->head = op->qnext;
+        bool last = !q->head;
+        if (last) chatq_free(s, q); /* a write submitted from the callback gets a new one */
+        op->q = NULL;
+        op_deliver(op);
+        if (last) return;
+    }
+}
+
+/* An op's outcome is known: record it, deliver it (a write waits for the earlier writes of
+ * its chat), then answer the same-client_id sends that waited for it. */
+static void op_done(cass_op_t *op, int status) {
+    cass_store_t *s = op->s;
+    store_req_t *r = op->req;
+    claim_unlink(op);
+    r->status = status;
+    if (status) {
+        store_msg_clear(&r->msg);
+        r->duplicate = false;
+    }
+    if ((r->op == STORE_HISTORY || r->op == STORE_AFTER) && status == 0) {
+        r->msgs = op->msgs;
+        r->n_msgs = op->n_msgs;
+        op->msgs = NULL;
+        op->n_msgs = 0;
+    }
+    /* copied before delivery: the caller owns r once its callback runs */
+    cass_op_t *dups = op->dups;
+    op->dups = NULL;
+    store_msg_t orig = {0};
+    bool have_orig = dups && status == 0 && msg_copy(&orig, &r->msg) == 0;
+    op->finished = true;
+    if (op->q) {
+        chatq_flush(s, op->q);
+    } else {
+        op_deliver(op);
+    }
+    while (dups) {
+        cass_op_t *d = dups;
+        dups = d->dup_next;
+        d->dup_next = NULL;
+        if (have_orig && msg_copy(&d->req->msg, &orig) == 0) {
+            d->req->duplicate = true;
+            op_done(d, 0);
+        } else {
+            append_start_claim(d); /* the first one failed: this one tries for itself */
+        }
+    }
+    store_msg_clear(&orig);
+    if (s->closing && !s->ops) store_finish_close(s);
+}
+
+static void op_fail_cql(cass_op_t *op, const cql_result_t *res, const char *what) {
+    store_req_t *r = op->req;
+    log_error("store_cassandra_failed op=%s chat=%s id=%" PRIu64 " err=\"%s\"", what, r->chat_id,
+              r->id, res->message ? res->message : chat_strerror(res->status));
+    op_done(op, res->status == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO);
+}
+
+/* Submit an EXECUTE for op; a synchronous failure finishes op with CHAT_EIO. */
+static void op_exec(cass_op_t *op, int stmt, const cql_value_t *v, size_t n,
+                    const cql_params_t *p, cql_cb cb) {
+    int rc = cql_execute(op->s->cql, op->s->st[stmt], v, n, p, cb, op);
+    if (rc && op->in_submit) {
+        op->sync_fail = rc == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO;
+        return;
+    }
+    if (rc) {
+        log_error("store_cassandra_submit_failed chat=%s err=%s", op->req->chat_id,
+                  chat_strerror(rc));
+        op_done(op, rc == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO);
+    }
+}
+
+/* Row (in MSG_COLS order) into m; chat is the chat_id (not a selected column). */
+static int row_to_msg(const cql_rows_t *rows, int32_t i, const char *chat, store_msg_t *m) {
+    memset(m, 0, sizeof *m);
+    int64_t v;
+    bool deleted = false;
+    if (cql_cell_bigint(cql_rows_cell(rows, i, 0), &v)) return CHAT_EIO;
+    m->id = (uint64_t)v;
+    if (cql_cell_bigint(cql_rows_cell(rows, i, 4), &m->created_at) == CHAT_EPROTO ||
+        cql_cell_bigint(cql_rows_cell(rows, i, 5), &m->edited_at) == CHAT_EPROTO ||
+        cql_cell_bool(cql_rows_cell(rows, i, 6), &deleted) == CHAT_EPROTO ||
+        cql_cell_bigint(cql_rows_cell(rows, i, 7), &m->deleted_at) == CHAT_EPROTO) {
+        return CHAT_EIO;
+    }
+    /* a row marked deleted by another writer without a time still reads as deleted */
+    if (deleted && !m->deleted_at) m->deleted_at = m->created_at ? m->created_at : 1;
+    if (!(m->chat_id = strdup(chat)) || cql_cell_strdup(cql_rows_cell(rows, i, 1), &m->user_from) ||
+        (!m->deleted_at && cql_cell_strdup(cql_rows_cell(rows, i, 2), &m->message)) ||
+        cql_cell_strdup(cql_rows_cell(rows, i, 3), &m->client_id)) {
+        store_msg_clear(m);
+        return CHAT_ENOMEM;
+    }
+    if (!m->user_from && !(m->user_from = strdup(""))) {
+        store_msg_clear(m);
+        return CHAT_ENOMEM;
+    }
+    return 0;
+}
+
+static bool rows_ok(const cql_result_t *res, int min_cols) {
+    return res->resp && res->resp->kind == CQL_RESULT_ROWS && res->resp->rows.n_cols >= min_cols;
+}
+
+/* The [applied] column of a lightweight transaction's answer. */
+static int lwt_applied(const cql_result_t *res, bool *applied) {
+    if (!rows_ok(res, 1) || res->resp->rows.n_rows < 1) return CHAT_EIO;
+    int col = cql_rows_col(&res->resp->rows, "[applied]");
+    if (col < 0) col = 0;
+    return cql_cell_bool(cql_rows_cell(&res->resp->rows, 0, col), applied) ? CHAT_EIO : 0;
+}
+
+/* ---- append ------------------------------------------------------------------------------ */
+
+static void append_fill(cass_op_t *op) {
+    store_req_t *r = op->req;
+    store_msg_t *m = &r->msg;
+    store_msg_clear(m);
+    m->id = op->id;
+    m->created_at = op->created_at;
+    if (!(m->chat_id = strdup(r->chat_id)) || !(m->user_from = strdup(r->user)) ||
+        !(m->message = strdup(r->text)) ||
+        (r->client_id && !(m->client_id = strdup(r->client_id)))) {
+        /* the message is stored; the answer cannot be built. A retry with the client_id
+         * finds it; without one, this is an honest failure report */
+        store_msg_clear(m);
+        op_done(op, CHAT_ENOMEM);
+        return;
+    }
+    r->duplicate = false;
+    op_done(op, 0);
+}
+
+static void on_msg_written(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    if (res->status) return op_fail_cql(op, res, "append");
+    append_fill(op);
+}
+
+static void append_message(cass_op_t *op) {
+    store_req_t *r = op->req;
+    cql_value_t v[] = {
+        cql_text(r->chat_id),       cql_int(op->bucket),        cql_bigint((int64_t)op->id),
+        cql_text(r->user),          cql_text(r->text),          cql_text(r->client_id),
+        cql_timestamp(op->created_at),
+    };
+    op_exec(op, S_INSERT_MSG, v, 7, NULL, on_msg_written);
+}
+
+static void on_bucket_written(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    if (res->status) return op_fail_cql(op, res, "append_bucket");
+    bcache_add(op->s, op->req->chat_id, op->bucket);
+    append_message(op);
+}
+
+/* The bucket goes into chat_buckets before the message: history must never miss a bucket
+ * that holds an acknowledged message. */
+static void append_bucket(cass_op_t *op) {
+    op->bucket = bucket_of(op->id);
+    if (bcache_has(op->s, op->req->chat_id, op->bucket)) {
+        append_message(op);
+        return;
+    }
+    cql_value_t v[] = {cql_text(op->req->chat_id), cql_int(op->bucket)};
+    op_exec(op, S_INSERT_BUCKET, v, 2, NULL, on_bucket_written);
+}
+
+static void on_dup_read(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    store_req_t *r = op->req;
+    if (res->status) return op_fail_cql(op, res, "append_dup_read");
+    if (!rows_ok(res, 8)) return op_done(op, CHAT_EIO);
+    if (res->resp->rows.n_rows > 0) {
+        int rc = row_to_msg(&res->resp->rows, 0, r->chat_id, &r->msg);
+        if (rc) return op_done(op, rc);
+        r->duplicate = true;
+        return op_done(op, 0);
+    }
+    /* claimed, never written: finish the first attempt's work under its id and time */
+    log_info("store_cassandra_claim_repair chat=%s user=%s id=%" PRIu64, r->chat_id, r->user,
+             op->id);
+    append_bucket(op);
+}
+
+static void on_claimed(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    if (res->status) return op_fail_cql(op, res, "append_claim");
+    bool applied;
+    if (lwt_applied(res, &applied)) return op_done(op, CHAT_EIO);
+    if (applied) {
+        append_bucket(op);
+        return;
+    }
+    const cql_rows_t *rows = &res->resp->rows;
+    int cid = cql_rows_col(rows, "message_id"), cat = cql_rows_col(rows, "created_at");
+    int64_t id = 0, at = 0;
+    if (cid < 0 || cat < 0 || cql_cell_bigint(cql_rows_cell(rows, 0, cid), &id) ||
+        cql_cell_bigint(cql_rows_cell(rows, 0, cat), &at) || id <= 0) {
+        log_error("store_cassandra_bad_claim chat=%s", op->req->chat_id);
+        return op_done(op, CHAT_EIO);
+    }
+    op->id = (uint64_t)id;
+    op->created_at = at;
+    op->bucket = bucket_of(op->id);
+    cql_value_t v[] = {cql_text(op->req->chat_id), cql_int(op->bucket), cql_bigint(id)};
+    op_exec(op, S_GET, v, 3, NULL, on_dup_read);
+}
+
+static void append_start_claim(cass_op_t *op) {
+    store_req_t *r = op->req;
+    cass_store_t *s = op->s;
+    /* one claim per key in flight on this node; later ones wait for its answer */
+    cass_op_t *p = s->claims[op->claim_hash % CLAIM_SLOTS];
+    for (; p; p = p->claim_next) {
+        if (strcmp(p->claim_key, op->claim_key) == 0) {
+            op->dup_next = p->dups;
+            p->dups = op;
+            return;
+        }
+    }
+    op->claim_next = s->claims[op->claim_hash % CLAIM_SLOTS];
+    s->claims[op->claim_hash % CLAIM_SLOTS] = op;
+    cql_value_t v[] = {
+        cql_text(r->chat_id), cql_text(r->user), cql_text(r->client_id),
+        cql_bigint((int64_t)op->id), cql_timestamp(op->created_at),
+    };
+    op_exec(op, S_CLAIM, v, 5, NULL, on_claimed);
+}
+
+static int append_start(cass_op_t *op) {
+    store_req_t *r = op->req;
+    op->id = r->id;
+    op->created_at = r->at;
+    if (!r->client_id) {
+        append_bucket(op);
+        return 0;
+    }
+    size_t n = strlen(r->chat_id) + strlen(r->user) + strlen(r->client_id) + 3;
+    if (!(op->claim_key = malloc(n))) return CHAT_ENOMEM;
+    /* NUL cannot occur inside the parts, so the tab-free join is unambiguous with lengths */
+    snprintf(op->claim_key, n, "%s\x1f%s\x1f%s", r->chat_id, r->user, r->client_id);
+    op->claim_hash = hash_str(op->claim_key);
+    append_start_claim(op);
+    return 0;
+}
+
+/* ---- edit and delete ------------------------------------------------------------------------- */
+
+static void on_changed(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    store_req_t *r = op->req;
+    if (res->status) return op_fail_cql(op, res, r->op == STORE_EDIT ? "edit" : "delete");
+    bool applied;
+    if (lwt_applied(res, &applied)) return op_done(op, CHAT_EIO);
+    if (!applied) {
+        /* changed under us since the read: the answer says how */
+        const cql_rows_t *rows = &res->resp->rows;
+        int cu = cql_rows_col(rows, "user_from");
+        cql_str_t u = {NULL, 0};
+        if (cu < 0 || cql_cell_text(cql_rows_cell(rows, 0, cu), &u)) {
+            return op_done(op, CHAT_ENOTFOUND); /* the row is gone */
+        }
+        int cd = cql_rows_col(rows, "deleted");
+        bool deleted = false;
+        if (cd >= 0) cql_cell_bool(cql_rows_cell(rows, 0, cd), &deleted);
+        if (deleted) return op_done(op, CHAT_ENOTFOUND);
+        bool same = u.n == strlen(r->user) && memcmp(u.p, r->user, u.n) == 0;
+        return op_done(op, same ? CHAT_ENOTFOUND : CHAT_EPERM);
+    }
+    store_msg_t *m = &r->msg;
+    *m = op->row;
+    memset(&op->row, 0, sizeof op->row);
+    if (r->op == STORE_EDIT) {
+        free(m->message);
+        m->message = strdup(r->text);
+        m->edited_at = r->at;
+        if (!m->message) return op_done(op, CHAT_ENOMEM);
+    } else {
+        free(m->message);
+        m->message = NULL;
+        m->deleted_at = r->at;
+    }
+    op_done(op, 0);
+}
+
+static void on_row_read(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    store_req_t *r = op->req;
+    if (res->status) return op_fail_cql(op, res, "change_read");
+    if (!rows_ok(res, 8)) return op_done(op, CHAT_EIO);
+    if (res->resp->rows.n_rows == 0) return op_done(op, CHAT_ENOTFOUND);
+    int rc = row_to_msg(&res->resp->rows, 0, r->chat_id, &op->row);
+    if (rc) return op_done(op, rc);
+    if (op->row.deleted_at) return op_done(op, CHAT_ENOTFOUND);
+    if (strcmp(op->row.user_from, r->user) != 0) return op_done(op, CHAT_EPERM);
+    int32_t b = bucket_of(r->id);
+    cql_params_t p = CQL_PARAMS_DEFAULT;
+    if (r->op == STORE_EDIT) {
+        cql_value_t v[] = {
+            cql_text(r->text), cql_timestamp(r->at), cql_text(r->chat_id), cql_int(b),
+            cql_bigint((int64_t)r->id), cql_text(r->user),
+        };
+        op_exec(op, S_EDIT, v, 6, &p, on_changed);
+    } else {
+        cql_value_t v[] = {
+            cql_timestamp(r->at), cql_text(r->chat_id), cql_int(b), cql_bigint((int64_t)r->id),
+            cql_text(r->user),
+        };
+        op_exec(op, S_DELETE, v, 5, &p, on_changed);
+    }
+}
+
+static void change_start(cass_op_t *op) {
+    store_req_t *r = op->req;
+    cql_value_t v[] = {cql_text(r->chat_id), cql_int(bucket_of(r->id)),
+                       cql_bigint((int64_t)r->id)};
+    op_exec(op, S_GET, v, 3, NULL, on_row_read);
+}
+
+/* ---- history and after ------------------------------------------------------------------- */
+
+static void read_next(cass_op_t *op);
+
+static void on_rows(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    store_req_t *r = op->req;
+    if (res->status) return op_fail_cql(op, res, "read");
+    if (!rows_ok(res, 8)) return op_done(op, CHAT_EIO);
+    const cql_rows_t *rows = &res->resp->rows;
+    size_t want = (size_t)op->limit - op->n_msgs;
+    size_t n = (size_t)rows->n_rows < want ? (size_t)rows->n_rows : want;
+    if (op->n_msgs + n > op->cap_msgs) {
+        size_t ncap = op->cap_msgs ? op->cap_msgs : 16;
+        while (ncap < op->n_msgs + n) ncap *= 2;
+        if (ncap > (size_t)op->limit) ncap = (size_t)op->limit;
+        store_msg_t *p = realloc(op->msgs, ncap * sizeof *p);
+        if (!p) return op_done(op, CHAT_ENOMEM);
+        op->msgs = p;
+        op->cap_msgs = ncap;
+    }
+    for (size_t i = 0; i < n; i++) {
+        int rc = row_to_msg(rows, (int32_t)i, r->chat_id, &op->msgs[op->n_msgs]);
+        if (rc) return op_done(op, rc);
+        op->n_msgs++;
+    }
+    free(op->paging);
+    op->paging = NULL;
+    op->paging_len = 0;
+    if (rows->paging_state.n > 0 && op->n_msgs < (size_t)op->limit) {
+        if (!(op->paging = malloc((size_t)rows->paging_state.n))) return op_done(op, CHAT_ENOMEM);
+        memcpy(op->paging, rows->paging_state.p, (size_t)rows->paging_state.n);
+        op->paging_len = rows->paging_state.n;
+    } else {
+        op->bucket_i++;
+    }
+    read_next(op);
+}
+
+static void on_buckets(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    if (res->status) return op_fail_cql(op, res, "read_buckets");
+    if (!rows_ok(res, 1)) return op_done(op, CHAT_EIO);
+    const cql_rows_t *rows = &res->resp->rows;
+    op->n_buckets = 0;
+    op->bucket_i = 0;
+    for (int32_t i = 0; i < rows->n_rows && i < BUCKETS_PER_QUERY; i++) {
+        if (cql_cell_int(cql_rows_cell(rows, i, 0), &op->buckets[op->n_buckets]) == 0) {
+            op->n_buckets++;
+        }
+    }
+    op->more_buckets = rows->n_rows == BUCKETS_PER_QUERY;
+    if (op->n_buckets) {
+        int32_t last = op->buckets[op->n_buckets - 1];
+        bool desc = op->req->op == STORE_HISTORY;
+        if (desc ? last == INT32_MIN : last == INT32_MAX) op->more_buckets = false;
+        op->bucket_bound = desc ? last - 1 : last + 1;
+    }
+    read_next(op);
+}
+
+/* Next step of a read: the next page of this bucket, the next bucket, the next list of
+ * buckets, or done. */
+static void read_next(cass_op_t *op) {
+    store_req_t *r = op->req;
+    bool hist = r->op == STORE_HISTORY;
+    if (op->n_msgs >= (size_t)op->limit) return op_done(op, 0);
+    if (op->bucket_i >= op->n_buckets) {
+        if (!op->more_buckets) return op_done(op, 0);
+        cql_value_t v[] = {cql_text(r->chat_id), cql_int(op->bucket_bound),
+                           cql_int(BUCKETS_PER_QUERY)};
+        op->more_buckets = false;
+        op_exec(op, hist ? S_BUCKETS_DESC : S_BUCKETS_ASC, v, 3, NULL, on_buckets);
+        return;
+    }
+    int64_t bound;
+    if (hist) {
+        bound = r->id == 0 || r->id > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)r->id;
+    } else {
+        bound = r->id > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)r->id;
+    }
+    int32_t left = (int32_t)((size_t)op->limit - op->n_msgs);
+    cql_params_t p = CQL_PARAMS_DEFAULT;
+    p.page_size = left < READ_PAGE_ROWS ? left : READ_PAGE_ROWS;
+    if (op->paging) p.paging_state = (cql_bytes_t){op->paging, op->paging_len};
+    cql_value_t v[] = {cql_text(r->chat_id), cql_int(op->buckets[op->bucket_i]), cql_bigint(bound),
+                       cql_int(left)};
+    op_exec(op, hist ? S_HISTORY : S_AFTER, v, 4, &p, on_rows);
+}
+
+static void read_start(cass_op_t *op) {
+    store_req_t *r = op->req;
+    op->limit = r->limit < 1 ? 1 : r->limit > STORE_READ_MAX ? STORE_READ_MAX : r->limit;
+    if (r->op == STORE_HISTORY) {
+        op->bucket_bound =
+            r->id == 0 || r->id > (uint64_t)INT64_MAX ? INT32_MAX : bucket_of(r->id);
+    } else {
+        op->bucket_bound = r->id > (uint64_t)INT64_MAX ? INT32_MAX : bucket_of(r->id);
+        if (r->id == 0) op->bucket_bound = INT32_MIN;
+    }
+    op->more_buckets = true;
+    read_next(op);
+}
+
+/* ---- the ops table ----------------------------------------------------------------------- */
+
+static int cs_submit(store_t *base, store_req_t *r) {
+    cass_store_t *s = (cass_store_t *)base;
+    if (!s->base.loop || !s->cql || !r || !r->cb || !r->chat_id) return CHAT_EINVAL;
+    switch (r->op) {
+    case STORE_APPEND:
+        if (!r->user || !r->text || r->id == 0 || r->id > (uint64_t)INT64_MAX) return CHAT_EINVAL;
+        break;
+    case STORE_EDIT:
+        if (!r->user || !r->text) return CHAT_EINVAL;
+        break;
+    case STORE_DELETE:
+        if (!r->user) return CHAT_EINVAL;
+        break;
+    case STORE_HISTORY:
+    case STORE_AFTER: break;
+    default: return CHAT_EINVAL;
+    }
+    if (s->closing) return CHAT_ECLOSED;
+    r->status = 0;
+    r->duplicate = false;
+    memset(&r->msg, 0, sizeof r->msg);
+    r->msgs = NULL;
+    r->n_msgs = 0;
+    r->next_ = NULL;
+    cass_op_t *op = calloc(1, sizeof *op);
+    if (!op) return CHAT_ENOMEM;
+    op->s = s;
+    op->req = r;
+    r->priv_ = op;
+    if (r->op == STORE_APPEND || r->op == STORE_EDIT || r->op == STORE_DELETE) {
+        if (!(op->q = chatq_get(s, r->chat_id))) {
+            free(op);
+            return CHAT_ENOMEM;
+        }
+        if (op->q->tail) {
+            op->q->tail->qnext = op;
+        } else {
+            op->q->head = op;
+        }
+        op->q->tail = op;
+    }
+    op->next = s->ops;
+    if (s->ops) s->ops->prev = op;
+    s->ops = op;
+    s->n_ops++;
+    /* The first CQL request is submitted from here; a failure to submit it is returned
+     * (the callback must not run inside submit). After that, every path ends in op_done,
+     * called from the CQL client's callbacks on the loop. */
+    op->in_submit = true;
+    int rc = 0;
+    switch (r->op) {
+    case STORE_APPEND: rc = append_start(op); break;
+    case STORE_EDIT:
+    case STORE_DELETE: change_start(op); break;
+    default: read_start(op); break;
+    }
+    if (!rc) rc = op->sync_fail;
+    if (rc) {
+        /* nothing is in flight for it (a dup waits on another op only when rc == 0) */
+        if (op->prev) {
+            op->prev->next = op->next;
+        } else {
+            s->ops = op->next;
+        }
+        if (op->next) op->next->prev = op->prev;
+        s->n_ops--;
+        claim_unlink(op);
+        chatq_remove(s, op);
+        op_free(op);
+        return rc;
+    }
+    op->in_submit = false;
+    return 0;
+}
+
+static void on_cql_closed(void *arg) {
+    cass_store_t *s = arg;
+    void (*done)(void *) = s->done;
+    void *darg = s->done_arg;
+    bcache_clear(s);
+    cfg_free(&s->cfg);
+    free(s);
+    if (done) done(darg);
+}
+
+static void store_finish_close(cass_store_t *s) {
+    if (!s->cql) return;
+    cql_client_t *c = s->cql;
+    s->cql = NULL;
+    cql_client_close(c, on_cql_closed, s);
+}
+
+static void cs_close(store_t *base, void (*done)(void *), void *arg) {
+    cass_store_t *s = (cass_store_t *)base;
+    if (s->closing) {
+        log_warn("store_close_twice backend=cassandra");
+        return;
+    }
+    s->closing = true;
+    s->done = done;
+    s->done_arg = arg;
+    if (!s->cql) {
+        /* migrate-only use: nothing on any loop */
+        on_cql_closed(s);
+        return;
+    }
+    log_info("store_closing backend=cassandra in_flight=%zu", s->n_ops);
+    if (!s->ops) store_finish_close(s);
+}
+
+/* ---- synchronous work on a private loop (open's probe, migrate) ------------------------------ */
+
+typedef struct sync_ctx {
+    bool done;
+    int status;
+    char msg[600];
+    bool tables[3];
+} sync_ctx_t;
+
+static void on_sync_ready(const cql_result_t *res, void *data) {
+    sync_ctx_t *x = data;
+    x->status = res->status;
+    snprintf(x->msg, sizeof x->msg, "%s", res->message ? res->message : "");
+    x->done = true;
+}
+
+static void on_sync_query(const cql_result_t *res, void *data) {
+    sync_ctx_t *x = data;
+    x->status = res->status;
+    snprintf(x->msg, sizeof x->msg, "%s", res->message ? res->message : "");
+    if (res->status == 0 && res->resp && res->resp->kind == CQL_RESULT_ROWS) {
+        const cql_rows_t *rows = &res->resp->rows;
+        for (int32_t i = 0; i < rows->n_rows; i++) {
+            cql_str_t t;
+            if (cql_cell_text(cql_rows_cell(rows, i, 0), &t)) continue;
+            for (size_t k = 0; k < 3; k++) {
+                if (t.n == strlen(TABLES[k]) && memcmp(t.p, TABLES[k], t.n) == 0) {
+                    x->tables[k] = true;
+                }
+            }
+        }
+    }
+    x->done = true;
+}
+
+static void on_sync_closed(void *arg) { *(bool *)arg = true; }
+
+/* Connect on a private loop; on success *c is ready for queries on *loop. */
+static int sync_connect(uv_loop_t *loop, const cass_cfg_t *cfg, cql_client_t **c, char *err,
+                        size_t errlen) {
+    cql_client_opts_t o = {
+        .hosts = (const char *const *)cfg->hosts,
+        .n_hosts = cfg->n_hosts,
+        .user = cfg->user,
+        .password = cfg->password,
+        /* schema reads and DDL: the system tables are local to each node (DDL ignores the
+         * level), so ONE here; the configured level is for the data */
+        .consistency = CQL_ONE,
+        .serial_consistency = cfg->serial,
+        .conns_per_host = 1,
+        .request_timeout_ms = cfg->timeout_ms > 20000 ? cfg->timeout_ms : 20000,
+        .connect_timeout_ms = cfg->connect_timeout_ms,
+        .schema_agreement_ms = 20000,
+    };
+    int rc = cql_client_new(c, loop, &o);
+    if (rc) {
+        set_err(err, errlen, "cassandra: bad client options (%s)", chat_strerror(rc));
+        return rc;
+    }
+    sync_ctx_t x = {0};
+    cql_client_on_ready(*c, on_sync_ready, &x);
+    cql_run_until(loop, &x.done);
+    if (!x.done || x.status) {
+        set_err(err, errlen, "cannot connect to Cassandra: %s", x.done ? x.msg : "loop stopped");
+        return x.status == CHAT_EAUTH ? CHAT_EAUTH : CHAT_EIO;
+    }
+    return 0;
+}
+
+static void sync_close(uv_loop_t *loop, cql_client_t *c) {
+    bool closed = false;
+    cql_client_close(c, on_sync_closed, &closed);
+    cql_run_until(loop, &closed);
+    uv_run(loop, UV_RUN_DEFAULT); /* the last close callbacks */
+}
+
+static int sync_query(uv_loop_t *loop, cql_client_t *c, const char *q, const cql_value_t *v,
+                      size_t n, sync_ctx_t *x) {
+    x->done = false;
+    int rc = cql_query(c, q, v, n, NULL, on_sync_query, x);
+    if (rc) return rc;
+    cql_run_until(loop, &x->done);
+    return x->done ? x->status : CHAT_EIO;
+}
+
+/* The store's tables exist in its keyspace (chatd refuses to start on an unmigrated one). */
+static int probe_schema(const cass_cfg_t *cfg, char *err, size_t errlen) {
+    uv_loop_t loop;
+    if (uv_loop_init(&loop)) return CHAT_EIO;
+    cql_client_t *c = NULL;
+    int rc = sync_connect(&loop, cfg, &c, err, errlen);
+    if (rc == 0) {
+        sync_ctx_t x = {0};
+        cql_value_t v[] = {cql_text(cfg->keyspace)};
+        rc = sync_query(&loop, c,
+                        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", v,
+                        1, &x);
+        if (rc) {
+            set_err(err, errlen, "cassandra: reading the schema failed: %s", x.msg);
+            rc = CHAT_EIO;
+        } else {
+            for (size_t k = 0; k < 3; k++) {
+                if (x.tables[k]) continue;
+                set_err(err, errlen,
+                        "cassandra: keyspace \"%s\" has no table %s: create the schema with "
+                        "`chatctl migrate --store URL` (make create-models)",
+                        cfg->keyspace, TABLES[k]);
+                rc = CHAT_EIO;
+                break;
+            }
+        }
+    }
+    if (c) sync_close(&loop, c);
+    uv_loop_close(&loop);
+    return rc;
+}
+
+static int cs_migrate(store_t *base) {
+    cass_store_t *s = (cass_store_t *)base;
+    uv_loop_t loop;
+    if (uv_loop_init(&loop)) return CHAT_EIO;
+    cql_client_t *c = NULL;
+    char err[700];
+    int rc = sync_connect(&loop, &s->cfg, &c, err, sizeof err);
+    if (rc) fprintf(stderr, "%s\n", err); /* chatctl's caller sees only a code otherwise */
+    for (size_t i = 0; rc == 0 && i < N_SCHEMA; i++) {
+        char q[1500];
+        snprintf(q, sizeof q, SCHEMA[i], s->cfg.keyspace, s->cfg.replication);
+        sync_ctx_t x = {0};
+        rc = sync_query(&loop, c, q, NULL, 0, &x);
+        if (rc) {
+            fprintf(stderr, "cassandra: keyspace %s: %s\n", s->cfg.keyspace, x.msg);
+            rc = rc == CHAT_EAUTH ? CHAT_EAUTH : CHAT_EIO;
+        }
+    }
+    if (rc == 0) {
+        log_info("store_schema_applied backend=cassandra keyspace=%s replication=\"%s\"",
+                 s->cfg.keyspace, s->cfg.replication);
+    }
+    if (c) sync_close(&loop, c);
+    uv_loop_close(&loop);
+    return rc;
+}
+
+static const store_ops_t cassandra_ops = {
+    .name = "cassandra",
+    .submit = cs_submit,
+    .migrate = cs_migrate,
+    .close = cs_close,
+};
+
+int store_cassandra_open(store_t **out, uv_loop_t *loop, const char *url, char *err,
+                         size_t errlen) {
+    *out = NULL;
+    cass_store_t *s = calloc(1, sizeof *s);
+    if (!s) return CHAT_ENOMEM;
+    s->base.ops = &cassandra_ops;
+    s->base.loop = loop;
+    int rc = parse_url(url, &s->cfg, err, errlen);
+    if (rc) {
+        free(s);
+        return rc;
+    }
+    if (!loop) {
+        /* chatctl migrate: it connects when asked to migrate */
+        *out = &s->base;
+        return 0;
+    }
+    /* Before serving, make sure the cluster answers, takes our credentials and has our
+     * schema: a chatd that starts "fine" and then fails every send helps nobody. This runs
+     * on a private loop, before the server's loop has anything to do. */
+    rc = probe_schema(&s->cfg, err, errlen);
+    if (rc) goto fail;
+    cql_client_opts_t o = {
+        .hosts = (const char *const *)s->cfg.hosts,
+        .n_hosts = s->cfg.n_hosts,
+        .user = s->cfg.user,
+        .password = s->cfg.password,
+        .consistency = s->cfg.consistency,
+        .serial_consistency = s->cfg.serial,
+        .conns_per_host = s->cfg.pool,
+        .request_timeout_ms = s->cfg.timeout_ms,
+        .connect_timeout_ms = s->cfg.connect_timeout_ms,
+        .reconnect_max_ms = s->cfg.reconnect_max_ms,
+    };
+    rc = cql_client_new(&s->cql, loop, &o);
+    if (rc) {
+        set_err(err, errlen, "cassandra: cannot create the client (%s)", chat_strerror(rc));
+        goto fail;
+    }
+    for (int i = 0; i < S_COUNT; i++) {
+        char q[600];
+        snprintf(q, sizeof q, STMT_SQL[i], s->cfg.keyspace);
+        if (!(s->st[i] = cql_stmt_new(s->cql, q))) {
+            rc = CHAT_ENOMEM;
+            /* the client is live on the loop: close it and let the loop free the store */
+            s->closing = true;
+            store_finish_close(s);
+            return rc;
+        }
+    }
+    log_info("store_opened backend=cassandra hosts=%zu keyspace=%s consistency=%s serial=%s "
+             "pool=%u",
+             s->cfg.n_hosts, s->cfg.keyspace, cql_consistency_name(s->cfg.consistency),
+             cql_consistency_name(s->cfg.serial), s->cfg.pool);
+    *out = &s->base;
+    return 0;
+fail:
+    cfg_free(&s->cfg);
+    free(s);
+    return rc;
+}
