@@ -216,6 +216,20 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
             set_err(err, errlen, "cassandra URL: more than %d hosts", MAX_HOSTS);
             goto fail;
         }
+        /* host, host:port or [v6]:port; a port must be 1..65535 */
+        const char *rb = memchr(p, ']', (size_t)(e - p));
+        const char *pc = memchr(rb ? rb : p, ':', (size_t)(e - (rb ? rb : p)));
+        if (pc && !rb && memchr(pc + 1, ':', (size_t)(e - pc - 1))) pc = NULL; /* bare v6 */
+        if (pc) {
+            long port = 0;
+            const char *d = pc + 1;
+            for (; d < e && isdigit((unsigned char)*d) && port <= 65535; d++)
+                port = port * 10 + (*d - '0');
+            if (d != e || d == pc + 1 || port < 1 || port > 65535) {
+                set_err(err, errlen, "cassandra URL: bad port in \"%.*s\"", (int)(e - p), p);
+                goto fail;
+            }
+        }
         if (!(c->hosts[c->n_hosts] = strndup(p, (size_t)(e - p)))) goto oom;
         c->n_hosts++;
         p = comma ? comma + 1 : e;

@@ -170,9 +170,12 @@ static void test_url_dispatch(void) {
     CHECK_INT(store_open(&s, NULL, "redis://127.0.0.1", err, sizeof err), CHAT_EINVAL);
     CHECK(s == NULL);
     CHECK(strstr(err, "unknown store URL scheme") != NULL);
-    CHECK_INT(store_open(&s, NULL, "cassandra://127.0.0.1:9042/chat", err, sizeof err),
+    /* cassandra:// goes to the Cassandra backend, whose URL parser refuses this one */
+    err[0] = 0;
+    CHECK_INT(store_open(&s, NULL, "cassandra://127.0.0.1:notaport/chat", err, sizeof err),
               CHAT_EINVAL);
-    CHECK_STR(err, "cassandra store not built yet");
+    CHECK(err[0] != 0);
+    CHECK(strstr(err, "unknown store URL scheme") == NULL);
     CHECK_INT(store_open(&s, NULL, "sqlite:", err, sizeof err), CHAT_EINVAL);
     CHECK_INT(store_open(&s, NULL, "sqlite://host/x.db", err, sizeof err), CHAT_EINVAL);
     CHECK_INT(store_open(&s, NULL, "sqlite::memory:", err, sizeof err), CHAT_EINVAL);
