@@ -4,18 +4,25 @@
  * (each string its own allocation), so one cleanup function serves every backend. */
 #include "store.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static void set_err(char *err, size_t errlen, const char *msg) {
-    if (err && errlen > 0) snprintf(err, errlen, "%s", msg);
+#include "store_internal.h"
+
+void store__set_err(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || errlen == 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
 }
 
 int store_open(store_t **out, uv_loop_t *loop, const char *url, char *err, size_t errlen) {
     *out = NULL;
     if (!url || !*url) {
-        set_err(err, errlen, "empty store URL");
+        store__set_err(err, errlen, "empty store URL");
         return CHAT_EINVAL;
     }
     if (strncmp(url, "sqlite:", 7) == 0) {
@@ -26,13 +33,13 @@ int store_open(store_t **out, uv_loop_t *loop, const char *url, char *err, size_
              * rather than guess. */
             path += 2;
             if (*path != '/') {
-                set_err(err, errlen, "sqlite URL with a host; use sqlite:PATH or "
+                store__set_err(err, errlen, "sqlite URL with a host; use sqlite:PATH or "
                                      "sqlite:///absolute/path");
                 return CHAT_EINVAL;
             }
         }
         if (!*path) {
-            set_err(err, errlen, "sqlite URL without a path");
+            store__set_err(err, errlen, "sqlite URL without a path");
             return CHAT_EINVAL;
         }
         return store_sqlite_open(out, loop, path, err, errlen);

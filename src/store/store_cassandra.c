@@ -40,6 +40,7 @@
  * never bring the text back.
  */
 #include "store.h"
+#include "store_internal.h"
 
 #include <ctype.h>
 #include <inttypes.h>
@@ -69,16 +70,6 @@ typedef struct cass_cfg {
     unsigned timeout_ms, connect_timeout_ms, pool, reconnect_max_ms;
 } cass_cfg_t;
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static void cfg_free(cass_cfg_t *c) {
     for (size_t i = 0; i < c->n_hosts; i++) free(c->hosts[i]);
@@ -184,7 +175,7 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
     snprintf(c->replication, sizeof c->replication,
              "{'class': 'SimpleStrategy', 'replication_factor': 1}");
     if (strncmp(url, "cassandra://", 12) != 0) {
-        set_err(err, errlen, "not a cassandra:// URL");
+        store__set_err(err, errlen, "not a cassandra:// URL");
         return CHAT_EINVAL;
     }
     const char *p = url + 12;
@@ -199,7 +190,7 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
         c->user = pct_decode(p, un);
         c->password = colon ? pct_decode(colon + 1, (size_t)(at - colon - 1)) : strdup("");
         if (!c->user || !c->password || !*c->user) {
-            set_err(err, errlen, "cassandra URL: bad user:password before @");
+            store__set_err(err, errlen, "cassandra URL: bad user:password before @");
             goto fail;
         }
         p = at + 1;
@@ -209,11 +200,11 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
         const char *comma = memchr(p, ',', (size_t)(auth_end - p));
         const char *e = comma ? comma : auth_end;
         if (e == p) {
-            set_err(err, errlen, "cassandra URL: empty host");
+            store__set_err(err, errlen, "cassandra URL: empty host");
             goto fail;
         }
         if (c->n_hosts == MAX_HOSTS) {
-            set_err(err, errlen, "cassandra URL: more than %d hosts", MAX_HOSTS);
+            store__set_err(err, errlen, "cassandra URL: more than %d hosts", MAX_HOSTS);
             goto fail;
         }
         /* host, host:port or [v6]:port; a port must be 1..65535 */
@@ -226,7 +217,7 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
             for (; d < e && isdigit((unsigned char)*d) && port <= 65535; d++)
                 port = port * 10 + (*d - '0');
             if (d != e || d == pc + 1 || port < 1 || port > 65535) {
-                set_err(err, errlen, "cassandra URL: bad port in \"%.*s\"", (int)(e - p), p);
+                store__set_err(err, errlen, "cassandra URL: bad port in \"%.*s\"", (int)(e - p), p);
                 goto fail;
             }
         }
@@ -235,7 +226,7 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
         p = comma ? comma + 1 : e;
     }
     if (!c->n_hosts) {
-        set_err(err, errlen, "cassandra URL without a host (cassandra://HOST:9042/KEYSPACE)");
+        store__set_err(err, errlen, "cassandra URL without a host (cassandra://HOST:9042/KEYSPACE)");
         goto fail;
     }
     if (*p == '/') {
@@ -256,7 +247,7 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
         size_t n = strcspn(p, "&");
         const char *eq = memchr(p, '=', n);
         if (!eq) {
-            set_err(err, errlen, "cassandra URL: option \"%.*s\" without a value", (int)n, p);
+            store__set_err(err, errlen, "cassandra URL: option \"%.*s\" without a value", (int)n, p);
             goto fail;
         }
         size_t kn = (size_t)(eq - p), vn = n - kn - 1;
@@ -291,7 +282,7 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
         } else if (KEY("reconnect_max_ms")) {
             ok = parse_uint(v, vn, 1, 600000, &c->reconnect_max_ms);
         } else {
-            set_err(err, errlen,
+            store__set_err(err, errlen,
                     "cassandra URL: unknown option \"%.*s\" (known: consistency, "
                     "serial_consistency, replication, replication_factor, timeout_ms, "
                     "connect_timeout_ms, pool, reconnect_max_ms)",
@@ -300,7 +291,7 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
         }
 #undef KEY
         if (!ok) {
-            set_err(err, errlen, "cassandra URL: bad value \"%s\" for %.*s", val, (int)kn, p);
+            store__set_err(err, errlen, "cassandra URL: bad value \"%s\" for %.*s", val, (int)kn, p);
             goto fail;
         }
         p += n;
@@ -308,7 +299,7 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
     }
     return 0;
 bad_ks:
-    set_err(err, errlen,
+    store__set_err(err, errlen,
             "cassandra URL: the keyspace must be 1 to 48 lowercase letters, digits or _, "
             "starting with a letter");
     goto fail;
@@ -1229,14 +1220,14 @@ static int sync_connect(uv_loop_t *loop, const cass_cfg_t *cfg, cql_client_t **c
     };
     int rc = cql_client_new(c, loop, &o);
     if (rc) {
-        set_err(err, errlen, "cassandra: bad client options (%s)", chat_strerror(rc));
+        store__set_err(err, errlen, "cassandra: bad client options (%s)", chat_strerror(rc));
         return rc;
     }
     sync_ctx_t x = {0};
     cql_client_on_ready(*c, on_sync_ready, &x);
     cql_run_until(loop, &x.done);
     if (!x.done || x.status) {
-        set_err(err, errlen, "cannot connect to Cassandra: %s", x.done ? x.msg : "loop stopped");
+        store__set_err(err, errlen, "cannot connect to Cassandra: %s", x.done ? x.msg : "loop stopped");
         return x.status == CHAT_EAUTH ? CHAT_EAUTH : CHAT_EIO;
     }
     return 0;
@@ -1271,12 +1262,12 @@ static int probe_schema(const cass_cfg_t *cfg, char *err, size_t errlen) {
                         "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", v,
                         1, &x);
         if (rc) {
-            set_err(err, errlen, "cassandra: reading the schema failed: %s", x.msg);
+            store__set_err(err, errlen, "cassandra: reading the schema failed: %s", x.msg);
             rc = CHAT_EIO;
         } else {
             for (size_t k = 0; k < 3; k++) {
                 if (x.tables[k]) continue;
-                set_err(err, errlen,
+                store__set_err(err, errlen,
                         "cassandra: keyspace \"%s\" has no table %s: create the schema with "
                         "`chatctl migrate --store URL` (make create-models)",
                         cfg->keyspace, TABLES[k]);
@@ -1360,7 +1351,7 @@ int store_cassandra_open(store_t **out, uv_loop_t *loop, const char *url, char *
     };
     rc = cql_client_new(&s->cql, loop, &o);
     if (rc) {
-        set_err(err, errlen, "cassandra: cannot create the client (%s)", chat_strerror(rc));
+        store__set_err(err, errlen, "cassandra: cannot create the client (%s)", chat_strerror(rc));
         goto fail;
     }
     for (int i = 0; i < S_COUNT; i++) {

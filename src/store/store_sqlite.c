@@ -15,6 +15,7 @@
  * - readers: each owns one read-only connection (WAL lets them read while a write
  *   transaction is open; each statement sees one committed snapshot).
  * Requests travel between threads on intrusive lists (req->next_) under s->lock. */
+#include "store_internal.h"
 #include "store_sqlite_internal.h"
 
 #include <errno.h>
@@ -118,16 +119,6 @@ static const store_ops_t sqlite_ops;
 
 /* ---- small helpers ------------------------------------------------------------------- */
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* mkdir -p of the directory part of path. Errors are left for sqlite3_open to report with
  * the file name, except a failing mkdir, which says more. */
@@ -143,7 +134,7 @@ static int make_parent_dir(const char *path, char *err, size_t errlen) {
         char c = *p;
         *p = '\0';
         if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
-            set_err(err, errlen, "cannot create directory %s: %s", dir, strerror(errno));
+            store__set_err(err, errlen, "cannot create directory %s: %s", dir, strerror(errno));
             rc = CHAT_EIO;
             goto out;
         }
@@ -219,7 +210,7 @@ static int migrate_db(sqlite3 *db, const char *path, char *err, size_t errlen) {
     st = NULL;
     if (version < 0) goto fail;
     if (version > store_sqlite_schema_versions) {
-        set_err(err, errlen, "%s: schema version %d is newer than this program (%d)", path,
+        store__set_err(err, errlen, "%s: schema version %d is newer than this program (%d)", path,
                 version, store_sqlite_schema_versions);
         log_error("store_schema_too_new path=%s version=%d known=%d", path, version,
                   store_sqlite_schema_versions);
@@ -241,7 +232,7 @@ static int migrate_db(sqlite3 *db, const char *path, char *err, size_t errlen) {
     }
     return 0;
 fail:
-    set_err(err, errlen, "%s: schema: %s", path, sqlite3_errmsg(db));
+    store__set_err(err, errlen, "%s: schema: %s", path, sqlite3_errmsg(db));
     log_error("store_schema_failed path=%s err=\"%s\"", path, sqlite3_errmsg(db));
     sqlite3_finalize(st);
     if (!sqlite3_get_autocommit(db)) exec(db, "ROLLBACK");
@@ -276,7 +267,7 @@ static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, si
         bool wal = mode && strcmp((const char *)mode, "wal") == 0;
         sqlite3_finalize(st);
         if (!wal) {
-            set_err(err, errlen, "%s: cannot switch to WAL mode: %s", path,
+            store__set_err(err, errlen, "%s: cannot switch to WAL mode: %s", path,
                     sqlite3_errmsg(db));
             rc = SQLITE_ERROR;
             goto fail_msg;
@@ -295,7 +286,7 @@ static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, si
     *out = db;
     return 0;
 fail:
-    set_err(err, errlen, "cannot open %s: %s", path, db ? sqlite3_errmsg(db) : "out of memory");
+    store__set_err(err, errlen, "cannot open %s: %s", path, db ? sqlite3_errmsg(db) : "out of memory");
 fail_msg:
     log_error("store_open_failed path=%s ro=%d err=\"%s\"", path, readonly,
               db ? sqlite3_errmsg(db) : "out of memory");
@@ -363,7 +354,7 @@ static int open_reader(sqlite_store_t *s, reader_t *rd, char *err, size_t errlen
                 "SELECT " MSG_COLS " FROM messages WHERE chat_id = ?1 AND id > ?2"
                 " ORDER BY id ASC LIMIT ?3",
                 &rd->after)) {
-        set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(rd->db));
+        store__set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(rd->db));
         log_error("store_prepare_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(rd->db));
         return CHAT_EIO;
     }
@@ -839,11 +830,11 @@ int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *er
                       size_t errlen) {
     *out = NULL;
     if (strcmp(path, ":memory:") == 0 || *path == '\0') {
-        set_err(err, errlen, "sqlite store needs a file path, not \"%s\"", path);
+        store__set_err(err, errlen, "sqlite store needs a file path, not \"%s\"", path);
         return CHAT_EINVAL;
     }
     if (!sqlite3_threadsafe()) {
-        set_err(err, errlen, "libsqlite3 was built without thread support");
+        store__set_err(err, errlen, "libsqlite3 was built without thread support");
         return CHAT_EIO;
     }
     sqlite_store_t *s = calloc(1, sizeof *s);
@@ -867,7 +858,7 @@ int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *er
     }
     rc = CHAT_EIO;
     if (prepare_writer(s)) {
-        set_err(err, errlen, "%s: %s", path, sqlite3_errmsg(s->wdb));
+        store__set_err(err, errlen, "%s: %s", path, sqlite3_errmsg(s->wdb));
         goto fail_dbs;
     }
     for (int i = 0; i < N_READERS; i++) {
@@ -893,7 +884,7 @@ fail_threads:
     /* Rare enough to keep simple: the writer never started (it starts last), so stop the
      * readers that did, join them, close every connection, and let the async handle's
      * close callback free the store once the loop runs. */
-    set_err(err, errlen, "%s: cannot start store threads", path);
+    store__set_err(err, errlen, "%s: cannot start store threads", path);
     stop_threads(s);
     finish(s);
     return CHAT_EIO;
