@@ -300,6 +300,9 @@ struct bench {
     uint64_t sent, acked, delivered, expected, pub_failed;
     /* everything, warm-up and drain included */
     uint64_t sent_all, acked_all, delivered_all, pub_failed_all, skipped, other_msgs;
+    /* whatever arrived while the window was open, sent then or before: the throughput of a
+     * server whose latency is longer than the warm-up (its window acks are all late) */
+    uint64_t rx_acked, rx_delivered;
     uint64_t prog_sent, prog_delivered, prog_acked; /* at the last progress line */
     hist_t lat, ack_lat, connect_lat, lag;
     counters_t errors, closes;
@@ -770,6 +773,7 @@ static void on_ack(bench_t *b, bconn_t *c, bool ok, bool has_t, uint64_t t) {
     if (c->inflight) c->inflight--;
     if (ok) {
         b->acked_all++;
+        if (b->phase == PH_MEASURE) b->rx_acked++;
         if (has_t && measured(b, t)) {
             b->acked++;
             hist_record(&b->ack_lat, b->rx_ns > t ? (b->rx_ns - t) / 1000 : 0);
@@ -813,6 +817,7 @@ static void handle_message(bconn_t *c, const char *p, size_t n) {
     switch (m.kind) {
     case IN_PUB:
         b->delivered_all++;
+        if (b->phase == PH_MEASURE) b->rx_delivered++;
         if (measured(b, m.t_ns)) {
             b->delivered++;
             hist_record(&b->lat, b->rx_ns > m.t_ns ? (b->rx_ns - m.t_ns) / 1000 : 0);
@@ -1420,6 +1425,12 @@ static void report(bench_t *b) {
     json_object_set_new(r, "acks_per_s", json_real(meas > 0 ? round_to(b->acked / meas, 0.1) : 0));
     json_object_set_new(r, "deliveries_per_s",
                         json_real(meas > 0 ? round_to(b->delivered / meas, 0.1) : 0));
+    json_object_set_new(
+        r, "window_rx",
+        json_pack("{s:I,s:f,s:I,s:f}", "acks", (json_int_t)b->rx_acked, "acks_per_s",
+                  meas > 0 ? round_to(b->rx_acked / meas, 0.1) : 0.0, "deliveries",
+                  (json_int_t)b->rx_delivered, "deliveries_per_s",
+                  meas > 0 ? round_to(b->rx_delivered / meas, 0.1) : 0.0));
     json_object_set_new(r, "latency_us", hist_json(&b->lat));
     json_object_set_new(r, "ack_latency_us", hist_json(&b->ack_lat));
     json_object_set_new(r, "schedule_lag_us", hist_json(&b->lag));
