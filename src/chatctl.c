@@ -168,24 +168,34 @@ out:
     return rc;
 }
 
-static int cmd_migrate(int argc, char **argv) {
-    static const struct option opts[] = {
-        {"store", required_argument, NULL, 'S'},
+/* The options of a command that takes one URL: --NAME URL (else $ENV, else def) and
+ * --help. Returns -1 with *url set, or the exit code to return (0 after --help, 2). */
+static int parse_url_command(const char *cmd, const char *name, const char *env,
+                             const char *def, int argc, char **argv, const char **url) {
+    const struct option opts[] = {
+        {name, required_argument, NULL, 'U'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    const char *url = NULL;
+    *url = NULL;
     int c;
     while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
-        case 'S': url = optarg; break;
+        case 'U': *url = optarg; break;
         case 'h': usage(stdout); return 0;
-        default: return option_error("migrate", c, argv);
+        default: return option_error(cmd, c, argv);
         }
     }
-    if (optind < argc) return usage_error("migrate: unexpected argument '%s'", argv[optind]);
-    if (!url) url = getenv("CHAT_STORE");
-    if (!url || !*url) url = DEFAULT_STORE;
+    if (optind < argc) return usage_error("%s: unexpected argument '%s'", cmd, argv[optind]);
+    if (!*url) *url = getenv(env);
+    if (!*url || !**url) *url = def;
+    return -1;
+}
+
+static int cmd_migrate(int argc, char **argv) {
+    const char *url;
+    int rc0 = parse_url_command("migrate", "store", "CHAT_STORE", DEFAULT_STORE, argc, argv, &url);
+    if (rc0 >= 0) return rc0;
 
     store_t *s = NULL;
     char err[512] = "", shown[512];
@@ -269,23 +279,9 @@ static void nodes_timeout(uv_timer_t *t) {
 }
 
 static int cmd_nodes(int argc, char **argv) {
-    static const struct option opts[] = {
-        {"bus", required_argument, NULL, 'B'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
-    const char *url = NULL;
-    int c;
-    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'B': url = optarg; break;
-        case 'h': usage(stdout); return 0;
-        default: return option_error("nodes", c, argv);
-        }
-    }
-    if (optind < argc) return usage_error("nodes: unexpected argument '%s'", argv[optind]);
-    if (!url) url = getenv("CHAT_BUS");
-    if (!url || !*url) url = DEFAULT_BUS;
+    const char *url;
+    int rc0 = parse_url_command("nodes", "bus", "CHAT_BUS", DEFAULT_BUS, argc, argv, &url);
+    if (rc0 >= 0) return rc0;
     if (strncmp(url, "redis://", 8) != 0)
         return usage_error("nodes: needs a redis:// bus; '%s' has no registry", url);
 

@@ -102,3 +102,25 @@ def test_drained_node_gets_no_clients(cluster):
             await m.close()
 
     asyncio.run(scenario())
+
+
+def test_chatctl_nodes_prints_the_registry(cluster):
+    """`chatctl nodes` reads the same registry as /api/nodes and prints it as a table."""
+    import subprocess
+
+    from clusterlib import REPO
+
+    asked = cluster.nodes[0]
+    wait_registered(cluster, asked, cluster.nodes)
+    want = {x["id"]: x["url"] for x in asked.nodes()}
+    out = subprocess.run(
+        [str(REPO / "build" / "chatctl"), "nodes", "--bus",
+         f"redis://127.0.0.1:{cluster.redis.port}"],
+        capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:3] == ["ID", "URL", "CONNECTIONS"], lines[0]
+    rows = {r.split()[0]: r.split() for r in lines[1:]}
+    assert set(rows) == set(want), (rows, want)
+    for node_id, url in want.items():
+        assert rows[node_id][1] == url and rows[node_id][-1] == "live", rows[node_id]
