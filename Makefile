@@ -102,10 +102,14 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
         functional-cassandra cassandra-tests \
         clean format
 
-# No secret configured: dev mode, which generates one and prints how to mint a token.
+# No secret configured: dev mode, which prints the secret and how to mint a token. The
+# secret is generated once into data/dev-secret, so tokens survive a restart.
 run: all
 	@mkdir -p data
+	@[ -n "$${CHAT_JWT_SECRET:-}" ] || [ -s data/dev-secret ] || \
+	    (umask 077; openssl rand -hex 32 > data/dev-secret)
 	CHAT_PORT=$${CHAT_PORT:-$(PORT)} CHAT_STORE=$${CHAT_STORE:-$(STORE)} \
+	    CHAT_JWT_SECRET=$${CHAT_JWT_SECRET:-$$(cat data/dev-secret)} \
 	    ./$(B)/chatd $$([ -n "$${CHAT_JWT_SECRET:-}" ] || echo --dev)
 
 create-models: $(B)/chatctl

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(gcc make pkg-config clang libclang-rt-14-dev llvm
+debs=(gcc make pkg-config openssl clang libclang-rt-14-dev llvm
       libuv1-dev libjansson-dev libhttp-parser-dev libsqlite3-dev libssl-dev zlib1g-dev
       libhiredis-dev redis-server haproxy chromium openjdk-17-jdk-headless maven
       docker-compose curl)

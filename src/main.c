@@ -215,6 +215,7 @@ int main(int argc, char **argv) {
     log_set_level(cfg.log_level);
 
     char secret[65];
+    bool generated = false;
     if (!cfg.jwt_secret || !*cfg.jwt_secret) {
         if (!cfg.dev) {
             fprintf(stderr, "chatd: no JWT secret: set CHAT_JWT_SECRET or pass --jwt-secret "
@@ -228,12 +229,19 @@ int main(int argc, char **argv) {
         }
         for (int i = 0; i < 32; i++) snprintf(secret + 2 * i, 3, "%02x", raw[i]);
         cfg.jwt_secret = secret;
+        generated = true;
+    }
+    if (cfg.dev) {
+        /* dev mode always says how to get in; `make run` keeps its secret in data/ so that
+         * tokens (and the web page's sign-in) survive a restart */
         char ctl[PATH_MAX];
         snprintf(ctl, sizeof ctl, "%s", argv[0]);
         fprintf(stderr,
-                "\n  dev mode: generated JWT secret %s\n"
-                "  mint a token:  %s/chatctl token --user alice --secret %s\n\n",
-                secret, dirname(ctl), secret);
+                "\n  dev mode: JWT secret %s%s\n"
+                "  mint a token:  %s/chatctl token --user alice --secret %s\n"
+                "  or open the web page and sign in with any name\n\n",
+                cfg.jwt_secret, generated ? " (generated for this run)" : "", dirname(ctl),
+                cfg.jwt_secret);
     }
     char webbuf[PATH_MAX];
     if (!cfg.web_root) cfg.web_root = find_web_root(argv[0], webbuf, sizeof webbuf);
