@@ -16,7 +16,7 @@
  * Output is corked like the server's connections: frames queued during a loop turn go out
  * in one write per connection from a check handle at the end of the turn.
  */
-#include "cql.h"
+#include "cql_internal.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -384,37 +384,12 @@ static void on_written(uv_write_t *w, int status) {
     if (k->out.len) mark_dirty(k);
 }
 
-/* Append a frame header for opcode on stream; the body follows, then frame_done. */
-static size_t frame_start(sbuf_t *sb, int16_t stream, uint8_t opcode) {
-    size_t at = sb->len;
-    uint8_t hdr[CQL_HEADER_LEN];
-    cql_header_t h = {.version = CQL_VERSION_REQ, .stream = stream, .opcode = opcode};
-    cql_header_encode(hdr, &h);
-    sbuf_put(sb, hdr, sizeof hdr);
-    return at;
-}
-
-static bool frame_done(sbuf_t *sb, size_t at) {
-    if (sb->oom) return false;
-    size_t body = sb->len - at - CQL_HEADER_LEN;
-    if (body > CQL_MAX_BODY) {
-        sb->len = at;
-        return false;
-    }
-    uint8_t *p = (uint8_t *)sb->p + at + 5;
-    p[0] = (uint8_t)(body >> 24);
-    p[1] = (uint8_t)(body >> 16);
-    p[2] = (uint8_t)(body >> 8);
-    p[3] = (uint8_t)body;
-    return true;
-}
-
 /* The frame of r on stream s into k->out. false: out of memory (nothing appended). */
 static bool encode_req(cq_conn_t *k, cql_req_t *r, int16_t s) {
     sbuf_t *sb = &k->out;
     size_t at;
     if (r->kind == RK_PREPARE) {
-        at = frame_start(sb, s, CQL_OP_PREPARE);
+        at = cql__frame_begin(sb, s, CQL_OP_PREPARE);
         size_t qn = strlen(r->stmt->query);
         uint8_t len[4] = {(uint8_t)(qn >> 24), (uint8_t)(qn >> 16), (uint8_t)(qn >> 8),
                           (uint8_t)qn};
@@ -422,13 +397,13 @@ static bool encode_req(cq_conn_t *k, cql_req_t *r, int16_t s) {
         sbuf_put(sb, r->stmt->query, qn);
     } else if (r->kind == RK_EXECUTE) {
         prep_t *pp = &k->preps[r->stmt->idx];
-        at = frame_start(sb, s, CQL_OP_EXECUTE);
+        at = cql__frame_begin(sb, s, CQL_OP_EXECUTE);
         uint8_t len[2] = {(uint8_t)(pp->id_len >> 8), (uint8_t)pp->id_len};
         sbuf_put(sb, len, 2);
         sbuf_put(sb, pp->id, pp->id_len);
         sbuf_put(sb, r->params.p, r->params.len);
     } else {
-        at = frame_start(sb, s, CQL_OP_QUERY);
+        at = cql__frame_begin(sb, s, CQL_OP_QUERY);
         size_t qn = strlen(r->query);
         uint8_t len[4] = {(uint8_t)(qn >> 24), (uint8_t)(qn >> 16), (uint8_t)(qn >> 8),
                           (uint8_t)qn};
@@ -436,7 +411,7 @@ static bool encode_req(cq_conn_t *k, cql_req_t *r, int16_t s) {
         sbuf_put(sb, r->query, qn);
         sbuf_put(sb, r->params.p, r->params.len);
     }
-    if (!frame_done(sb, at)) {
+    if (cql__frame_end(sb, at) != 0 || sb->oom) {
         sb->oom = false;
         sb->len = at;
         return false;

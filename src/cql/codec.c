@@ -6,7 +6,7 @@
  * allocation (a row count of 2^31 in a ten-byte body is refused before malloc). Decoded
  * strings and values are views into the caller's body buffer; only the arrays that hold
  * those views are allocated. */
-#include "cql.h"
+#include "cql_internal.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -125,8 +125,7 @@ cql_value_t cql_text(const char *s) {
 
 static bool consistency_ok(int cl) { return cl >= CQL_ANY && cl <= CQL_LOCAL_ONE; }
 
-/* Start a frame: header with a length patched by frame_end. Returns the header's offset. */
-static size_t frame_begin(sbuf_t *sb, int16_t stream, uint8_t opcode) {
+size_t cql__frame_begin(sbuf_t *sb, int16_t stream, uint8_t opcode) {
     size_t at = sb->len;
     uint8_t hdr[CQL_HEADER_LEN];
     cql_header_t h = {.version = CQL_VERSION_REQ, .stream = stream, .opcode = opcode};
@@ -135,7 +134,7 @@ static size_t frame_begin(sbuf_t *sb, int16_t stream, uint8_t opcode) {
     return at;
 }
 
-static int frame_end(sbuf_t *sb, size_t at) {
+int cql__frame_end(sbuf_t *sb, size_t at) {
     if (sb->oom) return 0;
     size_t body = sb->len - at - CQL_HEADER_LEN;
     if (body > CQL_MAX_BODY) {
@@ -151,7 +150,7 @@ static int frame_end(sbuf_t *sb, size_t at) {
 }
 
 int cql_encode_options(sbuf_t *sb, int16_t stream) {
-    return frame_end(sb, frame_begin(sb, stream, CQL_OP_OPTIONS));
+    return cql__frame_end(sb, cql__frame_begin(sb, stream, CQL_OP_OPTIONS));
 }
 
 int cql_encode_startup(sbuf_t *sb, int16_t stream, const char *const *kv) {
@@ -163,30 +162,30 @@ int cql_encode_startup(sbuf_t *sb, int16_t stream, const char *const *kv) {
         if (strcmp(kv[2 * n], "CQL_VERSION") == 0) has_version = true;
     }
     if (!has_version || n > 0xffff) return CHAT_EINVAL;
-    size_t at = frame_begin(sb, stream, CQL_OP_STARTUP);
+    size_t at = cql__frame_begin(sb, stream, CQL_OP_STARTUP);
     put_u16(sb, (uint16_t)n);
     for (size_t i = 0; i < n; i++) {
         put_string(sb, kv[2 * i], strlen(kv[2 * i]));
         put_string(sb, kv[2 * i + 1], strlen(kv[2 * i + 1]));
     }
-    return frame_end(sb, at);
+    return cql__frame_end(sb, at);
 }
 
 int cql_encode_auth_response(sbuf_t *sb, int16_t stream, const void *token, size_t n) {
     if (n > INT32_MAX) return CHAT_EINVAL;
-    size_t at = frame_begin(sb, stream, CQL_OP_AUTH_RESPONSE);
+    size_t at = cql__frame_begin(sb, stream, CQL_OP_AUTH_RESPONSE);
     put_i32(sb, (int32_t)n);
     sbuf_put(sb, token, n);
-    return frame_end(sb, at);
+    return cql__frame_end(sb, at);
 }
 
 int cql_encode_prepare(sbuf_t *sb, int16_t stream, const char *query) {
     size_t qn = strlen(query);
     if (qn > INT32_MAX) return CHAT_EINVAL;
-    size_t at = frame_begin(sb, stream, CQL_OP_PREPARE);
+    size_t at = cql__frame_begin(sb, stream, CQL_OP_PREPARE);
     put_i32(sb, (int32_t)qn);
     sbuf_put(sb, query, qn);
-    return frame_end(sb, at);
+    return cql__frame_end(sb, at);
 }
 
 static int put_value(sbuf_t *sb, const cql_value_t *v) {
@@ -261,7 +260,7 @@ int cql_encode_query(sbuf_t *sb, int16_t stream, const char *query, const cql_va
                      size_t n_vals, const cql_params_t *p, int consistency, int serial) {
     size_t qn = strlen(query);
     if (qn > INT32_MAX) return CHAT_EINVAL;
-    size_t at = frame_begin(sb, stream, CQL_OP_QUERY);
+    size_t at = cql__frame_begin(sb, stream, CQL_OP_QUERY);
     put_i32(sb, (int32_t)qn);
     sbuf_put(sb, query, qn);
     int rc = cql_encode_params(sb, vals, n_vals, p, consistency, serial);
@@ -269,14 +268,14 @@ int cql_encode_query(sbuf_t *sb, int16_t stream, const char *query, const cql_va
         sb->len = at;
         return rc;
     }
-    return frame_end(sb, at);
+    return cql__frame_end(sb, at);
 }
 
 int cql_encode_execute(sbuf_t *sb, int16_t stream, const uint8_t *id, size_t id_len,
                        const cql_value_t *vals, size_t n_vals, const cql_params_t *p,
                        int consistency, int serial) {
     if (id_len > 0xffff) return CHAT_EINVAL;
-    size_t at = frame_begin(sb, stream, CQL_OP_EXECUTE);
+    size_t at = cql__frame_begin(sb, stream, CQL_OP_EXECUTE);
     put_u16(sb, (uint16_t)id_len);
     sbuf_put(sb, id, id_len);
     int rc = cql_encode_params(sb, vals, n_vals, p, consistency, serial);
@@ -284,7 +283,7 @@ int cql_encode_execute(sbuf_t *sb, int16_t stream, const uint8_t *id, size_t id_
         sb->len = at;
         return rc;
     }
-    return frame_end(sb, at);
+    return cql__frame_end(sb, at);
 }
 
 /* ---- decoding --------------------------------------------------------------------------- */

@@ -1,0 +1,14 @@
+/* cql: what codec.c and client.c share; not part of the layer's contract. */
+#ifndef CHAT_CQL_INTERNAL_H
+#define CHAT_CQL_INTERNAL_H
+
+#include "cql.h"
+
+/* Append a request frame header for opcode on stream, its length left to patch; returns
+ * the header's offset. The body follows, then cql__frame_end. */
+size_t cql__frame_begin(sbuf_t *sb, int16_t stream, uint8_t opcode);
+/* Patch the body length into the header at `at`. CHAT_ETOOBIG (frame removed) past
+ * CQL_MAX_BODY; 0 otherwise, also after an allocation failure: callers check sb->oom. */
+int cql__frame_end(sbuf_t *sb, size_t at);
+
+#endif
