@@ -14,6 +14,9 @@
  *   migrate() and store_sqlite_exec() can borrow the connection between two batches.
  * - readers: each owns one read-only connection (WAL lets them read while a write
  *   transaction is open; each statement sees one committed snapshot).
+ * - checkpointer: owns cdb and copies the WAL back into the database file when the writer
+ *   asks (see on_wal_commit), so that the copy and its fsync of the database stay off the
+ *   commit path.
  * Requests travel between threads on intrusive lists (req->next_) under s->lock. */
 #include "store_internal.h"
 #include "store_sqlite_internal.h"
@@ -38,6 +41,18 @@
 #define DELIVER_MAX 1024
 #define N_READERS 2
 #define BUSY_TIMEOUT_MS 5000
+
+/* Checkpoints, in WAL frames (one 4 KB page each). SQLite's own checkpoint runs inside the
+ * COMMIT that crosses its threshold, so every message in that group waited for a copy of
+ * the whole WAL plus an fsync of the database: 4-15 ms stalls about twice a second in the
+ * chat benchmark (bench/RESULTS.md). Here the writer hands the copy to the checkpointer
+ * thread at CKPT_START_FRAMES and does only the remainder itself, once it is at most
+ * CKPT_INLINE_FRAMES: a WAL restarts from its beginning only after a checkpoint that ran
+ * while nothing was appended, which only the writer can guarantee. If the WAL still reaches
+ * CKPT_FORCE_FRAMES (the checkpointer cannot keep up) the writer copies it all itself. */
+#define CKPT_START_FRAMES 4096
+#define CKPT_INLINE_FRAMES 256
+#define CKPT_FORCE_FRAMES 65536
 
 /* Version 1. Kept byte-for-byte equal, modulo comments and whitespace, to schema/sqlite.sql
  * (the unit test compares them). Why WITHOUT ROWID clustered on (chat_id, id): every read
@@ -92,17 +107,26 @@ struct sqlite_store {
     int n_readers_started;
     uv_thread_t writer;
     bool writer_started;
+    uv_thread_t ckpt_thread;
+    bool ckpt_started;
+    sqlite3 *cdb;  /* the checkpointer's connection */
+    int wal_prev;  /* frames in the WAL after the previous commit; under wdb_lock */
     uv_async_t async;
 
     /* guarded by lock */
     uv_mutex_t lock;
     uv_cond_t wcond; /* the writer waits for work; it also waits here for readers to exit */
     uv_cond_t rcond; /* readers wait for work */
+    uv_cond_t ccond; /* the checkpointer waits for ckpt_wanted */
     store_req_t *wq_head, *wq_tail;
     store_req_t *rq_head, *rq_tail;
     store_req_t *done_head, *done_tail;
     int threads_live;
-    int readers_live;
+    int readers_live; /* threads with a connection of their own: readers and checkpointer */
+    bool ckpt_wanted, ckpt_busy;
+    unsigned wal_gen;  /* WAL restarts the writer has seen */
+    unsigned ckpt_gen; /* the WAL the last checkpoint ran on; its figures below */
+    int ckpt_done; /* frames it copied */
     bool closing;
     bool paused;
     store_sqlite_stats_t stats;
@@ -256,9 +280,9 @@ static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, si
          * file; the rest is per connection. secure_delete=ON zeroes what a deleted message
          * leaves behind, in its page and in freed overflow pages, so the text is really gone
          * once the WAL is checkpointed; deletes are rare, the extra writes cheap. Set here
-         * because the compiled-in default differs between builds. The checkpoint runs
-         * every 8192 pages (32 MB) rather than SQLite's 1000: one big batch alone passes 1000,
-         * and a rarer checkpoint writes each hot page (a chat's tail) once for many commits. */
+         * because the compiled-in default differs between builds. The automatic checkpoint
+         * at 8192 pages only serves connections without a loop (migrate); a running store's
+         * writer replaces it with on_wal_commit. */
         sqlite3_stmt *st = NULL;
         if (sqlite3_prepare_v2(db, "PRAGMA journal_mode=WAL", -1, &st, NULL) != SQLITE_OK)
             goto fail;
@@ -295,8 +319,79 @@ fail_msg:
     return CHAT_EIO;
 }
 
+static void close_checkpointer_db(sqlite_store_t *s);
+
+/* Called by SQLite after every commit on the write connection, on whichever thread holds
+ * wdb_lock, with the number of frames now in the WAL. Decides who checkpoints (see
+ * CKPT_START_FRAMES). Replaces SQLite's automatic checkpoint on this connection. */
+static int on_wal_commit(void *arg, sqlite3 *db, const char *name, int frames) {
+    sqlite_store_t *s = arg;
+    bool restarted = frames < s->wal_prev;
+    s->wal_prev = frames;
+    if (!restarted && frames < CKPT_START_FRAMES) return SQLITE_OK;
+    bool copy_here = false;
+    uv_mutex_lock(&s->lock);
+    if (restarted) s->wal_gen++;
+    if (frames >= CKPT_START_FRAMES && !s->ckpt_busy) {
+        int copied = s->ckpt_gen == s->wal_gen ? s->ckpt_done : 0;
+        if (frames - copied <= CKPT_INLINE_FRAMES) {
+            copy_here = true;
+        } else {
+            s->ckpt_busy = s->ckpt_wanted = true;
+            uv_cond_signal(&s->ccond);
+        }
+    }
+    uv_mutex_unlock(&s->lock);
+    /* With the checkpointer busy this returns SQLITE_BUSY at once: it is copying already. */
+    if (frames >= CKPT_FORCE_FRAMES) copy_here = true;
+    if (copy_here) {
+        int rc = sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+        if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
+            log_warn("store_checkpoint_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(db));
+        }
+    }
+    return SQLITE_OK;
+}
+
+static void checkpointer_main(void *arg) {
+    sqlite_store_t *s = arg;
+    for (;;) {
+        uv_mutex_lock(&s->lock);
+        while (!s->ckpt_wanted && !s->closing) uv_cond_wait(&s->ccond, &s->lock);
+        bool wanted = s->ckpt_wanted;
+        s->ckpt_wanted = false;
+        unsigned gen = s->wal_gen;
+        uv_mutex_unlock(&s->lock);
+        if (!wanted) break;
+        /* PASSIVE: copies what no reader still needs, never waits for the writer, who goes
+         * on appending meanwhile; what it appends is the remainder the writer copies. */
+        int log = 0, done = 0; /* frames in the WAL, frames copied */
+        int rc = sqlite3_wal_checkpoint_v2(s->cdb, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+        if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
+            log_warn("store_checkpoint_failed path=%s err=\"%s\"", s->path,
+                     sqlite3_errmsg(s->cdb));
+        }
+        uv_mutex_lock(&s->lock);
+        s->ckpt_busy = false;
+        if (rc == SQLITE_OK) {
+            s->ckpt_gen = gen;
+            s->ckpt_done = done;
+            s->stats.checkpoints++;
+        }
+        uv_mutex_unlock(&s->lock);
+    }
+    close_checkpointer_db(s);
+    uv_mutex_lock(&s->lock);
+    s->readers_live--;
+    s->threads_live--;
+    uv_mutex_unlock(&s->lock);
+    uv_cond_broadcast(&s->wcond); /* the writer may be waiting for the last connection */
+    uv_async_send(&s->async);
+}
+
 static int prepare_writer(sqlite_store_t *s) {
     sqlite3 *db = s->wdb;
+    sqlite3_wal_hook(db, on_wal_commit, s);
     /* An append that hits the client_id index does nothing and changes no row; the caller
      * then reads the original. Any other conflict (the primary key) is an error. */
     if (prepare(db, "BEGIN IMMEDIATE", &s->begin) || prepare(db, "COMMIT", &s->commit) ||
@@ -327,6 +422,13 @@ static int prepare_writer(sqlite_store_t *s) {
         return CHAT_EIO;
     }
     return 0;
+}
+
+static void close_checkpointer_db(sqlite_store_t *s) {
+    if (s->cdb && sqlite3_close(s->cdb) != SQLITE_OK) {
+        log_error("store_close_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->cdb));
+    }
+    s->cdb = NULL;
 }
 
 static void close_writer_db(sqlite_store_t *s) {
@@ -672,6 +774,7 @@ static void reader_main(void *arg) {
 /* ---- the loop side --------------------------------------------------------------------- */
 
 static void free_store(sqlite_store_t *s) {
+    uv_cond_destroy(&s->ccond);
     uv_cond_destroy(&s->rcond);
     uv_cond_destroy(&s->wcond);
     uv_mutex_destroy(&s->lock);
@@ -693,8 +796,10 @@ static void on_closed(uv_handle_t *h) {
 static void finish(sqlite_store_t *s) {
     s->finishing = true;
     for (int i = 0; i < s->n_readers_started; i++) uv_thread_join(&s->readers[i].tid);
+    if (s->ckpt_started) uv_thread_join(&s->ckpt_thread);
     if (s->writer_started) uv_thread_join(&s->writer);
     for (int i = 0; i < N_READERS; i++) close_reader_db(&s->readers[i]);
+    close_checkpointer_db(s);
     close_writer_db(s);
     uv_close((uv_handle_t *)&s->async, on_closed);
 }
@@ -736,6 +841,7 @@ static void stop_threads(sqlite_store_t *s) {
     uv_mutex_unlock(&s->lock);
     uv_cond_broadcast(&s->wcond);
     uv_cond_broadcast(&s->rcond);
+    uv_cond_broadcast(&s->ccond);
 }
 
 /* ---- the ops ------------------------------------------------------------------------- */
@@ -848,6 +954,7 @@ int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *er
     if (uv_mutex_init(&s->wdb_lock)) goto fail_lock;
     if (uv_cond_init(&s->wcond)) goto fail_wdb_lock;
     if (uv_cond_init(&s->rcond)) goto fail_wcond;
+    if (uv_cond_init(&s->ccond)) goto fail_rcond;
 
     if ((rc = make_parent_dir(path, err, errlen)) != 0) goto fail_sync;
     if ((rc = open_db(&s->wdb, path, false, err, errlen)) != 0) goto fail_sync;
@@ -864,16 +971,21 @@ int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *er
     for (int i = 0; i < N_READERS; i++) {
         if ((rc = open_reader(s, &s->readers[i], err, errlen)) != 0) goto fail_dbs;
     }
+    if ((rc = open_db(&s->cdb, path, false, err, errlen)) != 0) goto fail_dbs;
+    rc = CHAT_EIO;
     if (uv_async_init(loop, &s->async, on_async)) goto fail_dbs;
     s->async.data = s;
 
-    /* Readers first: the writer, on its way out, waits for readers_live to reach zero. */
-    s->threads_live = N_READERS + 1;
-    s->readers_live = N_READERS;
+    /* Readers and checkpointer first: the writer, on its way out, waits for readers_live
+     * to reach zero. Each thread counted here decrements both counts as it exits. */
+    s->threads_live = N_READERS + 2;
+    s->readers_live = N_READERS + 1;
     for (int i = 0; i < N_READERS; i++) {
         if (uv_thread_create(&s->readers[i].tid, reader_main, &s->readers[i])) goto fail_threads;
         s->n_readers_started++;
     }
+    if (uv_thread_create(&s->ckpt_thread, checkpointer_main, s)) goto fail_threads;
+    s->ckpt_started = true;
     if (uv_thread_create(&s->writer, writer_main, s)) goto fail_threads;
     s->writer_started = true;
     log_info("store_opened backend=sqlite path=%s readers=%d", path, N_READERS);
@@ -890,8 +1002,11 @@ fail_threads:
     return CHAT_EIO;
 fail_dbs:
     for (int i = 0; i < N_READERS; i++) close_reader_db(&s->readers[i]);
+    close_checkpointer_db(s);
     close_writer_db(s);
 fail_sync:
+    uv_cond_destroy(&s->ccond);
+fail_rcond:
     uv_cond_destroy(&s->rcond);
 fail_wcond:
     uv_cond_destroy(&s->wcond);
