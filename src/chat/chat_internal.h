@@ -99,6 +99,7 @@ typedef struct http_peer {
     peer_t peer;
     http_reader_t reader;
     bool busy;      /* a request waits for the store */
+    bool head;      /* the request being answered is a HEAD: send no body */
     sbuf_t pending; /* bytes that arrived meanwhile, parsed after its answer */
 } http_peer_t;
 

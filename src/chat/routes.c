@@ -45,6 +45,12 @@ static void http__send(http_peer_t *hp, buf_t *resp, bool keep_alive) {
         buf_unref(resp);
         return;
     }
+    if (resp && hp->head) {
+        /* HEAD: the GET answer's head, Content-Length included, without its body. */
+        const char *end = memmem(resp->data, resp->len, "\r\n\r\n", 4);
+        if (end) resp->len = (size_t)(end + 4 - (const char *)resp->data);
+    }
+    hp->head = false;
     if (resp) conn_send_force(c, resp);
     buf_unref(resp);
     if (!resp || !keep_alive || s->stopping) conn_close(c);
@@ -270,7 +276,7 @@ static void http__messages(http_peer_t *hp, const http_request_t *req, const cha
     chat_server_t *s = hp->peer.srv;
     bool ka = req->keep_alive;
     if (req->method != HTTP_GET && req->method != HTTP_POST) {
-        http__not_allowed(hp, "GET, POST", ka);
+        http__not_allowed(hp, "GET, HEAD, POST", ka);
         return;
     }
     jwt_claims_t cl;
@@ -412,7 +418,7 @@ static void http__nodes(http_peer_t *hp, const http_request_t *req, bool connect
     chat_server_t *s = hp->peer.srv;
     bool ka = req->keep_alive;
     if (req->method != HTTP_GET) {
-        http__not_allowed(hp, "GET", ka);
+        http__not_allowed(hp, "GET, HEAD", ka);
         return;
     }
     jwt_claims_t cl;
@@ -538,8 +544,18 @@ static int http__match(const char *path, size_t n, const char *prefix, const cha
     return 1;
 }
 
-static void http__route(http_peer_t *hp, const http_request_t *req) {
+static void http__route(http_peer_t *hp, const http_request_t *in) {
     chat_server_t *s = hp->peer.srv;
+    /* HEAD is GET without the body (RFC 7231 4.3.2), except on the WebSocket path, where a
+     * GET would upgrade. http__send drops the body. */
+    http_request_t head_as_get;
+    const http_request_t *req = in;
+    if (in->method == HTTP_HEAD && !(in->path_len >= 9 && memcmp(in->path, "/ws/chat/", 9) == 0)) {
+        head_as_get = *in;
+        head_as_get.method = HTTP_GET;
+        req = &head_as_get;
+        hp->head = true;
+    }
     bool ka = req->keep_alive;
     const char *p = req->path;
     size_t n = req->path_len;
@@ -602,7 +618,7 @@ static void http__route(http_peer_t *hp, const http_request_t *req) {
     http__error(hp, 404, "not_found", "no such resource", ka);
     return;
 not_allowed:
-    http__not_allowed(hp, "GET", ka);
+    http__not_allowed(hp, "GET, HEAD", ka);
 }
 
 /* ---- the connection ------------------------------------------------------------------- */
@@ -617,6 +633,15 @@ static void http__drive(http_peer_t *hp, const uint8_t *data, size_t len) {
         if (hp->busy || conn_is_closing(hp->peer.conn)) break;
         http_reader_consume(&hp->reader);
         rc = http_reader_feed(&hp->reader, NULL, 0, &req);
+    }
+    size_t clen;
+    const char *cont = rc == 0 && hp->peer.conn && !conn_is_closing(hp->peer.conn)
+                           ? http_reader_continue(&hp->reader, &clen)
+                           : NULL;
+    if (cont) {
+        buf_t *b = buf_from(cont, clen);
+        if (b) conn_send_force(hp->peer.conn, b);
+        buf_unref(b);
     }
     if (rc < 0 && hp->peer.conn && !conn_is_closing(hp->peer.conn)) {
         int st = hp->reader.error_status ? hp->reader.error_status : 400;

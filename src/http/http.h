@@ -62,6 +62,9 @@ typedef struct http_reader {
     size_t body_off, body_len;
     bool headers_done;
     size_t head_len; /* bytes of the head (through the blank line) */
+    /* The head asked "Expect: 100-continue" and the body is still to come: the caller
+     * answers "100 Continue" (http_reader_continue) so that the client sends it. */
+    bool expect_continue;
 } http_reader_t;
 
 void http_reader_init(http_reader_t *r);
@@ -80,6 +83,10 @@ void http_reader_consume(http_reader_t *r);
 /* After an upgrade request: the bytes after its head (already received, belonging to the
  * new protocol). Valid until the next call on r. */
 const char *http_reader_rest(const http_reader_t *r, size_t *len);
+
+/* After http_reader_feed returned 0: the interim "HTTP/1.1 100 Continue" response to send
+ * now (a static string, len in *len), or NULL. Returns it once per request. */
+const char *http_reader_continue(http_reader_t *r, size_t *len);
 
 /* Case-insensitive header lookup; returns the first value (not NUL-terminated) or NULL. */
 const char *http_header(const http_request_t *req, const char *name, size_t *len);

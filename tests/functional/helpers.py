@@ -262,7 +262,7 @@ class HttpConn:
             raw.append((k.strip(), v.strip()))
         headers = {k.lower(): v for k, v in raw}
         body = b""
-        if head or status == 101 or status == 204 or status == 304:
+        if head or status < 200 or status == 204 or status == 304:
             pass
         elif "chunked" in headers.get("transfer-encoding", "").lower():
             while True:

@@ -8,12 +8,14 @@ import pytest
 
 from helpers import (
     HttpConn,
+    build_request,
     check_id,
     check_ts,
     make_jwt,
     metric_names,
     metric_value,
     parse_metrics,
+    upgrade_headers,
     wait_until,
 )
 
@@ -429,3 +431,66 @@ def test_metrics_names_and_counters(server):
     wait_until(lambda: (metric_value(parse_metrics(server.metrics_text()), "chat_ws_closes_total",
                                      code="1000") or 0) >= 1,
                what='chat_ws_closes_total{code="1000"} >= 1')
+
+
+# ---- HEAD and Expect: 100-continue --------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/healthz", "/metrics", "/", "/api/chats/general/messages?limit=5",
+                                  "/nope"])
+def test_head_is_get_without_body(server, path):
+    h = server.auth("alice")
+    c = HttpConn(server.port)
+    try:
+        got = c.request("GET", path, headers=h)
+        head = c.request("HEAD", path, headers=h)
+        # the connection is still in step: nothing of a body came after the HEAD answer
+        again = c.request("GET", "/healthz")
+    finally:
+        c.close()
+    assert head.status == got.status
+    assert head.body == b""
+    assert head.headers.get("content-type") == got.headers.get("content-type")
+    if path != "/metrics":  # the metrics text changes between two requests
+        assert int(head.headers["content-length"]) == len(got.body)
+    assert again.status == 200 and again.body == b'{"status":"ok"}'
+
+
+def test_head_on_ws_path_is_405_not_an_upgrade(server):
+    h = upgrade_headers()
+    c = HttpConn(server.port)
+    try:
+        r = c.request("HEAD", "/ws/chat/general?token=" + server.token("alice"), headers=h)
+    finally:
+        c.close()
+    assert r.status == 405 and r.headers.get("allow") == "GET"
+
+
+def test_expect_100_continue_gets_100_before_the_body(server):
+    body = json.dumps({"message": "x" * 2000, "client_id": "cont-1"}).encode()
+    h = server.auth("bot")
+    h.update({"Content-Type": "application/json", "Content-Length": str(len(body)),
+              "Expect": "100-continue"})
+    c = HttpConn(server.port)
+    try:
+        c.send(build_request("POST", "/api/chats/general/messages", h))
+        interim = c.read_response(timeout=3)
+        assert interim.status == 100, interim
+        c.send(body)
+        r = c.read_response(timeout=5)
+    finally:
+        c.close()
+    assert r.status == 201, r
+    assert json.loads(r.body)["message"] == "x" * 2000
+
+
+def test_expect_100_continue_with_too_large_body_is_413_at_once(server):
+    h = server.auth("bot")
+    h.update({"Content-Type": "application/json", "Content-Length": str(64 * 1024 * 1024),
+              "Expect": "100-continue"})
+    c = HttpConn(server.port)
+    try:
+        c.send(build_request("POST", "/api/chats/general/messages", h))
+        r = c.read_response(timeout=3)
+    finally:
+        c.close()
+    assert_json_error(r, 413)

@@ -131,6 +131,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             require(http_reader_feed(&r, "GET / HTTP/1.1\r\n\r\n", 18, &q) == rc);
             break;
         }
+        if (rc == 0) { /* an interim 100 is only ever the fixed line, and only once */
+            size_t cl = 0;
+            const char *c = http_reader_continue(&r, &cl);
+            require(!c || (cl == 25 && memcmp(c, "HTTP/1.1 100 Continue\r\n\r\n", 25) == 0));
+            require(!c || http_reader_continue(&r, &cl) == NULL);
+        }
         /* memory follows the limits, whatever was sent */
         require(r.len <= 2 * (MAX_HEAD + MAX_BODY) + 64 * 1024 + 256);
         if (off == size) break;

@@ -73,6 +73,53 @@ static const char chunked_req[] = "POST /upload HTTP/1.1\r\n"
 
 /* ---- reader: basics ------------------------------------------------------------------- */
 
+/* Expect: 100-continue is answered once, only while the body is still to come, and only
+ * for HTTP/1.1 requests that have one; the request then completes as usual. */
+static void test_expect_continue(void) {
+    const char head[] = "POST /api/chats/c/messages HTTP/1.1\r\nHost: x\r\n"
+                        "Expect: 100-Continue \r\nContent-Length: 5\r\n\r\n";
+    http_reader_t r;
+    http_request_t q;
+    size_t n = 0;
+    http_reader_init(&r);
+    CHECK_INT(http_reader_feed(&r, head, strlen(head), &q), 0);
+    const char *c = http_reader_continue(&r, &n);
+    CHECK(c != NULL);
+    CHECK_SPAN(c, n, "HTTP/1.1 100 Continue\r\n\r\n");
+    CHECK(http_reader_continue(&r, &n) == NULL); /* once */
+    CHECK_INT(http_reader_feed(&r, "hello", 5, &q), 1);
+    CHECK_SPAN(q.body, q.body_len, "hello");
+    CHECK(http_reader_continue(&r, &n) == NULL);
+    http_reader_consume(&r);
+    /* the whole request at once: nothing to wait for, no 100 */
+    char whole[256];
+    snprintf(whole, sizeof whole, "%shello", head);
+    CHECK_INT(http_reader_feed(&r, whole, strlen(whole), &q), 1);
+    CHECK(http_reader_continue(&r, &n) == NULL);
+    http_reader_consume(&r);
+    /* no body, or HTTP/1.0, or another expectation: no 100 */
+    const char *none[] = {
+        "GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+        "POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        "POST / HTTP/1.1\r\nExpect: 200-ok\r\nContent-Length: 5\r\n\r\n",
+    };
+    for (size_t i = 0; i < sizeof none / sizeof none[0]; i++) {
+        http_reader_free(&r);
+        http_reader_init(&r);
+        int rc = http_reader_feed(&r, none[i], strlen(none[i]), &q);
+        CHECK(rc >= 0);
+        CHECK(http_reader_continue(&r, &n) == NULL);
+    }
+    http_reader_free(&r);
+    /* chunked bodies get their 100 as well */
+    const char chunked[] = "POST / HTTP/1.1\r\nExpect: 100-continue\r\n"
+                           "Transfer-Encoding: chunked\r\n\r\n";
+    http_reader_init(&r);
+    CHECK_INT(http_reader_feed(&r, chunked, strlen(chunked), &q), 0);
+    CHECK(http_reader_continue(&r, &n) != NULL);
+    http_reader_free(&r);
+}
+
 static void test_get_with_query(void) {
     const char s[] = "GET /api/chats/general/messages?before=123&limit=50 HTTP/1.1\r\n"
                      "Host: chat.example:8000\r\n"
@@ -816,6 +863,7 @@ static void test_error_json(void) {
 
 int main(void) {
     RUN(test_get_with_query);
+    RUN(test_expect_continue);
     RUN(test_target_forms);
     RUN(test_post_body_in_pieces);
     RUN(test_chunked_body);
