@@ -190,6 +190,8 @@ typedef struct in_msg {
     in_kind_t kind;
     uint64_t t_ns;   /* IN_PUB: the send time it carries */
     uint32_t sender; /* IN_PUB: the index of the connection that sent it */
+    uint32_t node;   /* IN_PUB: the sender's node (its index in --port), if has_node */
+    bool has_node;
     uint32_t id;     /* IN_REPLY: the command id it answers */
     bool failed;     /* IN_REPLY: it carries an error */
     char code[40];   /* IN_ERROR, failed IN_REPLY: the server's error code */
@@ -305,6 +307,8 @@ struct bench {
     uint64_t rx_acked, rx_delivered;
     uint64_t prog_sent, prog_delivered, prog_acked; /* at the last progress line */
     hist_t lat, ack_lat, connect_lat, lag;
+    /* a cluster (--port lists several nodes): lat split by where the sender was connected */
+    hist_t lat_same, lat_cross;
     counters_t errors, closes;
     uint64_t teardown_clean, teardown_forced, teardown_aborted;
     sbuf_t scratch;
@@ -326,11 +330,16 @@ static void chatd_path(const bench_t *b, const bconn_t *c, const char *token, sb
 static void chatd_none(const bench_t *b, const bconn_t *c, const char *token, sbuf_t *out) {}
 static void chatd_no_sub(const bench_t *b, const bconn_t *c, sbuf_t *out) {}
 
-/* The text is "t=<send ns>;s=<sender>;" padded with 'x' to --size bytes. */
+/* The node a connection is on: its index in the --port list. */
+static uint32_t node_of(const bench_t *b, uint32_t idx) {
+    return b->o.n_ports > 1 ? idx % b->o.n_ports : 0;
+}
+
+/* The text is "t=<send ns>;s=<sender>;n=<sender's node>;" padded with 'x' to --size bytes. */
 static void put_text(const bench_t *b, const bconn_t *c, uint64_t t_ns, sbuf_t *out,
                      size_t overhead) {
     size_t before = out->len;
-    sbuf_printf(out, "t=%" PRIu64 ";s=%u;", t_ns, c->idx);
+    sbuf_printf(out, "t=%" PRIu64 ";s=%u;n=%u;", t_ns, c->idx, node_of(b, c->idx));
     size_t have = out->len - before + overhead;
     char pad[64];
     memset(pad, 'x', sizeof pad);
@@ -382,6 +391,12 @@ static void chatd_classify(const char *p, size_t n, in_msg_t *m) {
         t += 3;
         m->sender = (uint32_t)parse_u64(t, (size_t)(end - t), &used);
         if (!used || t + used >= end || t[used] != ';') return;
+        t += used + 1;
+        if (end - t >= 2 && memcmp(t, "n=", 2) == 0) { /* the sender's node (optional) */
+            t += 2;
+            m->node = (uint32_t)parse_u64(t, (size_t)(end - t), &used);
+            m->has_node = used && t + used < end && t[used] == ';';
+        }
         m->kind = IN_PUB;
     } else if (left >= 6 && memcmp(ev, "error\"", 6) == 0) {
         m->kind = IN_ERROR;
@@ -411,13 +426,15 @@ static void cf_subscribe(const bench_t *b, const bconn_t *c, sbuf_t *out) {
     sbuf_printf(out, "{\"id\":2,\"subscribe\":{\"channel\":\"bench:bench-%u\"}}", c->chat);
 }
 
-/* The data object {"t":..,"s":..,"text":"t=..;s=..;xxx"} is padded to about --size bytes. */
+/* The data object {"t":..,"s":..,"n":..,"text":"t=..;s=..;n=..;xxx"} is padded to about
+ * --size bytes. */
 static void cf_publish(const bench_t *b, bconn_t *c, uint64_t t_ns, sbuf_t *out) {
     uint32_t id = c->next_id++;
     sbuf_printf(out, "{\"id\":%u,\"publish\":{\"channel\":\"bench:bench-%u\",\"data\":", id,
                 c->chat);
     size_t d0 = out->len;
-    sbuf_printf(out, "{\"t\":%" PRIu64 ",\"s\":%u,\"text\":\"", t_ns, c->idx);
+    sbuf_printf(out, "{\"t\":%" PRIu64 ",\"s\":%u,\"n\":%u,\"text\":\"", t_ns, c->idx,
+                node_of(b, c->idx));
     put_text(b, c, t_ns, out, out->len - d0 + 2);
     sbuf_puts(out, "\"}}}");
     if (c->ring) {
@@ -448,9 +465,18 @@ static void cf_classify(const char *p, size_t n, in_msg_t *m) {
     if (!q) return;
     const char *pub = memmem(q, (size_t)(end - q), "\"pub\":", 6);
     if (!pub) {
+        const char *u;
         if (memmem(q, (size_t)(end - q), "\"disconnect\":", 13)) {
             m->kind = IN_ERROR;
             snprintf(m->code, sizeof m->code, "disconnect");
+        } else if ((u = memmem(q, (size_t)(end - q), "\"unsubscribe\":", 14))) {
+            /* the server dropped the subscription (e.g. 2500, insufficient state: it lost
+             * publications of the channel); chat-bench does not resubscribe, so what follows
+             * is lost and refused, and this says why */
+            char code[24];
+            copy_code(u, (size_t)(end - u), "\"code\":", code, sizeof code);
+            m->kind = IN_ERROR;
+            snprintf(m->code, sizeof m->code, "unsubscribe_%s", code[0] ? code : "unknown");
         }
         return;
     }
@@ -463,6 +489,12 @@ static void cf_classify(const char *p, size_t n, in_msg_t *m) {
     d += 5;
     m->sender = (uint32_t)parse_u64(d, (size_t)(end - d), &used);
     if (!used) return;
+    d += used;
+    if (end - d >= 5 && memcmp(d, ",\"n\":", 5) == 0) { /* the sender's node (optional) */
+        d += 5;
+        m->node = (uint32_t)parse_u64(d, (size_t)(end - d), &used);
+        m->has_node = used > 0;
+    }
     m->kind = IN_PUB;
 }
 
@@ -809,6 +841,14 @@ static void schedule_publishes(bench_t *b, uint64_t now) {
 }
 
 /* ---- incoming messages ---------------------------------------------------------------------- */
+/* A cluster: the histogram of a delivery to c by whether its sender was on c's node (the
+ * node travels in the message; a payload without it: derived from the sender's index). */
+static hist_t *node_hist(bench_t *b, const bconn_t *c, const in_msg_t *m) {
+    if (b->o.n_ports < 2) return NULL;
+    uint32_t from = m->has_node ? m->node : node_of(b, m->sender);
+    return from == node_of(b, c->idx) ? &b->lat_same : &b->lat_cross;
+}
+
 static void handle_message(bconn_t *c, const char *p, size_t n) {
     bench_t *b = c->b;
     in_msg_t m;
@@ -819,8 +859,11 @@ static void handle_message(bconn_t *c, const char *p, size_t n) {
         b->delivered_all++;
         if (b->phase == PH_MEASURE) b->rx_delivered++;
         if (measured(b, m.t_ns)) {
+            uint64_t us = b->rx_ns > m.t_ns ? (b->rx_ns - m.t_ns) / 1000 : 0;
             b->delivered++;
-            hist_record(&b->lat, b->rx_ns > m.t_ns ? (b->rx_ns - m.t_ns) / 1000 : 0);
+            hist_record(&b->lat, us);
+            hist_t *split = node_hist(b, c, &m);
+            if (split) hist_record(split, us);
         }
         if (!b->proto->ack_by_reply && m.sender == c->idx && c->publisher)
             on_ack(b, c, true, true, m.t_ns);
@@ -858,8 +901,9 @@ static void handle_message(bconn_t *c, const char *p, size_t n) {
         char k[56];
         snprintf(k, sizeof k, "server_error_%s", m.code[0] ? m.code : "unknown");
         count_key(&b->errors, k);
-        /* chatd answers a refused publish with an error event to the sender only */
-        if (c->publisher && c->inflight) on_ack(b, c, false, false, 0);
+        /* chatd answers a refused publish with an error event to the sender only (where a
+         * reply acknowledges, the refusal is that reply) */
+        if (!b->proto->ack_by_reply && c->publisher && c->inflight) on_ack(b, c, false, false, 0);
         break;
     }
     case IN_PING:
@@ -1233,13 +1277,17 @@ static void progress(bench_t *b, uint64_t now) {
     if (!b->o.json_only) {
         fprintf(stderr,
                 "chat-bench: %6.1fs %-8s conns=%u/%u failed=%u sends/s=%.0f acks/s=%.0f "
-                "deliveries/s=%.0f p50=%.2fms p99=%.2fms errors=%" PRIu64 "\n",
+                "deliveries/s=%.0f p50=%.2fms p99=%.2fms errors=%" PRIu64 "%s",
                 (double)(now - b->t0) / 1e9, phase_names[b->phase], b->ready, b->o.connections,
                 b->failed, (double)(b->sent_all - b->prog_sent) / dt,
                 (double)(b->acked_all - b->prog_acked) / dt,
                 (double)(b->delivered_all - b->prog_delivered) / dt,
                 (double)hist_pct(&b->lat, 500) / 1000, (double)hist_pct(&b->lat, 990) / 1000,
-                b->errors.total);
+                b->errors.total, b->o.n_ports > 1 ? "" : "\n");
+        if (b->o.n_ports > 1)
+            fprintf(stderr, " cross-node p50=%.2fms p99=%.2fms\n",
+                    (double)hist_pct(&b->lat_cross, 500) / 1000,
+                    (double)hist_pct(&b->lat_cross, 990) / 1000);
     }
     b->prog_sent = b->sent_all;
     b->prog_acked = b->acked_all;
@@ -1432,6 +1480,10 @@ static void report(bench_t *b) {
                   (json_int_t)b->rx_delivered, "deliveries_per_s",
                   meas > 0 ? round_to(b->rx_delivered / meas, 0.1) : 0.0));
     json_object_set_new(r, "latency_us", hist_json(&b->lat));
+    if (o->n_ports > 1) { /* the same deliveries, by whether they crossed nodes */
+        json_object_set_new(r, "latency_same_node_us", hist_json(&b->lat_same));
+        json_object_set_new(r, "latency_cross_node_us", hist_json(&b->lat_cross));
+    }
     json_object_set_new(r, "ack_latency_us", hist_json(&b->ack_lat));
     json_object_set_new(r, "schedule_lag_us", hist_json(&b->lag));
     json_object_set_new(r, "errors", json_pack("{s:I,s:o}", "total", (json_int_t)b->errors.total,
@@ -1533,6 +1585,21 @@ static void test_chatd_classify(void) {
     CHECK_INT(m.kind, IN_PUB);
     CHECK_INT(m.t_ns, 123456789);
     CHECK_INT(m.sender, 3);
+    CHECK(!m.has_node); /* a payload without the node */
+    const char *noded = "{\"event\":\"message:message\",\"user_from\":\"bench-u5\","
+                        "\"message\":\"t=99;s=5;n=2;xxxx\"}";
+    memset(&m, 0, sizeof m);
+    chatd_classify(noded, strlen(noded), &m);
+    CHECK_INT(m.kind, IN_PUB);
+    CHECK_INT(m.t_ns, 99);
+    CHECK_INT(m.sender, 5);
+    CHECK(m.has_node);
+    CHECK_INT(m.node, 2);
+    const char *badnode = "{\"event\":\"message:message\",\"message\":\"t=99;s=5;n=2x\"}";
+    memset(&m, 0, sizeof m);
+    chatd_classify(badnode, strlen(badnode), &m);
+    CHECK_INT(m.kind, IN_PUB); /* still a delivery, the node unknown */
+    CHECK(!m.has_node);
     const char *err = "{\"event\":\"error\",\"code\":\"store_unavailable\",\"detail\":\"x\"}";
     memset(&m, 0, sizeof m);
     chatd_classify(err, strlen(err), &m);
@@ -1557,6 +1624,16 @@ static void test_centrifugo_classify(void) {
     CHECK_INT(m.kind, IN_PUB);
     CHECK_INT(m.t_ns, 77);
     CHECK_INT(m.sender, 12);
+    CHECK(!m.has_node);
+    const char *noded = "{\"push\":{\"channel\":\"bench:bench-0\",\"pub\":{\"data\":{\"t\":78,"
+                        "\"s\":13,\"n\":1,\"text\":\"t=78;s=13;n=1;\"},\"offset\":4}}}";
+    memset(&m, 0, sizeof m);
+    cf_classify(noded, strlen(noded), &m);
+    CHECK_INT(m.kind, IN_PUB);
+    CHECK_INT(m.t_ns, 78);
+    CHECK_INT(m.sender, 13);
+    CHECK(m.has_node);
+    CHECK_INT(m.node, 1);
     const char *rep = "{\"id\":42,\"publish\":{}}";
     memset(&m, 0, sizeof m);
     cf_classify(rep, strlen(rep), &m);
@@ -1572,6 +1649,12 @@ static void test_centrifugo_classify(void) {
     memset(&m, 0, sizeof m);
     cf_classify("{}", 2, &m);
     CHECK_INT(m.kind, IN_PING);
+    const char *unsub = "{\"push\":{\"channel\":\"bench:bench-0\",\"unsubscribe\":{\"code\":2500,"
+                        "\"reason\":\"insufficient state\"}}}";
+    memset(&m, 0, sizeof m);
+    cf_classify(unsub, strlen(unsub), &m);
+    CHECK_INT(m.kind, IN_ERROR);
+    CHECK_STR(m.code, "unsubscribe_2500");
 }
 
 static void test_publish_size(void) {
@@ -1585,7 +1668,7 @@ static void test_publish_size(void) {
     b->o.size = 100;
     sbuf_t sb = {0};
     chatd_publish(b, &c, 1234, &sb);
-    const char *pre = "{\"event\":\"message:message\",\"message\":\"t=1234;s=7;xxx";
+    const char *pre = "{\"event\":\"message:message\",\"message\":\"t=1234;s=7;n=0;xxx";
     CHECK(sb.len == strlen("{\"event\":\"message:message\",\"message\":\"\"}") + 100);
     CHECK_MEM(sb.p, pre, strlen(pre));
     sb.len = 0;
@@ -1594,7 +1677,64 @@ static void test_publish_size(void) {
     CHECK_MEM(sb.p, cpre, strlen(cpre));
     const char *data = strstr(sb.p, "\"data\":") + 7;
     CHECK_INT((long long)(sb.p + sb.len - 2 - data), 100); /* the data object is --size bytes */
+
+    /* a cluster of 3: connection 7 is on node 1, and its messages say so */
+    b->o.n_ports = 3;
+    sb.len = 0;
+    chatd_publish(b, &c, 1234, &sb);
+    pre = "{\"event\":\"message:message\",\"message\":\"t=1234;s=7;n=1;xxx";
+    CHECK(sb.len == strlen("{\"event\":\"message:message\",\"message\":\"\"}") + 100);
+    CHECK_MEM(sb.p, pre, strlen(pre));
+    in_msg_t m;
+    memset(&m, 0, sizeof m);
+    chatd_classify(sb.p, sb.len, &m); /* the event carries the text as sent */
+    CHECK_INT(m.kind, IN_PUB);
+    CHECK_INT(m.t_ns, 1234);
+    CHECK_INT(m.sender, 7);
+    CHECK(m.has_node);
+    CHECK_INT(m.node, 1);
+    sb.len = 0;
+    cf_publish(b, &c, 1234, &sb);
+    data = strstr(sb.p, "\"data\":") + 7;
+    CHECK_INT((long long)(sb.p + sb.len - 2 - data), 100);
+    sbuf_t push = {0}; /* what a subscriber gets: the data object inside a push */
+    sbuf_puts(&push, "{\"push\":{\"channel\":\"bench:bench-2\",\"pub\":{\"data\":");
+    sbuf_put(&push, data, (size_t)(sb.p + sb.len - 2 - data));
+    sbuf_puts(&push, ",\"offset\":1}}}");
+    memset(&m, 0, sizeof m);
+    cf_classify(push.p, push.len, &m);
+    CHECK_INT(m.kind, IN_PUB);
+    CHECK_INT(m.t_ns, 1234);
+    CHECK_INT(m.sender, 7);
+    CHECK(m.has_node);
+    CHECK_INT(m.node, 1);
+    sbuf_free(&push);
     sbuf_free(&sb);
+    free(b);
+}
+
+/* Deliveries split by node: same node when the sender's node is the receiver's. */
+static void test_node_split(void) {
+    bench_t *b = calloc(1, sizeof *b);
+    CHECK(b != NULL);
+    bconn_t c;
+    memset(&c, 0, sizeof c);
+    c.idx = 4; /* node 1 of 3 */
+    in_msg_t m;
+    memset(&m, 0, sizeof m);
+    m.kind = IN_PUB;
+    m.sender = 1;
+    b->o.n_ports = 1;
+    CHECK(node_hist(b, &c, &m) == NULL); /* one node: no split */
+    b->o.n_ports = 3;
+    CHECK(node_hist(b, &c, &m) == &b->lat_same); /* derived: sender 1 is on node 1 */
+    m.sender = 2;
+    CHECK(node_hist(b, &c, &m) == &b->lat_cross);
+    m.has_node = true; /* carried: it wins over the derivation */
+    m.node = 1;
+    CHECK(node_hist(b, &c, &m) == &b->lat_same);
+    m.node = 0;
+    CHECK(node_hist(b, &c, &m) == &b->lat_cross);
     free(b);
 }
 
@@ -1604,6 +1744,7 @@ static int self_test(void) {
     RUN(test_chatd_classify);
     RUN(test_centrifugo_classify);
     RUN(test_publish_size);
+    RUN(test_node_split);
     return test_summary("chat-bench self-test");
 }
 
