@@ -768,6 +768,64 @@ static void test_wal_checkpointed_in_background(void) {
     CHECK_INT(fx_done(&f), 0);
 }
 
+/* Another process holds the write lock (a second node on the same file): an append waits
+ * for it and succeeds once it is released; held past the 5 s deadline, the append fails
+ * with CHAT_EIO and the store keeps working. */
+typedef struct lock_holder {
+    const char *path;
+    int hold_ms;
+    int rc;
+    volatile int locked; /* set once the lock is held */
+} lock_holder_t;
+
+static void hold_lock(void *arg) {
+    lock_holder_t *lh = arg;
+    sqlite3 *db = NULL;
+    lh->rc = sqlite3_open(lh->path, &db);
+    if (lh->rc == SQLITE_OK) lh->rc = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    if (lh->rc == SQLITE_OK) {
+        sqlite3_exec(db, "INSERT INTO messages (chat_id, id, user_from, message, created_at)"
+                         " VALUES ('other', 1, 'bob', 'from the other node', 1)",
+                     NULL, NULL, NULL);
+        __atomic_store_n(&lh->locked, 1, __ATOMIC_RELEASE);
+        struct timespec ts = {lh->hold_ms / 1000, (long)(lh->hold_ms % 1000) * 1000000};
+        nanosleep(&ts, NULL);
+        lh->rc = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+    }
+    sqlite3_close(db);
+    __atomic_store_n(&lh->locked, 1, __ATOMIC_RELEASE); /* also on failure: never wait forever */
+}
+
+static void test_waits_for_another_writer(void) {
+    fx_t f;
+    CHECK(fx_init(&f));
+    CHECK_INT(fx_open(&f), 0);
+    CHECK_INT(append1(&f, "c", "alice", "first", NULL, 1), 0);
+    struct { int hold_ms; int want; } cases[] = {{300, 0}, {5600, CHAT_EIO}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        lock_holder_t lh = {f.path, cases[i].hold_ms, -1, 0};
+        uv_thread_t t;
+        CHECK_INT(uv_thread_create(&t, hold_lock, &lh), 0);
+        while (!__atomic_load_n(&lh.locked, __ATOMIC_ACQUIRE)) {
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+        uint64_t t0 = uv_hrtime();
+        CHECK_INT(append1(&f, "c", "alice", "waited", NULL, 10 + i), cases[i].want);
+        double waited_ms = (double)(uv_hrtime() - t0) / 1e6;
+        uv_thread_join(&t);
+        CHECK_INT(lh.rc, SQLITE_OK);
+        fprintf(stderr, "  lock held %d ms: append %s after %.0f ms\n", cases[i].hold_ms,
+                cases[i].want ? "failed" : "stored", waited_ms);
+        CHECK_INT(query_int(f.path, "SELECT count(*) FROM messages WHERE chat_id = 'other'"), 1);
+        CHECK_INT(store_sqlite_exec(f.s, "DELETE FROM messages WHERE chat_id = 'other'"), 0);
+    }
+    /* the store goes on */
+    CHECK_INT(append1(&f, "c", "alice", "after", NULL, 100), 0);
+    CHECK_INT(query_int(f.path, "SELECT count(*) FROM messages WHERE chat_id = 'c'"), 3);
+    CHECK_INT(fx_done(&f), 0);
+}
+
 /* Readers run while the writer commits: every page they return is a consistent, ordered
  * snapshot, and the last read sees everything. */
 typedef struct rw {
@@ -1079,6 +1137,7 @@ int main(void) {
     RUN(test_durability_reopen);
     RUN(test_group_commit);
     RUN(test_wal_checkpointed_in_background);
+    RUN(test_waits_for_another_writer);
     RUN(test_reads_while_writing);
     RUN(test_disk_full_fails_whole_batch);
     RUN(test_close_drains);
