@@ -375,12 +375,22 @@ static void copy_code(const char *p, size_t n, const char *key, char *out, size_
  * the send time and sender are found by their literal prefix. */
 static void chatd_classify(const char *p, size_t n, in_msg_t *m) {
     m->kind = IN_OTHER;
-    const char *ev = memmem(p, n, "\"event\":\"", 9);
+    /* Fast paths first, memmem only when they miss: chatd puts "event" first, and the first
+     * '=' of an event we sent is the one of "t=". glibc's memmem sets up a shift table on
+     * every call: two of them per frame were 15% of the client's CPU at 2M deliveries/s. */
+    const char *ev = n > 10 && memcmp(p + 1, "\"event\":\"", 9) == 0
+                         ? p + 1
+                         : memmem(p, n, "\"event\":\"", 9);
     if (!ev) return;
     ev += 9;
     size_t left = (size_t)(p + n - ev);
     if (left >= 16 && memcmp(ev, "message:message\"", 16) == 0) {
-        const char *t = memmem(p, n, "\"message\":\"t=", 13);
+        const char *t = memchr(p, '=', n);
+        if (!t || t - p < 12 || memcmp(t - 12, "\"message\":\"t=", 13) != 0) {
+            t = memmem(p, n, "\"message\":\"t=", 13);
+        } else {
+            t -= 12;
+        }
         if (!t) return;
         t += 13;
         const char *end = p + n;
@@ -1613,6 +1623,14 @@ static void test_chatd_classify(void) {
     memset(&m, 0, sizeof m);
     chatd_classify(cut, strlen(cut), &m);
     CHECK_INT(m.kind, IN_OTHER);
+    /* the fast paths miss (another key first, an '=' before the text): same result */
+    const char *odd = "{\"chat_id\":\"a=b\",\"event\":\"message:message\","
+                      "\"message\":\"t=77;s=4;xx\"}";
+    memset(&m, 0, sizeof m);
+    chatd_classify(odd, strlen(odd), &m);
+    CHECK_INT(m.kind, IN_PUB);
+    CHECK_INT(m.t_ns, 77);
+    CHECK_INT(m.sender, 4);
 }
 
 static void test_centrifugo_classify(void) {
