@@ -50,10 +50,16 @@
  * thread at CKPT_START_FRAMES and does only the remainder itself, once it is at most
  * CKPT_INLINE_FRAMES: a WAL restarts from its beginning only after a checkpoint that ran
  * while nothing was appended, which only the writer can guarantee. If the WAL still reaches
- * CKPT_FORCE_FRAMES (the checkpointer cannot keep up) the writer copies it all itself. */
-#define CKPT_START_FRAMES 4096
+ * CKPT_FORCE_FRAMES (the checkpointer cannot keep up) the writer copies it all itself.
+ * Why 16384 (64 MB): a checkpoint writes each page once however often the WAL holds it, and
+ * with many active chats the same tail pages recur, so rarer checkpoints write less; and its
+ * burst of writes is what slows the WAL fsyncs beside it. 4096 measured p90 9 ms and p99
+ * 20 ms in the chat benchmark, 16384 p90 3 ms and p99 15 ms. WAL_KEEP_BYTES keeps the file at
+ * that size between cycles: truncating and growing it again cost more than it saves. */
+#define CKPT_START_FRAMES 16384
 #define CKPT_INLINE_FRAMES 256
 #define CKPT_FORCE_FRAMES 65536
+#define WAL_KEEP_BYTES "134217728"
 
 /* Version 1. Kept byte-for-byte equal, modulo comments and whitespace, to schema/sqlite.sql
  * (the unit test compares them). Why WITHOUT ROWID clustered on (chat_id, id): every read
@@ -112,6 +118,7 @@ struct sqlite_store {
     bool ckpt_started;
     sqlite3 *cdb;  /* the checkpointer's connection */
     int wal_prev;  /* frames in the WAL after the previous commit; under wdb_lock */
+    int ckpt_start; /* CKPT_START_FRAMES, unless a test asked for less */
     uv_async_t async;
 
     /* guarded by lock */
@@ -324,7 +331,7 @@ static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, si
                       "PRAGMA temp_store=MEMORY;"
                       "PRAGMA secure_delete=ON;"
                       "PRAGMA wal_autocheckpoint=8192;"
-                      "PRAGMA journal_size_limit=67108864;");
+                      "PRAGMA journal_size_limit=" WAL_KEEP_BYTES ";");
     } else {
         rc = exec(db, "PRAGMA cache_size=-16384;");
     }
@@ -350,11 +357,11 @@ static int on_wal_commit(void *arg, sqlite3 *db, const char *name, int frames) {
     sqlite_store_t *s = arg;
     bool restarted = frames < s->wal_prev;
     s->wal_prev = frames;
-    if (!restarted && frames < CKPT_START_FRAMES) return SQLITE_OK;
+    if (!restarted && frames < s->ckpt_start) return SQLITE_OK;
     bool copy_here = false;
     uv_mutex_lock(&s->lock);
     if (restarted) s->wal_gen++;
-    if (frames >= CKPT_START_FRAMES && !s->ckpt_busy) {
+    if (frames >= s->ckpt_start && !s->ckpt_busy) {
         int copied = s->ckpt_gen == s->wal_gen ? s->ckpt_done : 0;
         if (frames - copied <= CKPT_INLINE_FRAMES) {
             copy_here = true;
@@ -969,6 +976,7 @@ int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *er
     if (!s) return CHAT_ENOMEM;
     s->base.ops = &sqlite_ops;
     s->base.loop = loop;
+    s->ckpt_start = CKPT_START_FRAMES;
     int rc = CHAT_ENOMEM;
     if (!(s->path = strdup(path))) goto fail_free;
     rc = CHAT_EIO;
@@ -1069,4 +1077,11 @@ int store_sqlite_exec(store_t *base, const char *sql) {
     }
     uv_mutex_unlock(&s->wdb_lock);
     return rc == SQLITE_OK ? 0 : CHAT_EIO;
+}
+
+void store_sqlite_checkpoint_at(store_t *base, int frames) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    uv_mutex_lock(&s->wdb_lock);
+    s->ckpt_start = frames > CKPT_INLINE_FRAMES ? frames : CKPT_INLINE_FRAMES + 1;
+    uv_mutex_unlock(&s->wdb_lock);
 }

@@ -33,4 +33,8 @@ void store_sqlite_pause(store_t *s, bool paused);
  * caller's thread). 0 or CHAT_EIO. */
 int store_sqlite_exec(store_t *s, const char *sql);
 
+/* Tests: hand the WAL to the checkpointer thread at this many frames instead of 16384, so
+ * that a test sees several checkpoint cycles without writing hundreds of megabytes. */
+void store_sqlite_checkpoint_at(store_t *s, int frames);
+
 #endif

@@ -727,6 +727,7 @@ static void test_wal_checkpointed_in_background(void) {
     static burst_req_t reqs[ROUND];
     static char chats[CHATS][24];
     for (int c = 0; c < CHATS; c++) snprintf(chats[c], sizeof chats[c], "chat-%d", c);
+    store_sqlite_checkpoint_at(f.s, 4096);
     store_sqlite_stats_t st0, st1;
     store_sqlite_stats(f.s, &st0);
     char wal[200];
