@@ -387,30 +387,24 @@ static void on_written(uv_write_t *w, int status) {
 /* The frame of r on stream s into k->out. false: out of memory (nothing appended). */
 static bool encode_req(cq_conn_t *k, cql_req_t *r, int16_t s) {
     sbuf_t *sb = &k->out;
-    size_t at;
+    size_t at = sb->len;
     if (r->kind == RK_PREPARE) {
-        at = cql__frame_begin(sb, s, CQL_OP_PREPARE);
-        size_t qn = strlen(r->stmt->query);
-        uint8_t len[4] = {(uint8_t)(qn >> 24), (uint8_t)(qn >> 16), (uint8_t)(qn >> 8),
-                          (uint8_t)qn};
-        sbuf_put(sb, len, 4);
-        sbuf_put(sb, r->stmt->query, qn);
-    } else if (r->kind == RK_EXECUTE) {
+        if (cql_encode_prepare(sb, s, r->stmt->query) != 0 || sb->oom) {
+            sb->oom = false;
+            sb->len = at;
+            return false;
+        }
+        return true;
+    }
+    if (r->kind == RK_EXECUTE) {
         prep_t *pp = &k->preps[r->stmt->idx];
         at = cql__frame_begin(sb, s, CQL_OP_EXECUTE);
-        uint8_t len[2] = {(uint8_t)(pp->id_len >> 8), (uint8_t)pp->id_len};
-        sbuf_put(sb, len, 2);
-        sbuf_put(sb, pp->id, pp->id_len);
-        sbuf_put(sb, r->params.p, r->params.len);
+        cql__put_short_bytes(sb, pp->id, pp->id_len);
     } else {
         at = cql__frame_begin(sb, s, CQL_OP_QUERY);
-        size_t qn = strlen(r->query);
-        uint8_t len[4] = {(uint8_t)(qn >> 24), (uint8_t)(qn >> 16), (uint8_t)(qn >> 8),
-                          (uint8_t)qn};
-        sbuf_put(sb, len, 4);
-        sbuf_put(sb, r->query, qn);
-        sbuf_put(sb, r->params.p, r->params.len);
+        cql__put_long_string(sb, r->query, strlen(r->query));
     }
+    sbuf_put(sb, r->params.p, r->params.len);
     if (cql__frame_end(sb, at) != 0 || sb->oom) {
         sb->oom = false;
         sb->len = at;

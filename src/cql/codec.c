@@ -179,12 +179,21 @@ int cql_encode_auth_response(sbuf_t *sb, int16_t stream, const void *token, size
     return cql__frame_end(sb, at);
 }
 
+void cql__put_long_string(sbuf_t *sb, const char *s, size_t n) {
+    put_i32(sb, (int32_t)n);
+    sbuf_put(sb, s, n);
+}
+
+void cql__put_short_bytes(sbuf_t *sb, const uint8_t *p, size_t n) {
+    put_u16(sb, (uint16_t)n);
+    sbuf_put(sb, p, n);
+}
+
 int cql_encode_prepare(sbuf_t *sb, int16_t stream, const char *query) {
     size_t qn = strlen(query);
     if (qn > INT32_MAX) return CHAT_EINVAL;
     size_t at = cql__frame_begin(sb, stream, CQL_OP_PREPARE);
-    put_i32(sb, (int32_t)qn);
-    sbuf_put(sb, query, qn);
+    cql__put_long_string(sb, query, qn);
     return cql__frame_end(sb, at);
 }
 
@@ -261,8 +270,7 @@ int cql_encode_query(sbuf_t *sb, int16_t stream, const char *query, const cql_va
     size_t qn = strlen(query);
     if (qn > INT32_MAX) return CHAT_EINVAL;
     size_t at = cql__frame_begin(sb, stream, CQL_OP_QUERY);
-    put_i32(sb, (int32_t)qn);
-    sbuf_put(sb, query, qn);
+    cql__put_long_string(sb, query, qn);
     int rc = cql_encode_params(sb, vals, n_vals, p, consistency, serial);
     if (rc) {
         sb->len = at;
@@ -276,8 +284,7 @@ int cql_encode_execute(sbuf_t *sb, int16_t stream, const uint8_t *id, size_t id_
                        int consistency, int serial) {
     if (id_len > 0xffff) return CHAT_EINVAL;
     size_t at = cql__frame_begin(sb, stream, CQL_OP_EXECUTE);
-    put_u16(sb, (uint16_t)id_len);
-    sbuf_put(sb, id, id_len);
+    cql__put_short_bytes(sb, id, id_len);
     int rc = cql_encode_params(sb, vals, n_vals, p, consistency, serial);
     if (rc) {
         sb->len = at;

@@ -11,4 +11,11 @@ size_t cql__frame_begin(sbuf_t *sb, int16_t stream, uint8_t opcode);
  * CQL_MAX_BODY; 0 otherwise, also after an allocation failure: callers check sb->oom. */
 int cql__frame_end(sbuf_t *sb, size_t at);
 
+/* The start of a QUERY body (the query as a [long string]) and of an EXECUTE body (the
+ * prepared id as [short bytes]); the parameters follow, as cql_encode_params writes them.
+ * The client keeps a request's parameters encoded once and appends them to each frame it
+ * sends for it (a re-prepare sends it again). n must fit the field (the caller checks). */
+void cql__put_long_string(sbuf_t *sb, const char *s, size_t n);
+void cql__put_short_bytes(sbuf_t *sb, const uint8_t *p, size_t n);
+
 #endif
