@@ -350,6 +350,17 @@ fail_msg:
 
 static void close_checkpointer_db(sqlite_store_t *s);
 
+/* The last thing a reader or the checkpointer does, its connection closed: the writer may be
+ * waiting for the last such connection (see writer_main), the loop for the last thread. */
+static void side_thread_exit(sqlite_store_t *s) {
+    uv_mutex_lock(&s->lock);
+    s->readers_live--;
+    s->threads_live--;
+    uv_mutex_unlock(&s->lock);
+    uv_cond_broadcast(&s->wcond);
+    uv_async_send(&s->async);
+}
+
 /* Called by SQLite after every commit on the write connection, on whichever thread holds
  * wdb_lock, with the number of frames now in the WAL. Decides who checkpoints (see
  * CKPT_START_FRAMES). Replaces SQLite's automatic checkpoint on this connection. */
@@ -410,12 +421,7 @@ static void checkpointer_main(void *arg) {
         uv_mutex_unlock(&s->lock);
     }
     close_checkpointer_db(s);
-    uv_mutex_lock(&s->lock);
-    s->readers_live--;
-    s->threads_live--;
-    uv_mutex_unlock(&s->lock);
-    uv_cond_broadcast(&s->wcond); /* the writer may be waiting for the last connection */
-    uv_async_send(&s->async);
+    side_thread_exit(s);
 }
 
 static int prepare_writer(sqlite_store_t *s) {
@@ -792,12 +798,7 @@ static void reader_main(void *arg) {
         post_done(s, r, r, 1, 0);
     }
     close_reader_db(rd);
-    uv_mutex_lock(&s->lock);
-    s->readers_live--;
-    s->threads_live--;
-    uv_mutex_unlock(&s->lock);
-    uv_cond_broadcast(&s->wcond); /* the writer may be waiting for the last reader */
-    uv_async_send(&s->async);
+    side_thread_exit(s);
 }
 
 /* ---- the loop side --------------------------------------------------------------------- */
