@@ -547,14 +547,17 @@ static int http__match(const char *path, size_t n, const char *prefix, const cha
 static void http__route(http_peer_t *hp, const http_request_t *in) {
     chat_server_t *s = hp->peer.srv;
     /* HEAD is GET without the body (RFC 7231 4.3.2), except on the WebSocket path, where a
-     * GET would upgrade. http__send drops the body. */
+     * GET would upgrade: there it stays HEAD and gets its 405. Either way the answer carries
+     * no body (http__send drops it), or the connection would fall out of step. */
     http_request_t head_as_get;
     const http_request_t *req = in;
-    if (in->method == HTTP_HEAD && !(in->path_len >= 9 && memcmp(in->path, "/ws/chat/", 9) == 0)) {
-        head_as_get = *in;
-        head_as_get.method = HTTP_GET;
-        req = &head_as_get;
+    if (in->method == HTTP_HEAD) {
         hp->head = true;
+        if (!(in->path_len >= 9 && memcmp(in->path, "/ws/chat/", 9) == 0)) {
+            head_as_get = *in;
+            head_as_get.method = HTTP_GET;
+            req = &head_as_get;
+        }
     }
     bool ka = req->keep_alive;
     const char *p = req->path;

@@ -455,14 +455,21 @@ def test_head_is_get_without_body(server, path):
     assert again.status == 200 and again.body == b'{"status":"ok"}'
 
 
-def test_head_on_ws_path_is_405_not_an_upgrade(server):
+@pytest.mark.parametrize("path", ["/ws/chat/general", "/ws/chat/bad%20id"])
+def test_head_on_ws_path_is_an_error_without_body_not_an_upgrade(server, path):
     h = upgrade_headers()
     c = HttpConn(server.port)
     try:
-        r = c.request("HEAD", "/ws/chat/general?token=" + server.token("alice"), headers=h)
+        r = c.request("HEAD", path + "?token=" + server.token("alice"), headers=h)
+        # the same connection goes on in step: no body bytes were left behind
+        again = c.request("GET", "/healthz")
     finally:
         c.close()
-    assert r.status == 405 and r.headers.get("allow") == "GET"
+    assert r.status == (405 if path == "/ws/chat/general" else 400)
+    if r.status == 405:
+        assert r.headers.get("allow") == "GET"
+    assert r.body == b""
+    assert again.status == 200 and again.body == b'{"status":"ok"}'
 
 
 def test_expect_100_continue_gets_100_before_the_body(server):
