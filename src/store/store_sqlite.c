@@ -134,7 +134,7 @@ struct sqlite_store {
     bool ckpt_wanted, ckpt_busy;
     unsigned wal_gen;  /* WAL restarts the writer has seen */
     unsigned ckpt_gen; /* the WAL the last checkpoint ran on; its figures below */
-    int ckpt_done; /* frames it copied */
+    int ckpt_log, ckpt_done; /* frames the WAL had then, and frames it copied */
     bool closing;
     bool paused;
     store_sqlite_stats_t stats;
@@ -373,7 +373,10 @@ static int on_wal_commit(void *arg, sqlite3 *db, const char *name, int frames) {
     uv_mutex_lock(&s->lock);
     if (restarted) s->wal_gen++;
     if (frames >= s->ckpt_start && !s->ckpt_busy) {
-        int copied = s->ckpt_gen == s->wal_gen ? s->ckpt_done : 0;
+        /* Its figures count for this WAL only: same generation, and no fewer frames now
+         * than then (a WAL only grows until it restarts, which wal_prev can miss when the
+         * first commit after a restart is large, or when another process restarted it). */
+        int copied = s->ckpt_gen == s->wal_gen && frames >= s->ckpt_log ? s->ckpt_done : 0;
         if (frames - copied <= CKPT_INLINE_FRAMES) {
             copy_here = true;
         } else {
@@ -415,6 +418,7 @@ static void checkpointer_main(void *arg) {
         s->ckpt_busy = false;
         if (rc == SQLITE_OK) {
             s->ckpt_gen = gen;
+            s->ckpt_log = log;
             s->ckpt_done = done;
             s->stats.checkpoints++;
         }
