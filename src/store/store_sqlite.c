@@ -279,17 +279,22 @@ fail:
 static int on_busy(void *arg, int tries) {
     (void)arg;
     static const unsigned short us[] = {50, 100, 200, 400, 800};
-    enum { STEPS = sizeof us / sizeof us[0], RAMP_US = 50 + 100 + 200 + 400 + 800 };
-    long waited = 0;
-    if (tries < STEPS) {
-        for (int i = 0; i < tries; i++) waited += us[i];
-    } else {
-        waited = RAMP_US + (long)(tries - STEPS) * 1000;
-    }
+    enum { STEPS = sizeof us / sizeof us[0], THEN_US = 1000 };
+    long waited = 0; /* the sleeps of the tries before this one */
+    for (int i = 0; i < tries && i < STEPS; i++) waited += us[i];
+    if (tries > STEPS) waited += (long)(tries - STEPS) * THEN_US;
     if (waited >= (long)BUSY_TIMEOUT_MS * 1000) return 0;
-    struct timespec ts = {0, (long)(tries < STEPS ? us[tries] : 1000) * 1000};
+    struct timespec ts = {0, (long)(tries < STEPS ? us[tries] : THEN_US) * 1000};
     nanosleep(&ts, NULL);
     return 1;
+}
+
+/* Close a read-write connection, saying so if SQLite refuses (statements left open). */
+static void close_db(sqlite_store_t *s, sqlite3 **db) {
+    if (*db && sqlite3_close(*db) != SQLITE_OK) {
+        log_error("store_close_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(*db));
+    }
+    *db = NULL;
 }
 
 static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, size_t errlen) {
@@ -347,8 +352,6 @@ fail_msg:
     *out = NULL;
     return CHAT_EIO;
 }
-
-static void close_checkpointer_db(sqlite_store_t *s);
 
 /* The last thing a reader or the checkpointer does, its connection closed: the writer may be
  * waiting for the last such connection (see writer_main), the loop for the last thread. */
@@ -424,7 +427,7 @@ static void checkpointer_main(void *arg) {
         }
         uv_mutex_unlock(&s->lock);
     }
-    close_checkpointer_db(s);
+    close_db(s, &s->cdb);
     side_thread_exit(s);
 }
 
@@ -463,13 +466,6 @@ static int prepare_writer(sqlite_store_t *s) {
     return 0;
 }
 
-static void close_checkpointer_db(sqlite_store_t *s) {
-    if (s->cdb && sqlite3_close(s->cdb) != SQLITE_OK) {
-        log_error("store_close_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->cdb));
-    }
-    s->cdb = NULL;
-}
-
 static void close_writer_db(sqlite_store_t *s) {
     sqlite3_stmt **sts[] = {&s->begin, &s->commit, &s->rollback, &s->insert,
                             &s->by_client, &s->edit, &s->del, &s->get};
@@ -477,10 +473,7 @@ static void close_writer_db(sqlite_store_t *s) {
         sqlite3_finalize(*sts[i]);
         *sts[i] = NULL;
     }
-    if (s->wdb && sqlite3_close(s->wdb) != SQLITE_OK) {
-        log_error("store_close_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->wdb));
-    }
-    s->wdb = NULL;
+    close_db(s, &s->wdb);
 }
 
 static int open_reader(sqlite_store_t *s, reader_t *rd, char *err, size_t errlen) {
@@ -833,7 +826,7 @@ static void finish(sqlite_store_t *s) {
     if (s->ckpt_started) uv_thread_join(&s->ckpt_thread);
     if (s->writer_started) uv_thread_join(&s->writer);
     for (int i = 0; i < N_READERS; i++) close_reader_db(&s->readers[i]);
-    close_checkpointer_db(s);
+    close_db(s, &s->cdb);
     close_writer_db(s);
     uv_close((uv_handle_t *)&s->async, on_closed);
 }
@@ -1037,7 +1030,7 @@ fail_threads:
     return CHAT_EIO;
 fail_dbs:
     for (int i = 0; i < N_READERS; i++) close_reader_db(&s->readers[i]);
-    close_checkpointer_db(s);
+    close_db(s, &s->cdb);
     close_writer_db(s);
 fail_sync:
     uv_cond_destroy(&s->ccond);
