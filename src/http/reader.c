@@ -216,13 +216,23 @@ static bool names_are_tokens(const http_reader_t *r) {
     return true;
 }
 
-static bool ascii_ieq(const char *a, const char *b, size_t n);
+static bool is_ows(char c) { return c == ' ' || c == '\t'; }
+
+static bool ascii_ieq(const char *a, const char *b, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        unsigned char x = (unsigned char)a[i], y = (unsigned char)b[i];
+        if (x >= 'A' && x <= 'Z') x = (unsigned char)(x + 32);
+        if (y >= 'A' && y <= 'Z') y = (unsigned char)(y + 32);
+        if (x != y) return false;
+    }
+    return true;
+}
 
 static bool expects_continue(const http_reader_t *r) {
     for (size_t i = 0; i < r->n_hdr; i++) {
         const char *v = r->buf + r->hdr[i].value_off;
         size_t vlen = r->hdr[i].value_len;
-        while (vlen > 0 && (v[vlen - 1] == ' ' || v[vlen - 1] == '\t')) vlen--;
+        while (vlen > 0 && is_ows(v[vlen - 1])) vlen--; /* http-parser keeps trailing OWS */
         if (r->hdr[i].name_len == 6 && ascii_ieq(r->buf + r->hdr[i].name_off, "expect", 6) &&
             vlen == 12 && ascii_ieq(v, "100-continue", 12))
             return true;
@@ -284,18 +294,6 @@ static int reader_parse(http_reader_t *r) {
     }
     if (!r->headers_done && r->parsed >= r->max_header_bytes) return reader_fail(r, 431);
     return 0;
-}
-
-static bool is_ows(char c) { return c == ' ' || c == '\t'; }
-
-static bool ascii_ieq(const char *a, const char *b, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        unsigned char x = (unsigned char)a[i], y = (unsigned char)b[i];
-        if (x >= 'A' && x <= 'Z') x = (unsigned char)(x + 32);
-        if (y >= 'A' && y <= 'Z') y = (unsigned char)(y + 32);
-        if (x != y) return false;
-    }
-    return true;
 }
 
 /* Absolute-form targets ("http://host/p?q", RFC 7230 5.3.2) are reduced to their path. */
