@@ -387,25 +387,23 @@ static void on_written(uv_write_t *w, int status) {
 /* The frame of r on stream s into k->out. false: out of memory (nothing appended). */
 static bool encode_req(cq_conn_t *k, cql_req_t *r, int16_t s) {
     sbuf_t *sb = &k->out;
-    size_t at = sb->len;
+    size_t at = sb->len; /* where the frame starts, whichever way it is written */
+    int rc;
     if (r->kind == RK_PREPARE) {
-        if (cql_encode_prepare(sb, s, r->stmt->query) != 0 || sb->oom) {
-            sb->oom = false;
-            sb->len = at;
-            return false;
-        }
-        return true;
-    }
-    if (r->kind == RK_EXECUTE) {
-        prep_t *pp = &k->preps[r->stmt->idx];
-        at = cql__frame_begin(sb, s, CQL_OP_EXECUTE);
-        cql__put_short_bytes(sb, pp->id, pp->id_len);
+        rc = cql_encode_prepare(sb, s, r->stmt->query);
     } else {
-        at = cql__frame_begin(sb, s, CQL_OP_QUERY);
-        cql__put_long_string(sb, r->query, strlen(r->query));
+        if (r->kind == RK_EXECUTE) {
+            prep_t *pp = &k->preps[r->stmt->idx];
+            cql__frame_begin(sb, s, CQL_OP_EXECUTE);
+            cql__put_short_bytes(sb, pp->id, pp->id_len);
+        } else {
+            cql__frame_begin(sb, s, CQL_OP_QUERY);
+            cql__put_long_string(sb, r->query, strlen(r->query));
+        }
+        sbuf_put(sb, r->params.p, r->params.len);
+        rc = cql__frame_end(sb, at);
     }
-    sbuf_put(sb, r->params.p, r->params.len);
-    if (cql__frame_end(sb, at) != 0 || sb->oom) {
+    if (rc != 0 || sb->oom) {
         sb->oom = false;
         sb->len = at;
         return false;
