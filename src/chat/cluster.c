@@ -6,7 +6,9 @@
  * The one idea: the store is the truth and the bus is a fast path. Duplicates between the
  * two are removed by per-origin marks (room_mark_t): every node stores and publishes its
  * own messages in id order, so for each origin node an id at or below the newest one seen
- * was seen already.
+ * was seen already. An edit or delete has no id of its own: one made since shortly before
+ * the outage to a message the catch-up reads back is delivered again as message:edit or
+ * message:delete (idempotent for clients); changes to older messages are not re-read.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -58,6 +60,7 @@ typedef struct catchup {
     store_req_t req;
     chat_server_t *srv;
     uint64_t gen;
+    int64_t from_ms; /* changes at or after this were possibly missed */
     int pages;
     char chat_id[129];
 } catchup_t;
@@ -83,14 +86,24 @@ static void cluster__catchup_done(store_req_t *req) {
         for (size_t i = 0; i < req->n_msgs; i++) {
             const store_msg_t *m = &req->msgs[i];
             last = m->id;
-            if (!chat_room_admit(r, true, m->id)) continue;
+            const char *event;
+            bool is_new = chat_room_admit(r, true, m->id);
+            if (is_new) {
+                event = m->deleted_at ? "message:delete" : "message:message";
+            } else if (m->deleted_at && m->deleted_at >= cu->from_ms) {
+                event = "message:delete"; /* seen, then deleted while the bus was down */
+            } else if (m->edited_at && m->edited_at >= cu->from_ms) {
+                event = "message:edit";
+            } else {
+                continue;
+            }
             sbuf_t ev = {0};
-            proto_put_msg(&ev, m->deleted_at ? "message:delete" : "message:message", m);
+            proto_put_msg(&ev, event, m);
             buf_t *frame = ev.oom ? NULL : ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
             sbuf_free(&ev);
             if (!frame) continue;
             for (session_t *ss = r->members; ss; ss = ss->rnext)
-                if (chat_session_deliver(ss, frame, true, m->id) == 0) s->m.messages_out++;
+                if (chat_session_deliver(ss, frame, is_new, m->id) == 0) s->m.messages_out++;
             buf_unref(frame);
         }
         if (req->n_msgs == (size_t)req->limit && ++cu->pages < CATCHUP_PAGES) {
@@ -153,6 +166,7 @@ static void cluster__catchup_all(chat_server_t *s) {
             if (!cu) continue;
             cu->srv = s;
             cu->gen = r->gen;
+            cu->from_ms = from_ms;
             snprintf(cu->chat_id, sizeof cu->chat_id, "%s", r->chat_id);
             r->catching_up = true;
             cluster__catchup_submit(cu, after);
