@@ -142,11 +142,17 @@ typedef struct op {
 #define METRIC_LAT_BUCKETS 13
 enum { CLOSE_CODE_SLOTS = 16 }; /* 1000..1015, and one slot for anything else */
 
+/* A Prometheus histogram of seconds over the fixed bounds in server.c. */
+typedef struct metric_hist {
+    uint64_t buckets[METRIC_LAT_BUCKETS]; /* cumulative at scrape time, stored per bucket */
+    uint64_t count;
+    double sum;
+} metric_hist_t;
+
 typedef struct chat_metrics {
     uint64_t messages_in, messages_out, http_requests, store_errors;
-    uint64_t lat_buckets[METRIC_LAT_BUCKETS]; /* cumulative at scrape time, stored per bucket */
-    uint64_t lat_count;
-    double lat_sum;
+    metric_hist_t store_lat; /* submit to callback */
+    metric_hist_t loop_busy; /* each loop turn's work, its wait for events excluded */
     uint64_t closes[CLOSE_CODE_SLOTS + 1];
     uint64_t ws_opened;
 } chat_metrics_t;
@@ -169,6 +175,10 @@ struct chat_server {
     peer_t *peers;
     size_t n_peers, n_sessions;
     uv_timer_t sweep;
+    /* the loop's own load: a prepare handle runs once per turn, before the poll */
+    uv_prepare_t turn;
+    uint64_t turn_at, turn_idle; /* uv_hrtime and uv_metrics_idle_time at the last turn */
+    bool idle_metrics;           /* the loop measures its idle time (UV_METRICS_IDLE_TIME) */
     static_file_t *files;
     size_t n_files;
     chat_metrics_t m;

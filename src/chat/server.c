@@ -62,15 +62,46 @@ static const double lat_bounds[METRIC_LAT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0
                                                        0.005,  0.01,    0.025,  0.05,  0.1,
                                                        0.25,   0.5,     1.0};
 
-void chat_record_latency(chat_server_t *s, uint64_t t0) {
-    double secs = (double)(uv_hrtime() - t0) / 1e9;
-    s->m.lat_count++;
-    s->m.lat_sum += secs;
+static void chat__hist_record(metric_hist_t *h, double secs) {
+    h->count++;
+    h->sum += secs;
     for (int i = 0; i < METRIC_LAT_BUCKETS; i++)
         if (secs <= lat_bounds[i]) {
-            s->m.lat_buckets[i]++;
+            h->buckets[i]++;
             break;
         }
+}
+
+static void chat__hist_render(sbuf_t *sb, const char *name, const char *help,
+                              const metric_hist_t *h) {
+    sbuf_printf(sb, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    uint64_t cum = 0;
+    for (int i = 0; i < METRIC_LAT_BUCKETS; i++) {
+        cum += h->buckets[i];
+        sbuf_printf(sb, "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name, lat_bounds[i], cum);
+    }
+    sbuf_printf(sb, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name, h->count);
+    sbuf_printf(sb, "%s_sum %.6f\n", name, h->sum);
+    sbuf_printf(sb, "%s_count %" PRIu64 "\n", name, h->count);
+}
+
+void chat_record_latency(chat_server_t *s, uint64_t t0) {
+    chat__hist_record(&s->m.store_lat, (double)(uv_hrtime() - t0) / 1e9);
+}
+
+/* Once per loop turn, just before it polls: the time since the previous turn less what the
+ * poll spent waiting is the work of one turn. A long turn delays every connection at once
+ * (each waits for its events to be read and its output flushed), so this is the histogram
+ * to watch when latency grows while the CPU is not full. */
+static void chat__on_turn(uv_prepare_t *h) {
+    chat_server_t *s = h->data;
+    uint64_t now = uv_hrtime();
+    uint64_t idle = s->idle_metrics ? uv_metrics_idle_time(s->loop) : s->turn_idle;
+    if (s->turn_at && now - s->turn_at >= idle - s->turn_idle)
+        chat__hist_record(&s->m.loop_busy,
+                          (double)((now - s->turn_at) - (idle - s->turn_idle)) / 1e9);
+    s->turn_at = now;
+    s->turn_idle = idle;
 }
 
 void chat_record_close(chat_server_t *s, uint16_t code) {
@@ -103,18 +134,18 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
     sbuf_puts(sb, "# HELP chat_store_errors_total Store requests that failed.\n"
                   "# TYPE chat_store_errors_total counter\n");
     sbuf_printf(sb, "chat_store_errors_total %" PRIu64 "\n", s->m.store_errors);
-    sbuf_puts(sb, "# HELP chat_store_latency_seconds Time from store submit to completion.\n"
-                  "# TYPE chat_store_latency_seconds histogram\n");
-    uint64_t cum = 0;
-    for (int i = 0; i < METRIC_LAT_BUCKETS; i++) {
-        cum += s->m.lat_buckets[i];
-        sbuf_printf(sb, "chat_store_latency_seconds_bucket{le=\"%g\"} %" PRIu64 "\n",
-                    lat_bounds[i], cum);
+    chat__hist_render(sb, "chat_store_latency_seconds",
+                      "Time from store submit to completion.", &s->m.store_lat);
+    chat__hist_render(sb, "chat_loop_turn_seconds",
+                      "Work of each event loop turn, its wait for events excluded.",
+                      &s->m.loop_busy);
+    if (s->idle_metrics) {
+        sbuf_puts(sb, "# HELP chat_loop_idle_seconds_total Time the event loop waited for "
+                      "events (busy = elapsed - idle).\n"
+                      "# TYPE chat_loop_idle_seconds_total counter\n");
+        sbuf_printf(sb, "chat_loop_idle_seconds_total %.6f\n",
+                    (double)uv_metrics_idle_time(s->loop) / 1e9);
     }
-    sbuf_printf(sb, "chat_store_latency_seconds_bucket{le=\"+Inf\"} %" PRIu64 "\n",
-                s->m.lat_count);
-    sbuf_printf(sb, "chat_store_latency_seconds_sum %.6f\n", s->m.lat_sum);
-    sbuf_printf(sb, "chat_store_latency_seconds_count %" PRIu64 "\n", s->m.lat_count);
     sbuf_puts(sb, "# HELP chat_ws_closes_total WebSocket connections closed, by close code "
                   "(1006: dropped without a close frame).\n"
                   "# TYPE chat_ws_closes_total counter\n");
@@ -425,6 +456,11 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if (every < 50) every = 50;
     if (every > 5000) every = 5000;
     uv_timer_start(&s->sweep, chat__sweep, every, every);
+    s->idle_metrics = uv_loop_configure(loop, UV_METRICS_IDLE_TIME) == 0;
+    uv_prepare_init(loop, &s->turn);
+    s->turn.data = s;
+    uv_prepare_start(&s->turn, chat__on_turn);
+    uv_unref((uv_handle_t *)&s->turn); /* measuring keeps no loop alive */
     uv_timer_init(loop, &s->stop_timer);
     s->stop_timer.data = s;
     chat_cluster_start(s);
@@ -468,7 +504,8 @@ static void chat__stop_step(void *arg) {
         conn_server_close(&s->cs, chat__stop_step, s);
         return;
     case 4:
-        s->stop_step = 103; /* three handles to close; chat__handle_closed counts down */
+        s->stop_step = 104; /* four handles to close; chat__handle_closed counts down */
+        uv_close((uv_handle_t *)&s->turn, chat__handle_closed);
         uv_close((uv_handle_t *)&s->sweep, chat__handle_closed);
         uv_close((uv_handle_t *)&s->stop_timer, chat__handle_closed);
         uv_close((uv_handle_t *)&s->heartbeat, chat__handle_closed);

@@ -433,6 +433,37 @@ def test_metrics_names_and_counters(server):
                what='chat_ws_closes_total{code="1000"} >= 1')
 
 
+def test_metrics_event_loop(server):
+    """The loop's own load: a histogram of the work per turn and the time it sat idle.
+    While nothing happens the idle counter grows with the wall clock, and never faster."""
+    def scrape():
+        t0 = time.monotonic()
+        text = server.metrics_text()
+        return parse_metrics(text), t0, time.monotonic(), text
+
+    m0, sent0, _, text = scrape()
+    for name in ["chat_loop_turn_seconds_bucket", "chat_loop_turn_seconds_sum",
+                 "chat_loop_turn_seconds_count", "chat_loop_idle_seconds_total"]:
+        assert name in metric_names(m0), f"{name} missing from /metrics:\n{text}"
+    time.sleep(0.5)
+    alice = server.client("general", "alice")
+    alice.say("a turn of work")
+    alice.close()
+    m1, _, got1, _ = scrape()
+
+    idle = metric_value(m1, "chat_loop_idle_seconds_total") - \
+        metric_value(m0, "chat_loop_idle_seconds_total")
+    assert 0.25 <= idle <= got1 - sent0, (idle, got1 - sent0)
+    turns = metric_value(m1, "chat_loop_turn_seconds_count")
+    assert turns > metric_value(m0, "chat_loop_turn_seconds_count")
+    assert metric_value(m1, "chat_loop_turn_seconds_sum") > 0
+    buckets = sorted((float(dict(labels)["le"]), v) for (name, labels), v in m1.items()
+                     if name == "chat_loop_turn_seconds_bucket")
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts), f"buckets are not cumulative: {buckets}"
+    assert buckets[-1] == (float("inf"), turns)
+
+
 # ---- HEAD and Expect: 100-continue --------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["/healthz", "/metrics", "/", "/api/chats/general/messages?limit=5",
