@@ -1,7 +1,10 @@
 // The web client across failures: chatd killed with SIGKILL and restarted on the same port,
-// a message typed while the server is down, a message sent while one reader is away, and an
-// acknowledgement lost on the wire. Nothing may be lost and nothing may be shown or stored twice.
+// a message typed while the server is down or the connection refused (and kept across a
+// reload), a message sent while one reader is away, an acknowledgement lost on the wire, and
+// a store that refuses a write. Nothing may be lost and nothing may be shown or stored twice.
 
+import { spawn } from 'node:child_process';
+import path from 'node:path';
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
@@ -165,4 +168,94 @@ test('the page connects to the node /api/connect names, and to its own host if t
     assert.deepEqual(erin.sockets, [`127.0.0.1:${dead}`, `127.0.0.1:${chatd.port}`]);
     await send(erin, 'found my way');
     await msg(frank, 'found my way').waitFor();
+  });
+
+test('a message typed while the connection is down survives a reload, then is sent once',
+  async () => {
+    // Gina's WebSocket goes through a route that can drop it and refuse new ones (1012, as
+    // a restarting node would) while the page itself still loads: a reload is possible.
+    let refuse = false;
+    let live = null;
+    const route = (page) => page.routeWebSocket(/\/ws\/chat\/reload-outbox/, (ws) => {
+      if (refuse) {
+        ws.close({ code: 1012, reason: 'test: refused' });
+        return;
+      }
+      live = ws;
+      ws.connectToServer();
+    });
+    const gina = await person('gina', 'reload-outbox', route);
+    const hal = await person('hal', 'reload-outbox');
+    await send(gina, 'gina is here');
+    await msg(hal, 'gina is here').waitFor();
+
+    refuse = true;
+    await live.close({ code: 1012, reason: 'test: dropped' });
+    await waitStatus(gina, 'reconnecting');
+    await send(gina, 'typed, then the tab reloaded');
+    const pending = gina.locator('#pending li.msg.pending',
+      { hasText: 'typed, then the tab reloaded' });
+    await pending.waitFor();
+
+    // The page is gone and comes back: the unsent message is still there, still pending.
+    await gina.reload();
+    await msg(gina, 'gina is here').waitFor();
+    await pending.waitFor();
+    await pending.locator('.note', { hasText: 'waiting for the connection' }).waitFor();
+    assert.equal(await msg(hal, 'typed, then the tab reloaded').count(), 0);
+
+    refuse = false;
+    await waitStatus(gina, 'connected', 30000);
+    await msg(gina, 'typed, then the tab reloaded').waitFor();
+    await pending.waitFor({ state: 'detached' });
+    await msg(hal, 'typed, then the tab reloaded').waitFor();
+    for (const p of [gina, hal]) {
+      assert.equal(await msg(p, 'typed, then the tab reloaded').count(), 1);
+    }
+    const history = await chatd.history(await chatd.token('gina'), 'reload-outbox');
+    assert.equal(copies(history, 'typed, then the tab reloaded'), 1, 'stored exactly once');
+  });
+
+test('a store failure says so with Retry, and Retry sends it once the store is back',
+  async () => {
+    const ivy = await person('ivy', 'store-down');
+    const jon = await person('jon', 'store-down');
+    await send(ivy, 'before the lock');
+    await msg(jon, 'before the lock').waitFor();
+
+    // Another process takes the database's write lock and keeps it past chatd's 5 s busy
+    // deadline: the append fails, and the sender is told so (error store_unavailable).
+    const holder = spawn('python3', ['-c', `
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+db.execute("ROLLBACK")
+`, path.join(chatd.dir, 'chat.db')], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      await new Promise((resolve, reject) => {
+        holder.stdout.on('data', (d) => { if (String(d).includes('locked')) resolve(); });
+        holder.once('exit', (code) => reject(new Error(`the lock holder exited (${code})`)));
+      });
+      await send(ivy, 'stored on the second try');
+      const failed = ivy.locator('#pending li.msg.failed', { hasText: 'stored on the second try' });
+      await failed.waitFor({ timeout: 20000 });
+      await failed.locator('.note', { hasText: /^not sent: / }).waitFor();
+      assert.equal(await msg(jon, 'stored on the second try').count(), 0,
+        'nothing that was not stored is delivered');
+    } finally {
+      holder.stdin.end();
+      await new Promise((resolve) => (holder.exitCode !== null ? resolve()
+        : holder.once('exit', resolve)));
+    }
+
+    await ivy.locator('#pending li.msg.failed button.retry', { hasText: 'Retry' }).click();
+    await msg(ivy, 'stored on the second try').waitFor();
+    await msg(jon, 'stored on the second try').waitFor();
+    await ivy.locator('#pending li').first().waitFor({ state: 'detached' });
+    assert.equal(await msg(ivy, 'stored on the second try').count(), 1);
+    const history = await chatd.history(await chatd.token('ivy'), 'store-down');
+    assert.equal(copies(history, 'stored on the second try'), 1, 'stored exactly once');
+    assert.deepEqual(history.map((m) => m.message), ['before the lock', 'stored on the second try']);
   });
