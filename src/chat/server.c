@@ -96,7 +96,7 @@ void chat_record_latency(chat_server_t *s, uint64_t t0) {
 static void chat__on_turn(uv_prepare_t *h) {
     chat_server_t *s = h->data;
     uint64_t now = uv_hrtime();
-    uint64_t idle = s->idle_metrics ? uv_metrics_idle_time(s->loop) : s->turn_idle;
+    uint64_t idle = uv_metrics_idle_time(s->loop);
     if (s->turn_at && now - s->turn_at >= idle - s->turn_idle)
         chat__hist_record(&s->m.loop_busy,
                           (double)((now - s->turn_at) - (idle - s->turn_idle)) / 1e9);
@@ -459,7 +459,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     s->idle_metrics = uv_loop_configure(loop, UV_METRICS_IDLE_TIME) == 0;
     uv_prepare_init(loop, &s->turn);
     s->turn.data = s;
-    uv_prepare_start(&s->turn, chat__on_turn);
+    if (s->idle_metrics) uv_prepare_start(&s->turn, chat__on_turn); /* else: no histogram */
     uv_unref((uv_handle_t *)&s->turn); /* measuring keeps no loop alive */
     uv_timer_init(loop, &s->stop_timer);
     s->stop_timer.data = s;
