@@ -7,6 +7,13 @@
 const BACKOFF_START_MS = 250;
 const BACKOFF_CAP_MS = 5000;
 const CONNECT_LOOKUP_MS = 2000;
+// A connection can die without a close (a laptop that slept, a network that drops packets):
+// the browser would go on "sending" into it for minutes. After HEARTBEAT_MS without a frame
+// from the server the page sends {"event":"ping"}; if nothing at all arrives within
+// HEARTBEAT_TIMEOUT_MS after that, it gives the socket up and reconnects. (Tests shorten
+// both through globalThis.CHAT_HEARTBEAT_MS and CHAT_HEARTBEAT_TIMEOUT_MS.)
+const HEARTBEAT_MS = globalThis.CHAT_HEARTBEAT_MS || 25000;
+const HEARTBEAT_TIMEOUT_MS = globalThis.CHAT_HEARTBEAT_TIMEOUT_MS || 10000;
 
 export function idLess(a, b) {
   // Ids are decimal strings of 64-bit numbers: compare by length first, then digit by digit.
@@ -58,6 +65,9 @@ export class ChatConnection {
     this.everOpened = false;
     this.skipLookup = false;
     this.waiting = false;            // parked in a backoff timer or for the network
+    this.beat = 0;                   // the heartbeat interval of the open socket
+    this.lastRx = 0;                 // when its last frame arrived
+    this.pingSent = 0;               // when the unanswered ping went out, 0 if none
     this.prepared = false;           // hooks.prepare() (the first history page) succeeded
     this.onOnline = () => this.retryNow();
     addEventListener('online', this.onOnline);
@@ -125,6 +135,7 @@ export class ChatConnection {
     let opened = false;
     ws.onopen = () => {
       opened = true;
+      this.watch(ws);
       const again = this.everOpened;
       this.everOpened = true;
       this.attempt = 0;
@@ -134,15 +145,18 @@ export class ChatConnection {
       this.hooks.onOpen(again);
     };
     ws.onmessage = (e) => {
+      this.lastRx = Date.now();
+      this.pingSent = 0;
       let ev;
       try { ev = JSON.parse(e.data); } catch { return; }
-      if (!ev || typeof ev !== 'object') return;
+      if (!ev || typeof ev !== 'object' || ev.event === 'pong') return;
       this.settle(ev);
       this.hooks.onEvent(ev);
     };
     ws.onclose = (e) => {
       if (this.ws !== ws) return;
       this.ws = null;
+      clearInterval(this.beat);
       if (this.stopped) return;
       if (!opened) {
         this.skipLookup = found.viaLookup;
@@ -160,6 +174,30 @@ export class ChatConnection {
       }
       this.schedule(polite);
     };
+  }
+
+  // The heartbeat of an open socket (see HEARTBEAT_MS).
+  watch(ws) {
+    clearInterval(this.beat);
+    this.lastRx = Date.now();
+    this.pingSent = 0;
+    this.beat = setInterval(() => {
+      if (this.ws !== ws) { clearInterval(this.beat); return; }
+      const now = Date.now();
+      if (this.pingSent && now - this.pingSent >= HEARTBEAT_TIMEOUT_MS) {
+        // Dead without a close: forget it (its close, if it ever comes, is not ours to
+        // handle) and connect again; the outbox goes out on the new socket.
+        clearInterval(this.beat);
+        this.ws = null;
+        ws.onclose = null;
+        ws.onmessage = null;
+        try { ws.close(); } catch { /* already closing */ }
+        this.schedule(false);
+      } else if (!this.pingSent && now - this.lastRx >= HEARTBEAT_MS) {
+        this.pingSent = now;
+        ws.send('{"event":"ping"}');
+      }
+    }, Math.max(100, Math.min(HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS) / 4));
   }
 
   // A handshake that never opened: the browser hides its HTTP status, so ask the REST API
@@ -247,6 +285,7 @@ export class ChatConnection {
   stop() {
     this.stopped = true;
     clearTimeout(this.timer);
+    clearInterval(this.beat);
     removeEventListener('online', this.onOnline);
     removeEventListener('offline', this.onOnline);
     if (this.ws) {

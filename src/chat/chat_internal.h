@@ -8,7 +8,10 @@
 #include "chat.h"
 
 /* ---- the JSON protocol (protocol.c) --------------------------------------------------- */
-enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE };
+/* PROTO_PING: {"event":"ping"}, answered {"event":"pong"} to the sender alone: a client's
+ * way to learn that its connection is still alive (a browser cannot send a WebSocket ping
+ * frame nor see ours). Not stored, not delivered. */
+enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE, PROTO_PING };
 /* allow_events flag: an object without "event" is a message:message (the REST body) */
 #define PROTO_IMPLICIT_MESSAGE (1u << 8)
 

@@ -58,8 +58,10 @@ int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_c
     if (strcmp(e, "message:message") == 0) cmd->kind = PROTO_MESSAGE;
     else if (strcmp(e, "message:edit") == 0) cmd->kind = PROTO_EDIT;
     else if (strcmp(e, "message:delete") == 0) cmd->kind = PROTO_DELETE;
+    else if (strcmp(e, "ping") == 0) cmd->kind = PROTO_PING;
     if (!cmd->kind || !(allow_events & (1u << cmd->kind)))
         return proto__fail(cmd, "unknown event");
+    if (cmd->kind == PROTO_PING) return 0;
 
     if (cmd->kind != PROTO_MESSAGE && !mid_ok) {
         cmd->message_id = 0;

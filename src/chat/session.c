@@ -221,7 +221,7 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
     }
     proto_cmd_t cmd;
     int rc = proto_decode(data, len, (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) |
-                                         (1u << PROTO_DELETE), &cmd);
+                                         (1u << PROTO_DELETE) | (1u << PROTO_PING), &cmd);
     if (rc == CHAT_EINVAL) {
         chat_session_close(ss, WS_CLOSE_INVALID_DATA, "message is not a JSON object");
         return 1;
@@ -230,6 +230,14 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         chat__send_error(ss, "bad_request", cmd.error, cmd.client_id, cmd.message_id);
         proto_cmd_free(&cmd);
         return 0;
+    }
+    if (cmd.kind == PROTO_PING) {
+        static const char pong[] = "{\"event\":\"pong\"}";
+        buf_t *f = ws_frame_new(WS_OP_TEXT, pong, sizeof pong - 1);
+        if (f) chat__send(ss, f);
+        buf_unref(f);
+        proto_cmd_free(&cmd);
+        return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
     rc = chat_submit(s, &ss->peer, false, false, ss->room->chat_id, ss->user, &cmd);
     if (rc < 0) {

@@ -1,14 +1,15 @@
 // The web client across failures: chatd killed with SIGKILL and restarted on the same port,
 // a message typed while the server is down or the connection refused (and kept across a
-// reload), a message sent while one reader is away, an acknowledgement lost on the wire, and
-// a store that refuses a write. Nothing may be lost and nothing may be shown or stored twice.
+// reload), a message sent while one reader is away, an acknowledgement lost on the wire, a
+// store that refuses a write, and a connection that goes silent without closing. Nothing
+// may be lost and nothing may be shown or stored twice.
 
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  Chatd, freePort, launchBrowser, msg, openPage, requireBinaries, shot, signIn, waitStatus,
+  Chatd, freePort, launchBrowser, msg, openPage, requireBinaries, shot, signIn, until, waitStatus,
 } from './harness.mjs';
 
 let chatd;
@@ -258,4 +259,55 @@ db.execute("ROLLBACK")
     const history = await chatd.history(await chatd.token('ivy'), 'store-down');
     assert.equal(copies(history, 'stored on the second try'), 1, 'stored exactly once');
     assert.deepEqual(history.map((m) => m.message), ['before the lock', 'stored on the second try']);
+  });
+
+test('a connection that goes silent without closing is found by the heartbeat and replaced',
+  async () => {
+    // Kate's first socket turns into a black hole (nothing passes either way, nothing
+    // closes), as after a laptop sleeps or a network drops its packets. Her page pings when
+    // the server has been quiet for 400 ms and gives up 600 ms after an unanswered ping.
+    const frames = [];
+    let sockets = 0;
+    let hole = false;
+    const route = async (page) => {
+      await page.addInitScript(() => {
+        globalThis.CHAT_HEARTBEAT_MS = 400;
+        globalThis.CHAT_HEARTBEAT_TIMEOUT_MS = 600;
+      });
+      await page.routeWebSocket(/\/ws\/chat\/heartbeat/, (ws) => {
+        const n = ++sockets;
+        const server = ws.connectToServer();
+        ws.onMessage((m) => {
+          frames.push({ n, frame: JSON.parse(m) });
+          if (!(hole && n === 1)) server.send(m);
+        });
+        server.onMessage((m) => {
+          if (!(hole && n === 1)) ws.send(m);
+        });
+      });
+    };
+    const kate = await person('kate', 'heartbeat', route);
+    const leo = await person('leo', 'heartbeat');
+    await send(kate, 'kate is here');
+    await msg(leo, 'kate is here').waitFor();
+    // While the server answers, pings come back as pongs and nothing else happens.
+    // Three pings in a row on the first socket: each was answered in time, or the page
+    // would have given the socket up 600 ms after the first.
+    await until(() => frames.filter((f) => f.n === 1 && f.frame.event === 'ping').length >= 3,
+      { what: 'three pings on the healthy socket' });
+    await waitStatus(kate, 'connected');
+    assert.equal(sockets, 1, 'no reconnect while pongs come back');
+
+    hole = true;
+    await send(kate, 'sent into the void');
+    await until(() => sockets >= 2, { what: 'a second socket after the silence' });
+    await waitStatus(kate, 'connected');
+    await msg(leo, 'sent into the void').waitFor();
+    await msg(kate, 'sent into the void').waitFor();
+    await kate.locator('#pending li').first().waitFor({ state: 'detached' });
+    assert.equal(await msg(leo, 'sent into the void').count(), 1);
+    assert.equal(await msg(kate, 'sent into the void').count(), 1);
+    assert.equal(await kate.locator('#messages li.msg').count(), 2, 'no pong shown as a message');
+    const history = await chatd.history(await chatd.token('kate'), 'heartbeat');
+    assert.equal(copies(history, 'sent into the void'), 1, 'stored exactly once');
   });

@@ -251,6 +251,26 @@ def test_bad_request_keeps_connection_open(server, name):
     assert len(server.history("general")["messages"]) == 1
 
 
+def test_ping_is_answered_to_the_sender_alone(server):
+    alice = server.client("general", "alice")
+    bob = server.client("general", "bob")
+    alice.send({"event": "ping"})
+    assert alice.recv() == {"event": "pong"}
+    alice.send({"event": "ping", "client_id": "hb-1", "extra": [1, 2]})  # extra fields pass
+    assert alice.recv() == {"event": "pong"}
+    bob.expect_quiet(0.3)
+    assert server.history("general")["messages"] == []
+    ack = alice.say("after the pings")
+    assert bob.recv() == ack
+
+
+def test_ping_is_no_rest_event(server):
+    r = server.post("/api/chats/general/messages", user="alice", json={"event": "ping"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "bad_request"
+    assert server.history("general")["messages"] == []
+
+
 def test_bad_request_echoes_client_id(server):
     alice = server.client("general", "alice")
     alice.send({"event": "message:message", "message": "", "client_id": "retry-7"})

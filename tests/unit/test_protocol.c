@@ -45,6 +45,19 @@ static void test_edit_delete_ids(void) {
     proto_cmd_free(&c);
 }
 
+/* ping: accepted where allowed (the WebSocket), nothing else read from it; an unknown
+ * event where it is not (the REST body). */
+static void test_ping(void) {
+    proto_cmd_t c;
+    CHECK_INT(decode("{\"event\":\"ping\",\"message\":5}", ALL | (1u << PROTO_PING), &c), 0);
+    CHECK_INT(c.kind, PROTO_PING);
+    CHECK(c.message == NULL);
+    proto_cmd_free(&c);
+    CHECK_INT(decode("{\"event\":\"ping\"}", ALL, &c), CHAT_EPROTO);
+    CHECK_STR(c.error, "unknown event");
+    proto_cmd_free(&c);
+}
+
 static void test_bad_requests(void) {
     static const char *bad[] = {
         "{}",
@@ -150,6 +163,7 @@ static void test_encode_error(void) {
 int main(void) {
     RUN(test_message);
     RUN(test_edit_delete_ids);
+    RUN(test_ping);
     RUN(test_bad_requests);
     RUN(test_not_an_object);
     RUN(test_allowed_events);
