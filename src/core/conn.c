@@ -104,15 +104,23 @@ static void conn__q_consume(conn_t *c, size_t n) {
     }
 }
 
+/* Appended at the tail, flushed from the head: when one turn completes many messages, the
+ * members of the oldest (which waited longest already) are written first. Flushed newest
+ * first, as before, a group's first message waited for the whole flush, 5-10 ms at times in
+ * the chat scenario: its p99.9 was 29 ms against 21 ms now (bench/RESULTS.md). */
 static void conn__mark_dirty(conn_t *c) {
     if (c->flags & (CF_DIRTY | CF_CLOSED)) return;
     conn_server_t *s = c->server;
     c->flags |= CF_DIRTY;
-    c->dirty_prev = NULL;
-    c->dirty_next = s->dirty;
-    if (s->dirty) s->dirty->dirty_prev = c;
-    else uv_idle_start(&s->kick, conn__on_idle);
-    s->dirty = c;
+    c->dirty_next = NULL;
+    c->dirty_prev = s->dirty_tail;
+    if (s->dirty_tail) {
+        s->dirty_tail->dirty_next = c;
+    } else {
+        s->dirty = c;
+        uv_idle_start(&s->kick, conn__on_idle);
+    }
+    s->dirty_tail = c;
 }
 
 static void conn__unmark_dirty(conn_t *c) {
@@ -121,6 +129,7 @@ static void conn__unmark_dirty(conn_t *c) {
     if (c->dirty_prev) c->dirty_prev->dirty_next = c->dirty_next;
     else s->dirty = c->dirty_next;
     if (c->dirty_next) c->dirty_next->dirty_prev = c->dirty_prev;
+    else s->dirty_tail = c->dirty_prev;
     c->dirty_prev = c->dirty_next = NULL;
     c->flags &= (uint16_t)~CF_DIRTY;
 }

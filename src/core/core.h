@@ -159,7 +159,7 @@ struct conn_server {
     uv_check_t flusher; /* writes every dirty connection after the poll phase */
     uv_idle_t kick;     /* keeps the poll from blocking while anything is dirty */
     uv_timer_t linger_timer; /* drops half-closed connections whose peer never closes */
-    conn_t *dirty;
+    conn_t *dirty, *dirty_tail; /* oldest first: flushed in the order they were dirtied */
     conn_t *lingering;
     conn_server_opts_t opts;
     uint8_t *rbuf;           /* one read buffer for every connection: reads are handled at once */
