@@ -284,7 +284,7 @@ struct bench {
     unsigned sources; /* 0: the kernel picks the source address */
     bconn_t *conns;
     uint8_t *rbuf;
-    bconn_t *dirty;
+    bconn_t *dirty, *dirty_tail; /* oldest first: sends go out in the order they were stamped */
     uv_prepare_t flusher;
     uv_timer_t tick, phase_timer, progress_timer;
     uv_signal_t sigint;
@@ -598,8 +598,10 @@ static int grow(uint8_t **p, size_t *cap, size_t need) {
 static void mark_dirty(bconn_t *c) {
     if (c->dirty) return;
     c->dirty = true;
-    c->dirty_next = c->b->dirty;
-    c->b->dirty = c;
+    c->dirty_next = NULL;
+    if (c->b->dirty_tail) c->b->dirty_tail->dirty_next = c;
+    else c->b->dirty = c;
+    c->b->dirty_tail = c;
 }
 
 static int conn_reserve(bconn_t *c, size_t n) {
@@ -709,6 +711,7 @@ static void on_prepare(uv_prepare_t *h) {
     bconn_t *c;
     while ((c = b->dirty)) {
         b->dirty = c->dirty_next;
+        if (!b->dirty) b->dirty_tail = NULL;
         c->dirty = false;
         conn_flush(c);
     }
