@@ -264,7 +264,8 @@ static void conn__on_write(uv_write_t *req, int status) {
     else if (c->q_cap > 64) conn__q_clear(c);
 }
 
-/* What the kernel took without blocking: bytes, 0 if its buffer is full, or a negative
+/* What the kernel took without blocking: bytes, 0 if it has no room now (as libuv, ENOBUFS
+ * counts as that), or a negative
  * libuv error. send/sendmsg rather than uv_try_write's write/writev: the socket calls skip
  * the VFS write path (permission and fsnotify hooks), a few percent of the loop's time
  * when every delivery is a syscall. uv_buf_t is laid out as struct iovec on Unix. */
@@ -285,7 +286,7 @@ static ssize_t conn__send(conn_t *c, uv_buf_t *iov, uint32_t n) {
         }
         if (w >= 0) return w;
         if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS) return 0;
         return uv_translate_sys_error(errno);
     }
 }
