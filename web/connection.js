@@ -14,6 +14,9 @@ const CONNECT_LOOKUP_MS = 2000;
 // both through globalThis.CHAT_HEARTBEAT_MS and CHAT_HEARTBEAT_TIMEOUT_MS.)
 const HEARTBEAT_MS = globalThis.CHAT_HEARTBEAT_MS || 25000;
 const HEARTBEAT_TIMEOUT_MS = globalThis.CHAT_HEARTBEAT_TIMEOUT_MS || 10000;
+// The backoff starts over only after a socket stayed open this long: a node that accepts and
+// closes at once (restarting, overloaded) would otherwise be retried four times a second.
+const STABLE_MS = 3000;
 
 export function idLess(a, b) {
   // Ids are decimal strings of 64-bit numbers: compare by length first, then digit by digit.
@@ -132,20 +135,19 @@ export class ChatConnection {
       return;
     }
     this.ws = ws;
-    let opened = false;
+    let opened = 0; // performance.now() when it opened
     ws.onopen = () => {
-      opened = true;
+      opened = performance.now();
       this.watch(ws);
       const again = this.everOpened;
       this.everOpened = true;
-      this.attempt = 0;
       this.skipLookup = false;
       this.state('connected');
       for (const frame of this.outbox.values()) ws.send(JSON.stringify(frame));
       this.hooks.onOpen(again);
     };
     ws.onmessage = (e) => {
-      this.lastRx = Date.now();
+      this.lastRx = performance.now();
       this.pingSent = 0;
       let ev;
       try { ev = JSON.parse(e.data); } catch { return; }
@@ -163,6 +165,7 @@ export class ChatConnection {
         this.checkRefusal();
         return;
       }
+      if (performance.now() - opened >= STABLE_MS) this.attempt = 0;
       // 1008 (policy, slow consumer) and application codes: our fault or a refusal; wait the
       // longest. 1000/1001/1006/1011/1012: the node went away or restarts; come back soon.
       const polite = e.code === 1008 || (e.code >= 4000 && e.code < 5000) ||
@@ -179,11 +182,12 @@ export class ChatConnection {
   // The heartbeat of an open socket (see HEARTBEAT_MS).
   watch(ws) {
     clearInterval(this.beat);
-    this.lastRx = Date.now();
+    const opened = performance.now();
+    this.lastRx = opened; // monotonic: a clock stepped after a resume is no silence
     this.pingSent = 0;
     this.beat = setInterval(() => {
       if (this.ws !== ws) { clearInterval(this.beat); return; }
-      const now = Date.now();
+      const now = performance.now();
       if (this.pingSent && now - this.pingSent >= HEARTBEAT_TIMEOUT_MS) {
         // Dead without a close: forget it (its close, if it ever comes, is not ours to
         // handle) and connect again; the outbox goes out on the new socket.
@@ -192,6 +196,7 @@ export class ChatConnection {
         ws.onclose = null;
         ws.onmessage = null;
         try { ws.close(); } catch { /* already closing */ }
+        if (now - opened >= STABLE_MS) this.attempt = 0;
         this.schedule(false);
       } else if (!this.pingSent && now - this.lastRx >= HEARTBEAT_MS) {
         this.pingSent = now;

@@ -1,8 +1,9 @@
 // The web client across failures: chatd killed with SIGKILL and restarted on the same port,
-// a message typed while the server is down or the connection refused (and kept across a
+// a message typed while the server is down or the connection silent (and kept across a
 // reload), a message sent while one reader is away, an acknowledgement lost on the wire, a
-// store that refuses a write, and a connection that goes silent without closing. Nothing
-// may be lost and nothing may be shown or stored twice.
+// store that refuses a write, a connection that goes silent without closing, and a node
+// that closes every socket at once. Nothing may be lost and nothing may be shown or stored
+// twice.
 
 import { spawn } from 'node:child_process';
 import path from 'node:path';
@@ -173,41 +174,43 @@ test('the page connects to the node /api/connect names, and to its own host if t
 
 test('a message typed while the connection is down survives a reload, then is sent once',
   async () => {
-    // Gina's WebSocket goes through a route that can drop it and refuse new ones (1012, as
-    // a restarting node would) while the page itself still loads: a reload is possible.
-    let refuse = false;
-    let live = null;
-    const route = (page) => page.routeWebSocket(/\/ws\/chat\/reload-outbox/, (ws) => {
-      if (refuse) {
-        ws.close({ code: 1012, reason: 'test: refused' });
-        return;
-      }
-      live = ws;
-      ws.connectToServer();
-    });
+    // Gina's sockets go through a route that can turn them into black holes (nothing passes
+    // either way, nothing closes) while the page itself still loads, so a reload is possible.
+    // Her heartbeat gives a silent socket up within a second and tries another.
+    let hole = false;
+    const route = async (page) => {
+      await page.addInitScript(() => {
+        globalThis.CHAT_HEARTBEAT_MS = 300;
+        globalThis.CHAT_HEARTBEAT_TIMEOUT_MS = 400;
+      });
+      await page.routeWebSocket(/\/ws\/chat\/reload-outbox/, (ws) => {
+        const server = ws.connectToServer();
+        ws.onMessage((m) => { if (!hole) server.send(m); });
+        server.onMessage((m) => { if (!hole) ws.send(m); });
+      });
+    };
     const gina = await person('gina', 'reload-outbox', route);
     const hal = await person('hal', 'reload-outbox');
     await send(gina, 'gina is here');
     await msg(hal, 'gina is here').waitFor();
 
-    refuse = true;
-    await live.close({ code: 1012, reason: 'test: dropped' });
-    await waitStatus(gina, 'reconnecting');
+    hole = true;
     await send(gina, 'typed, then the tab reloaded');
     const pending = gina.locator('#pending li.msg.pending',
       { hasText: 'typed, then the tab reloaded' });
     await pending.waitFor();
+    await waitStatus(gina, 'reconnecting');
 
     // The page is gone and comes back: the unsent message is still there, still pending.
     await gina.reload();
     await msg(gina, 'gina is here').waitFor();
     await pending.waitFor();
-    await pending.locator('.note', { hasText: 'waiting for the connection' }).waitFor();
+    await waitStatus(gina, 'reconnecting');
     assert.equal(await msg(hal, 'typed, then the tab reloaded').count(), 0);
+    assert.equal(await msg(gina, 'typed, then the tab reloaded').count(), 0, 'not acknowledged');
 
-    refuse = false;
-    await waitStatus(gina, 'connected', 30000);
-    await msg(gina, 'typed, then the tab reloaded').waitFor();
+    hole = false;
+    await msg(gina, 'typed, then the tab reloaded').waitFor({ timeout: 30000 });
     await pending.waitFor({ state: 'detached' });
     await msg(hal, 'typed, then the tab reloaded').waitFor();
     for (const p of [gina, hal]) {
@@ -311,3 +314,35 @@ test('a connection that goes silent without closing is found by the heartbeat an
     const history = await chatd.history(await chatd.token('kate'), 'heartbeat');
     assert.equal(copies(history, 'sent into the void'), 1, 'stored exactly once');
   });
+
+test('a node that accepts and closes at once is retried with a growing backoff', async () => {
+  // Mia's route answers every new socket itself and closes it with 1012 at once (a node that
+  // restarts in a loop). Each of those sockets did open, but none stayed: the backoff must
+  // keep growing instead of starting over four times a second.
+  let flap = false;
+  let live = null;
+  let flaps = 0;
+  const route = (page) => page.routeWebSocket(/\/ws\/chat\/flap/, (ws) => {
+    if (flap) {
+      // Opened (a route that does not connect to the server answers the handshake itself),
+      // then closed a moment later.
+      flaps++;
+      setTimeout(() => ws.close({ code: 1012, reason: 'test: restarting' }), 50);
+      return;
+    }
+    live = ws;
+    ws.connectToServer();
+  });
+  const mia = await person('mia', 'flap', route);
+  const ned = await person('ned', 'flap');
+  flap = true;
+  await live.close({ code: 1012, reason: 'test: restarting' });
+  await new Promise((r) => setTimeout(r, 2500));
+  // 125-250, 250-500, 500-1000, 1000-2000 ms: at most five tries in 2.5 s (ten or more
+  // without the backoff).
+  assert.ok(flaps >= 2 && flaps <= 5, `${flaps} sockets in 2.5 s`);
+  flap = false;
+  await waitStatus(mia, 'connected', 30000);
+  await send(mia, 'back after the flapping');
+  await msg(ned, 'back after the flapping').waitFor();
+});
