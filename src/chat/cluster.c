@@ -6,8 +6,8 @@
  * The one idea: the store is the truth and the bus is a fast path. Duplicates between the
  * two are removed by per-origin marks (room_mark_t): every node stores and publishes its
  * own messages in id order, so for each origin node an id at or below the newest one seen
- * was seen already. An edit or delete has no id of its own: one made since shortly before
- * the outage to a message the catch-up reads back is delivered again as message:edit or
+ * was seen already. An edit or delete has no id of its own: the current state of every
+ * edited or deleted message the catch-up reads back is delivered again as message:edit or
  * message:delete (idempotent for clients); changes to older messages are not re-read.
  */
 #include <inttypes.h>
@@ -60,7 +60,6 @@ typedef struct catchup {
     store_req_t req;
     chat_server_t *srv;
     uint64_t gen;
-    int64_t from_ms; /* changes at or after this were possibly missed */
     int pages;
     char chat_id[129];
 } catchup_t;
@@ -90,9 +89,13 @@ static void cluster__catchup_done(store_req_t *req) {
             bool is_new = chat_room_admit(r, true, m->id);
             if (is_new) {
                 event = m->deleted_at ? "message:delete" : "message:message";
-            } else if (m->deleted_at && m->deleted_at >= cu->from_ms) {
-                event = "message:delete"; /* seen, then deleted while the bus was down */
-            } else if (m->edited_at && m->edited_at >= cu->from_ms) {
+            } else if (m->deleted_at) {
+                /* Seen, and changed since: every message read back is recent, so its change
+                 * may have been missed. Not compared with from_ms, which is this node's clock
+                 * while the change's time is the editing node's. Clients take a repeated edit
+                 * or delete as a no-op. */
+                event = "message:delete";
+            } else if (m->edited_at) {
                 event = "message:edit";
             } else {
                 continue;
@@ -166,7 +169,6 @@ static void cluster__catchup_all(chat_server_t *s) {
             if (!cu) continue;
             cu->srv = s;
             cu->gen = r->gen;
-            cu->from_ms = from_ms;
             snprintf(cu->chat_id, sizeof cu->chat_id, "%s", r->chat_id);
             r->catching_up = true;
             cluster__catchup_submit(cu, after);
