@@ -136,6 +136,7 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
     sbuf_printf(sb, "chat_store_errors_total %" PRIu64 "\n", s->m.store_errors);
     chat__hist_render(sb, "chat_store_latency_seconds",
                       "Time from store submit to completion.", &s->m.store_lat);
+    store_metrics(s->store, sb);
     if (s->idle_metrics) {
         chat__hist_render(sb, "chat_loop_turn_seconds",
                           "Work of each event loop turn, its wait for events excluded.",

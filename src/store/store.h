@@ -81,6 +81,9 @@ typedef struct store_ops {
     /* Finish every queued write, call their callbacks, then free the store and call done
      * (if not NULL) on the loop thread. No submit after close. */
     void (*close)(store_t *s, void (*done)(void *arg), void *arg);
+    /* Optional (NULL: none): append the backend's own counters to out as Prometheus text
+     * lines, names starting chat_store_<name>_. Called on the loop thread. */
+    void (*metrics)(store_t *s, sbuf_t *out);
 } store_ops_t;
 
 /* Every backend's struct starts with this. */
@@ -99,6 +102,9 @@ static inline int store_submit(store_t *s, store_req_t *r) { return s->ops->subm
 static inline int store_migrate(store_t *s) { return s->ops->migrate(s); }
 static inline void store_close(store_t *s, void (*done)(void *), void *arg) {
     s->ops->close(s, done, arg);
+}
+static inline void store_metrics(store_t *s, sbuf_t *out) {
+    if (s->ops->metrics) s->ops->metrics(s, out);
 }
 
 /* Free the outputs of a request (msg strings, msgs array) so it can be reused. */

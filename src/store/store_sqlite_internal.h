@@ -20,6 +20,7 @@ typedef struct store_sqlite_stats {
     uint64_t reads;          /* read requests completed */
     uint64_t max_batch;      /* largest number of requests in one transaction */
     uint64_t checkpoints;    /* checkpoints the checkpointer thread completed */
+    uint64_t wal_frames;     /* pages the writer's commits appended to the WAL */
 } store_sqlite_stats_t;
 
 /* Counters since open. Safe from any thread; s must be an open sqlite store. */

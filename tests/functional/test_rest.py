@@ -1,6 +1,7 @@
 """The REST API and plain HTTP: history paging, posting, errors, keep-alive, health, metrics."""
 
 import json
+import os
 import select
 import time
 
@@ -462,6 +463,37 @@ def test_metrics_event_loop(server):
     counts = [v for _, v in buckets]
     assert counts == sorted(counts), f"buckets are not cumulative: {buckets}"
     assert buckets[-1] == (float("inf"), turns)
+
+
+TEST_STORE = os.environ.get("CHAT_TEST_STORE", "sqlite")  # as conftest.py reads it
+
+
+def test_metrics_of_the_store_backend(server):
+    """SQLite's own counters: group commits, WAL pages, checkpoints (absent on Cassandra)."""
+    m0 = parse_metrics(server.metrics_text())
+    names = metric_names(m0)
+    sqlite_names = {"chat_store_sqlite_commits_total", "chat_store_sqlite_failed_commits_total",
+                    "chat_store_sqlite_writes_total", "chat_store_sqlite_wal_frames_total",
+                    "chat_store_sqlite_checkpoints_total", "chat_store_sqlite_largest_commit"}
+    if TEST_STORE != "sqlite":
+        assert not sqlite_names & names
+        return
+    assert sqlite_names <= names, sorted(sqlite_names - names)
+    alice = server.client("general", "alice")
+    acks = [alice.say(f"counted by the store {i}") for i in range(5)]
+    alice.send({"event": "message:edit", "message_id": acks[0]["message_id"], "message": "e"})
+    assert alice.recv()["event"] == "message:edit"
+    m1 = parse_metrics(server.metrics_text())
+
+    def delta(name):
+        return metric_value(m1, name) - metric_value(m0, name)
+
+    writes, commits = delta("chat_store_sqlite_writes_total"), delta("chat_store_sqlite_commits_total")
+    assert writes == 6, writes  # five appends and an edit
+    assert 1 <= commits <= writes
+    assert delta("chat_store_sqlite_wal_frames_total") >= commits  # each commit writes a page
+    assert metric_value(m1, "chat_store_sqlite_failed_commits_total") == 0
+    assert metric_value(m1, "chat_store_sqlite_largest_commit") >= 1
 
 
 # ---- HEAD and Expect: 100-continue --------------------------------------------------------

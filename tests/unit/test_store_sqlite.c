@@ -450,6 +450,9 @@ static void test_idempotent_append(void) {
     while (called < 2) uv_run(&f.loop, UV_RUN_ONCE);
     store_sqlite_stats(f.s, &st1);
     CHECK_INT(st1.batches - st0.batches, 1);
+    CHECK_INT(st1.writes - st0.writes, 2);
+    /* one new row and its index entry: a page or two of the WAL, never none */
+    CHECK(st1.wal_frames > st0.wal_frames && st1.wal_frames - st0.wal_frames <= 8);
     CHECK_INT(a.status, 0);
     CHECK(!a.duplicate);
     CHECK_INT(a.msg.id, 50);
