@@ -6,7 +6,7 @@
  * - logging to stderr, one line per event: "ts level msg key=value ...".
  * - Snowflake-style ids and millisecond time helpers.
  * - conn_t: a TCP connection on libuv with a corked output queue: sends during a loop turn
- *   are queued and written with one writev per connection at the end of that turn.
+ *   are queued and written with one sendmsg per connection at the end of that turn.
  */
 #ifndef CHAT_CORE_H
 #define CHAT_CORE_H
@@ -131,7 +131,7 @@ struct conn {
     conn_server_t *server;
     const conn_handler_t *handler;
     void *ctx; /* the handler's state */
-    /* output queue: refcounted segments, written by one writev per loop turn */
+    /* output queue: refcounted segments, written by one sendmsg per loop turn */
     struct conn_seg *q;
     uint32_t q_head, q_len, q_cap;
     size_t q_bytes;       /* bytes queued, not yet written */
