@@ -1588,49 +1588,49 @@ static void test_hist_precision(void) {
                                                      hist_index(hist_high(i - 1) + 1) == i);
 }
 
+/* A fresh classification of one NUL-terminated frame. */
+static void classify_str(void (*classify)(const char *, size_t, in_msg_t *), const char *s,
+                         in_msg_t *m) {
+    memset(m, 0, sizeof *m);
+    classify(s, strlen(s), m);
+}
+
 static void test_chatd_classify(void) {
     in_msg_t m;
     const char *ev = "{\"event\":\"message:message\",\"chat_id\":\"bench-1\",\"message_id\":\"9\","
                      "\"user_from\":\"bench-u3\",\"message\":\"t=123456789;s=3;xxxx\","
                      "\"created_at\":\"2026-11-29T12:00:00.123Z\"}";
-    memset(&m, 0, sizeof m);
-    chatd_classify(ev, strlen(ev), &m);
+    classify_str(chatd_classify, ev, &m);
     CHECK_INT(m.kind, IN_PUB);
     CHECK_INT(m.t_ns, 123456789);
     CHECK_INT(m.sender, 3);
     CHECK(!m.has_node); /* a payload without the node */
     const char *noded = "{\"event\":\"message:message\",\"user_from\":\"bench-u5\","
                         "\"message\":\"t=99;s=5;n=2;xxxx\"}";
-    memset(&m, 0, sizeof m);
-    chatd_classify(noded, strlen(noded), &m);
+    classify_str(chatd_classify, noded, &m);
     CHECK_INT(m.kind, IN_PUB);
     CHECK_INT(m.t_ns, 99);
     CHECK_INT(m.sender, 5);
     CHECK(m.has_node);
     CHECK_INT(m.node, 2);
     const char *badnode = "{\"event\":\"message:message\",\"message\":\"t=99;s=5;n=2x\"}";
-    memset(&m, 0, sizeof m);
-    chatd_classify(badnode, strlen(badnode), &m);
+    classify_str(chatd_classify, badnode, &m);
     CHECK_INT(m.kind, IN_PUB); /* still a delivery, the node unknown */
     CHECK(!m.has_node);
     const char *err = "{\"event\":\"error\",\"code\":\"store_unavailable\",\"detail\":\"x\"}";
-    memset(&m, 0, sizeof m);
-    chatd_classify(err, strlen(err), &m);
+    classify_str(chatd_classify, err, &m);
     CHECK_INT(m.kind, IN_ERROR);
     CHECK_STR(m.code, "store_unavailable");
     const char *foreign = "{\"event\":\"message:message\",\"message\":\"hello\"}";
-    memset(&m, 0, sizeof m);
-    chatd_classify(foreign, strlen(foreign), &m);
+    classify_str(chatd_classify, foreign, &m);
     CHECK_INT(m.kind, IN_OTHER);
     const char *cut = "{\"event\":\"message:message\",\"message\":\"t=12";
-    memset(&m, 0, sizeof m);
-    chatd_classify(cut, strlen(cut), &m);
+    classify_str(chatd_classify, cut, &m);
     CHECK_INT(m.kind, IN_OTHER);
     /* the fast paths miss (another key first, an '=' before the text): same result */
     const char *odd = "{\"chat_id\":\"a=b\",\"event\":\"message:message\","
                       "\"message\":\"t=77;s=4;xx\"}";
-    memset(&m, 0, sizeof m);
-    chatd_classify(odd, strlen(odd), &m);
+    classify_str(chatd_classify, odd, &m);
     CHECK_INT(m.kind, IN_PUB);
     CHECK_INT(m.t_ns, 77);
     CHECK_INT(m.sender, 4);
@@ -1640,40 +1640,34 @@ static void test_centrifugo_classify(void) {
     in_msg_t m;
     const char *push = "{\"push\":{\"channel\":\"bench:bench-0\",\"pub\":{\"data\":{\"t\":77,\"s\""
                        ":12,\"text\":\"t=77;s=12;\"},\"offset\":3}}}";
-    memset(&m, 0, sizeof m);
-    cf_classify(push, strlen(push), &m);
+    classify_str(cf_classify, push, &m);
     CHECK_INT(m.kind, IN_PUB);
     CHECK_INT(m.t_ns, 77);
     CHECK_INT(m.sender, 12);
     CHECK(!m.has_node);
     const char *noded = "{\"push\":{\"channel\":\"bench:bench-0\",\"pub\":{\"data\":{\"t\":78,"
                         "\"s\":13,\"n\":1,\"text\":\"t=78;s=13;n=1;\"},\"offset\":4}}}";
-    memset(&m, 0, sizeof m);
-    cf_classify(noded, strlen(noded), &m);
+    classify_str(cf_classify, noded, &m);
     CHECK_INT(m.kind, IN_PUB);
     CHECK_INT(m.t_ns, 78);
     CHECK_INT(m.sender, 13);
     CHECK(m.has_node);
     CHECK_INT(m.node, 1);
     const char *rep = "{\"id\":42,\"publish\":{}}";
-    memset(&m, 0, sizeof m);
-    cf_classify(rep, strlen(rep), &m);
+    classify_str(cf_classify, rep, &m);
     CHECK_INT(m.kind, IN_REPLY);
     CHECK_INT(m.id, 42);
     CHECK(!m.failed);
     const char *bad = "{\"id\":2,\"error\":{\"code\":103,\"message\":\"permission denied\"}}";
-    memset(&m, 0, sizeof m);
-    cf_classify(bad, strlen(bad), &m);
+    classify_str(cf_classify, bad, &m);
     CHECK_INT(m.kind, IN_REPLY);
     CHECK(m.failed);
     CHECK_STR(m.code, "103");
-    memset(&m, 0, sizeof m);
-    cf_classify("{}", 2, &m);
+    classify_str(cf_classify, "{}", &m);
     CHECK_INT(m.kind, IN_PING);
     const char *unsub = "{\"push\":{\"channel\":\"bench:bench-0\",\"unsubscribe\":{\"code\":2500,"
                         "\"reason\":\"insufficient state\"}}}";
-    memset(&m, 0, sizeof m);
-    cf_classify(unsub, strlen(unsub), &m);
+    classify_str(cf_classify, unsub, &m);
     CHECK_INT(m.kind, IN_ERROR);
     CHECK_STR(m.code, "unsubscribe_2500");
 }
