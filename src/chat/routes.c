@@ -16,6 +16,16 @@
 #define HISTORY_DEFAULT 50
 #define HISTORY_MAX 200
 #define HTTP_MAX_CURSORS 32
+/* Search scans a chat's history newest first, a page at a time, and stops at `limit` matches
+ * or after SEARCH_SCAN_MAX messages, whichever comes first; the answer says where to go on
+ * (next_before). A bound per request, so one query on a chat of millions cannot hold a
+ * reader thread for seconds; there is no index to keep up on the write path. */
+#define SEARCH_DEFAULT 20
+#define SEARCH_MAX 100
+#define SEARCH_PAGE 500
+#define SEARCH_SCAN_MAX 5000
+#define SEARCH_Q_MAX 256
+#define SEARCH_TERMS_MAX 16
 
 static void http__drive(http_peer_t *hp, const uint8_t *data, size_t len);
 
@@ -350,6 +360,214 @@ out:
     jwt_claims_free(&cl);
 }
 
+/* ---- search -------------------------------------------------------------------------- */
+
+typedef struct search_op {
+    store_req_t req;
+    chat_server_t *srv;
+    http_peer_t *hp; /* referenced (peer.refs) until the answer */
+    bool keep_alive;
+    int limit, found;
+    size_t scanned;
+    uint64_t t0;
+    char chat_id[129];
+    char q[SEARCH_Q_MAX + 1]; /* the terms, ASCII-lowercased, NUL-separated */
+    size_t term_off[SEARCH_TERMS_MAX], term_len[SEARCH_TERMS_MAX];
+    size_t n_terms;
+    sbuf_t out; /* the matches so far, as JSON array elements */
+} search_op_t;
+
+static unsigned char ascii_lower(unsigned char c) {
+    return c >= 'A' && c <= 'Z' ? (unsigned char)(c + 32) : c;
+}
+
+/* Whether text contains term (already lowercased), ignoring ASCII case. Bytes of multibyte
+ * UTF-8 sequences are never ASCII, so they compare exactly and a match cannot start or end
+ * inside a character. */
+static bool search__contains(const char *text, size_t n, const char *term, size_t tn) {
+    if (tn > n) return false;
+    for (size_t i = 0; i + tn <= n; i++) {
+        size_t j = 0;
+        while (j < tn && ascii_lower((unsigned char)text[i + j]) == (unsigned char)term[j]) j++;
+        if (j == tn) return true;
+    }
+    return false;
+}
+
+static bool search__match(const search_op_t *op, const store_msg_t *m) {
+    if (!m->message || m->deleted_at) return false;
+    size_t n = strlen(m->message);
+    for (size_t t = 0; t < op->n_terms; t++)
+        if (!search__contains(m->message, n, op->q + op->term_off[t], op->term_len[t]))
+            return false;
+    return true;
+}
+
+static int search__submit(search_op_t *op, uint64_t before);
+
+static void search__finish(search_op_t *op, int status, const char *code, const char *detail,
+                           bool more, uint64_t next_before) {
+    http_peer_t *hp = op->hp;
+    if (status != 200) {
+        http__error(hp, status, code, detail, op->keep_alive);
+    } else {
+        sbuf_t sb = {0};
+        sbuf_puts(&sb, "{\"chat_id\":");
+        sbuf_json_str(&sb, op->chat_id, strlen(op->chat_id));
+        sbuf_puts(&sb, ",\"messages\":[");
+        if (op->out.len) sbuf_put(&sb, op->out.p, op->out.len);
+        if (op->out.oom) sb.oom = true;
+        if (more)
+            sbuf_printf(&sb, "],\"next_before\":\"%" PRIu64 "\"", next_before);
+        else
+            sbuf_puts(&sb, "],\"next_before\":null");
+        sbuf_printf(&sb, ",\"scanned\":%zu}", op->scanned);
+        http__json(hp, 200, &sb, op->keep_alive);
+        sbuf_free(&sb);
+    }
+    sbuf_free(&op->out);
+    free(op);
+    http__resume(hp);
+    chat_peer_unref(&hp->peer);
+}
+
+static void search__page_done(store_req_t *req) {
+    search_op_t *op = req->data;
+    chat_server_t *s = op->srv;
+    chat_record_latency(s, op->t0);
+    if (req->status < 0) {
+        int status = req->status;
+        s->m.store_errors++;
+        store_req_cleanup(req);
+        search__finish(op, 503, "store_unavailable", chat_strerror(status), false, 0);
+        return;
+    }
+    uint64_t last = 0;
+    for (size_t i = 0; i < req->n_msgs; i++) {
+        const store_msg_t *m = &req->msgs[i];
+        op->scanned++;
+        last = m->id;
+        if (search__match(op, m)) {
+            if (op->found++) sbuf_puts(&op->out, ",");
+            proto_put_msg(&op->out, NULL, m);
+            if (op->found == op->limit) {
+                /* more may follow unless this was the very last message of the chat */
+                bool more = i + 1 < req->n_msgs || req->n_msgs == (size_t)req->limit;
+                store_req_cleanup(req);
+                search__finish(op, 200, NULL, NULL, more, last);
+                return;
+            }
+        }
+    }
+    bool end = req->n_msgs < (size_t)req->limit;
+    store_req_cleanup(req);
+    if (end || op->scanned >= SEARCH_SCAN_MAX) {
+        search__finish(op, 200, NULL, NULL, !end, last);
+        return;
+    }
+    if (search__submit(op, last) < 0)
+        search__finish(op, 503, "store_unavailable", "the store is not accepting requests",
+                       false, 0);
+}
+
+static int search__submit(search_op_t *op, uint64_t before) {
+    memset(&op->req, 0, sizeof(op->req));
+    op->req.op = STORE_HISTORY;
+    op->req.chat_id = op->chat_id;
+    op->req.id = before;
+    size_t left = SEARCH_SCAN_MAX - op->scanned;
+    op->req.limit = (int)(left < SEARCH_PAGE ? left : SEARCH_PAGE);
+    op->req.data = op;
+    op->req.cb = search__page_done;
+    op->t0 = uv_hrtime();
+    return store_submit(op->srv->store, &op->req) < 0 ? -1 : 0;
+}
+
+/* Split q (decoded, n bytes) into ASCII-lowercased terms at ASCII blanks. false if none. */
+static bool search__terms(search_op_t *op, const char *q, size_t n) {
+    op->n_terms = 0;
+    size_t w = 0;
+    for (size_t i = 0; i < n;) {
+        while (i < n && (q[i] == ' ' || q[i] == '\t' || q[i] == '\n' || q[i] == '\r')) i++;
+        if (i == n) break;
+        if (op->n_terms == SEARCH_TERMS_MAX) return false;
+        op->term_off[op->n_terms] = w;
+        while (i < n && !(q[i] == ' ' || q[i] == '\t' || q[i] == '\n' || q[i] == '\r'))
+            op->q[w++] = (char)ascii_lower((unsigned char)q[i++]);
+        op->term_len[op->n_terms] = w - op->term_off[op->n_terms];
+        op->q[w++] = '\0';
+        op->n_terms++;
+    }
+    return op->n_terms > 0;
+}
+
+static void http__search(http_peer_t *hp, const http_request_t *req, const char *chat_id) {
+    chat_server_t *s = hp->peer.srv;
+    bool ka = req->keep_alive;
+    if (req->method != HTTP_GET) {
+        http__not_allowed(hp, "GET, HEAD", ka);
+        return;
+    }
+    jwt_claims_t cl;
+    const char *why;
+    int st = http__auth(s, req, chat_id, &cl, &why);
+    if (st) { /* cl is filled only on success */
+        http__error(hp, st, st == 401 ? "unauthorized" : "forbidden", why, ka);
+        return;
+    }
+    jwt_claims_free(&cl); /* who asks does not change what a search finds */
+    char q[SEARCH_Q_MAX + 1], v[32];
+    int qn = http_query_param(req, "q", q, sizeof q);
+    if (qn == CHAT_ENOTFOUND) {
+        http__error(hp, 400, "bad_request", "q (the words to look for) is required", ka);
+        return;
+    }
+    if (qn < 0 || !ws_utf8_valid((const uint8_t *)q, (size_t)qn)) {
+        http__error(hp, 400, "bad_request",
+                    qn == CHAT_ETOOBIG ? "q must be at most 256 bytes"
+                                       : "q must be percent-encoded UTF-8", ka);
+        return;
+    }
+    int limit = SEARCH_DEFAULT;
+    int n = http_query_param(req, "limit", v, sizeof v);
+    uint64_t l = 0, before = 0;
+    if (n != CHAT_ENOTFOUND) {
+        if (n <= 0 || id_parse(v, (size_t)n, &l) < 0 || l < 1 || l > SEARCH_MAX) {
+            http__error(hp, 400, "bad_request", "limit must be an integer from 1 to 100", ka);
+            return;
+        }
+        limit = (int)l;
+    }
+    n = http_query_param(req, "before", v, sizeof v);
+    if (n != CHAT_ENOTFOUND && (n <= 0 || id_parse(v, (size_t)n, &before) < 0 || !before)) {
+        http__error(hp, 400, "bad_request", "before must be a message id", ka);
+        return;
+    }
+    search_op_t *op = calloc(1, sizeof(*op));
+    if (!op) {
+        http__error(hp, 500, "internal", "out of memory", false);
+        return;
+    }
+    if (!search__terms(op, q, (size_t)qn)) {
+        free(op);
+        http__error(hp, 400, "bad_request",
+                    "q must hold 1 to 16 words separated by blanks", ka);
+        return;
+    }
+    op->srv = s;
+    op->hp = hp;
+    op->keep_alive = ka;
+    op->limit = limit;
+    snprintf(op->chat_id, sizeof op->chat_id, "%s", chat_id);
+    if (search__submit(op, before) < 0) {
+        free(op);
+        http__error(hp, 503, "store_unavailable", "the store is not accepting requests", ka);
+        return;
+    }
+    hp->peer.refs++;
+    hp->busy = true;
+}
+
 /* ---- discovery: /api/nodes and /api/connect ----------------------------------------- */
 
 typedef struct nodes_wait {
@@ -576,6 +794,13 @@ static void http__route(http_peer_t *hp, const http_request_t *in) {
         if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
                                                        "[A-Za-z0-9_.-]", ka);
         else http__messages(hp, req, chat_id);
+        return;
+    }
+    m = http__match(p, n, "/api/chats/", "/search", false, chat_id, sizeof chat_id);
+    if (m) {
+        if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
+                                                       "[A-Za-z0-9_.-]", ka);
+        else http__search(hp, req, chat_id);
         return;
     }
     if (n == 10 && memcmp(p, "/api/nodes", 10) == 0) {
