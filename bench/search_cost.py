@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""bench/search_cost.py [N]: what one search request costs.
+
+Starts build/chatd on a fresh SQLite file (or CHAT_STORE), stores N messages in one chat
+(default 20,000, pipelined over one WebSocket), then times 50 searches for a term no message
+holds, so that each reads its whole budget of 5,000 messages, and 50 history pages of 50 for
+comparison. Prints one line. Run from the repository root after `make`.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "functional"))
+import requests  # noqa: E402
+from helpers import mint_token, ws_connect  # noqa: E402
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+ROUNDS = 50
+tmp = tempfile.mkdtemp(prefix="search-cost.")
+store = os.environ.get("CHAT_STORE", f"sqlite:{tmp}/chat.db")
+secret = os.urandom(16).hex()
+chatd = subprocess.Popen(["build/chatd", "--host", "127.0.0.1", "--port", "0", "--store", store,
+                          "--jwt-secret", secret], stderr=subprocess.PIPE, text=True)
+try:
+    port = None
+    while port is None:
+        line = chatd.stderr.readline()
+        if not line:
+            sys.exit("chatd did not start")
+        m = re.search(r"listening.* port=(\d+)", line)
+        port = int(m.group(1)) if m else None
+    tok = mint_token(secret, "alice")
+    ws = ws_connect(f"ws://127.0.0.1:{port}/ws/chat/big?token={tok}")
+    for i in range(N):
+        ws.send(json.dumps({"event": "message:message", "client_id": f"c{i}",
+                            "message": f"an ordinary chat line, number {i}, with a few words"}))
+    acked = 0
+    while acked < N:
+        if json.loads(ws.recv(timeout=60)).get("event") == "message:message":
+            acked += 1
+    http = requests.Session()
+    auth = {"Authorization": f"Bearer {tok}"}
+
+    def timed(path, params, check):
+        ms = []
+        for _ in range(ROUNDS):
+            t = time.perf_counter()
+            r = http.get(f"http://127.0.0.1:{port}{path}", params=params, headers=auth)
+            ms.append((time.perf_counter() - t) * 1000)
+            assert r.status_code == 200 and check(r.json()), r.text
+        ms.sort()
+        return ms[len(ms) // 2], ms[-1]
+
+    s50, smax = timed("/api/chats/big/search", {"q": "zebra"}, lambda b: b["scanned"] == 5000)
+    h50, hmax = timed("/api/chats/big/messages", {"limit": 50}, lambda b: len(b["messages"]) == 50)
+    print(f"{N} messages in the chat: a search reading 5,000 of them p50 {s50:.1f} ms "
+          f"(max {smax:.1f}); a history page of 50 p50 {h50:.2f} ms (max {hmax:.2f})")
+finally:
+    chatd.terminate()
+    chatd.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
