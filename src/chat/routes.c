@@ -16,16 +16,19 @@
 #define HISTORY_DEFAULT 50
 #define HISTORY_MAX 200
 #define HTTP_MAX_CURSORS 32
-/* Search scans a chat's history newest first, a page at a time, and stops at `limit` matches
- * or after SEARCH_SCAN_MAX messages, whichever comes first; the answer says where to go on
- * (next_before). A bound per request, so one query on a chat of millions cannot hold a
- * reader thread for seconds; there is no index to keep up on the write path. */
+/* Search scans a chat's history newest first, a page at a time, and stops at `limit` matches,
+ * after SEARCH_SCAN_MAX messages or after SEARCH_SCAN_BYTES of text, whichever comes first;
+ * the answer says where to go on (next_before). The matching runs on the loop, so both bounds
+ * matter: a message may be up to a megabyte (a REST body), and the bytes bound keeps one
+ * request's loop work to a few milliseconds whatever the chat holds. There is no index to
+ * keep up on the write path. */
 #define SEARCH_DEFAULT 20
 #define SEARCH_MAX 100
-#define SEARCH_PAGE 500
+#define SEARCH_PAGE 100
 #define SEARCH_SCAN_MAX 5000
+#define SEARCH_SCAN_BYTES (2u << 20)
 #define SEARCH_Q_MAX 256
-#define SEARCH_TERMS_MAX 16
+#define SEARCH_TERMS_MAX 8
 
 static void http__drive(http_peer_t *hp, const uint8_t *data, size_t len);
 
@@ -368,8 +371,11 @@ typedef struct search_op {
     http_peer_t *hp; /* referenced (peer.refs) until the answer */
     bool keep_alive;
     int limit, found;
-    size_t scanned;
+    size_t scanned, scanned_bytes;
+    uint64_t last; /* the oldest message read so far: where the next page, or request, starts */
     uint64_t t0;
+    char *fold; /* a message's text, ASCII-lowercased; fold_cap bytes */
+    size_t fold_cap;
     char chat_id[129];
     char q[SEARCH_Q_MAX + 1]; /* the terms, ASCII-lowercased, NUL-separated */
     size_t term_off[SEARCH_TERMS_MAX], term_len[SEARCH_TERMS_MAX];
@@ -381,25 +387,21 @@ static unsigned char ascii_lower(unsigned char c) {
     return c >= 'A' && c <= 'Z' ? (unsigned char)(c + 32) : c;
 }
 
-/* Whether text contains term (already lowercased), ignoring ASCII case. Bytes of multibyte
- * UTF-8 sequences are never ASCII, so they compare exactly and a match cannot start or end
- * inside a character. */
-static bool search__contains(const char *text, size_t n, const char *term, size_t tn) {
-    if (tn > n) return false;
-    for (size_t i = 0; i + tn <= n; i++) {
-        size_t j = 0;
-        while (j < tn && ascii_lower((unsigned char)text[i + j]) == (unsigned char)term[j]) j++;
-        if (j == tn) return true;
+/* Whether the text (n bytes) holds every term. The text is lowercased once (ASCII only:
+ * bytes of multibyte UTF-8 sequences are never ASCII, so they compare exactly and a match
+ * cannot start or end inside a character), then glibc's memmem, linear in the text, finds
+ * each term. false on OOM: the message is counted as scanned, not as a match. */
+static bool search__match(search_op_t *op, const char *text, size_t n) {
+    if (n == 0) return false; /* terms are never empty */
+    if (n > op->fold_cap) {
+        char *p = realloc(op->fold, n);
+        if (!p) return false;
+        op->fold = p;
+        op->fold_cap = n;
     }
-    return false;
-}
-
-static bool search__match(const search_op_t *op, const store_msg_t *m) {
-    if (!m->message || m->deleted_at) return false;
-    size_t n = strlen(m->message);
+    for (size_t i = 0; i < n; i++) op->fold[i] = (char)ascii_lower((unsigned char)text[i]);
     for (size_t t = 0; t < op->n_terms; t++)
-        if (!search__contains(m->message, n, op->q + op->term_off[t], op->term_len[t]))
-            return false;
+        if (!memmem(op->fold, n, op->q + op->term_off[t], op->term_len[t])) return false;
     return true;
 }
 
@@ -426,6 +428,7 @@ static void search__finish(search_op_t *op, int status, const char *code, const 
         sbuf_free(&sb);
     }
     sbuf_free(&op->out);
+    free(op->fold);
     free(op);
     http__resume(hp);
     chat_peer_unref(&hp->peer);
@@ -442,30 +445,35 @@ static void search__page_done(store_req_t *req) {
         search__finish(op, 503, "store_unavailable", chat_strerror(status), false, 0);
         return;
     }
-    uint64_t last = 0;
-    for (size_t i = 0; i < req->n_msgs; i++) {
-        const store_msg_t *m = &req->msgs[i];
+    bool stop = false;
+    size_t i = 0;
+    while (i < req->n_msgs && !stop) {
+        const store_msg_t *m = &req->msgs[i++];
         op->scanned++;
-        last = m->id;
-        if (search__match(op, m)) {
+        op->last = m->id;
+        if (!m->message || m->deleted_at) continue;
+        size_t n = strlen(m->message);
+        op->scanned_bytes += n;
+        if (search__match(op, m->message, n)) {
             if (op->found++) sbuf_puts(&op->out, ",");
             proto_put_msg(&op->out, NULL, m);
-            if (op->found == op->limit) {
-                /* more may follow unless this was the very last message of the chat */
-                bool more = i + 1 < req->n_msgs || req->n_msgs == (size_t)req->limit;
-                store_req_cleanup(req);
-                search__finish(op, 200, NULL, NULL, more, last);
-                return;
-            }
+            if (op->found == op->limit) stop = true;
         }
+        if (op->scanned_bytes >= SEARCH_SCAN_BYTES) stop = true;
     }
+    /* A short page is the end of the chat; a full one may have more behind it. */
     bool end = req->n_msgs < (size_t)req->limit;
+    bool more = i < req->n_msgs || !end;
     store_req_cleanup(req);
-    if (end || op->scanned >= SEARCH_SCAN_MAX) {
-        search__finish(op, 200, NULL, NULL, !end, last);
+    /* Nobody to answer (the client left) or the server stopping: no more pages. */
+    conn_t *c = op->hp->peer.conn;
+    bool go_on = !stop && !end && op->scanned < SEARCH_SCAN_MAX && c && !conn_is_closing(c) &&
+                 !s->stopping;
+    if (!go_on) {
+        search__finish(op, 200, NULL, NULL, more, op->last);
         return;
     }
-    if (search__submit(op, last) < 0)
+    if (search__submit(op, op->last) < 0)
         search__finish(op, 503, "store_unavailable", "the store is not accepting requests",
                        false, 0);
 }
@@ -551,7 +559,7 @@ static void http__search(http_peer_t *hp, const http_request_t *req, const char 
     if (!search__terms(op, q, (size_t)qn)) {
         free(op);
         http__error(hp, 400, "bad_request",
-                    "q must hold 1 to 16 words separated by blanks", ka);
+                    "q must hold 1 to 8 terms separated by blanks", ka);
         return;
     }
     op->srv = s;

@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from helpers import check_id
+from helpers import HttpConn, check_id
 from test_rest import assert_json_error
 
 SCAN_MAX = 5000  # SEARCH_SCAN_MAX in src/chat/routes.c
+SCAN_BYTES = 2 << 20  # SEARCH_SCAN_BYTES
 
 
 def search(server, chat, user="reader", **params):
@@ -80,7 +81,7 @@ def test_limit_and_next_before_walk_every_match_once(server):
         if i % 3 == 0:
             ids.append(ack["message_id"])
     seen, before = [], None
-    while True:
+    for _ in range(20):  # 10 matches, 4 a page: 3 pages; a cursor that loops fails here
         params = {"q": "match", "limit": 4}
         if before:
             params["before"] = before
@@ -90,7 +91,53 @@ def test_limit_and_next_before_walk_every_match_once(server):
         if before is None:
             break
         assert len(page["messages"]) == 4
+    assert before is None
     assert seen == ids[::-1]
+
+
+def test_the_last_match_on_the_oldest_message_ends_the_walk(server):
+    alice = server.client("general", "alice")
+    first = alice.say("first words")["message_id"]
+    alice.say("later")
+    page = search(server, "general", q="first", limit=1)
+    assert [m["message_id"] for m in page["messages"]] == [first]
+    assert page["next_before"] is None
+    newest = alice.say("first again")["message_id"]
+    page = search(server, "general", q="first", limit=1)
+    assert [m["message_id"] for m in page["messages"]] == [newest]
+    assert page["next_before"] == newest
+
+
+def test_one_request_reads_a_bounded_number_of_bytes(server):
+    """Large messages: the request stops after SCAN_BYTES of text, before SCAN_MAX messages,
+    and says where to go on; walking on finds the old match and ends."""
+    alice = server.client("general", "alice")
+    old = alice.say("needle")["message_id"]
+    big = 60_000
+    count = SCAN_BYTES // big + 5
+    for i in range(count):
+        alice.say(f"{i} " + "h" * big)
+    page = search(server, "general", q="needle")
+    assert page["messages"] == [] and page["next_before"] is not None
+    first = page["scanned"]
+    assert first < count and first * big >= SCAN_BYTES - big, first
+    page = search(server, "general", q="needle", before=page["next_before"])
+    assert [m["message_id"] for m in page["messages"]] == [old]
+    assert page["next_before"] is None
+    assert first + page["scanned"] == count + 1
+
+
+def test_head_and_keep_alive(server):
+    conn = HttpConn(server.port)
+    try:
+        auth = server.auth("reader")
+        r = conn.request("HEAD", "/api/chats/general/search?q=x", headers=auth)
+        assert r.status == 200 and r.body == b""
+        assert int(r.headers["content-length"]) > 0
+        r = conn.request("GET", "/api/chats/general/search?q=x", headers=auth)
+        assert r.status == 200 and r.json()["messages"] == []
+    finally:
+        conn.close()
 
 
 def test_one_request_reads_a_bounded_number_of_messages(server):
@@ -128,14 +175,24 @@ def test_search_is_per_chat(server):
 
 @pytest.mark.parametrize(
     "params",
-    [{}, {"q": ""}, {"q": "   "}, {"q": "x" * 257}, {"q": " ".join(["w"] * 17)},
+    [{}, {"q": ""}, {"q": "   "}, {"q": "x" * 257}, 
+     {"q": "a " * 8 + "b"},
      {"q": "a", "limit": "0"}, {"q": "a", "limit": "101"}, {"q": "a", "limit": "x"},
      {"q": "a", "before": "zz"}, {"q": "a", "before": "0"}],
-    ids=["no-q", "empty", "blank", "too-long", "17-words", "limit-0", "limit-101", "limit-x",
+    ids=["no-q", "empty", "blank", "too-long", "9-terms", "limit-0", "limit-101", "limit-x",
          "before-zz", "before-0"],
 )
 def test_bad_params_are_400(server, params):
     assert_json_error(server.get("/api/chats/general/search", user="reader", params=params), 400)
+
+
+def test_q_of_256_bytes_and_8_terms_is_fine(server):
+    server.client("general", "alice").say("abc")
+    assert search(server, "general", q="x" * 256)["messages"] == []
+    assert texts(search(server, "general", q="a b c a b c a b")) == ["abc"]
+    r = server.get("/api/chats/general/search?q=a+b", user="reader")  # '+' is a blank
+    assert texts(r.json()) == ["abc"]
+    assert texts(search(server, "general", q="a+b")) == []  # sent as %2B: a literal '+'
 
 
 def test_q_that_is_not_utf8_is_400(server):
