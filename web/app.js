@@ -20,6 +20,9 @@ const el = {
   title: $('chat-title'), scroller: $('scroller'), historyState: $('history-state'),
   messages: $('messages'), pending: $('pending'), jump: $('jump'), composer: $('composer'),
   input: $('input'), announce: $('announce'), composerError: $('composer-error'),
+  searchForm: $('search-form'), searchQ: $('search-q'), search: $('search'),
+  searchState: $('search-state'), searchList: $('search-list'), searchMore: $('search-more'),
+  searchClose: $('search-close'),
 };
 
 let session = loadSession();
@@ -640,6 +643,7 @@ function onEvent(c, ev) {
 function leave() {
   if (cur && cur.conn) cur.conn.stop();
   cur = null;
+  closeSearch();
   el.messages.replaceChildren();
   el.pending.replaceChildren();
   el.chat.hidden = true;
@@ -694,6 +698,73 @@ function join(id) {
   c.conn.connect();
   if (matchMedia('(hover: hover)').matches) el.input.focus();
 }
+
+// ---- search ------------------------------------------------------------------------------
+// The server scans a bounded slice of the history per request (GET .../search): an answer may
+// hold few matches and still say where to go on (next_before); "Search older" asks for that.
+
+let search = null; // { chat, q, nextBefore, found, scanned, busy }
+
+function closeSearch() {
+  search = null;
+  el.search.hidden = true;
+  el.searchList.replaceChildren();
+  el.searchQ.value = '';
+}
+
+function searchRow(m) {
+  const li = h('li');
+  li.dataset.id = m.message_id;
+  const meta = h('div', 'meta');
+  meta.append(h('span', 'author', m.user_from), ' ', timeEl(m.created_at));
+  li.append(meta, h('p', 'text', m.message));
+  return li;
+}
+
+function searchStateText() {
+  const n = search.found;
+  const found = n === 0 ? 'No messages match' : `${n} message${n === 1 ? '' : 's'} match`;
+  const where = search.nextBefore ? ` in the ${search.scanned} newest read so far.` : '.';
+  return `${found} “${search.q}”${where}`;
+}
+
+async function runSearch(more) {
+  const s = search;
+  if (!s || s.busy || !cur) return;
+  s.busy = true;
+  el.searchMore.disabled = true;
+  el.searchState.textContent = 'Searching…';
+  const params = new URLSearchParams({ q: s.q, limit: '20' });
+  if (more && s.nextBefore) params.set('before', s.nextBefore);
+  try {
+    const r = await api(`/api/chats/${encodeURIComponent(s.chat)}/search?${params}`);
+    if (search !== s) return; // closed or replaced meanwhile
+    for (const m of r.messages) el.searchList.append(searchRow(m));
+    s.found += r.messages.length;
+    s.scanned += r.scanned;
+    s.nextBefore = r.next_before;
+    el.searchState.textContent = searchStateText();
+    el.searchMore.hidden = !s.nextBefore;
+  } catch (err) {
+    if (search === s) el.searchState.textContent = 'Search failed: ' + (err.detail || err.message);
+  } finally {
+    s.busy = false;
+    el.searchMore.disabled = false;
+  }
+}
+
+el.searchForm.addEventListener('submit', (e) => {
+  e.preventDefault();
+  const q = el.searchQ.value.trim();
+  if (!cur || !q) { closeSearch(); return; }
+  search = { chat: cur.id, q, nextBefore: null, found: 0, scanned: 0, busy: false };
+  el.searchList.replaceChildren();
+  el.searchMore.hidden = true;
+  el.search.hidden = false;
+  runSearch(false);
+});
+el.searchMore.addEventListener('click', () => runSearch(true));
+el.searchClose.addEventListener('click', closeSearch);
 
 // ---- the composer ------------------------------------------------------------------------
 

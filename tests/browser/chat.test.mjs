@@ -168,6 +168,37 @@ describe('two people in one chat', () => {
   });
 });
 
+describe('search', () => {
+  test('finds the messages holding the words, shows markup as text, says when none match',
+    async () => {
+      const carol = await person('carol', 'finder');
+      for (const t of ['the quick brown fox', 'a lazy dog', '<b>Quick</b> & sly']) {
+        await send(carol, t);
+        await msg(carol, t).waitFor();
+      }
+      await carol.locator('#search-q').fill('QUICK');
+      await carol.locator('#search-q').press('Enter');
+      await until(async () => (await carol.locator('#search-list li').count()) === 2,
+        { what: 'two results' });
+      assert.deepEqual(await carol.locator('#search-list li .text').allTextContents(),
+        ['<b>Quick</b> & sly', 'the quick brown fox'], 'newest first, text as text');
+      assert.equal(await carol.locator('#search-list b').count(), 0, 'nothing injected');
+      assert.match(await carol.locator('#search-state').textContent(), /^2 messages match/);
+      assert.equal(await carol.locator('#search-more').isHidden(), true, 'nothing older');
+      assert.equal(await carol.locator('#search-list .author').first().textContent(), 'carol');
+      await shot(carol, 'search');
+
+      await carol.locator('#search-q').fill('zebra');
+      await carol.locator('#search-q').press('Enter');
+      await until(async () => /^No messages match/.test(
+        await carol.locator('#search-state').textContent()), { what: 'the no-match state' });
+      assert.equal(await carol.locator('#search-list li').count(), 0);
+      await carol.locator('#search-close').click();
+      assert.equal(await carol.locator('#search').isHidden(), true);
+      assert.equal(await carol.locator('#search-q').inputValue(), '');
+    });
+});
+
 describe('history paging', () => {
   test('scrolling up loads older pages and keeps the reading position', async () => {
     const token = await chatd.token('seeder');
