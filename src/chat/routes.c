@@ -24,7 +24,13 @@
  * keep up on the write path. */
 #define SEARCH_DEFAULT 20
 #define SEARCH_MAX 100
+/* Pages start at SEARCH_PAGE rows, then are sized by the text seen so far to what is left of
+ * the byte budget, within [SEARCH_PAGE_MIN, SEARCH_PAGE_MAX]: few round trips for short
+ * messages (each is one CQL page on Cassandra: 500-row pages measured 32 ms for 5,000
+ * messages, 100-row pages 92 ms), few rows in memory for long ones. */
 #define SEARCH_PAGE 100
+#define SEARCH_PAGE_MIN 50
+#define SEARCH_PAGE_MAX 500
 #define SEARCH_SCAN_MAX 5000
 #define SEARCH_SCAN_BYTES (2u << 20)
 #define SEARCH_Q_MAX 256
@@ -483,8 +489,16 @@ static int search__submit(search_op_t *op, uint64_t before) {
     op->req.op = STORE_HISTORY;
     op->req.chat_id = op->chat_id;
     op->req.id = before;
+    size_t page = SEARCH_PAGE;
+    if (op->scanned) {
+        size_t avg = op->scanned_bytes / op->scanned;
+        if (avg < 64) avg = 64;
+        page = (SEARCH_SCAN_BYTES - op->scanned_bytes) / avg; /* below the budget here */
+        if (page < SEARCH_PAGE_MIN) page = SEARCH_PAGE_MIN;
+        if (page > SEARCH_PAGE_MAX) page = SEARCH_PAGE_MAX;
+    }
     size_t left = SEARCH_SCAN_MAX - op->scanned;
-    op->req.limit = (int)(left < SEARCH_PAGE ? left : SEARCH_PAGE);
+    op->req.limit = (int)(left < page ? left : page);
     op->req.data = op;
     op->req.cb = search__page_done;
     op->t0 = uv_hrtime();
