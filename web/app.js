@@ -705,9 +705,16 @@ function join(id) {
 
 let search = null; // { chat, q, nextBefore, found, scanned, busy }
 
+// The panel takes room from the message list: a reader at the bottom stays at the bottom.
+function keepBottom(change) {
+  const atBottom = nearBottom();
+  change();
+  if (atBottom) toBottom();
+}
+
 function closeSearch() {
   search = null;
-  el.search.hidden = true;
+  keepBottom(() => { el.search.hidden = true; });
   el.searchList.replaceChildren();
   el.searchQ.value = '';
 }
@@ -723,7 +730,8 @@ function searchRow(m) {
 
 function searchStateText() {
   const n = search.found;
-  const found = n === 0 ? 'No messages match' : `${n} message${n === 1 ? '' : 's'} match`;
+  const found = n === 0 ? 'No messages match'
+    : n === 1 ? '1 message matches' : `${n} messages match`;
   const where = search.nextBefore ? ` in the ${search.scanned} newest read so far.` : '.';
   return `${found} “${search.q}”${where}`;
 }
@@ -747,9 +755,10 @@ async function runSearch(more) {
     el.searchMore.hidden = !s.nextBefore;
   } catch (err) {
     if (search === s) el.searchState.textContent = 'Search failed: ' + (err.detail || err.message);
+    if (err.status === 401) signOut('Your session has expired: sign in again.');
   } finally {
     s.busy = false;
-    el.searchMore.disabled = false;
+    if (search === s) el.searchMore.disabled = false;
   }
 }
 
@@ -760,11 +769,17 @@ el.searchForm.addEventListener('submit', (e) => {
   search = { chat: cur.id, q, nextBefore: null, found: 0, scanned: 0, busy: false };
   el.searchList.replaceChildren();
   el.searchMore.hidden = true;
-  el.search.hidden = false;
+  keepBottom(() => { el.search.hidden = false; });
   runSearch(false);
 });
 el.searchMore.addEventListener('click', () => runSearch(true));
-el.searchClose.addEventListener('click', closeSearch);
+el.searchClose.addEventListener('click', () => { closeSearch(); el.searchQ.focus(); });
+el.search.addEventListener('keydown', (e) => {
+  if (e.key === 'Escape') { closeSearch(); el.searchQ.focus(); }
+});
+el.searchQ.addEventListener('keydown', (e) => {
+  if (e.key === 'Escape' && search) { e.preventDefault(); closeSearch(); }
+});
 
 // ---- the composer ------------------------------------------------------------------------
 

@@ -24,13 +24,13 @@
  * keep up on the write path. */
 #define SEARCH_DEFAULT 20
 #define SEARCH_MAX 100
-/* Pages start at SEARCH_PAGE rows, then are sized by the text seen so far to what is left of
- * the byte budget, within [SEARCH_PAGE_MIN, SEARCH_PAGE_MAX]: few round trips for short
- * messages (each is one CQL page on Cassandra: 500-row pages measured 32 ms for 5,000
- * messages, 100-row pages 92 ms), few rows in memory for long ones. */
-#define SEARCH_PAGE 100
+/* Pages start at SEARCH_PAGE_MIN rows, then are sized to what is left of the byte budget at
+ * the longest message seen so far, within [SEARCH_PAGE_MIN, SEARCH_PAGE_MAX]: fewer round
+ * trips for short messages (each page is one CQL page on Cassandra: 500-row pages measured
+ * 32 ms for 5,000 messages, 100-row pages 92 ms), and never more rows in memory than a
+ * history page holds (201), whose exposure to long messages this shares. */
 #define SEARCH_PAGE_MIN 50
-#define SEARCH_PAGE_MAX 500
+#define SEARCH_PAGE_MAX 200
 #define SEARCH_SCAN_MAX 5000
 #define SEARCH_SCAN_BYTES (2u << 20)
 #define SEARCH_Q_MAX 256
@@ -377,7 +377,7 @@ typedef struct search_op {
     http_peer_t *hp; /* referenced (peer.refs) until the answer */
     bool keep_alive;
     int limit, found;
-    size_t scanned, scanned_bytes;
+    size_t scanned, scanned_bytes, longest;
     uint64_t last; /* the oldest message read so far: where the next page, or request, starts */
     uint64_t t0;
     char *fold; /* a message's text, ASCII-lowercased; fold_cap bytes */
@@ -401,7 +401,10 @@ static bool search__match(search_op_t *op, const char *text, size_t n) {
     if (n == 0) return false; /* terms are never empty */
     if (n > op->fold_cap) {
         char *p = realloc(op->fold, n);
-        if (!p) return false;
+        if (!p) {
+            op->out.oom = true; /* the answer becomes a 500, not a silently short list */
+            return false;
+        }
         op->fold = p;
         op->fold_cap = n;
     }
@@ -460,6 +463,7 @@ static void search__page_done(store_req_t *req) {
         if (!m->message || m->deleted_at) continue;
         size_t n = strlen(m->message);
         op->scanned_bytes += n;
+        if (n > op->longest) op->longest = n;
         if (search__match(op, m->message, n)) {
             if (op->found++) sbuf_puts(&op->out, ",");
             proto_put_msg(&op->out, NULL, m);
@@ -489,11 +493,10 @@ static int search__submit(search_op_t *op, uint64_t before) {
     op->req.op = STORE_HISTORY;
     op->req.chat_id = op->chat_id;
     op->req.id = before;
-    size_t page = SEARCH_PAGE;
+    size_t page = SEARCH_PAGE_MIN;
     if (op->scanned) {
-        size_t avg = op->scanned_bytes / op->scanned;
-        if (avg < 64) avg = 64;
-        page = (SEARCH_SCAN_BYTES - op->scanned_bytes) / avg; /* below the budget here */
+        size_t longest = op->longest < 64 ? 64 : op->longest;
+        page = (SEARCH_SCAN_BYTES - op->scanned_bytes) / longest; /* below the budget here */
         if (page < SEARCH_PAGE_MIN) page = SEARCH_PAGE_MIN;
         if (page > SEARCH_PAGE_MAX) page = SEARCH_PAGE_MAX;
     }

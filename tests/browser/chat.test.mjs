@@ -197,6 +197,35 @@ describe('search', () => {
       assert.equal(await carol.locator('#search').isHidden(), true);
       assert.equal(await carol.locator('#search-q').inputValue(), '');
     });
+
+  test('"Search older messages" goes on where one request stopped', async () => {
+    // 40 long messages after the match: more text than one request reads (2 MiB)
+    const tok = (await (await fetch(chatd.base + '/api/dev/token', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ user: 'dave' }),
+    })).json()).token;
+    const post = (message) => fetch(chatd.base + '/api/chats/haystack/messages', {
+      method: 'POST', body: JSON.stringify({ message }),
+      headers: { 'Content-Type': 'application/json', Authorization: 'Bearer ' + tok },
+    }).then((r) => assert.equal(r.status, 201));
+    await post('the needle is here');
+    for (let i = 0; i < 40; i++) await post(`hay ${i} ` + 'h'.repeat(60000));
+    const erin = await person('erin', 'haystack');
+    await erin.locator('#search-q').fill('needle');
+    await erin.locator('#search-q').press('Enter');
+    await erin.locator('#search-more').waitFor();
+    assert.match(await erin.locator('#search-state').textContent(),
+      /^No messages match “needle” in the \d+ newest read so far\.$/);
+    await erin.locator('#search-more').click();
+    await erin.locator('#search-list li').first().waitFor();
+    assert.deepEqual(await erin.locator('#search-list li .text').allTextContents(),
+      ['the needle is here']);
+    assert.equal(await erin.locator('#search-state').textContent(),
+      '1 message matches “needle”.');
+    assert.equal(await erin.locator('#search-more').isHidden(), true);
+    await erin.locator('#search-q').press('Escape');
+    assert.equal(await erin.locator('#search').isHidden(), true, 'Escape closes the results');
+  });
 });
 
 describe('history paging', () => {
