@@ -369,6 +369,25 @@ out:
     jwt_claims_free(&cl);
 }
 
+/* The prologue of a GET-only route: 405 for another method, 401 or 403 without a token that
+ * allows chat_id (NULL: any chat). true: go on, cl filled and the caller's to free. false:
+ * answered, cl untouched. */
+static bool http__get_allowed(http_peer_t *hp, const http_request_t *req, const char *chat_id,
+                              jwt_claims_t *cl) {
+    bool ka = req->keep_alive;
+    if (req->method != HTTP_GET) {
+        http__not_allowed(hp, "GET, HEAD", ka);
+        return false;
+    }
+    const char *why;
+    int st = http__auth(hp->peer.srv, req, chat_id, cl, &why);
+    if (st) {
+        http__error(hp, st, st == 401 ? "unauthorized" : "forbidden", why, ka);
+        return false;
+    }
+    return true;
+}
+
 /* ---- search -------------------------------------------------------------------------- */
 
 typedef struct search_op {
@@ -529,17 +548,8 @@ static bool search__terms(search_op_t *op, const char *q, size_t n) {
 static void http__search(http_peer_t *hp, const http_request_t *req, const char *chat_id) {
     chat_server_t *s = hp->peer.srv;
     bool ka = req->keep_alive;
-    if (req->method != HTTP_GET) {
-        http__not_allowed(hp, "GET, HEAD", ka);
-        return;
-    }
     jwt_claims_t cl;
-    const char *why;
-    int st = http__auth(s, req, chat_id, &cl, &why);
-    if (st) { /* cl is filled only on success */
-        http__error(hp, st, st == 401 ? "unauthorized" : "forbidden", why, ka);
-        return;
-    }
+    if (!http__get_allowed(hp, req, chat_id, &cl)) return;
     jwt_claims_free(&cl); /* who asks does not change what a search finds */
     char q[SEARCH_Q_MAX + 1], v[32];
     int qn = http_query_param(req, "q", q, sizeof q);
@@ -660,17 +670,8 @@ static void http__nodes_done(void *ud, int status, const bus_node_t *nodes, size
 static void http__nodes(http_peer_t *hp, const http_request_t *req, bool connect) {
     chat_server_t *s = hp->peer.srv;
     bool ka = req->keep_alive;
-    if (req->method != HTTP_GET) {
-        http__not_allowed(hp, "GET, HEAD", ka);
-        return;
-    }
     jwt_claims_t cl;
-    const char *why;
-    int st = http__auth(s, req, NULL, &cl, &why);
-    if (st) {
-        http__error(hp, st, "unauthorized", why, ka);
-        return;
-    }
+    if (!http__get_allowed(hp, req, NULL, &cl)) return;
     nodes_wait_t *w = calloc(1, sizeof(*w));
     if (!w) {
         jwt_claims_free(&cl);
@@ -807,25 +808,23 @@ static void http__route(http_peer_t *hp, const http_request_t *in) {
     size_t n = req->path_len;
     char chat_id[129]; /* a valid chat id is at most 128 bytes */
 
-    int m = http__match(p, n, "/ws/chat/", "", true, chat_id, sizeof chat_id);
-    if (m) {
+    /* The routes that name a chat: a bad chat id is the same 400 on each. */
+    static const struct {
+        const char *prefix, *suffix;
+        bool slash_ok;
+        void (*fn)(http_peer_t *, const http_request_t *, const char *);
+    } chat_routes[] = {
+        {"/ws/chat/", "", true, http__upgrade},
+        {"/api/chats/", "/messages", false, http__messages},
+        {"/api/chats/", "/search", false, http__search},
+    };
+    for (size_t i = 0; i < sizeof chat_routes / sizeof chat_routes[0]; i++) {
+        int m = http__match(p, n, chat_routes[i].prefix, chat_routes[i].suffix,
+                            chat_routes[i].slash_ok, chat_id, sizeof chat_id);
+        if (!m) continue;
         if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
                                                        "[A-Za-z0-9_.-]", ka);
-        else http__upgrade(hp, req, chat_id);
-        return;
-    }
-    m = http__match(p, n, "/api/chats/", "/messages", false, chat_id, sizeof chat_id);
-    if (m) {
-        if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
-                                                       "[A-Za-z0-9_.-]", ka);
-        else http__messages(hp, req, chat_id);
-        return;
-    }
-    m = http__match(p, n, "/api/chats/", "/search", false, chat_id, sizeof chat_id);
-    if (m) {
-        if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
-                                                       "[A-Za-z0-9_.-]", ka);
-        else http__search(hp, req, chat_id);
+        else chat_routes[i].fn(hp, req, chat_id);
         return;
     }
     if (n == 10 && memcmp(p, "/api/nodes", 10) == 0) {
