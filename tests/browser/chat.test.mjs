@@ -270,7 +270,7 @@ describe('a phone-sized screen', () => {
       { viewport: { width: 375, height: 700 }, isMobile: true, hasTouch: true });
     await send(page, 'sent from a phone');
     await msg(page, 'sent from a phone').waitFor();
-    for (const sel of ['#input', '#composer button', '#status']) {
+    for (const sel of ['#input', '#composer button', '#status', '#search-q']) {
       const b = await page.locator(sel).boundingBox();
       assert.ok(b && b.x >= 0 && b.y >= 0 && b.x + b.width <= 375 && b.y + b.height <= 700,
         `${sel} is inside the screen: ${JSON.stringify(b)}`);
