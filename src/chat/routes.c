@@ -527,17 +527,18 @@ static int search__submit(search_op_t *op, uint64_t before) {
     return store_submit(op->srv->store, &op->req) < 0 ? -1 : 0;
 }
 
+static bool search__blank(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
 /* Split q (decoded, n bytes) into ASCII-lowercased terms at ASCII blanks. false if none. */
 static bool search__terms(search_op_t *op, const char *q, size_t n) {
     op->n_terms = 0;
     size_t w = 0;
     for (size_t i = 0; i < n;) {
-        while (i < n && (q[i] == ' ' || q[i] == '\t' || q[i] == '\n' || q[i] == '\r')) i++;
+        while (i < n && search__blank(q[i])) i++;
         if (i == n) break;
         if (op->n_terms == SEARCH_TERMS_MAX) return false;
         op->term_off[op->n_terms] = w;
-        while (i < n && !(q[i] == ' ' || q[i] == '\t' || q[i] == '\n' || q[i] == '\r'))
-            op->q[w++] = (char)ascii_lower((unsigned char)q[i++]);
+        while (i < n && !search__blank(q[i])) op->q[w++] = (char)ascii_lower((unsigned char)q[i++]);
         op->term_len[op->n_terms] = w - op->term_off[op->n_terms];
         op->q[w++] = '\0';
         op->n_terms++;
