@@ -736,14 +736,14 @@ function searchStateText() {
   return `${found} “${search.q}”${where}`;
 }
 
-async function runSearch(more) {
+async function runSearch() {
   const s = search;
   if (!s || s.busy || !cur) return;
   s.busy = true;
   el.searchMore.disabled = true;
   el.searchState.textContent = 'Searching…';
   const params = new URLSearchParams({ q: s.q, limit: '20' });
-  if (more && s.nextBefore) params.set('before', s.nextBefore);
+  if (s.nextBefore) params.set('before', s.nextBefore); // null until a first answer
   try {
     const r = await api(`/api/chats/${encodeURIComponent(s.chat)}/search?${params}`);
     if (search !== s) return; // closed or replaced meanwhile
@@ -770,9 +770,9 @@ el.searchForm.addEventListener('submit', (e) => {
   el.searchList.replaceChildren();
   el.searchMore.hidden = true;
   keepBottom(() => { el.search.hidden = false; });
-  runSearch(false);
+  runSearch();
 });
-el.searchMore.addEventListener('click', () => runSearch(true));
+el.searchMore.addEventListener('click', runSearch);
 el.searchClose.addEventListener('click', () => { closeSearch(); el.searchQ.focus(); });
 el.search.addEventListener('keydown', (e) => {
   if (e.key === 'Escape') { closeSearch(); el.searchQ.focus(); }
