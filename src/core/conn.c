@@ -36,6 +36,8 @@ enum {
     CF_LINGER = 1 << 5,  /* on the linger list */
     CF_EOF = 1 << 6,     /* the peer shut down its side */
     CF_RESET = 1 << 7,   /* conn_abort: close with a reset */
+    CF_PAUSED = 1 << 8,  /* reading stopped by conn_pause_read */
+    CF_DRAIN = 1 << 9,   /* on_drain armed by conn_notify_drain */
 };
 
 #define CONN_READ_BUF (64 * 1024)
@@ -108,6 +110,15 @@ static void conn__q_consume(conn_t *c, size_t n) {
  * members of the oldest (which waited longest already) are written first. Flushed newest
  * first, as before, a group's first message waited for the whole flush, 5-10 ms at times in
  * the chat scenario: its p99.9 was 29 ms against 21 ms now (bench/RESULTS.md). */
+/* Fire an armed on_drain once the queue is short enough. Called after writes; the
+ * callback may close c (the conn_t stays valid until its uv_close callback). */
+static void conn__maybe_drained(conn_t *c) {
+    if (!(c->flags & CF_DRAIN) || (c->flags & (CF_CLOSING | CF_CLOSED))) return;
+    if (c->q_bytes > c->drain_below) return;
+    c->flags &= (uint16_t)~CF_DRAIN;
+    if (c->handler && c->handler->on_drain) c->handler->on_drain(c);
+}
+
 static void conn__mark_dirty(conn_t *c) {
     if (c->flags & (CF_DIRTY | CF_CLOSED)) return;
     conn_server_t *s = c->server;
@@ -231,6 +242,8 @@ static void conn__shutdown(conn_t *c) {
 void conn_close(conn_t *c) {
     if (c->flags & (CF_CLOSING | CF_CLOSED)) return;
     c->flags |= CF_CLOSING;
+    /* A closing connection reads again (and discards) so the peer's FIN ends the linger. */
+    conn_resume_read(c);
     if (c->q_len == 0 && !(c->flags & CF_WRITING)) conn__shutdown(c);
     /* else the flush that empties the queue shuts down */
 }
@@ -241,6 +254,32 @@ void conn_abort(conn_t *c) {
 }
 
 bool conn_is_closing(const conn_t *c) { return (c->flags & (CF_CLOSING | CF_CLOSED)) != 0; }
+
+static void conn__alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf);
+static void conn__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
+
+void conn_pause_read(conn_t *c) {
+    if (c->flags & (CF_PAUSED | CF_CLOSING | CF_CLOSED)) return;
+    c->flags |= CF_PAUSED;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+}
+
+void conn_resume_read(conn_t *c) {
+    if (!(c->flags & CF_PAUSED) || (c->flags & CF_CLOSED)) return;
+    c->flags &= (uint16_t)~CF_PAUSED;
+    if (uv_read_start((uv_stream_t *)&c->tcp, conn__alloc, conn__on_read) < 0)
+        conn__hard_close(c);
+}
+
+bool conn_read_paused(const conn_t *c) { return (c->flags & CF_PAUSED) != 0; }
+
+void conn_notify_drain(conn_t *c, size_t low_water) {
+    if (c->flags & (CF_CLOSING | CF_CLOSED)) return;
+    c->drain_below = low_water;
+    c->flags |= CF_DRAIN;
+    /* Already short enough: the flush at the end of this turn fires it. */
+    if (c->q_bytes <= low_water && !(c->flags & CF_WRITING)) conn__mark_dirty(c);
+}
 
 /* ---- writing -------------------------------------------------------------------------- */
 
@@ -259,9 +298,14 @@ static void conn__on_write(uv_write_t *req, int status) {
     }
     conn__q_consume(c, n);
     c->w_segs = 0;
-    if (c->q_len) conn__flush(c);
-    else if (c->flags & CF_CLOSING) conn__shutdown(c);
+    if (n) c->last_tx = uv_now(c->server->loop);
+    if (c->q_len) {
+        conn__flush(c);
+        return;
+    }
+    if (c->flags & CF_CLOSING) conn__shutdown(c);
     else if (c->q_cap > 64) conn__q_clear(c);
+    conn__maybe_drained(c);
 }
 
 /* What the kernel took without blocking: bytes, 0 if it has no room now (as libuv, ENOBUFS
@@ -308,6 +352,7 @@ static void conn__flush(conn_t *c) {
             return;
         }
         conn__q_consume(c, (size_t)w);
+        if (w > 0) c->last_tx = uv_now(c->server->loop);
         if ((size_t)w == total) continue;
         /* The kernel buffer is full: hand the rest to libuv, which waits for POLLOUT. */
         n = c->q_len < CONN_IOV_MAX ? c->q_len : CONN_IOV_MAX;
@@ -326,10 +371,12 @@ static void conn__flush(conn_t *c) {
         }
         c->flags |= CF_WRITING;
         c->w_segs = n;
+        conn__maybe_drained(c);
         return;
     }
     if (c->flags & CF_CLOSING) conn__shutdown(c);
     else if (c->q_cap > 64) conn__q_clear(c);
+    conn__maybe_drained(c);
 }
 
 static void conn__on_check(uv_check_t *h) {
@@ -410,6 +457,7 @@ static void conn__on_connection(uv_stream_t *ls, int status) {
         return;
     }
     s->n_conns++;
+    c->last_tx = uv_now(s->loop);
     uv_tcp_nodelay(&c->tcp, 1);
     if (uv_read_start((uv_stream_t *)&c->tcp, conn__alloc, conn__on_read) < 0) {
         conn__hard_close(c);

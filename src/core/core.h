@@ -124,6 +124,10 @@ typedef struct conn_handler {
     /* The connection is gone (peer closed, error, conn_close finished). Release ctx here;
      * the conn_t is freed right after this returns. Called exactly once. */
     void (*on_close)(conn_t *c);
+    /* Optional. The output queue drained to at most the low-water mark given to the last
+     * conn_notify_drain() (one-shot: armed again only by another conn_notify_drain). The
+     * callback may send, pause or resume reading, or close the connection. */
+    void (*on_drain)(conn_t *c);
 } conn_handler_t;
 
 struct conn {
@@ -141,6 +145,8 @@ struct conn {
     struct conn *dirty_prev, *dirty_next; /* on the server's list of connections to flush */
     struct conn *linger_next;             /* on the server's list of half-closed connections */
     uint64_t linger_deadline;             /* uv_now() after which a half-closed conn is dropped */
+    size_t drain_below;   /* on_drain fires once q_bytes <= this (CF_DRAIN armed) */
+    uint64_t last_tx;     /* uv_now() of the last write that moved bytes to the kernel */
     uint16_t flags;
     uint64_t id;          /* for logs */
 };
@@ -199,6 +205,18 @@ static inline void conn_set_handler(conn_t *c, const conn_handler_t *h, void *ct
     c->ctx = ctx;
 }
 bool conn_is_closing(const conn_t *c);
+/* Bytes queued and not yet taken by the kernel. */
+static inline size_t conn_queued(const conn_t *c) { return c->q_bytes; }
+/* Stop / restart reading from the peer (backpressure: a client whose answers pile up is
+ * not read further until they drain). Idempotent; a paused connection still writes and
+ * still closes normally. */
+void conn_pause_read(conn_t *c);
+void conn_resume_read(conn_t *c);
+bool conn_read_paused(const conn_t *c);
+/* Arm a one-shot call of handler->on_drain once the queue holds at most low_water bytes
+ * (from a later loop turn's flush; if it already holds that little, at the next flush
+ * that writes, or the end of this turn). Re-arming replaces the mark. */
+void conn_notify_drain(conn_t *c, size_t low_water);
 /* Peer address as "ip:port" for logs. */
 void conn_peer(const conn_t *c, char *out, size_t n);
 
