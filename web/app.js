@@ -7,7 +7,7 @@ import { ChatConnection, idLess } from './connection.js';
 
 const PAGE = 50;
 const MAX_TEXT_BYTES = 60000;        // under the server's default 64 KiB frame limit
-const CHAT_ID_RE = /^[A-Za-z0-9_.-]{1,128}$/;
+const CHAT_ID_RE = /^(?!\.\.?$)[A-Za-z0-9_.-]{1,128}$/;  // the server's rule: not . or ..
 const $ = (id) => document.getElementById(id);
 
 const el = {
@@ -253,7 +253,7 @@ function route() {
   }
   if (!CHAT_ID_RE.test(id)) {
     leave();
-    el.joinError.textContent = 'A chat id is 1 to 128 of A-Z a-z 0-9 _ . -';
+    el.joinError.textContent = 'A chat id is 1 to 128 of A-Z a-z 0-9 _ . - (not . or ..)';
     return;
   }
   if (!cur || cur.id !== id) join(id);
@@ -264,7 +264,7 @@ el.joinForm.addEventListener('submit', (e) => {
   e.preventDefault();
   const id = el.joinId.value.trim();
   if (!CHAT_ID_RE.test(id)) {
-    el.joinError.textContent = 'A chat id is 1 to 128 of A-Z a-z 0-9 _ . -';
+    el.joinError.textContent = 'A chat id is 1 to 128 of A-Z a-z 0-9 _ . - (not . or ..)';
     el.joinId.focus();
     return;
   }

@@ -42,9 +42,13 @@ char *jwt_sign(const char *sub, int64_t now, int64_t ttl, const char *const *cha
                const char *secret);
 
 /* ---- chat ids ------------------------------------------------------------------------- */
-/* A chat id is a UUID or 1..128 of [A-Za-z0-9_.-]. (A UUID is a subset of the slug set,
- * so this is the slug rule.) */
+/* A chat id is a UUID or 1..128 of [A-Za-z0-9_.-], other than "." and "..". (A UUID is a
+ * subset of the slug set, so this is the slug rule.) "." and ".." are refused because URL
+ * normalisation removes such a path segment: /api/chats/../messages would never reach that
+ * chat's REST API (Kafka refuses those topic names for the same reason). */
 bool chat_id_valid(const char *s, size_t n);
+/* The rule above, as the detail of a 400 answer. */
+#define CHAT_ID_RULE "chat id must be a UUID or 1-128 of [A-Za-z0-9_.-], other than . and .."
 
 /* ---- the server ----------------------------------------------------------------------- */
 typedef struct chat_config {

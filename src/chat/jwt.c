@@ -88,6 +88,7 @@ static int b64url_decode(const char *in, size_t n, uint8_t *out, size_t *outlen)
 
 bool chat_id_valid(const char *s, size_t n) {
     if (!s || n == 0 || n > 128) return false;
+    if ((n == 1 && s[0] == '.') || (n == 2 && s[0] == '.' && s[1] == '.')) return false;
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)s[i];
         bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||

@@ -686,7 +686,7 @@ static void http__nodes(http_peer_t *hp, const http_request_t *req, bool connect
         int n = http_query_param(req, "chat_id", w->chat_id, sizeof w->chat_id);
         const char *bad = n == CHAT_ENOTFOUND ? "chat_id is required"
                           : n <= 0 || !chat_id_valid(w->chat_id, (size_t)n)
-                              ? "chat id must be a UUID or 1-128 of [A-Za-z0-9_.-]"
+                              ? CHAT_ID_RULE
                               : NULL;
         if (!bad && !jwt_allows_chat(&cl, w->chat_id)) {
             jwt_claims_free(&cl);
@@ -823,8 +823,7 @@ static void http__route(http_peer_t *hp, const http_request_t *in) {
         int m = http__match(p, n, chat_routes[i].prefix, chat_routes[i].suffix,
                             chat_routes[i].slash_ok, chat_id, sizeof chat_id);
         if (!m) continue;
-        if (m < 0) http__error(hp, 400, "bad_chat_id", "chat id must be a UUID or 1-128 of "
-                                                       "[A-Za-z0-9_.-]", ka);
+        if (m < 0) http__error(hp, 400, "bad_chat_id", CHAT_ID_RULE, ka);
         else chat_routes[i].fn(hp, req, chat_id);
         return;
     }

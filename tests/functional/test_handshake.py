@@ -183,6 +183,22 @@ def test_bad_chat_id_is_400(server, chat):
     assert_json_error(resp, 400)
 
 
+# `.` and `..` are path segments that URL normalisation removes: such a chat's REST API
+# (/api/chats/../messages) could never be reached, so they are not chat ids at all.
+@pytest.mark.parametrize("chat", [".", "..", "%2E", "%2e%2E"], ids=["dot", "dotdot", "pct_dot", "pct_dotdot"])
+def test_dot_and_dotdot_chat_ids_are_400(server, chat):
+    resp = handshake(server, f"/ws/chat/{chat}?token={server.token('alice')}", upgrade_headers())
+    body = assert_json_error(resp, 400)
+    assert "chat id" in body["detail"], body
+
+
+def test_chat_ids_with_dots_inside_still_work(server):
+    for chat in ("...", ".a", "a..b", "v1.2"):
+        c = server.client(chat, "alice")
+        assert c.say("dotted")["chat_id"] == chat
+        c.close()
+
+
 def drop(h, name):
     return {k: v for k, v in h.items() if k.lower() != name.lower()}
 

@@ -161,6 +161,23 @@ def test_history_bad_chat_id_is_400(server):
     assert_json_error(server.get("/api/chats/" + "a" * 129 + "/messages", user="reader"), 400)
 
 
+@pytest.mark.parametrize("chat", [".", "..", "%2e", "%2E%2e"], ids=["dot", "dotdot", "pct_dot", "pct_dotdot"])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_dot_and_dotdot_chat_ids_are_400(server, chat, method):
+    # raw HTTP: a library client would normalise the path before it is sent
+    c = HttpConn(server.port)
+    try:
+        body = json.dumps({"message": "hi"}).encode() if method == "POST" else b""
+        h = {"Authorization": f"Bearer {server.token('reader')}"}
+        if body:
+            h["Content-Type"] = "application/json"
+        resp = c.request(method, f"/api/chats/{chat}/messages", h, body=body)
+    finally:
+        c.close()
+    err = assert_json_error(resp, 400)
+    assert "chat id" in err["detail"], err
+
+
 # ---- POST ---------------------------------------------------------------------------------
 
 

@@ -532,8 +532,12 @@ static void test_chat_id_valid(void) {
     CHECK(!chat_id_valid(NULL, 5));
     CHECK(chat_id_valid("550e8400-e29b-41d4-a716-446655440000", 36));
     CHECK(chat_id_valid("Room_1.general-2", 16));
-    CHECK(chat_id_valid(".", 1));
-    CHECK(chat_id_valid("..", 2)); /* a slug, not a path: never used as one */
+    /* path segments that URL normalisation removes are not chat ids */
+    CHECK(!chat_id_valid(".", 1));
+    CHECK(!chat_id_valid("..", 2));
+    CHECK(chat_id_valid("...", 3));
+    CHECK(chat_id_valid(".a", 2));
+    CHECK(chat_id_valid("a..", 3));
     CHECK(!chat_id_valid("a/b", 3));
     CHECK(!chat_id_valid("a b", 3));
     CHECK(!chat_id_valid("a\0b", 3));
