@@ -269,7 +269,7 @@ int main(int argc, char **argv) {
     url_redact(cfg.store_url, store_shown, sizeof store_shown);
     url_redact(cfg.bus_url, bus_shown, sizeof bus_shown);
     log_info("listening host=%s port=%d store=%s bus=%s node=%u%s", cfg.host,
-             chat_server_port(server), store_shown, bus_shown, cfg.node_id,
+             chat_server_port(server), LOG_STR(store_shown), LOG_STR(bus_shown), cfg.node_id,
              cfg.dev ? " dev=1" : "");
     uv_run(loop, UV_RUN_DEFAULT);
     rc = uv_loop_close(loop);

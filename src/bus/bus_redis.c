@@ -353,7 +353,9 @@ static void log_reply_error(bus_redis_t *r, const char *what, const redisReply *
     int64_t now = time_now_ms();
     if (now - r->err_log_ms < 10000) return;
     r->err_log_ms = now;
-    log_warn("bus_redis_error cmd=%s error=\"%.*s\"", what, (int)rep->len, rep->str);
+    char err[LOG_VALUE_MAX];
+    log_warn("bus_redis_error cmd=%s error=%s", what,
+             log_value(err, sizeof err, rep->str, rep->len));
 }
 
 /* ---- chat set --------------------------------------------------------------------------- */
@@ -735,9 +737,11 @@ static void setname_cb(redisAsyncContext *ac, void *reply, void *priv) {
     redisReply *rep = reply;
     rc->inflight--;
     if (rep) rc->replies++;
-    if (rep && rep->type == REDIS_REPLY_ERROR)
-        log_debug("bus_redis_setname_failed conn=%s error=\"%.*s\"", rc->name, (int)rep->len,
-                  rep->str);
+    if (rep && rep->type == REDIS_REPLY_ERROR) {
+        char err[LOG_VALUE_MAX];
+        log_debug("bus_redis_setname_failed conn=%s error=%s", rc->name,
+                  log_value(err, sizeof err, rep->str, rep->len));
+    }
 }
 
 static void on_connect(const redisAsyncContext *cac, int status) {
@@ -902,15 +906,15 @@ static void rc_lost(rconn_t *rc, const char *why) {
     unsigned delay = backoff_next(r, rc);
     if (!why || !*why) why = "closed";
     if (was_up)
-        log_warn("bus_redis_down conn=%s addr=%s:%d error=\"%s\" retry_ms=%u queued=%zu",
-                 rc->name, r->url.host, r->url.port, why, delay, r->q.n);
+        log_warn("bus_redis_down conn=%s addr=%s:%d error=%s retry_ms=%u queued=%zu",
+                 rc->name, r->url.host, r->url.port, LOG_STR(why), delay, r->q.n);
     else if (rc->fails++ == 0)
-        log_warn("bus_redis_connect_failed conn=%s addr=%s:%d error=\"%s\" retry_ms=%u", rc->name,
-                 r->url.host, r->url.port, why, delay);
+        log_warn("bus_redis_connect_failed conn=%s addr=%s:%d error=%s retry_ms=%u", rc->name,
+                 r->url.host, r->url.port, LOG_STR(why), delay);
     else
-        log_debug("bus_redis_connect_failed conn=%s addr=%s:%d error=\"%s\" retry_ms=%u "
+        log_debug("bus_redis_connect_failed conn=%s addr=%s:%d error=%s retry_ms=%u "
                   "attempt=%u",
-                  rc->name, r->url.host, r->url.port, why, delay, rc->fails);
+                  rc->name, r->url.host, r->url.port, LOG_STR(why), delay, rc->fails);
     if (!(rc == &r->cmd && r->hold_cmd)) uv_timer_start(&rc->timer, rc_timer_cb, delay, 0);
     /* last: the server may call us back from here */
     if (rc == &r->sub && r->reported != 0) {

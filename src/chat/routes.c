@@ -231,7 +231,7 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
     chat_session_start(s, c, chat_id, cl.sub, since, n_since, (const uint8_t *)rest, rest_len);
     char peer[80];
     conn_peer(c, peer, sizeof peer);
-    log_debug("ws_open peer=%s user=%s chat=%s", peer, cl.sub, chat_id);
+    log_debug("ws_open peer=%s user=%s chat=%s", peer, LOG_STR(cl.sub), chat_id);
     jwt_claims_free(&cl);
 }
 

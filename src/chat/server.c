@@ -368,7 +368,7 @@ static void chat__sweep(uv_timer_t *t) {
             session_t *ss = (session_t *)p;
             chat_session_expire_replayed(ss, now);
             if (ss->ping_sent && now - ss->ping_sent >= idle) {
-                log_info("ping_timeout user=%s", ss->user);
+                log_info("ping_timeout user=%s", LOG_STR(ss->user));
                 chat_session_close(ss, WS_CLOSE_GOING_AWAY, "ping timeout");
             } else if (!ss->ping_sent && now - p->last_rx >= idle) {
                 buf_t *ping = ws_frame_new(WS_OP_PING, "keepalive", 9);

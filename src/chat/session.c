@@ -17,7 +17,7 @@ static int chat__send(session_t *ss, buf_t *b) {
     if (!c || conn_is_closing(c)) return CHAT_ECLOSED;
     int rc = conn_send(c, b);
     if (rc == CHAT_EBUSY) {
-        log_warn("slow_consumer user=%s queued=%zu", ss->user, c->q_bytes);
+        log_warn("slow_consumer user=%s queued=%zu", LOG_STR(ss->user), c->q_bytes);
         ss->close_code = WS_CLOSE_POLICY;
         conn_abort(c);
     }
@@ -69,7 +69,8 @@ int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id) 
     held_event_t *h = malloc(sizeof(*h));
     if (!h || ss->held_bytes + frame->len > ss->peer.srv->cfg.max_outbound_bytes) {
         free(h);
-        log_warn("slow_consumer user=%s held=%zu (during replay)", ss->user, ss->held_bytes);
+        log_warn("slow_consumer user=%s held=%zu during=replay", LOG_STR(ss->user),
+                 ss->held_bytes);
         ss->close_code = WS_CLOSE_POLICY;
         conn_abort(c);
         return CHAT_EBUSY;
@@ -280,8 +281,8 @@ static void chat__ws_read(conn_t *c, uint8_t *data, size_t len) {
     ss->ping_sent = 0;
     int rc = ws_parser_feed(&ss->parser, data, len);
     if (rc < 0 && rc != CHAT_ECLOSED) {
-        log_info("ws_protocol_error user=%s code=%u reason=\"%s\"", ss->user,
-                 ss->parser.error_code, ss->parser.error_reason ? ss->parser.error_reason : "");
+        log_info("ws_protocol_error user=%s code=%u reason=%s", LOG_STR(ss->user),
+                 ss->parser.error_code, LOG_STR(ss->parser.error_reason));
         chat_session_close(ss, ss->parser.error_code,
                            ss->parser.error_reason ? ss->parser.error_reason : "");
     }

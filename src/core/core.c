@@ -68,6 +68,63 @@ void log_msg(int level, const char *fmt, ...) {
     fprintf(stderr, "%s %s %s\n", ts, names[level < 0 ? 0 : level > 3 ? 3 : level], line);
 }
 
+/* true when c may stand in a bare logfmt value */
+static bool log__bare(unsigned char c) {
+    return c > 0x20 && c < 0x7f && c != '"' && c != '\\' && c != '=';
+}
+
+char *log_value(char *out, size_t cap, const char *s, size_t n) {
+    if (!s) n = 0;
+    bool quote = n == 0;
+    for (size_t i = 0; i < n && !quote; i++) quote = !log__bare((unsigned char)s[i]);
+    size_t full = quote ? 2 : 0; /* the whole value, written out, without its NUL */
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        full += !quote || (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') ? 1
+                : c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t' ? 2
+                                                                         : 4;
+    }
+    /* room kept back for what ends the value: "..." when it is cut, the quote, the NUL */
+    const size_t tail = (full + 1 > cap ? 3 : 0) + (quote ? 1 : 0) + 1;
+    size_t o = 0;
+    if (quote) out[o++] = '"';
+    size_t i = 0;
+    for (; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        char esc[5];
+        size_t k;
+        if (!quote || (c >= 0x20 && c < 0x7f && c != '"' && c != '\\')) {
+            esc[0] = (char)c;
+            k = 1;
+        } else if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t') {
+            esc[0] = '\\';
+            esc[1] = c == '\n' ? 'n' : c == '\r' ? 'r' : c == '\t' ? 't' : (char)c;
+            k = 2;
+        } else {
+            static const char hex[] = "0123456789abcdef";
+            esc[0] = '\\';
+            esc[1] = 'x';
+            esc[2] = hex[c >> 4];
+            esc[3] = hex[c & 15];
+            k = 4;
+        }
+        if (o + k + tail > cap) break;
+        memcpy(out + o, esc, k);
+        o += k;
+    }
+    if (i < n) {
+        memcpy(out + o, "...", 3);
+        o += 3;
+    }
+    if (quote) out[o++] = '"';
+    out[o] = '\0';
+    return out;
+}
+
+char *log_str_(char out[LOG_VALUE_MAX], const char *s) {
+    return log_value(out, LOG_VALUE_MAX, s, s ? strlen(s) : 0);
+}
+
 int64_t time_now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);

@@ -86,6 +86,22 @@ void log_msg(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3
 #define log_warn(...) log_msg(LOG_WARN, __VA_ARGS__)
 #define log_error(...) log_msg(LOG_ERROR, __VA_ARGS__)
 
+/* A value for a log field, logfmt style. A string a client chose (a user id, a header, a
+ * URL) must not be able to end its field and forge another (`sub` = `alice user=admin`),
+ * nor break the line. So s[0..n) is written as is only when it is a non-empty run of
+ * printable ASCII without space, '"', backslash or '='; otherwise in double quotes, with '"'
+ * and backslash escaped by a backslash, \n \r \t, and every other byte outside printable
+ * ASCII as \xNN
+ * (non-ASCII too: no control or bidi character reaches a terminal). A value longer than
+ * out has room for is cut and ends in "...". s may be NULL (logged as ""). out (cap >= 8
+ * bytes) is the caller's and always NUL-terminated; returns out. */
+char *log_value(char *out, size_t cap, const char *s, size_t n);
+/* log_value of a NUL-terminated string into a buffer that lives until the end of the
+ * enclosing block, for use as a log argument: log_info("x user=%s", LOG_STR(user)). */
+#define LOG_VALUE_MAX 256
+#define LOG_STR(s) log_str_((char[LOG_VALUE_MAX]){0}, (s))
+char *log_str_(char out[LOG_VALUE_MAX], const char *s);
+
 /* ---- time and ids --------------------------------------------------------------------- */
 /* Wall-clock milliseconds since the Unix epoch. */
 int64_t time_now_ms(void);

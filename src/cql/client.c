@@ -624,9 +624,9 @@ static void cc_close(cq_conn_t *k, int status, const char *why) {
     if (c->closing) {
         /* expected: nothing to report */
     } else if (was_ready) {
-        log_warn("cql_conn_lost host=%s err=\"%s\"", h->name, why);
+        log_warn("cql_conn_lost host=%s err=%s", LOG_STR(h->name), LOG_STR(why));
     } else {
-        log_debug("cql_conn_failed host=%s err=\"%s\"", h->name, why);
+        log_debug("cql_conn_failed host=%s err=%s", LOG_STR(h->name), LOG_STR(why));
     }
 
     if (k->gai_active) uv_cancel((uv_req_t *)&k->gai);
@@ -855,7 +855,7 @@ static void prepare_done(cq_conn_t *k, cql_req_t *pr, int status, const char *ms
     char m[600];
     if (status) {
         snprintf(m, sizeof m, "preparing \"%.200s\": %s", pr->stmt->query, msg ? msg : "");
-        log_warn("cql_prepare_failed host=%s err=\"%s\"", k->host->name, m);
+        log_warn("cql_prepare_failed host=%s err=%s", LOG_STR(k->host->name), LOG_STR(m));
     }
     cql_req_t *r;
     while ((r = rl_pop(&w))) {

@@ -680,8 +680,8 @@ static void op_done(cass_op_t *op, int status) {
 
 static void op_fail_cql(cass_op_t *op, const cql_result_t *res, const char *what) {
     store_req_t *r = op->req;
-    log_error("store_cassandra_failed op=%s chat=%s id=%" PRIu64 " err=\"%s\"", what, r->chat_id,
-              r->id, res->message ? res->message : chat_strerror(res->status));
+    log_error("store_cassandra_failed op=%s chat=%s id=%" PRIu64 " err=%s", what, r->chat_id,
+              r->id, LOG_STR(res->message ? res->message : chat_strerror(res->status)));
     op_done(op, res->status == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO);
 }
 
@@ -808,8 +808,8 @@ static void on_dup_read(const cql_result_t *res, void *data) {
         return op_done(op, 0);
     }
     /* claimed, never written: finish the first attempt's work under its id and time */
-    log_info("store_cassandra_claim_repair chat=%s user=%s id=%" PRIu64, r->chat_id, r->user,
-             op->id);
+    log_info("store_cassandra_claim_repair chat=%s user=%s id=%" PRIu64, r->chat_id,
+             LOG_STR(r->user), op->id);
     append_bucket(op);
 }
 

@@ -266,7 +266,7 @@ static int migrate_db(sqlite3 *db, const char *path, char *err, size_t errlen) {
     return 0;
 fail:
     store__set_err(err, errlen, "%s: schema: %s", path, sqlite3_errmsg(db));
-    log_error("store_schema_failed path=%s err=\"%s\"", path, sqlite3_errmsg(db));
+    log_error("store_schema_failed path=%s err=%s", path, LOG_STR(sqlite3_errmsg(db)));
     sqlite3_finalize(st);
     if (!sqlite3_get_autocommit(db)) exec(db, "ROLLBACK");
     return CHAT_EIO;
@@ -299,7 +299,7 @@ static int on_busy(void *arg, int tries) {
 /* Close a read-write connection, saying so if SQLite refuses (statements left open). */
 static void close_db(sqlite_store_t *s, sqlite3 **db) {
     if (*db && sqlite3_close(*db) != SQLITE_OK) {
-        log_error("store_close_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(*db));
+        log_error("store_close_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(*db)));
     }
     *db = NULL;
 }
@@ -353,8 +353,8 @@ static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, si
 fail:
     store__set_err(err, errlen, "cannot open %s: %s", path, db ? sqlite3_errmsg(db) : "out of memory");
 fail_msg:
-    log_error("store_open_failed path=%s ro=%d err=\"%s\"", path, readonly,
-              db ? sqlite3_errmsg(db) : "out of memory");
+    log_error("store_open_failed path=%s ro=%d err=%s", path, readonly,
+              LOG_STR(db ? sqlite3_errmsg(db) : "out of memory"));
     sqlite3_close(db);
     *out = NULL;
     return CHAT_EIO;
@@ -403,7 +403,8 @@ static int on_wal_commit(void *arg, sqlite3 *db, const char *name, int frames) {
     if (copy_here) {
         int rc = sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
         if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
-            log_warn("store_checkpoint_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(db));
+            log_warn("store_checkpoint_failed path=%s err=%s", s->path,
+                     LOG_STR(sqlite3_errmsg(db)));
         }
     }
     return SQLITE_OK;
@@ -424,8 +425,8 @@ static void checkpointer_main(void *arg) {
         int log = 0, done = 0; /* frames in the WAL, frames copied */
         int rc = sqlite3_wal_checkpoint_v2(s->cdb, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
         if (rc != SQLITE_OK && rc != SQLITE_BUSY) {
-            log_warn("store_checkpoint_failed path=%s err=\"%s\"", s->path,
-                     sqlite3_errmsg(s->cdb));
+            log_warn("store_checkpoint_failed path=%s err=%s", s->path,
+                     LOG_STR(sqlite3_errmsg(s->cdb)));
         }
         uv_mutex_lock(&s->lock);
         s->ckpt_busy = false;
@@ -470,7 +471,7 @@ static int prepare_writer(sqlite_store_t *s) {
                 &s->del) ||
         prepare(db, "SELECT user_from, deleted_at FROM messages WHERE chat_id = ?1 AND id = ?2",
                 &s->get)) {
-        log_error("store_prepare_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(db));
+        log_error("store_prepare_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(db)));
         return CHAT_EIO;
     }
     return 0;
@@ -499,7 +500,7 @@ static int open_reader(sqlite_store_t *s, reader_t *rd, char *err, size_t errlen
                 " ORDER BY id ASC LIMIT ?3",
                 &rd->after)) {
         store__set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(rd->db));
-        log_error("store_prepare_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(rd->db));
+        log_error("store_prepare_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(rd->db)));
         return CHAT_EIO;
     }
     return 0;
@@ -549,8 +550,8 @@ static int do_append(sqlite_store_t *s, store_req_t *r) {
     int rc = sqlite3_step(st);
     int changed = rc == SQLITE_DONE ? sqlite3_changes(s->wdb) : 0;
     if (rc != SQLITE_DONE) {
-        log_error("store_append_failed chat=%s id=%" PRIu64 " err=\"%s\"", r->chat_id, r->id,
-                  sqlite3_errmsg(s->wdb));
+        log_error("store_append_failed chat=%s id=%" PRIu64 " err=%s", r->chat_id, r->id,
+                  LOG_STR(sqlite3_errmsg(s->wdb)));
     }
     sqlite3_reset(st);
     if (rc != SQLITE_DONE) {
@@ -610,8 +611,8 @@ static int do_change(sqlite_store_t *s, store_req_t *r) {
         return SQLITE_OK;
     }
     if (rc != SQLITE_DONE) {
-        log_error("store_change_failed chat=%s id=%" PRIu64 " err=\"%s\"", r->chat_id, r->id,
-                  sqlite3_errmsg(s->wdb));
+        log_error("store_change_failed chat=%s id=%" PRIu64 " err=%s", r->chat_id, r->id,
+                  LOG_STR(sqlite3_errmsg(s->wdb)));
         sqlite3_reset(st);
         return rc;
     }
@@ -650,7 +651,7 @@ static void fail_batch(store_req_t *batch) {
 static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
     int rc = step_once(s->begin);
     if (rc != SQLITE_DONE) {
-        log_error("store_begin_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->wdb));
+        log_error("store_begin_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(s->wdb)));
         goto fail;
     }
     for (store_req_t *r = batch; r; r = r->next_) {
@@ -661,7 +662,7 @@ static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
     }
     rc = step_once(s->commit);
     if (rc != SQLITE_DONE) {
-        log_error("store_commit_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->wdb));
+        log_error("store_commit_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(s->wdb)));
         goto fail;
     }
     return true;
@@ -727,7 +728,8 @@ static void writer_main(void *arg) {
     uv_mutex_unlock(&s->lock);
     uv_mutex_lock(&s->wdb_lock);
     if (exec(s->wdb, "PRAGMA wal_checkpoint(TRUNCATE)") != SQLITE_OK) {
-        log_warn("store_checkpoint_failed path=%s err=\"%s\"", s->path, sqlite3_errmsg(s->wdb));
+        log_warn("store_checkpoint_failed path=%s err=%s", s->path,
+                 LOG_STR(sqlite3_errmsg(s->wdb)));
     }
     close_writer_db(s);
     uv_mutex_unlock(&s->wdb_lock);
@@ -774,7 +776,7 @@ static void do_read(reader_t *rd, store_req_t *r) {
         n++;
     }
     if (status == 0 && rc != SQLITE_DONE) {
-        log_error("store_read_failed chat=%s err=\"%s\"", r->chat_id, sqlite3_errmsg(rd->db));
+        log_error("store_read_failed chat=%s err=%s", r->chat_id, LOG_STR(sqlite3_errmsg(rd->db)));
         status = CHAT_EIO;
     }
     sqlite3_reset(st);
@@ -1111,8 +1113,8 @@ int store_sqlite_exec(store_t *base, const char *sql) {
     uv_mutex_lock(&s->wdb_lock);
     int rc = s->wdb ? exec(s->wdb, sql) : SQLITE_MISUSE;
     if (rc != SQLITE_OK) {
-        log_error("store_exec_failed sql=\"%s\" err=\"%s\"", sql,
-                  s->wdb ? sqlite3_errmsg(s->wdb) : "closed");
+        log_error("store_exec_failed sql=%s err=%s", LOG_STR(sql),
+                  LOG_STR(s->wdb ? sqlite3_errmsg(s->wdb) : "closed"));
     }
     uv_mutex_unlock(&s->wdb_lock);
     return rc == SQLITE_OK ? 0 : CHAT_EIO;

@@ -1,4 +1,5 @@
-/* Unit tests of core: ids, time formatting, buffers, the string builder, error strings. */
+/* Unit tests of core: ids, time formatting, buffers, the string builder, log values, error
+ * strings. */
 #include "../../src/core/core.h"
 #include "test.h"
 
@@ -102,6 +103,51 @@ static void test_url_redact(void) {
     CHECK_STR(out, "redis://host/a@b");
 }
 
+static void test_log_value(void) {
+    char out[LOG_VALUE_MAX];
+#define LV(s) log_value(out, sizeof out, (s), strlen(s))
+    /* plain tokens stay as they are */
+    CHECK_STR(LV("alice"), "alice");
+    CHECK_STR(LV("127.0.0.1:80"), "127.0.0.1:80");
+    CHECK_STR(LV("a-b_c.d/e"), "a-b_c.d/e");
+    /* a forged field stays inside the one value */
+    CHECK_STR(LV("alice reason=\"forged\" user=admin"),
+              "\"alice reason=\\\"forged\\\" user=admin\"");
+    CHECK_STR(LV("a=b"), "\"a=b\"");
+    CHECK_STR(LV("back\\slash"), "\"back\\\\slash\"");
+    CHECK_STR(LV("q\"uote"), "\"q\\\"uote\"");
+    /* no new line, control or non-ASCII byte reaches the log */
+    CHECK_STR(LV("a\nuser=admin"), "\"a\\nuser=admin\"");
+    CHECK_STR(LV("t\tr\r"), "\"t\\tr\\r\"");
+    CHECK_STR(LV("\x1b[31m\x7f"), "\"\\x1b[31m\\x7f\"");
+    CHECK_STR(LV("Jos\xc3\xa9"), "\"Jos\\xc3\\xa9\"");
+    /* empty and NULL are an explicit empty value */
+    CHECK_STR(LV(""), "\"\"");
+    CHECK_STR(log_value(out, sizeof out, NULL, 5), "\"\"");
+    /* length-bounded: bytes after n are not read */
+    CHECK_STR(log_value(out, sizeof out, "ab cd", 2), "ab");
+    CHECK_STR(log_value(out, sizeof out, "a\0b", 3), "\"a\\x00b\"");
+#undef LV
+    /* cut to the buffer, never in the middle of an escape, still closed */
+    char small[10];
+    CHECK_STR(log_value(small, sizeof small, "abcdefghi", 9), "abcdefghi");
+    CHECK_STR(log_value(small, sizeof small, "abcdefghij", 10), "abcdef...");
+    CHECK_STR(log_value(small, sizeof small, "a b", 3), "\"a b\"");
+    CHECK_STR(log_value(small, sizeof small, "abc defgh", 9), "\"abc ...\"");
+    CHECK_STR(log_value(small, sizeof small, "\x01\x02\x03", 3), "\"\\x01...\"");
+    CHECK_STR(log_value(small, sizeof small, "ab\x01\x02", 4), "\"ab...\"");
+    /* LOG_STR: a temporary per use, so two in one call do not share a buffer */
+    char line[600];
+    snprintf(line, sizeof line, "user=%s chat=%s", LOG_STR("a b"), LOG_STR("c"));
+    CHECK_STR(line, "user=\"a b\" chat=c");
+    char big[1000];
+    memset(big, 'x', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    CHECK_INT(strlen(LOG_STR(big)), LOG_VALUE_MAX - 1);
+    CHECK_STR(LOG_STR(big) + LOG_VALUE_MAX - 4, "...");
+    CHECK_STR(LOG_STR(NULL), "\"\"");
+}
+
 static void test_strerror(void) {
     CHECK_STR(chat_strerror(CHAT_EPERM), "not allowed");
     CHECK_STR(chat_strerror(-999), "unknown error");
@@ -116,6 +162,7 @@ int main(void) {
     RUN(test_buf_refcount);
     RUN(test_sbuf_json);
     RUN(test_url_redact);
+    RUN(test_log_value);
     RUN(test_strerror);
     return test_summary("test_core");
 }
