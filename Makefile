@@ -1,11 +1,14 @@
-# Scalable-Chat. `make` builds build/chatd and build/chatctl; `make run` starts a chat on
-# the embedded store; `make test` installs what is missing, builds, and runs every test.
+# Scalable-Chat. `make` builds build/chatd and build/chatctl; `make run` installs what
+# building and running need if it is missing, builds, and starts a chat on the embedded store;
+# `make test` installs what is missing, builds, and runs every test.
 
 CC      ?= gcc
 CLANG   ?= clang
 PYTHON  ?= python3
 PORT    ?= 8000
-STORE   ?= sqlite:./data/chat.db
+# where `make run` keeps its database and dev secret: make run DATA_DIR=/tmp/chat
+DATA_DIR ?= ./data
+STORE   ?= sqlite:$(DATA_DIR)/chat.db
 
 WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wstrict-prototypes
 CFLAGS  ?= -O2 -g
@@ -97,27 +100,34 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 	$(CLANG) $(FUZZFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 # ---- targets ----------------------------------------------------------------------------
-.PHONY: all run test deps unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
+.PHONY: all run test deps deps-run unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
         bench-full cluster cluster-stop cluster-tests create-models test-suites \
         functional-cassandra cassandra-tests \
         clean format
 
 # No secret configured: dev mode, which prints the secret and how to mint a token. The
-# secret is generated once into data/dev-secret, so tokens survive a restart.
-run: all
-	@mkdir -p data
-	@[ -n "$${CHAT_JWT_SECRET:-}" ] || [ -s data/dev-secret ] || \
-	    (umask 077; openssl rand -hex 32 > data/dev-secret)
+# secret is generated once into $(DATA_DIR)/dev-secret, so tokens survive a restart. The
+# dependencies come first, and the build after them (not beside them as a prerequisite
+# would, under -j): on a fresh machine the compiler needs the -dev packages.
+run: deps-run
+	$(MAKE) all
+	@mkdir -p "$(DATA_DIR)"
+	@[ -n "$${CHAT_JWT_SECRET:-}" ] || [ -s "$(DATA_DIR)/dev-secret" ] || \
+	    (umask 077; openssl rand -hex 32 > "$(DATA_DIR)/dev-secret")
 	CHAT_PORT=$${CHAT_PORT:-$(PORT)} CHAT_STORE=$${CHAT_STORE:-$(STORE)} \
-	    CHAT_JWT_SECRET=$${CHAT_JWT_SECRET:-$$(cat data/dev-secret)} \
+	    CHAT_JWT_SECRET=$${CHAT_JWT_SECRET:-$$(cat "$(DATA_DIR)/dev-secret")} \
 	    ./$(B)/chatd $$([ -n "$${CHAT_JWT_SECRET:-}" ] || echo --dev)
 
 create-models: $(B)/chatctl
-	@mkdir -p data
+	@mkdir -p "$(DATA_DIR)"
 	./$(B)/chatctl migrate --store "$${CHAT_STORE:-$(STORE)}"
 
+# everything `make test` uses; deps-run: only what building and running need
 deps:
-	@bash scripts/deps.sh
+	@bash scripts/deps.sh test
+
+deps-run:
+	@bash scripts/deps.sh run
 
 unit: $(UNITS)
 	@set -e; for t in $(UNITS); do echo "== $$t"; $$t; done

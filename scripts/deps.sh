@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# Install what building and testing need and is not there yet: Debian packages (as root,
-# or with sudo) and the Python test packages. Idempotent and quiet when all is present.
+# Install what is needed and not there yet: Debian packages (as root, or with sudo) and,
+# for the tests, the Python test packages. Idempotent and quiet when all is present.
+#
+#   scripts/deps.sh run    what building and running chatd need (`make run`)
+#   scripts/deps.sh [test] that, and every tool the test suites use (`make test`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(gcc make pkg-config openssl clang libclang-rt-14-dev llvm
+what=${1:-test}
+case $what in
+    run | test) ;;
+    *) echo "usage: scripts/deps.sh [run|test]" >&2; exit 2 ;;
+esac
+
+# building and running: the compiler, the -dev libraries, openssl for `make run`'s dev secret
+debs=(gcc libc6-dev make pkg-config openssl
       libuv1-dev libjansson-dev libhttp-parser-dev libsqlite3-dev libssl-dev zlib1g-dev
-      libhiredis-dev redis-server haproxy chromium openjdk-17-jdk-headless maven
-      docker-compose curl)
+      libhiredis-dev)
+# testing: sanitizers and fuzzers, Redis, HAProxy, the browser, Cassandra, the Docker checks
+[ "$what" = test ] &&
+    debs+=(clang libclang-rt-14-dev llvm redis-server haproxy chromium openjdk-17-jdk-headless
+           maven docker-compose curl)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -19,6 +32,8 @@ if ((${#missing[@]})); then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+[ "$what" = run ] && exit 0
 
 # Node.js (for the browser tests) comes with this kind of machine; Debian's is older.
 command -v node >/dev/null && command -v npm >/dev/null ||

@@ -1,11 +1,16 @@
-"""The command lines: chatd --dev/--help/env configuration, chatctl token and migrate."""
+"""The command lines: chatd --dev/--help/env configuration, chatctl token and migrate, and
+`make run` as a new user runs it."""
 
+import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import time
 
 import pytest
+import requests
 
 from conftest import CHATCTL, CHATD, LISTEN_RE, REPO, Proc, clean_env, require_binary
 from helpers import Client, HttpConn, build_frame, mint_token, upgrade_headers, verify_jwt
@@ -220,3 +225,74 @@ def test_chatctl_migrate_is_idempotent(tmp_path, chatd):
     assert res.returncode == 0, res.stdout + res.stderr
     srv.start()
     assert [m["message"] for m in srv.all_history("general")] == ["on a migrated store"]
+
+
+# ---- make run: the first run on a fresh machine -------------------------------------------
+
+
+def make_env(extra=None):
+    """The environment of a user at a shell: no CHAT_*, and not inside another make."""
+    env = clean_env(extra)
+    for k in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"):
+        env.pop(k, None)
+    return env
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_make_run_installs_dependencies_before_it_builds():
+    # -B: every target counts as out of date, so the compiler lines show however fresh build/ is
+    r = subprocess.run(["make", "-n", "-B", "run"], capture_output=True, text=True, timeout=60,
+                       env=make_env(), cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    deps = [i for i, x in enumerate(lines) if "scripts/deps.sh" in x]
+    compiles = [i for i, x in enumerate(lines) if re.search(r"\s-c\s+src/\S+\.c\b", x)]
+    assert deps, "make run does not install dependencies:\n" + r.stdout
+    assert compiles, "make run does not build:\n" + r.stdout
+    assert deps[0] < compiles[0], "dependencies come after the compiler:\n" + r.stdout
+    # run installs what building and running need, not the test tools
+    assert not re.search(r"scripts/deps\.sh\s*$", lines[deps[0]]), lines[deps[0]]
+
+
+def test_make_run_serves_the_chat_and_installs_nothing_when_all_is_present(tmp_path):
+    port = free_port()
+    data = tmp_path / "data"
+    log = tmp_path / "make-run.log"
+    with open(log, "wb") as out:
+        p = subprocess.Popen(["make", "run", f"DATA_DIR={data}"], cwd=str(REPO),
+                             env=make_env({"CHAT_PORT": str(port)}), stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # bounded wait for the server (make may have to build first)
+        deadline = time.monotonic() + 300
+        while not re.search(r"listening.*\bport=%d\b" % port, log.read_text(errors="replace")):
+            assert p.poll() is None, "make run ended:\n" + log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "make run did not start:\n" + log.read_text()
+            time.sleep(0.2)
+        s = requests.Session()
+        s.trust_env = False
+        h = s.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert h.status_code == 200, h.text
+        page = s.get(f"http://127.0.0.1:{port}/", timeout=5)
+        assert page.status_code == 200 and "<html" in page.text.lower(), page.text[:200]
+        # dev mode, its secret and the store in the data directory given
+        assert (data / "dev-secret").stat().st_size > 0
+        assert (data / "chat.db").exists()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT)  # Ctrl-C at the terminal
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+            pytest.fail("make run did not stop on Ctrl-C:\n" + log.read_text(errors="replace"))
+    out = log.read_text(errors="replace")
+    assert "dev mode" in out, out
+    assert re.search(r"\binfo stopped\b", out), "chatd did not stop cleanly:\n" + out
+    assert "deps: installing" not in out, "make run reinstalled what is present:\n" + out
