@@ -11,6 +11,7 @@ of this: a build stage that copies too little only fails in a real build."""
 
 import fnmatch
 import glob
+import json
 import os
 import re
 import shlex
@@ -59,8 +60,6 @@ def parse_dockerfile(text):
 def copy_args(rest):
     """(flags, sources, dest) of a COPY instruction (shell form or JSON form)."""
     if rest.startswith("["):
-        import json
-
         words = json.loads(rest)
     else:
         words = shlex.split(rest)
@@ -185,11 +184,12 @@ def replay_build_stage(stage, files, root):
         elif word == "RUN" and copied:
             cmd = rest
             if cmd.startswith("["):
-                import json
-
                 cmd = shlex.join(json.loads(cmd))
+            # as in the image: not inside another make
+            env = {k: v for k, v in clean_env().items()
+                   if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")}
             r = subprocess.run(["nice", "sh", "-c", cmd], cwd=in_root(root, workdir),
-                               env=clean_env(), capture_output=True, text=True, timeout=900)
+                               env=env, capture_output=True, text=True, timeout=900)
             if r.returncode != 0:
                 return [f"RUN {cmd}\nexit {r.returncode}\n--- stderr ---\n{r.stderr[-6000:]}"
                         f"\n--- stdout ---\n{r.stdout[-2000:]}"]
