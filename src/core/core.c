@@ -73,42 +73,38 @@ static bool log__bare(unsigned char c) {
     return c > 0x20 && c < 0x7f && c != '"' && c != '\\' && c != '=';
 }
 
+/* c as it is written inside a value (quoted or not) into esc; returns its length, 1..4 */
+static size_t log__esc(unsigned char c, bool quoted, char esc[4]) {
+    static const char hex[] = "0123456789abcdef";
+    if (!quoted || (c >= 0x20 && c < 0x7f && c != '"' && c != '\\')) {
+        esc[0] = (char)c;
+        return 1;
+    }
+    esc[0] = '\\';
+    if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t') {
+        esc[1] = c == '\n' ? 'n' : c == '\r' ? 'r' : c == '\t' ? 't' : (char)c;
+        return 2;
+    }
+    esc[1] = 'x';
+    esc[2] = hex[c >> 4];
+    esc[3] = hex[c & 15];
+    return 4;
+}
+
 char *log_value(char *out, size_t cap, const char *s, size_t n) {
     if (!s) n = 0;
     bool quote = n == 0;
     for (size_t i = 0; i < n && !quote; i++) quote = !log__bare((unsigned char)s[i]);
+    char esc[4];
     size_t full = quote ? 2 : 0; /* the whole value, written out, without its NUL */
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        full += !quote || (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') ? 1
-                : c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t' ? 2
-                                                                         : 4;
-    }
+    for (size_t i = 0; i < n; i++) full += log__esc((unsigned char)s[i], quote, esc);
     /* room kept back for what ends the value: "..." when it is cut, the quote, the NUL */
     const size_t tail = (full + 1 > cap ? 3 : 0) + (quote ? 1 : 0) + 1;
-    size_t o = 0;
+    size_t o = 0, i = 0;
     if (quote) out[o++] = '"';
-    size_t i = 0;
     for (; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
-        char esc[5];
-        size_t k;
-        if (!quote || (c >= 0x20 && c < 0x7f && c != '"' && c != '\\')) {
-            esc[0] = (char)c;
-            k = 1;
-        } else if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t') {
-            esc[0] = '\\';
-            esc[1] = c == '\n' ? 'n' : c == '\r' ? 'r' : c == '\t' ? 't' : (char)c;
-            k = 2;
-        } else {
-            static const char hex[] = "0123456789abcdef";
-            esc[0] = '\\';
-            esc[1] = 'x';
-            esc[2] = hex[c >> 4];
-            esc[3] = hex[c & 15];
-            k = 4;
-        }
-        if (o + k + tail > cap) break;
+        size_t k = log__esc((unsigned char)s[i], quote, esc);
+        if (o + k + tail > cap) break; /* never half an escape */
         memcpy(out + o, esc, k);
         o += k;
     }

@@ -91,10 +91,9 @@ void log_msg(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3
  * nor break the line. So s[0..n) is written as is only when it is a non-empty run of
  * printable ASCII without space, '"', backslash or '='; otherwise in double quotes, with '"'
  * and backslash escaped by a backslash, \n \r \t, and every other byte outside printable
- * ASCII as \xNN
- * (non-ASCII too: no control or bidi character reaches a terminal). A value longer than
- * out has room for is cut and ends in "...". s may be NULL (logged as ""). out (cap >= 8
- * bytes) is the caller's and always NUL-terminated; returns out. */
+ * ASCII as \xNN (non-ASCII too: no control or bidi character reaches a terminal). A value
+ * longer than out has room for is cut and ends in "...". s may be NULL (logged as "").
+ * out (cap >= 8 bytes) is the caller's and always NUL-terminated; returns out. */
 char *log_value(char *out, size_t cap, const char *s, size_t n);
 /* log_value of a NUL-terminated string into a buffer that lives until the end of the
  * enclosing block, for use as a log argument: log_info("x user=%s", LOG_STR(user)). */
