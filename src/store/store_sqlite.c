@@ -716,6 +716,12 @@ static void set_failing(sqlite_store_t *s, bool failing) {
  * on, or a read-only open) is gone with it, and a file made writable again is opened for
  * writing. Then a real write. true if it worked. */
 static bool writer_probe(sqlite_store_t *s) {
+    struct stat st;
+    if (stat(s->path, &st) != 0) {
+        /* moved or deleted under us: opening would create an empty database */
+        snprintf(s->werr, sizeof s->werr, "the database file is gone: %s", strerror(errno));
+        return false;
+    }
     close_writer_db(s);
     s->wal_prev = 0;
     if (open_db(&s->wdb, s->path, false, s->werr, sizeof s->werr) != 0) return false;
