@@ -13,6 +13,12 @@ typedef struct bus_local {
     bus_t base;
     bus_node_t self;
     bool registered;
+    /* node-list answers queued for a later turn: each reads the bus, so a close waits for
+     * them and the last one frees it */
+    unsigned lists_pending;
+    bool closing;
+    void (*done)(void *);
+    void *done_arg;
 } bus_local_t;
 
 static int local_subscribe(bus_t *b, const char *chat_id) { return 1; /* nothing to wait for */ }
@@ -39,17 +45,36 @@ typedef struct local_list {
     void *ud;
 } local_list_t;
 
-static void local_list_closed(uv_handle_t *h) { free(h->data); }
+static void local_free(bus_local_t *l) {
+    void (*done)(void *) = l->done;
+    void *arg = l->done_arg;
+    free(l);
+    if (done) done(arg);
+}
 
-/* Answer on a later loop turn, as every backend does: callers may rely on it. */
+static void local_list_closed(uv_handle_t *h) {
+    local_list_t *q = h->data;
+    bus_local_t *l = q->bus;
+    free(q);
+    if (--l->lists_pending == 0 && l->closing) local_free(l);
+}
+
+/* Answer on a later loop turn, as every backend does: callers may rely on it. Once the bus
+ * is closing the answer is CHAT_ECLOSED, as the Redis bus answers. */
 static void local_list_run(uv_idle_t *h) {
     local_list_t *q = h->data;
+    bus_local_t *l = q->bus;
     uv_idle_stop(h);
-    q->cb(q->ud, 0, &q->bus->self, q->bus->registered ? 1 : 0);
+    if (l->closing) {
+        q->cb(q->ud, CHAT_ECLOSED, NULL, 0);
+    } else {
+        q->cb(q->ud, 0, &l->self, l->registered ? 1 : 0);
+    }
     uv_close((uv_handle_t *)h, local_list_closed);
 }
 
 static int local_list_nodes(bus_t *b, bus_nodes_cb cb, void *ud) {
+    if (((bus_local_t *)b)->closing) return CHAT_ECLOSED;
     local_list_t *q = calloc(1, sizeof(*q));
     if (!q) return CHAT_ENOMEM;
     q->bus = (bus_local_t *)b;
@@ -58,12 +83,17 @@ static int local_list_nodes(bus_t *b, bus_nodes_cb cb, void *ud) {
     uv_idle_init(b->loop, &q->idle);
     q->idle.data = q;
     uv_idle_start(&q->idle, local_list_run);
+    q->bus->lists_pending++;
     return 0;
 }
 
 static void local_close(bus_t *b, void (*done)(void *), void *arg) {
-    free(b);
-    if (done) done(arg);
+    bus_local_t *l = (bus_local_t *)b;
+    if (l->closing) return;
+    l->closing = true;
+    l->done = done;
+    l->done_arg = arg;
+    if (l->lists_pending == 0) local_free(l);
 }
 
 static const bus_ops_t local_ops = {

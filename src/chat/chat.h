@@ -72,7 +72,8 @@ typedef struct chat_config {
 typedef struct chat_server chat_server_t;
 
 /* Open the store, the bus, and listen. On success *out is owned by the caller;
- * chat_server_port() is the bound port. err gets a readable reason on failure. */
+ * chat_server_port() is the bound port. err gets a readable reason on failure; the loop
+ * must then still run until it ends, to release what was opened (handles close later). */
 int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg,
                       char *err, size_t errlen);
 int chat_server_port(const chat_server_t *s);

@@ -842,6 +842,19 @@ static void http__route(http_peer_t *hp, const http_request_t *in) {
     bool get = req->method == HTTP_GET;
     if (n == 8 && memcmp(p, "/healthz", 8) == 0) {
         if (!get) goto not_allowed;
+        /* a store that cannot write makes this node useless for sending: say so, so that
+         * a load balancer or an operator sees it (it turns ok again once writes work) */
+        char why[256];
+        if (!s->stopping && store_health(s->store, why, sizeof why) < 0) {
+            sbuf_t sb = {0};
+            sbuf_printf(&sb, "{\"status\":\"unavailable\",\"error\":\"store_unavailable\","
+                             "\"detail\":");
+            sbuf_json_str(&sb, why, strlen(why));
+            sbuf_printf(&sb, "}");
+            http__json(hp, 503, &sb, ka);
+            sbuf_free(&sb);
+            return;
+        }
         static const char ok[] = "{\"status\":\"ok\"}";
         http__send(hp, http_response_new(s->stopping ? 503 : 200, "application/json", ok,
                                          sizeof ok - 1, ka, NULL),

@@ -317,20 +317,36 @@ static void chat__load_dir(chat_server_t *s, const char *dir, const char *prefix
         FILE *f = fopen(path, "rb");
         if (!f) continue;
         buf_t *b = buf_new((size_t)st.st_size);
-        if (b && fread(b->data, 1, (size_t)st.st_size, f) == (size_t)st.st_size) {
+        char *upath = NULL;
+        if (b && fread(b->data, 1, (size_t)st.st_size, f) == (size_t)st.st_size &&
+            (upath = strdup(url))) {
+            /* a file without its path would make every lookup's strlen read NULL */
             b->len = (size_t)st.st_size;
             static_file_t *nf = realloc(s->files, sizeof(*nf) * (s->n_files + 1));
             if (nf) {
                 s->files = nf;
                 s->files[s->n_files++] =
-                    (static_file_t){.path = strdup(url), .type = chat__mime(e->d_name), .body = b};
+                    (static_file_t){.path = upath, .type = chat__mime(e->d_name), .body = b};
                 b = NULL;
+                upath = NULL;
             }
         }
+        if (b) log_warn("static_file_skipped path=%s", path);
+        free(upath);
         buf_unref(b);
         fclose(f);
     }
     closedir(d);
+}
+
+static void chat__free_files(chat_server_t *s) {
+    for (size_t i = 0; i < s->n_files; i++) {
+        free(s->files[i].path);
+        buf_unref(s->files[i].body);
+    }
+    free(s->files);
+    s->files = NULL;
+    s->n_files = 0;
 }
 
 const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n) {
@@ -415,6 +431,20 @@ static void chat__bus_subscribed(void *ud, const char *chat_id) {
     }
 }
 
+/* After a failed listen conn_server_init has closed the listener embedded in s->cs, and
+ * libuv touches that handle again when it finishes the close, in the close phase of a loop
+ * turn: s may be freed only after that phase. A prepare handle runs once per turn, before
+ * the poll, so by its second run a close phase has passed; its own close callback frees s.
+ * stop_step counts the runs (a server that never started has no shutdown steps). */
+static void chat__failed_freed(uv_handle_t *h) { free(h->data); }
+
+static void chat__failed_turn(uv_prepare_t *h) {
+    chat_server_t *s = h->data;
+    if (++s->stop_step < 2) return;
+    uv_prepare_stop(h);
+    uv_close((uv_handle_t *)h, chat__failed_freed);
+}
+
 int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg,
                       char *err, size_t errlen) {
     chat_server_t *s = calloc(1, sizeof(*s));
@@ -447,9 +477,9 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
         .handler_data = s,
     };
     if ((rc = conn_server_init(&s->cs, loop, &o)) < 0) {
-        snprintf(err, errlen, "cannot listen on %s:%d", cfg->host ? cfg->host : "0.0.0.0",
-                 cfg->port);
-        goto fail_bus;
+        snprintf(err, errlen, "cannot listen on %s:%d (the reason is in listen_failed above)",
+                 cfg->host ? cfg->host : "0.0.0.0", cfg->port);
+        goto fail_listen;
     }
     uv_timer_init(loop, &s->sweep);
     s->sweep.data = s;
@@ -468,8 +498,15 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     *out = s;
     return 0;
 
-fail_bus:
+fail_listen:
+    chat__free_files(s);
     bus_close(s->bus, NULL, NULL);
+    store_close(s->store, NULL, NULL);
+    s->stop_step = 0;
+    uv_prepare_init(loop, &s->turn);
+    s->turn.data = s;
+    uv_prepare_start(&s->turn, chat__failed_turn);
+    return rc;
 fail_store:
     /* nothing was submitted: the store closes at once */
     store_close(s->store, NULL, NULL);
@@ -514,11 +551,7 @@ static void chat__stop_step(void *arg) {
     case 100: {
         void (*done)(void *) = s->stop_done;
         void *darg = s->stop_arg;
-        for (size_t i = 0; i < s->n_files; i++) {
-            free(s->files[i].path);
-            buf_unref(s->files[i].body);
-        }
-        free(s->files);
+        chat__free_files(s);
         free(s->rooms);
         free(s);
         if (done) done(darg);

@@ -84,6 +84,10 @@ typedef struct store_ops {
     /* Optional (NULL: none): append the backend's own counters to out as Prometheus text
      * lines, names starting chat_store_<name>_. Called on the loop thread. */
     void (*metrics)(store_t *s, sbuf_t *out);
+    /* Optional (NULL: always healthy): 0 while the store can take writes as far as it knows,
+     * else CHAT_EIO and a readable reason in detail (NUL-terminated, cut to n bytes). Cheap:
+     * it reports state the backend keeps, no I/O. Called on the loop thread. */
+    int (*health)(store_t *s, char *detail, size_t n);
 } store_ops_t;
 
 /* Every backend's struct starts with this. */
@@ -105,6 +109,12 @@ static inline void store_close(store_t *s, void (*done)(void *), void *arg) {
 }
 static inline void store_metrics(store_t *s, sbuf_t *out) {
     if (s->ops->metrics) s->ops->metrics(s, out);
+}
+
+/* The store's state for /healthz: 0 or CHAT_EIO with a reason in detail (see health). */
+static inline int store_health(store_t *s, char *detail, size_t n) {
+    if (n) detail[0] = '\0';
+    return s->ops->health ? s->ops->health(s, detail, n) : 0;
 }
 
 /* Free the outputs of a request (msg strings, msgs array) so it can be reused. */

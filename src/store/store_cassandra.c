@@ -1308,11 +1308,29 @@ static int cs_migrate(store_t *base) {
     return rc;
 }
 
+/* Failing while no connection to any host is ready: requests then wait for one, and fail
+ * at their timeout. Just after start, before the first connection came up (the schema probe
+ * reached the cluster a moment ago), that is not a fault yet. The client reconnects by
+ * itself, so this turns ok again as soon as a host answers. */
+static int cs_health(store_t *base, char *detail, size_t n) {
+    cass_store_t *s = (cass_store_t *)base;
+    if (!s->cql) return 0;
+    cql_client_stats_t st;
+    cql_client_stats(s->cql, &st);
+    if (st.conns_ready > 0 || (st.connects == 0 && st.connect_failures == 0)) return 0;
+    snprintf(detail, n,
+             "cassandra: no live connection to any of %zu host(s) (%" PRIu64
+             " failed connection attempts so far)",
+             s->cfg.n_hosts, st.connect_failures);
+    return CHAT_EIO;
+}
+
 static const store_ops_t cassandra_ops = {
     .name = "cassandra",
     .submit = cs_submit,
     .migrate = cs_migrate,
     .close = cs_close,
+    .health = cs_health,
 };
 
 int store_cassandra_open(store_t **out, uv_loop_t *loop, const char *url, char *err,

@@ -42,6 +42,9 @@
 #define DELIVER_MAX 1024
 #define N_READERS 2
 #define BUSY_TIMEOUT_MS 5000
+/* While writes fail, the idle writer tries a real write this often, so that /healthz turns
+ * ok again once the fault is repaired even if nobody sends meanwhile. */
+#define PROBE_EVERY_NS 1000000000ull
 
 /* Checkpoints, in WAL frames (one 4 KB page each). SQLite's own checkpoint runs inside the
  * COMMIT that crosses its threshold, so every message in that group waited for a copy of
@@ -118,6 +121,7 @@ struct sqlite_store {
     bool ckpt_started;
     sqlite3 *cdb;  /* the checkpointer's connection */
     int wal_prev;  /* frames in the WAL after the previous commit; under wdb_lock */
+    char werr[200]; /* why the last write failed; under wdb_lock */
     int ckpt_start; /* CKPT_START_FRAMES, unless a test asked for less */
     uv_async_t async;
 
@@ -137,6 +141,8 @@ struct sqlite_store {
     int ckpt_log, ckpt_done; /* frames the WAL had then, and frames it copied */
     bool closing;
     bool paused;
+    bool failing;        /* the last write (batch or probe) failed: /healthz says so */
+    char fail_why[200];  /* its reason, for /healthz */
     store_sqlite_stats_t stats;
     uint64_t wal_frames_new; /* the writer thread's, folded into stats by its post_done */
 
@@ -302,6 +308,24 @@ static void close_db(sqlite_store_t *s, sqlite3 **db) {
         log_error("store_close_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(*db)));
     }
     *db = NULL;
+}
+
+/* Prove that the database takes a write: a transaction that rewrites the schema version
+ * with its own value commits one page through the WAL (and its fsync), as a message would.
+ * Opening is not enough: SQLite opens a file it may not write read-only without a word, and
+ * a WAL it cannot write fails only at the first commit. 0, or the reason in why. */
+static int probe_write(sqlite3 *db, char *why, size_t n) {
+    char sql[96];
+    snprintf(sql, sizeof sql, "BEGIN IMMEDIATE; PRAGMA user_version = %d; COMMIT;",
+             store_sqlite_schema_versions);
+    if (sqlite3_db_readonly(db, "main") == 1) {
+        snprintf(why, n, "read-only (the file or its file system cannot be written)");
+        return CHAT_EIO;
+    }
+    if (exec(db, sql) == SQLITE_OK) return 0;
+    snprintf(why, n, "%s", sqlite3_errmsg(db));
+    if (!sqlite3_get_autocommit(db)) exec(db, "ROLLBACK");
+    return CHAT_EIO;
 }
 
 static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, size_t errlen) {
@@ -649,6 +673,10 @@ static void fail_batch(store_req_t *batch) {
 
 /* One transaction for the whole batch. Caller holds wdb_lock. true if committed. */
 static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
+    if (!s->wdb) { /* a reopen failed (writer_probe): werr says why */
+        fail_batch(batch);
+        return false;
+    }
     int rc = step_once(s->begin);
     if (rc != SQLITE_DONE) {
         log_error("store_begin_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(s->wdb)));
@@ -667,9 +695,43 @@ static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
     }
     return true;
 fail:
+    snprintf(s->werr, sizeof s->werr, "%s", sqlite3_errmsg(s->wdb));
     if (!sqlite3_get_autocommit(s->wdb)) step_once(s->rollback);
     fail_batch(batch);
     return false;
+}
+
+/* The writer's view of the store's health, published for sq_health. Logs the changes only. */
+static void set_failing(sqlite_store_t *s, bool failing) {
+    uv_mutex_lock(&s->lock);
+    bool was = s->failing;
+    s->failing = failing;
+    if (failing) snprintf(s->fail_why, sizeof s->fail_why, "%s", s->werr);
+    uv_mutex_unlock(&s->lock);
+    if (failing && !was) log_error("store_failing path=%s err=\"%s\"", s->path, s->werr);
+    if (!failing && was) log_info("store_recovered path=%s", s->path);
+}
+
+/* Caller holds wdb_lock; the writer thread, while writes fail. A fresh connection first:
+ * whatever state the failure left the old one in (a file replaced under it, a WAL it gave up
+ * on, or a read-only open) is gone with it, and a file made writable again is opened for
+ * writing. Then a real write. true if it worked. */
+static bool writer_probe(sqlite_store_t *s) {
+    struct stat st;
+    if (stat(s->path, &st) != 0) {
+        /* moved or deleted under us: opening would create an empty database */
+        snprintf(s->werr, sizeof s->werr, "the database file is gone: %s", strerror(errno));
+        return false;
+    }
+    close_writer_db(s);
+    s->wal_prev = 0;
+    if (open_db(&s->wdb, s->path, false, s->werr, sizeof s->werr) != 0) return false;
+    if (prepare_writer(s) != 0) {
+        snprintf(s->werr, sizeof s->werr, "%s", sqlite3_errmsg(s->wdb));
+        close_writer_db(s);
+        return false;
+    }
+    return probe_write(s->wdb, s->werr, sizeof s->werr) == 0;
 }
 
 /* Hand finished requests (a list ending at tail) to the loop thread. */
@@ -699,11 +761,27 @@ static void post_done(sqlite_store_t *s, store_req_t *head, store_req_t *tail, u
 static void writer_main(void *arg) {
     sqlite_store_t *s = arg;
     for (;;) {
+        bool probe = false;
         uv_mutex_lock(&s->lock);
-        while ((!s->wq_head || s->paused) && !s->closing) uv_cond_wait(&s->wcond, &s->lock);
-        store_req_t *list = s->wq_head;
-        s->wq_head = s->wq_tail = NULL;
+        while ((!s->wq_head || s->paused) && !s->closing) {
+            if (!s->failing) {
+                uv_cond_wait(&s->wcond, &s->lock);
+            } else if (uv_cond_timedwait(&s->wcond, &s->lock, PROBE_EVERY_NS) == UV_ETIMEDOUT) {
+                probe = true;
+                break;
+            }
+        }
+        store_req_t *list = probe ? NULL : s->wq_head;
+        if (!probe) s->wq_head = s->wq_tail = NULL;
+        bool failing = s->failing;
         uv_mutex_unlock(&s->lock);
+        if (probe) {
+            uv_mutex_lock(&s->wdb_lock);
+            bool ok = writer_probe(s);
+            uv_mutex_unlock(&s->wdb_lock);
+            set_failing(s, !ok);
+            continue;
+        }
         if (!list) break; /* closing, and nothing left to write */
         while (list) {
             store_req_t *head = list, *tail = list;
@@ -715,8 +793,16 @@ static void writer_main(void *arg) {
             list = tail->next_;
             tail->next_ = NULL;
             uv_mutex_lock(&s->wdb_lock);
-            bool ok = write_batch(s, head);
+            /* while failing, a busy store gets its fresh connection here (see writer_probe) */
+            bool ok = !failing || writer_probe(s);
+            if (ok) {
+                ok = write_batch(s, head);
+            } else {
+                fail_batch(head);
+            }
+            failing = !ok;
             uv_mutex_unlock(&s->wdb_lock);
+            set_failing(s, !ok); /* before the callbacks: a caller told "failed" sees it too */
             post_done(s, head, tail, n, ok ? 1 : -1);
         }
     }
@@ -727,7 +813,7 @@ static void writer_main(void *arg) {
     while (s->readers_live > 0) uv_cond_wait(&s->wcond, &s->lock);
     uv_mutex_unlock(&s->lock);
     uv_mutex_lock(&s->wdb_lock);
-    if (exec(s->wdb, "PRAGMA wal_checkpoint(TRUNCATE)") != SQLITE_OK) {
+    if (s->wdb && exec(s->wdb, "PRAGMA wal_checkpoint(TRUNCATE)") != SQLITE_OK) {
         log_warn("store_checkpoint_failed path=%s err=%s", s->path,
                  LOG_STR(sqlite3_errmsg(s->wdb)));
     }
@@ -994,12 +1080,22 @@ static void sq_metrics(store_t *base, sbuf_t *sb) {
     }
 }
 
+static int sq_health(store_t *base, char *detail, size_t n) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    uv_mutex_lock(&s->lock);
+    bool failing = s->failing;
+    if (failing) snprintf(detail, n, "sqlite: %s: writes fail: %s", s->path, s->fail_why);
+    uv_mutex_unlock(&s->lock);
+    return failing ? CHAT_EIO : 0;
+}
+
 static const store_ops_t sqlite_ops = {
     .name = "sqlite",
     .submit = sq_submit,
     .migrate = sq_migrate,
     .metrics = sq_metrics,
     .close = sq_close,
+    .health = sq_health,
 };
 
 int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *err,
@@ -1029,7 +1125,14 @@ int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *er
 
     if ((rc = make_parent_dir(path, err, errlen)) != 0) goto fail_sync;
     if ((rc = open_db(&s->wdb, path, false, err, errlen)) != 0) goto fail_sync;
+    /* A store that cannot write would take every send only to fail it: refuse to start. */
+    char why[200];
+    if (sqlite3_db_readonly(s->wdb, "main") == 1) {
+        probe_write(s->wdb, why, sizeof why);
+        goto not_writable;
+    }
     if ((rc = migrate_db(s->wdb, path, err, errlen)) != 0) goto fail_dbs;
+    if (probe_write(s->wdb, why, sizeof why) != 0) goto not_writable;
     if (!loop) {
         *out = &s->base;
         return 0;
@@ -1071,6 +1174,10 @@ fail_threads:
     stop_threads(s);
     finish(s);
     return CHAT_EIO;
+not_writable:
+    store__set_err(err, errlen, "%s is not writable: %s", path, why);
+    log_error("store_not_writable path=%s err=\"%s\"", path, why);
+    rc = CHAT_EIO;
 fail_dbs:
     for (int i = 0; i < N_READERS; i++) close_reader_db(&s->readers[i]);
     close_db(s, &s->cdb);

@@ -4,7 +4,8 @@
   startup error and a non-zero exit;
 - Cassandra stopped while chatd runs: every send fails with a clear error to its sender
   (store_unavailable over WebSocket, 503 over REST), nothing is lost silently, chatd does not
-  crash; once Cassandra is back, chatd reconnects by itself and sends succeed again.
+  crash, /healthz says 503 (store_unavailable); once Cassandra is back, chatd reconnects by
+  itself, sends succeed again and /healthz says ok.
 """
 
 import time
@@ -61,6 +62,7 @@ def test_cassandra_down_then_back(node, chatd_factory):
     srv = chatd_factory(node.url(KS, query="?timeout_ms=3000&reconnect_max_ms=1000"))
     alice = srv.client("outage", "alice")
     before = alice.say("before the outage")
+    assert srv.get("/healthz").json() == {"status": "ok"}
 
     node.stop()
     try:
@@ -75,6 +77,10 @@ def test_cassandra_down_then_back(node, chatd_factory):
         assert r.json()["error"] == "store_unavailable"
         r = srv.get("/api/chats/outage/messages")
         assert r.status_code == 503
+        # /healthz names the store while no connection to Cassandra is up
+        r = srv.get("/healthz")
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "store_unavailable" and "cassandra" in r.json()["detail"]
         assert srv.p.poll() is None, "chatd died with Cassandra"
     finally:
         node.start()
@@ -90,6 +96,7 @@ def test_cassandra_down_then_back(node, chatd_factory):
         else:
             time.sleep(0.5)
     assert ok is not None, "no successful send within 30 s of Cassandra coming back"
+    assert srv.get("/healthz").json() == {"status": "ok"}
     # a retry of the failed idempotent send now succeeds once
     again = alice.say("during", client_id="d1")
     # nothing sent during the outage was stored behind the sender's back
