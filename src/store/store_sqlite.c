@@ -708,7 +708,7 @@ static void set_failing(sqlite_store_t *s, bool failing) {
     s->failing = failing;
     if (failing) snprintf(s->fail_why, sizeof s->fail_why, "%s", s->werr);
     uv_mutex_unlock(&s->lock);
-    if (failing && !was) log_error("store_failing path=%s err=\"%s\"", s->path, s->werr);
+    if (failing && !was) log_error("store_failing path=%s err=%s", s->path, LOG_STR(s->werr));
     if (!failing && was) log_info("store_recovered path=%s", s->path);
 }
 
@@ -1176,7 +1176,7 @@ fail_threads:
     return CHAT_EIO;
 not_writable:
     store__set_err(err, errlen, "%s is not writable: %s", path, why);
-    log_error("store_not_writable path=%s err=\"%s\"", path, why);
+    log_error("store_not_writable path=%s err=%s", path, LOG_STR(why));
     rc = CHAT_EIO;
 fail_dbs:
     for (int i = 0; i < N_READERS; i++) close_reader_db(&s->readers[i]);
