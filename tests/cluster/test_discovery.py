@@ -124,3 +124,26 @@ def test_chatctl_nodes_prints_the_registry(cluster):
     assert set(rows) == set(want), (rows, want)
     for node_id, url in want.items():
         assert rows[node_id][1] == url and rows[node_id][-1] == "live", rows[node_id]
+
+
+def test_killed_node_is_dropped_before_its_entry_expires(cluster):
+    """kill -9: the node sends no goodbye, and its registry entry lives on for its TTL. But
+    its Redis connections close with the process, and the others notice that: the dead node
+    is gone from /api/nodes (and /api/connect) while its entry is still in Redis."""
+    n1, n2, n3 = cluster.nodes
+    wait_registered(cluster, n1, cluster.nodes)
+    victim = {x["url"]: x["id"] for x in n1.nodes()}[n3.url]
+    n3.kill9()
+
+    def dropped():
+        urls = n1.node_urls()
+        if urls is not None and n3.url not in urls:
+            # at this very moment: how long its heartbeat entry still had to live
+            return ("dropped", cluster.redis.cmd("PTTL", f"chat:node:{victim}"))
+        return None
+
+    _, pttl = wait_until(dropped, 10, "the killed node to leave /api/nodes", interval=0.02)
+    assert pttl > 0, f"dropped only once its entry expired (PTTL {pttl}): the crash went unseen"
+    for k in range(20):
+        info = n1.connect_info(f"after-kill-{k}")
+        assert info["url"] != n3.url, "/api/connect offered the killed node"
