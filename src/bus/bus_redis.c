@@ -1425,7 +1425,9 @@ static void lease_acquire_cb(redisAsyncContext *ac, void *reply, void *priv) {
         return;
     }
     rc->replies++;
-    if (r->lease_state != LEASE_ASKING) return;
+    /* closing: nobody waits for the answer; a grant lingers until its TTL, and is free to
+     * take at once meanwhile (our alive channel is gone with our connections) */
+    if (r->lease_state != LEASE_ASKING || r->closing) return;
     if (rep->type == REDIS_REPLY_ERROR) {
         char why[128];
         snprintf(why, sizeof why, "%.*s", (int)(rep->len < 100 ? rep->len : 100), rep->str);
