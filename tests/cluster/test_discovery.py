@@ -42,7 +42,10 @@ def test_nodes_lists_the_cluster(cluster):
         assert len({x["id"] for x in nodes}) == 3
         for x in nodes:
             assert x["draining"] is False and x["connections"] == 0, x
-            assert set(x) >= {"id", "url", "connections", "started_at", "seen_at", "draining"}
+            assert set(x) >= {"id", "url", "connections", "started_at", "seen_at", "draining",
+                              "node_id"}
+            # the node id each was started with (--node-id 1..3), as leased
+            assert x["node_id"] == cluster.node_by_url(x["url"]).idx, x
     r = cluster.node(1).session.get(cluster.node(1).http + "/api/nodes", timeout=5)
     assert r.status_code == 401, "the node list needs a token"
 
@@ -112,18 +115,21 @@ def test_chatctl_nodes_prints_the_registry(cluster):
 
     asked = cluster.nodes[0]
     wait_registered(cluster, asked, cluster.nodes)
-    want = {x["id"]: x["url"] for x in asked.nodes()}
+    listed = asked.nodes()
+    want = {x["id"]: x["url"] for x in listed}
+    node_ids = {x["id"]: str(x["node_id"]) for x in listed}
     out = subprocess.run(
         [str(REPO / "build" / "chatctl"), "nodes", "--bus",
          f"redis://127.0.0.1:{cluster.redis.port}"],
         capture_output=True, text=True, timeout=20)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0].split()[:3] == ["ID", "URL", "CONNECTIONS"], lines[0]
+    assert lines[0].split()[:4] == ["ID", "URL", "CONNECTIONS", "NODE_ID"], lines[0]
     rows = {r.split()[0]: r.split() for r in lines[1:]}
     assert set(rows) == set(want), (rows, want)
     for node_id, url in want.items():
         assert rows[node_id][1] == url and rows[node_id][-1] == "live", rows[node_id]
+        assert rows[node_id][3] == node_ids[node_id], rows[node_id]
 
 
 def test_killed_node_is_dropped_before_its_entry_expires(cluster):

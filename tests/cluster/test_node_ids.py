@@ -124,7 +124,9 @@ def test_nodes_without_node_id_lose_nothing(bed):
                 m = Member(bed.secret, "ids", f"n{node.idx}-u{k}")
                 await m.connect(node.url)
                 members.append(m)
-        await asyncio.sleep(0.3)  # both nodes subscribed to the chat on the bus
+        # both nodes subscribed to the chat on the bus before anyone sends
+        await asyncio.to_thread(wait_until, lambda: bed.redis.numsub("chat:ids") == 2, 10,
+                                "both nodes to subscribe to the chat")
         await asyncio.gather(*(m.send(f"hello from {m.user}", f"{m.user}-0") for m in members))
         for m in members:
             await m.wait_for(lambda x: len(x.acks) == 1, 10, "its own message back")
