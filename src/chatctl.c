@@ -244,14 +244,16 @@ static void nodes_print(void *ud, int status, const bus_node_t *nodes, size_t n)
         fprintf(stderr, "chatctl: nodes: %s\n", chat_strerror(status));
         r->rc = 1;
     } else {
-        printf("%-32s  %-28s  %11s  %-24s  %-24s  %s\n", "ID", "URL", "CONNECTIONS", "STARTED",
-               "SEEN", "STATE");
+        printf("%-32s  %-28s  %11s  %7s  %-24s  %-24s  %s\n", "ID", "URL", "CONNECTIONS",
+               "NODE_ID", "STARTED", "SEEN", "STATE");
         for (size_t i = 0; i < n; i++) {
             char started[25], seen[25];
             time_format_ms(nodes[i].started_at, started);
             time_format_ms(nodes[i].seen_at, seen);
-            printf("%-32s  %-28s  %11llu  %-24s  %-24s  %s\n", nodes[i].id, nodes[i].url,
-                   (unsigned long long)nodes[i].connections, started, seen,
+            char nid[12] = "-";
+            if (nodes[i].node_id >= 0) snprintf(nid, sizeof nid, "%d", nodes[i].node_id);
+            printf("%-32s  %-28s  %11llu  %7s  %-24s  %-24s  %s\n", nodes[i].id, nodes[i].url,
+                   (unsigned long long)nodes[i].connections, nid, started, seen,
                    nodes[i].draining ? "draining" : "live");
         }
         r->rc = 0;

@@ -44,7 +44,7 @@ static void usage(FILE *f) {
             "  --replay-limit N         CHAT_REPLAY_LIMIT        most missed messages replayed for "
             "?since= (default 1000)\n"
             "  --node-id N              CHAT_NODE_ID             0..1023, unique per node: part "
-            "of every message id (default 0)\n"
+            "of every message id (default: with a Redis bus a free one, leased; else 0)\n"
             "  --web-root DIR           CHAT_WEB_ROOT            static files served at / "
             "(default: web/ beside the binary's directory, else ./web)\n"
             "  --log-level LEVEL        CHAT_LOG_LEVEL           debug, info, warn or error "
@@ -72,6 +72,8 @@ static int parse_size(const char *what, const char *v, size_t *out) {
 static uv_signal_t sig_term, sig_int;
 static chat_server_t *server;
 static bool clustered; /* a bus other than local: SIGTERM is a restart, not an end */
+static int exit_status;
+static bool starting = true; /* chat_server_start has not returned */
 
 static void on_stopped(void *arg) {
     (void)arg;
@@ -83,12 +85,28 @@ static void on_stopped(void *arg) {
 
 static void on_signal(uv_signal_t *h, int signum) {
     (void)h;
-    if (!server) return;
+    if (!server) {
+        if (starting) { /* waiting for the bus to lease a node id: nothing to drain */
+            fprintf(stderr, "chatd: %s while starting: exiting\n",
+                    signum == SIGTERM ? "SIGTERM" : "SIGINT");
+            fflush(stderr);
+            _exit(1);
+        }
+        return;
+    }
     /* In a cluster SIGTERM drains the node: clients get 1012 (service restart) and
      * reconnect to another node through /api/connect. Alone, or on SIGINT, it is 1001. */
     uint16_t code = clustered && signum == SIGTERM ? 1012 : 1001;
     log_info("signal %s: shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
     chat_server_shutdown(server, code, on_stopped, NULL);
+}
+
+/* The node cannot go on (it lost its node id): drain as on SIGTERM, then exit 1. */
+static void on_fatal(void *arg, const char *why) {
+    (void)arg;
+    fprintf(stderr, "chatd: fatal: %s: draining and exiting\n", why);
+    exit_status = 1;
+    if (server) chat_server_shutdown(server, 1012, on_stopped, NULL);
 }
 
 static const char *find_web_root(const char *argv0, char *buf, size_t n) {
@@ -118,7 +136,7 @@ int main(int argc, char **argv) {
     const char *max_out = env_or("CHAT_MAX_OUTBOUND_BYTES", "4194304");
     const char *max_body = env_or("CHAT_MAX_BODY_BYTES", "1048576");
     const char *idle = env_or("CHAT_IDLE_TIMEOUT", "60");
-    const char *node = env_or("CHAT_NODE_ID", "0");
+    const char *node = env_or("CHAT_NODE_ID", NULL);
     const char *replay = env_or("CHAT_REPLAY_LIMIT", "1000");
     cfg.web_root = env_or("CHAT_WEB_ROOT", NULL);
     cfg.public_url = env_or("CHAT_PUBLIC_URL", NULL);
@@ -198,12 +216,14 @@ int main(int argc, char **argv) {
     }
     cfg.idle_timeout_ms = (unsigned)(idle_s * 1000);
     if (cfg.idle_timeout_ms == 0) cfg.idle_timeout_ms = 1;
-    long nid = strtol(node, &end, 10);
-    if (*end || end == node || nid < 0 || nid > 1023) {
+    cfg.node_id_auto = !node;
+    long nid = node ? strtol(node, &end, 10) : 0;
+    if (node && (*end || end == node || nid < 0 || nid > 1023)) {
         fprintf(stderr, "chatd: node-id must be 0..1023, got '%s'\n", node);
         return 2;
     }
     cfg.node_id = (unsigned)nid;
+    cfg.on_fatal = on_fatal;
     static const char *levels[] = {"debug", "info", "warn", "error"};
     cfg.log_level = -1;
     for (int i = 0; i < 4; i++)
@@ -257,6 +277,7 @@ int main(int argc, char **argv) {
     uv_signal_start(&sig_int, on_signal, SIGINT);
     char err[256] = "";
     int rc = chat_server_start(&server, loop, &cfg, err, sizeof err);
+    starting = false;
     if (rc < 0) {
         uv_close((uv_handle_t *)&sig_term, NULL);
         uv_close((uv_handle_t *)&sig_int, NULL);
@@ -269,10 +290,11 @@ int main(int argc, char **argv) {
     url_redact(cfg.store_url, store_shown, sizeof store_shown);
     url_redact(cfg.bus_url, bus_shown, sizeof bus_shown);
     log_info("listening host=%s port=%d store=%s bus=%s node=%u%s", cfg.host,
-             chat_server_port(server), LOG_STR(store_shown), LOG_STR(bus_shown), cfg.node_id,
+             chat_server_port(server), LOG_STR(store_shown), LOG_STR(bus_shown),
+             chat_server_node_id(server),
              cfg.dev ? " dev=1" : "");
     uv_run(loop, UV_RUN_DEFAULT);
     rc = uv_loop_close(loop);
     if (rc < 0) log_warn("loop_close error=%s", uv_strerror(rc));
-    return 0;
+    return exit_status;
 }

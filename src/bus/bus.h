@@ -38,11 +38,21 @@ typedef struct bus_node {
     int64_t started_at;   /* Unix ms */
     int64_t seen_at;      /* Unix ms of its last heartbeat */
     bool draining;        /* shutting down: send no new clients there */
+    int node_id;          /* the node id inside its message ids, 0..1023; -1 if not reported */
 } bus_node_t;
 
-/* The live nodes (heartbeat younger than their TTL), in no particular order. status 0 or a
+/* The live nodes (heartbeat younger than their TTL, and, on Redis, a connection to the
+ * broker that is still open: a crashed process is dropped at once), in no particular order. status 0 or a
  * negative CHAT_E* (then n == 0). nodes is valid during the call only. */
 typedef void (*bus_nodes_cb)(void *ud, int status, const bus_node_t *nodes, size_t n);
+
+/* The node id lease (see bus_ops_t.lease). The first call answers the request: status 0 and
+ * the id now held, or CHAT_EBUSY (the id asked for is held by a live node; detail names the
+ * holder's instance), CHAT_ERANGE (every id is held), CHAT_EIO (the broker refused, detail
+ * says why). After a 0 it runs at most once more, with CHAT_EBUSY: the lease was lost (it
+ * expired while the broker was unreachable and another node holds the id now). detail is
+ * valid during the call only. */
+typedef void (*bus_lease_cb)(void *ud, int status, unsigned node_id, const char *detail);
 
 typedef struct bus_ops {
     const char *name;
@@ -59,6 +69,12 @@ typedef struct bus_ops {
     /* Ask for the live nodes; cb runs later on the loop thread, exactly once, unless this
      * returns an error. */
     int (*list_nodes)(bus_t *b, bus_nodes_cb cb, void *ud);
+    /* Lease a node id, so that no two live nodes mint message ids with the same one: want
+     * 0..1023, or -1 for any free id. The lease is renewed by the bus itself every ttl_ms/5
+     * while the broker is reachable (re-taken if it expired and is still free) and released
+     * by close. Waits for the broker if it is down; cb runs later on the loop thread. NULL in
+     * a backend without other nodes (local): the configured id is used as is. */
+    int (*lease)(bus_t *b, int want, unsigned ttl_ms, bus_lease_cb cb, void *ud);
     /* Stop and free; done (if not NULL) runs on the loop thread when every handle closed.
      * Publishes queued before close are sent first, if the connection allows. */
     void (*close)(bus_t *b, void (*done)(void *), void *arg);
@@ -94,6 +110,9 @@ static inline int bus_heartbeat(bus_t *b, const bus_node_t *self, unsigned ttl_m
 static inline int bus_deregister(bus_t *b, const char *id) { return b->ops->deregister(b, id); }
 static inline int bus_list_nodes(bus_t *b, bus_nodes_cb cb, void *ud) {
     return b->ops->list_nodes(b, cb, ud);
+}
+static inline int bus_lease(bus_t *b, int want, unsigned ttl_ms, bus_lease_cb cb, void *ud) {
+    return b->ops->lease ? b->ops->lease(b, want, ttl_ms, cb, ud) : CHAT_EINVAL;
 }
 static inline void bus_close(bus_t *b, void (*done)(void *), void *arg) {
     b->ops->close(b, done, arg);

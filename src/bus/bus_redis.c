@@ -42,9 +42,61 @@
 #define CHAN_PREFIX_LEN 5
 #define NODES_KEY "chat:nodes"
 #define NODE_PREFIX "chat:node:"
+/* Every node's subscriber connection also listens on chat:alive:<instance>: Redis drops the
+ * subscription the moment the process's socket closes (a crash included), so PUBSUB NUMSUB
+ * tells a live node from a dead one long before its heartbeat key expires. A chat id has no
+ * ':', so this never names a chat's channel. */
+#define ALIVE_PREFIX "chat:alive:"
+#define NODEID_PREFIX "chat:nodeid:" /* the lease of a node id: value = holder's instance */
+#define NODE_IDS 1024
 #define INSTANCE_LEN 32
 
 typedef struct bus_redis bus_redis_t;
+
+/* ---- the node id lease: scripts, so that each step is atomic at the server ---------------- */
+
+/* ARGV: want (-1: any), our instance, ttl ms, first id to try. A free id, or one already ours,
+ * is taken. An id asked for by number is also taken from a holder whose alive channel has no
+ * subscriber (its process died: its lease would only linger until the TTL); an id picked
+ * automatically is only ever a free one. Answers {id}, {-1, holder} or {-2} (none free). */
+static const char LEASE_ACQUIRE[] =
+    "local me, ttl = ARGV[2], ARGV[3] "
+    "local function try(id, takeover) "
+    "  local k = '" NODEID_PREFIX "' .. id "
+    "  local v = redis.call('GET', k) "
+    "  if (not v) or v == me or (takeover and "
+    "      redis.call('PUBSUB', 'NUMSUB', '" ALIVE_PREFIX "' .. v)[2] == 0) then "
+    "    redis.call('SET', k, me, 'PX', ttl) return true, v end "
+    "  return false, v end "
+    "local want = tonumber(ARGV[1]) "
+    "if want >= 0 then "
+    "  local ok, holder = try(want, true) "
+    "  if ok then return {want} end "
+    "  return {-1, holder} end "
+    "local start = tonumber(ARGV[4]) "
+    "for i = 0, 1023 do "
+    "  local id = (start + i) % 1024 "
+    "  if try(id, false) then return {id} end end "
+    "return {-2}";
+/* KEYS[1] the lease; ARGV: our instance, ttl. 1: renewed; 2: it had expired and was free,
+ * taken again; 0: another node holds it now. */
+static const char LEASE_RENEW[] =
+    "local v = redis.call('GET', KEYS[1]) "
+    "if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end "
+    "if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end "
+    "return 0";
+/* compare-and-delete: never release a lease another node took since */
+static const char LEASE_RELEASE[] =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+    "return 0";
+
+enum {
+    LEASE_NONE,    /* never asked for */
+    LEASE_WAIT,    /* asked for, waiting for both connections to be up */
+    LEASE_ASKING,  /* the acquire script is in flight */
+    LEASE_HELD,
+    LEASE_OVER,    /* refused, or lost: reported, nothing more to do */
+};
 
 /* ---- connection state ------------------------------------------------------------------- */
 
@@ -126,6 +178,7 @@ typedef struct list_req {
     size_t n, got;     /* ids asked for, HMGET replies seen */
     int pending;       /* replies still expected */
     bool failed;
+    bool *dead;        /* one per id asked for: its alive channel has no subscriber */
     struct list_req *next; /* on bus->failed */
 } list_req_t;
 
@@ -149,6 +202,16 @@ struct bus_redis {
     int gai_pending; /* uv_getaddrinfo requests whose callback has not run */
     bool hold_cmd;   /* test hook */
     unsigned stall_ms;
+    bool alive_pending; /* sub: SUBSCRIBE to our alive channel sent, not confirmed yet */
+    /* node id lease */
+    int lease_state, lease_want;
+    unsigned lease_id, lease_ttl;
+    bus_lease_cb lease_cb;
+    void *lease_ud;
+    bool lease_report;   /* a result waits for the work timer to deliver it */
+    int lease_status;
+    char lease_detail[256];
+    uv_timer_t lease_timer; /* renewal */
     /* close */
     bool closing, torn_down;
     int handles_closing;
@@ -161,6 +224,8 @@ static void rc_timer_cb(uv_timer_t *t);
 static void rc_lost(rconn_t *rc, const char *why);
 static void sub_cb(redisAsyncContext *ac, void *reply, void *priv);
 static void work_cb(uv_timer_t *t);
+static void lease_try(bus_redis_t *r);
+static void lease_renew(bus_redis_t *r);
 
 static void kick_work(bus_redis_t *r) { uv_timer_start(&r->work, work_cb, 0, 0); }
 
@@ -667,6 +732,7 @@ static void sub_up(bus_redis_t *r) {
         r->reported = 1;
         if (r->base.on_state) r->base.on_state(r->base.ud, true);
     }
+    lease_try(r);
 }
 
 static bool send_subscribe(bus_redis_t *r, const chat_ent_t *e, const char *verb) {
@@ -691,10 +757,19 @@ static void rc_ready(rconn_t *rc) {
                  r->url.db, r->q.n_unsent);
         log_dropped(r, true);
         pq_send(r);
+        if (r->lease_state == LEASE_HELD) lease_renew(r); /* at once: it may have expired */
+        lease_try(r);
         return;
     }
     rc->state = ST_RESUB;
     r->unconfirmed = 0;
+    /* first the alive channel: until it is confirmed this node may look dead to others, so
+     * it does not count as up (nor lease a node id) before that */
+    if (redisAsyncCommand(rc->ac, sub_cb, r, "SUBSCRIBE " ALIVE_PREFIX "%s", r->base.instance) !=
+        REDIS_OK)
+        return;
+    r->alive_pending = true;
+    r->unconfirmed++;
     for (size_t i = 0; i < r->chats.nb; i++)
         for (chat_ent_t *e = r->chats.b[i]; e; e = e->next) {
             if (!send_subscribe(r, e, "SUBSCRIBE")) return; /* dying: on_disconnect follows */
@@ -896,6 +971,7 @@ static void rc_lost(rconn_t *rc, const char *why) {
         pq_rewind(&r->q);
     } else {
         r->unconfirmed = 0;
+        r->alive_pending = false;
         for (size_t i = 0; i < r->chats.nb; i++)
             for (chat_ent_t *e = r->chats.b[i]; e; e = e->next) e->confirm_pending = false;
     }
@@ -934,6 +1010,14 @@ static void sub_cb(redisAsyncContext *ac, void *reply, void *priv) {
     redisReply *rep = reply;
     if (!rep || r->closing || rep->type != REDIS_REPLY_ARRAY || rep->elements < 3) return;
     const redisReply *kind = rep->element[0], *chan = rep->element[1], *body = rep->element[2];
+    if (chan->type == REDIS_REPLY_STRING && chan->len == sizeof ALIVE_PREFIX - 1 + INSTANCE_LEN &&
+        memcmp(chan->str, ALIVE_PREFIX, sizeof ALIVE_PREFIX - 1) == 0) {
+        if (rep_is(kind, "subscribe", 9) && r->alive_pending) {
+            r->alive_pending = false;
+            if (--r->unconfirmed == 0 && r->sub.state == ST_RESUB) sub_up(r);
+        }
+        return; /* nothing is ever published there */
+    }
     if (chan->type != REDIS_REPLY_STRING || chan->len <= CHAN_PREFIX_LEN ||
         chan->len > CHAN_PREFIX_LEN + CHAT_ID_MAX || memcmp(chan->str, CHAN_PREFIX, 5) != 0)
         return;
@@ -1076,21 +1160,24 @@ static int r_heartbeat(bus_t *b, const bus_node_t *self, unsigned ttl_ms) {
     if (!self || !self->id[0] || !ttl_ms) return CHAT_EINVAL;
     if (rc->state != ST_READY || stalled(r)) return CHAT_EIO;
     int64_t now = time_now_ms();
-    char key[sizeof NODE_PREFIX + sizeof self->id], conns[24], started[24], seen[24], old[24];
+    char key[sizeof NODE_PREFIX + sizeof self->id], conns[24], started[24], seen[24], old[24],
+        nodeid[24];
     size_t idlen = strnlen(self->id, sizeof self->id - 1);
     int keylen = snprintf(key, sizeof key, NODE_PREFIX "%.*s", (int)idlen, self->id);
     snprintf(conns, sizeof conns, "%" PRIu64, self->connections);
     snprintf(started, sizeof started, "%" PRId64, self->started_at);
     snprintf(seen, sizeof seen, "%" PRId64, now);
+    snprintf(nodeid, sizeof nodeid, "%d", self->node_id);
     snprintf(old, sizeof old, "(%" PRId64, now - NODES_WINDOW_MS);
     size_t urllen = strnlen(self->url, sizeof self->url - 1);
     redisAsyncContext *ac = rc->ac;
     /* one transaction: the hash never outlives its TTL, and the index follows it */
     int ok = redisAsyncCommand(ac, ignore_cb, "multi", "MULTI");
     ok |= redisAsyncCommand(ac, ignore_cb, "hset",
-                            "HSET %b url %b connections %s started_at %s seen_at %s draining %s",
+                            "HSET %b url %b connections %s started_at %s seen_at %s draining %s "
+                            "node_id %s",
                             key, (size_t)keylen, self->url, urllen, conns, started, seen,
-                            self->draining ? "1" : "0");
+                            self->draining ? "1" : "0", nodeid);
     ok |= redisAsyncCommand(ac, ignore_cb, "pexpire", "PEXPIRE %b %u", key, (size_t)keylen,
                             ttl_ms);
     ok |= redisAsyncCommand(ac, ignore_cb, "zadd", "ZADD " NODES_KEY " %s %b", seen, self->id,
@@ -1117,6 +1204,7 @@ static int r_deregister(bus_t *b, const char *id) {
 
 static void list_free(list_req_t *q) {
     free(q->nodes);
+    free(q->dead);
     free(q);
 }
 
@@ -1133,7 +1221,7 @@ static void list_finish(list_req_t *q) {
     }
     size_t live = 0;
     for (size_t i = 0; i < q->got; i++)
-        if (q->nodes[i].id[0]) q->nodes[live++] = q->nodes[i];
+        if (q->nodes[i].id[0] && !q->dead[i]) q->nodes[live++] = q->nodes[i];
     q->cb(q->ud, 0, q->nodes, live);
     list_free(q);
 }
@@ -1157,10 +1245,10 @@ static void node_cb(redisAsyncContext *ac, void *reply, void *priv) {
     q->pending--;
     if (rep) rc->replies++;
     bus_node_t *nd = &q->nodes[q->got++];
-    int64_t conns, started, seen, draining;
+    int64_t conns, started, seen, draining, node_id;
     if (!rep) {
         q->failed = true;
-    } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 5) {
+    } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 6) {
         if (rep->type == REDIS_REPLY_ERROR) log_reply_error(q->bus, "hmget", rep);
         nd->id[0] = 0;
     } else if (rep->element[0]->type == REDIS_REPLY_NIL) {
@@ -1183,8 +1271,62 @@ static void node_cb(redisAsyncContext *ac, void *reply, void *priv) {
         nd->started_at = started;
         nd->seen_at = seen;
         nd->draining = draining != 0;
+        /* absent from an entry written before node ids were reported */
+        nd->node_id = parse_i64(rep->element[5], &node_id) && node_id >= 0 && node_id < NODE_IDS
+                          ? (int)node_id
+                          : -1;
     }
     list_finish(q);
+}
+
+static void alive_cb(redisAsyncContext *ac, void *reply, void *priv) {
+    list_req_t *q = priv;
+    rconn_t *rc = ac->data;
+    redisReply *rep = reply;
+    rc->inflight--;
+    q->pending--;
+    if (rep) rc->replies++;
+    if (!rep) {
+        q->failed = true;
+    } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 * q->n) {
+        /* then the heartbeat TTL alone decides, as before */
+        if (rep->type == REDIS_REPLY_ERROR) log_reply_error(q->bus, "pubsub numsub", rep);
+    } else {
+        for (size_t i = 0; i < q->n; i++) {
+            const redisReply *e = rep->element[2 * i + 1];
+            q->dead[i] = e->type == REDIS_REPLY_INTEGER && e->integer == 0;
+        }
+    }
+    list_finish(q);
+}
+
+/* PUBSUB NUMSUB chat:alive:<id> for every node of q. */
+static void alive_ask(list_req_t *q, redisAsyncContext *ac) {
+    rconn_t *rc = ac->data;
+    size_t argc = 2 + q->n;
+    const char **argv = calloc(argc, sizeof *argv);
+    size_t *lens = calloc(argc, sizeof *lens);
+    char *chans = calloc(q->n, sizeof ALIVE_PREFIX + INSTANCE_LEN);
+    if (argv && lens && chans) {
+        argv[0] = "PUBSUB";
+        argv[1] = "NUMSUB";
+        lens[0] = 6;
+        lens[1] = 6;
+        for (size_t i = 0; i < q->n; i++) {
+            char *c = chans + i * (sizeof ALIVE_PREFIX + INSTANCE_LEN);
+            lens[2 + i] = (size_t)snprintf(c, sizeof ALIVE_PREFIX + INSTANCE_LEN, ALIVE_PREFIX "%s",
+                                           q->nodes[i].id);
+            argv[2 + i] = c;
+        }
+        if (redisAsyncCommandArgv(ac, alive_cb, q, (int)argc, argv, lens) == REDIS_OK) {
+            rc->inflight++;
+            q->pending++;
+        }
+    }
+    /* on failure (out of memory) the list is answered without the liveness check */
+    free(argv);
+    free(lens);
+    free(chans);
 }
 
 static void ids_cb(redisAsyncContext *ac, void *reply, void *priv) {
@@ -1200,7 +1342,8 @@ static void ids_cb(redisAsyncContext *ac, void *reply, void *priv) {
         list_finish(q);
         return;
     }
-    if (!(q->nodes = calloc(rep->elements ? rep->elements : 1, sizeof *q->nodes))) {
+    size_t cap = rep->elements ? rep->elements : 1;
+    if (!(q->nodes = calloc(cap, sizeof *q->nodes)) || !(q->dead = calloc(cap, sizeof *q->dead))) {
         q->failed = true;
         list_finish(q);
         return;
@@ -1215,7 +1358,8 @@ static void ids_cb(redisAsyncContext *ac, void *reply, void *priv) {
         nd->id[e->len] = 0;
         if (q->bus->closing ||
             redisAsyncCommand(ac, node_cb, q,
-                              "HMGET " NODE_PREFIX "%s url connections started_at seen_at draining",
+                              "HMGET " NODE_PREFIX "%s url connections started_at seen_at draining "
+                              "node_id",
                               nd->id) != REDIS_OK) {
             q->failed = true;
             break;
@@ -1224,6 +1368,9 @@ static void ids_cb(redisAsyncContext *ac, void *reply, void *priv) {
         q->pending++;
         q->n++;
     }
+    /* In the same pipeline, so no extra round trip: which of them still have a connection
+     * to Redis (its reply comes after every HMGET's). */
+    if (!q->failed && q->n) alive_ask(q, ac);
     list_finish(q);
 }
 
@@ -1247,6 +1394,137 @@ static int r_list_nodes(bus_t *b, bus_nodes_cb cb, void *ud) {
     }
     rc->inflight++;
     q->pending = 1;
+    return 0;
+}
+
+/* ---- the node id lease ------------------------------------------------------------------ */
+/* Results go to the caller from the work timer, never from inside hiredis: the server may
+ * start a shutdown (and close us) from its callback. */
+
+static void lease_finish(bus_redis_t *r, int status, const char *fmt, const char *arg) {
+    r->lease_state = status == 0 ? LEASE_HELD : LEASE_OVER;
+    r->lease_status = status;
+    snprintf(r->lease_detail, sizeof r->lease_detail, fmt, arg ? arg : "");
+    r->lease_report = true;
+    kick_work(r);
+}
+
+static void lease_deliver(bus_redis_t *r) {
+    if (!r->lease_report || r->closing) return;
+    r->lease_report = false;
+    if (r->lease_cb) r->lease_cb(r->lease_ud, r->lease_status, r->lease_id, r->lease_detail);
+}
+
+static void lease_timer_cb(uv_timer_t *t) { lease_renew(t->data); }
+
+static void lease_acquire_cb(redisAsyncContext *ac, void *reply, void *priv) {
+    bus_redis_t *r = priv;
+    rconn_t *rc = ac->data;
+    redisReply *rep = reply;
+    rc->inflight--;
+    if (!rep) {
+        /* the connection went: ask again on the next one (the answer may have been a grant:
+         * the script then finds the id ours and keeps it) */
+        if (r->lease_state == LEASE_ASKING) r->lease_state = LEASE_WAIT;
+        return;
+    }
+    rc->replies++;
+    /* closing: nobody waits for the answer; a grant lingers until its TTL, and is free to
+     * take at once meanwhile (our alive channel is gone with our connections) */
+    if (r->lease_state != LEASE_ASKING || r->closing) return;
+    if (rep->type == REDIS_REPLY_ERROR) {
+        char why[128];
+        snprintf(why, sizeof why, "%.*s", (int)(rep->len < 100 ? rep->len : 100), rep->str);
+        lease_finish(r, CHAT_EIO, "Redis refused the node id lease script: %s", why);
+        return;
+    }
+    if (rep->type != REDIS_REPLY_ARRAY || !rep->elements ||
+        rep->element[0]->type != REDIS_REPLY_INTEGER) {
+        lease_finish(r, CHAT_EIO, "unexpected answer to the node id lease script%s", NULL);
+        return;
+    }
+    long long v = rep->element[0]->integer;
+    if (v >= 0 && v < NODE_IDS) {
+        r->lease_id = (unsigned)v;
+        lease_finish(r, 0, "%s", NULL);
+        uv_timer_start(&r->lease_timer, lease_timer_cb, r->lease_ttl / 5, r->lease_ttl / 5);
+    } else if (v == -1) {
+        char holder[40] = "?";
+        if (rep->elements > 1 && rep->element[1]->type == REDIS_REPLY_STRING)
+            snprintf(holder, sizeof holder, "%.*s",
+                     (int)(rep->element[1]->len < 32 ? rep->element[1]->len : 32),
+                     rep->element[1]->str);
+        lease_finish(r, CHAT_EBUSY, "held by the live node %s", holder);
+    } else {
+        lease_finish(r, CHAT_ERANGE, "all 1024 node ids are held by live nodes%s", NULL);
+    }
+}
+
+/* Ask for the lease once both connections are up: the subscriber's alive channel must be
+ * confirmed before we hold an id, or a second node could find us "dead" and take it. */
+static void lease_try(bus_redis_t *r) {
+    rconn_t *rc = &r->cmd;
+    if (r->lease_state != LEASE_WAIT || r->closing) return;
+    if (rc->state != ST_READY || r->sub.state != ST_READY) return;
+    char want[16], ttl[16], start[16];
+    snprintf(want, sizeof want, "%d", r->lease_want);
+    snprintf(ttl, sizeof ttl, "%u", r->lease_ttl);
+    /* a random first id: nodes starting together do not all contend for the same ones */
+    snprintf(start, sizeof start, "%u", rng_next(r) % NODE_IDS);
+    if (redisAsyncCommand(rc->ac, lease_acquire_cb, r, "EVAL %s 0 %s %s %s %s", LEASE_ACQUIRE,
+                          want, r->base.instance, ttl, start) != REDIS_OK)
+        return; /* dying: tried again when it is back */
+    rc->inflight++;
+    r->lease_state = LEASE_ASKING;
+}
+
+static void lease_renew_cb(redisAsyncContext *ac, void *reply, void *priv) {
+    bus_redis_t *r = priv;
+    rconn_t *rc = ac->data;
+    redisReply *rep = reply;
+    rc->inflight--;
+    if (!rep) return; /* renewed on the next connection */
+    rc->replies++;
+    if (r->lease_state != LEASE_HELD || r->closing) return;
+    if (rep->type == REDIS_REPLY_ERROR) {
+        log_reply_error(r, "node id lease renewal", rep);
+        return;
+    }
+    if (rep->type != REDIS_REPLY_INTEGER) return;
+    if (rep->integer == 2) {
+        log_warn("node_id_lease_retaken node_id=%u: it had expired (Redis unreachable or "
+                 "restarted) and was still free",
+                 r->lease_id);
+    } else if (rep->integer == 0) {
+        uv_timer_stop(&r->lease_timer);
+        char id[16];
+        snprintf(id, sizeof id, "%u", r->lease_id);
+        lease_finish(r, CHAT_EBUSY,
+                     "node id %s is held by another node now (our lease expired: Redis was "
+                     "unreachable or restarted for longer than its TTL)",
+                     id);
+    }
+}
+
+static void lease_renew(bus_redis_t *r) {
+    rconn_t *rc = &r->cmd;
+    if (r->lease_state != LEASE_HELD || r->closing || rc->state != ST_READY) return;
+    if (redisAsyncCommand(rc->ac, lease_renew_cb, r, "EVAL %s 1 " NODEID_PREFIX "%u %s %u",
+                          LEASE_RENEW, r->lease_id, r->base.instance, r->lease_ttl) == REDIS_OK)
+        rc->inflight++;
+}
+
+static int r_lease(bus_t *b, int want, unsigned ttl_ms, bus_lease_cb cb, void *ud) {
+    bus_redis_t *r = (bus_redis_t *)b;
+    if (r->closing) return CHAT_ECLOSED;
+    if (want < -1 || want >= NODE_IDS || ttl_ms < 5 || !cb) return CHAT_EINVAL;
+    if (r->lease_state != LEASE_NONE) return CHAT_EBUSY; /* one lease per bus */
+    r->lease_want = want;
+    r->lease_ttl = ttl_ms;
+    r->lease_cb = cb;
+    r->lease_ud = ud;
+    r->lease_state = LEASE_WAIT;
+    lease_try(r);
     return 0;
 }
 
@@ -1293,10 +1571,10 @@ static void close_step(bus_redis_t *r) {
         answer_failed(r);
     }
     if (r->gai_pending || r->polls_open || r->handles_closing) return;
-    r->handles_closing = 3;
-    uv_handle_t *hs[3] = {(uv_handle_t *)&r->sub.timer, (uv_handle_t *)&r->cmd.timer,
-                          (uv_handle_t *)&r->work};
-    for (int i = 0; i < 3; i++) {
+    r->handles_closing = 4;
+    uv_handle_t *hs[4] = {(uv_handle_t *)&r->sub.timer, (uv_handle_t *)&r->cmd.timer,
+                          (uv_handle_t *)&r->work, (uv_handle_t *)&r->lease_timer};
+    for (int i = 0; i < 4; i++) {
         hs[i]->data = r;
         uv_close(hs[i], handle_closed);
     }
@@ -1305,6 +1583,7 @@ static void close_step(bus_redis_t *r) {
 static void work_cb(uv_timer_t *t) {
     bus_redis_t *r = t->data;
     answer_failed(r);
+    lease_deliver(r);
     if (r->closing) close_step(r);
 }
 
@@ -1317,6 +1596,13 @@ static void r_close(bus_t *b, void (*done)(void *), void *arg) {
     r->close_deadline = uv_now(r->loop) + CLOSE_FLUSH_MS;
     uv_timer_stop(&r->sub.timer); /* no reconnects, no timeouts: close_step decides */
     uv_timer_stop(&r->cmd.timer);
+    uv_timer_stop(&r->lease_timer);
+    /* release the node id (after the queued publishes: one connection, in order), so a new
+     * node may take it at once; the flush below waits for the answer */
+    if (r->lease_state == LEASE_HELD && r->cmd.state == ST_READY &&
+        redisAsyncCommand(r->cmd.ac, ignore_cb, "node id release", "EVAL %s 1 " NODEID_PREFIX
+                          "%u %s", LEASE_RELEASE, r->lease_id, r->base.instance) == REDIS_OK)
+        r->cmd.inflight++;
     log_dropped(r, true);
     kick_work(r); /* we may be inside a hiredis callback: tear down from the loop */
 }
@@ -1331,6 +1617,7 @@ static const bus_ops_t redis_ops = {
     .heartbeat = r_heartbeat,
     .deregister = r_deregister,
     .list_nodes = r_list_nodes,
+    .lease = r_lease,
     .close = r_close,
 };
 
@@ -1366,6 +1653,8 @@ int bus_redis_open(bus_t **out, uv_loop_t *loop, const char *url, char *err, siz
     if (!r->rng) r->rng = 1;
     uv_timer_init(loop, &r->work);
     r->work.data = r;
+    uv_timer_init(loop, &r->lease_timer);
+    r->lease_timer.data = r;
     rc_init(r, &r->sub, "sub");
     rc_init(r, &r->cmd, "cmd");
     log_info("bus_redis_open addr=%s:%d db=%d auth=%s", r->url.host, r->url.port, r->url.db,

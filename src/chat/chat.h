@@ -61,6 +61,14 @@ typedef struct chat_config {
     const char *public_url;     /* this node's WebSocket base URL for discovery; NULL: derived */
     bool dev;
     unsigned node_id;
+    /* node_id was not configured: with a Redis bus the node leases a free one at start (the
+     * local bus keeps node_id) */
+    bool node_id_auto;
+    /* The node cannot go on (its node id lease was lost): called once on the loop thread;
+     * the callee shuts the server down (and exits non-zero). NULL: the server shuts itself
+     * down (code 1012). */
+    void (*on_fatal)(void *arg, const char *why);
+    void *fatal_arg;
     size_t max_message_bytes;   /* WebSocket message limit (default 65536) */
     size_t max_outbound_bytes;  /* per-connection queued output limit (default 4 MiB) */
     size_t max_body_bytes;      /* HTTP request body limit (default 1 MiB) */
@@ -77,6 +85,8 @@ typedef struct chat_server chat_server_t;
 int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg,
                       char *err, size_t errlen);
 int chat_server_port(const chat_server_t *s);
+/* The node id inside this node's message ids (leased, with a Redis bus). */
+unsigned chat_server_node_id(const chat_server_t *s);
 /* Graceful stop: stop accepting, close every WebSocket with close_code (1001 on shutdown),
  * finish the store's writes, then call done on the loop thread and free the server. */
 void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(void *), void *arg);

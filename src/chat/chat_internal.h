@@ -189,6 +189,9 @@ struct chat_server {
     /* the cluster (cluster.c) */
     bool bus_up;
     int64_t bus_down_ms;     /* when the bus went down, 0 if it never did */
+    unsigned node_id;        /* the id in our message ids: configured, or leased on the bus */
+    int lease_status;        /* 1 while the lease is asked for, then its answer */
+    char lease_detail[256];
     uv_timer_t heartbeat;
     bus_node_t self;
     /* clients this node sent to each node by /api/connect since that node's last heartbeat
@@ -227,6 +230,9 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb);
 void chat_maybe_finish_stop(chat_server_t *s);
 
 /* cluster.c */
+/* Before anything can mint a message id: lease the node id on the bus (waiting for the bus
+ * if it is down, by running the loop), then set up s->ids. 0, or an error with err set. */
+int chat_cluster_lease(chat_server_t *s, char *err, size_t errlen);
 void chat_cluster_start(chat_server_t *s);
 /* Deregister and stop heartbeats (drain). */
 void chat_cluster_stop(chat_server_t *s);

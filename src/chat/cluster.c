@@ -1,7 +1,8 @@
-/* cluster: what a node does as one of many. It registers itself on the bus every second
- * (service discovery), drops out on drain, and keeps its members whole across a bus
- * outage: when the bus comes back, every room reads from the store what was stored since
- * shortly before the outage and delivers what it had not seen.
+/* cluster: what a node does as one of many. It leases its node id on the bus before it
+ * mints any message id, registers itself on the bus every second (service discovery), drops
+ * out on drain, and keeps its members whole across a bus outage: when the bus comes back,
+ * every room reads from the store what was stored since shortly before the outage and
+ * delivers what it had not seen.
  *
  * The one idea: the store is the truth and the bus is a fast path. Duplicates between the
  * two are removed by per-origin marks (room_mark_t): every node stores and publishes its
@@ -187,7 +188,8 @@ void chat_cluster_bus_state(chat_server_t *s, bool up) {
     bool was_down = s->bus_down_ms != 0;
     s->bus_up = true;
     log_info("bus_up");
-    if (!s->stopping) cluster__heartbeat(&s->heartbeat); /* be listed at once */
+    /* (not while the node id lease is still being asked for: nothing to register yet) */
+    if (!s->stopping && s->heartbeat.data) cluster__heartbeat(&s->heartbeat); /* be listed */
     if (was_down && !s->stopping) cluster__catchup_all(s);
 }
 
@@ -236,6 +238,67 @@ const bus_node_t *chat_cluster_pick(chat_server_t *s, const bus_node_t *nodes, s
     return best;
 }
 
+/* ---- the node id lease ----------------------------------------------------------------- */
+/* Two nodes with one node id mint colliding message ids, and the per-origin marks then drop
+ * one node's messages as "seen": members silently miss them. So with a Redis bus no node
+ * mints an id before it holds its node id's lease, and one that loses it stops. */
+
+static void cluster__lease_cb(void *ud, int status, unsigned node_id, const char *detail) {
+    chat_server_t *s = ud;
+    if (s->lease_status == 1) { /* the answer chat_cluster_lease waits for */
+        s->lease_status = status;
+        s->node_id = node_id;
+        snprintf(s->lease_detail, sizeof s->lease_detail, "%s", detail ? detail : "");
+        return;
+    }
+    if (s->stopping) return;
+    /* Lost: another node mints with our id now. Going on would lose messages silently;
+     * draining sends our clients (1012) to nodes whose ids are their own. */
+    log_error("node_id_lease_lost node_id=%u detail=\"%s\": draining and exiting", s->node_id,
+              detail ? detail : "");
+    if (s->cfg.on_fatal)
+        s->cfg.on_fatal(s->cfg.fatal_arg, detail);
+    else
+        chat_server_shutdown(s, 1012, NULL, NULL);
+}
+
+int chat_cluster_lease(chat_server_t *s, char *err, size_t errlen) {
+    s->node_id = s->cfg.node_id;
+    if (!s->bus->ops->lease) { /* the local bus: one node, nothing to collide with */
+        id_gen_init(&s->ids, s->node_id);
+        return 0;
+    }
+    int want = s->cfg.node_id_auto ? -1 : (int)s->cfg.node_id;
+    s->lease_status = 1;
+    int rc = bus_lease(s->bus, want, NODE_TTL_MS, cluster__lease_cb, s);
+    if (rc < 0) {
+        snprintf(err, errlen, "cannot ask the bus for a node id lease");
+        return rc;
+    }
+    if (want < 0)
+        log_info("node_id_lease want=auto: waiting for the bus");
+    else
+        log_info("node_id_lease want=%d: waiting for the bus", want);
+    /* Nothing listens yet and nothing else runs: the loop serves the bus alone until it
+     * answers (if Redis is down, that is when it comes back; a signal ends the process). */
+    while (s->lease_status == 1) uv_run(s->loop, UV_RUN_ONCE);
+    if (s->lease_status < 0) {
+        if (s->lease_status == CHAT_EBUSY)
+            snprintf(err, errlen,
+                     "node id %d is %s; give each node its own --node-id, or leave it out to "
+                     "get a free one",
+                     want, s->lease_detail);
+        else
+            snprintf(err, errlen, "no node id: %s", s->lease_detail);
+        return s->lease_status;
+    }
+    log_info("node_id_lease node_id=%u%s", s->node_id, want < 0 ? " (auto)" : "");
+    id_gen_init(&s->ids, s->node_id);
+    return 0;
+}
+
+unsigned chat_server_node_id(const chat_server_t *s) { return s->node_id; }
+
 /* ---- discovery ------------------------------------------------------------------------- */
 
 static void cluster__heartbeat(uv_timer_t *t) {
@@ -248,6 +311,7 @@ static void cluster__heartbeat(uv_timer_t *t) {
 void chat_cluster_start(chat_server_t *s) {
     memset(&s->self, 0, sizeof(s->self));
     snprintf(s->self.id, sizeof s->self.id, "%s", s->bus->instance);
+    s->self.node_id = (int)s->node_id;
     if (s->cfg.public_url && *s->cfg.public_url) {
         snprintf(s->self.url, sizeof s->self.url, "%s", s->cfg.public_url);
     } else {

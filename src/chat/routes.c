@@ -620,8 +620,13 @@ static void http__put_node(sbuf_t *sb, const bus_node_t *n) {
     sbuf_printf(sb, "{\"id\":\"%s\",\"url\":", n->id);
     sbuf_json_str(sb, n->url, strlen(n->url));
     sbuf_printf(sb, ",\"connections\":%" PRIu64 ",\"started_at\":\"%s\",\"seen_at\":\"%s\","
-                    "\"draining\":%s}",
+                    "\"draining\":%s",
                 n->connections, started, seen, n->draining ? "true" : "false");
+    /* the id inside its message ids (null from a node that does not report it) */
+    if (n->node_id >= 0)
+        sbuf_printf(sb, ",\"node_id\":%d}", n->node_id);
+    else
+        sbuf_puts(sb, ",\"node_id\":null}");
 }
 
 static void http__nodes_done(void *ud, int status, const bus_node_t *nodes, size_t n) {

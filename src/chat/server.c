@@ -456,7 +456,6 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if (!s->cfg.max_body_bytes) s->cfg.max_body_bytes = 1u << 20;
     if (!s->cfg.idle_timeout_ms) s->cfg.idle_timeout_ms = 60000;
     if (!s->cfg.replay_limit) s->cfg.replay_limit = 1000;
-    id_gen_init(&s->ids, cfg->node_id);
 
     int rc = store_open(&s->store, loop, cfg->store_url, err, errlen);
     if (rc < 0) goto fail;
@@ -467,6 +466,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     /* until the bus says it is up, treat it as down since now: the first "up" then reads
      * back whatever rooms missed while it connected */
     if (strcmp(s->bus->ops->name, "local") != 0) s->bus_down_ms = time_now_ms();
+    if ((rc = chat_cluster_lease(s, err, errlen)) < 0) goto fail_bus;
     if (cfg->web_root) chat__load_dir(s, cfg->web_root, "", 0);
 
     conn_server_opts_t o = {

@@ -42,7 +42,10 @@ def test_nodes_lists_the_cluster(cluster):
         assert len({x["id"] for x in nodes}) == 3
         for x in nodes:
             assert x["draining"] is False and x["connections"] == 0, x
-            assert set(x) >= {"id", "url", "connections", "started_at", "seen_at", "draining"}
+            assert set(x) >= {"id", "url", "connections", "started_at", "seen_at", "draining",
+                              "node_id"}
+            # the node id each was started with (--node-id 1..3), as leased
+            assert x["node_id"] == cluster.node_by_url(x["url"]).idx, x
     r = cluster.node(1).session.get(cluster.node(1).http + "/api/nodes", timeout=5)
     assert r.status_code == 401, "the node list needs a token"
 
@@ -112,15 +115,41 @@ def test_chatctl_nodes_prints_the_registry(cluster):
 
     asked = cluster.nodes[0]
     wait_registered(cluster, asked, cluster.nodes)
-    want = {x["id"]: x["url"] for x in asked.nodes()}
+    listed = asked.nodes()
+    want = {x["id"]: x["url"] for x in listed}
+    node_ids = {x["id"]: str(x["node_id"]) for x in listed}
     out = subprocess.run(
         [str(REPO / "build" / "chatctl"), "nodes", "--bus",
          f"redis://127.0.0.1:{cluster.redis.port}"],
         capture_output=True, text=True, timeout=20)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[0].split()[:3] == ["ID", "URL", "CONNECTIONS"], lines[0]
+    assert lines[0].split()[:4] == ["ID", "URL", "CONNECTIONS", "NODE_ID"], lines[0]
     rows = {r.split()[0]: r.split() for r in lines[1:]}
     assert set(rows) == set(want), (rows, want)
     for node_id, url in want.items():
         assert rows[node_id][1] == url and rows[node_id][-1] == "live", rows[node_id]
+        assert rows[node_id][3] == node_ids[node_id], rows[node_id]
+
+
+def test_killed_node_is_dropped_before_its_entry_expires(cluster):
+    """kill -9: the node sends no goodbye, and its registry entry lives on for its TTL. But
+    its Redis connections close with the process, and the others notice that: the dead node
+    is gone from /api/nodes (and /api/connect) while its entry is still in Redis."""
+    n1, n2, n3 = cluster.nodes
+    wait_registered(cluster, n1, cluster.nodes)
+    victim = {x["url"]: x["id"] for x in n1.nodes()}[n3.url]
+    n3.kill9()
+
+    def dropped():
+        urls = n1.node_urls()
+        if urls is not None and n3.url not in urls:
+            # at this very moment: how long its heartbeat entry still had to live
+            return ("dropped", cluster.redis.cmd("PTTL", f"chat:node:{victim}"))
+        return None
+
+    _, pttl = wait_until(dropped, 10, "the killed node to leave /api/nodes", interval=0.02)
+    assert pttl > 0, f"dropped only once its entry expired (PTTL {pttl}): the crash went unseen"
+    for k in range(20):
+        info = n1.connect_info(f"after-kill-{k}")
+        assert info["url"] != n3.url, "/api/connect offered the killed node"

@@ -3,8 +3,9 @@
 was never acknowledged (same client_id: idempotent), and in the end every member holds
 every acknowledged message exactly once, over its old and new connection together.
 
-A client must be ready for /api/connect to name the dead node for a few seconds (its
-registry entry lives until its TTL): it tries again, as a real client would."""
+A client must still be ready for /api/connect to name the dead node (until Redis has seen the
+dead process's connections close; test_discovery checks that this comes before its registry
+entry expires): it tries again, as a real client would."""
 
 import asyncio
 

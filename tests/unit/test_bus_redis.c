@@ -589,10 +589,49 @@ static void test_nodes(void) {
     CHECK(r && r->type == REDIS_REPLY_NIL);
     freeReplyObject(r);
 
-    /* a node whose entry expired is not listed, and leaves the index */
-    bus_node_t nc = {.connections = 1};
+    /* A node counts as live only while a connection of its process subscribes to its alive
+     * channel: one that died (its socket closed) is dropped at once, although its entry
+     * has seconds to live. Node c is played by a plain connection. */
+    bus_node_t nc = {.connections = 1, .node_id = 77};
     memset(nc.id, 'c', 32);
     snprintf(nc.url, sizeof nc.url, "ws://10.0.0.3:8000");
+    char alive_c[64], key_c[64];
+    snprintf(alive_c, sizeof alive_c, "chat:alive:%s", nc.id);
+    snprintf(key_c, sizeof key_c, "chat:node:%s", nc.id);
+    CHECK_INT(bus_heartbeat(a.bus, &nc, 5000), 0);
+    memset(&ans, 0, sizeof ans);
+    CHECK_INT(bus_list_nodes(a.bus, on_list, &ans), 0); /* same connection: sees c's entry */
+    CHECK(run_until(loop, p_listed, &ans, 2000));
+    CHECK_INT(ans.n, 1); /* but nothing of c's is connected */
+    CHECK(find_node(&ans, na.id) != NULL);
+    redisContext *csub = raw_connect(redis_port);
+    CHECK(csub);
+    r = redisCommand(csub, "SUBSCRIBE %s", alive_c);
+    CHECK(r && r->type == REDIS_REPLY_ARRAY);
+    freeReplyObject(r);
+    memset(&ans, 0, sizeof ans);
+    CHECK_INT(bus_list_nodes(a.bus, on_list, &ans), 0);
+    CHECK(run_until(loop, p_listed, &ans, 2000));
+    CHECK_INT(ans.n, 2);
+    const bus_node_t *gc = find_node(&ans, nc.id);
+    CHECK(gc != NULL);
+    CHECK_INT(gc->node_id, 77);
+    CHECK_INT(find_node(&ans, na.id)->node_id, 0);
+    redisFree(csub); /* c "crashes" */
+    CHECK(wait_numsub(loop, alive_c, 0, 2000));
+    memset(&ans, 0, sizeof ans);
+    CHECK_INT(bus_list_nodes(a.bus, on_list, &ans), 0);
+    CHECK(run_until(loop, p_listed, &ans, 2000));
+    CHECK_INT(ans.n, 1);
+    CHECK(find_node(&ans, nc.id) == NULL);
+    CHECK(raw_int("PTTL %s", key_c) > 1000); /* dropped long before its entry expires */
+
+    /* a node whose entry expired is not listed, and leaves the index */
+    csub = raw_connect(redis_port);
+    CHECK(csub);
+    r = redisCommand(csub, "SUBSCRIBE %s", alive_c);
+    CHECK(r && r->type == REDIS_REPLY_ARRAY);
+    freeReplyObject(r);
     CHECK_INT(bus_heartbeat(a.bus, &nc, 100), 0);
     memset(&ans, 0, sizeof ans);
     CHECK_INT(bus_list_nodes(a.bus, on_list, &ans), 0); /* same connection: sees c, alive */
@@ -613,6 +652,7 @@ static void test_nodes(void) {
         gone = r && r->type == REDIS_REPLY_NIL;
         if (r) freeReplyObject(r);
     }
+    redisFree(csub);
     CHECK(gone);
 
     /* an empty registry */
@@ -629,6 +669,115 @@ static void test_nodes(void) {
     CHECK(peer_close(&a, loop));
     CHECK_INT(ans.calls, 1);
     CHECK(peer_close(&b, loop));
+    CHECK(loop_finish(loop));
+}
+
+/* ---- node id lease ---------------------------------------------------------------------- */
+
+typedef struct lease_ans {
+    int calls, status;
+    unsigned id;
+    char detail[256];
+} lease_ans_t;
+
+static void on_lease(void *ud, int status, unsigned node_id, const char *detail) {
+    lease_ans_t *a = ud;
+    a->calls++;
+    a->status = status;
+    a->id = node_id;
+    snprintf(a->detail, sizeof a->detail, "%s", detail ? detail : "");
+}
+
+static bool p_leased(void *a) { return ((lease_ans_t *)a)->calls > 0; }
+static bool p_lease_again(void *a) { return ((lease_ans_t *)a)->calls > 1; }
+
+static char *raw_str(const char *fmt, unsigned id, char *out, size_t n) {
+    redisReply *r = raw(fmt, id);
+    out[0] = 0;
+    if (r && r->type == REDIS_REPLY_STRING) snprintf(out, n, "%s", r->str);
+    if (r) freeReplyObject(r);
+    return out;
+}
+
+/* Node ids are leased: auto-assigned ones differ, one held by a live bus is refused (the
+ * answer names the holder), one held by a dead process is taken over, the lease is renewed
+ * while held, released by close, and its loss is reported. */
+static void test_lease(void) {
+    uv_loop_t *loop = loop_new();
+    peer_t a, b, c;
+    lease_ans_t la = {0}, lb = {0}, lc = {0};
+    char v[64];
+    CHECK(loop);
+    redisReply *r = raw("FLUSHDB");
+    CHECK(r);
+    freeReplyObject(r);
+    CHECK_INT(peer_open(&a, loop, redis_url), 0);
+    CHECK_INT(peer_open(&b, loop, redis_url), 0);
+    /* asked before the bus is up: answered once it is */
+    CHECK_INT(bus_lease(a.bus, -1, 300, on_lease, &la), 0);
+    CHECK_INT(bus_lease(a.bus, -1, 300, on_lease, &la), CHAT_EBUSY); /* one per bus */
+    CHECK_INT(bus_lease(b.bus, 1024, 300, on_lease, &lb), CHAT_EINVAL);
+    CHECK_INT(la.calls, 0);
+    CHECK(run_until(loop, p_leased, &la, 3000));
+    CHECK_INT(la.status, 0);
+    CHECK(la.id < 1024);
+    CHECK_STR(raw_str("GET chat:nodeid:%u", la.id, v, sizeof v), a.bus->instance);
+
+    /* the same id, asked for by number while its holder lives: refused */
+    CHECK_INT(bus_lease(b.bus, (int)la.id, 300, on_lease, &lb), 0);
+    CHECK(run_until(loop, p_leased, &lb, 3000));
+    CHECK_INT(lb.status, CHAT_EBUSY);
+    CHECK(strstr(lb.detail, a.bus->instance) != NULL);
+    CHECK(peer_close(&b, loop));
+
+    /* auto: another one */
+    CHECK_INT(peer_open(&b, loop, redis_url), 0);
+    memset(&lb, 0, sizeof lb);
+    CHECK_INT(bus_lease(b.bus, -1, 300, on_lease, &lb), 0);
+    CHECK(run_until(loop, p_leased, &lb, 3000));
+    CHECK_INT(lb.status, 0);
+    CHECK(lb.id != la.id);
+
+    /* renewed: still ours after several TTLs */
+    run_for(loop, 1000);
+    CHECK_STR(raw_str("GET chat:nodeid:%u", la.id, v, sizeof v), a.bus->instance);
+    CHECK_INT(la.calls, 1);
+
+    /* held by a process that died (no subscriber on its alive channel): taken over */
+    unsigned dead_id = (la.id + 1) % 1024 == lb.id ? (la.id + 2) % 1024 : (la.id + 1) % 1024;
+    r = raw("SET chat:nodeid:%u 0123456789abcdef0123456789abcdef PX 60000", dead_id);
+    CHECK(r);
+    freeReplyObject(r);
+    CHECK_INT(peer_open(&c, loop, redis_url), 0);
+    CHECK_INT(bus_lease(c.bus, (int)dead_id, 300, on_lease, &lc), 0);
+    CHECK(run_until(loop, p_leased, &lc, 3000));
+    CHECK_INT(lc.status, 0);
+    CHECK_INT(lc.id, dead_id);
+    CHECK_STR(raw_str("GET chat:nodeid:%u", dead_id, v, sizeof v), c.bus->instance);
+
+    /* released on close: the key is gone at once, not after its TTL */
+    CHECK(peer_close(&c, loop));
+    CHECK_STR(raw_str("GET chat:nodeid:%u", dead_id, v, sizeof v), "");
+
+    /* lost: another holder appears (as after an outage longer than the TTL) */
+    r = raw("SET chat:nodeid:%u 0123456789abcdef0123456789abcdef", lb.id);
+    CHECK(r);
+    freeReplyObject(r);
+    CHECK(run_until(loop, p_lease_again, &lb, 3000));
+    CHECK_INT(lb.status, CHAT_EBUSY);
+    /* and closing does not release what is no longer ours */
+    CHECK(peer_close(&b, loop));
+    CHECK_STR(raw_str("GET chat:nodeid:%u", lb.id, v, sizeof v),
+              "0123456789abcdef0123456789abcdef");
+
+    /* expired while Redis was away, still free: taken again, no loss reported */
+    r = raw("DEL chat:nodeid:%u", la.id);
+    CHECK(r);
+    freeReplyObject(r);
+    run_for(loop, 300);
+    CHECK_STR(raw_str("GET chat:nodeid:%u", la.id, v, sizeof v), a.bus->instance);
+    CHECK_INT(la.calls, 1);
+    CHECK(peer_close(&a, loop));
     CHECK(loop_finish(loop));
 }
 
@@ -943,6 +1092,7 @@ int main(void) {
     RUN(test_url_parse);
     RUN(test_pubsub);
     RUN(test_nodes);
+    RUN(test_lease);
     RUN(test_queue_bound);
     RUN(test_restart);
     RUN(test_stall);
