@@ -507,6 +507,8 @@ fail_listen:
     s->turn.data = s;
     uv_prepare_start(&s->turn, chat__failed_turn);
     return rc;
+fail_bus:
+    bus_close(s->bus, NULL, NULL);
 fail_store:
     /* nothing was submitted: the store closes at once */
     store_close(s->store, NULL, NULL);
