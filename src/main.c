@@ -33,14 +33,20 @@ static void usage(FILE *f) {
             "(required unless --dev)\n"
             "  --dev                    CHAT_DEV=1               development mode: generate a "
             "secret and print how to mint a token\n"
-            "  --max-message-bytes N    CHAT_MAX_MESSAGE_BYTES   largest WebSocket message "
-            "(default 65536)\n"
+            "  --max-message-bytes N    CHAT_MAX_MESSAGE_BYTES   largest message, WebSocket frame "
+            "or REST body (default 65536)\n"
             "  --max-outbound-bytes N   CHAT_MAX_OUTBOUND_BYTES  output queued per connection "
             "before a slow client is cut off (default 4194304)\n"
             "  --max-body-bytes N       CHAT_MAX_BODY_BYTES      largest HTTP request body "
             "(default 1048576)\n"
             "  --idle-timeout SECONDS   CHAT_IDLE_TIMEOUT        ping after this much silence, "
             "close if unanswered (default 60)\n"
+            "  --header-timeout SECONDS CHAT_HEADER_TIMEOUT      a request head must arrive within "
+            "this; 408 beyond (default 10)\n"
+            "  --max-connections N      CHAT_MAX_CONNECTIONS     open connections; beyond, 503 "
+            "(default 0: the open-files limit less 128)\n"
+            "  --max-connections-per-ip N CHAT_MAX_CONNECTIONS_PER_IP  open connections from one "
+            "address; beyond, 503 (default 0: no limit)\n"
             "  --replay-limit N         CHAT_REPLAY_LIMIT        most missed messages replayed for "
             "?since= (default 1000)\n"
             "  --node-id N              CHAT_NODE_ID             0..1023, unique per node: part "
@@ -63,6 +69,19 @@ static int parse_size(const char *what, const char *v, size_t *out) {
     unsigned long long n = strtoull(v, &end, 10);
     if (errno || end == v || *end || n == 0) {
         fprintf(stderr, "chatd: %s must be a positive integer, got '%s'\n", what, v);
+        return -1;
+    }
+    *out = (size_t)n;
+    return 0;
+}
+
+/* A count where 0 is allowed (it means "no limit" or "automatic"). */
+static int parse_count(const char *what, const char *v, size_t *out) {
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(v, &end, 10);
+    if (errno || end == v || *end || v[0] == '-') {
+        fprintf(stderr, "chatd: %s must be an integer >= 0, got '%s'\n", what, v);
         return -1;
     }
     *out = (size_t)n;
@@ -136,6 +155,9 @@ int main(int argc, char **argv) {
     const char *max_out = env_or("CHAT_MAX_OUTBOUND_BYTES", "4194304");
     const char *max_body = env_or("CHAT_MAX_BODY_BYTES", "1048576");
     const char *idle = env_or("CHAT_IDLE_TIMEOUT", "60");
+    const char *head_to = env_or("CHAT_HEADER_TIMEOUT", "10");
+    const char *max_conns = env_or("CHAT_MAX_CONNECTIONS", "0");
+    const char *max_ip = env_or("CHAT_MAX_CONNECTIONS_PER_IP", "0");
     const char *node = env_or("CHAT_NODE_ID", NULL);
     const char *replay = env_or("CHAT_REPLAY_LIMIT", "1000");
     cfg.web_root = env_or("CHAT_WEB_ROOT", NULL);
@@ -143,7 +165,7 @@ int main(int argc, char **argv) {
     const char *level = env_or("CHAT_LOG_LEVEL", "info");
 
     enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
-           O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_HELP };
+           O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
@@ -156,6 +178,9 @@ int main(int argc, char **argv) {
         {"max-outbound-bytes", required_argument, 0, O_MAXOUT},
         {"max-body-bytes", required_argument, 0, O_MAXBODY},
         {"idle-timeout", required_argument, 0, O_IDLE},
+        {"header-timeout", required_argument, 0, O_HEADTO},
+        {"max-connections", required_argument, 0, O_MAXCONN},
+        {"max-connections-per-ip", required_argument, 0, O_MAXIP},
         {"replay-limit", required_argument, 0, O_REPLAY},
         {"node-id", required_argument, 0, O_NODE},
         {"web-root", required_argument, 0, O_WEB},
@@ -177,6 +202,9 @@ int main(int argc, char **argv) {
         case O_MAXOUT: max_out = optarg; break;
         case O_MAXBODY: max_body = optarg; break;
         case O_IDLE: idle = optarg; break;
+        case O_HEADTO: head_to = optarg; break;
+        case O_MAXCONN: max_conns = optarg; break;
+        case O_MAXIP: max_ip = optarg; break;
         case O_REPLAY: replay = optarg; break;
         case O_NODE: node = optarg; break;
         case O_WEB: cfg.web_root = optarg; break;
@@ -216,6 +244,16 @@ int main(int argc, char **argv) {
     }
     cfg.idle_timeout_ms = (unsigned)(idle_s * 1000);
     if (cfg.idle_timeout_ms == 0) cfg.idle_timeout_ms = 1;
+    double head_s = strtod(head_to, &end);
+    if (*end || end == head_to || !(head_s > 0) || head_s > 3600) {
+        fprintf(stderr, "chatd: header-timeout must be seconds > 0, got '%s'\n", head_to);
+        return 2;
+    }
+    cfg.header_timeout_ms = (unsigned)(head_s * 1000);
+    if (cfg.header_timeout_ms == 0) cfg.header_timeout_ms = 1;
+    if (parse_count("max-connections", max_conns, &cfg.max_connections) < 0 ||
+        parse_count("max-connections-per-ip", max_ip, &cfg.max_connections_per_ip) < 0)
+        return 2;
     cfg.node_id_auto = !node;
     long nid = node ? strtol(node, &end, 10) : 0;
     if (node && (*end || end == node || nid < 0 || nid > 1023)) {

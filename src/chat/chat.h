@@ -69,10 +69,13 @@ typedef struct chat_config {
      * down (code 1012). */
     void (*on_fatal)(void *arg, const char *why);
     void *fatal_arg;
-    size_t max_message_bytes;   /* WebSocket message limit (default 65536) */
+    size_t max_message_bytes;   /* message limit, WebSocket frame or REST body (default 65536) */
     size_t max_outbound_bytes;  /* per-connection queued output limit (default 4 MiB) */
     size_t max_body_bytes;      /* HTTP request body limit (default 1 MiB) */
     unsigned idle_timeout_ms;   /* ping after this much silence, close if no answer */
+    unsigned header_timeout_ms; /* a request head must arrive within this (default 10 s) */
+    size_t max_connections;     /* open connections; 0: from the open-files limit */
+    size_t max_connections_per_ip; /* 0: no limit */
     unsigned replay_limit;      /* most messages replayed for ?since= (default 1000) */
     int log_level;
 } chat_config_t;

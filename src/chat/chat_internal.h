@@ -95,6 +95,8 @@ typedef struct session {
     uint64_t *replayed;
     uint32_t n_replayed;
     uint64_t replayed_until;       /* uv_now() after which replayed is dropped */
+    size_t inflight;               /* bytes of this member's commands the store has not answered */
+    bool flow_paused;              /* not read until its own echoes drain (a fast sender) */
     char user[129];
 } session_t;
 
@@ -103,6 +105,8 @@ typedef struct http_peer {
     http_reader_t reader;
     bool busy;      /* a request waits for the store */
     bool head;      /* the request being answered is a HEAD: send no body */
+    bool out_paused; /* answers pile up unread: no request is read until they drain */
+    uint64_t req_started; /* uv_now() of the first byte of a request under way, 0 if none */
     sbuf_t pending; /* bytes that arrived meanwhile, parsed after its answer */
 } http_peer_t;
 
@@ -268,6 +272,9 @@ int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
 
 /* routes.c */
 extern const conn_handler_t chat_http_handler;
+/* The sweep's look at an HTTP connection: 408 for a request that trickles past its deadline,
+ * close when idle (neither bytes in nor written out) for idle_ms. */
+void chat_http_sweep(http_peer_t *hp, uint64_t now, uint64_t idle_ms);
 /* An op from a REST request completed: answer it. ev is the encoded event (empty on
  * failure). */
 void chat_rest_complete(op_t *op, const sbuf_t *ev);

@@ -3,6 +3,20 @@
  *
  * One request is answered at a time per connection, in order (HTTP/1.1 pipelining): while
  * one waits for the store, bytes that arrive are kept aside and parsed after its answer.
+ *
+ * Output is bounded per connection, as for WebSockets. No request is parsed while more than
+ * half of --max-outbound-bytes of answers waits for the client (reading stops until the
+ * queue drains to a quarter), and every answer is bounded (a history page stops at
+ * HISTORY_PAGE_BYTES), so a client that pipelines requests and never reads holds about
+ * half the limit plus one answer. An answer is always queued whole, so a page larger than
+ * the limit still reaches a client that reads; but an answer that would take the queue past
+ * --max-outbound-bytes while earlier answers still wait unread cuts the connection (a
+ * reset, as a slow WebSocket consumer gets).
+ *
+ * Deadlines: a request head must arrive within --header-timeout of its first byte, and a
+ * body must keep coming at 1 KiB/s on average after a further --header-timeout of grace;
+ * otherwise 408 and close (Slowloris). Idleness counts bytes written as well as bytes
+ * read, so a slow but progressing download is never cut.
  * Every error is a status with a JSON body {"error": code, "detail": ...}.
  */
 #include <inttypes.h>
@@ -15,6 +29,11 @@
 #define HTTP_PENDING_MAX (1u << 20) /* bytes kept while a request waits for the store */
 #define HISTORY_DEFAULT 50
 #define HISTORY_MAX 200
+/* A history page stops adding messages past this much JSON (it holds at least one): with
+ * --max-message-bytes messages a full page would otherwise be 200 of them, up to six times
+ * their size once JSON-escaped. The page says where to go on (next_before) as usual. */
+#define HISTORY_PAGE_BYTES (1u << 20)
+#define BODY_MIN_RATE 1024 /* bytes per second a request body must keep up on average */
 #define HTTP_MAX_CURSORS 32
 /* Search scans a chat's history newest first, a page at a time, and stops at `limit` matches,
  * after SEARCH_SCAN_MAX messages or after SEARCH_SCAN_BYTES of text, whichever comes first;
@@ -70,6 +89,16 @@ static void http__send(http_peer_t *hp, buf_t *resp, bool keep_alive) {
         if (end) resp->len = (size_t)(end + 4 - (const char *)resp->data);
     }
     hp->head = false;
+    size_t q = conn_queued(c);
+    if (resp && q && q + resp->len > c->max_outbound) {
+        /* Earlier answers still wait unread: this client pipelines and does not read. */
+        char peer[80];
+        conn_peer(c, peer, sizeof peer);
+        log_warn("slow_consumer peer=%s queued=%zu (http)", peer, q);
+        buf_unref(resp);
+        conn_abort(c);
+        return;
+    }
     if (resp) conn_send_force(c, resp);
     buf_unref(resp);
     if (!resp || !keep_alive || s->stopping) conn_close(c);
@@ -252,10 +281,12 @@ static void http__history_done(store_req_t *req) {
         sbuf_puts(&sb, "{\"chat_id\":");
         sbuf_json_str(&sb, op->chat_id, strlen(op->chat_id));
         sbuf_puts(&sb, ",\"messages\":[");
-        for (size_t i = 0; i < n; i++) {
+        size_t i = 0;
+        for (; i < n && (i == 0 || sb.len < HISTORY_PAGE_BYTES); i++) {
             if (i) sbuf_puts(&sb, ",");
             proto_put_msg(&sb, NULL, &req->msgs[i]);
         }
+        if (i < n) n = i; /* the page is full in bytes: the rest is on the next one */
         if (req->n_msgs > n && n)
             sbuf_printf(&sb, "],\"next_before\":\"%" PRIu64 "\"}", req->msgs[n - 1].id);
         else
@@ -345,6 +376,15 @@ static void http__messages(http_peer_t *hp, const http_request_t *req, const cha
         (tlen > 16 && ct[16] != ';' && ct[16] != ' ')) {
         http__error(hp, 415, "unsupported_media_type", "send Content-Type: application/json",
                     ka);
+        goto out;
+    }
+    /* One limit for a message whatever the door: the WebSocket limit is on the frame's
+     * payload, the command's JSON; here the same JSON is the body. */
+    if (req->body_len > s->cfg.max_message_bytes) {
+        char detail[96];
+        snprintf(detail, sizeof detail, "a message is at most %zu bytes of JSON",
+                 s->cfg.max_message_bytes);
+        http__error(hp, 413, "message_too_large", detail, ka);
         goto out;
     }
     proto_cmd_t cmd;
@@ -814,6 +854,16 @@ static void http__route(http_peer_t *hp, const http_request_t *in) {
     size_t n = req->path_len;
     char chat_id[129]; /* a valid chat id is at most 128 bytes */
 
+    if (hp->peer.conn->over_limit) {
+        /* Accepted over --max-connections(-per-ip): answered, never upgraded, then closed. */
+        http__error(hp, 503, "too_many_connections",
+                    hp->peer.conn->over_limit == CONN_OVER_PER_IP
+                        ? "too many connections from this address; try again later"
+                        : "the server has too many connections; try again later",
+                    false);
+        return;
+    }
+
     /* The routes that name a chat: a bad chat id is the same 400 on each. */
     static const struct {
         const char *prefix, *suffix;
@@ -893,17 +943,35 @@ not_allowed:
 
 /* ---- the connection ------------------------------------------------------------------- */
 
+/* Too many answers wait unread: stop reading and parsing until they drain. */
+static bool http__backlogged(http_peer_t *hp) {
+    conn_t *c = hp->peer.conn;
+    size_t high = hp->peer.srv->cfg.max_outbound_bytes / 2;
+    if (conn_queued(c) <= high) return false;
+    hp->out_paused = true;
+    conn_pause_read(c);
+    conn_notify_drain(c, high / 2);
+    return true;
+}
+
 static void http__drive(http_peer_t *hp, const uint8_t *data, size_t len) {
     http_request_t req;
     hp->peer.refs++;
     int rc = http_reader_feed(&hp->reader, (const char *)data, len, &req);
     while (rc == 1) {
+        hp->req_started = 0;
+        if (http__backlogged(hp)) break; /* the request stays in the reader */
         http__route(hp, &req);
         if (!hp->peer.conn || hp->peer.kind != PEER_HTTP) break; /* upgraded or gone */
         if (hp->busy || conn_is_closing(hp->peer.conn)) break;
         http_reader_consume(&hp->reader);
         rc = http_reader_feed(&hp->reader, NULL, 0, &req);
     }
+    bool in_body;
+    size_t body_len;
+    if (rc == 0 && hp->peer.conn && !hp->req_started &&
+        http_reader_partial(&hp->reader, &in_body, &body_len))
+        hp->req_started = uv_now(hp->peer.srv->loop);
     size_t clen;
     const char *cont = rc == 0 && hp->peer.conn && !conn_is_closing(hp->peer.conn)
                            ? http_reader_continue(&hp->reader, &clen)
@@ -945,7 +1013,7 @@ static void http__on_open(conn_t *c) {
 static void http__on_read(conn_t *c, uint8_t *data, size_t len) {
     http_peer_t *hp = c->ctx;
     hp->peer.last_rx = uv_now(hp->peer.srv->loop);
-    if (hp->busy) {
+    if (hp->busy || hp->out_paused) {
         sbuf_put(&hp->pending, data, len);
         if (hp->pending.oom || hp->pending.len > HTTP_PENDING_MAX) conn_abort(c);
         return;
@@ -953,13 +1021,50 @@ static void http__on_read(conn_t *c, uint8_t *data, size_t len) {
     http__drive(hp, data, len);
 }
 
+/* The answers drained: read again, starting with the request that waited in the reader. */
+static void http__on_drain(conn_t *c) {
+    http_peer_t *hp = c->ctx;
+    if (!hp->out_paused) return;
+    hp->out_paused = false;
+    conn_resume_read(c);
+    if (hp->busy) return; /* its answer goes on with the rest (http__resume) */
+    sbuf_t pending = hp->pending;
+    memset(&hp->pending, 0, sizeof(hp->pending));
+    http__drive(hp, (const uint8_t *)pending.p, pending.len);
+    sbuf_free(&pending);
+}
+
 static void http__on_close(conn_t *c) {
     http_peer_t *hp = c->ctx;
     chat_peer_unlink(&hp->peer);
+}
+
+void chat_http_sweep(http_peer_t *hp, uint64_t now, uint64_t idle_ms) {
+    conn_t *c = hp->peer.conn;
+    if (hp->busy) return;
+    bool in_body;
+    size_t body_len;
+    if (hp->req_started && http_reader_partial(&hp->reader, &in_body, &body_len)) {
+        uint64_t allowed = hp->peer.srv->cfg.header_timeout_ms;
+        if (in_body) allowed += allowed + (uint64_t)body_len * 1000 / BODY_MIN_RATE;
+        if (now - hp->req_started > allowed) {
+            char peer[80];
+            conn_peer(c, peer, sizeof peer);
+            log_info("request_timeout peer=%s in_body=%d", peer, (int)in_body);
+            http__error(hp, 408, "request_timeout",
+                        in_body ? "the request body arrives too slowly"
+                                : "the request head did not arrive in time",
+                        false);
+            return;
+        }
+    }
+    uint64_t active = hp->peer.last_rx > c->last_tx ? hp->peer.last_rx : c->last_tx;
+    if (now - active >= idle_ms) conn_close(c);
 }
 
 const conn_handler_t chat_http_handler = {
     .on_open = http__on_open,
     .on_read = http__on_read,
     .on_close = http__on_close,
+    .on_drain = http__on_drain,
 };

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include "chat_internal.h"
@@ -362,8 +363,8 @@ const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t
 
 /* ---- keepalive sweep ------------------------------------------------------------------ */
 
-#define HTTP_IDLE_MS 60000 /* an HTTP connection idle (or a request trickling) this long */
-#define CLOSING_MAX_MS 5000
+#define HTTP_IDLE_MS 60000 /* an HTTP connection with nothing read nor written this long */
+#define CLOSING_MAX_MS 5000 /* a closing connection whose output makes no progress this long */
 
 static void chat__sweep(uv_timer_t *t) {
     chat_server_t *s = t->data;
@@ -377,9 +378,12 @@ static void chat__sweep(uv_timer_t *t) {
             continue;
         }
         if (conn_is_closing(c)) {
-            /* A peer that never reads our close keeps its queue: give up on it. */
+            /* A peer that never reads our close keeps its queue: give up on it. One that
+             * reads, however slowly, gets the rest (progress is the last write). */
             if (!p->closing_since) p->closing_since = now;
-            else if (now - p->closing_since > CLOSING_MAX_MS) conn_abort(c);
+            else if (now - (c->last_tx > p->closing_since ? c->last_tx : p->closing_since) >
+                     CLOSING_MAX_MS)
+                conn_abort(c);
         } else if (p->kind == PEER_WS) {
             session_t *ss = (session_t *)p;
             chat_session_expire_replayed(ss, now);
@@ -391,8 +395,8 @@ static void chat__sweep(uv_timer_t *t) {
                 if (ping && conn_send_force(c, ping) == 0) ss->ping_sent = now;
                 buf_unref(ping);
             }
-        } else if (!((http_peer_t *)p)->busy && now - p->last_rx >= HTTP_IDLE_MS) {
-            conn_close(c);
+        } else {
+            chat_http_sweep((http_peer_t *)p, now, HTTP_IDLE_MS);
         }
         p = next;
     }
@@ -456,6 +460,15 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if (!s->cfg.max_body_bytes) s->cfg.max_body_bytes = 1u << 20;
     if (!s->cfg.idle_timeout_ms) s->cfg.idle_timeout_ms = 60000;
     if (!s->cfg.replay_limit) s->cfg.replay_limit = 1000;
+    if (!s->cfg.header_timeout_ms) s->cfg.header_timeout_ms = 10000;
+    if (!s->cfg.max_connections) {
+        /* What the open-files limit allows, less room for the store, the bus and the
+         * static files: beyond it accept() fails and clients get a reset, not a 503. */
+        struct rlimit rl;
+        rlim_t n = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? rl.rlim_cur : 1024;
+        if (n == RLIM_INFINITY || n > (1u << 20)) n = 1u << 20;
+        s->cfg.max_connections = n > 256 ? (size_t)n - 128 : (size_t)n / 2;
+    }
 
     int rc = store_open(&s->store, loop, cfg->store_url, err, errlen);
     if (rc < 0) goto fail;
@@ -473,6 +486,8 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
         .host = cfg->host,
         .port = cfg->port,
         .max_outbound_bytes = s->cfg.max_outbound_bytes,
+        .max_conns = s->cfg.max_connections,
+        .max_conns_per_ip = s->cfg.max_connections_per_ip,
         .handler = &chat_http_handler,
         .handler_data = s,
     };
@@ -483,7 +498,9 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     }
     uv_timer_init(loop, &s->sweep);
     s->sweep.data = s;
-    uint64_t every = s->cfg.idle_timeout_ms / 4;
+    uint64_t every = (s->cfg.idle_timeout_ms < s->cfg.header_timeout_ms
+                          ? s->cfg.idle_timeout_ms
+                          : s->cfg.header_timeout_ms) / 4;
     if (every < 50) every = 50;
     if (every > 5000) every = 5000;
     uv_timer_start(&s->sweep, chat__sweep, every, every);

@@ -24,6 +24,35 @@ static int chat__send(session_t *ss, buf_t *b) {
     return rc;
 }
 
+/* ---- a fast sender is slowed, not cut ------------------------------------------------- */
+
+/* A member's own commands come back to it as echoes. One that sends faster than it reads
+ * would fill its own queue and be cut as a slow consumer; instead it is not read while its
+ * queue and the echoes still to come pass half of --max-outbound-bytes, and is read again
+ * once they are down to a quarter. What the others send still fills its queue, so a member
+ * that stops reading is still cut at the limit. */
+static size_t chat__echo_cost(const proto_cmd_t *cmd) { return cmd->message_len + 512; }
+
+static void chat__flow(session_t *ss) {
+    conn_t *c = ss->peer.conn;
+    if (!c || conn_is_closing(c)) return;
+    size_t high = ss->peer.srv->cfg.max_outbound_bytes / 2, low = high / 2;
+    size_t load = conn_queued(c) + ss->inflight;
+    if (!ss->flow_paused) {
+        if (load <= high) return;
+        ss->flow_paused = true;
+        conn_pause_read(c);
+    } else if (load <= low) {
+        ss->flow_paused = false;
+        conn_resume_read(c);
+        return;
+    }
+    /* Still too much: wait for the queue to drain far enough (the echoes to come are
+     * counted; their arrival calls this again). */
+    size_t target = low > ss->inflight ? low - ss->inflight : 0;
+    if (conn_queued(c) > target) conn_notify_drain(c, target);
+}
+
 static void chat__send_json(session_t *ss, const sbuf_t *sb) {
     if (sb->oom) return;
     buf_t *f = ws_frame_new(WS_OP_TEXT, sb->p, sb->len);
@@ -137,6 +166,11 @@ static void chat__op_done(store_req_t *req) {
                   chat_strerror(req->status));
     }
 
+    if (!op->rest) {
+        session_t *ss = (session_t *)op->origin;
+        size_t cost = chat__echo_cost(&op->cmd);
+        ss->inflight = ss->inflight > cost ? ss->inflight - cost : 0;
+    }
     if (op->rest) {
         chat_rest_complete(op, &ev);
     } else if (op->origin->conn) {
@@ -154,6 +188,7 @@ static void chat__op_done(store_req_t *req) {
                              "the message could not be stored; it was not delivered",
                              op->cmd.client_id, req->op == STORE_APPEND ? 0 : req->id);
         }
+        chat__flow(ss);
     }
     sbuf_free(&ev);
     store_req_cleanup(req);
@@ -240,7 +275,9 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         proto_cmd_free(&cmd);
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
+    size_t cost = chat__echo_cost(&cmd);
     rc = chat_submit(s, &ss->peer, false, false, ss->room->chat_id, ss->user, &cmd);
+    if (rc == 0) ss->inflight += cost;
     if (rc < 0) {
         chat__send_error(ss, "store_unavailable",
                          rc == CHAT_ECLOSED ? "the server is shutting down"
@@ -286,7 +323,10 @@ static void chat__ws_read(conn_t *c, uint8_t *data, size_t len) {
         chat_session_close(ss, ss->parser.error_code,
                            ss->parser.error_reason ? ss->parser.error_reason : "");
     }
+    chat__flow(ss);
 }
+
+static void chat__ws_drain(conn_t *c) { chat__flow(c->ctx); }
 
 static void chat__ws_close(conn_t *c) {
     session_t *ss = c->ctx;
@@ -305,6 +345,7 @@ static void chat__ws_close(conn_t *c) {
 const conn_handler_t chat_ws_handler = {
     .on_read = chat__ws_read,
     .on_close = chat__ws_close,
+    .on_drain = chat__ws_drain,
 };
 
 /* Replay from how long before the oldest cursor for origin nodes the client named no

@@ -172,12 +172,59 @@ int conn_send_copy(conn_t *c, const void *p, size_t n) {
 
 /* ---- closing -------------------------------------------------------------------------- */
 
+/* ---- connections per peer address ------------------------------------------------------ */
+
+#define CONN_IP_BUCKETS 4096
+
+struct conn_ip {
+    struct conn_ip *next;
+    uint8_t addr[16]; /* IPv6, or IPv4 mapped into IPv6 */
+    size_t n;
+};
+
+static struct conn_ip *conn__ip_take(conn_server_t *s, const uv_tcp_t *tcp) {
+    struct sockaddr_storage a;
+    int len = sizeof(a);
+    uint8_t key[16] = {0};
+    if (uv_tcp_getpeername(tcp, (struct sockaddr *)&a, &len) < 0) return NULL;
+    if (a.ss_family == AF_INET6) {
+        memcpy(key, &((struct sockaddr_in6 *)&a)->sin6_addr, 16);
+    } else {
+        key[10] = key[11] = 0xff;
+        memcpy(key + 12, &((struct sockaddr_in *)&a)->sin_addr, 4);
+    }
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (int i = 0; i < 16; i++) h = (h ^ key[i]) * 16777619u;
+    struct conn_ip **b = &s->ips[h % CONN_IP_BUCKETS], *e;
+    for (e = *b; e; e = e->next)
+        if (memcmp(e->addr, key, 16) == 0) break;
+    if (!e) {
+        if (!(e = calloc(1, sizeof(*e)))) return NULL; /* not counted: better than refused */
+        memcpy(e->addr, key, 16);
+        e->next = *b;
+        *b = e;
+    }
+    e->n++;
+    return e;
+}
+
+static void conn__ip_release(conn_server_t *s, struct conn_ip *e) {
+    if (--e->n) return;
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < 16; i++) h = (h ^ e->addr[i]) * 16777619u;
+    struct conn_ip **pp = &s->ips[h % CONN_IP_BUCKETS];
+    while (*pp != e) pp = &(*pp)->next;
+    *pp = e->next;
+    free(e);
+}
+
 static void conn__on_closed(uv_handle_t *h) {
     conn_t *c = h->data;
     conn_server_t *s = c->server;
     if (c->handler && c->handler->on_close) c->handler->on_close(c);
     conn__q_clear(c);
     free(c->wreq);
+    if (c->ip && s->ips) conn__ip_release(s, c->ip);
     s->n_conns--;
     free(c);
 }
@@ -438,6 +485,42 @@ static void conn__on_linger_timer(uv_timer_t *t) {
     if (!s->lingering) uv_timer_stop(t);
 }
 
+static void conn__on_connection(uv_stream_t *ls, int status);
+static void conn__server_closing_step(struct conn_server_closing *cl);
+
+/* A connection accepted without a conn_t was closed: take the next one that waited. */
+static void conn__reject_closed(uv_handle_t *h) {
+    conn_server_t *s = h->data;
+    s->reject_busy = false;
+    if (s->closer) {
+        conn__server_closing_step(s->closer);
+        return;
+    }
+    if (s->accept_waiting && s->listening) {
+        s->accept_waiting = false;
+        conn__on_connection((uv_stream_t *)&s->listener, 0);
+    }
+}
+
+/* Never leave a pending connection untaken: libuv stops polling the listener until it is
+ * taken, and the node would accept nothing ever again. Without memory for it, take it into
+ * the spare handle and close it at once (the client sees a reset and may retry). */
+static void conn__reject(conn_server_t *s) {
+    if (s->reject_busy) {
+        s->accept_waiting = true; /* taken once the spare handle has closed */
+        return;
+    }
+    uv_tcp_init(s->loop, &s->reject);
+    s->reject.data = s;
+    s->reject_busy = true;
+    if (uv_accept((uv_stream_t *)&s->listener, (uv_stream_t *)&s->reject) == 0)
+        log_warn("accept_refused reason=out_of_memory");
+    uv_close((uv_handle_t *)&s->reject, conn__reject_closed);
+}
+
+/* A conn_t whose accept failed: it holds nothing but its memory. */
+static void conn__free_unaccepted(uv_handle_t *h) { free(h->data); }
+
 static void conn__on_connection(uv_stream_t *ls, int status) {
     conn_server_t *s = ls->data;
     if (status < 0) {
@@ -445,7 +528,10 @@ static void conn__on_connection(uv_stream_t *ls, int status) {
         return;
     }
     conn_t *c = calloc(1, sizeof(*c));
-    if (!c) return;
+    if (!c) {
+        conn__reject(s);
+        return;
+    }
     uv_tcp_init(s->loop, &c->tcp);
     c->tcp.data = c;
     c->server = s;
@@ -453,10 +539,13 @@ static void conn__on_connection(uv_stream_t *ls, int status) {
     c->max_outbound = s->opts.max_outbound_bytes;
     c->id = ++s->next_id;
     if (uv_accept(ls, (uv_stream_t *)&c->tcp) < 0) {
-        uv_close((uv_handle_t *)&c->tcp, (uv_close_cb)free);
+        uv_close((uv_handle_t *)&c->tcp, conn__free_unaccepted);
         return;
     }
     s->n_conns++;
+    if (s->opts.max_conns && s->n_conns > s->opts.max_conns) c->over_limit = CONN_OVER_TOTAL;
+    if (s->ips && (c->ip = conn__ip_take(s, &c->tcp)) && c->ip->n > s->opts.max_conns_per_ip)
+        c->over_limit = CONN_OVER_PER_IP;
     c->last_tx = uv_now(s->loop);
     uv_tcp_nodelay(&c->tcp, 1);
     if (uv_read_start((uv_stream_t *)&c->tcp, conn__alloc, conn__on_read) < 0) {
@@ -474,6 +563,10 @@ int conn_server_init(conn_server_t *s, uv_loop_t *loop, const conn_server_opts_t
     if (!s->opts.max_outbound_bytes) s->opts.max_outbound_bytes = 4u << 20;
     s->rbuf = malloc(CONN_READ_BUF);
     if (!s->rbuf) return CHAT_ENOMEM;
+    if (o->max_conns_per_ip && !(s->ips = calloc(CONN_IP_BUCKETS, sizeof(*s->ips)))) {
+        free(s->rbuf);
+        return CHAT_ENOMEM;
+    }
 
     struct sockaddr_storage addr;
     const char *host = o->host ? o->host : "0.0.0.0";
@@ -506,6 +599,8 @@ int conn_server_init(conn_server_t *s, uv_loop_t *loop, const conn_server_opts_t
 fail_buf:
     free(s->rbuf);
     s->rbuf = NULL;
+    free(s->ips);
+    s->ips = NULL;
     log_error("listen_failed host=%s port=%d error=%s", host, o->port, uv_strerror(rc));
     return CHAT_EIO;
 }
@@ -521,25 +616,32 @@ struct conn_server_closing {
     void (*done)(void *);
     void *arg;
     uint8_t *rbuf;
+    struct conn_ip **ips;
 };
 
-static void conn__server_handle_closed(uv_handle_t *h) {
-    struct conn_server_closing *cl = h->data;
+static void conn__server_closing_step(struct conn_server_closing *cl) {
     if (--cl->left) return;
     free(cl->rbuf);
+    /* every connection closed before this, so every count is gone: only the table is left */
+    free(cl->ips);
     if (cl->done) cl->done(cl->arg);
     free(cl);
 }
+
+static void conn__server_handle_closed(uv_handle_t *h) { conn__server_closing_step(h->data); }
 
 void conn_server_close(conn_server_t *s, void (*done)(void *), void *arg) {
     conn_server_stop_listening(s);
     struct conn_server_closing *cl = malloc(sizeof(*cl));
     if (!cl) abort(); /* shutting down; nothing sensible is left to do */
-    cl->left = 3;
+    cl->left = 3 + (s->reject_busy ? 1 : 0);
     cl->done = done;
     cl->arg = arg;
     cl->rbuf = s->rbuf;
     s->rbuf = NULL;
+    cl->ips = s->ips;
+    s->ips = NULL;
+    s->closer = cl;
     s->flusher.data = s->kick.data = s->linger_timer.data = cl;
     uv_close((uv_handle_t *)&s->flusher, conn__server_handle_closed);
     uv_close((uv_handle_t *)&s->kick, conn__server_handle_closed);

@@ -162,14 +162,22 @@ struct conn {
     uint64_t linger_deadline;             /* uv_now() after which a half-closed conn is dropped */
     size_t drain_below;   /* on_drain fires once q_bytes <= this (CF_DRAIN armed) */
     uint64_t last_tx;     /* uv_now() of the last write that moved bytes to the kernel */
+    struct conn_ip *ip;   /* its address's count, when connections per address are limited */
+    uint8_t over_limit;   /* CONN_OVER_*: accepted beyond a limit; the handler refuses it */
     uint16_t flags;
     uint64_t id;          /* for logs */
 };
+
+/* A connection accepted beyond a limit is still accepted, so that the handler can say why
+ * (an HTTP 503) rather than leave it to a reset; c->over_limit tells which limit. */
+enum { CONN_OVER_TOTAL = 1, CONN_OVER_PER_IP = 2 };
 
 typedef struct conn_server_opts {
     const char *host; /* "0.0.0.0" if NULL */
     int port;         /* 0 = pick a free port */
     size_t max_outbound_bytes;
+    size_t max_conns;        /* open connections beyond which over_limit is set; 0: none */
+    size_t max_conns_per_ip; /* the same per peer address; 0: none */
     const conn_handler_t *handler; /* initial handler of every accepted connection */
     void *handler_data;            /* conn_server_t.handler_data, for the handler's use */
 } conn_server_opts_t;
@@ -189,6 +197,13 @@ struct conn_server {
     int port; /* the bound port */
     bool listening;
     uint64_t next_id;
+    struct conn_ip **ips; /* connections per peer address (max_conns_per_ip only) */
+    /* Accepting without memory for a conn_t: the connection is taken into this handle and
+     * closed, since libuv stops polling the listener until a pending connection is taken. */
+    uv_tcp_t reject;
+    bool reject_busy;    /* reject is closing */
+    bool accept_waiting; /* a connection waits for reject to be free */
+    struct conn_server_closing *closer; /* conn_server_close is under way */
 };
 
 /* Bind and listen. On success *srv->port is the bound port. The server struct is owned by

@@ -80,6 +80,10 @@ void http_reader_free(http_reader_t *r);
 int http_reader_feed(http_reader_t *r, const char *data, size_t len, http_request_t *req);
 /* Drop the completed request, keeping the bytes that follow it. */
 void http_reader_consume(http_reader_t *r);
+/* Whether a request is under way: some of it was read, not all of it (for the deadlines of
+ * a request that trickles in). *in_body: its head is complete and its body is being read;
+ * *body_len: the body bytes read so far. */
+bool http_reader_partial(const http_reader_t *r, bool *in_body, size_t *body_len);
 /* After an upgrade request: the bytes after its head (already received, belonging to the
  * new protocol). Valid until the next call on r. */
 const char *http_reader_rest(const http_reader_t *r, size_t *len);

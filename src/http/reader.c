@@ -397,6 +397,12 @@ void http_reader_consume(http_reader_t *r) {
     reader_reset_request(r);
 }
 
+bool http_reader_partial(const http_reader_t *r, bool *in_body, size_t *body_len) {
+    *in_body = r->headers_done;
+    *body_len = r->body_len;
+    return r->len > 0 && !r->complete && !r->failed;
+}
+
 const char *http_reader_rest(const http_reader_t *r, size_t *len) {
     if (!r->complete) {
         *len = 0;

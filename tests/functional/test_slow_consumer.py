@@ -85,3 +85,34 @@ def test_slow_reader_is_dropped_fast_reader_gets_everything(chatd):
     ack = sender.say("after the storm")
     assert fast.wait_for(lambda e: e.get("message_id") == ack["message_id"])
     assert metric_value(parse_metrics(srv.metrics_text()), "chat_connections") == 2
+
+
+def test_fast_sender_reading_its_echoes_is_slowed_not_cut(chatd):
+    """A sender that blasts messages (far more, in echoes, than --max-outbound-bytes) while it
+    reads its echoes at its own pace is slowed down (not read until its echoes drain), never
+    cut: every message is acknowledged."""
+    srv = chatd()
+    n, text = 300, "b" * 60000  # ~18 MB of echoes, over 4 MiB of queue plus what kernels buffer
+    sender = srv.client("blast", "blaster")
+    echoes, errors = [], []
+
+    def read_echoes():
+        try:
+            while len(echoes) < n:
+                ev = sender.recv(timeout=30)
+                assert ev["event"] == "message:message", ev
+                echoes.append(ev)
+                time.sleep(0.01)  # its own pace: slower than it sends
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=read_echoes, daemon=True)
+    t.start()
+    for i in range(n):
+        sender.send({"event": "message:message", "message": text, "client_id": f"b{i}"})
+    t.join(120)
+    assert not errors, f"after {len(echoes)} of {n} echoes: {errors[0]!r}"
+    assert [e["client_id"] for e in echoes] == [f"b{i}" for i in range(n)]
+    assert len({e["message_id"] for e in echoes}) == n
+    m = parse_metrics(srv.metrics_text())
+    assert not metric_value(m, "chat_ws_closes_total", code="1008"), "someone was cut"
