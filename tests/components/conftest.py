@@ -41,15 +41,15 @@ class Component:
         self.port = free_port()
         self.dir = Path(base) / f"{name}-{self.port}"
 
-    def run(self, cmd, timeout=600):
+    def run(self, cmd, timeout=600, env=None):
         """scripts/NAME CMD --port --dir; the CompletedProcess, stdout and stderr merged."""
         return subprocess.run(
             [str(self.script), cmd, "--port", str(self.port), "--dir", str(self.dir)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, timeout=timeout, cwd=str(REPO))
+            text=True, timeout=timeout, cwd=str(REPO), env={**os.environ, **(env or {})})
 
-    def start(self):
-        p = self.run("start")
+    def start(self, env=None):
+        p = self.run("start", env=env)
         if p.returncode != 0:
             pytest.fail(f"scripts/{self.name} start failed (exit {p.returncode}):\n{p.stdout}")
         return p.stdout
@@ -74,10 +74,15 @@ def component_base():
     shutil.rmtree(base, ignore_errors=True)
 
 
-def _node(name, base):
+# The cluster id the session's Kafka is formatted with: one that starts with "-", as one in
+# 64 random ones would, which the storage tool must not take for an option.
+KAFKA_CLUSTER_ID = "-GNoYXQtaW5kZXhlci0wMQ"
+
+
+def _node(name, base, env=None):
     c = Component(name, base)
     try:
-        c.start()
+        c.start(env)
         yield c
     finally:
         c.stop()
@@ -85,7 +90,7 @@ def _node(name, base):
 
 @pytest.fixture(scope="module")
 def kafka(component_base):
-    yield from _node("kafka", component_base)
+    yield from _node("kafka", component_base, {"KAFKA_CLUSTER_ID": KAFKA_CLUSTER_ID})
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from conftest import assert_stops
+from conftest import KAFKA_CLUSTER_ID, assert_stops
 
 PARTITIONS = 12
 KEYS = [f"chat-{i}" for i in range(30)]
@@ -81,6 +81,12 @@ def produce(kafka, topic, pairs):
     left = p.flush(30)
     assert left == 0, f"{left} messages not delivered within 30 s"
     return errors
+
+
+def test_the_broker_has_the_cluster_id_it_was_formatted_with(kafka):
+    md = AdminClient({"bootstrap.servers": bootstrap(kafka)}).list_topics(timeout=10)
+    assert md.cluster_id == KAFKA_CLUSTER_ID
+    assert list(md.brokers) == [1]
 
 
 def test_topic_with_twelve_partitions(kafka, topic):
