@@ -2,8 +2,8 @@
 of 12 partitions, keyed messages kept in order per key, a consumer group that resumes from
 its committed offsets, and a stop that really ends the broker.
 
-Clients: confluent-kafka (librdkafka, the library the C indexer will link), so these checks
-speak the same protocol versions as the pipeline will.
+Clients: confluent-kafka, on librdkafka: the C client library, not the broker's own Java
+one, so these checks do not share the broker's code.
 """
 
 import time
