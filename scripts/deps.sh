@@ -17,7 +17,9 @@ esac
 debs=(gcc libc6-dev make pkg-config openssl
       libuv1-dev libjansson-dev libhttp-parser-dev libsqlite3-dev libssl-dev zlib1g-dev
       libhiredis-dev)
-# testing: sanitizers and fuzzers, Redis, HAProxy, the browser, Cassandra, the Docker checks
+# testing: sanitizers and fuzzers, Redis, HAProxy, the browser, the Docker checks; the JDK
+# (with javac, for the OpenSearch launcher) and Maven for Cassandra, Kafka and OpenSearch,
+# curl for OpenSearch's readiness (the Python Kafka client is in tests/requirements.txt)
 [ "$what" = test ] &&
     debs+=(clang libclang-rt-14-dev llvm redis-server haproxy chromium openjdk-17-jdk-headless
            maven docker-compose curl)
