@@ -16,10 +16,11 @@ connection, opened with which cursors; every fault; every reconnect) and the che
 made on that record against the store's history, so that a failure prints what the people
 fixing it need: which message, which client, which connections and faults around it.
 
-Durations: `make test` runs a short soak (SOAK_SECONDS=36 of faults, 12 msg/s per chat,
-SQLite, --replay-limit 200 so that the REST fallback is exercised too); `make soak` a long
-one (SOAK_SECONDS=90, 40 msg/s per chat, Cassandra, the default --replay-limit). The fault
-order comes from a seeded RNG (SOAK_SEED); every wait is bounded.
+Durations: `make test` runs a short soak (SOAK_SECONDS=36 of faults; SOAK_RATES=6,6,18,18
+msg/s in the four chats; SQLite; --replay-limit 150, so that resumes in the busy chats can
+take the REST fallback while those in the calm ones are replayed); `make soak` a long one
+(SOAK_SECONDS=90, 40 msg/s in every chat, Cassandra, chatd's default --replay-limit). The
+fault order comes from a seeded RNG (SOAK_SEED); every wait is bounded.
 """
 
 import asyncio
@@ -41,11 +42,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from clusterlib import Node, Redis, mint_token, origin_node, tail
 
 FAULT_SECONDS = float(os.environ.get("SOAK_SECONDS", "36"))
-RATE = float(os.environ.get("SOAK_RATE", "12"))  # messages per second per chat
+# messages per second in each of the 4 chats: two calm chats, whose resumes fit in the
+# replay, and two busy ones, whose resumes can exceed --replay-limit (the REST fallback)
+RATES = [float(x) for x in os.environ.get("SOAK_RATES", "6,6,18,18").split(",")]
 STORE = os.environ.get("SOAK_STORE", "sqlite")  # sqlite | cassandra
 SEED = int(os.environ.get("SOAK_SEED", "12"))
-REPLAY_LIMIT = os.environ.get("SOAK_REPLAY_LIMIT", "200")  # "" = chatd's default
-CHATS = 4
+REPLAY_LIMIT = os.environ.get("SOAK_REPLAY_LIMIT", "150")  # "" = chatd's default
+CHATS = len(RATES)
 PER_CHAT = 6
 FAULT_EVERY = 6.0
 DOWN_SECONDS = 1.0  # between a kill -9 (of a node or Redis) and its restart
@@ -612,7 +615,8 @@ async def soak_run(cluster, report):
 
     soak.started = loop.time()
     end = soak.started + FAULT_SECONDS
-    senders = [asyncio.create_task(c.sender(RATE / PER_CHAT, end)) for c in clients]
+    senders = [asyncio.create_task(c.sender(RATES[chats.index(c.chat)] / PER_CHAT, end))
+               for c in clients]
     faults = asyncio.create_task(inject_faults(soak, rng, end))
     await asyncio.gather(faults, *senders)
     soak.fault("faults over")
@@ -651,8 +655,9 @@ async def soak_run(cluster, report):
         total.update(c.stats)
     deliveries = sum(len(c.deliveries) for c in clients)
     report.append(
-        f"soak: seed={SEED} store={STORE} {FAULT_SECONDS:.0f}s of faults, {RATE:g} msg/s per "
-        f"chat, {CHATS} chats x {PER_CHAT} clients, replay-limit {REPLAY_LIMIT or 'default'}")
+        f"soak: seed={SEED} store={STORE} {FAULT_SECONDS:.0f}s of faults, "
+        f"{','.join(f'{r:g}' for r in RATES)} msg/s in the {CHATS} chats x {PER_CHAT} clients, "
+        f"replay-limit {REPLAY_LIMIT or 'default'}")
     report.append(
         f"soak: stored {sum(len(v) for v in stored.values())} messages, "
         f"{deliveries} deliveries, {total['resends']} resends, {total['reconnects']} "
