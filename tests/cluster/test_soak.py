@@ -195,6 +195,7 @@ class Client:
         self.pending = {}  # client_id -> text, in send order: not yet acknowledged
         self.sent_on = {}  # client_id -> connection it was last sent on
         self.resent = collections.Counter()  # client_id -> times sent again after the first
+        self.sends = collections.defaultdict(list)  # client_id -> [(connection, t)]
         self.sent = []  # every client_id, in order
         self.seq = 0
         self.timeline = []  # (t, text)
@@ -257,7 +258,8 @@ class Client:
             self.conn_no += 1
             self.ws = ws
             self.closed = asyncio.Event()
-            node = info.get("node")
+            node = next((n.idx for n in self.cluster.nodes if n.url == info.get("url")),
+                        info.get("url"))
             self.conn_since[self.conn_no] = since
             self.conn_node[self.conn_no] = node
             self.conn_open_t[self.conn_no] = self.soak.now()
@@ -315,6 +317,7 @@ class Client:
             self.resent[cid] += 1
             self.stats["resends"] += 1
         self.sent_on[cid] = conn
+        self.sends[cid].append((conn, self.soak.now()))
         try:
             await self.ws.send(json.dumps({"event": "message:message",
                                            "message": self.pending[cid], "client_id": cid}))
@@ -485,6 +488,26 @@ def conn_at(c, t):
     return best
 
 
+def who_got(soak, clients, m, chat):
+    """For a diagnostic: how each member of the chat got message m, and how its sender sent
+    it."""
+    i = m["message_id"]
+    out = []
+    for c in clients:
+        if c.chat != chat:
+            continue
+        copies = [f"conn#{conn} (node {c.conn_node.get(conn)}, since="
+                  f"{c.conn_since.get(conn)}) event #{idx} at {t:.2f}s"
+                  for x, conn, t, idx in c.deliveries if x == i]
+        how = "; ".join(copies) or ("REST fill" if i in c.rest_filled else "NEVER")
+        out.append(f"    {c.user}: {how}")
+        if c.user == m["user_from"]:
+            cid = m.get("client_id")
+            out.append(f"      its sender sent {cid} on " + ", ".join(
+                f"conn#{conn} at {t:.2f}s" for conn, t in c.sends.get(cid, [])))
+    return out
+
+
 def check(soak, clients, stored):
     """Every failure, as text lines (empty: all is well)."""
     out = []
@@ -533,6 +556,7 @@ def check(soak, clients, stored):
                            f"{all_stored[i]['user_from']} stored at {t:.2f}s; {c.user} was "
                            f"on conn#{conn} (node {c.conn_node.get(conn)}), next conn#{nxt} "
                            f"since={c.conn_since.get(nxt)}")
+                out.extend(who_got(soak, clients, all_stored[i], c.chat))
             t = soak.rel_ms(id_ms(missing[0]))
             out.append(f"  {c.user}'s timeline around {t:.2f}s:")
             out.extend(near(c.timeline, t, 6, 6))
@@ -559,21 +583,28 @@ def check(soak, clients, stored):
                     out.append(f"  copy on conn#{conn} (node {c.conn_node.get(conn)}, opened "
                                f"{c.conn_open_t.get(conn, 0):.2f}s since="
                                f"{c.conn_since.get(conn)}) at {t:.2f}s, event #{idx} of it")
+                out.extend(who_got(soak, clients, dict(ev, message_id=i), c.chat))
                 out.append(f"  {c.user}'s timeline around it:")
                 out.extend(near(c.timeline, copies[-1][1], 6, 2))
                 out.append("  faults around it:")
                 out.extend(near(soak.faults, copies[-1][1], 8, 2))
         # order: from each origin node, first deliveries in id order (the echo of a resend
         # of an old message of its own is an acknowledgement, not part of the stream)
-        last = {}
+        last, disorder = {}, 0
         for i, conn, t, idx in c.deliveries:
             ev = c.first[i]
             if ev.get("user_from") == c.user and c.resent[ev.get("client_id")]:
                 continue
             o = origin_node(i)
             if int(i) < last.get(o, (0,))[0]:
+                disorder += 1
+                if disorder > 5:
+                    continue
                 out.append(f"ORDER: {c.user}@{c.chat} got {i} (node {o}) on conn#{conn} at "
-                           f"{t:.2f}s after {last[o][0]} (conn#{last[o][1]})")
+                           f"{t:.2f}s (event #{idx}) after {last[o][0]} (conn#{last[o][1]}), "
+                           f"{id_ms(last[o][0]) - id_ms(i)} ms newer")
+        if disorder > 5:
+            out.append(f"ORDER: {c.user}@{c.chat}: {disorder} out of order in all")
             if int(i) > last.get(o, (0,))[0]:
                 last[o] = (int(i), conn)
     return out
@@ -649,6 +680,10 @@ async def soak_run(cluster, report):
                      if not (c.connected and not c.pending)]
         failures.insert(0, f"not quiet within {QUIET_DEADLINE}s: {not_ready[:8]}")
     failures = soak.problems + failures
+    kinds = collections.Counter(f.split(":")[0] for f in failures if not f.startswith(" "))
+    if kinds:
+        failures.insert(0, "failure lines by kind: " + ", ".join(f"{k} {n}"
+                                                               for k, n in kinds.items()))
 
     total = collections.Counter()
     for c in clients:
