@@ -479,6 +479,24 @@ def near(entries, t, before=3.0, after=3.0):
     return [f"    {x:7.2f}s {text}" for x, text in entries if t - before <= x <= t + after]
 
 
+def logs_near(soak, ms, before=2000, after=1000, limit=12):
+    """The nodes' log lines from `before` ms before wall-clock time ms to `after` ms after it
+    (log lines start with an RFC 3339 UTC time)."""
+    lo = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((ms - before) / 1000)) + \
+        f".{int(ms - before) % 1000:03d}"
+    hi = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((ms + after) / 1000)) + \
+        f".{int(ms + after) % 1000:03d}"
+    out = []
+    for n in soak.cluster.nodes:
+        try:
+            lines = n.log.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        near_lines = [x for x in lines if lo <= x[:23] <= hi]
+        out.extend(f"    chatd{n.idx}: {x}" for x in near_lines[:limit])
+    return out
+
+
 def conn_at(c, t):
     """The connection client c had open at time t (None if none)."""
     best = None
@@ -562,6 +580,10 @@ def check(soak, clients, stored):
             out.extend(near(c.timeline, t, 6, 6))
             out.append("  faults around it:")
             out.extend(near(soak.faults, t, 8, 4))
+            out.append(f"  the nodes' logs around {missing[0]} "
+                       f"({time.strftime('%H:%M:%S', time.gmtime(id_ms(missing[0]) / 1000))}"
+                       f".{id_ms(missing[0]) % 1000:03d}):")
+            out.extend(logs_near(soak, id_ms(missing[0])))
         # phantoms: delivered but not stored (durable before delivery)
         extra = sorted(seen - want, key=int)
         if extra:
@@ -588,6 +610,8 @@ def check(soak, clients, stored):
                 out.extend(near(c.timeline, copies[-1][1], 6, 2))
                 out.append("  faults around it:")
                 out.extend(near(soak.faults, copies[-1][1], 8, 2))
+                out.append("  the nodes' logs before the last copy:")
+                out.extend(logs_near(soak, (soak.t0 + copies[-1][1]) * 1000, 3000, 200))
         # order: from each origin node, first deliveries in id order (the echo of a resend
         # of an old message of its own is an acknowledgement, not part of the stream)
         last, disorder = {}, 0
