@@ -202,6 +202,7 @@ class Client:
         self.stats = collections.Counter()
         self.unexpected = []  # events a client does not expect (bad errors)
         self.fills = []
+        self.fill_sizes = []  # per REST fill: how many messages were after the cursors
         self.done = False
         self.closed = asyncio.Event()
         self.closed.set()
@@ -413,6 +414,7 @@ class Client:
             if m["message_id"] not in self.first and m["message_id"] not in self.rest_filled:
                 new += 1
             self.rest_filled.setdefault(m["message_id"], m)
+        self.fill_sizes.append(len(got))
         self.stats["rest_pages"] += pages
         self.stats["rest_filled"] += new
         self.note(f"conn#{conn} REST fill: {pages} pages, {len(got)} in range, {new} not seen")
@@ -724,6 +726,13 @@ async def soak_run(cluster, report):
         f"{total['replay_too_large']} replay_too_large -> {total['rest_pages']} REST pages, "
         f"{total['rest_filled']} messages filled by REST, "
         f"{total['store_unavailable']} store_unavailable")
+    sizes = sorted(x for c in clients for x in c.fill_sizes)
+    if sizes:
+        report.append(
+            f"soak: after each replay_too_large, the messages after the cursors (what the "
+            f"replay had to send, or a few more: read by the REST fill a little later): min "
+            f"{sizes[0]}, median {sizes[len(sizes) // 2]}, max {sizes[-1]} (replay-limit "
+            f"{REPLAY_LIMIT or 'default'})")
     report.append("soak: faults: " + "; ".join(f"{t:.1f}s {x}" for t, x in soak.faults))
     del hello
     return failures
