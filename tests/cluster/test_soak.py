@@ -203,9 +203,17 @@ class Client:
         self.unexpected = []  # events a client does not expect (bad errors)
         self.fills = []
         self.fill_sizes = []  # per REST fill: how many messages were after the cursors
+        self.tasks = set()
         self.done = False
         self.closed = asyncio.Event()
         self.closed.set()
+
+    def spawn(self, coro):
+        """A task kept referenced until it ends (the loop holds tasks only weakly)."""
+        t = asyncio.create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
+        return t
 
     def note(self, text):
         self.timeline.append((self.soak.now(), text))
@@ -265,7 +273,7 @@ class Client:
             self.conn_node[self.conn_no] = node
             self.conn_open_t[self.conn_no] = self.soak.now()
             self.note(f"conn#{self.conn_no} open on node {node} since={since}")
-            asyncio.create_task(self.read(ws, self.conn_no, self.closed))
+            self.spawn(self.read(ws, self.conn_no, self.closed))
             return
 
     async def read(self, ws, conn, closed):
@@ -289,14 +297,14 @@ class Client:
                 elif kind == "error" and ev.get("code") == "replay_too_large":
                     self.stats["replay_too_large"] += 1
                     self.note(f"conn#{conn} replay_too_large (since={self.conn_since[conn]})")
-                    self.fills.append(asyncio.create_task(
-                        self.fill(conn, self.conn_since[conn])))
+                    self.fills.append(self.spawn(self.fill(conn, self.conn_since[conn])))
                 elif kind == "error" and ev.get("code") == "store_unavailable" \
                         and ev.get("client_id") in self.pending:
-                    # not stored, not delivered: send it again on this connection
+                    # not stored, not delivered: send it again on this connection (counted
+                    # as a resend: its echo may be a duplicate's if the store did take it)
                     self.stats["store_unavailable"] += 1
-                    self.sent_on.pop(ev["client_id"], None)
-                    asyncio.create_task(self.resend_later(conn))
+                    self.sent_on[ev["client_id"]] = None
+                    self.spawn(self.resend_later(conn))
                 elif kind != "pong":
                     self.unexpected.append((self.soak.now(), conn, ev))
         except ConnectionClosed:
