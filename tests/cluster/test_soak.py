@@ -20,7 +20,8 @@ Durations: `make test` runs a short soak (SOAK_SECONDS=36 of faults; SOAK_RATES=
 msg/s in the four chats; SQLite; --replay-limit 150, so that resumes in the busy chats can
 take the REST fallback while those in the calm ones are replayed); `make soak` a long one
 (SOAK_SECONDS=90, 40 msg/s in every chat, Cassandra, chatd's default --replay-limit). The
-fault order comes from a seeded RNG (SOAK_SEED); every wait is bounded.
+fault order comes from a seeded RNG (SOAK_SEED), the kinds from SOAK_FAULTS (default
+kill9,drain,redis); every wait is bounded.
 """
 
 import asyncio
@@ -48,6 +49,8 @@ RATES = [float(x) for x in os.environ.get("SOAK_RATES", "6,6,18,18").split(",")]
 STORE = os.environ.get("SOAK_STORE", "sqlite")  # sqlite | cassandra
 SEED = int(os.environ.get("SOAK_SEED", "12"))
 REPLAY_LIMIT = os.environ.get("SOAK_REPLAY_LIMIT", "150")  # "" = chatd's default
+# the kinds of fault to draw from (one of them, to chase one failure)
+FAULTS = os.environ.get("SOAK_FAULTS", "kill9,drain,redis").split(",")
 CHATS = len(RATES)
 PER_CHAT = 6
 FAULT_EVERY = 6.0
@@ -452,7 +455,7 @@ async def inject_faults(soak, rng, until):
         if at >= until:
             return
         await asyncio.sleep(max(0.0, at - loop.time()))
-        kind = rng.choice(["kill9", "drain", "redis"])
+        kind = rng.choice(FAULTS)
         if kind == "redis":
             soak.fault("redis kill -9")
             await asyncio.to_thread(cluster.redis.kill9)
