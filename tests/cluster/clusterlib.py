@@ -197,8 +197,9 @@ class Node:
     """One chatd of the cluster: node id, fixed port, --public-url, the Redis bus, the shared
     SQLite store. Its combined output goes to a log file in the test's tmp dir."""
 
-    def __init__(self, idx, tmp, redis, store, secret):
+    def __init__(self, idx, tmp, redis, store, secret, extra_args=()):
         self.idx = idx
+        self.extra_args = list(extra_args)  # more chatd flags, e.g. --replay-limit
         self.redis = redis
         self.store = store
         self.secret = secret
@@ -228,7 +229,7 @@ class Node:
             "--public-url", self.url, "--node-id", str(self.idx),
             "--store", self.store, "--bus", f"redis://127.0.0.1:{self.redis.port}",
             "--jwt-secret", self.secret,
-        ]
+        ] + self.extra_args
 
     def start(self):
         if not CHATD.exists():
