@@ -84,6 +84,10 @@ static int parse_size(const char *what, const char *v, size_t *out) {
 static uv_signal_t sig_term, sig_int;
 static chat_server_t *server;
 static jwks_t *jwks; /* public keys and JWKS, if configured */
+/* the --jwt-public-key files until jwks_open has read them (static: an early exit on a
+ * usage error is not a leak) */
+static const char **pem_files;
+static char *pem_env;
 static bool clustered; /* a bus other than local: SIGTERM is a restart, not an end */
 static int exit_status;
 static bool starting = true; /* chat_server_start has not returned */
@@ -163,9 +167,8 @@ int main(int argc, char **argv) {
     const char *jwks_refresh = env_or("CHAT_JWKS_REFRESH", "300");
     const char *jwks_min = env_or("CHAT_JWKS_MIN_INTERVAL", "30");
     /* public key files: repeated flags, else CHAT_JWT_PUBLIC_KEY split at ':' (as PATH) */
-    const char **pem_files = calloc((size_t)argc + 1, sizeof(*pem_files));
+    pem_files = calloc((size_t)argc + 1, sizeof(*pem_files));
     size_t n_pem = 0, n_pem_flags = 0;
-    char *pem_env = NULL;
     if (!pem_files) return 1;
 
     enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
@@ -345,17 +348,16 @@ int main(int argc, char **argv) {
     if (public_keys || jk.issuer || jk.audience) {
         jk.secret = cfg.jwt_secret;
         rc = jwks_open(&cfg.jwks, loop, &jk, err, sizeof err);
-        free(pem_files);
-        free(pem_env);
-        pem_files = NULL;
         if (rc < 0) {
             fprintf(stderr, "chatd: %s\n", err);
             return 2;
         }
         jwks = cfg.jwks;
     }
-    free(pem_files);
+    free(pem_files); /* jwks_open has read the files */
     free(pem_env);
+    pem_files = NULL;
+    pem_env = NULL;
     rc = chat_server_start(&server, loop, &cfg, err, sizeof err);
     starting = false;
     if (rc < 0) {
