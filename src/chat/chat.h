@@ -15,7 +15,7 @@
 
 #include "../core/core.h"
 
-/* ---- JWT (RFC 7519, HS256 only) ------------------------------------------------------- */
+/* ---- JWT (RFC 7519): HS256 with a secret (jwt_verify), key sets below ----------------- */
 typedef struct jwt_claims {
     char sub[129];   /* the user id; 1..128 bytes, no control characters */
     int64_t exp;     /* seconds since the epoch, 0 if absent */

@@ -1,10 +1,14 @@
-/* jwt: HS256 JSON Web Tokens (RFC 7519 / RFC 7515 compact form) and the chat id rule.
+/* jwt: JSON Web Tokens (RFC 7519 / RFC 7515 compact form), HS256 with a secret and RS256 /
+ * ES256 with public keys (PEM or JWKS), and the chat id rule.
  *
- * The one idea: trust nothing in a token until its MAC proves we minted it. jwt_verify
- * checks the shape and the HMAC before it parses any JSON, and only then reads the header
- * (which must still say HS256: a token is never allowed to pick its own algorithm) and
- * the claims. base64url is decoded strictly (no padding, canonical trailing bits) so
- * that a token has exactly one spelling.
+ * The one idea: trust nothing in a token until its signature proves who minted it, and
+ * never let a token pick how it is checked. jwt_verify (a secret only) checks the shape
+ * and the HMAC before it parses any JSON. jwt_verify_keys must read the header first (its
+ * alg and kid choose among the keys), so it parses it strictly and bounded, but the
+ * algorithm is a property of each key, fixed when the key is loaded: a token's alg can only
+ * select keys of that algorithm, never make an RSA key act as an HMAC secret. Signatures
+ * use OpenSSL's EVP; JWKs become keys through OpenSSL 3's EVP_PKEY_fromdata. base64url is
+ * decoded strictly (no padding, canonical trailing bits) so a token has one spelling.
  */
 #include "chat.h"
 
