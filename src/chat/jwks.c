@@ -259,6 +259,9 @@ int jwks_open(jwks_t **out, uv_loop_t *loop, const jwks_config_t *cfg, char *err
         jwks__free(j);
         return rc;
     }
+    log_info("jwt_keys static=%zu jwks_url=%s issuer=%s audience=%s", jwt_keyset_count(j->fixed),
+             LOG_STR(cfg->url ? cfg->url : "-"), LOG_STR(cfg->issuer ? cfg->issuer : "-"),
+             LOG_STR(cfg->audience ? cfg->audience : "-"));
     if (cfg->url && *cfg->url) {
         if (strncmp(cfg->url, "http://", 7) != 0 && strncmp(cfg->url, "https://", 8) != 0) {
             snprintf(err, errlen, "jwks-url must start with http:// or https://");

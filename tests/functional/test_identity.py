@@ -275,6 +275,18 @@ def test_issuer_and_audience(chatd, keys):
     assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
 
 
+def test_chatctl_token_key_errors(keys):
+    cases = [
+        (["--key", keys["rsa"].pub], 1, "private key"),  # a public key cannot sign
+        (["--key", keys["rsa"].priv, "--secret", "s"], 2, "not both"),
+        (["--key", "/nonexistent/key.pem"], 1, "cannot read"),
+    ]
+    for args, code, why in cases:
+        r = subprocess.run([str(CHATCTL), "token", "--user", "alice", *map(str, args)],
+                           capture_output=True, text=True)
+        assert r.returncode == code and why in r.stderr and not r.stdout, (args, r)
+
+
 def test_bad_key_files_stop_chatd_with_a_reason(tmp_path, keys):
     cases = [
         (tmp_path / "missing.pem", "cannot open"),
