@@ -400,3 +400,20 @@ def test_jwks_bad_documents_keep_the_last_good_keys(chatd, keys, jwks_server):
     refused(srv, token(a, header={"alg": "RS256", "kid": "unknown"}))  # asks for a refetch
     wait_until(lambda: idp.count() > n and "jwks fetch failed" in srv.log, "the bad refetch")
     assert accepted(srv, tok)
+
+
+def test_shutdown_while_the_provider_stalls(chatd, keys):
+    """A JWKS fetch that never gets an answer does not hold up SIGTERM (the fixture insists
+    on a clean exit within its deadline)."""
+    stall = socket.socket()
+    stall.bind(("127.0.0.1", 0))
+    stall.listen(8)  # accepts connections (the kernel does) and never answers
+    try:
+        url = f"http://127.0.0.1:{stall.getsockname()[1]}/certs"
+        srv = chatd("--jwks-url", url)
+        assert accepted(srv, srv.token("alice"))
+        refused(srv, token(keys["ec"], header={"alg": "ES256", "kid": "k1"}))
+        srv.stop_ok()
+        assert "jwks fetched" not in srv.log
+    finally:
+        stall.close()
