@@ -13,10 +13,11 @@ case $what in
     *) echo "usage: scripts/deps.sh [run|test]" >&2; exit 2 ;;
 esac
 
-# building and running: the compiler, the -dev libraries, openssl for `make run`'s dev secret
+# building and running: the compiler, the -dev libraries (libcurl: chatd's --jwks-url), openssl
+# for `make run`'s dev secret
 debs=(gcc libc6-dev make pkg-config openssl
       libuv1-dev libjansson-dev libhttp-parser-dev libsqlite3-dev libssl-dev zlib1g-dev
-      libhiredis-dev)
+      libhiredis-dev libcurl4-openssl-dev)
 # testing: sanitizers and fuzzers, Redis, HAProxy, the browser, the Docker checks; the JDK
 # (with javac, for the OpenSearch launcher) and Maven for Cassandra, Kafka and OpenSearch,
 # curl for OpenSearch's readiness (the Python Kafka client is in tests/requirements.txt)

@@ -26,12 +26,18 @@ static void usage(FILE *f) {
     fputs("usage: chatctl COMMAND [OPTIONS]\n"
           "\n"
           "commands:\n"
-          "  token      mint an HS256 JWT for a user and print it\n"
+          "  token      mint a JWT for a user and print it (HS256 with a secret, RS256 or\n"
+          "             ES256 with --key)\n"
           "    --user U          user id, the token's \"sub\" (required; 1..128 bytes,\n"
           "                      no control characters)\n"
           "    --secret S        signing secret (default: $CHAT_JWT_SECRET)\n"
           "    --ttl SECONDS     lifetime in seconds, 0 = never expires (default: 86400)\n"
           "    --chats A,B,...   allow only these chat ids (default: every chat)\n"
+          "    --key FILE        sign with this PEM private key instead of a secret: RSA\n"
+          "                      (RS256) or EC P-256 (ES256)\n"
+          "    --kid ID          put this key id in the header\n"
+          "    --iss ISSUER      put this \"iss\" claim in the token\n"
+          "    --aud AUDIENCE    put this \"aud\" claim in the token\n"
           "  migrate    create or upgrade the store's schema (safe to repeat)\n"
           "    --store URL       store to migrate (default: $CHAT_STORE, else\n"
           "                      " DEFAULT_STORE ")\n"
@@ -106,9 +112,12 @@ static int cmd_token(int argc, char **argv) {
     static const struct option opts[] = {
         {"user", required_argument, NULL, 'u'},  {"secret", required_argument, NULL, 's'},
         {"ttl", required_argument, NULL, 't'},   {"chats", required_argument, NULL, 'c'},
+        {"key", required_argument, NULL, 'k'},   {"kid", required_argument, NULL, 'K'},
+        {"iss", required_argument, NULL, 'i'},   {"aud", required_argument, NULL, 'a'},
         {"help", no_argument, NULL, 'h'},        {NULL, 0, NULL, 0},
     };
     const char *user = NULL, *secret = NULL, *ttl_arg = NULL, *chats_arg = NULL;
+    const char *key_file = NULL, *kid = NULL, *iss = NULL, *aud = NULL;
     int c;
     while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
@@ -116,6 +125,10 @@ static int cmd_token(int argc, char **argv) {
         case 's': secret = optarg; break;
         case 't': ttl_arg = optarg; break;
         case 'c': chats_arg = optarg; break;
+        case 'k': key_file = optarg; break;
+        case 'K': kid = optarg; break;
+        case 'i': iss = optarg; break;
+        case 'a': aud = optarg; break;
         case 'h': usage(stdout); return 0;
         default: return option_error("token", c, argv);
         }
@@ -128,11 +141,25 @@ static int cmd_token(int argc, char **argv) {
     if (ttl_arg && parse_ttl(ttl_arg, &ttl) < 0)
         return usage_error("token: invalid --ttl '%s': need a whole number of seconds >= 0",
                            ttl_arg);
-    if (!secret) secret = getenv("CHAT_JWT_SECRET");
-    if (!secret || !*secret) return usage_error("no secret: pass --secret or set CHAT_JWT_SECRET");
+    if (key_file && secret) return usage_error("token: give --key or --secret, not both");
+    if (!key_file && !secret) secret = getenv("CHAT_JWT_SECRET");
+    if (!key_file && (!secret || !*secret))
+        return usage_error("no secret: pass --secret or set CHAT_JWT_SECRET (or --key FILE)");
 
     int rc = 2;
-    char *chats_buf = NULL, **chats = NULL, *token = NULL;
+    char *chats_buf = NULL, **chats = NULL, *token = NULL, *pem = NULL;
+    size_t pem_len = 0;
+    if (key_file) {
+        FILE *f = fopen(key_file, "rb");
+        pem = malloc(1 << 20);
+        if (f && pem) pem_len = fread(pem, 1, 1 << 20, f);
+        if (f) fclose(f);
+        if (!f || !pem || pem_len == 0 || pem_len == 1 << 20) {
+            fprintf(stderr, "chatctl: token: cannot read --key '%s'\n", key_file);
+            rc = 1;
+            goto out;
+        }
+    }
     if (chats_arg) {
         chats_buf = strdup(chats_arg);
         chats = chats_buf ? split_chats(chats_buf) : NULL;
@@ -150,7 +177,20 @@ static int cmd_token(int argc, char **argv) {
             }
         }
     }
-    token = jwt_sign(user, (int64_t)time(NULL), ttl, (const char *const *)chats, secret);
+    if (key_file || kid || iss || aud) {
+        char err[160] = "";
+        jwt_mint_t m = {.sub = user, .now = (int64_t)time(NULL), .ttl = ttl,
+                        .chats = (const char *const *)chats, .secret = secret, .key_pem = pem,
+                        .key_pem_len = pem_len, .kid = kid, .iss = iss, .aud = aud};
+        token = jwt_sign_ex(&m, err, sizeof err);
+        if (!token) {
+            fprintf(stderr, "chatctl: token: cannot mint: %s\n", err);
+            rc = 1;
+            goto out;
+        }
+    } else {
+        token = jwt_sign(user, (int64_t)time(NULL), ttl, (const char *const *)chats, secret);
+    }
     if (!token) {
         /* jwt_sign reports every failure as NULL; these are the ones left after the checks
          * above */
@@ -162,6 +202,7 @@ static int cmd_token(int argc, char **argv) {
     printf("%s\n", token);
     rc = fflush(stdout) == 0 ? 0 : 1;
 out:
+    free(pem);
     free(token);
     free(chats);
     free(chats_buf);

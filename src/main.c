@@ -30,7 +30,19 @@ static void usage(FILE *f) {
             "  --public-url URL         CHAT_PUBLIC_URL          this node's WebSocket base URL "
             "for /api/connect (default ws://HOST:PORT)\n"
             "  --jwt-secret S           CHAT_JWT_SECRET          HS256 secret for tokens "
-            "(required unless --dev)\n"
+            "(required unless --dev or a public key or JWKS is given)\n"
+            "  --jwt-public-key FILE    CHAT_JWT_PUBLIC_KEY      PEM public key (RSA: RS256, EC "
+            "P-256: ES256); repeat the flag for several (env: files separated by ':')\n"
+            "  --jwks-url URL           CHAT_JWKS_URL            JWKS of an identity provider, "
+            "fetched at start, every --jwks-refresh and on an unknown kid\n"
+            "  --jwks-refresh SECONDS   CHAT_JWKS_REFRESH        refetch the JWKS this often "
+            "(default 300)\n"
+            "  --jwks-min-interval SECONDS CHAT_JWKS_MIN_INTERVAL  least time between two JWKS "
+            "fetches (default 30)\n"
+            "  --jwt-issuer ISS         CHAT_JWT_ISSUER          tokens must carry this iss "
+            "(default: not checked)\n"
+            "  --jwt-audience AUD       CHAT_JWT_AUDIENCE        tokens' aud must be or contain "
+            "this (default: not checked)\n"
             "  --dev                    CHAT_DEV=1               development mode: generate a "
             "secret and print how to mint a token\n"
             "  --max-message-bytes N    CHAT_MAX_MESSAGE_BYTES   largest message, WebSocket frame "
@@ -90,6 +102,11 @@ static int parse_count(const char *what, const char *v, size_t *out) {
 
 static uv_signal_t sig_term, sig_int;
 static chat_server_t *server;
+static jwks_t *jwks; /* public keys and JWKS, if configured */
+/* the --jwt-public-key files until jwks_open has read them (static: an early exit on a
+ * usage error is not a leak) */
+static const char **pem_files;
+static char *pem_env;
 static bool clustered; /* a bus other than local: SIGTERM is a restart, not an end */
 static int exit_status;
 static bool starting = true; /* chat_server_start has not returned */
@@ -99,6 +116,8 @@ static void on_stopped(void *arg) {
     uv_close((uv_handle_t *)&sig_term, NULL);
     uv_close((uv_handle_t *)&sig_int, NULL);
     server = NULL;
+    jwks_close(jwks); /* after the server: nothing verifies tokens any more */
+    jwks = NULL;
     log_info("stopped");
 }
 
@@ -163,9 +182,20 @@ int main(int argc, char **argv) {
     cfg.web_root = env_or("CHAT_WEB_ROOT", NULL);
     cfg.public_url = env_or("CHAT_PUBLIC_URL", NULL);
     const char *level = env_or("CHAT_LOG_LEVEL", "info");
+    jwks_config_t jk = {0};
+    jk.url = env_or("CHAT_JWKS_URL", NULL);
+    jk.issuer = env_or("CHAT_JWT_ISSUER", NULL);
+    jk.audience = env_or("CHAT_JWT_AUDIENCE", NULL);
+    const char *jwks_refresh = env_or("CHAT_JWKS_REFRESH", "300");
+    const char *jwks_min = env_or("CHAT_JWKS_MIN_INTERVAL", "30");
+    /* public key files: repeated flags, else CHAT_JWT_PUBLIC_KEY split at ':' (as PATH) */
+    pem_files = calloc((size_t)argc + 1, sizeof(*pem_files));
+    size_t n_pem = 0, n_pem_flags = 0;
+    if (!pem_files) return 1;
 
     enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
-           O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP };
+           O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_PUBKEY, O_JWKS, O_JWKS_REFRESH,
+           O_JWKS_MIN, O_ISSUER, O_AUDIENCE, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
@@ -185,6 +215,12 @@ int main(int argc, char **argv) {
         {"node-id", required_argument, 0, O_NODE},
         {"web-root", required_argument, 0, O_WEB},
         {"log-level", required_argument, 0, O_LEVEL},
+        {"jwt-public-key", required_argument, 0, O_PUBKEY},
+        {"jwks-url", required_argument, 0, O_JWKS},
+        {"jwks-refresh", required_argument, 0, O_JWKS_REFRESH},
+        {"jwks-min-interval", required_argument, 0, O_JWKS_MIN},
+        {"jwt-issuer", required_argument, 0, O_ISSUER},
+        {"jwt-audience", required_argument, 0, O_AUDIENCE},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -209,6 +245,12 @@ int main(int argc, char **argv) {
         case O_NODE: node = optarg; break;
         case O_WEB: cfg.web_root = optarg; break;
         case O_LEVEL: level = optarg; break;
+        case O_PUBKEY: pem_files[n_pem_flags++] = optarg; break;
+        case O_JWKS: jk.url = optarg; break;
+        case O_JWKS_REFRESH: jwks_refresh = optarg; break;
+        case O_JWKS_MIN: jwks_min = optarg; break;
+        case O_ISSUER: jk.issuer = optarg; break;
+        case O_AUDIENCE: jk.audience = optarg; break;
         case 'h':
         case O_HELP: usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -272,12 +314,38 @@ int main(int argc, char **argv) {
     }
     log_set_level(cfg.log_level);
 
+    n_pem = n_pem_flags;
+    const char *pem_list = env_or("CHAT_JWT_PUBLIC_KEY", NULL);
+    if (!n_pem && pem_list) {
+        if (!(pem_env = strdup(pem_list))) return 1;
+        pem_files = realloc(pem_files, (strlen(pem_env) + 2) * sizeof(*pem_files));
+        if (!pem_files) return 1;
+        for (char *save = NULL, *f = strtok_r(pem_env, ":", &save); f;
+             f = strtok_r(NULL, ":", &save))
+            pem_files[n_pem++] = f;
+    }
+    jk.pem_files = pem_files;
+    jk.n_pem = n_pem;
+    size_t jr, jm;
+    if (parse_size("jwks-refresh", jwks_refresh, &jr) < 0 ||
+        parse_size("jwks-min-interval", jwks_min, &jm) < 0)
+        return 2;
+    if (jr > 86400 * 7 || jm > 86400) {
+        fprintf(stderr, "chatd: jwks-refresh must be at most 604800 and jwks-min-interval at "
+                        "most 86400 seconds\n");
+        return 2;
+    }
+    jk.refresh_s = (unsigned)jr;
+    jk.min_interval_s = (unsigned)jm;
+    bool public_keys = n_pem || jk.url;
+
     char secret[65];
     bool generated = false;
-    if (!cfg.jwt_secret || !*cfg.jwt_secret) {
+    if ((!cfg.jwt_secret || !*cfg.jwt_secret) && !(public_keys && !cfg.dev)) {
         if (!cfg.dev) {
-            fprintf(stderr, "chatd: no JWT secret: set CHAT_JWT_SECRET or pass --jwt-secret "
-                            "(or run with --dev to generate one)\n");
+            fprintf(stderr, "chatd: no JWT secret: set CHAT_JWT_SECRET or pass --jwt-secret, "
+                            "or --jwt-public-key / --jwks-url (or run with --dev to generate "
+                            "one)\n");
             return 2;
         }
         unsigned char raw[32];
@@ -314,9 +382,25 @@ int main(int argc, char **argv) {
     uv_signal_start(&sig_term, on_signal, SIGTERM);
     uv_signal_start(&sig_int, on_signal, SIGINT);
     char err[256] = "";
-    int rc = chat_server_start(&server, loop, &cfg, err, sizeof err);
+    int rc = 0;
+    if (public_keys || jk.issuer || jk.audience) {
+        jk.secret = cfg.jwt_secret;
+        rc = jwks_open(&cfg.jwks, loop, &jk, err, sizeof err);
+        if (rc < 0) {
+            fprintf(stderr, "chatd: %s\n", err);
+            return 2;
+        }
+        jwks = cfg.jwks;
+    }
+    free(pem_files); /* jwks_open has read the files */
+    free(pem_env);
+    pem_files = NULL;
+    pem_env = NULL;
+    rc = chat_server_start(&server, loop, &cfg, err, sizeof err);
     starting = false;
     if (rc < 0) {
+        jwks_close(jwks);
+        jwks = NULL;
         uv_close((uv_handle_t *)&sig_term, NULL);
         uv_close((uv_handle_t *)&sig_int, NULL);
         uv_run(loop, UV_RUN_DEFAULT);

@@ -15,7 +15,7 @@
 
 #include "../core/core.h"
 
-/* ---- JWT (RFC 7519, HS256 only) ------------------------------------------------------- */
+/* ---- JWT (RFC 7519): HS256 with a secret (jwt_verify), key sets below ----------------- */
 typedef struct jwt_claims {
     char sub[129];   /* the user id; 1..128 bytes, no control characters */
     int64_t exp;     /* seconds since the epoch, 0 if absent */
@@ -41,6 +41,85 @@ bool jwt_allows_chat(const jwt_claims_t *c, const char *chat_id);
 char *jwt_sign(const char *sub, int64_t now, int64_t ttl, const char *const *chats,
                const char *secret);
 
+/* ---- key sets: RS256, ES256 and HS256 chosen by the KEY -------------------------------- */
+/* A set of verification keys. Each key has exactly one algorithm, fixed when it is added
+ * (an RSA key: RS256; an EC P-256 key: ES256; a secret: HS256) and an optional kid. A
+ * token's "alg" only filters the keys (it must equal the key's algorithm); it never makes
+ * a key be used another way, so an RSA public key can never become an HMAC secret. */
+typedef struct jwt_keyset jwt_keyset_t;
+/* An empty set (free with jwt_keyset_free), or NULL on OOM. */
+jwt_keyset_t *jwt_keyset_new(void);
+void jwt_keyset_free(jwt_keyset_t *ks);
+size_t jwt_keyset_count(const jwt_keyset_t *ks);
+/* Adds an HS256 secret (copied). 0, CHAT_EINVAL (empty) or CHAT_ENOMEM. */
+int jwt_keyset_add_secret(jwt_keyset_t *ks, const char *secret);
+/* Adds every "PUBLIC KEY" block of a PEM buffer: RSA of 2048 bits or more (RS256) or EC
+ * P-256 (ES256); no kid. 0, or CHAT_EINVAL with a reason in err (no public key, another
+ * key type); on error nothing is added. The buffer stays the caller's. */
+int jwt_keyset_add_pem(jwt_keyset_t *ks, const char *pem, size_t len, char *err, size_t errlen);
+/* Adds the signing keys of a JWKS document (RFC 7517 {"keys":[...]}): kty RSA (n, e) and
+ * kty EC crv P-256 (x, y), with their kid. Keys that are not for us are skipped, not
+ * errors: "use" other than "sig", an "alg" other than RS256/ES256 for that kty, other kty
+ * or curves, RSA under 2048 bits. Returns the number of keys added (>= 0), or CHAT_EINVAL
+ * with err if the document is not a JWKS (or holds more than 100 keys). */
+int jwt_keyset_add_jwks(jwt_keyset_t *ks, const char *json, size_t len, char *err,
+                        size_t errlen);
+
+/* What the claims must also say; NULL members are not checked. aud may be a string or an
+ * array of strings in the token; it must equal (contain) audience. */
+typedef struct jwt_policy {
+    const char *issuer;
+    const char *audience;
+} jwt_policy_t;
+
+/* Verify token against the keys of nsets key sets (NULL sets are skipped) at time now.
+ * The header's alg must be RS256, ES256 or HS256 and is used only to pick keys of that
+ * algorithm; with a "kid" only keys with that kid (or with none) are tried. ES256
+ * signatures are JOSE's 64-byte r||s. Then the claims are checked as jwt_verify does,
+ * plus policy (may be NULL). On success fills *out (free with jwt_claims_free). Returns 0,
+ * CHAT_EINVAL, CHAT_EEXPIRED, or CHAT_ENOTFOUND: the token names a kid no set holds (the
+ * caller may refresh its keys). */
+int jwt_verify_keys(const char *token, size_t len, const jwt_keyset_t *const *sets,
+                    size_t nsets, const jwt_policy_t *policy, int64_t now, jwt_claims_t *out);
+
+/* What to mint: exactly one of secret (HS256) or key_pem (a PEM private key, RSA: RS256,
+ * EC P-256: ES256). kid, iss, aud: NULL to leave out. chats: NULL or NULL-terminated. */
+typedef struct jwt_mint {
+    const char *sub;
+    int64_t now, ttl; /* iat = now, exp = now + ttl (ttl <= 0: no exp) */
+    const char *const *chats;
+    const char *secret;
+    const char *key_pem;
+    size_t key_pem_len;
+    const char *kid, *iss, *aud;
+} jwt_mint_t;
+/* A malloc'd NUL-terminated token the caller frees, or NULL with a reason in err. */
+char *jwt_sign_ex(const jwt_mint_t *m, char *err, size_t errlen);
+
+/* ---- JWKS: the keys chatd trusts and how they stay fresh (jwks.c) --------------------- */
+typedef struct jwks jwks_t;
+typedef struct jwks_config {
+    const char *secret;              /* HS256 secret or NULL */
+    const char *const *pem_files;    /* n_pem PEM files of public keys, read at open */
+    size_t n_pem;
+    const char *url;                 /* JWKS URL (http or https) or NULL */
+    const char *issuer, *audience;   /* checked when non-NULL */
+    unsigned refresh_s;              /* periodic refetch (default 300) */
+    unsigned min_interval_s;         /* least time between two fetches (default 30) */
+} jwks_config_t;
+/* Reads the PEM files and, with a url, starts fetching it on a worker thread (the first
+ * fetch right away). The strings in cfg must outlive the jwks_t. On success *out is owned
+ * by the caller (jwks_close); on failure err says why. */
+int jwks_open(jwks_t **out, uv_loop_t *loop, const jwks_config_t *cfg, char *err,
+              size_t errlen);
+/* jwt_verify_keys against the secret, the PEM keys and the last fetched JWKS, with the
+ * configured issuer and audience. An unknown kid asks for a refetch (at most one per
+ * min_interval_s) and returns CHAT_ENOTFOUND. Loop thread only. */
+int jwks_verify(jwks_t *j, const char *token, size_t len, int64_t now, jwt_claims_t *out);
+/* Stops the worker (an ongoing fetch is aborted), closes the handles; the memory is freed
+ * once the loop has run their close callbacks. */
+void jwks_close(jwks_t *j);
+
 /* ---- chat ids ------------------------------------------------------------------------- */
 /* A chat id is a UUID or 1..128 of [A-Za-z0-9_.-], other than "." and "..". (A UUID is a
  * subset of the slug set, so this is the slug rule.) "." and ".." are refused because URL
@@ -57,6 +136,9 @@ typedef struct chat_config {
     const char *store_url;
     const char *bus_url;
     const char *jwt_secret;
+    /* public keys, JWKS, issuer/audience: NULL if none is configured (then tokens are
+     * HS256 with jwt_secret, as jwt_verify checks them); owned by the caller */
+    jwks_t *jwks;
     const char *web_root;       /* static files served at / */
     const char *public_url;     /* this node's WebSocket base URL for discovery; NULL: derived */
     bool dev;

@@ -157,9 +157,15 @@ static int http__auth(chat_server_t *s, const http_request_t *req, const char *c
         *why = "missing token: pass ?token= or Authorization: Bearer";
         return 401;
     }
-    int rc = jwt_verify(tok, tlen, s->cfg.jwt_secret, (int64_t)time(NULL), cl);
+    int64_t now = (int64_t)time(NULL);
+    int rc = s->cfg.jwks ? jwks_verify(s->cfg.jwks, tok, tlen, now, cl)
+                         : jwt_verify(tok, tlen, s->cfg.jwt_secret, now, cl);
     if (rc == CHAT_EEXPIRED) {
         *why = "token expired";
+        return 401;
+    }
+    if (rc == CHAT_ENOTFOUND) { /* jwks_verify has asked for the provider's keys again */
+        *why = "unknown key id (kid): the keys are being refreshed, retry shortly";
         return 401;
     }
     if (rc < 0) {
