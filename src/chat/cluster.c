@@ -25,13 +25,56 @@
 
 /* ---- duplicate filter ------------------------------------------------------------------ */
 
+static int64_t cluster__id_ms(uint64_t id) { return (int64_t)(id >> 22) + ID_EPOCH_MS; }
+
+/* Recent ids (ROOM_RECENT_MS) are filtered exactly: the ids seen are kept. Older ones by the
+ * per-origin mark, as a node publishes its own messages in id order and anything that old
+ * that has not come through yet is not coming out of order any more. The mark alone would
+ * drop a message that arrives after a newer one of its origin, which happens: a catch-up
+ * read can see a node's later write while an earlier one is still being written (Cassandra
+ * runs them concurrently), and a retried message whose node died before publishing it is
+ * sent again by whichever node the retry reaches, in the order the retries come. */
 bool chat_room_admit(room_t *r, bool is_new, uint64_t id) {
     if (!is_new) return true; /* edits and deletes are idempotent for clients */
+    int64_t cutoff = time_now_ms() - ROOM_RECENT_MS;
+    uint32_t old = 0;
+    while (old < r->n_recent && cluster__id_ms(r->recent[old]) < cutoff) old++;
+    if (old) {
+        memmove(r->recent, r->recent + old, sizeof(uint64_t) * (r->n_recent - old));
+        r->n_recent -= old;
+    }
     uint16_t node = (uint16_t)((id >> 12) & 1023);
-    for (uint16_t i = 0; i < r->n_marks; i++) {
-        if (r->marks[i].node != node) continue;
-        if (id <= r->marks[i].id) return false;
-        r->marks[i].id = id;
+    room_mark_t *mk = NULL;
+    for (uint16_t i = 0; i < r->n_marks && !mk; i++)
+        if (r->marks[i].node == node) mk = &r->marks[i];
+    if (cluster__id_ms(id) < cutoff) {
+        if (mk && id <= mk->id) return false;
+    } else {
+        uint32_t lo = 0, hi = r->n_recent;
+        while (lo < hi) {
+            uint32_t mid = lo + (hi - lo) / 2;
+            if (r->recent[mid] < id) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo < r->n_recent && r->recent[lo] == id) return false;
+        if (r->n_recent == r->recent_cap) {
+            uint32_t ncap = r->recent_cap ? r->recent_cap * 2 : 16;
+            uint64_t *nr = realloc(r->recent, sizeof(uint64_t) * ncap);
+            if (nr) {
+                r->recent = nr;
+                r->recent_cap = ncap;
+            }
+        }
+        if (r->n_recent < r->recent_cap) { /* else: out of memory, the mark decides later */
+            memmove(r->recent + lo + 1, r->recent + lo, sizeof(uint64_t) * (r->n_recent - lo));
+            r->recent[lo] = id;
+            r->n_recent++;
+        } else if (mk && id <= mk->id) {
+            return false;
+        }
+    }
+    if (mk) {
+        if (id > mk->id) mk->id = id;
         return true;
     }
     room_mark_t *nm = realloc(r->marks, sizeof(*nm) * (r->n_marks + 1u));
@@ -39,6 +82,15 @@ bool chat_room_admit(room_t *r, bool is_new, uint64_t id) {
     r->marks = nm;
     r->marks[r->n_marks++] = (room_mark_t){.node = node, .id = id};
     return true;
+}
+
+void chat_room_free_filter(room_t *r) {
+    free(r->marks);
+    r->marks = NULL;
+    r->n_marks = 0;
+    free(r->recent);
+    r->recent = NULL;
+    r->n_recent = r->recent_cap = 0;
 }
 
 void chat_room_free_held(room_t *r) {
@@ -78,9 +130,18 @@ static void cluster__catchup_done(store_req_t *req) {
     if (!r) goto done; /* the room emptied meanwhile: nobody to catch up */
     if (req->status < 0) {
         s->m.store_errors++;
-        log_error("catchup_failed chat=%s error=%s", cu->chat_id, chat_strerror(req->status));
+        log_error("catchup_failed chat=%s error=%s: members resume", cu->chat_id,
+                  chat_strerror(req->status));
+        /* What the bus missed cannot be read now: rather than let the members miss it
+         * silently, close them (1011) so that they resume with since= and their own replay
+         * reads it, or fails and tells them again. */
+        session_t *next;
+        for (session_t *ss = r->members; ss; ss = next) {
+            next = ss->rnext;
+            chat_session_close(ss, WS_CLOSE_INTERNAL, "missed messages could not be read; resume");
+        }
     } else {
-        uint64_t last = 0;
+        uint64_t last = req->id;
         /* Delivered straight to members (the room is still holding live events). */
         for (size_t i = 0; i < req->n_msgs; i++) {
             const store_msg_t *m = &req->msgs[i];
@@ -109,15 +170,30 @@ static void cluster__catchup_done(store_req_t *req) {
                 if (chat_session_deliver(ss, frame, is_new, m->id) == 0) s->m.messages_out++;
             buf_unref(frame);
         }
-        if (req->n_msgs == (size_t)req->limit && ++cu->pages < CATCHUP_PAGES) {
+        /* Held events were dropped (room_held_overflow): read on, past the page cap,
+         * until a read that began after the last drop comes back short. */
+        bool dropped = r->held_dropped;
+        r->held_dropped = false;
+        if ((req->n_msgs == (size_t)req->limit && ++cu->pages < CATCHUP_PAGES) || dropped) {
             store_req_cleanup(req);
             cluster__catchup_submit(cu, last);
             return;
         }
         if (req->n_msgs) log_info("catchup chat=%s delivered_up_to=%" PRIu64, cu->chat_id, last);
+        if (req->n_msgs == (size_t)req->limit) {
+            /* the page cap: more was missed than a catch-up delivers; the members resume
+             * (and page the REST API if their replay is too large) rather than miss it */
+            log_warn("catchup_cap chat=%s: members resume", cu->chat_id);
+            session_t *next;
+            for (session_t *ss = r->members; ss; ss = next) {
+                next = ss->rnext;
+                chat_session_close(ss, WS_CLOSE_TRY_AGAIN, "too much missed; resume");
+            }
+        }
     }
     /* Then what arrived live meanwhile, through the same filter. */
     r->catching_up = false;
+    r->held_dropped = false;
     held_event_t *h = r->held;
     r->held = r->held_tail = NULL;
     r->held_bytes = 0;

@@ -3,6 +3,7 @@ messages after its cursor, deletions as message:delete), then the live events, w
 gap and no duplicate between the two."""
 
 import threading
+import time
 
 import pytest
 
@@ -127,3 +128,80 @@ def test_resume_while_messages_keep_coming_no_gap_no_duplicate(server):
         got.append(again.recv(timeout=10)["message_id"])
     again.expect_quiet()
     assert got == sent, "replay + live must be every message once, in order"
+
+
+def drain_events(client, n, timeout=20.0):
+    """The next n events (each within timeout of the previous one)."""
+    return [client.recv(timeout=timeout) for _ in range(n)]
+
+
+def test_large_backlog_within_the_limit_arrives_whole(server):
+    """A backlog far larger than the outbound limit (4 MiB here 12 MB) arrives whole: it is
+    sent as the socket drains instead of being queued at once and cut as a slow consumer."""
+    alice = server.client("general", "alice")
+    text = "x" * 60000
+    acks = [alice.say(f"{i:04d}{text}", timeout=20) for i in range(200)]
+    bob = connect_since(server, "general", "bob", acks[0]["message_id"])
+    got = drain_events(bob, 199)
+    assert [e["message_id"] for e in got] == [a["message_id"] for a in acks[1:]]
+    assert all(e["message"].startswith(f"{i + 1:04d}") for i, e in enumerate(got))
+    live = alice.say("live after the backlog")
+    ev = bob.recv(timeout=10)
+    assert ev["message_id"] == live["message_id"], "the live message comes after the backlog"
+
+
+def test_live_events_during_a_large_replay_follow_it_once(server):
+    """Messages sent while a long backlog is still draining come after it, each once."""
+    alice = server.client("general", "alice")
+    text = "y" * 60000
+    acks = [alice.say(f"{i:04d}{text}", timeout=20) for i in range(120)]
+    bob = connect_since(server, "general", "bob", acks[0]["message_id"])
+    first = bob.recv(timeout=10)  # the replay has started: later sends are live
+    live = [alice.say(f"live{i}")["message_id"] for i in range(20)]
+    rest = drain_events(bob, 119 + 20 - 1)
+    ids = [first["message_id"]] + [e["message_id"] for e in rest]
+    assert ids == [a["message_id"] for a in acks[1:]] + live
+    bob.expect_quiet()
+
+
+def node_id(node, ms_ago=0, seq=0):
+    """A message id of node `node`, ms_ago milliseconds before now (Snowflake layout)."""
+    ms = int(time.time() * 1000) - ms_ago - 1577836800000
+    return (ms << 22) | (node << 12) | seq
+
+
+def test_quiet_origin_cursor_does_not_inflate_the_replay(chatd):
+    """Per-origin cursors: an old cursor of an origin that has been quiet must not make the
+    resume read (and count) the whole busy chat since: only the ~50 missed are replayed."""
+    srv = chatd("--replay-limit", "100")
+    alice = srv.client("general", "alice")
+    # thousands of older messages, sent pipelined and acknowledged
+    n = 2000
+    for i in range(n):
+        alice.send({"event": "message:message", "message": f"m{i}", "client_id": f"b{i}"})
+    acks = []
+    while len(acks) < n:
+        ev = alice.recv(timeout=20)
+        assert ev["event"] == "message:message", ev
+        acks.append(ev["message_id"])
+    assert acks == sorted(acks, key=int)
+    quiet = node_id(7, ms_ago=3600 * 1000)  # a node that has been quiet for an hour
+    busy = acks[n - 51]  # the client missed the last 50
+    bob = connect_since(srv, "general", "bob", f"{quiet},{busy}")
+    got = drain_events(bob, 50)
+    assert [e.get("message_id") for e in got] == acks[n - 50:], got[:1]
+    bob.expect_quiet()
+    live = alice.say("live")
+    assert bob.recv()["message_id"] == live["message_id"]
+
+
+def test_replay_limit_counts_only_what_is_sent(chatd):
+    """Messages the cursors say the client has are read (the window) but not counted."""
+    srv = chatd("--replay-limit", "10")
+    alice = srv.client("general", "alice")
+    acks = [alice.say(f"m{i}")["message_id"] for i in range(40)]
+    # two cursors of the same origin: the newest wins, 5 missed
+    bob = connect_since(srv, "general", "bob", f"{acks[0]},{acks[34]}")
+    got = drain_events(bob, 5)
+    assert [e.get("message_id") for e in got] == acks[35:]
+    bob.expect_quiet()
