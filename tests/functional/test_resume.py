@@ -2,6 +2,8 @@
 messages after its cursor, deletions as message:delete), then the live events, with no
 gap and no duplicate between the two."""
 
+import fcntl
+import os
 import threading
 import time
 
@@ -9,7 +11,7 @@ import pytest
 
 import json
 
-from helpers import Client, HttpConn
+from helpers import OP_CLOSE, OP_TEXT, Client, HttpConn
 
 
 def connect_since(srv, chat, user, since):
@@ -205,3 +207,80 @@ def test_replay_limit_counts_only_what_is_sent(chatd):
     got = drain_events(bob, 5)
     assert [e.get("message_id") for e in got] == acks[35:]
     bob.expect_quiet()
+
+
+def test_failed_replay_read_is_told_and_closes_so_the_client_resumes(server):
+    """The store cannot be read when a client resumes (here another process holds SQLite's
+    WAL read locks, as a long checkpoint or a stuck tool would): the client is told and the
+    connection closes with 1011, so it resumes again, rather than going on live with a hole.
+    Once the store reads again, the same resume gets everything."""
+    alice = server.client("general", "alice")
+    acks = [alice.say(f"m{i}")["message_id"] for i in range(5)]
+    shm = server.tmp_path / "chat.db-shm"
+    fd = os.open(shm, os.O_RDWR)
+    try:
+        # WAL_READ_LOCK(0..4): bytes 123..127 of the shared-memory file
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 123, os.SEEK_SET)
+        bob = connect_since(server, "general", "bob", acks[0])
+        ev = bob.recv(timeout=20)
+        assert ev["event"] == "error" and ev["code"] == "store_unavailable", ev
+        code, _ = bob.expect_close(timeout=10)
+        assert code == 1011
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 5, 123, os.SEEK_SET)
+        os.close(fd)
+    again = connect_since(server, "general", "bob", acks[0])
+    assert [e["message_id"] for e in drain_events(again, 4)] == acks[1:]
+    live = alice.say("live")
+    assert again.recv()["message_id"] == live["message_id"]
+
+
+def test_origin_not_named_is_read_from_the_newest_cursor_minus_the_margin(chatd, tmp_path):
+    """For an origin the list does not name, the replay reads from 10 s before the NEWEST
+    cursor: an old cursor of a quiet origin does not pull in another node's old messages
+    (which a client connected at its newest cursor had received)."""
+    store = f"sqlite:{tmp_path}/shared.db"
+    a = chatd("--node-id", "1", "--replay-limit", "100", store=store)
+    alice = a.client("general", "alice")
+    for i in range(300):
+        alice.send({"event": "message:message", "message": f"old{i}", "client_id": f"o{i}"})
+    for _ in range(300):
+        assert alice.recv(timeout=20)["event"] == "message:message"
+    a.stop_ok()
+    time.sleep(11)  # node 1's messages are now older than the in-flight margin
+    b = chatd("--node-id", "2", "--replay-limit", "100", store=store)
+    carol = b.client("general", "carol")
+    new = [carol.say(f"new{i}")["message_id"] for i in range(60)]
+    quiet = node_id(7, ms_ago=3600 * 1000)
+    bob = connect_since(b, "general", "bob", f"{quiet},{new[9]}")
+    got = drain_events(bob, 50)
+    assert [e.get("message_id") for e in got] == new[10:], got[:1]
+    bob.expect_quiet()
+
+
+def test_resume_too_far_behind_closes_1013_and_the_next_resume_gets_the_rest(chatd):
+    """A resuming client that does not read while live events pile up behind its backlog is
+    closed with 1013 once they pass the outbound bound (not reset, nothing dropped silently):
+    it has a prefix of the backlog, and resuming from its last id gets the rest, then the
+    live events, in order."""
+    srv = chatd("--max-outbound-bytes", "1048576")
+    alice = srv.client("general", "alice")
+    text = "z" * 60000
+    acks = [alice.say(f"{i:04d}{text}", timeout=20)["message_id"] for i in range(200)]
+    bob = srv.raw("general", path=f"/ws/chat/general?token={srv.token('bob')}&since={acks[0]}",
+                  rcvbuf=65536)
+    live = [alice.say(f"L{i:04d}{text}", timeout=20)["message_id"] for i in range(40)]
+    got = []
+    while True:
+        f = bob.recv_frame(timeout=10)
+        if f.opcode == OP_CLOSE:
+            code = f.close_code()[0]
+            break
+        assert f.opcode == OP_TEXT, f
+        got.append(json.loads(f.payload)["message_id"])
+    assert code == 1013
+    assert got == acks[1:1 + len(got)], "a prefix of the backlog, in order"
+    again = connect_since(srv, "general", "bob", got[-1] if got else acks[0])
+    rest = [e["message_id"] for e in drain_events(again, 199 - len(got) + 40)]
+    assert rest == acks[1 + len(got):] + live
+    again.expect_quiet()
