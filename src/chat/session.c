@@ -159,6 +159,8 @@ static void chat__op_done(store_req_t *req) {
              * it. */
             room_t *r = chat_room_find(s, op->chat_id);
             buf_t *frame = ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
+            if (req->duplicate && !op->rest && op->origin->conn)
+                ((session_t *)op->origin)->last_new = 0; /* tells whether the broadcast gave it */
             if (frame && r)
                 chat_room_broadcast(s, r, frame, req->op == STORE_APPEND, req->msg.id);
             if (bus_publish(s->bus, op->chat_id, ev.p, ev.len) < 0)

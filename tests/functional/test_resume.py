@@ -284,3 +284,56 @@ def test_resume_too_far_behind_closes_1013_and_the_next_resume_gets_the_rest(cha
     rest = [e["message_id"] for e in drain_events(again, 199 - len(got) + 40)]
     assert rest == acks[1 + len(got):] + live
     again.expect_quiet()
+
+
+def collect_until_quiet(client, quiet=1.0):
+    out = []
+    while True:
+        try:
+            out.append(client.recv(timeout=quiet))
+        except TimeoutError:
+            return out
+
+
+def test_retry_sent_on_resume_is_received_once(server):
+    """A client that did not see its acknowledgement resumes with since= and at once sends
+    the message again with the same client_id (what the README tells it to do). It gets the
+    message once, whether the replay or the retry's answer comes first; a member who saw the
+    message live does not get it again."""
+    alice = server.client("general", "alice")
+    bob = server.client("general", "bob")
+    base = alice.say("before")
+    m = alice.say("its ack was lost", client_id="retry-1")
+    assert [bob.recv()["message_id"] for _ in range(2)] == [base["message_id"], m["message_id"]]
+    for attempt in range(5):
+        again = connect_since(server, "general", "alice", base["message_id"])
+        again.send({"event": "message:message", "message": "its ack was lost",
+                    "client_id": "retry-1"})
+        got = [e["message_id"] for e in collect_until_quiet(again)]
+        assert got == [m["message_id"]], (attempt, got)
+        again.close()
+    bob.expect_quiet()
+
+
+def test_retry_of_a_message_its_node_never_published_reaches_everyone(chatd, tmp_path):
+    """Node A stored a message but never published it (as when it is killed between the
+    commit and the publish: here A's bus reaches no other node). The sender retries through
+    node B with the same client_id: B's members get the message too, not only the sender."""
+    store = f"sqlite:{tmp_path}/shared.db"
+    a = chatd("--node-id", "1", store=store)
+    b = chatd("--node-id", "2", store=store)
+    carol = b.client("general", "carol")
+    alice = a.client("general", "alice")
+    m = alice.say("stored on A, never published", client_id="orphan-1")
+    carol.expect_quiet()  # A's publish does not reach B
+    retry = b.client("general", "alice")
+    retry.send({"event": "message:message", "message": "stored on A, never published",
+                "client_id": "orphan-1"})
+    assert retry.recv()["message_id"] == m["message_id"]
+    ev = carol.recv()
+    assert ev["message_id"] == m["message_id"] and ev["client_id"] == "orphan-1"
+    # a second retry changes nothing for anyone
+    retry.send({"event": "message:message", "message": "stored on A, never published",
+                "client_id": "orphan-1"})
+    assert retry.recv()["message_id"] == m["message_id"]
+    carol.expect_quiet()
