@@ -223,6 +223,15 @@ struct chat_server {
         uint32_t n;
     } handouts[64];
     size_t n_handouts;
+    /* the other nodes at the last listing: one that vanishes may have died between a commit
+     * and its publish, so the rooms read back what it may have left unpublished */
+    struct known_node {
+        char id[33];
+        int64_t seen_at;
+    } known[64];
+    size_t n_known;
+    bool listing;     /* a listing is in flight */
+    bool known_valid; /* known[] is from a successful listing */
     /* shutdown */
     bool stopping;
     uint16_t stop_code;

@@ -234,8 +234,7 @@ static void cluster__catchup_submit(catchup_t *cu, uint64_t after) {
     }
 }
 
-static void cluster__catchup_all(chat_server_t *s) {
-    int64_t from_ms = s->bus_down_ms - CATCHUP_MARGIN_MS;
+static void cluster__catchup_all(chat_server_t *s, int64_t from_ms) {
     uint64_t after = from_ms > ID_EPOCH_MS ? (uint64_t)(from_ms - ID_EPOCH_MS) << 22 : 0;
     size_t n = 0;
     for (size_t i = 0; i < s->rooms_cap; i++)
@@ -257,6 +256,7 @@ void chat_cluster_bus_state(chat_server_t *s, bool up) {
     if (!up) {
         if (s->bus_up || !s->bus_down_ms) s->bus_down_ms = time_now_ms();
         s->bus_up = false;
+        s->known_valid = false; /* Redis may restart empty: the next listing is a baseline */
         log_warn("bus_down: events from other nodes wait for the reconnect");
         return;
     }
@@ -264,7 +264,7 @@ void chat_cluster_bus_state(chat_server_t *s, bool up) {
     s->bus_up = true;
     log_info("bus_up");
     if (!s->stopping) cluster__heartbeat(&s->heartbeat); /* be listed at once */
-    if (was_down && !s->stopping) cluster__catchup_all(s);
+    if (was_down && !s->stopping) cluster__catchup_all(s, s->bus_down_ms - CATCHUP_MARGIN_MS);
 }
 
 /* ---- balancing ------------------------------------------------------------------------ */
@@ -314,11 +314,48 @@ const bus_node_t *chat_cluster_pick(chat_server_t *s, const bus_node_t *nodes, s
 
 /* ---- discovery ------------------------------------------------------------------------- */
 
+/* A node that drops out of the listing (killed, or drained) may have stored messages it
+ * never published: a kill -9 between the commit and the write to Redis, after the sender's
+ * acknowledgement went out, leaves members on other nodes without them and nobody to
+ * retry. Every room reads back from shortly before the node's last heartbeat; the room's
+ * filter passes only what it had not seen. */
+static void cluster__nodes_listed(void *ud, int status, const bus_node_t *nodes, size_t n) {
+    chat_server_t *s = ud;
+    s->listing = false;
+    if (status < 0 || s->stopping || !s->bus_up) {
+        s->known_valid = false; /* a gap in what we know: no conclusion from it */
+        return;
+    }
+    int64_t gone_seen = 0;
+    if (s->known_valid)
+        for (size_t k = 0; k < s->n_known; k++) {
+            bool present = false;
+            for (size_t i = 0; i < n && !present; i++)
+                present = strcmp(nodes[i].id, s->known[k].id) == 0;
+            if (present) continue;
+            log_info("node_gone id=%s last_seen_ms=%" PRId64 ": rooms read back what it stored",
+                     s->known[k].id, s->known[k].seen_at);
+            if (!gone_seen || s->known[k].seen_at < gone_seen) gone_seen = s->known[k].seen_at;
+        }
+    s->n_known = 0;
+    for (size_t i = 0; i < n && s->n_known < sizeof s->known / sizeof s->known[0]; i++) {
+        if (strcmp(nodes[i].id, s->self.id) == 0) continue;
+        snprintf(s->known[s->n_known].id, sizeof s->known[0].id, "%s", nodes[i].id);
+        s->known[s->n_known++].seen_at = nodes[i].seen_at;
+    }
+    s->known_valid = true;
+    if (gone_seen && s->n_rooms) cluster__catchup_all(s, gone_seen - CATCHUP_MARGIN_MS);
+}
+
 static void cluster__heartbeat(uv_timer_t *t) {
     chat_server_t *s = t->data;
     s->self.connections = s->n_sessions;
     int rc = bus_heartbeat(s->bus, &s->self, NODE_TTL_MS);
     if (rc < 0) log_debug("heartbeat_failed error=%s", chat_strerror(rc));
+    if (s->bus_up && !s->listing && !s->stopping && strcmp(s->bus->ops->name, "local") != 0) {
+        if (bus_list_nodes(s->bus, cluster__nodes_listed, s) == 0) s->listing = true;
+        else s->known_valid = false;
+    }
 }
 
 void chat_cluster_start(chat_server_t *s) {
