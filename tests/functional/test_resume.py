@@ -337,3 +337,25 @@ def test_retry_of_a_message_its_node_never_published_reaches_everyone(chatd, tmp
                 "client_id": "orphan-1"})
     assert retry.recv()["message_id"] == m["message_id"]
     carol.expect_quiet()
+
+
+def test_retries_of_unpublished_messages_in_reverse_order_all_arrive(chatd, tmp_path):
+    """Two messages node A stored but never published, retried through node B newest first
+    (two senders, each retrying its own): B's members get both. A filter by per-origin
+    high-water mark alone would drop the older one as 'seen'."""
+    store = f"sqlite:{tmp_path}/shared.db"
+    a = chatd("--node-id", "1", store=store)
+    b = chatd("--node-id", "2", store=store)
+    carol = b.client("general", "carol")
+    alice = a.client("general", "alice")
+    dave = a.client("general", "dave")
+    m1 = alice.say("first", client_id="c-first")
+    m2 = dave.say("second", client_id="c-second")
+    assert int(m1["message_id"]) < int(m2["message_id"])
+    carol.expect_quiet()
+    dave_b = b.client("general", "dave")
+    dave_b.send({"event": "message:message", "message": "second", "client_id": "c-second"})
+    alice_b = b.client("general", "alice")
+    alice_b.send({"event": "message:message", "message": "first", "client_id": "c-first"})
+    got = [e["message_id"] for e in collect_until_quiet(carol)]
+    assert sorted(got) == sorted([m1["message_id"], m2["message_id"]]), got
