@@ -187,3 +187,49 @@ def test_message_a_killed_node_never_published_reaches_the_others(cluster):
     registry, the other nodes read back what it stored and deliver what their members had
     not seen, once."""
     asyncio.run(orphan_scenario(cluster))
+
+
+async def resumed_past_scenario(cluster):
+    n1, n2, n3 = cluster.nodes
+    chat = "resumed-past"
+    alice = Member(cluster.secret, chat, "alice")
+    carol = Member(cluster.secret, chat, "carol")
+    await alice.connect(n1.url)
+    await carol.connect(n2.url)
+    seen = []
+    for k in range(3):
+        await alice.send(f"seen {k}", f"seen-{k}")
+        await alice.wait_for(lambda x, k=k: f"seen-{k}" in x.acks, 10, "ack")
+        seen.append(alice.acks[f"seen-{k}"])
+    await carol.wait_ids(seen, 15)
+    await carol.close()
+    # carol moves to n3, where she is the chat's first member: a room with no history of
+    # what it delivered. Her cursors say she has the three.
+    await carol.connect(n3.url, since=carol.cursors())
+    # Redis restarts: n3's room reads back the last seconds from the store on its return,
+    # and finds the three again.
+    await asyncio.to_thread(cluster.redis.kill9)
+    await asyncio.to_thread(cluster.redis.start)
+    await asyncio.to_thread(wait_until, lambda: len(n3.node_urls() or []) == 3, 20,
+                            "n3 back on the bus with the others")
+    tail = None
+    for k in range(40):  # until the bus carries n1's messages to n3 again
+        await alice.send(f"tail {k}", f"tail-{k}")
+        await alice.wait_for(lambda x, k=k: f"tail-{k}" in x.acks, 10, "tail ack")
+        tail = alice.acks[f"tail-{k}"]
+        try:
+            await carol.wait_ids([tail], 1)
+            break
+        except AssertionError:
+            continue
+    await carol.wait_ids([tail], 15)
+    assert not duplicates(carol.ids()), describe_duplicates(carol)
+    await carol.close()
+    await alice.close()
+
+
+def test_resumed_client_gets_no_repeat_from_a_later_read_back(cluster):
+    """A member that resumed with cursors on a node whose room is new gets nothing it
+    already has again when that room reads back the store (after a Redis restart): its
+    cursors filter its live stream too, not only its replay."""
+    asyncio.run(resumed_past_scenario(cluster))
