@@ -104,7 +104,12 @@ typedef struct session {
     uint64_t replay_from;          /* the read window: messages after this id */
     int replay_pages;              /* pages read so far */
     buf_t *replay_frame;           /* the next frame, waiting for the queue to drain */
-    uint64_t last_new;             /* id of the last message:message sent or held here */
+    /* the last message:message ids this connection carried live (sent or held), and how
+     * many it carried: a retry whose original came on this connection after the retry
+     * arrived (the original's node was slow) is not answered again, that copy was the
+     * acknowledgement */
+    uint64_t recent_new[16];
+    uint32_t n_new;
     char user[129];
 } session_t;
 
@@ -161,6 +166,7 @@ typedef struct op {
     proto_cmd_t cmd;
     uint64_t t0;    /* uv_hrtime() at submit */
     bool rest;      /* the origin is an HTTP request, not a WebSocket */
+    uint32_t new_mark; /* the origin session's n_new when the command arrived */
     bool keep_alive;
     char chat_id[129];
     char user[129];

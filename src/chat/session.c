@@ -91,7 +91,7 @@ int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id) 
     conn_t *c = ss->peer.conn;
     if (!c || conn_is_closing(c)) return CHAT_ECLOSED;
     if (is_new && chat__client_has(ss, id)) return CHAT_EINVAL;
-    if (is_new) ss->last_new = id;
+    if (is_new) ss->recent_new[ss->n_new++ & 15] = id;
     if (!ss->replaying) return chat__send(ss, frame);
     /* Replaying: keep the live event until the backlog has gone out, bounded like the
      * connection's own queue. Past that the client is too far behind to be served from
@@ -159,18 +159,22 @@ static void chat__op_done(store_req_t *req) {
              * it. */
             room_t *r = chat_room_find(s, op->chat_id);
             buf_t *frame = ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
-            if (req->duplicate && !op->rest && op->origin->conn)
-                ((session_t *)op->origin)->last_new = 0; /* tells whether the broadcast gave it */
             if (frame && r)
                 chat_room_broadcast(s, r, frame, req->op == STORE_APPEND, req->msg.id);
             if (bus_publish(s->bus, op->chat_id, ev.p, ev.len) < 0)
                 log_warn("bus_publish_failed chat=%s id=%" PRIu64, op->chat_id, req->msg.id);
-            /* The sender of a retry gets the original (its acknowledgement) unless the
-             * broadcast just gave it, or it has it already: answered through the session's
-             * own filter, so that it comes neither twice nor ahead of a replay. */
+            /* The sender of a retry gets the original (its acknowledgement) unless this
+             * connection carried it since the retry arrived (the broadcast just now, or
+             * the original's own publish) or in its replay: answered through the session's
+             * own filter, so that it comes neither twice nor ahead of a replay. A retry
+             * sent after the acknowledgement came is answered again. */
             if (frame && req->duplicate && !op->rest && op->origin->conn) {
                 session_t *ss = (session_t *)op->origin;
-                if (ss->last_new != req->msg.id && !(r && r->catching_up))
+                bool carried = false;
+                uint32_t from = ss->n_new - op->new_mark > 16 ? ss->n_new - 16 : op->new_mark;
+                for (uint32_t i = from; i != ss->n_new && !carried; i++)
+                    carried = ss->recent_new[i & 15] == req->msg.id;
+                if (!carried && !(r && r->catching_up))
                     chat_session_deliver(ss, frame, true, req->msg.id);
             }
             buf_unref(frame);
@@ -212,6 +216,7 @@ int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
     op->srv = s;
     op->origin = origin;
     op->rest = rest;
+    if (!rest) op->new_mark = ((session_t *)origin)->n_new;
     op->keep_alive = keep_alive;
     op->cmd = *cmd;
     memset(cmd, 0, sizeof(*cmd)); /* the op owns the JSON now */
