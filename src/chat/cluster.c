@@ -1,11 +1,14 @@
 /* cluster: what a node does as one of many. It registers itself on the bus every second
  * (service discovery), drops out on drain, and keeps its members whole across a bus
  * outage: when the bus comes back, every room reads from the store what was stored since
- * shortly before the outage and delivers what it had not seen.
+ * shortly before the outage and delivers what it had not seen. The same read-back runs
+ * when another node drops out of the registry: killed between a commit and its publish, it
+ * leaves stored messages no other node received.
  *
  * The one idea: the store is the truth and the bus is a fast path. Duplicates between the
- * two are removed by per-origin marks (room_mark_t): every node stores and publishes its
- * own messages in id order, so for each origin node an id at or below the newest one seen
+ * two are removed by the room's filter: exact for the ids of the last ROOM_RECENT_MS, by
+ * per-origin marks (room_mark_t) for older ones: every node stores and publishes its own
+ * messages in id order, so for each origin node an old id at or below the newest one seen
  * was seen already. An edit or delete has no id of its own: the current state of every
  * edited or deleted message the catch-up reads back is delivered again as message:edit or
  * message:delete (idempotent for clients); changes to older messages are not re-read.
