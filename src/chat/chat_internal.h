@@ -98,9 +98,15 @@ typedef struct session {
     uint64_t *replayed;
     uint32_t n_replayed;
     uint64_t replayed_until;       /* uv_now() after which replayed is folded */
-    /* the backlog of a ?since= connection: read in pages, sent as the socket drains */
+    /* the backlog of a ?since= connection: read in pages, sent as the socket drains. Only
+     * the ids of what will be sent are kept for all of it; the messages themselves for a
+     * bounded number of bytes, read again from the store as the sending reaches them. */
     store_msg_t *backlog;          /* what will be sent, oldest first */
+    uint8_t *backlog_state;        /* per entry: 0 id only, 1 loaded, 2 no longer stored */
     size_t n_backlog, backlog_cap, backlog_next;
+    size_t backlog_bytes;          /* of the loaded messages */
+    bool backlog_spilled;          /* an entry past the byte bound holds its id only */
+    bool backlog_reading;          /* a read to load entries is in flight */
     uint64_t replay_from;          /* the read window: messages after this id */
     int replay_pages;              /* pages read so far */
     buf_t *replay_frame;           /* the next frame, waiting for the queue to drain */

@@ -375,7 +375,7 @@ const conn_handler_t chat_ws_handler = {
 #define REPLAYED_KEEP_MS 60000
 /* pages of one resume at most: the rows skipped (at or below their origin's cursor) lie in
  * the window's IN_FLIGHT_MS, so this is only a guard */
-#define REPLAY_MAX_PAGES 64
+#define REPLAY_MAX_PAGES 4096
 
 /* The cursor for the origin node of id: the client has everything from that node up to
  * it. The one-id form stands for every origin; an origin the list does not name gets
@@ -395,11 +395,34 @@ static uint64_t chat__cursor_for(const session_t *ss, uint64_t id, uint64_t unkn
 static void chat__backlog_free(session_t *ss) {
     for (size_t i = ss->backlog_next; i < ss->n_backlog; i++) store_msg_clear(&ss->backlog[i]);
     free(ss->backlog);
+    free(ss->backlog_state);
     ss->backlog = NULL;
-    ss->n_backlog = ss->backlog_cap = ss->backlog_next = 0;
+    ss->backlog_state = NULL;
+    ss->n_backlog = ss->backlog_cap = ss->backlog_next = ss->backlog_bytes = 0;
+    ss->backlog_spilled = false;
     buf_unref(ss->replay_frame);
     ss->replay_frame = NULL;
 }
+
+/* What a loaded message costs, roughly (its text dominates). */
+static size_t chat__msg_cost(const store_msg_t *m) {
+    return (m->message ? strlen(m->message) : 0) + 256;
+}
+
+/* Bytes of backlog messages a resuming session keeps loaded at a time: what its queue may
+ * hold anyway. */
+static size_t chat__backlog_budget(const chat_server_t *s) { return s->cfg.max_outbound_bytes; }
+
+static int chat__replay_submit(session_t *ss, uint64_t after, int limit, store_cb cb);
+
+/* Rows per read: a read brings whole messages, so a few at a time bounds what one resume
+ * holds (64 of the largest is 4 MiB); one more than may be sent tells "too many". */
+#define REPLAY_PAGE_ROWS 64
+static int chat__count_limit(const chat_server_t *s) {
+    return s->cfg.replay_limit + 1 < REPLAY_PAGE_ROWS ? (int)s->cfg.replay_limit + 1
+                                                      : REPLAY_PAGE_ROWS;
+}
+static void chat__replay_load_done(store_req_t *req);
 
 /* The resume cannot complete: say so and close (1011), so the client resumes again with
  * the same cursors instead of missing what was held or not read. */
@@ -422,8 +445,24 @@ static void chat__replay_pump(session_t *ss) {
     for (;;) {
         buf_t *f = ss->replay_frame;
         ss->replay_frame = NULL;
+        if (!f && ss->backlog_next < ss->n_backlog && ss->backlog_state[ss->backlog_next] == 2) {
+            ss->backlog_next++; /* gone from the store meanwhile */
+            continue;
+        }
+        if (!f && ss->backlog_next < ss->n_backlog && ss->backlog_state[ss->backlog_next] == 0) {
+            /* the next ones were kept as ids only: read them again, a budget at a time */
+            if (ss->backlog_reading) return;
+            uint64_t id = ss->backlog[ss->backlog_next].id;
+            if (chat__replay_submit(ss, id - 1, REPLAY_PAGE_ROWS, chat__replay_load_done) < 0) {
+                chat__replay_fail(ss, "the missed messages could not be read; resume again");
+                return;
+            }
+            ss->backlog_reading = true;
+            return;
+        }
         if (!f && ss->backlog_next < ss->n_backlog) {
             store_msg_t *m = &ss->backlog[ss->backlog_next++];
+            ss->backlog_bytes -= chat__msg_cost(m);
             sbuf_t ev = {0};
             proto_put_msg(&ev, m->deleted_at ? "message:delete" : "message:message", m);
             f = ev.oom ? NULL : ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
@@ -462,18 +501,66 @@ static void chat__replay_pump(session_t *ss) {
 
 static void chat__ws_drain(conn_t *c) {
     session_t *ss = c->ctx;
-    if (ss->replaying && (ss->replay_frame || ss->backlog_next < ss->n_backlog || ss->held))
+    if (ss->replaying && !ss->backlog_reading &&
+        (ss->replay_frame || ss->backlog_next < ss->n_backlog || ss->held))
         chat__replay_pump(ss);
+}
+
+/* Messages read again for entries kept as ids: load them (the first one whatever its size,
+ * then up to the budget), mark those the store no longer has, and send on. */
+static void chat__replay_load_done(store_req_t *req) {
+    op_t *op = req->data;
+    session_t *ss = (session_t *)op->origin;
+    chat_server_t *s = op->srv;
+    chat_record_latency(s, op->t0);
+    ss->backlog_reading = false;
+    if (!ss->peer.conn || conn_is_closing(ss->peer.conn) || !ss->backlog) {
+        /* gone, or closed meanwhile */
+    } else if (req->status < 0) {
+        s->m.store_errors++;
+        log_error("replay_read_failed user=%s chat=%s error=%s", ss->user, op->chat_id,
+                  chat_strerror(req->status));
+        chat__replay_fail(ss, "the missed messages could not be read; resume again");
+    } else {
+        size_t j = ss->backlog_next, budget = chat__backlog_budget(s);
+        bool full = false;
+        for (size_t i = 0; i < req->n_msgs && j < ss->n_backlog && !full; i++) {
+            store_msg_t *m = &req->msgs[i];
+            while (j < ss->n_backlog && ss->backlog[j].id < m->id) {
+                if (ss->backlog_state[j] == 0) ss->backlog_state[j] = 2; /* not stored */
+                j++;
+            }
+            if (j == ss->n_backlog || ss->backlog[j].id != m->id) continue; /* not to send */
+            if (j > ss->backlog_next && ss->backlog_bytes + chat__msg_cost(m) > budget) {
+                full = true;
+                break;
+            }
+            if (ss->backlog_state[j] == 0) {
+                ss->backlog_bytes += chat__msg_cost(m);
+                ss->backlog[j] = *m; /* moved */
+                memset(m, 0, sizeof(*m));
+                ss->backlog_state[j] = 1;
+            }
+            j++;
+        }
+        /* the store's end: what it did not return is not stored any more */
+        if (!full && req->n_msgs < (size_t)req->limit)
+            for (; j < ss->n_backlog; j++)
+                if (ss->backlog_state[j] == 0) ss->backlog_state[j] = 2;
+        chat__replay_pump(ss);
+    }
+    store_req_cleanup(req);
+    chat_peer_unref(&ss->peer);
+    free(op);
 }
 
 static void chat__replay_page_done(store_req_t *req);
 
-/* Read the next page of the backlog, the messages after `after`. */
-static int chat__replay_submit(session_t *ss, uint64_t after) {
+/* Read limit messages after `after` for the backlog; cb completes it. */
+static int chat__replay_submit(session_t *ss, uint64_t after, int limit, store_cb cb) {
     chat_server_t *s = ss->peer.srv;
     op_t *op = calloc(1, sizeof(*op));
     if (!op) return CHAT_ENOMEM;
-    size_t limit = s->cfg.replay_limit + 1; /* one more than may be sent: tells "too many" */
     if (limit > STORE_READ_MAX) limit = STORE_READ_MAX;
     op->srv = s;
     op->origin = &ss->peer;
@@ -481,9 +568,9 @@ static int chat__replay_submit(session_t *ss, uint64_t after) {
     op->req.op = STORE_AFTER;
     op->req.chat_id = op->chat_id;
     op->req.id = after;
-    op->req.limit = (int)limit;
+    op->req.limit = limit;
     op->req.data = op;
-    op->req.cb = chat__replay_page_done;
+    op->req.cb = cb;
     op->t0 = uv_hrtime();
     int rc = store_submit(s->store, &op->req);
     if (rc < 0) {
@@ -522,15 +609,28 @@ static void chat__replay_page_done(store_req_t *req) {
             if (ss->n_backlog == ss->backlog_cap) {
                 size_t ncap = ss->backlog_cap ? ss->backlog_cap * 2 : 64;
                 store_msg_t *nb = realloc(ss->backlog, sizeof(*nb) * ncap);
-                if (!nb) {
+                if (nb) ss->backlog = nb;
+                uint8_t *ns = nb ? realloc(ss->backlog_state, ncap) : NULL;
+                if (!ns) {
                     oom = true;
                     break;
                 }
-                ss->backlog = nb;
+                ss->backlog_state = ns;
                 ss->backlog_cap = ncap;
             }
-            ss->backlog[ss->n_backlog++] = *m; /* moved: the request no longer owns it */
-            memset(m, 0, sizeof(*m));
+            size_t cost = chat__msg_cost(m);
+            if (!ss->backlog_spilled && ss->backlog_bytes + cost <= chat__backlog_budget(s)) {
+                ss->backlog_bytes += cost;
+                ss->backlog[ss->n_backlog] = *m; /* moved: the request no longer owns it */
+                memset(m, 0, sizeof(*m));
+                ss->backlog_state[ss->n_backlog++] = 1;
+            } else {
+                /* past the budget: its id only; the sending reads it again */
+                ss->backlog_spilled = true;
+                memset(&ss->backlog[ss->n_backlog], 0, sizeof(store_msg_t));
+                ss->backlog[ss->n_backlog].id = m->id;
+                ss->backlog_state[ss->n_backlog++] = 0;
+            }
         }
         bool more = !too_large && req->n_msgs == (size_t)req->limit;
         if (more && ++ss->replay_pages >= REPLAY_MAX_PAGES) too_large = true;
@@ -545,7 +645,7 @@ static void chat__replay_page_done(store_req_t *req) {
                              NULL, 0);
             chat__replay_pump(ss);
         } else if (more) {
-            if (chat__replay_submit(ss, last) < 0)
+            if (chat__replay_submit(ss, last, chat__count_limit(s), chat__replay_page_done) < 0)
                 chat__replay_fail(ss, "the missed messages could not be read; resume again");
         } else {
             chat__replay_pump(ss);
@@ -569,7 +669,7 @@ static void chat__replay_read(session_t *ss) {
         from = from > margin ? from - margin : 0;
     }
     ss->replay_from = from;
-    if (chat__replay_submit(ss, from) < 0)
+    if (chat__replay_submit(ss, from, chat__count_limit(ss->peer.srv), chat__replay_page_done) < 0)
         chat__replay_fail(ss, "the missed messages could not be read; resume again");
 }
 
