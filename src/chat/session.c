@@ -409,9 +409,11 @@ static size_t chat__msg_cost(const store_msg_t *m) {
     return (m->message ? strlen(m->message) : 0) + 256;
 }
 
-/* Bytes of backlog messages a resuming session keeps loaded at a time: what its queue may
- * hold anyway. */
-static size_t chat__backlog_budget(const chat_server_t *s) { return s->cfg.max_outbound_bytes; }
+/* Bytes of backlog messages a resuming session keeps loaded at a time: half the outbound
+ * limit, as much as its queue holds while it replays. */
+static size_t chat__backlog_budget(const chat_server_t *s) {
+    return s->cfg.max_outbound_bytes / 2;
+}
 
 static int chat__replay_submit(session_t *ss, uint64_t after, int limit, store_cb cb);
 

@@ -361,3 +361,29 @@ def test_retries_of_unpublished_messages_in_reverse_order_all_arrive(chatd, tmp_
     got = [e["message_id"] for e in collect_until_quiet(carol)]
     assert sorted(got) == sorted([m1["message_id"], m2["message_id"]]), got
 
+
+
+def test_stalled_resumers_hold_bounded_memory_then_get_everything(server):
+    """Clients resuming a large backlog that read nothing for a while: the server keeps only
+    a bounded part of each backlog in memory (not all of it per client), and each client
+    still gets the whole backlog, in order, once it reads."""
+    alice = server.client("general", "alice")
+    text = "w" * 60000
+    acks = [alice.say(f"{i:04d}{text}", timeout=20)["message_id"] for i in range(400)]
+    backlog = 399 * 60000
+    before = server.rss_kb()
+    n = 10
+    raws = [server.raw("general", rcvbuf=65536,
+                       path=f"/ws/chat/general?token={server.token(f'r{i}')}&since={acks[0]}")
+            for i in range(n)]
+    # the backlogs are being read and queued: give the server time to do what it would
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+    grown = (server.rss_kb() - before) * 1024
+    assert grown < n * backlog * 3 // 4, (
+        f"{n} stalled resumers of a {backlog >> 20} MiB backlog grew the server by "
+        f"{grown >> 20} MiB")
+    for r in raws:
+        got = [json.loads(r.recv_frame(timeout=20).payload)["message_id"] for _ in range(399)]
+        assert got == acks[1:]
