@@ -87,14 +87,35 @@ typedef struct session {
     bool replay_waiting;           /* ... once the room's bus subscription is active */
     held_event_t *held, *held_tail;
     size_t held_bytes;
-    /* ?since= cursors (one per origin node, or one id) until the backlog is read */
+    /* ?since= cursors (one per origin node, or one id). After the replay they stay as a
+     * filter: a message from a cursor's origin at or below it is one the client has. */
     uint64_t *cursors;
     uint16_t n_cursors;
+    bool cursor_single;            /* the one-id form: during the replay it stands for all */
     /* ids the backlog sent: the same message may still come live from another node (the
-     * store can be ahead of the bus), and must not be sent twice; kept for a while */
+     * store can be ahead of the bus), and must not be sent twice. After a while they are
+     * folded into the cursors (per origin, the newest), which filter from then on. */
     uint64_t *replayed;
     uint32_t n_replayed;
-    uint64_t replayed_until;       /* uv_now() after which replayed is dropped */
+    uint64_t replayed_until;       /* uv_now() after which replayed is folded */
+    /* the backlog of a ?since= connection: read in pages, sent as the socket drains. Only
+     * the ids of what will be sent are kept for all of it; the messages themselves for a
+     * bounded number of bytes, read again from the store as the sending reaches them. */
+    store_msg_t *backlog;          /* what will be sent, oldest first */
+    uint8_t *backlog_state;        /* per entry: 0 id only, 1 loaded, 2 no longer stored */
+    size_t n_backlog, backlog_cap, backlog_next;
+    size_t backlog_bytes;          /* of the loaded messages */
+    bool backlog_spilled;          /* an entry past the byte bound holds its id only */
+    bool backlog_reading;          /* a read to load entries is in flight */
+    uint64_t replay_from;          /* the read window: messages after this id */
+    int replay_pages;              /* pages read so far */
+    buf_t *replay_frame;           /* the next frame, waiting for the queue to drain */
+    /* the last message:message ids this connection carried live (sent or held), and how
+     * many it carried: a retry whose original came on this connection after the retry
+     * arrived (the original's node was slow) is not answered again, that copy was the
+     * acknowledgement */
+    uint64_t recent_new[16];
+    uint32_t n_new;
     size_t inflight;               /* bytes of this member's commands the store has not answered */
     bool flow_paused;              /* not read until its own echoes drain (a fast sender) */
     char user[129];
@@ -127,11 +148,25 @@ struct room {
     uint64_t gen;           /* distinguishes this room from an earlier one of the same chat */
     room_mark_t *marks;
     uint16_t n_marks;
+    /* every message:message id admitted whose time is within ROOM_RECENT_MS of now, sorted:
+     * for those the filter is exact, so one that arrives after a newer one of its origin
+     * (a catch-up read that saw a later write of a node before an earlier one became
+     * visible, a retry re-sent after its node died) still passes once */
+    uint64_t *recent;
+    uint32_t n_recent, recent_cap;
     bool catching_up;       /* reading what the bus missed: live events wait in held */
+    bool held_dropped;      /* held overflowed and was dropped: the catch-up reads on */
     bool subscribed;        /* the bus confirmed the subscription: resumes may read */
     held_event_t *held, *held_tail;
-    size_t held_bytes;
+    size_t held_bytes;      /* bounded by ROOM_HELD_MAX(max_outbound_bytes) */
 };
+
+/* What can still be in flight between a store write and its delivery through the bus
+ * (the longest a publish may trail its commit): resume windows and exact dedupe span it. */
+#define IN_FLIGHT_MS 10000
+#define ROOM_RECENT_MS IN_FLIGHT_MS
+/* A room holds at most this many bytes of live events while it catches up. */
+#define ROOM_HELD_MAX(max_outbound) ((max_outbound) * 4)
 
 /* A store request with what its completion needs. */
 typedef struct op {
@@ -141,6 +176,7 @@ typedef struct op {
     proto_cmd_t cmd;
     uint64_t t0;    /* uv_hrtime() at submit */
     bool rest;      /* the origin is an HTTP request, not a WebSocket */
+    uint32_t new_mark; /* the origin session's n_new when the command arrived */
     bool keep_alive;
     char chat_id[129];
     char user[129];
@@ -206,6 +242,15 @@ struct chat_server {
         uint32_t n;
     } handouts[64];
     size_t n_handouts;
+    /* the other nodes at the last listing: one that vanishes may have died between a commit
+     * and its publish, so the rooms read back what it may have left unpublished */
+    struct known_node {
+        char id[33];
+        int64_t seen_at;
+    } known[64];
+    size_t n_known;
+    bool listing;     /* a listing is in flight */
+    bool known_valid; /* known[] is from a successful listing */
     /* shutdown */
     bool stopping;
     uint16_t stop_code;
@@ -244,9 +289,12 @@ void chat_cluster_bus_state(chat_server_t *s, bool up);
 /* /api/connect: the least-loaded live node that is not draining, counting the clients
  * already sent there since its last heartbeat; ties broken at random. NULL if none. */
 const bus_node_t *chat_cluster_pick(chat_server_t *s, const bus_node_t *nodes, size_t n);
-/* Pass or drop an event by the room's marks; true if it is new to this room. */
+/* Pass or drop an event by the room's marks and recent ids; true if it is new to this
+ * room (and it is recorded as seen). */
 bool chat_room_admit(room_t *r, bool is_new, uint64_t id);
 void chat_room_free_held(room_t *r);
+/* Free the room's filter state (marks, recent ids). */
+void chat_room_free_filter(room_t *r);
 
 /* session.c */
 extern const conn_handler_t chat_ws_handler;
@@ -260,7 +308,8 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
                         size_t rest_len);
 /* The room's subscription became active: start a replay that waited for it. */
 void chat_session_subscribed(session_t *ss);
-/* Forget the replayed ids once they can no longer come live (called by the sweep). */
+/* Fold the replayed ids into the cursors once they can no longer come live out of order
+ * (called by the sweep). */
 void chat_session_expire_replayed(session_t *ss, uint64_t now);
 /* Queue a live event to one member (or hold it while the member replays). */
 int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id);

@@ -2,11 +2,14 @@
  * mints any message id, registers itself on the bus every second (service discovery), drops
  * out on drain, and keeps its members whole across a bus outage: when the bus comes back,
  * every room reads from the store what was stored since shortly before the outage and
- * delivers what it had not seen.
+ * delivers what it had not seen. The same read-back runs when another node drops out of
+ * the registry: killed between a commit and its publish, it leaves stored messages no
+ * other node received.
  *
  * The one idea: the store is the truth and the bus is a fast path. Duplicates between the
- * two are removed by per-origin marks (room_mark_t): every node stores and publishes its
- * own messages in id order, so for each origin node an id at or below the newest one seen
+ * two are removed by the room's filter: exact for the ids of the last ROOM_RECENT_MS, by
+ * per-origin marks (room_mark_t) for older ones: every node stores and publishes its own
+ * messages in id order, so for each origin node an old id at or below the newest one seen
  * was seen already. An edit or delete has no id of its own: the current state of every
  * edited or deleted message the catch-up reads back is delivered again as message:edit or
  * message:delete (idempotent for clients); changes to older messages are not re-read.
@@ -26,13 +29,56 @@
 
 /* ---- duplicate filter ------------------------------------------------------------------ */
 
+static int64_t cluster__id_ms(uint64_t id) { return (int64_t)(id >> 22) + ID_EPOCH_MS; }
+
+/* Recent ids (ROOM_RECENT_MS) are filtered exactly: the ids seen are kept. Older ones by the
+ * per-origin mark, as a node publishes its own messages in id order and anything that old
+ * that has not come through yet is not coming out of order any more. The mark alone would
+ * drop a message that arrives after a newer one of its origin, which happens: a catch-up
+ * read can see a node's later write while an earlier one is still being written (Cassandra
+ * runs them concurrently), and a retried message whose node died before publishing it is
+ * sent again by whichever node the retry reaches, in the order the retries come. */
 bool chat_room_admit(room_t *r, bool is_new, uint64_t id) {
     if (!is_new) return true; /* edits and deletes are idempotent for clients */
+    int64_t cutoff = time_now_ms() - ROOM_RECENT_MS;
+    uint32_t old = 0;
+    while (old < r->n_recent && cluster__id_ms(r->recent[old]) < cutoff) old++;
+    if (old) {
+        memmove(r->recent, r->recent + old, sizeof(uint64_t) * (r->n_recent - old));
+        r->n_recent -= old;
+    }
     uint16_t node = (uint16_t)((id >> 12) & 1023);
-    for (uint16_t i = 0; i < r->n_marks; i++) {
-        if (r->marks[i].node != node) continue;
-        if (id <= r->marks[i].id) return false;
-        r->marks[i].id = id;
+    room_mark_t *mk = NULL;
+    for (uint16_t i = 0; i < r->n_marks && !mk; i++)
+        if (r->marks[i].node == node) mk = &r->marks[i];
+    if (cluster__id_ms(id) < cutoff) {
+        if (mk && id <= mk->id) return false;
+    } else {
+        uint32_t lo = 0, hi = r->n_recent;
+        while (lo < hi) {
+            uint32_t mid = lo + (hi - lo) / 2;
+            if (r->recent[mid] < id) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo < r->n_recent && r->recent[lo] == id) return false;
+        if (r->n_recent == r->recent_cap) {
+            uint32_t ncap = r->recent_cap ? r->recent_cap * 2 : 16;
+            uint64_t *nr = realloc(r->recent, sizeof(uint64_t) * ncap);
+            if (nr) {
+                r->recent = nr;
+                r->recent_cap = ncap;
+            }
+        }
+        if (r->n_recent < r->recent_cap) { /* else: out of memory, the mark decides later */
+            memmove(r->recent + lo + 1, r->recent + lo, sizeof(uint64_t) * (r->n_recent - lo));
+            r->recent[lo] = id;
+            r->n_recent++;
+        } else if (mk && id <= mk->id) {
+            return false;
+        }
+    }
+    if (mk) {
+        if (id > mk->id) mk->id = id;
         return true;
     }
     room_mark_t *nm = realloc(r->marks, sizeof(*nm) * (r->n_marks + 1u));
@@ -40,6 +86,15 @@ bool chat_room_admit(room_t *r, bool is_new, uint64_t id) {
     r->marks = nm;
     r->marks[r->n_marks++] = (room_mark_t){.node = node, .id = id};
     return true;
+}
+
+void chat_room_free_filter(room_t *r) {
+    free(r->marks);
+    r->marks = NULL;
+    r->n_marks = 0;
+    free(r->recent);
+    r->recent = NULL;
+    r->n_recent = r->recent_cap = 0;
 }
 
 void chat_room_free_held(room_t *r) {
@@ -79,9 +134,18 @@ static void cluster__catchup_done(store_req_t *req) {
     if (!r) goto done; /* the room emptied meanwhile: nobody to catch up */
     if (req->status < 0) {
         s->m.store_errors++;
-        log_error("catchup_failed chat=%s error=%s", cu->chat_id, chat_strerror(req->status));
+        log_error("catchup_failed chat=%s error=%s: members resume", cu->chat_id,
+                  chat_strerror(req->status));
+        /* What the bus missed cannot be read now: rather than let the members miss it
+         * silently, close them (1011) so that they resume with since= and their own replay
+         * reads it, or fails and tells them again. */
+        session_t *next;
+        for (session_t *ss = r->members; ss; ss = next) {
+            next = ss->rnext;
+            chat_session_close(ss, WS_CLOSE_INTERNAL, "missed messages could not be read; resume");
+        }
     } else {
-        uint64_t last = 0;
+        uint64_t last = req->id;
         /* Delivered straight to members (the room is still holding live events). */
         for (size_t i = 0; i < req->n_msgs; i++) {
             const store_msg_t *m = &req->msgs[i];
@@ -110,15 +174,30 @@ static void cluster__catchup_done(store_req_t *req) {
                 if (chat_session_deliver(ss, frame, is_new, m->id) == 0) s->m.messages_out++;
             buf_unref(frame);
         }
-        if (req->n_msgs == (size_t)req->limit && ++cu->pages < CATCHUP_PAGES) {
+        /* Held events were dropped (room_held_overflow): read on, past the page cap,
+         * until a read that began after the last drop comes back short. */
+        bool dropped = r->held_dropped;
+        r->held_dropped = false;
+        if ((req->n_msgs == (size_t)req->limit && ++cu->pages < CATCHUP_PAGES) || dropped) {
             store_req_cleanup(req);
             cluster__catchup_submit(cu, last);
             return;
         }
         if (req->n_msgs) log_info("catchup chat=%s delivered_up_to=%" PRIu64, cu->chat_id, last);
+        if (req->n_msgs == (size_t)req->limit) {
+            /* the page cap: more was missed than a catch-up delivers; the members resume
+             * (and page the REST API if their replay is too large) rather than miss it */
+            log_warn("catchup_cap chat=%s: members resume", cu->chat_id);
+            session_t *next;
+            for (session_t *ss = r->members; ss; ss = next) {
+                next = ss->rnext;
+                chat_session_close(ss, WS_CLOSE_TRY_AGAIN, "too much missed; resume");
+            }
+        }
     }
     /* Then what arrived live meanwhile, through the same filter. */
     r->catching_up = false;
+    r->held_dropped = false;
     held_event_t *h = r->held;
     r->held = r->held_tail = NULL;
     r->held_bytes = 0;
@@ -159,8 +238,7 @@ static void cluster__catchup_submit(catchup_t *cu, uint64_t after) {
     }
 }
 
-static void cluster__catchup_all(chat_server_t *s) {
-    int64_t from_ms = s->bus_down_ms - CATCHUP_MARGIN_MS;
+static void cluster__catchup_all(chat_server_t *s, int64_t from_ms) {
     uint64_t after = from_ms > ID_EPOCH_MS ? (uint64_t)(from_ms - ID_EPOCH_MS) << 22 : 0;
     size_t n = 0;
     for (size_t i = 0; i < s->rooms_cap; i++)
@@ -182,6 +260,7 @@ void chat_cluster_bus_state(chat_server_t *s, bool up) {
     if (!up) {
         if (s->bus_up || !s->bus_down_ms) s->bus_down_ms = time_now_ms();
         s->bus_up = false;
+        s->known_valid = false; /* Redis may restart empty: the next listing is a baseline */
         log_warn("bus_down: events from other nodes wait for the reconnect");
         return;
     }
@@ -190,7 +269,7 @@ void chat_cluster_bus_state(chat_server_t *s, bool up) {
     log_info("bus_up");
     /* (not while the node id lease is still being asked for: nothing to register yet) */
     if (!s->stopping && s->heartbeat.data) cluster__heartbeat(&s->heartbeat); /* be listed */
-    if (was_down && !s->stopping) cluster__catchup_all(s);
+    if (was_down && !s->stopping) cluster__catchup_all(s, s->bus_down_ms - CATCHUP_MARGIN_MS);
 }
 
 /* ---- balancing ------------------------------------------------------------------------ */
@@ -301,11 +380,48 @@ unsigned chat_server_node_id(const chat_server_t *s) { return s->node_id; }
 
 /* ---- discovery ------------------------------------------------------------------------- */
 
+/* A node that drops out of the listing (killed, or drained) may have stored messages it
+ * never published: a kill -9 between the commit and the write to Redis, after the sender's
+ * acknowledgement went out, leaves members on other nodes without them and nobody to
+ * retry. Every room reads back from shortly before the node's last heartbeat; the room's
+ * filter passes only what it had not seen. */
+static void cluster__nodes_listed(void *ud, int status, const bus_node_t *nodes, size_t n) {
+    chat_server_t *s = ud;
+    s->listing = false;
+    if (status < 0 || s->stopping || !s->bus_up) {
+        s->known_valid = false; /* a gap in what we know: no conclusion from it */
+        return;
+    }
+    int64_t gone_seen = 0;
+    if (s->known_valid)
+        for (size_t k = 0; k < s->n_known; k++) {
+            bool present = false;
+            for (size_t i = 0; i < n && !present; i++)
+                present = strcmp(nodes[i].id, s->known[k].id) == 0;
+            if (present) continue;
+            log_info("node_gone id=%s last_seen_ms=%" PRId64 ": rooms read back what it stored",
+                     s->known[k].id, s->known[k].seen_at);
+            if (!gone_seen || s->known[k].seen_at < gone_seen) gone_seen = s->known[k].seen_at;
+        }
+    s->n_known = 0;
+    for (size_t i = 0; i < n && s->n_known < sizeof s->known / sizeof s->known[0]; i++) {
+        if (strcmp(nodes[i].id, s->self.id) == 0) continue;
+        snprintf(s->known[s->n_known].id, sizeof s->known[0].id, "%s", nodes[i].id);
+        s->known[s->n_known++].seen_at = nodes[i].seen_at;
+    }
+    s->known_valid = true;
+    if (gone_seen && s->n_rooms) cluster__catchup_all(s, gone_seen - CATCHUP_MARGIN_MS);
+}
+
 static void cluster__heartbeat(uv_timer_t *t) {
     chat_server_t *s = t->data;
     s->self.connections = s->n_sessions;
     int rc = bus_heartbeat(s->bus, &s->self, NODE_TTL_MS);
     if (rc < 0) log_debug("heartbeat_failed error=%s", chat_strerror(rc));
+    if (s->bus_up && !s->listing && !s->stopping && strcmp(s->bus->ops->name, "local") != 0) {
+        if (bus_list_nodes(s->bus, cluster__nodes_listed, s) == 0) s->listing = true;
+        else s->known_valid = false;
+    }
 }
 
 void chat_cluster_start(chat_server_t *s) {

@@ -239,7 +239,7 @@ void chat_room_leave(chat_server_t *s, session_t *ss) {
     if (bus_unsubscribe(s->bus, r->chat_id) < 0)
         log_warn("bus_unsubscribe_failed chat=%s", r->chat_id);
     chat_room_free_held(r);
-    free(r->marks);
+    chat_room_free_filter(r);
     free(r->chat_id);
     free(r);
 }
@@ -247,8 +247,20 @@ void chat_room_leave(chat_server_t *s, session_t *ss) {
 size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
     if (r->catching_up) {
         /* not admitted yet: the backlog goes first, then these through the filter */
+        if (r->held_bytes + frame->len > ROOM_HELD_MAX(s->cfg.max_outbound_bytes)) {
+            /* Every held event was stored before it was published, so a store read
+             * started after this point sees them all: drop them and let the catch-up read
+             * on past its page cap (cluster.c). What follows is held afresh. */
+            log_warn("room_held_overflow chat=%s held=%zu: the catch-up reads them instead",
+                     r->chat_id, r->held_bytes);
+            chat_room_free_held(r);
+            r->held_dropped = true;
+        }
         held_event_t *h = malloc(sizeof(*h));
-        if (!h) return 0;
+        if (!h) {
+            r->held_dropped = true; /* the catch-up's next read covers it */
+            return 0;
+        }
         *h = (held_event_t){.frame = buf_ref(frame), .id = id, .is_new = is_new};
         if (r->held_tail) r->held_tail->next = h;
         else r->held = h;

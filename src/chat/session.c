@@ -80,8 +80,36 @@ static bool chat__was_replayed(const session_t *ss, uint64_t id) {
     return false;
 }
 
+static unsigned chat__origin(uint64_t id) { return (unsigned)((id >> 12) & 1023); }
+
+/* The client has this message: it named a cursor of its origin node at or above it (each
+ * node delivers its own messages in id order), or the backlog sent it. */
+static bool chat__client_has(const session_t *ss, uint64_t id) {
+    if (ss->replayed && chat__was_replayed(ss, id)) return true;
+    for (uint16_t i = 0; i < ss->n_cursors; i++)
+        if (chat__origin(ss->cursors[i]) == chat__origin(id) && id <= ss->cursors[i]) return true;
+    return false;
+}
+
+/* Raise the cursor of id's origin to id (adding one for a new origin). */
+static void chat__cursor_raise(session_t *ss, uint64_t id) {
+    for (uint16_t i = 0; i < ss->n_cursors; i++)
+        if (chat__origin(ss->cursors[i]) == chat__origin(id)) {
+            if (id > ss->cursors[i]) ss->cursors[i] = id;
+            return;
+        }
+    if (ss->n_cursors == UINT16_MAX) return;
+    uint64_t *nc = realloc(ss->cursors, sizeof(uint64_t) * (ss->n_cursors + 1u));
+    if (!nc) return; /* the filter is weaker, nothing is lost */
+    ss->cursors = nc;
+    ss->cursors[ss->n_cursors++] = id;
+}
+
 void chat_session_expire_replayed(session_t *ss, uint64_t now) {
-    if (ss->replayed && now >= ss->replayed_until) {
+    if (ss->replayed && !ss->replaying && now >= ss->replayed_until) {
+        /* Anything the backlog sent that could still come live has come by now (the ids
+         * behind it have too): per origin, the newest id sent filters from here on. */
+        for (uint32_t i = 0; i < ss->n_replayed; i++) chat__cursor_raise(ss, ss->replayed[i]);
         free(ss->replayed);
         ss->replayed = NULL;
         ss->n_replayed = 0;
@@ -91,17 +119,19 @@ void chat_session_expire_replayed(session_t *ss, uint64_t now) {
 int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id) {
     conn_t *c = ss->peer.conn;
     if (!c || conn_is_closing(c)) return CHAT_ECLOSED;
-    if (is_new && ss->replayed && chat__was_replayed(ss, id)) return CHAT_EINVAL;
+    if (is_new && chat__client_has(ss, id)) return CHAT_EINVAL;
+    if (is_new) ss->recent_new[ss->n_new++ & 15] = id;
     if (!ss->replaying) return chat__send(ss, frame);
     /* Replaying: keep the live event until the backlog has gone out, bounded like the
-     * connection's own queue. */
+     * connection's own queue. Past that the client is too far behind to be served from
+     * memory: it is told to come back (1013), and its resume with since= reads the store,
+     * so nothing is lost. */
     held_event_t *h = malloc(sizeof(*h));
     if (!h || ss->held_bytes + frame->len > ss->peer.srv->cfg.max_outbound_bytes) {
         free(h);
-        log_warn("slow_consumer user=%s held=%zu during=replay", LOG_STR(ss->user),
+        log_warn("replay_behind user=%s held=%zu: closing it to resume", LOG_STR(ss->user),
                  ss->held_bytes);
-        ss->close_code = WS_CLOSE_POLICY;
-        conn_abort(c);
+        chat_session_close(ss, WS_CLOSE_TRY_AGAIN, "too far behind; resume with since=");
         return CHAT_EBUSY;
     }
     h->next = NULL;
@@ -150,14 +180,32 @@ static void chat__op_done(store_req_t *req) {
     sbuf_t ev = {0};
     if (req->status == 0) {
         proto_put_msg(&ev, chat__event_name(req->op), &req->msg);
-        if (!req->duplicate && !ev.oom) {
-            /* Durable now: deliver to this node's members and to the other nodes. */
+        if (!ev.oom) {
+            /* Durable now: deliver to this node's members and to the other nodes. A retry
+             * (duplicate) is delivered again too: the node that stored the original may
+             * have died before publishing it, and then nobody but a resuming client would
+             * ever see it. Where it was seen, the room's filter and each session's drop
+             * it. */
             room_t *r = chat_room_find(s, op->chat_id);
             buf_t *frame = ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
             if (frame && r)
                 chat_room_broadcast(s, r, frame, req->op == STORE_APPEND, req->msg.id);
             if (bus_publish(s->bus, op->chat_id, ev.p, ev.len) < 0)
                 log_warn("bus_publish_failed chat=%s id=%" PRIu64, op->chat_id, req->msg.id);
+            /* The sender of a retry gets the original (its acknowledgement) unless this
+             * connection carried it since the retry arrived (the broadcast just now, or
+             * the original's own publish) or in its replay: answered through the session's
+             * own filter, so that it comes neither twice nor ahead of a replay. A retry
+             * sent after the acknowledgement came is answered again. */
+            if (frame && req->duplicate && !op->rest && op->origin->conn) {
+                session_t *ss = (session_t *)op->origin;
+                bool carried = false;
+                uint32_t from = ss->n_new - op->new_mark > 16 ? ss->n_new - 16 : op->new_mark;
+                for (uint32_t i = from; i != ss->n_new && !carried; i++)
+                    carried = ss->recent_new[i & 15] == req->msg.id;
+                if (!carried && !(r && r->catching_up))
+                    chat_session_deliver(ss, frame, true, req->msg.id);
+            }
             buf_unref(frame);
         }
     } else if (req->status != CHAT_ENOTFOUND && req->status != CHAT_EPERM) {
@@ -176,8 +224,7 @@ static void chat__op_done(store_req_t *req) {
     } else if (op->origin->conn) {
         session_t *ss = (session_t *)op->origin;
         if (req->status == 0) {
-            /* A duplicate is answered to its sender only: the others saw it the first time. */
-            if (req->duplicate) chat__send_json(ss, &ev);
+            /* answered above, with the broadcast */
         } else if (req->status == CHAT_ENOTFOUND) {
             chat__send_error(ss, "not_found", "no such message in this chat", NULL, req->id);
         } else if (req->status == CHAT_EPERM) {
@@ -204,6 +251,7 @@ int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
     op->srv = s;
     op->origin = origin;
     op->rest = rest;
+    if (!rest) op->new_mark = ((session_t *)origin)->n_new;
     op->keep_alive = keep_alive;
     op->cmd = *cmd;
     memset(cmd, 0, sizeof(*cmd)); /* the op owns the JSON now */
@@ -326,13 +374,14 @@ static void chat__ws_read(conn_t *c, uint8_t *data, size_t len) {
     chat__flow(ss);
 }
 
-static void chat__ws_drain(conn_t *c) { chat__flow(c->ctx); }
+static void chat__backlog_free(session_t *ss);
 
 static void chat__ws_close(conn_t *c) {
     session_t *ss = c->ctx;
     chat_server_t *s = ss->peer.srv;
     chat_room_leave(s, ss);
     chat__held_free(ss);
+    chat__backlog_free(ss);
     free(ss->cursors);
     ss->cursors = NULL;
     free(ss->replayed);
@@ -342,69 +391,310 @@ static void chat__ws_close(conn_t *c) {
     chat_peer_unlink(&ss->peer);
 }
 
+static void chat__ws_drain(conn_t *c);
+
 const conn_handler_t chat_ws_handler = {
     .on_read = chat__ws_read,
     .on_close = chat__ws_close,
     .on_drain = chat__ws_drain,
 };
 
-/* Replay from how long before the oldest cursor for origin nodes the client named no
- * cursor for: what another node had in flight when the client lost its node. */
-#define REPLAY_MARGIN_MS 10000
+/* ---- resume: the backlog of a ?since= connection ------------------------------------------
+ *
+ * Read in pages and sent as the socket drains: a backlog of any size within --replay-limit
+ * arrives, however small the connection's outbound limit. Live events wait in the held
+ * queue meanwhile and follow the backlog, less what it already sent.
+ *
+ * The read window, for the list form: from IN_FLIGHT_MS before the NEWEST cursor, never
+ * earlier. The client received that message, so it was connected then, and anything stored
+ * IN_FLIGHT_MS before it had reached it (a publish trails its commit by less). An older
+ * cursor only means that its origin has been quiet, so reading from it would read the whole
+ * busy chat since. Only what will be sent counts against --replay-limit. */
 #define REPLAYED_KEEP_MS 60000
+/* pages of one resume at most: the rows skipped (at or below their origin's cursor) lie in
+ * the window's IN_FLIGHT_MS, so this is only a guard */
+#define REPLAY_MAX_PAGES 4096
 
 /* The cursor for the origin node of id: the client has everything from that node up to
- * it (each node delivers its own messages in id order). */
+ * it. The one-id form stands for every origin; an origin the list does not name gets
+ * unknown (the window's start). */
 static uint64_t chat__cursor_for(const session_t *ss, uint64_t id, uint64_t unknown) {
-    if (ss->n_cursors == 1) return ss->cursors[0];
-    unsigned node = (unsigned)((id >> 12) & 1023);
+    if (ss->cursor_single) return ss->cursors[0];
+    bool named = false;
+    uint64_t best = 0;
     for (uint16_t i = 0; i < ss->n_cursors; i++)
-        if (((ss->cursors[i] >> 12) & 1023) == node) return ss->cursors[i];
-    return unknown;
+        if (chat__origin(ss->cursors[i]) == chat__origin(id) && ss->cursors[i] >= best) {
+            best = ss->cursors[i];
+            named = true;
+        }
+    return named ? best : unknown;
 }
 
-/* The backlog of a ?since= connection arrived: send what the cursors say was missed, then
- * what was held meanwhile, skipping what the backlog already sent. */
-static void chat__replay_done(store_req_t *req) {
+static void chat__backlog_free(session_t *ss) {
+    for (size_t i = ss->backlog_next; i < ss->n_backlog; i++) store_msg_clear(&ss->backlog[i]);
+    free(ss->backlog);
+    free(ss->backlog_state);
+    ss->backlog = NULL;
+    ss->backlog_state = NULL;
+    ss->n_backlog = ss->backlog_cap = ss->backlog_next = ss->backlog_bytes = 0;
+    ss->backlog_spilled = false;
+    buf_unref(ss->replay_frame);
+    ss->replay_frame = NULL;
+}
+
+/* What a loaded message costs, roughly (its text dominates). */
+static size_t chat__msg_cost(const store_msg_t *m) {
+    return (m->message ? strlen(m->message) : 0) + 256;
+}
+
+/* Bytes of backlog messages a resuming session keeps loaded at a time: half the outbound
+ * limit, as much as its queue holds while it replays. */
+static size_t chat__backlog_budget(const chat_server_t *s) {
+    return s->cfg.max_outbound_bytes / 2;
+}
+
+static int chat__replay_submit(session_t *ss, uint64_t after, int limit, store_cb cb);
+
+/* Rows per read: a read brings whole messages, so a few at a time bounds what one resume
+ * holds (64 of the largest is 4 MiB); one more than may be sent tells "too many". */
+#define REPLAY_PAGE_ROWS 64
+static int chat__count_limit(const chat_server_t *s) {
+    return s->cfg.replay_limit + 1 < REPLAY_PAGE_ROWS ? (int)s->cfg.replay_limit + 1
+                                                      : REPLAY_PAGE_ROWS;
+}
+static void chat__replay_load_done(store_req_t *req);
+
+/* The resume cannot complete: say so and close (1011), so the client resumes again with
+ * the same cursors instead of missing what was held or not read. */
+static void chat__replay_fail(session_t *ss, const char *detail) {
+    chat__send_error(ss, "store_unavailable", detail, NULL, 0);
+    chat_session_close(ss, WS_CLOSE_INTERNAL, "missed messages could not be read; resume");
+}
+
+/* Send the backlog, then the held live events, while the queue stays under half the
+ * outbound limit; the rest when it drains (chat__ws_drain). */
+static void chat__replay_pump(session_t *ss) {
+    chat_server_t *s = ss->peer.srv;
+    conn_t *c = ss->peer.conn;
+    if (!c || conn_is_closing(c) || !ss->replaying) return;
+    size_t high = s->cfg.max_outbound_bytes / 2;
+    if (ss->n_backlog && !ss->replayed && !ss->n_replayed) {
+        ss->replayed = malloc(sizeof(uint64_t) * ss->n_backlog);
+        ss->replayed_until = uv_now(s->loop) + REPLAYED_KEEP_MS;
+    }
+    for (;;) {
+        buf_t *f = ss->replay_frame;
+        ss->replay_frame = NULL;
+        if (!f && ss->backlog_next < ss->n_backlog && ss->backlog_state[ss->backlog_next] == 2) {
+            ss->backlog_next++; /* gone from the store meanwhile */
+            continue;
+        }
+        if (!f && ss->backlog_next < ss->n_backlog && ss->backlog_state[ss->backlog_next] == 0) {
+            /* the next ones were kept as ids only: read them again, a budget at a time */
+            if (ss->backlog_reading) return;
+            uint64_t id = ss->backlog[ss->backlog_next].id;
+            if (chat__replay_submit(ss, id - 1, REPLAY_PAGE_ROWS, chat__replay_load_done) < 0) {
+                chat__replay_fail(ss, "the missed messages could not be read; resume again");
+                return;
+            }
+            ss->backlog_reading = true;
+            return;
+        }
+        if (!f && ss->backlog_next < ss->n_backlog) {
+            store_msg_t *m = &ss->backlog[ss->backlog_next++];
+            ss->backlog_bytes -= chat__msg_cost(m);
+            sbuf_t ev = {0};
+            proto_put_msg(&ev, m->deleted_at ? "message:delete" : "message:message", m);
+            f = ev.oom ? NULL : ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
+            sbuf_free(&ev);
+            if (ss->replayed) ss->replayed[ss->n_replayed++] = m->id;
+            store_msg_clear(m);
+            if (!f) {
+                chat__replay_fail(ss, "out of memory while sending the missed messages");
+                return;
+            }
+        } else if (!f && ss->held) {
+            held_event_t *h = ss->held;
+            ss->held = h->next;
+            if (!ss->held) ss->held_tail = NULL;
+            ss->held_bytes -= h->frame->len;
+            /* held before the backlog was read, the backlog may have sent it already */
+            if (!(h->is_new && chat__client_has(ss, h->id))) f = buf_ref(h->frame);
+            buf_unref(h->frame);
+            free(h);
+            if (!f) continue;
+        } else if (!f) {
+            break;
+        }
+        if (conn_queued(c) > 0 && conn_queued(c) + f->len > high) {
+            ss->replay_frame = f; /* the next one, once the queue drained */
+            conn_notify_drain(c, high / 2);
+            return;
+        }
+        int rc = chat__send(ss, f);
+        buf_unref(f);
+        if (rc < 0) return;
+    }
+    ss->replaying = false; /* live from here on */
+    chat__backlog_free(ss);
+}
+
+/* The queue drained to a mark one of two parties asked for: the replay (send on) and the
+ * flow control of a fast sender (read again). Each re-arms if it still waits; the conn
+ * keeps the lower of their marks. */
+static void chat__ws_drain(conn_t *c) {
+    session_t *ss = c->ctx;
+    if (ss->replaying && !ss->backlog_reading &&
+        (ss->replay_frame || ss->backlog_next < ss->n_backlog || ss->held))
+        chat__replay_pump(ss);
+    if (ss->peer.conn) chat__flow(ss);
+}
+
+/* Messages read again for entries kept as ids: load them (the first one whatever its size,
+ * then up to the budget), mark those the store no longer has, and send on. */
+static void chat__replay_load_done(store_req_t *req) {
     op_t *op = req->data;
     session_t *ss = (session_t *)op->origin;
     chat_server_t *s = op->srv;
     chat_record_latency(s, op->t0);
-    if (ss->peer.conn && !conn_is_closing(ss->peer.conn)) {
-        if (req->status < 0) {
-            s->m.store_errors++;
-            chat__send_error(ss, "store_unavailable", "the missed messages could not be read",
-                             NULL, 0);
-        } else if (req->n_msgs > s->cfg.replay_limit) {
+    ss->backlog_reading = false;
+    if (!ss->peer.conn || conn_is_closing(ss->peer.conn) || !ss->backlog) {
+        /* gone, or closed meanwhile */
+    } else if (req->status < 0) {
+        s->m.store_errors++;
+        log_error("replay_read_failed user=%s chat=%s error=%s", ss->user, op->chat_id,
+                  chat_strerror(req->status));
+        chat__replay_fail(ss, "the missed messages could not be read; resume again");
+    } else {
+        size_t j = ss->backlog_next, budget = chat__backlog_budget(s);
+        bool full = false;
+        for (size_t i = 0; i < req->n_msgs && j < ss->n_backlog && !full; i++) {
+            store_msg_t *m = &req->msgs[i];
+            while (j < ss->n_backlog && ss->backlog[j].id < m->id) {
+                if (ss->backlog_state[j] == 0) ss->backlog_state[j] = 2; /* not stored */
+                j++;
+            }
+            if (j == ss->n_backlog || ss->backlog[j].id != m->id) continue; /* not to send */
+            if (j > ss->backlog_next && ss->backlog_bytes + chat__msg_cost(m) > budget) {
+                full = true;
+                break;
+            }
+            if (ss->backlog_state[j] == 0) {
+                ss->backlog_bytes += chat__msg_cost(m);
+                ss->backlog[j] = *m; /* moved */
+                memset(m, 0, sizeof(*m));
+                ss->backlog_state[j] = 1;
+            }
+            j++;
+        }
+        /* the store's end: what it did not return is not stored any more */
+        if (!full && req->n_msgs < (size_t)req->limit)
+            for (; j < ss->n_backlog; j++)
+                if (ss->backlog_state[j] == 0) ss->backlog_state[j] = 2;
+        chat__replay_pump(ss);
+    }
+    store_req_cleanup(req);
+    chat_peer_unref(&ss->peer);
+    free(op);
+}
+
+static void chat__replay_page_done(store_req_t *req);
+
+/* Read limit messages after `after` for the backlog; cb completes it. */
+static int chat__replay_submit(session_t *ss, uint64_t after, int limit, store_cb cb) {
+    chat_server_t *s = ss->peer.srv;
+    op_t *op = calloc(1, sizeof(*op));
+    if (!op) return CHAT_ENOMEM;
+    if (limit > STORE_READ_MAX) limit = STORE_READ_MAX;
+    op->srv = s;
+    op->origin = &ss->peer;
+    snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->room->chat_id);
+    op->req.op = STORE_AFTER;
+    op->req.chat_id = op->chat_id;
+    op->req.id = after;
+    op->req.limit = limit;
+    op->req.data = op;
+    op->req.cb = cb;
+    op->t0 = uv_hrtime();
+    int rc = store_submit(s->store, &op->req);
+    if (rc < 0) {
+        free(op);
+        return rc;
+    }
+    ss->peer.refs++;
+    return 0;
+}
+
+/* A page of the backlog arrived: keep what the cursors say was missed; read on, answer
+ * replay_too_large, or start sending. */
+static void chat__replay_page_done(store_req_t *req) {
+    op_t *op = req->data;
+    session_t *ss = (session_t *)op->origin;
+    chat_server_t *s = op->srv;
+    chat_record_latency(s, op->t0);
+    if (!ss->peer.conn || conn_is_closing(ss->peer.conn)) {
+        /* gone: chat__ws_close freed the rest */
+    } else if (req->status < 0) {
+        s->m.store_errors++;
+        log_error("replay_read_failed user=%s chat=%s error=%s", ss->user, op->chat_id,
+                  chat_strerror(req->status));
+        chat__replay_fail(ss, "the missed messages could not be read; resume again");
+    } else {
+        uint64_t last = req->id;
+        bool too_large = false, oom = false;
+        for (size_t i = 0; i < req->n_msgs && !too_large && !oom; i++) {
+            store_msg_t *m = &req->msgs[i];
+            last = m->id;
+            if (m->id <= chat__cursor_for(ss, m->id, ss->replay_from)) continue; /* it has it */
+            if (ss->n_backlog >= s->cfg.replay_limit) {
+                too_large = true;
+                break;
+            }
+            if (ss->n_backlog == ss->backlog_cap) {
+                size_t ncap = ss->backlog_cap ? ss->backlog_cap * 2 : 64;
+                store_msg_t *nb = realloc(ss->backlog, sizeof(*nb) * ncap);
+                if (nb) ss->backlog = nb;
+                uint8_t *ns = nb ? realloc(ss->backlog_state, ncap) : NULL;
+                if (!ns) {
+                    oom = true;
+                    break;
+                }
+                ss->backlog_state = ns;
+                ss->backlog_cap = ncap;
+            }
+            size_t cost = chat__msg_cost(m);
+            if (!ss->backlog_spilled && ss->backlog_bytes + cost <= chat__backlog_budget(s)) {
+                ss->backlog_bytes += cost;
+                ss->backlog[ss->n_backlog] = *m; /* moved: the request no longer owns it */
+                memset(m, 0, sizeof(*m));
+                ss->backlog_state[ss->n_backlog++] = 1;
+            } else {
+                /* past the budget: its id only; the sending reads it again */
+                ss->backlog_spilled = true;
+                memset(&ss->backlog[ss->n_backlog], 0, sizeof(store_msg_t));
+                ss->backlog[ss->n_backlog].id = m->id;
+                ss->backlog_state[ss->n_backlog++] = 0;
+            }
+        }
+        bool more = !too_large && req->n_msgs == (size_t)req->limit;
+        if (more && ++ss->replay_pages >= REPLAY_MAX_PAGES) too_large = true;
+        if (oom) {
+            chat__replay_fail(ss, "out of memory while reading the missed messages");
+        } else if (too_large) {
             /* Too much to push down one socket: the client pages the REST API instead and
              * gets live events from now on. */
+            chat__backlog_free(ss);
             chat__send_error(ss, "replay_too_large",
                              "too many missed messages: page GET /api/chats/{chat_id}/messages",
                              NULL, 0);
-        } else if (req->n_msgs) {
-            ss->replayed = malloc(sizeof(uint64_t) * req->n_msgs);
-            ss->n_replayed = 0;
-            ss->replayed_until = uv_now(s->loop) + REPLAYED_KEEP_MS;
-            for (size_t i = 0; i < req->n_msgs && !conn_is_closing(ss->peer.conn); i++) {
-                const store_msg_t *m = &req->msgs[i];
-                if (m->id <= chat__cursor_for(ss, m->id, req->id)) continue;
-                sbuf_t ev = {0};
-                proto_put_msg(&ev, m->deleted_at ? "message:delete" : "message:message", m);
-                chat__send_json(ss, &ev);
-                sbuf_free(&ev);
-                if (ss->replayed) ss->replayed[ss->n_replayed++] = m->id;
-            }
+            chat__replay_pump(ss);
+        } else if (more) {
+            if (chat__replay_submit(ss, last, chat__count_limit(s), chat__replay_page_done) < 0)
+                chat__replay_fail(ss, "the missed messages could not be read; resume again");
+        } else {
+            chat__replay_pump(ss);
         }
-        ss->replaying = false;
-        for (held_event_t *h = ss->held; h && !conn_is_closing(ss->peer.conn); h = h->next)
-            if (!(h->is_new && ss->replayed && chat__was_replayed(ss, h->id)))
-                chat__send(ss, h->frame);
     }
-    ss->replaying = false;
-    chat__held_free(ss);
-    free(ss->cursors);
-    ss->cursors = NULL;
-    ss->n_cursors = 0;
     store_req_cleanup(req);
     chat_peer_unref(&ss->peer);
     free(op);
@@ -414,41 +704,17 @@ static void chat__replay_done(store_req_t *req) {
  * then the catch-up after its return covers the rest), so that nothing published
  * meanwhile falls between the store read and the live stream. */
 static void chat__replay_read(session_t *ss) {
-    chat_server_t *s = ss->peer.srv;
-    const uint64_t *since = ss->cursors;
-    size_t n = ss->n_cursors;
     ss->replay_waiting = false;
-    op_t *op = calloc(1, sizeof(*op));
-    if (!op) {
-        chat_session_close(ss, WS_CLOSE_INTERNAL, "out of memory");
-        return;
-    }
-    uint64_t from = since[0];
-    for (size_t i = 1; i < n; i++)
-        if (since[i] < from) from = since[i];
-    if (n > 1) {
-        uint64_t margin = (uint64_t)REPLAY_MARGIN_MS << 22;
+    uint64_t from = ss->cursors[0];
+    if (!ss->cursor_single) {
+        for (uint16_t i = 1; i < ss->n_cursors; i++)
+            if (ss->cursors[i] > from) from = ss->cursors[i];
+        uint64_t margin = (uint64_t)IN_FLIGHT_MS << 22;
         from = from > margin ? from - margin : 0;
     }
-    op->srv = s;
-    op->origin = &ss->peer;
-    snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->room->chat_id);
-    op->req.op = STORE_AFTER;
-    op->req.chat_id = op->chat_id;
-    op->req.id = from;
-    op->req.limit = (int)s->cfg.replay_limit + 1; /* one more tells that there is too much */
-    op->req.data = op;
-    op->req.cb = chat__replay_done;
-    op->t0 = uv_hrtime();
-    if (store_submit(s->store, &op->req) < 0) {
-        free(op);
-        chat__send_error(ss, "store_unavailable", "the missed messages could not be read", NULL,
-                         0);
-        ss->replaying = false;
-        chat__held_free(ss);
-        return;
-    }
-    ss->peer.refs++;
+    ss->replay_from = from;
+    if (chat__replay_submit(ss, from, chat__count_limit(ss->peer.srv), chat__replay_page_done) < 0)
+        chat__replay_fail(ss, "the missed messages could not be read; resume again");
 }
 
 static void chat__replay_start(session_t *ss, const uint64_t *since, size_t n) {
@@ -460,6 +726,7 @@ static void chat__replay_start(session_t *ss, const uint64_t *since, size_t n) {
     }
     memcpy(ss->cursors, since, sizeof(uint64_t) * n);
     ss->n_cursors = (uint16_t)n;
+    ss->cursor_single = n == 1;
     ss->replaying = true; /* live events are held from now on */
     if (ss->room->subscribed || !s->bus_up) chat__replay_read(ss);
     else ss->replay_waiting = true;

@@ -322,10 +322,10 @@ bool conn_read_paused(const conn_t *c) { return (c->flags & CF_PAUSED) != 0; }
 
 void conn_notify_drain(conn_t *c, size_t low_water) {
     if (c->flags & (CF_CLOSING | CF_CLOSED)) return;
-    c->drain_below = low_water;
+    if (!(c->flags & CF_DRAIN) || low_water < c->drain_below) c->drain_below = low_water;
     c->flags |= CF_DRAIN;
     /* Already short enough: the flush at the end of this turn fires it. */
-    if (c->q_bytes <= low_water && !(c->flags & CF_WRITING)) conn__mark_dirty(c);
+    if (c->q_bytes <= c->drain_below && !(c->flags & CF_WRITING)) conn__mark_dirty(c);
 }
 
 /* ---- writing -------------------------------------------------------------------------- */

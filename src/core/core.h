@@ -245,7 +245,8 @@ void conn_resume_read(conn_t *c);
 bool conn_read_paused(const conn_t *c);
 /* Arm a one-shot call of handler->on_drain once the queue holds at most low_water bytes
  * (from a later loop turn's flush; if it already holds that little, at the next flush
- * that writes, or the end of this turn). Re-arming replaces the mark. */
+ * that writes, or the end of this turn). Arming again before it fired keeps the lower of
+ * the two marks, so two parties waiting on one connection are both woken. */
 void conn_notify_drain(conn_t *c, size_t low_water);
 /* Peer address as "ip:port" for logs. */
 void conn_peer(const conn_t *c, char *out, size_t n);
