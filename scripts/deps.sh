@@ -16,7 +16,7 @@ esac
 # building and running: the compiler, the -dev libraries, openssl for `make run`'s dev secret
 debs=(gcc libc6-dev make pkg-config openssl
       libuv1-dev libjansson-dev libhttp-parser-dev libsqlite3-dev libssl-dev zlib1g-dev
-      libhiredis-dev)
+      libhiredis-dev librdkafka-dev)
 # testing: sanitizers and fuzzers, Redis, HAProxy, the browser, the Docker checks; the JDK
 # (with javac, for the OpenSearch launcher) and Maven for Cassandra, Kafka and OpenSearch,
 # curl for OpenSearch's readiness (the Python Kafka client is in tests/requirements.txt)
