@@ -102,7 +102,7 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 # ---- targets ----------------------------------------------------------------------------
 .PHONY: all run test deps deps-run unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
         bench-full cluster cluster-stop cluster-tests create-models test-suites \
-        functional-cassandra cassandra-tests components-tests \
+        functional-cassandra cassandra-tests components-tests stream-tests \
         clean format
 
 # No secret configured: dev mode, which prints the secret and how to mint a token. The
@@ -187,7 +187,7 @@ test: deps
 	    rm -rf $(CASSANDRA_DIR); exit $$rc
 
 test-suites: unit unit-asan fuzz-replay functional-asan browser cluster-tests \
-             functional-cassandra cassandra-tests components-tests functional
+             functional-cassandra cassandra-tests components-tests stream-tests functional
 
 # the functional suite again, each server on a fresh keyspace of the real Cassandra
 functional-cassandra: all
@@ -201,6 +201,11 @@ cassandra-tests: all
 # (scripts/opensearch), each started on a free port for its module and stopped after.
 components-tests:
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/components
+
+# chatd as a Kafka source (src/stream/): one real Kafka (scripts/kafka) for the whole suite,
+# stopped and started again by the outage tests; real chatd and chatctl (about a minute).
+stream-tests: all
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/stream
 
 # store throughput and history latency, SQLite and Cassandra side by side (bench/RESULTS.md)
 $(B)/store_bench: $(B)/obj/bench/store_bench.o $(B)/libchat.a
