@@ -1298,6 +1298,7 @@ static int sq_outbox_enable(store_t *base, const store_outbox_opts_t *o) {
     s->ob_stats.rows = (uint64_t)s->ob_rows;
     s->ob_new = s->ob_rows > 0; /* what a previous run left: the relay starts with it */
     uv_mutex_unlock(&s->lock);
+    if (s->ob_rows > 0) uv_async_send(&s->async);
     rc = 0;
 out:
     if (rc) log_error("store_outbox_failed path=%s err=%s", s->path,
