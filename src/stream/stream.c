@@ -69,7 +69,8 @@ struct stream {
     /* metrics */
     uint64_t produced, produce_errors, client_errors, restarts;
     int64_t last_err_log;
-    int last_err;
+    uint64_t errors_unlogged;
+    bool erring; /* errors since the last acknowledgement: say when deliveries resume */
 };
 
 static void stream__kick(stream_t *st);
@@ -78,8 +79,9 @@ static void stream__kick(stream_t *st);
 
 static void stream__log(const rd_kafka_t *rk, int level, const char *fac, const char *buf) {
     (void)rk;
-    /* syslog levels: 0..3 errors, 4 warning, the rest chatter */
-    if (level <= 4) log_warn("kafka_log fac=%s msg=%s", LOG_STR(fac), LOG_STR(buf));
+    /* syslog levels. Connection failures (3) also come to stream__error, which rate-limits
+     * them; here only what is worse, the rest is chatter. */
+    if (level <= 2) log_warn("kafka_log fac=%s msg=%s", LOG_STR(fac), LOG_STR(buf));
     else log_debug("kafka_log fac=%s msg=%s", LOG_STR(fac), LOG_STR(buf));
 }
 
@@ -87,13 +89,17 @@ static void stream__error(rd_kafka_t *rk, int err, const char *reason, void *opa
     (void)rk;
     stream_t *st = opaque;
     st->client_errors++;
-    /* "all brokers down" repeats every reconnect attempt: say it once per change or 30 s */
+    /* A broker away repeats its errors at every reconnect attempt: one line per 10 s. */
     int64_t now = time_now_ms();
-    if (err != st->last_err || now - st->last_err_log > 30000) {
-        log_warn("kafka_error err=%s reason=%s", rd_kafka_err2name(err), LOG_STR(reason));
-        st->last_err = err;
+    if (now - st->last_err_log >= 10000) {
+        log_warn("kafka_error err=%s reason=%s suppressed=%" PRIu64, rd_kafka_err2name(err),
+                 LOG_STR(reason), st->errors_unlogged);
         st->last_err_log = now;
+        st->errors_unlogged = 0;
+    } else {
+        st->errors_unlogged++;
     }
+    st->erring = true;
 }
 
 static void stream__delivered(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque) {
@@ -115,6 +121,10 @@ static void stream__delivered(rd_kafka_t *rk, const rd_kafka_message_t *m, void 
     }
     e->state = E_DONE;
     st->produced++;
+    if (st->erring) {
+        st->erring = false;
+        log_info("kafka_delivering outbox_seq=%" PRIu64, e->seq);
+    }
 }
 
 /* ---- the relay ------------------------------------------------------------------------- */
