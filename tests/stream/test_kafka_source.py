@@ -15,7 +15,7 @@ import uuid
 from collections import defaultdict
 
 from confluent_kafka import Consumer, KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from conftest import CHATCTL, clean_env
 from helpers import metric_value, parse_metrics
@@ -268,3 +268,38 @@ def test_migrate_creates_the_topic_with_12_partitions(kafka, tmp_path):
     # bad numbers are usage errors
     p = migrate(kafka, store, other, "--kafka-partitions", "0")
     assert p.returncode == 2 and "kafka-partitions" in p.stderr
+
+
+def set_topic_config(kafka, topic, **cfg):
+    admin = AdminClient({"bootstrap.servers": brokers(kafka)})
+    entries = [ConfigEntry(k.replace("_", "."), str(v),
+                           incremental_operation=AlterConfigOpType.SET) for k, v in cfg.items()]
+    res = ConfigResource("topic", topic, incremental_configs=entries)
+    for f in admin.incremental_alter_configs([res]).values():
+        f.result(30)
+
+
+def test_a_record_kafka_refuses_blocks_until_fixed_and_nothing_is_skipped(kafka, chatd, tmp_path):
+    """A record the topic refuses for good (here: larger than its max.message.bytes) is
+    counted, produced again and again, and holds back what follows it; once the operator
+    raises the limit, it and everything after it arrive, in order."""
+    topic = new_topic(kafka, tmp_path)
+    set_topic_config(kafka, topic, max_message_bytes=1500)
+    server = start_chatd(chatd, kafka, topic)
+    alice = server.client("poison", "alice")
+    acked = [alice.say("small before")]
+    wait_metric(server, "chat_kafka_produced_total", lambda v: v >= 1)
+    acked.append(alice.say("x" * 3000))
+    acked.append(alice.say("small after"))
+    wait_metric(server, "chat_kafka_produce_errors_total", lambda v: v >= 1)
+    wait_metric(server, "chat_kafka_resends_total", lambda v: v >= 2)
+    assert metric_value(metrics(server), "chat_outbox_depth") >= 2
+    assert "kafka_delivery_failed" in server.log
+
+    set_topic_config(kafka, topic, max_message_bytes=1048588)
+    records = consume(kafka, topic, want=3)
+    got, dups = by_chat_first_copies(records)
+    print(f"acknowledged=3 records={len(records)} duplicates={dups}")
+    assert [json.loads(r.value)["message_id"] for r in got["poison"]] == \
+        [ev["message_id"] for ev in acked]
+    wait_metric(server, "chat_outbox_depth", lambda v: v == 0)
