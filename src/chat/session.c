@@ -160,7 +160,8 @@ static void chat__op_done(store_req_t *req) {
                 log_warn("bus_publish_failed chat=%s id=%" PRIu64, op->chat_id, req->msg.id);
             buf_unref(frame);
         }
-    } else if (req->status != CHAT_ENOTFOUND && req->status != CHAT_EPERM) {
+    } else if (req->status != CHAT_ENOTFOUND && req->status != CHAT_EPERM &&
+               req->status != CHAT_EBUSY) { /* EBUSY: a full outbox, counted there */
         s->m.store_errors++;
         log_error("store_failed op=%d chat=%s error=%s", (int)req->op, op->chat_id,
                   chat_strerror(req->status));

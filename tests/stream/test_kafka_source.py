@@ -228,6 +228,7 @@ def test_kill9_while_kafka_down_and_a_full_outbox(kafka, chatd, tmp_path):
         m = metrics(bounded)
         assert metric_value(m, "chat_outbox_refused_total") == 2
         assert metric_value(m, "chat_outbox_depth") == 3
+        assert metric_value(m, "chat_store_errors_total") == 0  # a refusal, not a failure
         hist = [x["message"] for x in bounded.all_history("bounded-chat")]
         assert "one too many" not in hist and "over REST" not in hist
     finally:
