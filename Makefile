@@ -13,10 +13,10 @@ STORE   ?= sqlite:$(DATA_DIR)/chat.db
 WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wstrict-prototypes
 CFLAGS  ?= -O2 -g
 BASEFLAGS := -std=c11 -D_GNU_SOURCE $(WARN) -pthread -MMD -MP
-LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lcrypto -lz -lpthread -lm
+LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lrdkafka -lcrypto -lz -lpthread -lm
 
 LIB_SRC := $(sort $(wildcard src/core/*.c src/http/*.c src/ws/*.c src/chat/*.c src/cql/*.c \
-                              src/store/*.c src/bus/*.c))
+                              src/store/*.c src/bus/*.c src/stream/*.c))
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 
@@ -102,7 +102,7 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 # ---- targets ----------------------------------------------------------------------------
 .PHONY: all run test deps deps-run unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
         bench-full cluster cluster-stop cluster-tests create-models test-suites \
-        functional-cassandra cassandra-tests components-tests soak \
+        functional-cassandra cassandra-tests components-tests soak stream-tests \
         clean format
 
 # No secret configured: dev mode, which prints the secret and how to mint a token. The
@@ -187,7 +187,7 @@ test: deps
 	    rm -rf $(CASSANDRA_DIR); exit $$rc
 
 test-suites: unit unit-asan fuzz-replay functional-asan browser cluster-tests \
-             functional-cassandra cassandra-tests components-tests functional
+             functional-cassandra cassandra-tests components-tests stream-tests functional
 
 # the functional suite again, each server on a fresh keyspace of the real Cassandra
 functional-cassandra: all
@@ -209,6 +209,11 @@ SOAK_SECONDS ?= 90
 soak: all
 	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_RATES=40,40,40,40 SOAK_STORE=cassandra SOAK_REPLAY_LIMIT= \
 	    $(PYTHON) -m pytest -q -p no:cacheprovider tests/cluster/test_soak.py
+
+# chatd as a Kafka source (src/stream/): one real Kafka (scripts/kafka) for the whole suite,
+# stopped and started again by the outage tests; real chatd and chatctl (about a minute).
+stream-tests: all
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/stream
 
 # store throughput and history latency, SQLite and Cassandra side by side (bench/RESULTS.md)
 $(B)/store_bench: $(B)/obj/bench/store_bench.o $(B)/libchat.a

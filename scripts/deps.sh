@@ -17,7 +17,7 @@ esac
 # for `make run`'s dev secret
 debs=(gcc libc6-dev make pkg-config openssl
       libuv1-dev libjansson-dev libhttp-parser-dev libsqlite3-dev libssl-dev zlib1g-dev
-      libhiredis-dev libcurl4-openssl-dev)
+      libhiredis-dev libcurl4-openssl-dev librdkafka-dev)
 # testing: sanitizers and fuzzers, Redis, HAProxy, the browser, the Docker checks; the JDK
 # (with javac, for the OpenSearch launcher) and Maven for Cassandra, Kafka and OpenSearch,
 # curl for OpenSearch's readiness (the Python Kafka client is in tests/requirements.txt)

@@ -17,6 +17,7 @@
 #include "chat/chat.h"
 #include "core/core.h"
 #include "store/store.h"
+#include "stream/stream.h"
 
 #define DEFAULT_STORE "sqlite:./data/chat.db"
 #define DEFAULT_TTL 86400
@@ -41,6 +42,11 @@ static void usage(FILE *f) {
           "  migrate    create or upgrade the store's schema (safe to repeat)\n"
           "    --store URL       store to migrate (default: $CHAT_STORE, else\n"
           "                      " DEFAULT_STORE ")\n"
+          "    --kafka BROKERS   also create the Kafka topic chatd produces to, if missing\n"
+          "                      (default: $CHAT_KAFKA; none: no topic)\n"
+          "    --kafka-topic T   its name (default: $CHAT_KAFKA_TOPIC, else chat.events)\n"
+          "    --kafka-partitions N   partitions of a new topic (default 12)\n"
+          "    --kafka-replication N  replicas of a new topic (default 1)\n"
           "  nodes      list the live chatd nodes registered on the bus\n"
           "    --bus URL         redis://[:password@]host:port[/db] (default: $CHAT_BUS,\n"
           "                      else " DEFAULT_BUS ")\n"
@@ -233,10 +239,51 @@ static int parse_url_command(const char *cmd, const char *name, const char *env,
     return -1;
 }
 
+/* A whole number in [lo, hi] for option name, or -1. */
+static int parse_int_opt(const char *name, const char *v, int lo, int hi) {
+    char *end;
+    errno = 0;
+    long n = strtol(v, &end, 10);
+    if (errno || end == v || *end || n < lo || n > hi) {
+        usage_error("migrate: invalid --%s '%s': need a whole number %d..%d", name, v, lo, hi);
+        return -1;
+    }
+    return (int)n;
+}
+
 static int cmd_migrate(int argc, char **argv) {
-    const char *url;
-    int rc0 = parse_url_command("migrate", "store", "CHAT_STORE", DEFAULT_STORE, argc, argv, &url);
-    if (rc0 >= 0) return rc0;
+    const char *url = NULL, *kafka = getenv("CHAT_KAFKA"), *topic = getenv("CHAT_KAFKA_TOPIC");
+    int partitions = STREAM_DEFAULT_PARTITIONS, replication = 1;
+    enum { O_STORE = 1, O_KAFKA, O_TOPIC, O_PARTS, O_REPL };
+    const struct option opts[] = {
+        {"store", required_argument, NULL, O_STORE},
+        {"kafka", required_argument, NULL, O_KAFKA},
+        {"kafka-topic", required_argument, NULL, O_TOPIC},
+        {"kafka-partitions", required_argument, NULL, O_PARTS},
+        {"kafka-replication", required_argument, NULL, O_REPL},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    int c;
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+        switch (c) {
+        case O_STORE: url = optarg; break;
+        case O_KAFKA: kafka = optarg; break;
+        case O_TOPIC: topic = optarg; break;
+        case O_PARTS:
+            if ((partitions = parse_int_opt("kafka-partitions", optarg, 1, 10000)) < 0) return 2;
+            break;
+        case O_REPL:
+            if ((replication = parse_int_opt("kafka-replication", optarg, 1, 100)) < 0) return 2;
+            break;
+        case 'h': usage(stdout); return 0;
+        default: return option_error("migrate", c, argv);
+        }
+    }
+    if (optind < argc) return usage_error("migrate: unexpected argument '%s'", argv[optind]);
+    if (!url) url = getenv("CHAT_STORE");
+    if (!url || !*url) url = DEFAULT_STORE;
+    if (!topic || !*topic) topic = STREAM_DEFAULT_TOPIC;
 
     store_t *s = NULL;
     char err[512] = "", shown[512];
@@ -253,6 +300,21 @@ static int cmd_migrate(int argc, char **argv) {
         return 1;
     }
     printf("schema up to date: %s\n", shown);
+    if (kafka && *kafka) {
+        /* the relay never creates it: the broker may refuse, and a typo must fail loudly */
+        bool created;
+        rc = stream_create_topic(kafka, topic, partitions, replication, 30000, &created, err,
+                                 sizeof err);
+        if (rc < 0) {
+            fprintf(stderr, "chatctl: migrate: %s\n", err);
+            return 1;
+        }
+        if (created)
+            printf("kafka topic created: %s (%d partitions, replication %d)\n", topic,
+                   partitions, replication);
+        else
+            printf("kafka topic exists: %s\n", topic);
+    }
     return fflush(stdout) == 0 ? 0 : 1;
 }
 

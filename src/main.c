@@ -65,6 +65,11 @@ static void usage(FILE *f) {
             "of every message id (default: with a Redis bus a free one, leased; else 0)\n"
             "  --web-root DIR           CHAT_WEB_ROOT            static files served at / "
             "(default: web/ beside the binary's directory, else ./web)\n"
+            "  --kafka BROKERS          CHAT_KAFKA               host:port[,host:port]: every "
+            "stored change to Kafka, none lost (default: none)\n"
+            "  --kafka-topic T          CHAT_KAFKA_TOPIC         the topic (default chat.events)\n"
+            "  --outbox-max-rows N      CHAT_OUTBOX_MAX_ROWS     events waiting for Kafka beyond "
+            "which sends are refused (default 1000000; 0: no limit)\n"
             "  --log-level LEVEL        CHAT_LOG_LEVEL           debug, info, warn or error "
             "(default info)\n"
             "  --help                                            this text\n");
@@ -193,9 +198,14 @@ int main(int argc, char **argv) {
     size_t n_pem = 0, n_pem_flags = 0;
     if (!pem_files) return 1;
 
+    cfg.kafka_brokers = env_or("CHAT_KAFKA", NULL);
+    cfg.kafka_topic = env_or("CHAT_KAFKA_TOPIC", "chat.events");
+    const char *outbox_max = env_or("CHAT_OUTBOX_MAX_ROWS", "1000000");
+
     enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
            O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_PUBKEY, O_JWKS, O_JWKS_REFRESH,
-           O_JWKS_MIN, O_ISSUER, O_AUDIENCE, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP };
+           O_JWKS_MIN, O_ISSUER, O_AUDIENCE, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP,
+           O_KAFKA, O_KTOPIC, O_OBMAX };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
@@ -221,6 +231,9 @@ int main(int argc, char **argv) {
         {"jwks-min-interval", required_argument, 0, O_JWKS_MIN},
         {"jwt-issuer", required_argument, 0, O_ISSUER},
         {"jwt-audience", required_argument, 0, O_AUDIENCE},
+        {"kafka", required_argument, 0, O_KAFKA},
+        {"kafka-topic", required_argument, 0, O_KTOPIC},
+        {"outbox-max-rows", required_argument, 0, O_OBMAX},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -251,6 +264,9 @@ int main(int argc, char **argv) {
         case O_JWKS_MIN: jwks_min = optarg; break;
         case O_ISSUER: jk.issuer = optarg; break;
         case O_AUDIENCE: jk.audience = optarg; break;
+        case O_KAFKA: cfg.kafka_brokers = optarg; break;
+        case O_KTOPIC: cfg.kafka_topic = optarg; break;
+        case O_OBMAX: outbox_max = optarg; break;
         case 'h':
         case O_HELP: usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -296,6 +312,14 @@ int main(int argc, char **argv) {
     if (parse_count("max-connections", max_conns, &cfg.max_connections) < 0 ||
         parse_count("max-connections-per-ip", max_ip, &cfg.max_connections_per_ip) < 0)
         return 2;
+    size_t obmax;
+    if (parse_count("outbox-max-rows", outbox_max, &obmax) < 0) return 2;
+    cfg.outbox_max_rows = obmax;
+    if (cfg.kafka_brokers && !*cfg.kafka_brokers) cfg.kafka_brokers = NULL;
+    if (!*cfg.kafka_topic) {
+        fprintf(stderr, "chatd: kafka-topic must not be empty\n");
+        return 2;
+    }
     cfg.node_id_auto = !node;
     long nid = node ? strtol(node, &end, 10) : 0;
     if (node && (*end || end == node || nid < 0 || nid > 1023)) {

@@ -159,6 +159,11 @@ typedef struct chat_config {
     size_t max_connections;     /* open connections; 0: from the open-files limit */
     size_t max_connections_per_ip; /* 0: no limit */
     unsigned replay_limit;      /* most messages replayed for ?since= (default 1000) */
+    /* Kafka (src/stream/): every stored change to this topic; NULL brokers: no relay and no
+     * outbox. outbox_max_rows: past it, changes are refused (0: no limit). */
+    const char *kafka_brokers;
+    const char *kafka_topic;
+    uint64_t outbox_max_rows;
     int log_level;
 } chat_config_t;
 

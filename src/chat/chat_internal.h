@@ -41,6 +41,10 @@ void proto_cmd_free(proto_cmd_t *cmd);
  * event != NULL: the live event ({"event":..,"chat_id":..,...}); the text is left out when
  * the message is deleted. event == NULL: the history form, with "deleted": true/false. */
 void proto_put_msg(sbuf_t *sb, const char *event, const store_msg_t *m);
+/* The event members receive for a stored change (op APPEND, EDIT or DELETE; m the message
+ * after it), appended to sb: what the outbox keeps for Kafka (store_encode_fn). Pure, so
+ * safe on the store's writer thread. */
+void proto_put_event(sbuf_t *sb, store_op_t op, const store_msg_t *m);
 /* Append an error event {"event":"error","code":..,"detail":..} with the optional
  * client_id / message_id (0 = none) it refers to. */
 void proto_put_error(sbuf_t *sb, const char *code, const char *detail, const char *client_id,
@@ -212,6 +216,7 @@ struct chat_server {
     conn_server_t cs;
     store_t *store;
     bus_t *bus;
+    struct stream *stream; /* the Kafka relay, with --kafka */
     id_gen_t ids;
     room_t **rooms;
     size_t rooms_cap, n_rooms;

@@ -114,6 +114,15 @@ void proto_put_msg(sbuf_t *sb, const char *event, const store_msg_t *m) {
     sbuf_puts(sb, "}");
 }
 
+void proto_put_event(sbuf_t *sb, store_op_t op, const store_msg_t *m) {
+    /* the same names as the broadcast in session.c (chat__event_name) */
+    proto_put_msg(sb,
+                  op == STORE_EDIT     ? "message:edit"
+                  : op == STORE_DELETE ? "message:delete"
+                                       : "message:message",
+                  m);
+}
+
 void proto_put_error(sbuf_t *sb, const char *code, const char *detail, const char *client_id,
                      uint64_t message_id) {
     sbuf_printf(sb, "{\"event\":\"error\",\"code\":\"%s\",\"detail\":", code);

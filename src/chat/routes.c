@@ -810,6 +810,10 @@ void chat_rest_complete(op_t *op, const sbuf_t *ev) {
     else if (req->status == CHAT_EPERM)
         http__error(hp, 403, "not_author", "only the author may change a message",
                     op->keep_alive);
+    else if (req->status == CHAT_EBUSY) /* the Kafka outbox is full (src/stream/) */
+        http__error(hp, 503, "unavailable",
+                    "the event stream is behind (outbox full): not stored, retry later",
+                    op->keep_alive);
     else
         http__error(hp, 503, "store_unavailable",
                     "the message could not be stored; it was not delivered", op->keep_alive);

@@ -18,6 +18,7 @@
 #include <sys/stat.h>
 
 #include "chat_internal.h"
+#include "../stream/stream.h"
 
 /* ---- peers ---------------------------------------------------------------------------- */
 
@@ -138,6 +139,7 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
     chat__hist_render(sb, "chat_store_latency_seconds",
                       "Time from store submit to completion.", &s->m.store_lat);
     store_metrics(s->store, sb);
+    if (s->stream) stream_metrics(s->stream, sb);
     if (s->idle_metrics) {
         chat__hist_render(sb, "chat_loop_turn_seconds",
                           "Work of each event loop turn, its wait for events excluded.",
@@ -492,6 +494,11 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
      * back whatever rooms missed while it connected */
     if (strcmp(s->bus->ops->name, "local") != 0) s->bus_down_ms = time_now_ms();
     if ((rc = chat_cluster_lease(s, err, errlen)) < 0) goto fail_bus;
+    if (cfg->kafka_brokers) {
+        stream_opts_t so = {.brokers = cfg->kafka_brokers, .topic = cfg->kafka_topic,
+                            .outbox_max_rows = cfg->outbox_max_rows, .encode = proto_put_event};
+        if ((rc = stream_open(&s->stream, loop, s->store, &so, err, errlen)) < 0) goto fail_bus;
+    }
     if (cfg->web_root) chat__load_dir(s, cfg->web_root, "", 0);
 
     conn_server_opts_t o = {
@@ -529,6 +536,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
 
 fail_listen:
     chat__free_files(s);
+    stream_close(s->stream);
     bus_close(s->bus, NULL, NULL);
     store_close(s->store, NULL, NULL);
     s->stop_step = 0;
@@ -562,6 +570,8 @@ static void chat__stop_step(void *arg) {
     switch (s->stop_step) {
     case 1:
         s->stop_step = 2;
+        stream_close(s->stream); /* before the store: it must not ask it for more */
+        s->stream = NULL;
         store_close(s->store, chat__stop_step, s);
         return;
     case 2:

@@ -208,7 +208,8 @@ static void chat__op_done(store_req_t *req) {
             }
             buf_unref(frame);
         }
-    } else if (req->status != CHAT_ENOTFOUND && req->status != CHAT_EPERM) {
+    } else if (req->status != CHAT_ENOTFOUND && req->status != CHAT_EPERM &&
+               req->status != CHAT_EBUSY) { /* EBUSY: a full outbox, counted there */
         s->m.store_errors++;
         log_error("store_failed op=%d chat=%s error=%s", (int)req->op, op->chat_id,
                   chat_strerror(req->status));
@@ -230,6 +231,10 @@ static void chat__op_done(store_req_t *req) {
         } else if (req->status == CHAT_EPERM) {
             chat__send_error(ss, "not_author", "only the author may change a message", NULL,
                              req->id);
+        } else if (req->status == CHAT_EBUSY) { /* the Kafka outbox is full (src/stream/) */
+            chat__send_error(ss, "unavailable",
+                             "the event stream is behind (outbox full): not stored, retry later",
+                             op->cmd.client_id, req->op == STORE_APPEND ? 0 : req->id);
         } else {
             chat__send_error(ss, "store_unavailable",
                              "the message could not be stored; it was not delivered",

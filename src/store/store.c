@@ -67,6 +67,13 @@ void store_req_cleanup(store_req_t *r) {
     free(r->msgs);
     r->msgs = NULL;
     r->n_msgs = 0;
+    for (size_t i = 0; i < r->n_rows; i++) {
+        free(r->rows[i].chat_id);
+        free(r->rows[i].event);
+    }
+    free(r->rows);
+    r->rows = NULL;
+    r->n_rows = 0;
     r->duplicate = false;
     r->status = 0;
 }

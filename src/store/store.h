@@ -37,7 +37,43 @@ typedef enum store_op {
     STORE_DELETE,  /* in: chat_id user id at. out: msg (deleted). CHAT_ENOTFOUND, CHAT_EPERM */
     STORE_HISTORY, /* in: chat_id id (before; 0 = newest) limit. out: msgs, newest first */
     STORE_AFTER,   /* in: chat_id id (after) limit. out: msgs, oldest first */
+    /* The outbox (only after outbox_enable; chat_id is ignored and may be NULL): */
+    STORE_OUTBOX_READ,   /* in: id (after this seq) limit. out: rows, oldest first */
+    STORE_OUTBOX_DELETE, /* in: id (through this seq): rows delivered, removed for good */
 } store_op_t;
+
+/* One outbox row: an event written in the same transaction as the change it describes.
+ * Strings are owned by the containing request (freed by store_req_cleanup). */
+typedef struct store_outbox_row {
+    uint64_t seq;        /* strictly increasing over the store's life, never reused */
+    char *chat_id;
+    uint64_t message_id;
+    int64_t at;          /* when the change was stored, Unix ms */
+    char *event;         /* the encoded event, event_len bytes (also NUL-terminated) */
+    size_t event_len;
+} store_outbox_row_t;
+
+/* Encodes the event of a stored change (op: APPEND, EDIT or DELETE; m: the message after
+ * it) by appending to out. Runs on the backend's writer thread: it must be pure (no state,
+ * no loop). The caller owns out. */
+typedef void (*store_encode_fn)(sbuf_t *out, store_op_t op, const store_msg_t *m);
+
+typedef struct store_outbox_opts {
+    store_encode_fn encode;
+    /* Rows the outbox may hold; a change that would add one more fails with CHAT_EBUSY
+     * (nothing stored) until the relay catches up. 0: no limit. */
+    uint64_t max_rows;
+    /* Called on the loop thread after a commit that added rows (NULL: nobody asks); never
+     * once close was called. */
+    void (*notify)(void *arg);
+    void *arg;
+} store_outbox_opts_t;
+
+typedef struct store_outbox_stats {
+    uint64_t rows;     /* rows in the outbox now (as this node last saw) */
+    uint64_t refused;  /* changes refused because the outbox was full */
+    uint64_t written;  /* rows this node wrote */
+} store_outbox_stats_t;
 
 /* The most rows one HISTORY or AFTER request returns; larger limits are clamped. */
 #define STORE_READ_MAX 100001
@@ -61,6 +97,8 @@ struct store_req {
     store_msg_t msg;       /* APPEND/EDIT/DELETE */
     store_msg_t *msgs;     /* HISTORY/AFTER */
     size_t n_msgs;
+    store_outbox_row_t *rows; /* OUTBOX_READ */
+    size_t n_rows;
     /* the caller's */
     void *data;
     store_cb cb;
@@ -88,6 +126,13 @@ typedef struct store_ops {
      * else CHAT_EIO and a readable reason in detail (NUL-terminated, cut to n bytes). Cheap:
      * it reports state the backend keeps, no I/O. Called on the loop thread. */
     int (*health)(store_t *s, char *detail, size_t n);
+    /* Optional (NULL: the backend has no outbox yet). From now on every APPEND, EDIT and
+     * DELETE that succeeds also writes its event to the outbox in the same transaction, so
+     * that a relay can hand it on (src/stream/). Creates the outbox if missing.
+     * Synchronous; call once, on the loop thread, before any submit. 0 or CHAT_EIO. */
+    int (*outbox_enable)(store_t *s, const store_outbox_opts_t *o);
+    /* Optional, with outbox_enable. Safe from any thread. */
+    void (*outbox_stats)(store_t *s, store_outbox_stats_t *out);
 } store_ops_t;
 
 /* Every backend's struct starts with this. */
@@ -115,6 +160,16 @@ static inline void store_metrics(store_t *s, sbuf_t *out) {
 static inline int store_health(store_t *s, char *detail, size_t n) {
     if (n) detail[0] = '\0';
     return s->ops->health ? s->ops->health(s, detail, n) : 0;
+}
+
+/* The outbox, if the backend has one: CHAT_EINVAL when it has not. */
+static inline int store_outbox_enable(store_t *s, const store_outbox_opts_t *o) {
+    return s->ops->outbox_enable ? s->ops->outbox_enable(s, o) : CHAT_EINVAL;
+}
+
+static inline void store_outbox_stats(store_t *s, store_outbox_stats_t *out) {
+    *out = (store_outbox_stats_t){0};
+    if (s->ops->outbox_stats) s->ops->outbox_stats(s, out);
 }
 
 /* Free the outputs of a request (msg strings, msgs array) so it can be reused. */

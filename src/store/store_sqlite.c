@@ -88,6 +88,22 @@ static const char SCHEMA_V1[] =
     "    ON messages (chat_id, user_from, client_id) WHERE client_id IS NOT NULL;\n";
 
 const char *const store_sqlite_schema[] = {SCHEMA_V1};
+
+/* The outbox of the Kafka relay (src/stream/): created by outbox_enable, that is only when a
+ * relay is configured, so that a store without one pays nothing for it. Not a schema
+ * version: it belongs to a feature that can be switched on and off, and an empty outbox of a
+ * store whose relay was switched off is harmless. AUTOINCREMENT so that a seq is never
+ * reused, even after the outbox was emptied: the relay publishes it as the event's version
+ * header, which must grow for every change of a message. event holds the bytes members
+ * received, encoded by the domain's encoder in the same transaction as the change. */
+static const char OUTBOX_DDL[] =
+    "CREATE TABLE IF NOT EXISTS outbox (\n"
+    "    seq        INTEGER PRIMARY KEY AUTOINCREMENT,\n"
+    "    chat_id    TEXT    NOT NULL,\n"
+    "    message_id INTEGER NOT NULL,\n"
+    "    at         INTEGER NOT NULL,\n"
+    "    event      BLOB    NOT NULL\n"
+    ");\n";
 const int store_sqlite_schema_versions =
     (int)(sizeof store_sqlite_schema / sizeof store_sqlite_schema[0]);
 
@@ -101,6 +117,7 @@ typedef struct reader {
     uv_thread_t tid;
     sqlite3 *db;
     sqlite3_stmt *history, *after;
+    sqlite3_stmt *outbox; /* prepared at its first use: the table may be newer than db */
 } reader_t;
 
 struct sqlite_store {
@@ -145,6 +162,16 @@ struct sqlite_store {
     char fail_why[200];  /* its reason, for /healthz */
     store_sqlite_stats_t stats;
     uint64_t wal_frames_new; /* the writer thread's, folded into stats by its post_done */
+
+    /* the outbox: ob_on and ob are set once by outbox_enable under wdb_lock, before any
+     * write; ob_insert, ob_delete, ob_buf and ob_rows are the writer's (under wdb_lock) */
+    bool ob_on;
+    store_outbox_opts_t ob;
+    sqlite3_stmt *ob_insert, *ob_delete;
+    sbuf_t ob_buf;
+    int64_t ob_rows;
+    store_outbox_stats_t ob_stats; /* under lock */
+    bool ob_new;                   /* under lock: a commit added rows since the last notify */
 
     /* loop thread only */
     store_req_t *cb_head, *cb_tail; /* completed, callbacks not yet called */
@@ -466,6 +493,13 @@ static void checkpointer_main(void *arg) {
     side_thread_exit(s);
 }
 
+static int prepare_outbox(sqlite_store_t *s) {
+    return prepare(s->wdb,
+                   "INSERT INTO outbox (chat_id, message_id, at, event) VALUES (?1, ?2, ?3, ?4)",
+                   &s->ob_insert) ||
+           prepare(s->wdb, "DELETE FROM outbox WHERE seq <= ?1", &s->ob_delete);
+}
+
 static int prepare_writer(sqlite_store_t *s) {
     sqlite3 *db = s->wdb;
     sqlite3_wal_hook(db, on_wal_commit, s);
@@ -494,7 +528,8 @@ static int prepare_writer(sqlite_store_t *s) {
                 " RETURNING " MSG_COLS,
                 &s->del) ||
         prepare(db, "SELECT user_from, deleted_at FROM messages WHERE chat_id = ?1 AND id = ?2",
-                &s->get)) {
+                &s->get) ||
+        (s->ob_on && prepare_outbox(s))) {
         log_error("store_prepare_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(db)));
         return CHAT_EIO;
     }
@@ -503,7 +538,8 @@ static int prepare_writer(sqlite_store_t *s) {
 
 static void close_writer_db(sqlite_store_t *s) {
     sqlite3_stmt **sts[] = {&s->begin, &s->commit, &s->rollback, &s->insert,
-                            &s->by_client, &s->edit, &s->del, &s->get};
+                            &s->by_client, &s->edit, &s->del, &s->get,
+                            &s->ob_insert, &s->ob_delete};
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++) {
         sqlite3_finalize(*sts[i]);
         *sts[i] = NULL;
@@ -533,7 +569,8 @@ static int open_reader(sqlite_store_t *s, reader_t *rd, char *err, size_t errlen
 static void close_reader_db(reader_t *rd) {
     sqlite3_finalize(rd->history);
     sqlite3_finalize(rd->after);
-    rd->history = rd->after = NULL;
+    sqlite3_finalize(rd->outbox);
+    rd->history = rd->after = rd->outbox = NULL;
     sqlite3_close(rd->db);
     rd->db = NULL;
 }
@@ -663,6 +700,45 @@ static int do_change(sqlite_store_t *s, store_req_t *r) {
     return rc;
 }
 
+/* The event of a change that just succeeded, into the outbox, in the same transaction. */
+static int ob_write(sqlite_store_t *s, store_req_t *r) {
+    sbuf_t *b = &s->ob_buf;
+    b->len = 0;
+    s->ob.encode(b, r->op, &r->msg);
+    if (b->oom) { /* the batch fails: a change without its event would break the contract */
+        sbuf_free(b);
+        return SQLITE_NOMEM;
+    }
+    sqlite3_stmt *st = s->ob_insert;
+    sqlite3_bind_text(st, 1, r->msg.chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)r->msg.id);
+    sqlite3_bind_int64(st, 3, r->at);
+    sqlite3_bind_blob(st, 4, b->p, (int)b->len, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc != SQLITE_DONE) {
+        log_error("store_outbox_insert_failed chat=%s err=%s", LOG_STR(r->chat_id),
+                  LOG_STR(sqlite3_errmsg(s->wdb)));
+        return rc;
+    }
+    return SQLITE_OK;
+}
+
+static int ob_delete(sqlite_store_t *s, store_req_t *r, int64_t *removed) {
+    sqlite3_stmt *st = s->ob_delete;
+    if (!st) {
+        r->status = CHAT_EINVAL;
+        return SQLITE_OK;
+    }
+    sqlite3_bind_int64(st, 1, r->id > (uint64_t)INT64_MAX ? INT64_MAX : (sqlite3_int64)r->id);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc != SQLITE_DONE) return rc;
+    *removed += sqlite3_changes(s->wdb);
+    r->status = 0;
+    return SQLITE_OK;
+}
+
 static void fail_batch(store_req_t *batch) {
     for (store_req_t *r = batch; r; r = r->next_) {
         store_msg_clear(&r->msg);
@@ -682,8 +758,25 @@ static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
         log_error("store_begin_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(s->wdb)));
         goto fail;
     }
+    int64_t added = 0, removed = 0;
+    uint64_t refused = 0;
     for (store_req_t *r = batch; r; r = r->next_) {
-        rc = r->op == STORE_APPEND ? do_append(s, r) : do_change(s, r);
+        if (r->op == STORE_OUTBOX_DELETE) {
+            rc = ob_delete(s, r, &removed);
+        } else if (s->ob_on && s->ob.max_rows &&
+                   s->ob_rows + added - removed >= (int64_t)s->ob.max_rows) {
+            /* The relay is that far behind (Kafka down for long): refuse rather than store
+             * a change whose event could not be kept. Nothing is written. */
+            r->status = CHAT_EBUSY;
+            refused++;
+            continue;
+        } else {
+            rc = r->op == STORE_APPEND ? do_append(s, r) : do_change(s, r);
+            if (rc == SQLITE_OK && s->ob_on && r->status == 0 && !r->duplicate) {
+                rc = ob_write(s, r);
+                added++;
+            }
+        }
         /* After an I/O error, a full disk or OOM SQLite may already have rolled the
          * transaction back; either way nothing in this batch can be promised. */
         if (rc != SQLITE_OK) goto fail;
@@ -692,6 +785,16 @@ static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
     if (rc != SQLITE_DONE) {
         log_error("store_commit_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(s->wdb)));
         goto fail;
+    }
+    if (s->ob_on) {
+        s->ob_rows += added - removed;
+        if (s->ob_rows < 0) s->ob_rows = 0; /* another node sharing the file deleted some */
+        uv_mutex_lock(&s->lock);
+        s->ob_stats.rows = (uint64_t)s->ob_rows;
+        s->ob_stats.written += (uint64_t)added;
+        s->ob_stats.refused += refused;
+        if (added) s->ob_new = true;
+        uv_mutex_unlock(&s->lock);
     }
     return true;
 fail:
@@ -877,6 +980,71 @@ static void do_read(reader_t *rd, store_req_t *r) {
     r->n_msgs = n;
 }
 
+static void do_outbox_read(reader_t *rd, store_req_t *r) {
+    int limit = r->limit < 1 ? 1 : r->limit > STORE_READ_MAX ? STORE_READ_MAX : r->limit;
+    if (!rd->outbox &&
+        prepare(rd->db,
+                "SELECT seq, chat_id, message_id, at, event FROM outbox WHERE seq > ?1"
+                " ORDER BY seq LIMIT ?2",
+                &rd->outbox)) {
+        r->status = CHAT_EIO;
+        return;
+    }
+    sqlite3_stmt *st = rd->outbox;
+    sqlite3_bind_int64(st, 1, r->id > (uint64_t)INT64_MAX ? INT64_MAX : (sqlite3_int64)r->id);
+    sqlite3_bind_int(st, 2, limit);
+    store_outbox_row_t *rows = NULL;
+    size_t n = 0, cap = 0;
+    int status = 0, rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 64;
+            store_outbox_row_t *p = realloc(rows, ncap * sizeof *p);
+            if (!p) {
+                status = CHAT_ENOMEM;
+                break;
+            }
+            rows = p;
+            cap = ncap;
+        }
+        store_outbox_row_t *o = &rows[n];
+        memset(o, 0, sizeof *o);
+        o->seq = (uint64_t)sqlite3_column_int64(st, 0);
+        o->message_id = (uint64_t)sqlite3_column_int64(st, 2);
+        o->at = sqlite3_column_int64(st, 3);
+        int len = sqlite3_column_bytes(st, 4);
+        const void *ev = sqlite3_column_blob(st, 4);
+        o->event = malloc((size_t)len + 1);
+        if (o->event) {
+            if (len) memcpy(o->event, ev, (size_t)len);
+            o->event[len] = '\0';
+            o->event_len = (size_t)len;
+        }
+        n++; /* counted before the checks below, so that cleanup frees what it holds */
+        if (!o->event || col_dup(st, 1, &o->chat_id) != 0) {
+            status = CHAT_ENOMEM;
+            break;
+        }
+    }
+    if (status == 0 && rc != SQLITE_DONE) {
+        log_error("store_outbox_read_failed err=%s", LOG_STR(sqlite3_errmsg(rd->db)));
+        status = CHAT_EIO;
+    }
+    sqlite3_reset(st);
+    r->status = status;
+    r->rows = rows;
+    r->n_rows = n;
+    if (status != 0) {
+        for (size_t i = 0; i < n; i++) {
+            free(rows[i].chat_id);
+            free(rows[i].event);
+        }
+        free(rows);
+        r->rows = NULL;
+        r->n_rows = 0;
+    }
+}
+
 static void reader_main(void *arg) {
     reader_t *rd = arg;
     sqlite_store_t *s = rd->s;
@@ -891,7 +1059,11 @@ static void reader_main(void *arg) {
         }
         uv_mutex_unlock(&s->lock);
         if (!r) break; /* closing, and every queued read served */
-        do_read(rd, r);
+        if (r->op == STORE_OUTBOX_READ) {
+            do_outbox_read(rd, r);
+        } else {
+            do_read(rd, r);
+        }
         post_done(s, r, r, 1, 0);
     }
     close_reader_db(rd);
@@ -906,6 +1078,7 @@ static void free_store(sqlite_store_t *s) {
     uv_cond_destroy(&s->wcond);
     uv_mutex_destroy(&s->lock);
     uv_mutex_destroy(&s->wdb_lock);
+    sbuf_free(&s->ob_buf);
     free(s->path);
     free(s);
 }
@@ -943,7 +1116,11 @@ static void on_async(uv_async_t *h) {
         s->cb_tail = s->done_tail;
         s->done_head = s->done_tail = NULL;
     }
+    bool ob_new = s->ob_new;
+    s->ob_new = false;
     uv_mutex_unlock(&s->lock);
+    /* never after close: the relay is told to stop before the store closes */
+    if (ob_new && s->ob.notify && !s->close_called) s->ob.notify(s->ob.arg);
     for (int n = 0; s->cb_head && n < DELIVER_MAX; n++) {
         store_req_t *r = s->cb_head;
         s->cb_head = r->next_; /* before the callback, which may free or resubmit r */
@@ -975,7 +1152,10 @@ static void stop_threads(sqlite_store_t *s) {
 
 static int sq_submit(store_t *base, store_req_t *r) {
     sqlite_store_t *s = (sqlite_store_t *)base;
-    if (!s->base.loop || !r || !r->cb || !r->chat_id) return CHAT_EINVAL;
+    if (!s->base.loop || !r || !r->cb) return CHAT_EINVAL;
+    if (!r->chat_id && r->op != STORE_OUTBOX_READ && r->op != STORE_OUTBOX_DELETE) {
+        return CHAT_EINVAL;
+    }
     bool write = true;
     switch (r->op) {
     case STORE_APPEND:
@@ -993,6 +1173,13 @@ static int sq_submit(store_t *base, store_req_t *r) {
     case STORE_AFTER:
         write = false;
         break;
+    case STORE_OUTBOX_READ:
+        if (!s->ob_on) return CHAT_EINVAL;
+        write = false;
+        break;
+    case STORE_OUTBOX_DELETE:
+        if (!s->ob_on) return CHAT_EINVAL;
+        break;
     default:
         return CHAT_EINVAL;
     }
@@ -1001,6 +1188,8 @@ static int sq_submit(store_t *base, store_req_t *r) {
     memset(&r->msg, 0, sizeof r->msg);
     r->msgs = NULL;
     r->n_msgs = 0;
+    r->rows = NULL;
+    r->n_rows = 0;
     r->next_ = NULL;
 
     bool wake;
@@ -1089,7 +1278,46 @@ static int sq_health(store_t *base, char *detail, size_t n) {
     return failing ? CHAT_EIO : 0;
 }
 
+static int sq_outbox_enable(store_t *base, const store_outbox_opts_t *o) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    if (!o || !o->encode || s->ob_on || !s->base.loop) return CHAT_EINVAL;
+    uv_mutex_lock(&s->wdb_lock);
+    int rc = CHAT_EIO;
+    sqlite3_stmt *st = NULL;
+    if (!s->wdb || exec(s->wdb, OUTBOX_DDL) != SQLITE_OK) goto out;
+    if (prepare(s->wdb, "SELECT count(*) FROM outbox", &st) || sqlite3_step(st) != SQLITE_ROW)
+        goto out;
+    s->ob_rows = sqlite3_column_int64(st, 0);
+    s->ob = *o;
+    s->ob_on = true; /* the writer reads it under wdb_lock, which we hold */
+    if (prepare_outbox(s)) {
+        s->ob_on = false;
+        goto out;
+    }
+    uv_mutex_lock(&s->lock);
+    s->ob_stats.rows = (uint64_t)s->ob_rows;
+    s->ob_new = s->ob_rows > 0; /* what a previous run left: the relay starts with it */
+    uv_mutex_unlock(&s->lock);
+    if (s->ob_rows > 0) uv_async_send(&s->async);
+    rc = 0;
+out:
+    if (rc) log_error("store_outbox_failed path=%s err=%s", s->path,
+                      LOG_STR(s->wdb ? sqlite3_errmsg(s->wdb) : "closed"));
+    sqlite3_finalize(st);
+    uv_mutex_unlock(&s->wdb_lock);
+    return rc;
+}
+
+static void sq_outbox_stats(store_t *base, store_outbox_stats_t *out) {
+    sqlite_store_t *s = (sqlite_store_t *)base;
+    uv_mutex_lock(&s->lock);
+    *out = s->ob_stats;
+    uv_mutex_unlock(&s->lock);
+}
+
 static const store_ops_t sqlite_ops = {
+    .outbox_enable = sq_outbox_enable,
+    .outbox_stats = sq_outbox_stats,
     .name = "sqlite",
     .submit = sq_submit,
     .migrate = sq_migrate,
