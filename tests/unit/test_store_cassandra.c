@@ -668,6 +668,50 @@ static void test_appends_visible_in_id_order(void) {
     close_store(rd);
 }
 
+/* A message the node refuses (text that is not UTF-8; chatd checks that before, the store
+ * cannot count on it) fails, the rows written with it in one batch fail with it, and exactly
+ * the messages reported stored are stored; the chat goes on after it. */
+static void test_failed_batch(void) {
+    store_t *s = open_store(url);
+    CHECK(s != NULL);
+    enum { N = 6 };
+    static store_req_t rs[N];
+    ORD = (ord_t){.order = calloc(N, sizeof(int))};
+    int64_t t = now_ms();
+    /* the first goes out alone; the next ones queue behind it and go as one batch */
+    for (int i = 0; i < N; i++) {
+        rs[i] = append_req("bf", "quin", i == 2 ? "bad \xff\xfe" : "fine", NULL,
+                           id_at(t, (unsigned)i), t);
+        rs[i].data = (void *)(intptr_t)i;
+        rs[i].cb = on_ordered;
+        CHECK_INT(store_submit(s, &rs[i]), 0);
+    }
+    while (ORD.n < N) uv_run(&loop, UV_RUN_ONCE);
+    for (int i = 0; i < N; i++) CHECK_INT(ORD.order[i], i);
+    free(ORD.order);
+    CHECK_INT(rs[0].status, 0);
+    CHECK(rs[2].status != 0);
+    store_req_t later = append_req("bf", "quin", "after", NULL, id_at(t, N), t);
+    CHECK_INT(run_req(s, &later), 0);
+    store_req_cleanup(&later);
+    store_req_t a = {.op = STORE_AFTER, .chat_id = "bf", .id = 0, .limit = 100};
+    CHECK_INT(run_req(s, &a), 0);
+    size_t k = 0;
+    for (int i = 0; i < N; i++) {
+        bool stored = k < a.n_msgs && a.msgs[k].id == id_at(t, (unsigned)i);
+        if (stored) k++;
+        if (stored != (rs[i].status == 0)) {
+            fprintf(stderr, "  message %d: status %d, stored %d\n", i, rs[i].status, stored);
+            CHECK(0);
+        }
+        store_req_cleanup(&rs[i]);
+    }
+    CHECK_INT(a.n_msgs, k + 1);
+    CHECK(a.msgs[k].id == id_at(t, N));
+    store_req_cleanup(&a);
+    close_store(s);
+}
+
 static int closed_cbs;
 static void on_close_cb(store_req_t *r) {
     closed_cbs++;
@@ -993,6 +1037,7 @@ int main(void) {
     RUN(test_buckets);
     RUN(test_write_order_and_paging);
     RUN(test_appends_visible_in_id_order);
+    RUN(test_failed_batch);
     RUN(test_close_drains);
     RUN(test_schema_file_matches_migrate);
     RUN(test_types_roundtrip);
