@@ -18,9 +18,9 @@
  * callback reports success only after each write it made was acknowledged at the configured
  * consistency, so "durable before delivery" holds as it does with SQLite.
  *
- * Idempotent append, and what it costs. Without a client_id an append is one write (plus,
- * once per chat and bucket per process, one write to chat_buckets, issued before the
- * message and remembered). With a client_id it first claims (chat, user, client_id) with a
+ * Idempotent append, and what it costs. Without a client_id an append is one row write, alone
+ * or in a batch (plus, once per chat and bucket per process, one write to chat_buckets,
+ * issued before the rows and remembered). With a client_id it first claims (chat, user, client_id) with a
  * lightweight transaction, INSERT ... IF NOT EXISTS at the serial consistency: a Paxos
  * round (on Cassandra 5.0 with the default Paxos v1, four replica round trips: prepare,
  * read, propose, commit) that decides, for the whole cluster and for concurrent retries, who
@@ -34,6 +34,26 @@
  * in flight on this node at the same time are also folded in memory, so they do not race
  * each other between the claim and the message write. The claim rows never expire (the
  * SQLite store forgets no client_id either); a TTL would bound them if that ever matters.
+ *
+ * Order of visibility. chatd relies on "a node stores and publishes a chat's messages in id
+ * order": the rooms' duplicate marks and the resume cursors keep, per origin node, the newest
+ * id seen, so a reader (a catch-up after a bus outage, a resume's read on another node) that
+ * saw message 10 stored while 9 was still being written would let a client skip 9 for good.
+ * Concurrent writes become visible in any order, so per chat this node keeps at most ONE
+ * write of message rows in flight; the rows that become ready meanwhile wait in the chat's
+ * queue (chatq_t) and go together as the next write, in submission order (the node's id
+ * order): one INSERT alone, or one UNLOGGED BATCH when several fall in the same partition
+ * (chat, bucket). Cassandra applies a single-partition batch as one mutation, atomically and
+ * in isolation, so a reader sees all of its rows or none, and the next batch is sent only
+ * after this one was acknowledged; a bucket boundary splits them into consecutive batches.
+ * The throughput stays: under load each write carries every row queued behind the previous
+ * one (bench/RESULTS.md, "Store"). An idempotent send's claim (the LWT) still runs at once and
+ * concurrently; only its row waits for its turn, and a row whose claim is still in flight
+ * holds back the rows behind it (it may turn out to be a duplicate, with no row). If a batch
+ * fails, every message in it fails (each callback reports the error; none is reported
+ * stored), and the rows queued behind it go on. With a consistency below a quorum a reader
+ * may still meet a replica that missed a row it already acknowledged: the order is a
+ * quorum's.
  *
  * Edits and deletes read the row (author, deleted), then update it with a lightweight
  * transaction conditioned on the author and "not deleted", so a delete racing an edit can
@@ -391,10 +411,11 @@ typedef struct cass_op cass_op_t;
  * ROW_SENT in the batch in flight. Everything else is ROW_NONE: no row to write (any more). */
 enum { ROW_NONE, ROW_WAIT, ROW_READY, ROW_SENT };
 
-/* The writes of one chat in flight, in submission order. Cassandra answers concurrent
- * writes in any order; the callbacks go out in this order, as the SQLite store's single
- * writer does, so every member sees a chat's events in id order and a sender's
- * acknowledgements in the order it sent. */
+/* The writes of one chat in flight, in submission order. The callbacks go out in this
+ * order, as the SQLite store's single writer does, so every member sees a chat's events in id
+ * order and a sender's acknowledgements in the order it sent; and the message rows are
+ * written from the front of it one batch at a time (chatq_pump), so they also become visible
+ * in this order. */
 typedef struct chatq {
     char *chat;
     uint32_t hash;
