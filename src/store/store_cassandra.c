@@ -19,21 +19,21 @@
  * consistency, so "durable before delivery" holds as it does with SQLite.
  *
  * Idempotent append, and what it costs. Without a client_id an append is one row write, alone
- * or in a batch (plus, once per chat and bucket per process, one write to chat_buckets,
- * issued before the rows and remembered). With a client_id it first claims (chat, user, client_id) with a
- * lightweight transaction, INSERT ... IF NOT EXISTS at the serial consistency: a Paxos
- * round (on Cassandra 5.0 with the default Paxos v1, four replica round trips: prepare,
- * read, propose, commit) that decides, for the whole cluster and for concurrent retries, who
- * owns the client_id. The winner writes the message row with its own id. A loser reads the
- * claimed id and created_at, then the message row: if it exists, that is the duplicate's
- * answer; if it does not (the first sender crashed, or its message write failed, between
- * the two writes), the loser writes the message with the claimed id and time, so a retry
- * always ends with exactly one message under the original id (and it is delivered then,
- * as the first delivery). So an idempotent send costs one LWT + one write, about 3-4x a
- * plain send in latency; a retried one costs one LWT + one read. Retries of the same key
- * in flight on this node at the same time are also folded in memory, so they do not race
- * each other between the claim and the message write. The claim rows never expire (the
- * SQLite store forgets no client_id either); a TTL would bound them if that ever matters.
+ * or in a batch (plus, once per chat and bucket per process, one write to chat_buckets, issued
+ * before the rows and remembered). With a client_id it first claims (chat, user, client_id)
+ * with a lightweight transaction, INSERT ... IF NOT EXISTS at the serial consistency: a Paxos
+ * round (on Cassandra 5.0 with the default Paxos v1, four replica round trips: prepare, read,
+ * propose, commit) that decides, for the whole cluster and for concurrent retries, who owns the
+ * client_id. The winner writes the message row with its own id. A loser reads the claimed id
+ * and created_at, then the message row: if it exists, that is the duplicate's answer; if it
+ * does not (the first sender crashed, or its message write failed, between the two writes), the
+ * loser writes the message with the claimed id and time, so a retry always ends with exactly
+ * one message under the original id (and it is delivered then, as the first delivery). So an
+ * idempotent send costs one LWT + one write, about 3-4x a plain send in latency; a retried one
+ * costs one LWT + one read. Retries of the same key in flight on this node at the same time are
+ * also folded in memory, so they do not race each other between the claim and the message
+ * write. The claim rows never expire (the SQLite store forgets no client_id either); a TTL
+ * would bound them if that ever matters.
  *
  * Order of visibility. chatd relies on "a node stores and publishes a chat's messages in id
  * order": the rooms' duplicate marks and the resume cursors keep, per origin node, the newest

@@ -611,7 +611,8 @@ static void on_vis_read(store_req_t *r) {
     }
     if (!ok && !VIS.bad_reads++) {
         snprintf(VIS.first_bad, sizeof VIS.first_bad,
-                 "%s read %d: %zu rows, row %d is seq %d after seq %d", VIS.hist ? "history" : "after",
+                 "%s read %d: %zu rows, row %d is seq %d after seq %d",
+                 VIS.hist ? "history" : "after",
                  VIS.reads, r->n_msgs, at, vis_seq(r->msgs[at].id),
                  at > 0 ? vis_seq(r->msgs[at - 1].id) : -1);
     }
@@ -620,8 +621,11 @@ static void on_vis_read(store_req_t *r) {
 
 static void vis_read(void) {
     VIS.hist = !VIS.hist;
-    VIS.read = VIS.hist ? (store_req_t){.op = STORE_HISTORY, .chat_id = "vis", .id = 0, .limit = 60}
-                        : (store_req_t){.op = STORE_AFTER, .chat_id = "vis", .id = 0, .limit = 5000};
+    if (VIS.hist) {
+        VIS.read = (store_req_t){.op = STORE_HISTORY, .chat_id = "vis", .limit = 60};
+    } else {
+        VIS.read = (store_req_t){.op = STORE_AFTER, .chat_id = "vis", .limit = 5000};
+    }
     VIS.read.cb = on_vis_read;
     if (store_submit(VIS.r, &VIS.read) == 0) VIS.read_busy = true;
 }
