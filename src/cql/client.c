@@ -33,7 +33,7 @@ typedef struct cql_req cql_req_t;
 typedef struct cq_conn cq_conn_t;
 typedef struct host host_t;
 
-enum req_kind { RK_QUERY, RK_EXECUTE, RK_PREPARE };
+enum req_kind { RK_QUERY, RK_EXECUTE, RK_PREPARE, RK_BATCH };
 enum req_where { W_NONE, W_PENDING, W_WAIT_PREP, W_FLIGHT, W_DEFERRED, W_AGREE };
 
 typedef struct rlist {
@@ -50,9 +50,13 @@ struct cql_req {
     cql_client_t *c;
     int kind;
     int where;
-    cql_stmt_t *stmt; /* EXECUTE, PREPARE */
+    cql_stmt_t *stmt; /* EXECUTE, PREPARE, BATCH */
     char *query;      /* QUERY: our copy */
-    sbuf_t params;    /* QUERY, EXECUTE: the encoded <query_parameters> */
+    sbuf_t params;    /* QUERY, EXECUTE: the encoded <query_parameters>; BATCH: the values
+                         of each statement, then the batch's tail */
+    size_t *batch_off; /* BATCH: n_batch + 1 offsets into params (the last: the tail) */
+    size_t n_batch;
+    uint8_t batch_type;
     cql_cb cb;
     void *data;
     cq_conn_t *conn; /* W_WAIT_PREP, W_FLIGHT; PREPARE: the connection it prepares for */
@@ -260,6 +264,7 @@ static void deadline_remove(cql_client_t *c, cql_req_t *r) {
 
 static void req_free(cql_req_t *r) {
     free(r->query);
+    free(r->batch_off);
     sbuf_free(&r->params);
     free(r->message);
     free(r->host);
@@ -391,6 +396,21 @@ static bool encode_req(cq_conn_t *k, cql_req_t *r, int16_t s) {
     int rc;
     if (r->kind == RK_PREPARE) {
         rc = cql_encode_prepare(sb, s, r->stmt->query);
+    } else if (r->kind == RK_BATCH) {
+        /* the prepared id is this connection's: it goes between the encoded values */
+        prep_t *pp = &k->preps[r->stmt->idx];
+        cql__frame_begin(sb, s, CQL_OP_BATCH);
+        uint8_t head[3] = {r->batch_type, (uint8_t)(r->n_batch >> 8), (uint8_t)r->n_batch};
+        sbuf_put(sb, head, sizeof head);
+        for (size_t i = 0; i < r->n_batch; i++) {
+            uint8_t kind = 1;
+            sbuf_put(sb, &kind, 1);
+            cql__put_short_bytes(sb, pp->id, pp->id_len);
+            sbuf_put(sb, r->params.p + r->batch_off[i], r->batch_off[i + 1] - r->batch_off[i]);
+        }
+        sbuf_put(sb, r->params.p + r->batch_off[r->n_batch],
+                 r->params.len - r->batch_off[r->n_batch]);
+        rc = cql__frame_end(sb, at);
     } else {
         if (r->kind == RK_EXECUTE) {
             prep_t *pp = &k->preps[r->stmt->idx];
@@ -446,8 +466,12 @@ static prep_t *cc_prep(cq_conn_t *k, cql_stmt_t *st) {
 }
 
 /* Route r onto k: k has room for it (and for a PREPARE if the statement needs one). */
+static bool needs_prep(const cql_req_t *r) {
+    return r->kind == RK_EXECUTE || r->kind == RK_BATCH;
+}
+
 static bool cc_take(cq_conn_t *k, cql_req_t *r) {
-    if (r->kind != RK_EXECUTE) {
+    if (!needs_prep(r)) {
         if (!send_on(k, r)) return false;
         k->load++;
         return true;
@@ -482,7 +506,7 @@ static bool cc_take(cq_conn_t *k, cql_req_t *r) {
 
 static bool cc_has_room(const cq_conn_t *k, const cql_req_t *r) {
     unsigned cost = 1;
-    if (r->kind == RK_EXECUTE &&
+    if (needs_prep(r) &&
         (r->stmt->idx >= k->n_preps || k->preps[r->stmt->idx].state == PREP_NONE)) {
         cost = 2;
     }
@@ -914,7 +938,7 @@ static void handle_response(cq_conn_t *k, cql_req_t *r, const cql_header_t *h,
         char m[600];
         cql_error_format(&resp, m, sizeof m);
         int code = resp.error.code;
-        if (r->kind == RK_EXECUTE && code == CQL_ERR_UNPREPARED && !r->reprepared) {
+        if (needs_prep(r) && code == CQL_ERR_UNPREPARED && !r->reprepared) {
             /* the node forgot the statement (restarted, evicted): prepare again, once */
             c->stats.reprepares++;
             log_info("cql_reprepare host=%s query=\"%.80s\"", k->host->name, r->stmt->query);
@@ -1574,6 +1598,43 @@ int cql_execute(cql_client_t *c, cql_stmt_t *st, const cql_value_t *vals, size_t
                 const cql_params_t *p, cql_cb cb, void *data) {
     if (!st) return CHAT_EINVAL;
     return submit(c, RK_EXECUTE, NULL, st, vals, n_vals, p, cb, data);
+}
+
+int cql_batch(cql_client_t *c, int type, cql_stmt_t *st, const cql_value_t *vals, size_t n_per,
+              size_t n_stmts, const cql_params_t *p, cql_cb cb, void *data) {
+    if (c->closing) return CHAT_ECLOSED;
+    if (!cb || !st || n_stmts == 0 || n_stmts > 0xffff || n_per > 0xffff ||
+        type < CQL_BATCH_LOGGED || type > CQL_BATCH_COUNTER) {
+        return CHAT_EINVAL;
+    }
+    cql_params_t dp = CQL_PARAMS_DEFAULT;
+    if (!p) p = &dp;
+    int cl = p->consistency < 0 ? c->o.consistency : p->consistency;
+    int serial = p->serial_consistency < 0 ? c->o.serial_consistency : p->serial_consistency;
+    cql_req_t *r = req_new(c, RK_BATCH, p, cb, data);
+    if (!r) return CHAT_ENOMEM;
+    int rc = 0;
+    if (!(r->batch_off = malloc((n_stmts + 1) * sizeof *r->batch_off))) rc = CHAT_ENOMEM;
+    for (size_t i = 0; rc == 0 && i < n_stmts; i++) {
+        r->batch_off[i] = r->params.len;
+        rc = cql__put_batch_values(&r->params, vals + i * n_per, n_per);
+    }
+    if (rc == 0) {
+        r->batch_off[n_stmts] = r->params.len;
+        rc = cql__put_batch_tail(&r->params, p, cl, serial);
+    }
+    if (rc == 0 && r->params.oom) rc = CHAT_ENOMEM;
+    if (rc) {
+        req_free(r);
+        return rc;
+    }
+    r->stmt = st;
+    r->n_batch = n_stmts;
+    r->batch_type = (uint8_t)type;
+    c->stats.requests++;
+    deadline_add(c, r);
+    dispatch(c, r);
+    return 0;
 }
 
 void cql_client_stats(const cql_client_t *c, cql_client_stats_t *out) {

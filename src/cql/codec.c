@@ -265,6 +265,58 @@ int cql_encode_params(sbuf_t *sb, const cql_value_t *vals, size_t n_vals, const 
     return 0;
 }
 
+int cql__put_batch_values(sbuf_t *sb, const cql_value_t *vals, size_t n_vals) {
+    if (n_vals > 0xffff) return CHAT_EINVAL;
+    size_t start = sb->len;
+    put_u16(sb, (uint16_t)n_vals);
+    for (size_t i = 0; i < n_vals; i++) {
+        int rc = put_value(sb, &vals[i]);
+        if (rc) {
+            sb->len = start;
+            return rc;
+        }
+    }
+    return 0;
+}
+
+int cql__put_batch_tail(sbuf_t *sb, const cql_params_t *p, int consistency, int serial) {
+    if (!consistency_ok(consistency)) return CHAT_EINVAL;
+    if (serial != CQL_SERIAL && serial != CQL_LOCAL_SERIAL) return CHAT_EINVAL;
+    /* v4: the flags are one byte; the four low bits (values, skip metadata, paging) have no
+     * meaning for a batch and must stay 0. The serial level is always named, as for QUERY. */
+    uint8_t flags = 0x10;
+    if (p && p->timestamp_us > 0) flags |= 0x20;
+    put_u16(sb, (uint16_t)consistency);
+    put_u8(sb, flags);
+    put_u16(sb, (uint16_t)serial);
+    if (flags & 0x20) put_i64(sb, p->timestamp_us);
+    return 0;
+}
+
+int cql_encode_batch(sbuf_t *sb, int16_t stream, int type, const uint8_t *id, size_t id_len,
+                     const cql_value_t *vals, size_t n_per, size_t n_stmts, const cql_params_t *p,
+                     int consistency, int serial) {
+    if (type < CQL_BATCH_LOGGED || type > CQL_BATCH_COUNTER || id_len > 0xffff || n_stmts == 0 ||
+        n_stmts > 0xffff || n_per > 0xffff) {
+        return CHAT_EINVAL;
+    }
+    size_t at = cql__frame_begin(sb, stream, CQL_OP_BATCH);
+    put_u8(sb, (uint8_t)type);
+    put_u16(sb, (uint16_t)n_stmts);
+    int rc = 0;
+    for (size_t i = 0; i < n_stmts && rc == 0; i++) {
+        put_u8(sb, 1); /* kind: a prepared id */
+        cql__put_short_bytes(sb, id, id_len);
+        rc = cql__put_batch_values(sb, vals + i * n_per, n_per);
+    }
+    if (rc == 0) rc = cql__put_batch_tail(sb, p, consistency, serial);
+    if (rc) {
+        sb->len = at;
+        return rc;
+    }
+    return cql__frame_end(sb, at);
+}
+
 int cql_encode_query(sbuf_t *sb, int16_t stream, const char *query, const cql_value_t *vals,
                      size_t n_vals, const cql_params_t *p, int consistency, int serial) {
     size_t qn = strlen(query);

@@ -234,6 +234,15 @@ int cql_encode_query(sbuf_t *sb, int16_t stream, const char *query, const cql_va
 int cql_encode_execute(sbuf_t *sb, int16_t stream, const uint8_t *id, size_t id_len,
                        const cql_value_t *vals, size_t n_vals, const cql_params_t *p,
                        int consistency, int serial);
+/* BATCH types (section 4.1.7). */
+enum cql_batch_type { CQL_BATCH_LOGGED = 0, CQL_BATCH_UNLOGGED = 1, CQL_BATCH_COUNTER = 2 };
+/* A BATCH of n_stmts executions of the one prepared statement id, statement i bound to
+ * vals[i * n_per .. (i + 1) * n_per). Of p only timestamp_us is used (a batch has no paging);
+ * consistency and serial must be real levels. CHAT_EINVAL for no statement, more than 65535,
+ * or a bad type or level. */
+int cql_encode_batch(sbuf_t *sb, int16_t stream, int type, const uint8_t *id, size_t id_len,
+                     const cql_value_t *vals, size_t n_per, size_t n_stmts, const cql_params_t *p,
+                     int consistency, int serial);
 /* The <query_parameters> part alone (what QUERY and EXECUTE share). */
 int cql_encode_params(sbuf_t *sb, const cql_value_t *vals, size_t n_vals, const cql_params_t *p,
                       int consistency, int serial);
@@ -399,6 +408,15 @@ int cql_query(cql_client_t *c, const char *query, const cql_value_t *vals, size_
               const cql_params_t *p, cql_cb cb, void *data);
 int cql_execute(cql_client_t *c, cql_stmt_t *st, const cql_value_t *vals, size_t n_vals,
                 const cql_params_t *p, cql_cb cb, void *data);
+
+/* Submit a BATCH of type (enum cql_batch_type) that runs the registered statement st
+ * n_stmts times, statement i bound to vals[i * n_per .. (i + 1) * n_per), all encoded before
+ * this returns. The server applies a batch whose statements all fall in one partition as
+ * one mutation: atomically and in isolation (readers see all of it or none). Of p:
+ * consistency, serial_consistency, timestamp_us, timeout_ms. The callback runs once, as for
+ * cql_execute (CHAT_EINVAL for n_stmts 0 or over 65535). */
+int cql_batch(cql_client_t *c, int type, cql_stmt_t *st, const cql_value_t *vals, size_t n_per,
+              size_t n_stmts, const cql_params_t *p, cql_cb cb, void *data);
 
 typedef struct cql_client_stats {
     uint64_t requests, errors, timeouts, reprepares, connects, connect_failures;

@@ -18,4 +18,12 @@ int cql__frame_end(sbuf_t *sb, size_t at);
 void cql__put_long_string(sbuf_t *sb, const char *s, size_t n);
 void cql__put_short_bytes(sbuf_t *sb, const uint8_t *p, size_t n);
 
+/* BATCH pieces the client sends once per statement and once per batch (the prepared id of
+ * each statement is written between them at send time: it differs per connection):
+ * <n><value_1>...<value_n> of one statement, and <consistency><flags><serial>[<timestamp>]
+ * after the last one. CHAT_EINVAL/CHAT_ERANGE for a value that cannot be sent (nothing
+ * appended then); sb->oom as usual. */
+int cql__put_batch_values(sbuf_t *sb, const cql_value_t *vals, size_t n_vals);
+int cql__put_batch_tail(sbuf_t *sb, const cql_params_t *p, int consistency, int serial);
+
 #endif

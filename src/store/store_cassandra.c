@@ -18,22 +18,42 @@
  * callback reports success only after each write it made was acknowledged at the configured
  * consistency, so "durable before delivery" holds as it does with SQLite.
  *
- * Idempotent append, and what it costs. Without a client_id an append is one write (plus,
- * once per chat and bucket per process, one write to chat_buckets, issued before the
- * message and remembered). With a client_id it first claims (chat, user, client_id) with a
- * lightweight transaction, INSERT ... IF NOT EXISTS at the serial consistency: a Paxos
- * round (on Cassandra 5.0 with the default Paxos v1, four replica round trips: prepare,
- * read, propose, commit) that decides, for the whole cluster and for concurrent retries, who
- * owns the client_id. The winner writes the message row with its own id. A loser reads the
- * claimed id and created_at, then the message row: if it exists, that is the duplicate's
- * answer; if it does not (the first sender crashed, or its message write failed, between
- * the two writes), the loser writes the message with the claimed id and time, so a retry
- * always ends with exactly one message under the original id (and it is delivered then,
- * as the first delivery). So an idempotent send costs one LWT + one write, about 3-4x a
- * plain send in latency; a retried one costs one LWT + one read. Retries of the same key
- * in flight on this node at the same time are also folded in memory, so they do not race
- * each other between the claim and the message write. The claim rows never expire (the
- * SQLite store forgets no client_id either); a TTL would bound them if that ever matters.
+ * Idempotent append, and what it costs. Without a client_id an append is one row write, alone
+ * or in a batch (plus, once per chat and bucket per process, one write to chat_buckets, issued
+ * before the rows and remembered). With a client_id it first claims (chat, user, client_id)
+ * with a lightweight transaction, INSERT ... IF NOT EXISTS at the serial consistency: a Paxos
+ * round (on Cassandra 5.0 with the default Paxos v1, four replica round trips: prepare, read,
+ * propose, commit) that decides, for the whole cluster and for concurrent retries, who owns the
+ * client_id. The winner writes the message row with its own id. A loser reads the claimed id
+ * and created_at, then the message row: if it exists, that is the duplicate's answer; if it
+ * does not (the first sender crashed, or its message write failed, between the two writes), the
+ * loser writes the message with the claimed id and time, so a retry always ends with exactly
+ * one message under the original id (and it is delivered then, as the first delivery). So an
+ * idempotent send costs one LWT + one write, about 3-4x a plain send in latency; a retried one
+ * costs one LWT + one read. Retries of the same key in flight on this node at the same time are
+ * also folded in memory, so they do not race each other between the claim and the message
+ * write. The claim rows never expire (the SQLite store forgets no client_id either); a TTL
+ * would bound them if that ever matters.
+ *
+ * Order of visibility. chatd relies on "a node stores and publishes a chat's messages in id
+ * order": the rooms' duplicate marks and the resume cursors keep, per origin node, the newest
+ * id seen, so a reader (a catch-up after a bus outage, a resume's read on another node) that
+ * saw message 10 stored while 9 was still being written would let a client skip 9 for good.
+ * Concurrent writes become visible in any order, so per chat this node keeps at most ONE
+ * write of message rows in flight; the rows that become ready meanwhile wait in the chat's
+ * queue (chatq_t) and go together as the next write, in submission order (the node's id
+ * order): one INSERT alone, or one UNLOGGED BATCH when several fall in the same partition
+ * (chat, bucket). Cassandra applies a single-partition batch as one mutation, atomically and
+ * in isolation, so a reader sees all of its rows or none, and the next batch is sent only
+ * after this one was acknowledged; a bucket boundary splits them into consecutive batches.
+ * The throughput stays: under load each write carries every row queued behind the previous
+ * one (bench/RESULTS.md, "Store"). An idempotent send's claim (the LWT) still runs at once and
+ * concurrently; only its row waits for its turn, and a row whose claim is still in flight
+ * holds back the rows behind it (it may turn out to be a duplicate, with no row). If a batch
+ * fails, every message in it fails (each callback reports the error; none is reported
+ * stored), and the rows queued behind it go on. With a consistency below a quorum a reader
+ * may still meet a replica that missed a row it already acknowledged: the order is a
+ * quorum's.
  *
  * Edits and deletes read the row (author, deleted), then update it with a lightweight
  * transaction conditioned on the author and "not deleted", so a delete racing an edit can
@@ -56,6 +76,11 @@
 #define READ_PAGE_ROWS 1000
 #define BUCKET_CACHE_MAX 65536
 #define CLAIM_SLOTS 1024
+/* One batch of a chat's message rows: what Cassandra applies as one mutation. Single-
+ * partition batches are exempt from its batch size warn/fail thresholds; these bounds keep
+ * one request's size and latency modest (a larger message still goes, alone). */
+#define BATCH_MAX_ROWS 256
+#define BATCH_MAX_BYTES (1u << 20)
 #define MAX_HOSTS 16
 
 /* ---- configuration ------------------------------------------------------------------- */
@@ -381,14 +406,21 @@ static const char *const TABLES[] = {"messages_by_chat", "chat_buckets", "messag
 
 typedef struct cass_op cass_op_t;
 
-/* The writes of one chat in flight, in submission order. Cassandra answers concurrent
- * writes in any order; the callbacks go out in this order, as the SQLite store's single
- * writer does, so every member sees a chat's events in id order and a sender's
- * acknowledgements in the order it sent. */
+/* An append's message row: ROW_WAIT while its id is not settled (the client_id claim is in
+ * flight; it may turn out a duplicate with no row to write), ROW_READY to be written,
+ * ROW_SENT in the batch in flight. Everything else is ROW_NONE: no row to write (any more). */
+enum { ROW_NONE, ROW_WAIT, ROW_READY, ROW_SENT };
+
+/* The writes of one chat in flight, in submission order. The callbacks go out in this
+ * order, as the SQLite store's single writer does, so every member sees a chat's events in id
+ * order and a sender's acknowledgements in the order it sent; and the message rows are
+ * written from the front of it one batch at a time (chatq_pump), so they also become visible
+ * in this order. */
 typedef struct chatq {
     char *chat;
     uint32_t hash;
     cass_op_t *head, *tail;
+    bool writing; /* one write of message rows (a batch) of this chat is in flight */
     struct chatq *next; /* same hash slot */
 } chatq_t;
 
@@ -419,6 +451,8 @@ struct cass_op {
     bool finished;  /* outcome recorded, waiting for earlier writes of the chat */
     chatq_t *q;     /* writes only */
     cass_op_t *qnext;
+    uint8_t row_at;     /* append: where its message row is (ROW_*) */
+    cass_op_t *bnext;   /* the next op of the same batch */
     int sync_fail;
     /* append */
     uint64_t id;
@@ -572,6 +606,7 @@ static void chatq_remove(cass_store_t *s, cass_op_t *op) {
 /* ---- ops --------------------------------------------------------------------------------- */
 
 static void store_finish_close(cass_store_t *s);
+static void chatq_pump(cass_store_t *s, chatq_t *q);
 static void append_bucket(cass_op_t *op);
 static void append_start_claim(cass_op_t *op);
 
@@ -641,6 +676,11 @@ static void op_done(cass_op_t *op, int status) {
     cass_store_t *s = op->s;
     store_req_t *r = op->req;
     claim_unlink(op);
+    if (op->row_at == ROW_WAIT || op->row_at == ROW_READY) {
+        /* no row to write after all (a duplicate, a failed claim): the rows behind it go */
+        op->row_at = ROW_NONE;
+        if (op->q) chatq_pump(s, op->q);
+    }
     r->status = status;
     if (status) {
         store_msg_clear(&r->msg);
@@ -761,39 +801,126 @@ static void append_fill(cass_op_t *op) {
     op_done(op, 0);
 }
 
-static void on_msg_written(const cql_result_t *res, void *data) {
-    cass_op_t *op = data;
-    if (res->status) return op_fail_cql(op, res, "append");
-    append_fill(op);
+/* ---- order of visibility: one batch of message rows in flight per chat ------------------- */
+
+/* The batch starting at first (chained by bnext) is answered: with status 0 every row in it
+ * was acknowledged at the configured consistency; otherwise none is reported stored. The
+ * next batch goes out before these are answered (q lives on meanwhile: these ops are still
+ * in it, unfinished), so a failure holds nothing back. */
+static void batch_done(cass_op_t *first, int status, const char *why) {
+    cass_store_t *s = first->s;
+    chatq_t *q = first->q;
+    size_t n = 0;
+    for (cass_op_t *op = first; op; op = op->bnext) {
+        op->row_at = ROW_NONE;
+        n++;
+    }
+    q->writing = false;
+    if (status) {
+        log_error("store_cassandra_failed op=append chat=%s id=%" PRIu64 " rows=%zu err=%s",
+                  q->chat, first->id, n, LOG_STR(why ? why : chat_strerror(status)));
+    }
+    chatq_pump(s, q);
+    cass_op_t *op = first;
+    while (op) {
+        cass_op_t *next = op->bnext;
+        op->bnext = NULL;
+        if (status == 0) {
+            append_fill(op);
+        } else if (op->in_submit) {
+            op->sync_fail = status; /* cs_submit returns it; no callback */
+        } else {
+            op_done(op, status);
+        }
+        op = next;
+    }
 }
 
-static void append_message(cass_op_t *op) {
-    store_req_t *r = op->req;
-    cql_value_t v[] = {
-        cql_text(r->chat_id),       cql_int(op->bucket),        cql_bigint((int64_t)op->id),
-        cql_text(r->user),          cql_text(r->text),          cql_text(r->client_id),
-        cql_timestamp(op->created_at),
-    };
-    op_exec(op, S_INSERT_MSG, v, 7, NULL, on_msg_written);
+static void on_batch_written(const cql_result_t *res, void *data) {
+    int st = res->status == 0 ? 0 : res->status == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO;
+    batch_done(data, st, res->message);
 }
 
-static void on_bucket_written(const cql_result_t *res, void *data) {
-    cass_op_t *op = data;
-    if (res->status) return op_fail_cql(op, res, "append_bucket");
-    bcache_add(op->s, op->req->chat_id, op->bucket);
-    append_message(op);
+/* Write the rows of the batch first..: one INSERT when alone, else one UNLOGGED BATCH (they
+ * are all in one partition, so Cassandra applies it as one mutation, atomically and in
+ * isolation: a reader sees all of its rows or none). */
+static void batch_send(cass_op_t *first) {
+    cass_store_t *s = first->s;
+    size_t n = 0;
+    for (cass_op_t *op = first; op; op = op->bnext) n++;
+    cql_value_t one[7], *v = n == 1 ? one : malloc(n * 7 * sizeof *v);
+    if (!v) return batch_done(first, CHAT_ENOMEM, "out of memory");
+    size_t i = 0;
+    for (cass_op_t *op = first; op; op = op->bnext, i += 7) {
+        store_req_t *r = op->req;
+        v[i + 0] = cql_text(r->chat_id);
+        v[i + 1] = cql_int(op->bucket);
+        v[i + 2] = cql_bigint((int64_t)op->id);
+        v[i + 3] = cql_text(r->user);
+        v[i + 4] = cql_text(r->text);
+        v[i + 5] = cql_text(r->client_id);
+        v[i + 6] = cql_timestamp(op->created_at);
+    }
+    int rc = n == 1 ? cql_execute(s->cql, s->st[S_INSERT_MSG], v, 7, NULL, on_batch_written, first)
+                    : cql_batch(s->cql, CQL_BATCH_UNLOGGED, s->st[S_INSERT_MSG], v, 7, n, NULL,
+                                on_batch_written, first);
+    if (v != one) free(v);
+    if (rc) batch_done(first, rc == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO, chat_strerror(rc));
 }
 
-/* The bucket goes into chat_buckets before the message: history must never miss a bucket
- * that holds an acknowledged message. */
+static void on_batch_bucket(const cql_result_t *res, void *data) {
+    cass_op_t *first = data;
+    if (res->status) {
+        return batch_done(first, res->status == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO,
+                          res->message);
+    }
+    bcache_add(first->s, first->q->chat, first->bucket);
+    batch_send(first);
+}
+
+/* If no message write of q is in flight, send the next batch: the READY rows from the front
+ * of the queue, up to the first row whose id is not settled yet (ROW_WAIT: nothing behind
+ * it may become visible before it), within one bucket (one partition) and the size bounds.
+ * So a chat's rows become visible in the order they were submitted (this node's id order),
+ * whatever the order in which Cassandra answers. */
+static void chatq_pump(cass_store_t *s, chatq_t *q) {
+    if (q->writing) return;
+    cass_op_t *first = NULL, *last = NULL;
+    size_t n = 0, bytes = 0;
+    for (cass_op_t *op = q->head; op; op = op->qnext) {
+        if (op->row_at == ROW_NONE) continue;
+        if (op->row_at != ROW_READY) break;
+        size_t sz = strlen(op->req->text) + strlen(op->req->user) + 64;
+        if (first && (op->bucket != first->bucket || n == BATCH_MAX_ROWS ||
+                      bytes + sz > BATCH_MAX_BYTES)) {
+            break;
+        }
+        op->row_at = ROW_SENT;
+        op->bnext = NULL;
+        if (last) {
+            last->bnext = op;
+        } else {
+            first = op;
+        }
+        last = op;
+        n++;
+        bytes += sz;
+    }
+    if (!first) return;
+    q->writing = true;
+    /* the bucket goes into chat_buckets before the rows: history must never miss a bucket
+     * that holds an acknowledged message */
+    if (bcache_has(s, q->chat, first->bucket)) return batch_send(first);
+    cql_value_t v[] = {cql_text(q->chat), cql_int(first->bucket)};
+    int rc = cql_execute(s->cql, s->st[S_INSERT_BUCKET], v, 2, NULL, on_batch_bucket, first);
+    if (rc) batch_done(first, rc == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO, chat_strerror(rc));
+}
+
+/* op's row (its id settled) may be written, once every earlier row of its chat is out. */
 static void append_bucket(cass_op_t *op) {
     op->bucket = bucket_of(op->id);
-    if (bcache_has(op->s, op->req->chat_id, op->bucket)) {
-        append_message(op);
-        return;
-    }
-    cql_value_t v[] = {cql_text(op->req->chat_id), cql_int(op->bucket)};
-    op_exec(op, S_INSERT_BUCKET, v, 2, NULL, on_bucket_written);
+    op->row_at = ROW_READY;
+    chatq_pump(op->s, op->q);
 }
 
 static void on_dup_read(const cql_result_t *res, void *data) {
@@ -844,8 +971,12 @@ static void append_start_claim(cass_op_t *op) {
     cass_op_t *p = s->claims[op->claim_hash % CLAIM_SLOTS];
     for (; p; p = p->claim_next) {
         if (strcmp(p->claim_key, op->claim_key) == 0) {
-            op->dup_next = p->dups;
-            p->dups = op;
+            /* in submission order: the first of them to claim next is the earliest, so none
+             * waits (for its row's turn) behind one that waits for it */
+            cass_op_t **pp = &p->dups;
+            while (*pp) pp = &(*pp)->dup_next;
+            op->dup_next = NULL;
+            *pp = op;
             return;
         }
     }
@@ -1105,7 +1236,10 @@ static int cs_submit(store_t *base, store_req_t *r) {
     op->in_submit = true;
     int rc = 0;
     switch (r->op) {
-    case STORE_APPEND: rc = append_start(op); break;
+    case STORE_APPEND:
+        op->row_at = ROW_WAIT;
+        rc = append_start(op);
+        break;
     case STORE_EDIT:
     case STORE_DELETE: change_start(op); break;
     default: read_start(op); break;

@@ -173,6 +173,69 @@ static void test_encode_query_values(void) {
     sbuf_free(&sb);
 }
 
+/* BATCH (v4 section 4.1.7): <type><n>, per statement <kind=1><[short bytes] id><n><values>,
+ * then <consistency><flags: a byte><serial>[<timestamp>]. */
+static void test_encode_batch(void) {
+    sbuf_t sb = {0};
+    cql_value_t v[] = {cql_int(1), cql_text("a"), cql_int(2), cql_null()};
+    CHECK_INT(cql_encode_batch(&sb, 3, CQL_BATCH_UNLOGGED, (const uint8_t *)"ID", 2, v, 2, 2, NULL,
+                               CQL_LOCAL_QUORUM, CQL_SERIAL),
+              0);
+    const uint8_t want[] = {
+        0x04, 0x00, 0x00, 0x03, 0x0d, 0x00, 0x00, 0x00, 0x2f, /* header: BATCH, 47 bytes */
+        0x01,                                                 /* UNLOGGED */
+        0x00, 0x02,                                           /* 2 statements */
+        0x01, 0x00, 0x02, 'I', 'D',                           /* prepared, id "ID" */
+        0x00, 0x02,                                           /* 2 values */
+        0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x01,       /* int 1 */
+        0x00, 0x00, 0x00, 0x01, 'a',                          /* text "a" */
+        0x01, 0x00, 0x02, 'I', 'D', 0x00, 0x02,               /* the second statement */
+        0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x02,       /* int 2 */
+        0xff, 0xff, 0xff, 0xff,                               /* null */
+        0x00, 0x06,                                           /* LOCAL_QUORUM */
+        0x10,                                                 /* flags: serial */
+        0x00, 0x08,                                           /* SERIAL */
+    };
+    CHECK_INT(sb.len, sizeof want);
+    CHECK_MEM(sb.p, want, sizeof want);
+    sb.len = 0;
+
+    /* a logged batch of one statement without values, LOCAL_SERIAL, a default timestamp */
+    cql_params_t p = CQL_PARAMS_DEFAULT;
+    p.timestamp_us = 0x0102030405060708LL;
+    p.page_size = 100; /* no meaning for a batch: not sent */
+    CHECK_INT(cql_encode_batch(&sb, 1, CQL_BATCH_LOGGED, (const uint8_t *)"\x07", 1, NULL, 0, 1, &p,
+                               CQL_ONE, CQL_LOCAL_SERIAL),
+              0);
+    const uint8_t want2[] = {
+        0x04, 0x00, 0x00, 0x01, 0x0d, 0x00, 0x00, 0x00, 0x16, /* 22 bytes */
+        0x00, 0x00, 0x01,                                     /* LOGGED, 1 statement */
+        0x01, 0x00, 0x01, 0x07, 0x00, 0x00,                   /* id 07, no values */
+        0x00, 0x01, 0x30, 0x00, 0x09,                         /* ONE, serial|timestamp */
+        0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08,
+    };
+    CHECK_INT(sb.len, sizeof want2);
+    CHECK_MEM(sb.p, want2, sizeof want2);
+    sb.len = 0;
+
+    /* refused, nothing left behind: no statement, a bad type or level, a value out of range */
+    CHECK_INT(cql_encode_batch(&sb, 1, CQL_BATCH_UNLOGGED, (const uint8_t *)"ID", 2, v, 2, 0, NULL,
+                               CQL_ONE, CQL_SERIAL),
+              CHAT_EINVAL);
+    CHECK_INT(cql_encode_batch(&sb, 1, 3, (const uint8_t *)"ID", 2, v, 2, 1, NULL, CQL_ONE,
+                               CQL_SERIAL),
+              CHAT_EINVAL);
+    CHECK_INT(cql_encode_batch(&sb, 1, CQL_BATCH_UNLOGGED, (const uint8_t *)"ID", 2, v, 2, 1, NULL,
+                               CQL_ONE, CQL_ONE),
+              CHAT_EINVAL);
+    cql_value_t big[] = {cql_int(1), {.kind = CQL_V_INT, .i = 1LL << 40}};
+    CHECK_INT(cql_encode_batch(&sb, 1, CQL_BATCH_UNLOGGED, (const uint8_t *)"ID", 2, big, 1, 2,
+                               NULL, CQL_ONE, CQL_SERIAL),
+              CHAT_ERANGE);
+    CHECK_INT(sb.len, 0);
+    sbuf_free(&sb);
+}
+
 static void test_consistency_names(void) {
     CHECK_STR(cql_consistency_name(CQL_LOCAL_QUORUM), "LOCAL_QUORUM");
     CHECK_STR(cql_consistency_name(CQL_ANY), "ANY");
@@ -552,8 +615,8 @@ struct fake {
     fake_fn script;
     const char *need_auth; /* PLAIN token expected, NULL: no auth */
     size_t need_auth_len;
-    int n_prepares, n_executes, n_queries;
-    bool unprepare_next; /* answer the next EXECUTE with UNPREPARED */
+    int n_prepares, n_executes, n_queries, n_batches;
+    bool unprepare_next; /* answer the next EXECUTE or BATCH with UNPREPARED */
     int schema_rounds;   /* agreement answers with two versions this many times */
 };
 
@@ -677,8 +740,9 @@ static void fake_handle(fake_t *f, freq_t *q) {
         fake_send(f, q->conn, q->stream, CQL_OP_RESULT, b, sizeof b);
         return;
     }
-    if (q->opcode == CQL_OP_EXECUTE) {
-        f->n_executes++;
+    if (q->opcode == CQL_OP_EXECUTE || q->opcode == CQL_OP_BATCH) {
+        if (q->opcode == CQL_OP_EXECUTE) f->n_executes++;
+        if (q->opcode == CQL_OP_BATCH) f->n_batches++;
         if (f->unprepare_next) {
             f->unprepare_next = false;
             fake_error(f, q, CQL_ERR_UNPREPARED, "unknown id");
@@ -1040,6 +1104,62 @@ static void test_client_prepare_and_reprepare(void) {
     CHECK_INT(uv_loop_close(&loop), 0);
 }
 
+/* cql_batch sends the statement's prepared id (this connection's) in every entry, prepares
+ * it first when needed, and re-prepares and re-sends the batch once on UNPREPARED. */
+static void test_client_batch(void) {
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    fake_t f;
+    fake_start(&f, &loop);
+    f.script = script_answer_void;
+    cql_client_opts_t o = OPTS();
+    ready_t rd = {0};
+    cql_client_t *c = client_for(&f, &loop, &o, &rd);
+    CHECK(c && rd.status == 0);
+    memset(&G, 0, sizeof G);
+    cql_stmt_t *st = cql_stmt_new(c, "INSERT INTO t (a, b) VALUES (?, ?)");
+    CHECK(st != NULL);
+    cql_value_t v[] = {cql_int(5), cql_text("x"), cql_int(6), cql_text("y")};
+    CHECK_INT(cql_batch(c, CQL_BATCH_UNLOGGED, st, v, 2, 2, NULL, on_res, (void *)0), 0);
+    RUN_UNTIL(&loop, G.n == 1);
+    CHECK_INT(G.status[0], 0);
+    CHECK_INT(f.n_prepares, 1);
+    CHECK_INT(f.n_batches, 1);
+    int bi = -1;
+    for (int i = 0; i < f.n_reqs; i++) {
+        if (f.reqs[i].opcode == CQL_OP_BATCH) bi = i;
+    }
+    CHECK(bi >= 0);
+    const uint8_t want[] = {
+        0x01, 0x00, 0x02,                                                     /* UNLOGGED, 2 */
+        0x01, 0x00, 0x02, 'I', 'D', 0x00, 0x02,                               /* id, 2 values */
+        0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x01, 'x',
+        0x01, 0x00, 0x02, 'I', 'D', 0x00, 0x02,
+        0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00, 0x00, 0x01, 'y',
+        0x00, 0x06, 0x10, 0x00, 0x08, /* LOCAL_QUORUM, serial, SERIAL */
+    };
+    CHECK_INT(f.reqs[bi].len, sizeof want);
+    CHECK_MEM(f.reqs[bi].body, want, sizeof want);
+
+    /* the node forgot the statement: PREPARE again, then the same batch again */
+    f.unprepare_next = true;
+    CHECK_INT(cql_batch(c, CQL_BATCH_UNLOGGED, st, v, 2, 2, NULL, on_res, (void *)1), 0);
+    RUN_UNTIL(&loop, G.n == 2);
+    CHECK_INT(G.status[1], 0);
+    CHECK_INT(f.n_prepares, 2);
+    CHECK_INT(f.n_batches, 3);
+    CHECK_INT(f.reqs[f.n_reqs - 1].opcode, CQL_OP_BATCH);
+    CHECK_INT(f.reqs[f.n_reqs - 1].len, sizeof want);
+    CHECK_MEM(f.reqs[f.n_reqs - 1].body, want, sizeof want);
+
+    /* refused at submit, no callback: no statement in it, a bad type */
+    CHECK_INT(cql_batch(c, CQL_BATCH_UNLOGGED, st, v, 2, 0, NULL, on_res, (void *)2), CHAT_EINVAL);
+    CHECK_INT(cql_batch(c, 7, st, v, 2, 1, NULL, on_res, (void *)2), CHAT_EINVAL);
+    close_all(&loop, c, &f);
+    CHECK_INT(G.n, 2);
+    CHECK_INT(uv_loop_close(&loop), 0);
+}
+
 static void test_client_errors_and_timeouts(void) {
     uv_loop_t loop;
     uv_loop_init(&loop);
@@ -1388,6 +1508,7 @@ int main(void) {
     RUN(test_header_decode);
     RUN(test_encode_options_startup_auth);
     RUN(test_encode_query_values);
+    RUN(test_encode_batch);
     RUN(test_consistency_names);
     RUN(test_decode_errors);
     RUN(test_decode_rows);
@@ -1397,6 +1518,7 @@ int main(void) {
     RUN(test_client_setup_and_defaults);
     RUN(test_client_out_of_order_and_many_in_flight);
     RUN(test_client_prepare_and_reprepare);
+    RUN(test_client_batch);
     RUN(test_client_errors_and_timeouts);
     RUN(test_client_auth);
     RUN(test_client_conn_lost_and_reconnect);

@@ -553,6 +553,175 @@ static void test_write_order_and_paging(void) {
     close_store(s);
 }
 
+/* ---- order of visibility ------------------------------------------------------------------ */
+
+/* What another node sees of one chat while this node appends to it quickly: every read must
+ * be a prefix of the appends submitted (id N never visible without every earlier id from the
+ * same node), because catch-ups and resumes keep "the newest id seen from that node" as
+ * their cursor and would skip a message that shows up behind it. */
+typedef struct vis {
+    store_t *w, *r;
+    store_req_t *rs;
+    int n, submitted, acked, budget;
+    int64_t t;
+    store_req_t read;
+    bool read_busy, hist;
+    int reads, bad_reads, read_errors;
+    char first_bad[200];
+} vis_t;
+
+static vis_t VIS;
+
+static void on_vis_append(store_req_t *r) {
+    (void)r;
+    VIS.acked++;
+}
+
+/* The seq of id_at(t, seq), or -1 for an id this test did not write. */
+static int vis_seq(uint64_t id) {
+    uint64_t base = id_at(VIS.t, 0);
+    if (id < base || id >= base + (uint64_t)VIS.n) return -1;
+    return (int)(id - base);
+}
+
+static void on_vis_read(store_req_t *r) {
+    VIS.read_busy = false;
+    VIS.reads++;
+    VIS.budget += 100;
+    if (r->status) {
+        VIS.read_errors++;
+        store_req_cleanup(r);
+        return;
+    }
+    /* AFTER 0 answers ids ascending from the oldest: they must be 0, 1, 2, ... k-1.
+     * HISTORY answers the newest descending: they must be consecutive down from the top. */
+    bool ok = true;
+    int at = -1;
+    for (size_t i = 0; i < r->n_msgs && ok; i++) {
+        int seq = vis_seq(r->msgs[i].id);
+        int want = VIS.hist ? (i == 0 ? seq : vis_seq(r->msgs[i - 1].id) - 1) : (int)i;
+        if (seq < 0 || seq != want) {
+            ok = false;
+            at = (int)i;
+        }
+    }
+    if (VIS.hist && ok && r->n_msgs > 0 && r->n_msgs < (size_t)r->limit &&
+        vis_seq(r->msgs[r->n_msgs - 1].id) != 0) {
+        ok = false; /* fewer than asked, so the oldest must have been there */
+        at = (int)r->n_msgs - 1;
+    }
+    if (!ok && !VIS.bad_reads++) {
+        snprintf(VIS.first_bad, sizeof VIS.first_bad,
+                 "%s read %d: %zu rows, row %d is seq %d after seq %d",
+                 VIS.hist ? "history" : "after",
+                 VIS.reads, r->n_msgs, at, vis_seq(r->msgs[at].id),
+                 at > 0 ? vis_seq(r->msgs[at - 1].id) : -1);
+    }
+    store_req_cleanup(r);
+}
+
+static void vis_read(void) {
+    VIS.hist = !VIS.hist;
+    if (VIS.hist) {
+        VIS.read = (store_req_t){.op = STORE_HISTORY, .chat_id = "vis", .limit = 60};
+    } else {
+        VIS.read = (store_req_t){.op = STORE_AFTER, .chat_id = "vis", .limit = 5000};
+    }
+    VIS.read.cb = on_vis_read;
+    if (store_submit(VIS.r, &VIS.read) == 0) VIS.read_busy = true;
+}
+
+static void test_appends_visible_in_id_order(void) {
+    enum { N = 3000, WAVE = 40 };
+    store_t *w = open_store(url), *rd = open_store(url);
+    CHECK(w != NULL && rd != NULL);
+    static char cids[N][16];
+    VIS = (vis_t){.w = w, .r = rd, .n = N, .t = now_ms()};
+    VIS.rs = calloc(N, sizeof *VIS.rs);
+    CHECK(VIS.rs != NULL);
+    /* waves of sends, about a third idempotent (their LWT claim adds latency and its
+     * variance), with a read from another store always in flight; at most 100 sends per
+     * read answered, so the reads see the writes at many points however fast either runs */
+    VIS.budget = 100;
+    while (VIS.acked < N || VIS.read_busy) {
+        for (int k = 0; k < WAVE && VIS.budget > 0 && VIS.submitted < N &&
+                        VIS.submitted - VIS.acked < 400;
+             k++) {
+            VIS.budget--;
+            int i = VIS.submitted++;
+            snprintf(cids[i], sizeof cids[i], "v-%d", i);
+            VIS.rs[i] = append_req("vis", i % 3 ? "olga" : "pete", "m", i % 3 == 1 ? cids[i] : NULL,
+                                   id_at(VIS.t, (unsigned)i), VIS.t);
+            VIS.rs[i].cb = on_vis_append;
+            CHECK_INT(store_submit(w, &VIS.rs[i]), 0);
+        }
+        if (!VIS.read_busy && VIS.acked < N) vis_read();
+        uv_run(&loop, UV_RUN_ONCE);
+    }
+    for (int i = 0; i < N; i++) {
+        CHECK_INT(VIS.rs[i].status, 0);
+        store_req_cleanup(&VIS.rs[i]);
+    }
+    free(VIS.rs);
+    fprintf(stderr, "  %d reads during %d appends, %d not a prefix, %d failed\n", VIS.reads, N,
+            VIS.bad_reads, VIS.read_errors);
+    if (VIS.bad_reads) fprintf(stderr, "  first: %s\n", VIS.first_bad);
+    CHECK_INT(VIS.bad_reads, 0);
+    CHECK(VIS.reads >= N / 100);
+    /* and in the end all of them, in order */
+    store_req_t a = {.op = STORE_AFTER, .chat_id = "vis", .id = 0, .limit = 5000};
+    CHECK_INT(run_req(rd, &a), 0);
+    CHECK_INT(a.n_msgs, N);
+    for (int i = 0; i < N; i++) CHECK(a.msgs[i].id == id_at(VIS.t, (unsigned)i));
+    store_req_cleanup(&a);
+    close_store(w);
+    close_store(rd);
+}
+
+/* A message the node refuses (text that is not UTF-8; chatd checks that before, the store
+ * cannot count on it) fails, the rows written with it in one batch fail with it, and exactly
+ * the messages reported stored are stored; the chat goes on after it. */
+static void test_failed_batch(void) {
+    store_t *s = open_store(url);
+    CHECK(s != NULL);
+    enum { N = 6 };
+    static store_req_t rs[N];
+    ORD = (ord_t){.order = calloc(N, sizeof(int))};
+    int64_t t = now_ms();
+    /* the first goes out alone; the next ones queue behind it and go as one batch */
+    for (int i = 0; i < N; i++) {
+        rs[i] = append_req("bf", "quin", i == 2 ? "bad \xff\xfe" : "fine", NULL,
+                           id_at(t, (unsigned)i), t);
+        rs[i].data = (void *)(intptr_t)i;
+        rs[i].cb = on_ordered;
+        CHECK_INT(store_submit(s, &rs[i]), 0);
+    }
+    while (ORD.n < N) uv_run(&loop, UV_RUN_ONCE);
+    for (int i = 0; i < N; i++) CHECK_INT(ORD.order[i], i);
+    free(ORD.order);
+    CHECK_INT(rs[0].status, 0);
+    CHECK(rs[2].status != 0);
+    store_req_t later = append_req("bf", "quin", "after", NULL, id_at(t, N), t);
+    CHECK_INT(run_req(s, &later), 0);
+    store_req_cleanup(&later);
+    store_req_t a = {.op = STORE_AFTER, .chat_id = "bf", .id = 0, .limit = 100};
+    CHECK_INT(run_req(s, &a), 0);
+    size_t k = 0;
+    for (int i = 0; i < N; i++) {
+        bool stored = k < a.n_msgs && a.msgs[k].id == id_at(t, (unsigned)i);
+        if (stored) k++;
+        if (stored != (rs[i].status == 0)) {
+            fprintf(stderr, "  message %d: status %d, stored %d\n", i, rs[i].status, stored);
+            CHECK(0);
+        }
+        store_req_cleanup(&rs[i]);
+    }
+    CHECK_INT(a.n_msgs, k + 1);
+    CHECK(a.msgs[k].id == id_at(t, N));
+    store_req_cleanup(&a);
+    close_store(s);
+}
+
 static int closed_cbs;
 static void on_close_cb(store_req_t *r) {
     closed_cbs++;
@@ -877,6 +1046,8 @@ int main(void) {
     RUN(test_edit_delete);
     RUN(test_buckets);
     RUN(test_write_order_and_paging);
+    RUN(test_appends_visible_in_id_order);
+    RUN(test_failed_batch);
     RUN(test_close_drains);
     RUN(test_schema_file_matches_migrate);
     RUN(test_types_roundtrip);
