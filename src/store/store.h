@@ -37,6 +37,11 @@ typedef enum store_op {
     STORE_DELETE,  /* in: chat_id user id at. out: msg (deleted). CHAT_ENOTFOUND, CHAT_EPERM */
     STORE_HISTORY, /* in: chat_id id (before; 0 = newest) limit. out: msgs, newest first */
     STORE_AFTER,   /* in: chat_id id (after) limit. out: msgs, oldest first */
+    /* SQLite only (the search layer's sqlite backend): in: text, an FTS5 MATCH expression
+     * over the messages_fts table (the caller builds it from parsed, quoted terms; chat_id
+     * is only for logs), id (before; 0 = newest), limit. out: msgs, newest first, not
+     * deleted, and marks. Other backends answer CHAT_EINVAL from submit. */
+    STORE_SEARCH,
 } store_op_t;
 
 /* The most rows one HISTORY or AFTER request returns; larger limits are clamped. */
@@ -59,8 +64,11 @@ struct store_req {
     int status;            /* 0 or a negative CHAT_E* code */
     bool duplicate;        /* APPEND: client_id seen before; msg is the original */
     store_msg_t msg;       /* APPEND/EDIT/DELETE */
-    store_msg_t *msgs;     /* HISTORY/AFTER */
+    store_msg_t *msgs;     /* HISTORY/AFTER/SEARCH */
     size_t n_msgs;
+    /* SEARCH: per msgs[i], its text with each matched token between the bytes \x01 and
+     * \x02 (NULL if none); NULL otherwise. Freed by store_req_cleanup. */
+    char **marks;
     /* the caller's */
     void *data;
     store_cb cb;
