@@ -28,6 +28,15 @@ int search_query_parse(search_query_t *out, const char *q, size_t n, const char 
         *why = "q must be at most 256 bytes";
         return CHAT_EINVAL;
     }
+    /* Control characters (NUL included) would cut a term short in a C string or garble
+     * the answer's highlight; nobody types them into a search box. */
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)q[i];
+        if ((c < 0x20 && !is_blank(q[i])) || c == 0x7f) {
+            *why = "q must not hold control characters";
+            return CHAT_EINVAL;
+        }
+    }
     size_t w = 0; /* into out->buf: each term's text, NUL-terminated; fits, as the terms
                    * are never longer than q and there is one NUL per term */
     for (size_t i = 0; i < n;) {

@@ -48,7 +48,7 @@ typedef struct search_query {
  * separated by ASCII blanks; "..." is a phrase; a leading '-' excludes a word or phrase.
  * Returns 0 with *out filled (self-contained, no allocation), or CHAT_EINVAL with *why a
  * static sentence for the client: no terms, an unbalanced quote, an empty phrase, more than
- * SEARCH_TERMS_MAX terms, or only exclusions. */
+ * SEARCH_TERMS_MAX terms, only exclusions, or a control character (other than a blank). */
 int search_query_parse(search_query_t *out, const char *q, size_t n, const char **why);
 
 /* One hit. msg is the message as the history gives it; highlight is its text as HTML:

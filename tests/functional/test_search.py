@@ -203,6 +203,7 @@ BAD_QUERIES = {
     "limit-0": {"q": "a", "limit": "0"}, "limit-101": {"q": "a", "limit": "101"},
     "limit-x": {"q": "a", "limit": "x"}, "before-zz": {"q": "a", "before": "zz"},
     "before-0": {"q": "a", "before": "0"},
+    "nul": {"q": "red\x00fox"}, "control": {"q": "red \x01"},
 }
 
 
