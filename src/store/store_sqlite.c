@@ -87,29 +87,27 @@ static const char SCHEMA_V1[] =
     "CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id\n"
     "    ON messages (chat_id, user_from, client_id) WHERE client_id IS NOT NULL;\n";
 
-/* Version 2: the full-text index of the embedded search backend (src/search/search_sqlite.c).
- * Kept by triggers, so every write path (WebSocket, REST, a second node on the same file)
- * updates it in the writer's own transaction: a message is searchable exactly when it is
- * stored, an edit replaces its words and a delete removes them, atomically. Its own rowid is
- * the message id (Snowflake ids are unique across chats; OR REPLACE keeps a write from
- * failing should two chats ever share one). chat and author hold hex(chat_id) and
- * hex(user_from): one token each whatever the id's characters, so a search names its chats
- * and author inside the MATCH expression itself (exact, and the index does the filtering);
- * chat_id UNINDEXED joins back to messages. unicode61 remove_diacritics 2: language-neutral
- * word splitting, case and accent folding ("cafe" finds "café"). The INSERT at the end fills
- * the index from the rows of a version-1 database, once (the migration runs it only when it
- * moves the file from version 1). */
+/* Version 2: the full-text index of the embedded search backend (src/search/search_sqlite.c),
+ * kept in the writer's own transactions: a message is searchable exactly when it is stored,
+ * an edit replaces its words and a delete removes them, atomically. Its rowid is the message
+ * id (Snowflake ids are unique across chats; OR REPLACE keeps a write from failing should
+ * two chats ever share one). chat and author hold hex(chat_id) and hex(user_from): one token
+ * each whatever the id's characters, so a search names its chats and author inside the
+ * MATCH expression itself (exact, and the index does the filtering); chat_id UNINDEXED joins
+ * back to messages. unicode61 remove_diacritics 2: language-neutral word splitting, case and
+ * accent folding ("cafe" finds "café").
+ * Edits and deletes (rare) are indexed by triggers, so that every writer of the file keeps
+ * them right. Appends are indexed by do_append's own INSERT (fts_insert) instead: a trigger
+ * makes every INSERT into messages open a statement savepoint, and FTS5 flushes its pending
+ * terms to a new segment at every savepoint; measured, 4-5 times the cost of the same rows
+ * indexed by a statement of their own in the same transaction (bench/RESULTS.md, Search).
+ * The INSERT at the end fills the index from the rows of a version-1 database, once (the
+ * migration runs it only when it moves the file from version 1). */
 static const char SCHEMA_V2[] =
     "CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5 (\n"
     "    message, chat, author, chat_id UNINDEXED,\n"
     "    tokenize = 'unicode61 remove_diacritics 2'\n"
     ");\n"
-    "CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages\n"
-    "    WHEN NEW.message IS NOT NULL AND NEW.deleted_at IS NULL\n"
-    "BEGIN\n"
-    "    INSERT OR REPLACE INTO messages_fts (rowid, message, chat, author, chat_id)\n"
-    "        VALUES (NEW.id, NEW.message, hex(NEW.chat_id), hex(NEW.user_from), NEW.chat_id);\n"
-    "END;\n"
     "CREATE TRIGGER IF NOT EXISTS messages_fts_update AFTER UPDATE OF message, deleted_at\n"
     "    ON messages\n"
     "BEGIN\n"
@@ -151,6 +149,7 @@ struct sqlite_store {
     sqlite3 *wdb;
     sqlite3_stmt *begin, *commit, *rollback;
     sqlite3_stmt *insert, *by_client, *edit, *del, *get;
+    sqlite3_stmt *fts_insert; /* an appended message into messages_fts (SCHEMA_V2) */
 
     reader_t readers[N_READERS];
     int n_readers_started;
@@ -533,7 +532,11 @@ static int prepare_writer(sqlite_store_t *s) {
                 " RETURNING " MSG_COLS,
                 &s->del) ||
         prepare(db, "SELECT user_from, deleted_at FROM messages WHERE chat_id = ?1 AND id = ?2",
-                &s->get)) {
+                &s->get) ||
+        prepare(db,
+                "INSERT OR REPLACE INTO messages_fts (rowid, message, chat, author, chat_id)"
+                " VALUES (?2, ?4, hex(?1), hex(?3), ?1)",
+                &s->fts_insert)) {
         log_error("store_prepare_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(db)));
         return CHAT_EIO;
     }
@@ -542,7 +545,7 @@ static int prepare_writer(sqlite_store_t *s) {
 
 static void close_writer_db(sqlite_store_t *s) {
     sqlite3_stmt **sts[] = {&s->begin, &s->commit, &s->rollback, &s->insert,
-                            &s->by_client, &s->edit, &s->del, &s->get};
+                            &s->by_client, &s->edit, &s->del, &s->get, &s->fts_insert};
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++) {
         sqlite3_finalize(*sts[i]);
         *sts[i] = NULL;
@@ -641,7 +644,23 @@ static int do_append(sqlite_store_t *s, store_req_t *r) {
         return rc;
     }
     r->status = 0;
-    if (changed) return SQLITE_OK;
+    if (changed) {
+        /* the search index, in the same transaction (see SCHEMA_V2); a failure fails the
+         * batch, so that no acknowledged message is missing from it */
+        st = s->fts_insert;
+        sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (sqlite3_int64)r->id);
+        sqlite3_bind_text(st, 3, r->user, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 4, r->text, -1, SQLITE_STATIC);
+        rc = step_once(st);
+        if (rc != SQLITE_DONE) {
+            log_error("store_index_failed chat=%s id=%" PRIu64 " err=%s", r->chat_id, r->id,
+                      LOG_STR(sqlite3_errmsg(s->wdb)));
+            store_msg_clear(m);
+            return rc;
+        }
+        return SQLITE_OK;
+    }
 
     /* The (chat, user, client_id) key exists, possibly from earlier in this same batch:
      * answer with the stored original. */
