@@ -41,11 +41,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id
 -- Its rowid is the message id. chat and author hold hex(chat_id) and hex(user_from), one
 -- token each, so a search names its chats and author inside the MATCH expression;
 -- chat_id UNINDEXED joins back to messages. unicode61 remove_diacritics 2: language-neutral
--- word splitting with case and accent folding ("cafe" finds "café"). The last INSERT fills
+-- word splitting with case and accent folding ("cafe" finds "café"). columnsize = 0: no
+-- per-row token counts (only bm25 ranking needs them; hits come newest first). The last INSERT fills
 -- the index from the rows of a version-1 database, once, when it is upgraded.
 CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5 (
     message, chat, author, chat_id UNINDEXED,
-    tokenize = 'unicode61 remove_diacritics 2'
+    tokenize = 'unicode61 remove_diacritics 2', columnsize = 0
 );
 CREATE TRIGGER IF NOT EXISTS messages_fts_update AFTER UPDATE OF message, deleted_at
     ON messages

@@ -95,7 +95,8 @@ static const char SCHEMA_V1[] =
  * each whatever the id's characters, so a search names its chats and author inside the
  * MATCH expression itself (exact, and the index does the filtering); chat_id UNINDEXED joins
  * back to messages. unicode61 remove_diacritics 2: language-neutral word splitting, case and
- * accent folding ("cafe" finds "café").
+ * accent folding ("cafe" finds "café"). columnsize = 0: no per-row token counts (they serve
+ * only bm25 ranking; hits come newest first), one b-tree fewer to write per append.
  * Edits and deletes (rare) are indexed by triggers, so that every writer of the file keeps
  * them right. Appends are indexed by do_append's own INSERT (fts_insert) instead: a trigger
  * makes every INSERT into messages open a statement savepoint, and FTS5 flushes its pending
@@ -106,7 +107,7 @@ static const char SCHEMA_V1[] =
 static const char SCHEMA_V2[] =
     "CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5 (\n"
     "    message, chat, author, chat_id UNINDEXED,\n"
-    "    tokenize = 'unicode61 remove_diacritics 2'\n"
+    "    tokenize = 'unicode61 remove_diacritics 2', columnsize = 0\n"
     ");\n"
     "CREATE TRIGGER IF NOT EXISTS messages_fts_update AFTER UPDATE OF message, deleted_at\n"
     "    ON messages\n"

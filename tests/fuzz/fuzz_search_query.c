@@ -30,7 +30,9 @@ static void setup(void) {
     check(sqlite3_exec(db,
                        "INSERT INTO messages VALUES ('general', 1, 'alice', 'red fox café', "
                        "NULL, 1, NULL, NULL), ('a-b.c', 2, 'bob', 'NEAR(x) \"q\" a:b', NULL, "
-                       "1, NULL, NULL)",
+                       "1, NULL, NULL);"
+                       "INSERT INTO messages_fts (rowid, message, chat, author, chat_id) "
+                       "SELECT id, message, hex(chat_id), hex(user_from), chat_id FROM messages",
                        NULL, NULL, NULL) == SQLITE_OK);
     check(sqlite3_prepare_v2(db, "SELECT rowid, highlight(messages_fts, 0, char(1), char(2)) "
                                  "FROM messages_fts WHERE messages_fts MATCH ?1",

@@ -101,9 +101,13 @@ static void test_fts_expressions_run(void) {
     CHECK_INT(sqlite3_open(":memory:", &db), SQLITE_OK);
     for (int i = 0; i < store_sqlite_schema_versions; i++)
         CHECK_INT(sqlite3_exec(db, store_sqlite_schema[i], NULL, NULL, NULL), SQLITE_OK);
+    /* as the store's writer appends: the row, and its words into the index */
     CHECK_INT(sqlite3_exec(db,
                            "INSERT INTO messages VALUES ('general', 1, 'al', "
-                           "'NEAR(a OR b) café \"x\"', NULL, 1, NULL, NULL)",
+                           "'NEAR(a OR b) café \"x\"', NULL, 1, NULL, NULL);"
+                           "INSERT INTO messages_fts (rowid, message, chat, author, chat_id) "
+                           "SELECT id, message, hex(chat_id), hex(user_from), chat_id "
+                           "FROM messages",
                            NULL, NULL, NULL),
               SQLITE_OK);
     static const char *qs[] = {"NEAR(a OR b)", "cafe", "\"x\"", "a:b", "* ^ + - AND OR NOT",
