@@ -455,7 +455,14 @@ static void search__done(search_req_t *req) {
             sbuf_json_str(&sb, req->chats[0], strlen(req->chats[0]));
         }
         sbuf_puts(&sb, ",\"messages\":[");
+        /* As a history page: past HISTORY_PAGE_BYTES of JSON (at least one hit) the rest is
+         * for the next request, from the last hit sent. */
         for (size_t i = 0; i < req->n_hits; i++) {
+            if (i && sb.len >= HISTORY_PAGE_BYTES) {
+                req->more = true;
+                req->next_before = req->hits[i - 1].msg.id;
+                break;
+            }
             if (i) sbuf_puts(&sb, ",");
             proto_put_msg(&sb, NULL, &req->hits[i].msg);
             /* the history's object, with the highlight before its closing brace */

@@ -549,3 +549,27 @@ def test_the_environment_chooses_the_backend(tmp_path):
                          capture_output=True, text=True, timeout=30,
                          env=clean_env({"CHAT_SEARCH": "opensearch://127.0.0.1:9200"}))
     assert res.returncode != 0 and "opensearch" in res.stderr + res.stdout
+
+
+def test_an_answer_stops_at_about_a_megabyte_and_says_where_to_go_on(server):
+    """Hits of large messages: one answer holds about 1 MiB of JSON (at least one hit), as a
+    history page does, and next_before walks on to every match exactly once."""
+    alice = server.client("general", "alice")
+    ids = [alice.say(f"needle {i} " + "<&>" * 15_000)["message_id"] for i in range(30)]
+    seen, before, pages = [], None, 0
+    while True:
+        params = {"q": "needle", "limit": 100}
+        if before:
+            params["before"] = before
+        r = server.get("/api/chats/general/search", user="reader", params=params)
+        assert r.status_code == 200
+        assert len(r.content) < (1 << 20) + 400_000, len(r.content)
+        page = r.json()
+        assert page["messages"]
+        seen += [m["message_id"] for m in page["messages"]]
+        pages += 1
+        before = page["next_before"]
+        if before is None:
+            break
+    assert seen == ids[::-1]
+    assert pages > 1
