@@ -126,7 +126,7 @@ static void scan__finish(scan_op_t *op, int status) {
                 free(op->hits[i].highlight);
             }
         }
-        qsort(op->hits, keep, sizeof *op->hits, hit_newest_first);
+        if (keep > 1) qsort(op->hits, keep, sizeof *op->hits, hit_newest_first);
         size_t limit = (size_t)req->limit;
         if (keep > limit) {
             for (size_t i = limit; i < keep; i++) {
