@@ -470,8 +470,9 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
         s->cfg.max_connections = n > 256 ? (size_t)n - 128 : (size_t)n / 2;
     }
 
-    int rc = store_open(&s->store, loop, cfg->store_url, err, errlen);
+    int rc = search_check(cfg->search_url, cfg->store_url, err, errlen);
     if (rc < 0) goto fail;
+    if ((rc = store_open(&s->store, loop, cfg->store_url, err, errlen)) < 0) goto fail;
     if ((rc = search_open(&s->search, loop, cfg->search_url, s->store, err, errlen)) < 0)
         goto fail_store;
     if ((rc = bus_open(&s->bus, loop, cfg->bus_url, chat__bus_message, chat__bus_state, s, err,

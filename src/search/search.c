@@ -250,22 +250,19 @@ void search_html_terms(sbuf_t *out, const search_query_t *q, const char *text, s
 
 /* ---- backends ------------------------------------------------------------------------- */
 
-int search_open(search_t **out, uv_loop_t *loop, const char *url, store_t *store, char *err,
-                size_t errlen) {
-    *out = NULL;
-    bool sqlite_store = strcmp(store->ops->name, "sqlite") == 0;
-    if (!url || !*url) url = sqlite_store ? "sqlite" : "scan";
+/* Which backend url names for a store: 1 sqlite, 2 scan, or CHAT_EINVAL with err set. */
+static int search__pick(const char *url, bool sqlite_store, const char *store_name, char *err,
+                        size_t errlen) {
+    if (!url || !*url) return sqlite_store ? 1 : 2;
     if (strcmp(url, "sqlite") == 0) {
-        if (!sqlite_store) {
-            search__set_err(err, errlen,
-                            "--search sqlite needs the SQLite store (its FTS5 index lives in "
-                            "the database); with the %s store use --search scan",
-                            store->ops->name);
-            return CHAT_EINVAL;
-        }
-        return search_sqlite_open(out, loop, store, err, errlen);
+        if (sqlite_store) return 1;
+        search__set_err(err, errlen,
+                        "--search sqlite needs the SQLite store (its FTS5 index lives in the "
+                        "database); with the %s store use --search scan",
+                        store_name);
+        return CHAT_EINVAL;
     }
-    if (strcmp(url, "scan") == 0) return search_scan_open(out, loop, store, err, errlen);
+    if (strcmp(url, "scan") == 0) return 2;
     if (strncmp(url, "opensearch://", 13) == 0 || strncmp(url, "elasticsearch://", 16) == 0) {
         search__set_err(err, errlen,
                         "--search %.*s: this build has no OpenSearch/Elasticsearch backend "
@@ -275,6 +272,22 @@ int search_open(search_t **out, uv_loop_t *loop, const char *url, store_t *store
     }
     search__set_err(err, errlen, "unknown --search \"%.64s\" (want sqlite or scan)", url);
     return CHAT_EINVAL;
+}
+
+int search_check(const char *url, const char *store_url, char *err, size_t errlen) {
+    bool sqlite_store = store_url && strncmp(store_url, "sqlite:", 7) == 0;
+    int rc = search__pick(url, sqlite_store, sqlite_store ? "sqlite" : "Cassandra", err, errlen);
+    return rc < 0 ? rc : 0;
+}
+
+int search_open(search_t **out, uv_loop_t *loop, const char *url, store_t *store, char *err,
+                size_t errlen) {
+    *out = NULL;
+    int rc = search__pick(url, strcmp(store->ops->name, "sqlite") == 0, store->ops->name, err,
+                          errlen);
+    if (rc < 0) return rc;
+    return rc == 1 ? search_sqlite_open(out, loop, store, err, errlen)
+                   : search_scan_open(out, loop, store, err, errlen);
 }
 
 void search_req_cleanup(search_req_t *r) {

@@ -113,6 +113,11 @@ struct search {
 int search_open(search_t **out, uv_loop_t *loop, const char *url, store_t *store, char *err,
                 size_t errlen);
 
+/* The same checks of url as search_open, before any store is opened (so that a bad name
+ * fails at once, not after connecting to the store): store_url is the store's URL. 0, or
+ * CHAT_EINVAL with the reason in err. */
+int search_check(const char *url, const char *store_url, char *err, size_t errlen);
+
 static inline int search_submit(search_t *s, search_req_t *r, const char **why) {
     return s->ops->submit(s, r, why);
 }

@@ -542,6 +542,18 @@ def test_a_search_backend_this_build_lacks_is_refused_at_startup(tmp_path, name)
     assert "sqlite" in res.stderr + res.stdout and "scan" in res.stderr + res.stdout
 
 
+def test_sqlite_search_needs_the_sqlite_store_and_says_so_before_connecting(tmp_path):
+    require_binary(CHATD)
+    res = subprocess.run([str(CHATD), "--port", "0", "--host", "127.0.0.1", "--store",
+                          "cassandra://127.0.0.1:1/nowhere", "--jwt-secret", "s",
+                          "--search", "sqlite"],
+                         capture_output=True, text=True, timeout=30, env=clean_env(None))
+    assert res.returncode != 0
+    out = res.stderr + res.stdout
+    assert "--search sqlite needs the SQLite store" in out and "scan" in out
+    assert "connect" not in out  # refused before any attempt to reach the store
+
+
 def test_the_environment_chooses_the_backend(tmp_path):
     require_binary(CHATD)
     res = subprocess.run([str(CHATD), "--port", "0", "--host", "127.0.0.1", "--store",
