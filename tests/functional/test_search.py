@@ -368,6 +368,28 @@ def test_fts_scanned_counts_the_hits_read(fts_server):
     assert page["scanned"] == 2 and page["next_before"] is not None
 
 
+def test_fts_an_acknowledged_message_is_searchable_after_kill9(fts_server):
+    """The index is written in the commit that makes the message durable: what was
+    acknowledged is found after a crash, edits and deletes included."""
+    server = fts_server
+    alice = server.client("general", "alice")
+    kept = alice.say("survivor words")
+    gone = alice.say("doomed words")
+    changed = alice.say("before the edit")
+    alice.send({"event": "message:delete", "message_id": gone["message_id"]})
+    alice.wait_for(lambda ev: ev.get("event") == "message:delete")
+    alice.send({"event": "message:edit", "message_id": changed["message_id"],
+                "message": "after the edit"})
+    alice.wait_for(lambda ev: ev.get("event") == "message:edit")
+    server.kill9()
+    server.start()
+    assert [m["message_id"] for m in search(server, "general", q="survivor")["messages"]] == [
+        kept["message_id"]]
+    assert search(server, "general", q="doomed")["messages"] == []
+    assert texts(search(server, "general", q="edit")) == ["after the edit"]
+    assert search(server, "general", q="before")["messages"] == []
+
+
 def v1_database(path, rows):
     """A database as schema version 1 left it (before the search index)."""
     db = sqlite3.connect(path)
