@@ -16,7 +16,8 @@ BASEFLAGS := -std=c11 -D_GNU_SOURCE $(WARN) -pthread -MMD -MP
 LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lrdkafka -lcrypto -lz -lpthread -lm
 
 LIB_SRC := $(sort $(wildcard src/core/*.c src/http/*.c src/ws/*.c src/chat/*.c src/cql/*.c \
-                              src/store/*.c src/bus/*.c src/stream/*.c))
+                              src/store/*.c src/bus/*.c src/stream/*.c \
+                              src/search/*.c))
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 

@@ -27,6 +27,9 @@ static void usage(FILE *f) {
             "sqlite:./data/chat.db)\n"
             "  --bus URL                CHAT_BUS                 event bus between nodes (default "
             "local)\n"
+            "  --search NAME            CHAT_SEARCH              full-text search: sqlite (FTS5 "
+            "in the SQLite store) or scan (bounded scan of the history) (default: sqlite with a "
+            "SQLite store, else scan)\n"
             "  --public-url URL         CHAT_PUBLIC_URL          this node's WebSocket base URL "
             "for /api/connect (default ws://HOST:PORT)\n"
             "  --jwt-secret S           CHAT_JWT_SECRET          HS256 secret for tokens "
@@ -172,6 +175,7 @@ int main(int argc, char **argv) {
     cfg.host = env_or("CHAT_HOST", "0.0.0.0");
     cfg.store_url = env_or("CHAT_STORE", "sqlite:./data/chat.db");
     cfg.bus_url = env_or("CHAT_BUS", "local");
+    cfg.search_url = env_or("CHAT_SEARCH", NULL);
     cfg.jwt_secret = env_or("CHAT_JWT_SECRET", NULL);
     const char *dev = env_or("CHAT_DEV", "0");
     cfg.dev = strcmp(dev, "1") == 0 || strcmp(dev, "true") == 0;
@@ -205,13 +209,14 @@ int main(int argc, char **argv) {
     enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
            O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_PUBKEY, O_JWKS, O_JWKS_REFRESH,
            O_JWKS_MIN, O_ISSUER, O_AUDIENCE, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP,
-           O_KAFKA, O_KTOPIC, O_OBMAX };
+           O_KAFKA, O_KTOPIC, O_OBMAX, O_SEARCH };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
         {"public-url", required_argument, 0, O_PUBURL},
         {"store", required_argument, 0, O_STORE},
         {"bus", required_argument, 0, O_BUS},
+        {"search", required_argument, 0, O_SEARCH},
         {"jwt-secret", required_argument, 0, O_SECRET},
         {"dev", no_argument, 0, O_DEV},
         {"max-message-bytes", required_argument, 0, O_MAXMSG},
@@ -245,6 +250,7 @@ int main(int argc, char **argv) {
         case O_PUBURL: cfg.public_url = optarg; break;
         case O_STORE: cfg.store_url = optarg; break;
         case O_BUS: cfg.bus_url = optarg; break;
+        case O_SEARCH: cfg.search_url = optarg; break;
         case O_SECRET: cfg.jwt_secret = optarg; break;
         case O_DEV: cfg.dev = true; break;
         case O_MAXMSG: max_msg = optarg; break;

@@ -700,10 +700,12 @@ function join(id) {
 }
 
 // ---- search ------------------------------------------------------------------------------
-// The server scans a bounded slice of the history per request (GET .../search): an answer may
-// hold few matches and still say where to go on (next_before); "Search older" asks for that.
+// One search covers every chat this person has open (the current one and the recent list)
+// through GET /api/search. An answer may hold few matches and still say where to go on
+// (next_before: with the scan backend a request reads a bounded slice of each chat);
+// "Search older" asks for that.
 
-let search = null; // { chat, q, nextBefore, found, scanned, busy }
+let search = null; // { chats, q, nextBefore, found, busy }
 
 // The panel takes room from the message list: a reader at the bottom stays at the bottom.
 function keepBottom(change) {
@@ -719,12 +721,56 @@ function closeSearch() {
   el.searchQ.value = '';
 }
 
+// The chats claim of our token, if it has one (for choosing what to search, not for trust:
+// the server checks the token).
+function tokenChats() {
+  try {
+    const part = session.token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(new TextDecoder().decode(
+      Uint8Array.from(atob(part), (c) => c.charCodeAt(0))));
+    return Array.isArray(claims.chats) ? claims.chats : null;
+  } catch { return null; }
+}
+
+function searchChats() {
+  const allowed = tokenChats();
+  const ids = [cur.id, ...recentChats().filter((x) => x !== cur.id)];
+  return ids.filter((x) => !allowed || allowed.includes(x)).slice(0, 32);
+}
+
+const ENTITIES = { '&amp;': '&', '&lt;': '<', '&gt;': '>', '&quot;': '"', '&#39;': "'" };
+
+// The server's highlight is the text HTML-escaped, with the matched words in <em></em>.
+// It is never parsed as HTML here: split at our two tags, every piece becomes a text node
+// (its five entities decoded), the matches <em> elements we create ourselves.
+function highlightNodes(hl) {
+  const out = [];
+  let inEm = false;
+  for (const piece of hl.split(/(<em>|<\/em>)/)) {
+    if (piece === '<em>') { inEm = true; continue; }
+    if (piece === '</em>') { inEm = false; continue; }
+    if (!piece) continue;
+    const text = piece.replace(/&(?:amp|lt|gt|quot|#39);/g, (e) => ENTITIES[e]);
+    out.push(inEm ? h('em', 'hit', text) : document.createTextNode(text));
+  }
+  return out;
+}
+
 function searchRow(m) {
   const li = h('li');
   li.dataset.id = m.message_id;
+  li.dataset.chat = m.chat_id;
   const meta = h('div', 'meta');
   meta.append(h('span', 'author', m.user_from), ' ', timeEl(m.created_at));
-  li.append(meta, h('p', 'text', m.message));
+  if (m.chat_id !== cur?.id) {
+    const a = h('a', 'chat-tag', '#' + m.chat_id);
+    a.href = chatHref(m.chat_id);
+    meta.append(' ', a);
+  }
+  const text = h('p', 'text');
+  if (typeof m.highlight === 'string') text.append(...highlightNodes(m.highlight));
+  else text.textContent = m.message;
+  li.append(meta, text);
   return li;
 }
 
@@ -732,8 +778,9 @@ function searchStateText() {
   const n = search.found;
   const found = n === 0 ? 'No messages match'
     : n === 1 ? '1 message matches' : `${n} messages match`;
-  const where = search.nextBefore ? ` in the ${search.scanned} newest read so far.` : '.';
-  return `${found} “${search.q}”${where}`;
+  const where = search.nextBefore ? ' so far; older messages may match too.' : '.';
+  const chats = search.chats.length === 1 ? '' : ` in ${search.chats.length} chats`;
+  return `${found} “${search.q}”${chats}${where}`;
 }
 
 async function runSearch() {
@@ -742,14 +789,22 @@ async function runSearch() {
   s.busy = true;
   el.searchMore.disabled = true;
   el.searchState.textContent = 'Searching…';
-  const params = new URLSearchParams({ q: s.q, limit: '20' });
+  const params = new URLSearchParams({ q: s.q, limit: '20', chats: s.chats.join(',') });
   if (s.nextBefore) params.set('before', s.nextBefore); // null until a first answer
   try {
-    const r = await api(`/api/chats/${encodeURIComponent(s.chat)}/search?${params}`);
+    let r;
+    try {
+      r = await api(`/api/search?${params}`);
+    } catch (err) {
+      // A chat of the recent list that this token may not read: search the open one only.
+      if (err.status !== 403 || s.chats.length === 1 || s.nextBefore) throw err;
+      s.chats = [cur.id];
+      params.set('chats', cur.id);
+      r = await api(`/api/search?${params}`);
+    }
     if (search !== s) return; // closed or replaced meanwhile
     for (const m of r.messages) el.searchList.append(searchRow(m));
     s.found += r.messages.length;
-    s.scanned += r.scanned;
     s.nextBefore = r.next_before;
     el.searchState.textContent = searchStateText();
     el.searchMore.hidden = !s.nextBefore;
@@ -766,7 +821,7 @@ el.searchForm.addEventListener('submit', (e) => {
   e.preventDefault();
   const q = el.searchQ.value.trim();
   if (!cur || !q) { closeSearch(); return; }
-  search = { chat: cur.id, q, nextBefore: null, found: 0, scanned: 0, busy: false };
+  search = { chats: searchChats(), q, nextBefore: null, found: 0, busy: false };
   el.searchList.replaceChildren();
   el.searchMore.hidden = true;
   keepBottom(() => { el.search.hidden = false; });

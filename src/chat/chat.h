@@ -3,7 +3,7 @@
  *
  * The one idea: durable before delivery. An event becomes a frame only after the store
  * says it is durable; the frame is encoded once and the same bytes go to every member.
- * The domain sees storage and the bus only through store.h and bus.h.
+ * The domain sees storage, search and the bus only through store.h, search.h and bus.h.
  */
 #ifndef CHAT_CHAT_H
 #define CHAT_CHAT_H
@@ -135,6 +135,8 @@ typedef struct chat_config {
     int port;
     const char *store_url;
     const char *bus_url;
+    /* the search backend: "sqlite", "scan"; NULL or "": the store's default (search.h) */
+    const char *search_url;
     const char *jwt_secret;
     /* public keys, JWKS, issuer/audience: NULL if none is configured (then tokens are
      * HS256 with jwt_secret, as jwt_verify checks them); owned by the caller */

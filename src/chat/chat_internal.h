@@ -55,6 +55,7 @@ void proto_put_error(sbuf_t *sb, const char *code, const char *detail, const cha
 /* ---- the server's state (server.c, session.c, routes.c) ------------------------------- */
 #include "../bus/bus.h"
 #include "../http/http.h"
+#include "../search/search.h"
 #include "../ws/ws.h"
 
 enum { PEER_HTTP = 1, PEER_WS = 2 };
@@ -215,6 +216,7 @@ struct chat_server {
     chat_config_t cfg;
     conn_server_t cs;
     store_t *store;
+    search_t *search;
     bus_t *bus;
     struct stream *stream; /* the Kafka relay, with --kafka */
     id_gen_t ids;

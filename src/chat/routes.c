@@ -35,25 +35,7 @@
 #define HISTORY_PAGE_BYTES (1u << 20)
 #define BODY_MIN_RATE 1024 /* bytes per second a request body must keep up on average */
 #define HTTP_MAX_CURSORS 32
-/* Search scans a chat's history newest first, a page at a time, and stops at `limit` matches,
- * after SEARCH_SCAN_MAX messages or after SEARCH_SCAN_BYTES of text, whichever comes first;
- * the answer says where to go on (next_before). The matching runs on the loop, so both bounds
- * matter: a message may be up to a megabyte (a REST body), and the bytes bound keeps one
- * request's loop work to a few milliseconds whatever the chat holds. There is no index to
- * keep up on the write path. */
-#define SEARCH_DEFAULT 20
-#define SEARCH_MAX 100
-/* Pages start at SEARCH_PAGE_MIN rows, then are sized to what is left of the byte budget at
- * the longest message seen so far, within [SEARCH_PAGE_MIN, SEARCH_PAGE_MAX]: fewer round
- * trips for short messages (each page is one CQL page on Cassandra: 500-row pages measured
- * 32 ms for 5,000 messages, 100-row pages 92 ms), and never more rows in memory than a
- * history page holds (201), whose exposure to long messages this shares. */
-#define SEARCH_PAGE_MIN 50
-#define SEARCH_PAGE_MAX 200
-#define SEARCH_SCAN_MAX 5000
-#define SEARCH_SCAN_BYTES (2u << 20)
-#define SEARCH_Q_MAX 256
-#define SEARCH_TERMS_MAX 8
+#define SEARCH_DEFAULT 20 /* hits per page when the request does not say */
 
 static void http__drive(http_peer_t *hp, const uint8_t *data, size_t len);
 
@@ -436,218 +418,248 @@ static bool http__get_allowed(http_peer_t *hp, const http_request_t *req, const 
 
 /* ---- search -------------------------------------------------------------------------- */
 
-typedef struct search_op {
-    store_req_t req;
-    chat_server_t *srv;
+/* Both search routes parse the query here, so bad syntax is a 400 before any store work;
+ * the search layer (search.h: FTS5 or a bounded scan, by --search) finds the hits. */
+typedef struct search_wait {
+    search_req_t req;
     http_peer_t *hp; /* referenced (peer.refs) until the answer */
     bool keep_alive;
-    int limit, found;
-    size_t scanned, scanned_bytes, longest;
-    uint64_t last; /* the oldest message read so far: where the next page, or request, starts */
-    uint64_t t0;
-    char *fold; /* a message's text, ASCII-lowercased; fold_cap bytes */
-    size_t fold_cap;
-    char chat_id[129];
-    char q[SEARCH_Q_MAX + 1]; /* the terms, ASCII-lowercased, NUL-separated */
-    size_t term_off[SEARCH_TERMS_MAX], term_len[SEARCH_TERMS_MAX];
-    size_t n_terms;
-    sbuf_t out; /* the matches so far, as JSON array elements */
-} search_op_t;
+    bool across;     /* /api/search: the answer names its chats, not one chat_id */
+    search_query_t q;
+    const char *chats[SEARCH_CHATS_MAX];
+    char chat_ids[SEARCH_CHATS_MAX][129];
+    char from[129];
+} search_wait_t;
 
-static unsigned char ascii_lower(unsigned char c) {
-    return c >= 'A' && c <= 'Z' ? (unsigned char)(c + 32) : c;
+/* Between two store reads of a long search: stop when nobody waits for the answer. */
+static bool search__client_waiting(void *data) {
+    search_wait_t *w = data;
+    conn_t *c = w->hp->peer.conn;
+    return c && !conn_is_closing(c) && !w->hp->peer.srv->stopping;
 }
 
-/* Whether the text (n bytes) holds every term. The text is lowercased once (ASCII only:
- * bytes of multibyte UTF-8 sequences are never ASCII, so they compare exactly and a match
- * cannot start or end inside a character), then glibc's memmem, linear in the text, finds
- * each term. false on OOM: the message is counted as scanned, not as a match. */
-static bool search__match(search_op_t *op, const char *text, size_t n) {
-    if (n == 0) return false; /* terms are never empty */
-    if (n > op->fold_cap) {
-        char *p = realloc(op->fold, n);
-        if (!p) {
-            op->out.oom = true; /* the answer becomes a 500, not a silently short list */
-            return false;
-        }
-        op->fold = p;
-        op->fold_cap = n;
-    }
-    for (size_t i = 0; i < n; i++) op->fold[i] = (char)ascii_lower((unsigned char)text[i]);
-    for (size_t t = 0; t < op->n_terms; t++)
-        if (!memmem(op->fold, n, op->q + op->term_off[t], op->term_len[t])) return false;
-    return true;
-}
-
-static int search__submit(search_op_t *op, uint64_t before);
-
-static void search__finish(search_op_t *op, int status, const char *code, const char *detail,
-                           bool more, uint64_t next_before) {
-    http_peer_t *hp = op->hp;
-    if (status != 200) {
-        http__error(hp, status, code, detail, op->keep_alive);
+static void search__done(search_req_t *req) {
+    search_wait_t *w = req->data;
+    http_peer_t *hp = w->hp;
+    chat_server_t *s = hp->peer.srv;
+    if (req->status == CHAT_ENOMEM) {
+        http__error(hp, 500, "internal", "out of memory", false);
+    } else if (req->status < 0) {
+        s->m.store_errors++;
+        http__error(hp, 503, "store_unavailable", chat_strerror(req->status), w->keep_alive);
     } else {
         sbuf_t sb = {0};
-        sbuf_puts(&sb, "{\"chat_id\":");
-        sbuf_json_str(&sb, op->chat_id, strlen(op->chat_id));
+        if (w->across) {
+            sbuf_puts(&sb, "{\"chats\":[");
+            for (size_t i = 0; i < req->n_chats; i++) {
+                if (i) sbuf_puts(&sb, ",");
+                sbuf_json_str(&sb, req->chats[i], strlen(req->chats[i]));
+            }
+            sbuf_puts(&sb, "]");
+        } else {
+            sbuf_puts(&sb, "{\"chat_id\":");
+            sbuf_json_str(&sb, req->chats[0], strlen(req->chats[0]));
+        }
         sbuf_puts(&sb, ",\"messages\":[");
-        if (op->out.len) sbuf_put(&sb, op->out.p, op->out.len);
-        if (op->out.oom) sb.oom = true;
-        if (more)
-            sbuf_printf(&sb, "],\"next_before\":\"%" PRIu64 "\"", next_before);
+        /* As a history page: past HISTORY_PAGE_BYTES of JSON (at least one hit) the rest is
+         * for the next request, from the last hit sent. */
+        for (size_t i = 0; i < req->n_hits; i++) {
+            if (i && sb.len >= HISTORY_PAGE_BYTES) {
+                req->more = true;
+                req->next_before = req->hits[i - 1].msg.id;
+                break;
+            }
+            if (i) sbuf_puts(&sb, ",");
+            proto_put_msg(&sb, NULL, &req->hits[i].msg);
+            /* the history's object, with the highlight before its closing brace */
+            if (!sb.oom && sb.len && sb.p[sb.len - 1] == '}') {
+                const char *h = req->hits[i].highlight;
+                sb.len--;
+                sbuf_puts(&sb, ",\"highlight\":");
+                sbuf_json_str(&sb, h, strlen(h));
+                sbuf_puts(&sb, "}");
+            }
+        }
+        if (req->more)
+            sbuf_printf(&sb, "],\"next_before\":\"%" PRIu64 "\"", req->next_before);
         else
             sbuf_puts(&sb, "],\"next_before\":null");
-        sbuf_printf(&sb, ",\"scanned\":%zu}", op->scanned);
-        http__json(hp, 200, &sb, op->keep_alive);
+        sbuf_printf(&sb, ",\"scanned\":%zu}", req->scanned);
+        http__json(hp, 200, &sb, w->keep_alive);
         sbuf_free(&sb);
     }
-    sbuf_free(&op->out);
-    free(op->fold);
-    free(op);
+    search_req_cleanup(req);
+    free(w);
     http__resume(hp);
     chat_peer_unref(&hp->peer);
 }
 
-static void search__page_done(store_req_t *req) {
-    search_op_t *op = req->data;
-    chat_server_t *s = op->srv;
-    chat_record_latency(s, op->t0);
-    if (req->status < 0) {
-        int status = req->status;
-        s->m.store_errors++;
-        store_req_cleanup(req);
-        search__finish(op, 503, "store_unavailable", chat_strerror(status), false, 0);
-        return;
-    }
-    bool stop = false;
-    size_t i = 0;
-    while (i < req->n_msgs && !stop) {
-        const store_msg_t *m = &req->msgs[i++];
-        op->scanned++;
-        op->last = m->id;
-        if (!m->message || m->deleted_at) continue;
-        size_t n = strlen(m->message);
-        op->scanned_bytes += n;
-        if (n > op->longest) op->longest = n;
-        if (search__match(op, m->message, n)) {
-            if (op->found++) sbuf_puts(&op->out, ",");
-            proto_put_msg(&op->out, NULL, m);
-            if (op->found == op->limit) stop = true;
-        }
-        if (op->scanned_bytes >= SEARCH_SCAN_BYTES) stop = true;
-    }
-    /* A short page is the end of the chat; a full one may have more behind it. */
-    bool end = req->n_msgs < (size_t)req->limit;
-    bool more = i < req->n_msgs || !end;
-    store_req_cleanup(req);
-    /* Nobody to answer (the client left) or the server stopping: no more pages. */
-    conn_t *c = op->hp->peer.conn;
-    bool go_on = !stop && !end && op->scanned < SEARCH_SCAN_MAX && c && !conn_is_closing(c) &&
-                 !s->stopping;
-    if (!go_on) {
-        search__finish(op, 200, NULL, NULL, more, op->last);
-        return;
-    }
-    if (search__submit(op, op->last) < 0)
-        search__finish(op, 503, "store_unavailable", "the store is not accepting requests",
-                       false, 0);
-}
-
-static int search__submit(search_op_t *op, uint64_t before) {
-    memset(&op->req, 0, sizeof(op->req));
-    op->req.op = STORE_HISTORY;
-    op->req.chat_id = op->chat_id;
-    op->req.id = before;
-    size_t page = SEARCH_PAGE_MIN;
-    if (op->scanned) {
-        size_t longest = op->longest < 64 ? 64 : op->longest;
-        page = (SEARCH_SCAN_BYTES - op->scanned_bytes) / longest; /* below the budget here */
-        if (page < SEARCH_PAGE_MIN) page = SEARCH_PAGE_MIN;
-        if (page > SEARCH_PAGE_MAX) page = SEARCH_PAGE_MAX;
-    }
-    size_t left = SEARCH_SCAN_MAX - op->scanned;
-    op->req.limit = (int)(left < page ? left : page);
-    op->req.data = op;
-    op->req.cb = search__page_done;
-    op->t0 = uv_hrtime();
-    return store_submit(op->srv->store, &op->req) < 0 ? -1 : 0;
-}
-
-static bool search__blank(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
-
-/* Split q (decoded, n bytes) into ASCII-lowercased terms at ASCII blanks. false if none. */
-static bool search__terms(search_op_t *op, const char *q, size_t n) {
-    op->n_terms = 0;
-    size_t w = 0;
-    for (size_t i = 0; i < n;) {
-        while (i < n && search__blank(q[i])) i++;
-        if (i == n) break;
-        if (op->n_terms == SEARCH_TERMS_MAX) return false;
-        op->term_off[op->n_terms] = w;
-        while (i < n && !search__blank(q[i])) op->q[w++] = (char)ascii_lower((unsigned char)q[i++]);
-        op->term_len[op->n_terms] = w - op->term_off[op->n_terms];
-        op->q[w++] = '\0';
-        op->n_terms++;
-    }
-    return op->n_terms > 0;
-}
-
-static void http__search(http_peer_t *hp, const http_request_t *req, const char *chat_id) {
-    chat_server_t *s = hp->peer.srv;
+/* q, limit and before, shared by both routes, into w. false: answered (400). */
+static bool search__params(http_peer_t *hp, const http_request_t *req, search_wait_t *w) {
     bool ka = req->keep_alive;
-    jwt_claims_t cl;
-    if (!http__get_allowed(hp, req, chat_id, &cl)) return;
-    jwt_claims_free(&cl); /* who asks does not change what a search finds */
     char q[SEARCH_Q_MAX + 1], v[32];
+    const char *why;
     int qn = http_query_param(req, "q", q, sizeof q);
     if (qn == CHAT_ENOTFOUND) {
         http__error(hp, 400, "bad_request", "q (the words to look for) is required", ka);
-        return;
+        return false;
     }
     if (qn < 0 || !ws_utf8_valid((const uint8_t *)q, (size_t)qn)) {
         http__error(hp, 400, "bad_request",
                     qn == CHAT_ETOOBIG ? "q must be at most 256 bytes"
                                        : "q must be percent-encoded UTF-8", ka);
-        return;
+        return false;
     }
-    int limit = SEARCH_DEFAULT;
+    if (search_query_parse(&w->q, q, (size_t)qn, &why) < 0) {
+        http__error(hp, 400, "bad_query", why, ka);
+        return false;
+    }
+    w->req.limit = SEARCH_DEFAULT;
     int n = http_query_param(req, "limit", v, sizeof v);
     uint64_t l = 0, before = 0;
     if (n != CHAT_ENOTFOUND) {
-        if (n <= 0 || id_parse(v, (size_t)n, &l) < 0 || l < 1 || l > SEARCH_MAX) {
+        if (n <= 0 || id_parse(v, (size_t)n, &l) < 0 || l < 1 || l > SEARCH_LIMIT_MAX) {
             http__error(hp, 400, "bad_request", "limit must be an integer from 1 to 100", ka);
-            return;
+            return false;
         }
-        limit = (int)l;
+        w->req.limit = (int)l;
     }
     n = http_query_param(req, "before", v, sizeof v);
     if (n != CHAT_ENOTFOUND && (n <= 0 || id_parse(v, (size_t)n, &before) < 0 || !before)) {
         http__error(hp, 400, "bad_request", "before must be a message id", ka);
-        return;
+        return false;
     }
-    search_op_t *op = calloc(1, sizeof(*op));
-    if (!op) {
-        http__error(hp, 500, "internal", "out of memory", false);
-        return;
-    }
-    if (!search__terms(op, q, (size_t)qn)) {
-        free(op);
-        http__error(hp, 400, "bad_request",
-                    "q must hold 1 to 8 terms separated by blanks", ka);
-        return;
-    }
-    op->srv = s;
-    op->hp = hp;
-    op->keep_alive = ka;
-    op->limit = limit;
-    snprintf(op->chat_id, sizeof op->chat_id, "%s", chat_id);
-    if (search__submit(op, before) < 0) {
-        free(op);
-        http__error(hp, 503, "store_unavailable", "the store is not accepting requests", ka);
+    w->req.before = before;
+    return true;
+}
+
+/* Submit w's search; on failure answer and free w. */
+static void search__start(http_peer_t *hp, search_wait_t *w) {
+    chat_server_t *s = hp->peer.srv;
+    w->hp = hp;
+    w->req.query = &w->q;
+    w->req.chats = w->chats;
+    w->req.go_on = search__client_waiting;
+    w->req.data = w;
+    w->req.cb = search__done;
+    const char *why = NULL;
+    int rc = search_submit(s->search, &w->req, &why);
+    if (rc < 0) {
+        bool ka = w->keep_alive;
+        free(w);
+        if (rc == CHAT_EINVAL) http__error(hp, 400, "bad_query", why, ka);
+        else if (rc == CHAT_ENOMEM) http__error(hp, 500, "internal", "out of memory", false);
+        else http__error(hp, 503, "store_unavailable", "the store is not accepting requests", ka);
         return;
     }
     hp->peer.refs++;
     hp->busy = true;
+}
+
+/* GET /api/chats/{chat_id}/search?q=&before=&limit= */
+static void http__search(http_peer_t *hp, const http_request_t *req, const char *chat_id) {
+    jwt_claims_t cl;
+    if (!http__get_allowed(hp, req, chat_id, &cl)) return;
+    jwt_claims_free(&cl); /* who asks does not change what a search finds */
+    search_wait_t *w = calloc(1, sizeof(*w));
+    if (!w) {
+        http__error(hp, 500, "internal", "out of memory", false);
+        return;
+    }
+    w->keep_alive = req->keep_alive;
+    if (!search__params(hp, req, w)) {
+        free(w);
+        return;
+    }
+    snprintf(w->chat_ids[0], sizeof w->chat_ids[0], "%s", chat_id);
+    w->chats[0] = w->chat_ids[0];
+    w->req.n_chats = 1;
+    search__start(hp, w);
+}
+
+/* Add one chat id to w's list (repeats are dropped). NULL, or the reason for a 400. */
+static const char *search__add_chat(search_wait_t *w, const char *id, size_t n) {
+    if (n == 0 || n > 128 || !chat_id_valid(id, n)) return "chats: " CHAT_ID_RULE;
+    for (size_t i = 0; i < w->req.n_chats; i++)
+        if (strlen(w->chats[i]) == n && memcmp(w->chats[i], id, n) == 0) return NULL;
+    if (w->req.n_chats == SEARCH_CHATS_MAX) return "chats: at most 32 chats per search";
+    char *dst = w->chat_ids[w->req.n_chats];
+    memcpy(dst, id, n);
+    dst[n] = '\0';
+    w->chats[w->req.n_chats++] = dst;
+    return NULL;
+}
+
+/* GET /api/search?q=&chats=a,b&from=USER&before=&limit=: across chats, newest first, only
+ * chats the token may read. A token with a chats claim searches those by default; one
+ * without (any chat) must name them. */
+static void http__search_all(http_peer_t *hp, const http_request_t *req) {
+    bool ka = req->keep_alive;
+    jwt_claims_t cl;
+    if (!http__get_allowed(hp, req, NULL, &cl)) return;
+    search_wait_t *w = calloc(1, sizeof(*w));
+    char *list = malloc(SEARCH_CHATS_MAX * 130 + 1);
+    const char *bad = NULL;
+    int status = 400;
+    if (!w || !list) {
+        free(w);
+        free(list);
+        jwt_claims_free(&cl);
+        http__error(hp, 500, "internal", "out of memory", false);
+        return;
+    }
+    w->keep_alive = ka;
+    w->across = true;
+    if (!search__params(hp, req, w)) goto answered;
+    int n = http_query_param(req, "chats", list, SEARCH_CHATS_MAX * 130 + 1);
+    if (n == CHAT_ENOTFOUND) {
+        if (!cl.chats) {
+            bad = "chats is required: this token may read any chat, so name the chats to "
+                  "search (chats=a,b)";
+        }
+        for (size_t i = 0; !bad && cl.chats && cl.chats[i]; i++)
+            bad = search__add_chat(w, cl.chats[i], strlen(cl.chats[i]));
+        if (bad == NULL && w->req.n_chats == 0) bad = "this token allows no chat";
+    } else if (n <= 0) {
+        bad = n == CHAT_ETOOBIG ? "chats: at most 32 chats per search"
+                                : "chats must be chat ids separated by commas";
+    } else {
+        const char *p = list, *end = list + n;
+        while (!bad && p <= end) {
+            const char *comma = memchr(p, ',', (size_t)(end - p));
+            const char *e = comma ? comma : end;
+            bad = search__add_chat(w, p, (size_t)(e - p));
+            p = e + 1;
+        }
+        for (size_t i = 0; !bad && i < w->req.n_chats; i++) {
+            if (!jwt_allows_chat(&cl, w->chats[i])) {
+                bad = "this token does not allow one of these chats";
+                status = 403;
+            }
+        }
+    }
+    if (!bad) {
+        int fn = http_query_param(req, "from", w->from, sizeof w->from);
+        if (fn != CHAT_ENOTFOUND) {
+            bool ok = fn > 0 && ws_utf8_valid((const uint8_t *)w->from, (size_t)fn);
+            for (int i = 0; ok && i < fn; i++)
+                if ((unsigned char)w->from[i] < 0x20 || w->from[i] == 0x7f) ok = false;
+            if (!ok) bad = "from must be a user id: 1 to 128 bytes without control characters";
+            else w->req.from = w->from;
+        }
+    }
+    if (bad) {
+        http__error(hp, status, status == 403 ? "forbidden" : "bad_request", bad, ka);
+        goto answered;
+    }
+    free(list);
+    jwt_claims_free(&cl);
+    search__start(hp, w);
+    return;
+answered:
+    free(list);
+    free(w);
+    jwt_claims_free(&cl);
 }
 
 /* ---- discovery: /api/nodes and /api/connect ----------------------------------------- */
@@ -890,6 +902,11 @@ static void http__route(http_peer_t *hp, const http_request_t *in) {
         if (!m) continue;
         if (m < 0) http__error(hp, 400, "bad_chat_id", CHAT_ID_RULE, ka);
         else chat_routes[i].fn(hp, req, chat_id);
+        return;
+    }
+    if ((n == 11 && memcmp(p, "/api/search", 11) == 0) ||
+        (n == 12 && memcmp(p, "/api/search/", 12) == 0)) {
+        http__search_all(hp, req);
         return;
     }
     if (n == 10 && memcmp(p, "/api/nodes", 10) == 0) {

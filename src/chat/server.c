@@ -484,8 +484,11 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
         s->cfg.max_connections = n > 256 ? (size_t)n - 128 : (size_t)n / 2;
     }
 
-    int rc = store_open(&s->store, loop, cfg->store_url, err, errlen);
+    int rc = search_check(cfg->search_url, cfg->store_url, err, errlen);
     if (rc < 0) goto fail;
+    if ((rc = store_open(&s->store, loop, cfg->store_url, err, errlen)) < 0) goto fail;
+    if ((rc = search_open(&s->search, loop, cfg->search_url, s->store, err, errlen)) < 0)
+        goto fail_store;
     if ((rc = bus_open(&s->bus, loop, cfg->bus_url, chat__bus_message, chat__bus_state, s, err,
                        errlen)) < 0)
         goto fail_store;
@@ -537,6 +540,9 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
 fail_listen:
     chat__free_files(s);
     stream_close(s->stream);
+    /* nothing was submitted: no search is in flight */
+    search_close(s->search);
+    s->search = NULL;
     bus_close(s->bus, NULL, NULL);
     store_close(s->store, NULL, NULL);
     s->stop_step = 0;
@@ -547,6 +553,7 @@ fail_listen:
 fail_bus:
     bus_close(s->bus, NULL, NULL);
 fail_store:
+    search_close(s->search);
     /* nothing was submitted: the store closes at once */
     store_close(s->store, NULL, NULL);
 fail:
@@ -592,6 +599,8 @@ static void chat__stop_step(void *arg) {
     case 100: {
         void (*done)(void *) = s->stop_done;
         void *darg = s->stop_arg;
+        /* the store closed long ago, with its last callback: no search is in flight */
+        search_close(s->search);
         chat__free_files(s);
         free(s->rooms);
         free(s);

@@ -63,9 +63,14 @@ void store_msg_clear(store_msg_t *m) {
 
 void store_req_cleanup(store_req_t *r) {
     store_msg_clear(&r->msg);
-    for (size_t i = 0; i < r->n_msgs; i++) store_msg_clear(&r->msgs[i]);
+    for (size_t i = 0; i < r->n_msgs; i++) {
+        store_msg_clear(&r->msgs[i]);
+        if (r->marks) free(r->marks[i]);
+    }
     free(r->msgs);
+    free(r->marks);
     r->msgs = NULL;
+    r->marks = NULL;
     r->n_msgs = 0;
     for (size_t i = 0; i < r->n_rows; i++) {
         free(r->rows[i].chat_id);

@@ -40,6 +40,11 @@ typedef enum store_op {
     /* The outbox (only after outbox_enable; chat_id is ignored and may be NULL): */
     STORE_OUTBOX_READ,   /* in: id (after this seq) limit. out: rows, oldest first */
     STORE_OUTBOX_DELETE, /* in: id (through this seq): rows delivered, removed for good */
+    /* SQLite only (the search layer's sqlite backend): in: text, an FTS5 MATCH expression
+     * over the messages_fts table (the caller builds it from parsed, quoted terms; chat_id
+     * is only for logs), id (before; 0 = newest), limit. out: msgs, newest first, not
+     * deleted, and marks. Other backends answer CHAT_EINVAL from submit. */
+    STORE_SEARCH,
 } store_op_t;
 
 /* One outbox row: an event written in the same transaction as the change it describes.
@@ -95,10 +100,13 @@ struct store_req {
     int status;            /* 0 or a negative CHAT_E* code */
     bool duplicate;        /* APPEND: client_id seen before; msg is the original */
     store_msg_t msg;       /* APPEND/EDIT/DELETE */
-    store_msg_t *msgs;     /* HISTORY/AFTER */
+    store_msg_t *msgs;     /* HISTORY/AFTER/SEARCH */
     size_t n_msgs;
     store_outbox_row_t *rows; /* OUTBOX_READ */
     size_t n_rows;
+    /* SEARCH: per msgs[i], its text with each matched token between the bytes \x01 and
+     * \x02 (NULL if none); NULL otherwise. Freed by store_req_cleanup. */
+    char **marks;
     /* the caller's */
     void *data;
     store_cb cb;

@@ -1207,6 +1207,7 @@ static int cs_submit(store_t *base, store_req_t *r) {
     r->duplicate = false;
     memset(&r->msg, 0, sizeof r->msg);
     r->msgs = NULL;
+    r->marks = NULL; /* STORE_SEARCH's, never this backend's */
     r->n_msgs = 0;
     r->next_ = NULL;
     cass_op_t *op = calloc(1, sizeof *op);

@@ -87,7 +87,45 @@ static const char SCHEMA_V1[] =
     "CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id\n"
     "    ON messages (chat_id, user_from, client_id) WHERE client_id IS NOT NULL;\n";
 
-const char *const store_sqlite_schema[] = {SCHEMA_V1};
+/* Version 2: the full-text index of the embedded search backend (src/search/search_sqlite.c),
+ * kept in the writer's own transactions: a message is searchable exactly when it is stored,
+ * an edit replaces its words and a delete removes them, atomically. Its rowid is the message
+ * id (Snowflake ids are unique across chats; OR REPLACE keeps a write from failing should
+ * two chats ever share one). chat and author hold hex(chat_id) and hex(user_from): one token
+ * each whatever the id's characters, so a search names its chats and author inside the
+ * MATCH expression itself (exact, and the index does the filtering); chat_id UNINDEXED joins
+ * back to messages. unicode61 remove_diacritics 2: language-neutral word splitting, case and
+ * accent folding ("cafe" finds "café"). columnsize = 0: no per-row token counts (they serve
+ * only bm25 ranking; hits come newest first), one b-tree fewer to write per append.
+ * Edits and deletes (rare) are indexed by triggers, so that every writer of the file keeps
+ * them right. Appends are indexed by do_append's own INSERT (fts_insert) instead: a trigger
+ * makes every INSERT into messages open a statement savepoint, and FTS5 flushes its pending
+ * terms to a new segment at every savepoint; measured, 4-5 times the cost of the same rows
+ * indexed by a statement of their own in the same transaction (bench/RESULTS.md, Search).
+ * The INSERT at the end fills the index from the rows of a version-1 database, once (the
+ * migration runs it only when it moves the file from version 1). */
+static const char SCHEMA_V2[] =
+    "CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5 (\n"
+    "    message, chat, author, chat_id UNINDEXED,\n"
+    "    tokenize = 'unicode61 remove_diacritics 2', columnsize = 0\n"
+    ");\n"
+    "CREATE TRIGGER IF NOT EXISTS messages_fts_update AFTER UPDATE OF message, deleted_at\n"
+    "    ON messages\n"
+    "BEGIN\n"
+    "    DELETE FROM messages_fts WHERE rowid = OLD.id AND chat_id = OLD.chat_id;\n"
+    "    INSERT OR REPLACE INTO messages_fts (rowid, message, chat, author, chat_id)\n"
+    "        SELECT NEW.id, NEW.message, hex(NEW.chat_id), hex(NEW.user_from), NEW.chat_id\n"
+    "        WHERE NEW.message IS NOT NULL AND NEW.deleted_at IS NULL;\n"
+    "END;\n"
+    "CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages\n"
+    "BEGIN\n"
+    "    DELETE FROM messages_fts WHERE rowid = OLD.id AND chat_id = OLD.chat_id;\n"
+    "END;\n"
+    "INSERT OR REPLACE INTO messages_fts (rowid, message, chat, author, chat_id)\n"
+    "    SELECT id, message, hex(chat_id), hex(user_from), chat_id FROM messages\n"
+    "    WHERE message IS NOT NULL AND deleted_at IS NULL;\n";
+
+const char *const store_sqlite_schema[] = {SCHEMA_V1, SCHEMA_V2};
 
 /* The outbox of the Kafka relay (src/stream/): created by outbox_enable, that is only when a
  * relay is configured, so that a store without one pays nothing for it. Not a schema
@@ -116,7 +154,7 @@ typedef struct reader {
     sqlite_store_t *s;
     uv_thread_t tid;
     sqlite3 *db;
-    sqlite3_stmt *history, *after;
+    sqlite3_stmt *history, *after, *search;
     sqlite3_stmt *outbox; /* prepared at its first use: the table may be newer than db */
 } reader_t;
 
@@ -129,6 +167,7 @@ struct sqlite_store {
     sqlite3 *wdb;
     sqlite3_stmt *begin, *commit, *rollback;
     sqlite3_stmt *insert, *by_client, *edit, *del, *get;
+    sqlite3_stmt *fts_insert; /* an appended message into messages_fts (SCHEMA_V2) */
 
     reader_t readers[N_READERS];
     int n_readers_started;
@@ -529,6 +568,10 @@ static int prepare_writer(sqlite_store_t *s) {
                 &s->del) ||
         prepare(db, "SELECT user_from, deleted_at FROM messages WHERE chat_id = ?1 AND id = ?2",
                 &s->get) ||
+        prepare(db,
+                "INSERT OR REPLACE INTO messages_fts (rowid, message, chat, author, chat_id)"
+                " VALUES (?2, ?4, hex(?1), hex(?3), ?1)",
+                &s->fts_insert) ||
         (s->ob_on && prepare_outbox(s))) {
         log_error("store_prepare_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(db)));
         return CHAT_EIO;
@@ -539,7 +582,7 @@ static int prepare_writer(sqlite_store_t *s) {
 static void close_writer_db(sqlite_store_t *s) {
     sqlite3_stmt **sts[] = {&s->begin, &s->commit, &s->rollback, &s->insert,
                             &s->by_client, &s->edit, &s->del, &s->get,
-                            &s->ob_insert, &s->ob_delete};
+                            &s->ob_insert, &s->ob_delete, &s->fts_insert};
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++) {
         sqlite3_finalize(*sts[i]);
         *sts[i] = NULL;
@@ -558,7 +601,20 @@ static int open_reader(sqlite_store_t *s, reader_t *rd, char *err, size_t errlen
         prepare(rd->db,
                 "SELECT " MSG_COLS " FROM messages WHERE chat_id = ?1 AND id > ?2"
                 " ORDER BY id ASC LIMIT ?3",
-                &rd->after)) {
+                &rd->after) ||
+        /* The FTS table drives (CROSS JOIN keeps the planner from starting at messages):
+         * its MATCH, rowid bound and ORDER BY rowid DESC walk the index newest first and
+         * stop at the limit; each hit is then one primary-key lookup. \x01 and \x02 mark
+         * the matched tokens (search_sqlite.c escapes the rest). */
+        prepare(rd->db,
+                "SELECT m.id, m.chat_id, m.user_from, m.message, m.client_id, m.created_at,"
+                " m.edited_at, m.deleted_at, highlight(messages_fts, 0, char(1), char(2))"
+                " FROM messages_fts CROSS JOIN messages m"
+                " ON m.chat_id = messages_fts.chat_id AND m.id = messages_fts.rowid"
+                " WHERE messages_fts MATCH ?1 AND messages_fts.rowid < ?2"
+                " AND m.deleted_at IS NULL"
+                " ORDER BY messages_fts.rowid DESC LIMIT ?3",
+                &rd->search)) {
         store__set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(rd->db));
         log_error("store_prepare_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(rd->db)));
         return CHAT_EIO;
@@ -570,7 +626,8 @@ static void close_reader_db(reader_t *rd) {
     sqlite3_finalize(rd->history);
     sqlite3_finalize(rd->after);
     sqlite3_finalize(rd->outbox);
-    rd->history = rd->after = rd->outbox = NULL;
+    sqlite3_finalize(rd->search);
+    rd->history = rd->after = rd->outbox = rd->search = NULL;
     sqlite3_close(rd->db);
     rd->db = NULL;
 }
@@ -625,7 +682,23 @@ static int do_append(sqlite_store_t *s, store_req_t *r) {
         return rc;
     }
     r->status = 0;
-    if (changed) return SQLITE_OK;
+    if (changed) {
+        /* the search index, in the same transaction (see SCHEMA_V2); a failure fails the
+         * batch, so that no acknowledged message is missing from it */
+        st = s->fts_insert;
+        sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (sqlite3_int64)r->id);
+        sqlite3_bind_text(st, 3, r->user, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 4, r->text, -1, SQLITE_STATIC);
+        rc = step_once(st);
+        if (rc != SQLITE_DONE) {
+            log_error("store_index_failed chat=%s id=%" PRIu64 " err=%s", r->chat_id, r->id,
+                      LOG_STR(sqlite3_errmsg(s->wdb)));
+            store_msg_clear(m);
+            return rc;
+        }
+        return SQLITE_OK;
+    }
 
     /* The (chat, user, client_id) key exists, possibly from earlier in this same batch:
      * answer with the stored original. */
@@ -934,19 +1007,22 @@ static void writer_main(void *arg) {
 /* ---- the readers --------------------------------------------------------------------- */
 
 static void do_read(reader_t *rd, store_req_t *r) {
-    sqlite3_stmt *st = r->op == STORE_HISTORY ? rd->history : rd->after;
+    sqlite3_stmt *st = r->op == STORE_HISTORY  ? rd->history
+                       : r->op == STORE_SEARCH ? rd->search
+                                               : rd->after;
     int limit = r->limit < 1 ? 1 : r->limit > STORE_READ_MAX ? STORE_READ_MAX : r->limit;
     /* ids are < 2^63; a bound beyond that (or "before 0" = from the newest) is INT64_MAX,
      * which gives everything for HISTORY and nothing for AFTER, as it should. */
     sqlite3_int64 bound = (sqlite3_int64)r->id;
-    if (r->id > (uint64_t)INT64_MAX || (r->op == STORE_HISTORY && r->id == 0)) {
+    if (r->id > (uint64_t)INT64_MAX || (r->op != STORE_AFTER && r->id == 0)) {
         bound = INT64_MAX;
     }
-    sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 1, r->op == STORE_SEARCH ? r->text : r->chat_id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, bound);
     sqlite3_bind_int(st, 3, limit);
 
     store_msg_t *msgs = NULL;
+    char **marks = NULL; /* SEARCH: the highlight column */
     size_t n = 0, cap = 0;
     int status = 0, rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
@@ -959,24 +1035,46 @@ static void do_read(reader_t *rd, store_req_t *r) {
                 break;
             }
             msgs = p;
+            if (r->op == STORE_SEARCH) {
+                char **q = realloc(marks, ncap * sizeof *q);
+                if (!q) {
+                    status = CHAT_ENOMEM;
+                    break;
+                }
+                marks = q;
+            }
             cap = ncap;
         }
         if ((status = row_to_msg(st, &msgs[n])) != 0) break;
+        if (marks && (status = col_dup(st, 8, &marks[n])) != 0) {
+            store_msg_clear(&msgs[n]);
+            break;
+        }
         n++;
     }
     if (status == 0 && rc != SQLITE_DONE) {
-        log_error("store_read_failed chat=%s err=%s", r->chat_id, LOG_STR(sqlite3_errmsg(rd->db)));
+        /* SEARCH: the search layer builds every MATCH expression from parsed, quoted terms,
+         * so an FTS5 syntax error here is our bug; it is logged, and the client gets the
+         * usual 503 without the engine's text */
+        log_error("store_read_failed chat=%s err=%s", LOG_STR(r->chat_id),
+                  LOG_STR(sqlite3_errmsg(rd->db)));
         status = CHAT_EIO;
     }
     sqlite3_reset(st);
     if (status != 0) {
-        for (size_t i = 0; i < n; i++) store_msg_clear(&msgs[i]);
+        for (size_t i = 0; i < n; i++) {
+            store_msg_clear(&msgs[i]);
+            if (marks) free(marks[i]);
+        }
         free(msgs);
+        free(marks);
         msgs = NULL;
+        marks = NULL;
         n = 0;
     }
     r->status = status;
     r->msgs = msgs;
+    r->marks = marks;
     r->n_msgs = n;
 }
 
@@ -1169,6 +1267,10 @@ static int sq_submit(store_t *base, store_req_t *r) {
     case STORE_DELETE:
         if (!r->user) return CHAT_EINVAL;
         break;
+    case STORE_SEARCH:
+        if (!r->text) return CHAT_EINVAL;
+        write = false;
+        break;
     case STORE_HISTORY:
     case STORE_AFTER:
         write = false;
@@ -1187,6 +1289,7 @@ static int sq_submit(store_t *base, store_req_t *r) {
     r->duplicate = false;
     memset(&r->msg, 0, sizeof r->msg);
     r->msgs = NULL;
+    r->marks = NULL;
     r->n_msgs = 0;
     r->rows = NULL;
     r->n_rows = 0;
@@ -1360,6 +1463,15 @@ int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *er
         goto not_writable;
     }
     if ((rc = migrate_db(s->wdb, path, err, errlen)) != 0) goto fail_dbs;
+    /* A deleted message's words leave the search index at once only with FTS5's
+     * secure-delete (SQLite 3.44+; a setting kept in the file). Older libraries keep them in
+     * index segments until FTS5 merges those (they never match: the row is gone); the
+     * README says so. */
+    if (sqlite3_libversion_number() >= 3044000 &&
+        exec(s->wdb, "INSERT INTO messages_fts (messages_fts, rank) VALUES ('secure-delete', 1)")
+            != SQLITE_OK)
+        log_warn("store_fts_secure_delete_failed path=%s err=%s", path,
+                 LOG_STR(sqlite3_errmsg(s->wdb)));
     if (probe_write(s->wdb, why, sizeof why) != 0) goto not_writable;
     if (!loop) {
         *out = &s->base;

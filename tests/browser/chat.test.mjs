@@ -183,6 +183,8 @@ describe('search', () => {
       assert.deepEqual(await carol.locator('#search-list li .text').allTextContents(),
         ['<b>Quick</b> & sly', 'the quick brown fox'], 'newest first, text as text');
       assert.equal(await carol.locator('#search-list b').count(), 0, 'nothing injected');
+      assert.deepEqual(await carol.locator('#search-list li .text em').allTextContents(),
+        ['Quick', 'quick'], 'the matched words highlighted, and nothing else');
       assert.match(await carol.locator('#search-state').textContent(), /^2 messages match/);
       assert.equal(await carol.locator('#search-more').isHidden(), true, 'nothing older');
       assert.equal(await carol.locator('#search-list .author').first().textContent(), 'carol');
@@ -198,33 +200,73 @@ describe('search', () => {
       assert.equal(await carol.locator('#search-q').inputValue(), '');
     });
 
+  test('searches every chat this person has open, and says which chat a hit is from',
+    async () => {
+      const gina = await person('gina', 'garden');
+      await send(gina, 'tomatoes need sun');
+      await msg(gina, 'tomatoes need sun').waitFor();
+      await gina.locator('#join-id').fill('kitchen');
+      await gina.locator('#join-id').press('Enter');
+      await gina.locator('#chat-title', { hasText: 'kitchen' }).waitFor();
+      await waitStatus(gina, 'connected');
+      await send(gina, 'tomatoes <i>in</i> the sauce');
+      await msg(gina, 'tomatoes <i>in</i> the sauce').waitFor();
+      await send(gina, 'no vegetables here');
+      await msg(gina, 'no vegetables here').waitFor();
+      await gina.locator('#search-q').fill('tomatoes -sun');
+      await gina.locator('#search-q').press('Enter');
+      await until(async () => /^1 message matches/.test(
+        await gina.locator('#search-state').textContent()), { what: 'one match' });
+      await gina.locator('#search-q').fill('tomatoes');
+      await gina.locator('#search-q').press('Enter');
+      await until(async () => (await gina.locator('#search-list li').count()) === 2,
+        { what: 'a hit from each chat' });
+      assert.deepEqual(await gina.locator('#search-list li .text').allTextContents(),
+        ['tomatoes <i>in</i> the sauce', 'tomatoes need sun']);
+      assert.equal(await gina.locator('#search-list i').count(), 0, 'nothing injected');
+      assert.deepEqual(await gina.locator('#search-list .chat-tag').allTextContents(),
+        ['#garden'], 'a hit from another chat names it');
+      assert.match(await gina.locator('#search-state').textContent(), /in 2 chats\.$/);
+      await shot(gina, 'search-all-chats');
+    });
+
   test('"Search older messages" goes on where one request stopped', async () => {
-    // 40 long messages after the match: more text than one request reads (2 MiB)
-    const tok = (await (await fetch(chatd.base + '/api/dev/token', {
-      method: 'POST', headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ user: 'dave' }),
-    })).json()).token;
-    const post = (message) => fetch(chatd.base + '/api/chats/haystack/messages', {
-      method: 'POST', body: JSON.stringify({ message }),
-      headers: { 'Content-Type': 'application/json', Authorization: 'Bearer ' + tok },
-    }).then((r) => assert.equal(r.status, 201));
-    await post('the needle is here');
-    for (let i = 0; i < 40; i++) await post(`hay ${i} ` + 'h'.repeat(60000));
-    const erin = await person('erin', 'haystack');
-    await erin.locator('#search-q').fill('needle');
-    await erin.locator('#search-q').press('Enter');
-    await erin.locator('#search-more').waitFor();
-    assert.match(await erin.locator('#search-state').textContent(),
-      /^No messages match “needle” in the \d+ newest read so far\.$/);
-    await erin.locator('#search-more').click();
-    await erin.locator('#search-list li').first().waitFor();
-    assert.deepEqual(await erin.locator('#search-list li .text').allTextContents(),
-      ['the needle is here']);
-    assert.equal(await erin.locator('#search-state').textContent(),
-      '1 message matches “needle”.');
-    assert.equal(await erin.locator('#search-more').isHidden(), true);
-    await erin.locator('#search-q').press('Escape');
-    assert.equal(await erin.locator('#search').isHidden(), true, 'Escape closes the results');
+    // 40 long messages after the match: more text than one request of the scan backend
+    // reads (2 MiB); a server of its own with --search scan (the FTS5 index needs no bound)
+    const chatd = new Chatd({ name: 'chatd-scan', args: ['--search', 'scan'] });
+    await chatd.start();
+    try {
+      const tok = (await (await fetch(chatd.base + '/api/dev/token', {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ user: 'dave' }),
+      })).json()).token;
+      const post = (message) => fetch(chatd.base + '/api/chats/haystack/messages', {
+        method: 'POST', body: JSON.stringify({ message }),
+        headers: { 'Content-Type': 'application/json', Authorization: 'Bearer ' + tok },
+      }).then((r) => assert.equal(r.status, 201));
+      await post('the needle is here');
+      for (let i = 0; i < 40; i++) await post(`hay ${i} ` + 'h'.repeat(60000));
+      const erin = await openPage(browser, chatd.base);
+      pages.push(erin);
+      await signIn(erin, 'erin', 'haystack');
+      await erin.locator('#search-q').fill('needle');
+      await erin.locator('#search-q').press('Enter');
+      await erin.locator('#search-more').waitFor();
+      assert.match(await erin.locator('#search-state').textContent(),
+        /^No messages match “needle” so far; older messages may match too\.$/);
+      await erin.locator('#search-more').click();
+      await erin.locator('#search-list li').first().waitFor();
+      assert.deepEqual(await erin.locator('#search-list li .text').allTextContents(),
+        ['the needle is here']);
+      assert.equal(await erin.locator('#search-state').textContent(),
+        '1 message matches “needle”.');
+      assert.equal(await erin.locator('#search-more').isHidden(), true);
+      await erin.locator('#search-q').press('Escape');
+      assert.equal(await erin.locator('#search').isHidden(), true, 'Escape closes the results');
+      await erin.context().close(); // before its server goes
+    } finally {
+      await chatd.stop();
+    }
   });
 });
 

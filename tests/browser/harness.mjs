@@ -44,8 +44,9 @@ const running = new Set();
 process.on('exit', () => { for (const p of running) p.kill('SIGKILL'); });
 
 export class Chatd {
-  constructor({ dev = true, name = 'chatd' } = {}) {
+  constructor({ dev = true, name = 'chatd', args = [] } = {}) {
     this.dev = dev;
+    this.extraArgs = args; // more chatd flags, e.g. ['--search', 'scan']
     this.name = name;
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-browser-'));
     // A fixed secret, so tokens stay valid across a restart (--dev alone would make a new one).
@@ -62,6 +63,7 @@ export class Chatd {
       '--store', `sqlite:${path.join(this.dir, 'chat.db')}`, '--jwt-secret', this.secret,
       '--web-root', path.join(ROOT, 'web'), '--log-level', 'warn'];
     if (this.dev) args.unshift('--dev');
+    args.push(...this.extraArgs);
     const log = fs.openSync(path.join(ARTIFACTS, `${this.name}.log`), this.starts ? 'a' : 'w');
     this.starts++;
     const proc = spawn(CHATD, args, { stdio: ['ignore', log, log] });
