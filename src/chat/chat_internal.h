@@ -338,8 +338,8 @@ void chat_http_sweep(http_peer_t *hp, uint64_t now, uint64_t idle_ms);
 void chat_rest_complete(op_t *op, const sbuf_t *ev);
 
 /* ---- ratelimit.c: --rate-limit, a token bucket per user on this node ------------------- */
-/* Most users the table tracks at once: an entry is about 40 bytes plus the user id (at most
- * 128), so at most about 11 MiB, with 128 KiB of chain heads. */
+/* Most users the table tracks at once: an entry is about 50 bytes with malloc's overhead,
+ * plus the user id (at most 128), so at most about 12 MiB, and 128 KiB of chain heads. */
 #define RATE_MAX_USERS 65536u
 
 typedef struct rate_bucket {
