@@ -184,3 +184,24 @@ def test_bad_rate_flags_are_refused(chatd, tmp_path):
                            env=clean_env(), capture_output=True, text=True, timeout=10)
         assert p.returncode == 2, (args, p.stderr)
         assert "rate-" in p.stderr
+
+
+def test_environment_and_the_default_burst(chatd):
+    # CHAT_RATE_LIMIT / CHAT_RATE_BURST configure it as the flags do
+    server = chatd(env={"CHAT_RATE_LIMIT": "0.1", "CHAT_RATE_BURST": "3"})
+    raw = server.raw("general", user="alice")
+    burst(raw, [msg(i) for i in range(5)])
+    events = collect(raw, 5)
+    assert sum(e.get("event") == "message:message" for e in events) == 3, events
+    assert sum(is_limited(e) for e in events) == 2, events
+    # without --rate-burst a burst is twice the rate: 4 at 2 a second
+    server2 = chatd("--rate-limit", "2")
+    raw2 = server2.raw("general", user="alice")
+    burst(raw2, [msg(i) for i in range(10)])
+    events = collect(raw2, 10)
+    assert sum(e.get("event") == "message:message" for e in events) == 4, events
+    # ... and the flag wins over the environment
+    server3 = chatd("--rate-limit", "0", env={"CHAT_RATE_LIMIT": "0.1", "CHAT_RATE_BURST": "1"})
+    raw3 = server3.raw("general", user="alice")
+    burst(raw3, [msg(i) for i in range(10)])
+    assert all(e.get("event") == "message:message" for e in collect(raw3, 10))
