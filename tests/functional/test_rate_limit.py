@@ -12,8 +12,10 @@ refill (one token per 10 s) so that nothing they check depends on how fast the m
 
 import json
 import math
+import subprocess
 import time
 
+from conftest import CHATD, clean_env
 from helpers import build_frame, metric_value, parse_metrics
 
 SLOW = ("--rate-limit", "0.1", "--rate-burst", "5")  # one token back every 10 s
@@ -173,11 +175,7 @@ def test_rate_limit_zero_is_unlimited(chatd):
     assert metric_value(metrics, "chat_rate_limited_total") == 0
 
 
-def test_bad_rate_flags_are_refused(chatd, tmp_path):
-    import subprocess
-
-    from conftest import CHATD, clean_env
-
+def test_bad_rate_flags_are_refused(tmp_path):
     for args in (["--rate-limit", "-1"], ["--rate-limit", "fast"], ["--rate-burst", "x"],
                  ["--rate-burst", "-2"]):
         p = subprocess.run([str(CHATD), "--dev", "--store", f"sqlite:{tmp_path}/x.db", *args],
