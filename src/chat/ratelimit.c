@@ -148,14 +148,18 @@ uint64_t rate_table_take(rate_table_t *t, const char *user, uint64_t now_ms) {
 
 /* ---- the server's checks -------------------------------------------------------------- */
 
+/* --rate-burst, or its default: twice the rate, at least one send. */
+static double rate__burst(const chat_server_t *s) {
+    if (s->cfg.rate_burst >= 1) return s->cfg.rate_burst;
+    return 2 * s->cfg.rate_limit < 1 ? 1 : 2 * s->cfg.rate_limit;
+}
+
 /* 0, or the ms the user must wait (the refusal counted). The table is made on first use,
  * so a node without --rate-limit holds none. */
 static uint64_t rate__admit(chat_server_t *s, const char *user) {
     if (!(s->cfg.rate_limit > 0)) return 0;
     if (!s->rate) {
-        double burst = s->cfg.rate_burst >= 1 ? s->cfg.rate_burst : 2 * s->cfg.rate_limit;
-        if (burst < 1) burst = 1;
-        s->rate = rate_table_new(s->cfg.rate_limit, burst, RATE_MAX_USERS);
+        s->rate = rate_table_new(s->cfg.rate_limit, rate__burst(s), RATE_MAX_USERS);
         if (!s->rate) return 0; /* out of memory: not limited, the next send tries again */
     }
     uint64_t wait = rate_table_take(s->rate, user, uv_now(s->loop));
@@ -165,10 +169,7 @@ static uint64_t rate__admit(chat_server_t *s, const char *user) {
 
 static void rate__detail(const chat_server_t *s, uint64_t wait, char *buf, size_t n) {
     snprintf(buf, n, "too many sends: at most %g a second, bursts of %g; retry after %" PRIu64
-             " ms", s->cfg.rate_limit,
-             s->cfg.rate_burst >= 1 ? s->cfg.rate_burst
-                                    : (2 * s->cfg.rate_limit < 1 ? 1 : 2 * s->cfg.rate_limit),
-             wait);
+             " ms", s->cfg.rate_limit, rate__burst(s), wait);
 }
 
 uint64_t rate_admit_cmd(chat_server_t *s, const char *user, const proto_cmd_t *cmd,

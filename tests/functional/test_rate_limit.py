@@ -127,6 +127,8 @@ def test_rest_send_over_the_limit_is_429_with_retry_after(chatd):
     assert is_limited(ev), ev
     # the connection (keep-alive) still answers, and reads are not limited
     assert server.get("/api/chats/general/messages", user="bot").status_code == 200
+    metrics = parse_metrics(server.metrics_text())
+    assert metric_value(metrics, "chat_rate_limited_total") == 2  # the 429 and the event
 
 
 def test_edits_and_deletes_count_pings_do_not(chatd):
