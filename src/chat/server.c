@@ -526,8 +526,10 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     uint64_t every = (s->cfg.idle_timeout_ms < s->cfg.header_timeout_ms
                           ? s->cfg.idle_timeout_ms
                           : s->cfg.header_timeout_ms) / 4;
+    /* at most a second: a request head's deadline is then kept to within a second (a
+     * sweep visits every connection, a few tens of ns each) */
     if (every < 50) every = 50;
-    if (every > 5000) every = 5000;
+    if (every > 1000) every = 1000;
     uv_timer_start(&s->sweep, chat__sweep, every, every);
     s->idle_metrics = uv_loop_configure(loop, UV_METRICS_IDLE_TIME) == 0;
     uv_prepare_init(loop, &s->turn);
