@@ -245,7 +245,8 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
     /* The connection changes hands: the HTTP peer lets go of it (it stays allocated, and
      * rest valid, until http__drive's reference is dropped). */
     chat_peer_unlink(&hp->peer);
-    chat_session_start(s, c, chat_id, cl.sub, since, n_since, (const uint8_t *)rest, rest_len);
+    chat_session_start(s, c, chat_id, cl.sub, cl.exp, since, n_since, (const uint8_t *)rest,
+                       rest_len);
     char peer[80];
     conn_peer(c, peer, sizeof peer);
     log_debug("ws_open peer=%s user=%s chat=%s", peer, LOG_STR(cl.sub), chat_id);
