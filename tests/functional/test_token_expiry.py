@@ -10,7 +10,7 @@ refreshed serves as the witness that the sweep has run past the old deadline.
 
 import time
 
-from helpers import Client, make_jwt
+from helpers import Client, make_jwt, verify_jwt
 
 TTL = 3  # seconds: the short-lived tokens
 CLOSE_WAIT = TTL + 15.0  # bound for the close after exp (sweep period <= 5 s, slow machines)
@@ -121,3 +121,22 @@ def test_token_without_exp_is_never_closed_by_expiry(server):
     witness2 = connect(server, chat, "witness2")
     assert witness2.expect_close(timeout=CLOSE_WAIT) == (4001, "token expired")
     assert short.say("bob lives on")["user_from"] == "bob"
+
+
+def test_dev_token_endpoint_takes_a_short_ttl(chatd):
+    srv = chatd("--dev")
+    r = srv.post("/api/dev/token", json={"user": "dana", "ttl": TTL})
+    assert r.status_code == 200, r.text
+    _, claims = verify_jwt(r.json()["token"], srv.secret)
+    assert claims["sub"] == "dana" and claims["exp"] - claims["iat"] == TTL
+    r = srv.post("/api/dev/token", json={"user": "dana"})
+    _, claims = verify_jwt(r.json()["token"], srv.secret)
+    assert claims["exp"] - claims["iat"] == 86400
+    for bad in (0, -1, 86401, "5", 2.5):
+        r = srv.post("/api/dev/token", json={"user": "dana", "ttl": bad})
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["error"] == "bad_request" and "ttl" in r.json()["detail"]
+    # a page signed in with such a token is closed at its exp unless it refreshes
+    tok = srv.post("/api/dev/token", json={"user": "dana", "ttl": TTL}).json()["token"]
+    c = Client(srv.ws_url("dev-ttl", token=tok))
+    assert c.expect_close(timeout=CLOSE_WAIT) == (4001, "token expired")
