@@ -92,10 +92,12 @@ typedef struct session {
     room_t *room;
     struct session *rprev, *rnext; /* members of the room */
     uint64_t ping_sent;            /* uv_now() of an unanswered keepalive ping, 0 if none */
-    int64_t token_exp;             /* the token's exp (epoch seconds), 0 = never expires */
     uint16_t close_code;           /* what we sent or echoed, for metrics; 0 = none yet */
     bool replaying;                /* ?since=: the backlog is being read; live events wait */
     bool replay_waiting;           /* ... once the room's bus subscription is active */
+    /* the token's exp in epoch seconds, 0 = never expires; 32 bits fit the padding here
+     * (a later exp, past 2106, is saturated) so a session is no bigger for it */
+    uint32_t token_exp;
     held_event_t *held, *held_tail;
     size_t held_bytes;
     /* ?since= cursors (one per origin node, or one id). After the replay they stay as a

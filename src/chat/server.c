@@ -7,7 +7,7 @@
  *
  * One timer sweeps every connection for keepalive instead of a timer per connection: a
  * connection costs no timer handle, and the sweep is a walk of a list a few times per
- * idle period. The same walk closes connections whose token expired (4001): one int64 per
+ * idle period. The same walk closes connections whose token expired (4001): 4 bytes per
  * session, no timer, no heap; a close comes at most one sweep period (<= 5 s) after exp.
  */
 #include <dirent.h>

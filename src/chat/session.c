@@ -305,7 +305,11 @@ int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
 /* token:refresh: the new token is checked as at the handshake (signature, exp, iss/aud, the
  * chats claim for this chat) and must name the same user; then the connection lives until
  * its exp. A refused token changes nothing: the old deadline still holds, and the client
- * learns why from the error code. Only the deadline (8 bytes) is kept, not the token. */
+ * learns why from the error code. Only the deadline (4 bytes) is kept, not the token. */
+static uint32_t chat__exp32(int64_t exp) {
+    return exp <= 0 ? 0 : exp >= (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)exp;
+}
+
 static void chat__token_refresh(session_t *ss, const proto_cmd_t *cmd) {
     chat_server_t *s = ss->peer.srv;
     jwt_claims_t cl;
@@ -326,7 +330,7 @@ static void chat__token_refresh(session_t *ss, const proto_cmd_t *cmd) {
     else if (!jwt_allows_chat(&cl, ss->room->chat_id))
         chat__send_error(ss, "forbidden", "the new token does not allow this chat", NULL, 0);
     else {
-        ss->token_exp = cl.exp;
+        ss->token_exp = chat__exp32(cl.exp);
         sbuf_t sb = {0};
         sbuf_puts(&sb, "{\"event\":\"token:refreshed\",\"exp\":");
         if (cl.exp) sbuf_printf(&sb, "%" PRId64 "}", cl.exp);
@@ -338,7 +342,7 @@ static void chat__token_refresh(session_t *ss, const proto_cmd_t *cmd) {
 }
 
 void chat_session_check_expiry(session_t *ss, int64_t now) {
-    if (ss->token_exp && now >= ss->token_exp) {
+    if (ss->token_exp && now >= (int64_t)ss->token_exp) {
         log_info("token_expired user=%s", LOG_STR(ss->user));
         chat_session_close(ss, CHAT_CLOSE_TOKEN_EXPIRED, "token expired");
     }
@@ -803,7 +807,7 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
     ws_parser_init(&ss->parser, &chat__ws_cb, ss);
     ss->parser.max_message = s->cfg.max_message_bytes;
     snprintf(ss->user, sizeof ss->user, "%s", user);
-    ss->token_exp = token_exp;
+    ss->token_exp = chat__exp32(token_exp);
     conn_set_handler(c, &chat_ws_handler, ss);
     s->n_sessions++;
     s->m.ws_opened++;
