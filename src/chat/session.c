@@ -302,14 +302,15 @@ int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
 
 /* ---- the WebSocket side --------------------------------------------------------------- */
 
-/* token:refresh: the new token is checked as at the handshake (signature, exp, iss/aud, the
- * chats claim for this chat) and must name the same user; then the connection lives until
- * its exp. A refused token changes nothing: the old deadline still holds, and the client
- * learns why from the error code. Only the deadline (4 bytes) is kept, not the token. */
+/* A token's exp as the session keeps it: 0 (none) stays 0, one past 2106 saturates. */
 static uint32_t chat__exp32(int64_t exp) {
     return exp <= 0 ? 0 : exp >= (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)exp;
 }
 
+/* token:refresh: the new token is checked as at the handshake (signature, exp, iss/aud, the
+ * chats claim for this chat) and must name the same user; then the connection lives until
+ * its exp. A refused token changes nothing: the old deadline still holds, and the client
+ * learns why from the error code. Only the deadline (4 bytes) is kept, not the token. */
 static void chat__token_refresh(session_t *ss, const proto_cmd_t *cmd) {
     chat_server_t *s = ss->peer.srv;
     jwt_claims_t cl;
