@@ -73,6 +73,11 @@ static void usage(FILE *f) {
             "  --kafka-topic T          CHAT_KAFKA_TOPIC         the topic (default chat.events)\n"
             "  --outbox-max-rows N      CHAT_OUTBOX_MAX_ROWS     events waiting for Kafka beyond "
             "which sends are refused (default 1000000; 0: no limit)\n"
+            "  --rate-limit MSGS_PER_S  CHAT_RATE_LIMIT          sends (messages, edits, deletes) "
+            "a second per user on this node, WebSocket and REST together; beyond, rate_limited "
+            "or 429 (default 0: no limit)\n"
+            "  --rate-burst N           CHAT_RATE_BURST          sends a user may make at once "
+            "before --rate-limit applies (default 0: twice the rate, at least 1)\n"
             "  --log-level LEVEL        CHAT_LOG_LEVEL           debug, info, warn or error "
             "(default info)\n"
             "  --help                                            this text\n");
@@ -205,11 +210,13 @@ int main(int argc, char **argv) {
     cfg.kafka_brokers = env_or("CHAT_KAFKA", NULL);
     cfg.kafka_topic = env_or("CHAT_KAFKA_TOPIC", "chat.events");
     const char *outbox_max = env_or("CHAT_OUTBOX_MAX_ROWS", "1000000");
+    const char *rate_limit = env_or("CHAT_RATE_LIMIT", "0");
+    const char *rate_burst = env_or("CHAT_RATE_BURST", "0");
 
     enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
            O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_PUBKEY, O_JWKS, O_JWKS_REFRESH,
            O_JWKS_MIN, O_ISSUER, O_AUDIENCE, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP,
-           O_KAFKA, O_KTOPIC, O_OBMAX, O_SEARCH };
+           O_KAFKA, O_KTOPIC, O_OBMAX, O_SEARCH, O_RATE, O_BURST };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
@@ -239,6 +246,8 @@ int main(int argc, char **argv) {
         {"kafka", required_argument, 0, O_KAFKA},
         {"kafka-topic", required_argument, 0, O_KTOPIC},
         {"outbox-max-rows", required_argument, 0, O_OBMAX},
+        {"rate-limit", required_argument, 0, O_RATE},
+        {"rate-burst", required_argument, 0, O_BURST},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -273,6 +282,8 @@ int main(int argc, char **argv) {
         case O_KAFKA: cfg.kafka_brokers = optarg; break;
         case O_KTOPIC: cfg.kafka_topic = optarg; break;
         case O_OBMAX: outbox_max = optarg; break;
+        case O_RATE: rate_limit = optarg; break;
+        case O_BURST: rate_burst = optarg; break;
         case 'h':
         case O_HELP: usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -321,6 +332,19 @@ int main(int argc, char **argv) {
     size_t obmax;
     if (parse_count("outbox-max-rows", outbox_max, &obmax) < 0) return 2;
     cfg.outbox_max_rows = obmax;
+    cfg.rate_limit = strtod(rate_limit, &end);
+    if (*end || end == rate_limit || !(cfg.rate_limit >= 0) || cfg.rate_limit > 1e6) {
+        fprintf(stderr, "chatd: rate-limit must be sends a second, 0..1000000 (0: no limit), "
+                        "got '%s'\n", rate_limit);
+        return 2;
+    }
+    size_t burst;
+    if (parse_count("rate-burst", rate_burst, &burst) < 0) return 2;
+    if (burst > 1000000) {
+        fprintf(stderr, "chatd: rate-burst must be at most 1000000\n");
+        return 2;
+    }
+    cfg.rate_burst = (double)burst;
     if (cfg.kafka_brokers && !*cfg.kafka_brokers) cfg.kafka_brokers = NULL;
     if (!*cfg.kafka_topic) {
         fprintf(stderr, "chatd: kafka-topic must not be empty\n");

@@ -211,6 +211,7 @@ typedef struct chat_metrics {
     metric_hist_t loop_busy; /* each loop turn's work, its wait for events excluded */
     uint64_t closes[CLOSE_CODE_SLOTS + 1];
     uint64_t ws_opened;
+    uint64_t rate_limited; /* sends refused by --rate-limit */
 } chat_metrics_t;
 
 typedef struct static_file {
@@ -240,6 +241,7 @@ struct chat_server {
     static_file_t *files;
     size_t n_files;
     chat_metrics_t m;
+    struct rate_table *rate; /* --rate-limit's buckets (ratelimit.c); NULL until first used */
     uint64_t room_gen;
     /* the cluster (cluster.c) */
     bool bus_up;
@@ -349,3 +351,41 @@ void chat_http_sweep(http_peer_t *hp, uint64_t now, uint64_t idle_ms);
 /* An op from a REST request completed: answer it. ev is the encoded event (empty on
  * failure). */
 void chat_rest_complete(op_t *op, const sbuf_t *ev);
+
+/* ---- ratelimit.c: --rate-limit, a token bucket per user on this node ------------------- */
+/* Most users the table tracks at once: an entry is about 50 bytes with malloc's overhead,
+ * plus the user id (at most 128), so at most about 12 MiB, and 128 KiB of chain heads. */
+#define RATE_MAX_USERS 65536u
+
+typedef struct rate_bucket {
+    double tokens;  /* sends allowed right now, at most the burst */
+    uint64_t at_ms; /* the time tokens was computed at */
+} rate_bucket_t;
+/* A full bucket at now_ms. */
+void rate_bucket_init(rate_bucket_t *b, double burst, uint64_t now_ms);
+/* One send at now_ms (milliseconds of any monotonic clock) with per_s tokens a second
+ * refilled up to burst. Returns 0 if it may go (a token taken), else the ms until a token
+ * is there (>= 1; a refusal takes nothing). Pure: no clock is read. */
+uint64_t rate_bucket_take(rate_bucket_t *b, double per_s, double burst, uint64_t now_ms);
+/* True if the bucket has refilled to burst by now_ms: forgetting it changes nothing. */
+bool rate_bucket_idle(const rate_bucket_t *b, double per_s, double burst, uint64_t now_ms);
+
+typedef struct rate_table rate_table_t;
+/* Buckets keyed by user id, at most max_users of them (see ratelimit.c for what happens
+ * when full). NULL on OOM or if per_s <= 0, burst < 1 or max_users == 0. The caller frees
+ * it with rate_table_free (NULL is fine). */
+rate_table_t *rate_table_new(double per_s, double burst, size_t max_users);
+void rate_table_free(rate_table_t *t);
+/* rate_bucket_take on user's bucket (made full on first sight); user is copied. */
+uint64_t rate_table_take(rate_table_t *t, const char *user, uint64_t now_ms);
+size_t rate_table_count(const rate_table_t *t);
+
+/* A send (cmd) from a WebSocket of user: 0 if it may go on (or limits are off); else the
+ * ms to wait, the refusal counted, and the error event rate_limited (with retry_after_ms,
+ * cmd's client_id/message_id) appended to event, which stays the caller's to send and
+ * free. cmd stays the caller's. */
+uint64_t rate_admit_cmd(chat_server_t *s, const char *user, const proto_cmd_t *cmd,
+                        sbuf_t *event);
+/* The same for a REST send: on a refusal *resp is the 429 answer (Retry-After, JSON body)
+ * whose reference the caller owns (NULL on OOM). */
+uint64_t rate_admit_rest(chat_server_t *s, const char *user, bool keep_alive, buf_t **resp);

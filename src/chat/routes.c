@@ -388,6 +388,12 @@ static void http__messages(http_peer_t *hp, const http_request_t *req, const cha
         proto_cmd_free(&cmd);
         goto out;
     }
+    buf_t *limited = NULL;
+    if (rate_admit_rest(s, cl.sub, ka, &limited)) { /* over --rate-limit: 429, nothing stored */
+        proto_cmd_free(&cmd);
+        http__send(hp, limited, ka);
+        goto out;
+    }
     if (chat_submit(s, &hp->peer, true, ka, chat_id, cl.sub, &cmd) < 0) {
         proto_cmd_free(&cmd);
         http__error(hp, 503, "store_unavailable", "the store is not accepting requests", ka);

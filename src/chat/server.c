@@ -138,6 +138,9 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
     sbuf_puts(sb, "# HELP chat_store_errors_total Store requests that failed.\n"
                   "# TYPE chat_store_errors_total counter\n");
     sbuf_printf(sb, "chat_store_errors_total %" PRIu64 "\n", s->m.store_errors);
+    sbuf_puts(sb, "# HELP chat_rate_limited_total Sends refused by --rate-limit.\n"
+                  "# TYPE chat_rate_limited_total counter\n");
+    sbuf_printf(sb, "chat_rate_limited_total %" PRIu64 "\n", s->m.rate_limited);
     chat__hist_render(sb, "chat_store_latency_seconds",
                       "Time from store submit to completion.", &s->m.store_lat);
     store_metrics(s->store, sb);
@@ -609,6 +612,7 @@ static void chat__stop_step(void *arg) {
         search_close(s->search);
         chat__free_files(s);
         free(s->rooms);
+        rate_table_free(s->rate);
         free(s);
         if (done) done(darg);
         return;

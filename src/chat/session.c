@@ -382,6 +382,13 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         proto_cmd_free(&cmd);
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
+    sbuf_t limited = {0};
+    if (rate_admit_cmd(s, ss->user, &cmd, &limited)) { /* over --rate-limit: nothing stored */
+        chat__send_json(ss, &limited);
+        sbuf_free(&limited);
+        proto_cmd_free(&cmd);
+        return conn_is_closing(ss->peer.conn) ? 1 : 0;
+    }
     size_t cost = chat__echo_cost(&cmd);
     rc = chat_submit(s, &ss->peer, false, false, ss->room->chat_id, ss->user, &cmd);
     if (rc == 0) ss->inflight += cost;
