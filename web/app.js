@@ -160,8 +160,9 @@ function showSignedIn() {
   }
 }
 
-function signIn(user, token) {
-  session = { user, token };
+// dev: the token came from POST /api/dev/token, which can mint the next one before exp.
+function signIn(user, token, dev = false) {
+  session = { user, token, dev };
   sessionStorage.setItem('chat.session', JSON.stringify(session));
   el.signinError.textContent = el.tokenError.textContent = '';
   showSignedIn();
@@ -191,7 +192,7 @@ el.signinForm.addEventListener('submit', async (e) => {
     const r = await fetch('/api/dev/token', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ user }),
+      body: JSON.stringify(devTokenBody(user)),
     });
     if (r.status === 404 || r.status === 405) {
       el.signinError.textContent = 'This server does not issue tokens: paste one below.';
@@ -200,11 +201,37 @@ el.signinForm.addEventListener('submit', async (e) => {
     }
     const j = await r.json();
     if (!r.ok) throw new Error(j.detail || `HTTP ${r.status}`);
-    signIn(j.user, j.token);
+    signIn(j.user, j.token, true);
   } catch (err) {
     el.signinError.textContent = 'Sign-in failed: ' + err.message;
   }
 });
+
+// The dev endpoint's request; tests shorten the token's life through CHAT_DEV_TOKEN_TTL.
+function devTokenBody(user) {
+  const ttl = globalThis.CHAT_DEV_TOKEN_TTL;
+  return Number.isInteger(ttl) ? { user, ttl } : { user };
+}
+
+// A new token for the same user from the dev endpoint (dev sign-in only), kept in the session
+// so that REST calls and reconnects use it too. Null if it cannot be had.
+async function refreshDevToken() {
+  if (!session || !session.dev) return null;
+  const user = session.user;
+  const r = await fetch('/api/dev/token', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify(devTokenBody(user)),
+  });
+  if (!r.ok) return null;
+  const j = await r.json();
+  if (!session || session.user !== user || j.user !== user || typeof j.token !== 'string') {
+    return null;
+  }
+  session.token = j.token;
+  sessionStorage.setItem('chat.session', JSON.stringify(session));
+  return j.token;
+}
 
 el.tokenLink.addEventListener('click', showTokenForm);
 
@@ -675,6 +702,7 @@ function join(id) {
     chatId: id, user: session.user, token: session.token, since: '0', outbox,
     hooks: {
       prepare: () => loadLatest(c),
+      refreshToken: session.dev ? refreshDevToken : undefined,
       onEvent: (ev) => onEvent(c, ev),
       onState: (s, d) => { if (cur === c) setStatus(s, d); },
       onOpen: (again) => {

@@ -17,6 +17,25 @@ const HEARTBEAT_TIMEOUT_MS = globalThis.CHAT_HEARTBEAT_TIMEOUT_MS || 10000;
 // The backoff starts over only after a socket stayed open this long: a node that accepts and
 // closes at once (restarting, overloaded) would otherwise be retried four times a second.
 const STABLE_MS = 3000;
+// The server closes a socket with 4001 at its token's exp unless the page sent it a newer
+// token ({"event":"token:refresh"}). The page asks for one (hooks.refreshToken, the dev
+// endpoint) a fifth of the token's remaining life before exp, between 1 s and 60 s ahead.
+const REFRESH_LEAD_MIN_MS = 1000;
+const REFRESH_LEAD_MAX_MS = 60000;
+const REFRESH_RETRY_MS = 2000;
+// Error codes of a refused token:refresh: the old deadline stands, the 4001 handles it.
+const REFRESH_ERRORS = new Set(['bad_token', 'wrong_user', 'forbidden']);
+
+// The exp claim of a JWT in milliseconds, 0 if it has none (or cannot be read: the server
+// decides anyway).
+export function tokenExpMs(token) {
+  try {
+    const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const claims = JSON.parse(new TextDecoder().decode(
+      Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))));
+    return typeof claims.exp === 'number' ? claims.exp * 1000 : 0;
+  } catch { return 0; }
+}
 
 export function idLess(a, b) {
   // Ids are decimal strings of 64-bit numbers: compare by length first, then digit by digit.
@@ -48,7 +67,7 @@ async function resolveBase(chatId, token) {
 
 export class ChatConnection {
   // hooks: prepare() -> ids already shown, onEvent(ev), onState(state, detail), onOpen(isReconnect),
-  // onAuthError(status)
+  // onAuthError(status), and optionally refreshToken() -> a new token or null (dev mode)
   constructor({ chatId, user, token, since, outbox, hooks }) {
     this.chatId = chatId;
     this.user = user;
@@ -72,6 +91,7 @@ export class ChatConnection {
     this.lastRx = 0;                 // when its last frame arrived
     this.pingSent = 0;               // when the unanswered ping went out, 0 if none
     this.prepared = false;           // hooks.prepare() (the first history page) succeeded
+    this.refreshTimer = 0;           // asks for a new token before exp (see planRefresh)
     this.onOnline = () => this.retryNow();
     addEventListener('online', this.onOnline);
     addEventListener('offline', this.onOnline);
@@ -143,6 +163,7 @@ export class ChatConnection {
       this.everOpened = true;
       this.skipLookup = false;
       this.state('connected');
+      this.planRefresh(ws);
       for (const frame of this.outbox.values()) ws.send(JSON.stringify(frame));
       this.hooks.onOpen(again);
     };
@@ -152,6 +173,11 @@ export class ChatConnection {
       let ev;
       try { ev = JSON.parse(e.data); } catch { return; }
       if (!ev || typeof ev !== 'object' || ev.event === 'pong') return;
+      if (ev.event === 'token:refreshed') { this.planRefresh(ws); return; }
+      if (ev.event === 'error' && REFRESH_ERRORS.has(ev.code)) {
+        console.warn('token refresh refused:', ev.code, ev.detail);
+        return;
+      }
       this.settle(ev);
       this.hooks.onEvent(ev);
     };
@@ -159,6 +185,7 @@ export class ChatConnection {
       if (this.ws !== ws) return;
       this.ws = null;
       clearInterval(this.beat);
+      clearTimeout(this.refreshTimer);
       if (this.stopped) return;
       if (!opened) {
         this.skipLookup = found.viaLookup;
@@ -166,6 +193,7 @@ export class ChatConnection {
         return;
       }
       if (performance.now() - opened >= STABLE_MS) this.attempt = 0;
+      if (e.code === 4001) { this.reconnectExpired(); return; }
       // 1008 (policy, slow consumer) and application codes: our fault or a refusal; wait the
       // longest. 1000/1001/1006/1011/1012: the node went away or restarts; come back soon.
       const polite = e.code === 1008 || (e.code >= 4000 && e.code < 5000) ||
@@ -203,6 +231,43 @@ export class ChatConnection {
         ws.send('{"event":"ping"}');
       }
     }, Math.max(100, Math.min(HEARTBEAT_MS, HEARTBEAT_TIMEOUT_MS) / 4));
+  }
+
+  // Ask for a new token before this socket's token expires and hand it to the server. Without
+  // hooks.refreshToken (a pasted token) nothing can be done: the server closes with 4001.
+  planRefresh(ws) {
+    clearTimeout(this.refreshTimer);
+    const exp = tokenExpMs(this.token);
+    if (!this.hooks.refreshToken || !exp) return;
+    const left = exp - Date.now();
+    const lead = Math.min(REFRESH_LEAD_MAX_MS, Math.max(REFRESH_LEAD_MIN_MS, left / 5));
+    const delay = Math.min(2 ** 31 - 1, Math.max(0, left - lead));
+    this.refreshTimer = setTimeout(async () => {
+      if (this.ws !== ws) return;
+      let token = null;
+      try { token = await this.hooks.refreshToken(); } catch { /* retried below */ }
+      if (this.ws !== ws || this.stopped) return;
+      if (!token) {
+        if (Date.now() < exp) {
+          this.refreshTimer = setTimeout(() => this.planRefresh(ws), REFRESH_RETRY_MS);
+        }
+        return;
+      }
+      this.token = token; // also what a reconnect uses
+      ws.send(JSON.stringify({ event: 'token:refresh', token }));
+    }, delay);
+  }
+
+  // Closed with 4001 (token expired): reconnect at once, with a new token if one can be had.
+  // With none, the old token's handshake is refused (401) and checkRefusal signs out.
+  async reconnectExpired() {
+    if (this.hooks.refreshToken) {
+      try {
+        const token = await this.hooks.refreshToken();
+        if (token) this.token = token;
+      } catch { /* connect with what we have */ }
+    }
+    if (!this.stopped) this.connect();
   }
 
   // A handshake that never opened: the browser hides its HTTP status, so ask the REST API
@@ -291,6 +356,7 @@ export class ChatConnection {
     this.stopped = true;
     clearTimeout(this.timer);
     clearInterval(this.beat);
+    clearTimeout(this.refreshTimer);
     removeEventListener('online', this.onOnline);
     removeEventListener('offline', this.onOnline);
     if (this.ws) {

@@ -10,8 +10,11 @@
 /* ---- the JSON protocol (protocol.c) --------------------------------------------------- */
 /* PROTO_PING: {"event":"ping"}, answered {"event":"pong"} to the sender alone: a client's
  * way to learn that its connection is still alive (a browser cannot send a WebSocket ping
- * frame nor see ours). Not stored, not delivered. */
-enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE, PROTO_PING };
+ * frame nor see ours). Not stored, not delivered.
+ * PROTO_TOKEN_REFRESH: {"event":"token:refresh","token":"..."}, a new token for an open
+ * connection (session.c checks it and moves the connection's expiry). Not stored, not
+ * delivered. */
+enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE, PROTO_PING, PROTO_TOKEN_REFRESH };
 /* allow_events flag: an object without "event" is a message:message (the REST body) */
 #define PROTO_IMPLICIT_MESSAGE (1u << 8)
 
@@ -24,6 +27,8 @@ typedef struct proto_cmd {
     size_t message_len;
     const char *client_id; /* optional; NULL if absent */
     uint64_t message_id;   /* PROTO_EDIT, PROTO_DELETE */
+    const char *token;     /* PROTO_TOKEN_REFRESH: the token as sent, not yet checked */
+    size_t token_len;
     const char *error;     /* after CHAT_EPROTO: a static, readable reason */
 } proto_cmd_t;
 
@@ -90,6 +95,9 @@ typedef struct session {
     uint16_t close_code;           /* what we sent or echoed, for metrics; 0 = none yet */
     bool replaying;                /* ?since=: the backlog is being read; live events wait */
     bool replay_waiting;           /* ... once the room's bus subscription is active */
+    /* the token's exp in epoch seconds, 0 = never expires; 32 bits fit the padding here
+     * (a later exp, past 2106, is saturated) so a session is no bigger for it */
+    uint32_t token_exp;
     held_event_t *held, *held_tail;
     size_t held_bytes;
     /* ?since= cursors (one per origin node, or one id). After the replay they stay as a
@@ -308,13 +316,20 @@ void chat_room_free_filter(room_t *r);
 /* session.c */
 extern const conn_handler_t chat_ws_handler;
 /* Take over an upgraded connection: the 101 was sent; rest are bytes already read.
+ * token_exp: the handshake token's exp (0: none); the sweep closes the session with 4001
+ * once it passes, unless a token:refresh moved it.
  * n_since > 0: first replay what the cursors since[] say was missed, then go live.
  * One cursor: every message after it. Several (one per origin node, the newest id seen
  * from each): per origin node, every message after its cursor; origins not named, every
  * message from shortly before the oldest cursor. */
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
-                        const uint64_t *since, size_t n_since, const uint8_t *rest,
-                        size_t rest_len);
+                        int64_t token_exp, const uint64_t *since, size_t n_since,
+                        const uint8_t *rest, size_t rest_len);
+/* The close code of a connection whose token's exp passed without a token:refresh. */
+#define CHAT_CLOSE_TOKEN_EXPIRED 4001
+/* The sweep's expiry check: close with 4001 "token expired" once now (epoch seconds) has
+ * reached the token's exp (a token is valid while exp > now, as at the handshake). */
+void chat_session_check_expiry(session_t *ss, int64_t now);
 /* The room's subscription became active: start a replay that waited for it. */
 void chat_session_subscribed(session_t *ss);
 /* Fold the replayed ids into the cursors once they can no longer come live out of order

@@ -59,9 +59,20 @@ int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_c
     else if (strcmp(e, "message:edit") == 0) cmd->kind = PROTO_EDIT;
     else if (strcmp(e, "message:delete") == 0) cmd->kind = PROTO_DELETE;
     else if (strcmp(e, "ping") == 0) cmd->kind = PROTO_PING;
+    else if (strcmp(e, "token:refresh") == 0) cmd->kind = PROTO_TOKEN_REFRESH;
     if (!cmd->kind || !(allow_events & (1u << cmd->kind)))
         return proto__fail(cmd, "unknown event");
     if (cmd->kind == PROTO_PING) return 0;
+    if (cmd->kind == PROTO_TOKEN_REFRESH) {
+        json_t *t = json_object_get(root, "token");
+        if (!t) return proto__fail(cmd, "missing \"token\"");
+        if (!json_is_string(t) || json_string_length(t) == 0 ||
+            strlen(json_string_value(t)) != json_string_length(t))
+            return proto__fail(cmd, "\"token\" must be a non-empty string");
+        cmd->token = json_string_value(t);
+        cmd->token_len = json_string_length(t);
+        return 0;
+    }
 
     if (cmd->kind != PROTO_MESSAGE && !mid_ok) {
         cmd->message_id = 0;

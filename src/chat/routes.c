@@ -245,7 +245,8 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
     /* The connection changes hands: the HTTP peer lets go of it (it stays allocated, and
      * rest valid, until http__drive's reference is dropped). */
     chat_peer_unlink(&hp->peer);
-    chat_session_start(s, c, chat_id, cl.sub, since, n_since, (const uint8_t *)rest, rest_len);
+    chat_session_start(s, c, chat_id, cl.sub, cl.exp, since, n_since, (const uint8_t *)rest,
+                       rest_len);
     char peer[80];
     conn_peer(c, peer, sizeof peer);
     log_debug("ws_open peer=%s user=%s chat=%s", peer, LOG_STR(cl.sub), chat_id);
@@ -797,6 +798,15 @@ static void http__dev_token(http_peer_t *hp, const http_request_t *req) {
     bool ok = ulen >= 1 && ulen <= 64;
     for (size_t i = 0; ok && i < ulen; i++)
         if ((unsigned char)user[i] < 0x20 || user[i] == 0x7f) ok = false;
+    /* an optional short life, so that a developer (and the browser test) can watch the page
+     * refresh its token before exp without waiting a day */
+    json_t *jttl = json_object_get(body, "ttl");
+    int64_t ttl = jttl ? json_integer_value(jttl) : 86400;
+    if (ok && jttl && (!json_is_integer(jttl) || ttl < 1 || ttl > 86400)) {
+        json_decref(body);
+        http__error(hp, 400, "bad_request", "ttl must be whole seconds from 1 to 86400", ka);
+        return;
+    }
     if (!ok) {
         json_decref(body);
         http__error(hp, 400, "bad_request",
@@ -804,7 +814,7 @@ static void http__dev_token(http_peer_t *hp, const http_request_t *req) {
                     ka);
         return;
     }
-    char *tok = jwt_sign(user, (int64_t)time(NULL), 86400, NULL, s->cfg.jwt_secret);
+    char *tok = jwt_sign(user, (int64_t)time(NULL), ttl, NULL, s->cfg.jwt_secret);
     sbuf_t sb = {0};
     if (tok) {
         sbuf_puts(&sb, "{\"user\":");

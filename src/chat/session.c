@@ -9,6 +9,7 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "chat_internal.h"
 
@@ -301,6 +302,53 @@ int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
 
 /* ---- the WebSocket side --------------------------------------------------------------- */
 
+/* A token's exp as the session keeps it: 0 (none) stays 0, one past 2106 saturates. */
+static uint32_t chat__exp32(int64_t exp) {
+    return exp <= 0 ? 0 : exp >= (int64_t)UINT32_MAX ? UINT32_MAX : (uint32_t)exp;
+}
+
+/* token:refresh: the new token is checked as at the handshake (signature, exp, iss/aud, the
+ * chats claim for this chat) and must name the same user; then the connection lives until
+ * its exp. A refused token changes nothing: the old deadline still holds, and the client
+ * learns why from the error code. Only the deadline (4 bytes) is kept, not the token. */
+static void chat__token_refresh(session_t *ss, const proto_cmd_t *cmd) {
+    chat_server_t *s = ss->peer.srv;
+    jwt_claims_t cl;
+    int64_t now = (int64_t)time(NULL);
+    int rc = s->cfg.jwks ? jwks_verify(s->cfg.jwks, cmd->token, cmd->token_len, now, &cl)
+                         : jwt_verify(cmd->token, cmd->token_len, s->cfg.jwt_secret, now, &cl);
+    if (rc < 0) {
+        chat__send_error(ss, "bad_token",
+                         rc == CHAT_EEXPIRED    ? "the new token has expired"
+                         : rc == CHAT_ENOTFOUND ? "unknown key id (kid): the keys are being "
+                                                  "refreshed, retry shortly"
+                                                : "invalid token",
+                         NULL, 0);
+        return;
+    }
+    if (strcmp(cl.sub, ss->user) != 0)
+        chat__send_error(ss, "wrong_user", "the new token is for another user", NULL, 0);
+    else if (!jwt_allows_chat(&cl, ss->room->chat_id))
+        chat__send_error(ss, "forbidden", "the new token does not allow this chat", NULL, 0);
+    else {
+        ss->token_exp = chat__exp32(cl.exp);
+        sbuf_t sb = {0};
+        sbuf_puts(&sb, "{\"event\":\"token:refreshed\",\"exp\":");
+        if (cl.exp) sbuf_printf(&sb, "%" PRId64 "}", cl.exp);
+        else sbuf_puts(&sb, "null}");
+        chat__send_json(ss, &sb);
+        sbuf_free(&sb);
+    }
+    jwt_claims_free(&cl);
+}
+
+void chat_session_check_expiry(session_t *ss, int64_t now) {
+    if (ss->token_exp && now >= (int64_t)ss->token_exp) {
+        log_info("token_expired user=%s", LOG_STR(ss->user));
+        chat_session_close(ss, CHAT_CLOSE_TOKEN_EXPIRED, "token expired");
+    }
+}
+
 static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
     session_t *ss = ud;
     chat_server_t *s = ss->peer.srv;
@@ -310,7 +358,8 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
     }
     proto_cmd_t cmd;
     int rc = proto_decode(data, len, (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) |
-                                         (1u << PROTO_DELETE) | (1u << PROTO_PING), &cmd);
+                                         (1u << PROTO_DELETE) | (1u << PROTO_PING) |
+                                         (1u << PROTO_TOKEN_REFRESH), &cmd);
     if (rc == CHAT_EINVAL) {
         chat_session_close(ss, WS_CLOSE_INVALID_DATA, "message is not a JSON object");
         return 1;
@@ -325,6 +374,11 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         buf_t *f = ws_frame_new(WS_OP_TEXT, pong, sizeof pong - 1);
         if (f) chat__send(ss, f);
         buf_unref(f);
+        proto_cmd_free(&cmd);
+        return conn_is_closing(ss->peer.conn) ? 1 : 0;
+    }
+    if (cmd.kind == PROTO_TOKEN_REFRESH) {
+        chat__token_refresh(ss, &cmd);
         proto_cmd_free(&cmd);
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
@@ -750,8 +804,8 @@ void chat_session_subscribed(session_t *ss) {
 }
 
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
-                        const uint64_t *since, size_t n_since, const uint8_t *rest,
-                        size_t rest_len) {
+                        int64_t token_exp, const uint64_t *since, size_t n_since,
+                        const uint8_t *rest, size_t rest_len) {
     session_t *ss = calloc(1, sizeof(*ss));
     if (!ss) {
         conn_abort(c);
@@ -761,6 +815,7 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
     ws_parser_init(&ss->parser, &chat__ws_cb, ss);
     ss->parser.max_message = s->cfg.max_message_bytes;
     snprintf(ss->user, sizeof ss->user, "%s", user);
+    ss->token_exp = chat__exp32(token_exp);
     conn_set_handler(c, &chat_ws_handler, ss);
     s->n_sessions++;
     s->m.ws_opened++;

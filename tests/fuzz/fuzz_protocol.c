@@ -1,6 +1,7 @@
 /* libFuzzer: the chat protocol decoder on arbitrary client text, and the encoder on what
  * it accepts. Invariants: decoding never crashes or leaks; an accepted message encodes to
- * valid JSON that decodes back to the same text and client_id; a ping carries no text. */
+ * valid JSON that decodes back to the same text and client_id; a ping carries no text; a
+ * token:refresh carries a non-empty token without U+0000 and no text. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,7 +35,8 @@ static void roundtrip(const proto_cmd_t *c) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static const unsigned modes[] = {
-        (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) | (1u << PROTO_DELETE) | (1u << PROTO_PING),
+        (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) | (1u << PROTO_DELETE) | (1u << PROTO_PING) |
+            (1u << PROTO_TOKEN_REFRESH),
         (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE,
     };
     for (size_t i = 0; i < 2; i++) {
@@ -42,6 +44,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         int rc = proto_decode(data, size, modes[i], &c);
         if (rc == 0 && c.kind == PROTO_PING) {
             if (c.message) abort(); /* a ping carries nothing we act on */
+        } else if (rc == 0 && c.kind == PROTO_TOKEN_REFRESH) {
+            if (c.message || !c.token || !c.token_len || strlen(c.token) != c.token_len) abort();
         } else if (rc == 0) {
             if (c.kind != PROTO_DELETE && (!c.message || !c.message_len)) abort();
             if (c.kind != PROTO_MESSAGE && !c.message_id) abort();

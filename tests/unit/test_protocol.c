@@ -58,6 +58,40 @@ static void test_ping(void) {
     proto_cmd_free(&c);
 }
 
+/* token:refresh: the token is handed over as sent (session.c checks it); a missing, empty
+ * or non-string token is a bad_request, and the REST body does not know the event. */
+static void test_token_refresh(void) {
+    unsigned ws = ALL | (1u << PROTO_TOKEN_REFRESH);
+    proto_cmd_t c;
+    CHECK_INT(decode("{\"event\":\"token:refresh\",\"token\":\"a.b.c\",\"message\":\"x\"}", ws,
+                     &c),
+              0);
+    CHECK_INT(c.kind, PROTO_TOKEN_REFRESH);
+    CHECK_STR(c.token, "a.b.c");
+    CHECK_INT(c.token_len, 5);
+    CHECK(c.message == NULL);
+    proto_cmd_free(&c);
+    static const struct {
+        const char *json, *why;
+    } bad[] = {
+        {"{\"event\":\"token:refresh\"}", "missing \"token\""},
+        {"{\"event\":\"token:refresh\",\"token\":\"\"}", "\"token\" must be a non-empty string"},
+        {"{\"event\":\"token:refresh\",\"token\":42}", "\"token\" must be a non-empty string"},
+        {"{\"event\":\"token:refresh\",\"token\":\"a\\u0000b\"}",
+         "\"token\" must be a non-empty string"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        CHECK_INT(decode(bad[i].json, ws, &c), CHAT_EPROTO);
+        CHECK_STR(c.error, bad[i].why);
+        proto_cmd_free(&c);
+    }
+    CHECK_INT(decode("{\"event\":\"token:refresh\",\"token\":\"a.b.c\"}",
+                     (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE, &c),
+              CHAT_EPROTO);
+    CHECK_STR(c.error, "unknown event");
+    proto_cmd_free(&c);
+}
+
 static void test_bad_requests(void) {
     static const char *bad[] = {
         "{}",
@@ -164,6 +198,7 @@ int main(void) {
     RUN(test_message);
     RUN(test_edit_delete_ids);
     RUN(test_ping);
+    RUN(test_token_refresh);
     RUN(test_bad_requests);
     RUN(test_not_an_object);
     RUN(test_allowed_events);
