@@ -10,6 +10,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+int search__new(search_t **out, const search_ops_t *ops, uv_loop_t *loop, store_t *store,
+                char *err, size_t errlen) {
+    search_t *s = calloc(1, sizeof *s);
+    if (!s) {
+        search__set_err(err, errlen, "out of memory");
+        return CHAT_ENOMEM;
+    }
+    s->ops = ops;
+    s->loop = loop;
+    s->store = store;
+    *out = s;
+    return 0;
+}
+
 void search__set_err(char *err, size_t errlen, const char *fmt, ...) {
     if (!err || errlen == 0) return;
     va_list ap;

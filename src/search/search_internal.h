@@ -29,6 +29,10 @@ void search_html_marked(sbuf_t *out, const char *text, size_t n, const char *pla
 void search_html_terms(sbuf_t *out, const search_query_t *q, const char *text, size_t n);
 
 /* printf into a caller's error buffer (err may be NULL or errlen 0: then nothing). */
+/* A backend's search_t with its ops, loop and store (borrowed: the caller's, outliving it).
+ * 0, or CHAT_ENOMEM with err set. The backend's close frees it with free(). */
+int search__new(search_t **out, const search_ops_t *ops, uv_loop_t *loop, store_t *store,
+                char *err, size_t errlen);
 void search__set_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

@@ -115,14 +115,5 @@ static const search_ops_t fts_ops = {
 
 int search_sqlite_open(search_t **out, uv_loop_t *loop, store_t *store, char *err,
                        size_t errlen) {
-    search_t *s = calloc(1, sizeof *s);
-    if (!s) {
-        search__set_err(err, errlen, "out of memory");
-        return CHAT_ENOMEM;
-    }
-    s->ops = &fts_ops;
-    s->loop = loop;
-    s->store = store;
-    *out = s;
-    return 0;
+    return search__new(out, &fts_ops, loop, store, err, errlen);
 }
