@@ -52,7 +52,7 @@ void buf_unref(buf_t *b) {
     if (b && --b->refs == 0) free(b);
 }
 
-static int log_level = LOG_INFO;
+static int log_level = CHAT_LOG_INFO;
 
 void log_set_level(int level) { log_level = level; }
 

@@ -77,14 +77,14 @@ void sbuf_free(sbuf_t *sb);
 void url_redact(const char *url, char *out, size_t n);
 
 /* ---- logging -------------------------------------------------------------------------- */
-enum { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
+enum { CHAT_LOG_DEBUG, CHAT_LOG_INFO, CHAT_LOG_WARN, CHAT_LOG_ERROR };
 void log_set_level(int level);
 /* printf-style message; by convention "event key=value key=value". One line to stderr. */
 void log_msg(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-#define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)
-#define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)
-#define log_warn(...) log_msg(LOG_WARN, __VA_ARGS__)
-#define log_error(...) log_msg(LOG_ERROR, __VA_ARGS__)
+#define log_debug(...) log_msg(CHAT_LOG_DEBUG, __VA_ARGS__)
+#define log_info(...) log_msg(CHAT_LOG_INFO, __VA_ARGS__)
+#define log_warn(...) log_msg(CHAT_LOG_WARN, __VA_ARGS__)
+#define log_error(...) log_msg(CHAT_LOG_ERROR, __VA_ARGS__)
 
 /* A value for a log field, logfmt style. A string a client chose (a user id, a header, a
  * URL) must not be able to end its field and forge another (`sub` = `alice user=admin`),

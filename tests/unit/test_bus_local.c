@@ -82,7 +82,7 @@ static void test_close_with_list_queued(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_ERROR + 1);
+    log_set_level(CHAT_LOG_ERROR + 1);
     RUN(test_list_nodes);
     RUN(test_close_with_list_queued);
     return test_summary("test_bus_local");

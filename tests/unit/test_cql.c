@@ -1504,7 +1504,7 @@ static void test_client_several_hosts(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_ERROR);
+    log_set_level(CHAT_LOG_ERROR);
     RUN(test_header_decode);
     RUN(test_encode_options_startup_auth);
     RUN(test_encode_query_values);

@@ -167,7 +167,7 @@ static void test_highlights_escape_everything_but_em(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_WARN);
+    log_set_level(CHAT_LOG_WARN);
     RUN(test_words_phrases_exclusions);
     RUN(test_bad_queries);
     RUN(test_fts_expressions_quote_every_term);

@@ -1020,7 +1020,7 @@ static void stop_node(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_ERROR);
+    log_set_level(CHAT_LOG_ERROR);
     RUN(test_url_errors);
     if (start_node() != 0) return 1;
     uv_loop_init(&loop);
