@@ -12,7 +12,7 @@ STORE   ?= sqlite:$(DATA_DIR)/chat.db
 
 WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wstrict-prototypes
 CFLAGS  ?= -O2 -g
-BASEFLAGS := -std=c11 -D_GNU_SOURCE $(WARN) -pthread -MMD -MP
+BASEFLAGS := -std=c11 -D_GNU_SOURCE -Isrc $(WARN) -pthread -MMD -MP
 LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lrdkafka -lcrypto -lz -lpthread -lm
 
 LIB_SRC := $(sort $(wildcard src/core/*.c src/http/*.c src/ws/*.c src/chat/*.c src/cql/*.c \
@@ -90,7 +90,7 @@ FUZZ_SECONDS ?= 60
 
 $(FB)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CLANG) -std=c11 -D_GNU_SOURCE $(WARN) -Wno-unused-command-line-argument -pthread -MMD -MP \
+	$(CLANG) -std=c11 -D_GNU_SOURCE -Isrc $(WARN) -Wno-unused-command-line-argument -pthread -MMD -MP \
 	    -O1 -g -fsanitize=fuzzer-no-link,address,undefined -c $< -o $@
 
 $(FB)/libchat.a: $(FUZZ_LIB_OBJ)

@@ -21,7 +21,7 @@
  *
  * Output: human lines on stderr, one JSON object on stdout.
  */
-#include "../src/store/store.h"
+#include "store/store.h"
 
 #include <getopt.h>
 #include <inttypes.h>

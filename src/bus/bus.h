@@ -14,7 +14,7 @@
 #include <stddef.h>
 #include <uv.h>
 
-#include "../core/core.h"
+#include "core/core.h"
 
 typedef struct bus bus_t;
 

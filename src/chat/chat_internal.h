@@ -4,11 +4,11 @@
 
 #include <jansson.h>
 
-#include "../bus/bus.h"
-#include "../http/http.h"
-#include "../search/search.h"
-#include "../store/store.h"
-#include "../ws/ws.h"
+#include "bus/bus.h"
+#include "http/http.h"
+#include "search/search.h"
+#include "store/store.h"
+#include "ws/ws.h"
 #include "chat.h"
 
 /* ---- the JSON protocol (protocol.c) --------------------------------------------------- */

@@ -20,7 +20,7 @@
 #include <time.h>
 
 #include "chat_internal.h"
-#include "../stream/stream.h"
+#include "stream/stream.h"
 
 /* ---- peers ---------------------------------------------------------------------------- */
 

@@ -15,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../core/core.h"
+#include "core/core.h"
 
 enum {
     WS_OP_CONT = 0x0,

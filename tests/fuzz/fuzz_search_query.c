@@ -11,9 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../src/search/search_internal.h"
-#include "../../src/store/store_sqlite_internal.h"
-#include "../../src/ws/ws.h"
+#include "search/search_internal.h"
+#include "store/store_sqlite_internal.h"
+#include "ws/ws.h"
 
 static void check(int cond) {
     if (!cond) __builtin_trap();

@@ -9,7 +9,7 @@
  * incremental UTF-8 validator against the whole-string one and an arithmetic reference,
  * round-trip through the encoders, and reach the handshake key check.
  */
-#include "../../src/ws/ws.h"
+#include "ws/ws.h"
 
 #include <stdio.h>
 #include <stdlib.h>

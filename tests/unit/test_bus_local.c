@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../src/bus/bus.h"
+#include "bus/bus.h"
 #include "test.h"
 
 static void on_msg(void *ud, const char *chat_id, const uint8_t *p, size_t n) {}

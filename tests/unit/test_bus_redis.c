@@ -20,8 +20,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "../../src/bus/bus.h"
-#include "../../src/bus/bus_redis_internal.h"
+#include "bus/bus.h"
+#include "bus/bus_redis_internal.h"
 #include "test.h"
 
 /* ---- redis-server ------------------------------------------------------------------------ */

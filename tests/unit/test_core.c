@@ -1,6 +1,6 @@
 /* Unit tests of core: ids, time formatting, buffers, the string builder, log values, error
  * strings. */
-#include "../../src/core/core.h"
+#include "core/core.h"
 #include "test.h"
 
 static void test_time_format(void) {

@@ -6,7 +6,7 @@
  * says: late, out of order, never, with ERRORs, or by hanging up. That is how the client's
  * stream matching, re-prepare, timeouts and reconnection are tested exactly; the real
  * Cassandra is exercised by test_store_cassandra and tests/cassandra. */
-#include "../../src/cql/cql.h"
+#include "cql/cql.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -5,7 +5,7 @@
  * cuts it, so most reader tests compare a canonical dump of the parsed request across
  * every way of feeding the same bytes.
  */
-#include "../../src/http/http.h"
+#include "http/http.h"
 #include "test.h"
 
 #include <stdarg.h>

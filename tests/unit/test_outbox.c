@@ -12,8 +12,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../../src/store/store.h"
-#include "../../src/store/store_sqlite_internal.h"
+#include "store/store.h"
+#include "store/store_sqlite_internal.h"
 #include "test.h"
 
 typedef struct fx {

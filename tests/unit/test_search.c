@@ -2,8 +2,8 @@
  * FTS5 table of the store's schema), and the two highlighters. */
 #include <sqlite3.h>
 
-#include "../../src/search/search_internal.h"
-#include "../../src/store/store_sqlite_internal.h"
+#include "search/search_internal.h"
+#include "store/store_sqlite_internal.h"
 #include "test.h"
 
 static int parse(search_query_t *q, const char *s, const char **why) {

@@ -10,8 +10,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../../src/store/store.h"
-#include "../../src/store/store_sqlite_internal.h"
+#include "store/store.h"
+#include "store/store_sqlite_internal.h"
 #include "test.h"
 
 /* ---- fixture ------------------------------------------------------------------------- */

@@ -5,7 +5,7 @@
  * the same callbacks (recorded as a log with a hash of each payload) and the same final
  * error in every case. A parser that only works when reads line up with frames fails here.
  */
-#include "../../src/ws/ws.h"
+#include "ws/ws.h"
 
 #include "test.h"
 
