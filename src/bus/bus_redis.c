@@ -1612,6 +1612,7 @@ static void r_close(bus_t *b, void (*done)(void *), void *arg) {
 
 static const bus_ops_t redis_ops = {
     .name = "redis",
+    .has_peers = true,
     .subscribe = r_subscribe,
     .unsubscribe = r_unsubscribe,
     .publish = r_publish,
