@@ -829,7 +829,7 @@ static void test_status_text(void) {
 static void test_error_json(void) {
     buf_t *b = http_error_new(400, "bad_request", "chat_id \"a\\b\"\nnot\x01ok", false);
     const char *body = "{\"error\":\"bad_request\","
-                       "\"detail\":\"chat_id \\\"a\\\\b\\\"\\u000anot\\u0001ok\"}";
+                       "\"detail\":\"chat_id \\\"a\\\\b\\\"\\nnot\\u0001ok\"}";
     char want[512];
     snprintf(want, sizeof want,
              "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
