@@ -220,8 +220,11 @@ stream-tests: all
 $(B)/store_bench: $(B)/obj/bench/store_bench.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
+# .clang-format holds the style; Debian 12 installs the binary as clang-format-14
+CLANG_FORMAT ?= $(shell command -v clang-format || command -v clang-format-14 || echo clang-format)
 format:
-	clang-format -i src/*.c src/*/*.c src/*/*.h tests/unit/*.c tests/fuzz/*.c
+	$(CLANG_FORMAT) -i src/*.c src/*/*.c src/*/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c \
+	    bench/*.c
 
 clean:
 	rm -rf build
