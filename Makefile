@@ -12,7 +12,7 @@ STORE   ?= sqlite:$(DATA_DIR)/chat.db
 
 WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wstrict-prototypes
 CFLAGS  ?= -O2 -g
-BASEFLAGS := -std=c11 -D_GNU_SOURCE $(WARN) -pthread -MMD -MP
+BASEFLAGS := -std=c11 -D_GNU_SOURCE -Isrc $(WARN) -pthread -MMD -MP
 LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lrdkafka -lcrypto -lz -lpthread -lm
 
 LIB_SRC := $(sort $(wildcard src/core/*.c src/http/*.c src/ws/*.c src/chat/*.c src/cql/*.c \
@@ -90,7 +90,7 @@ FUZZ_SECONDS ?= 60
 
 $(FB)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
-	$(CLANG) -std=c11 -D_GNU_SOURCE $(WARN) -Wno-unused-command-line-argument -pthread -MMD -MP \
+	$(CLANG) -std=c11 -D_GNU_SOURCE -Isrc $(WARN) -Wno-unused-command-line-argument -pthread -MMD -MP \
 	    -O1 -g -fsanitize=fuzzer-no-link,address,undefined -c $< -o $@
 
 $(FB)/libchat.a: $(FUZZ_LIB_OBJ)
@@ -220,8 +220,11 @@ stream-tests: all
 $(B)/store_bench: $(B)/obj/bench/store_bench.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
+# .clang-format holds the style; Debian 12 installs the binary as clang-format-14
+CLANG_FORMAT ?= $(shell command -v clang-format || command -v clang-format-14 || echo clang-format)
 format:
-	clang-format -i src/*.c src/*/*.c src/*/*.h tests/unit/*.c tests/fuzz/*.c
+	$(CLANG_FORMAT) -i src/*.c src/*/*.c src/*/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c \
+	    bench/*.c
 
 clean:
 	rm -rf build

@@ -30,9 +30,9 @@
 #include <unistd.h>
 #include <uv.h>
 
-#include "../src/chat/chat.h"
-#include "../src/core/core.h"
-#include "../src/ws/ws.h"
+#include "chat/chat.h"
+#include "core/core.h"
+#include "ws/ws.h"
 #include "../tests/unit/test.h"
 
 #ifndef IP_BIND_ADDRESS_NO_PORT

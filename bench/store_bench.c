@@ -21,7 +21,7 @@
  *
  * Output: human lines on stderr, one JSON object on stdout.
  */
-#include "../src/store/store.h"
+#include "store/store.h"
 
 #include <getopt.h>
 #include <inttypes.h>
@@ -162,7 +162,7 @@ int main(int argc, char **argv) {
         usage();
     }
     if (b.inflight > b.n) b.inflight = b.n;
-    log_set_level(LOG_WARN);
+    log_set_level(CHAT_LOG_WARN);
     char err[512] = "";
     store_t *s = NULL;
     if (migrate) {

@@ -390,7 +390,7 @@ static int cmd_nodes(int argc, char **argv) {
     if (strncmp(url, "redis://", 8) != 0)
         return usage_error("nodes: needs a redis:// bus; '%s' has no registry", url);
 
-    log_set_level(LOG_WARN); /* the table is the output; connection chatter is not */
+    log_set_level(CHAT_LOG_WARN); /* the table is the output; connection chatter is not */
     uv_loop_t *loop = uv_default_loop();
     nodes_run_t r = {.rc = 1};
     char err[256] = "";

@@ -98,6 +98,7 @@ static void local_close(bus_t *b, void (*done)(void *), void *arg) {
 
 static const bus_ops_t local_ops = {
     .name = "local",
+    .has_peers = false,
     .subscribe = local_subscribe,
     .unsubscribe = local_unsubscribe,
     .publish = local_publish,

@@ -14,7 +14,7 @@
 #include <stddef.h>
 #include <uv.h>
 
-#include "../core/core.h"
+#include "core/core.h"
 
 typedef struct bus bus_t;
 
@@ -55,7 +55,11 @@ typedef void (*bus_nodes_cb)(void *ud, int status, const bus_node_t *nodes, size
 typedef void (*bus_lease_cb)(void *ud, int status, unsigned node_id, const char *detail);
 
 typedef struct bus_ops {
-    const char *name;
+    const char *name; /* for logs and messages only: ask the flags below, not the name */
+    /* Other nodes share this bus: their events reach this node only through it, so while it
+     * is down a room can miss some (to be read back from the store once it is up), and
+     * list_nodes can name peers. false for "local" (one process, nothing to miss). */
+    bool has_peers;
     /* 1: active now; 0: on_subscribed follows once the broker confirms; < 0: error. */
     int (*subscribe)(bus_t *b, const char *chat_id);
     int (*unsubscribe)(bus_t *b, const char *chat_id);

@@ -787,7 +787,8 @@ static void hs_cb(redisAsyncContext *ac, void *reply, void *priv) {
     if (!rep || rc->hs_failed) return;
     if (rep->type == REDIS_REPLY_ERROR) {
         rc->hs_failed = true;
-        log_msg(rc->fails ? LOG_DEBUG : LOG_ERROR, /* a wrong password: once, not every 2 s */
+        /* a wrong password: logged once, not every 2 s */
+        log_msg(rc->fails ? CHAT_LOG_DEBUG : CHAT_LOG_ERROR,
                 "bus_redis_handshake_failed conn=%s addr=%s:%d error=\"%.*s\"", rc->name,
                 rc->bus->url.host, rc->bus->url.port, (int)rep->len, rep->str);
         rc_request_kill(rc, "handshake failed");
@@ -1611,6 +1612,7 @@ static void r_close(bus_t *b, void (*done)(void *), void *arg) {
 
 static const bus_ops_t redis_ops = {
     .name = "redis",
+    .has_peers = true,
     .subscribe = r_subscribe,
     .unsubscribe = r_unsubscribe,
     .publish = r_publish,

@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "../core/core.h"
+#include "core/core.h"
 
 /* ---- JWT (RFC 7519): HS256 with a secret (jwt_verify), key sets below ----------------- */
 typedef struct jwt_claims {

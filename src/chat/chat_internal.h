@@ -4,7 +4,11 @@
 
 #include <jansson.h>
 
-#include "../store/store.h"
+#include "bus/bus.h"
+#include "http/http.h"
+#include "search/search.h"
+#include "store/store.h"
+#include "ws/ws.h"
 #include "chat.h"
 
 /* ---- the JSON protocol (protocol.c) --------------------------------------------------- */
@@ -55,14 +59,7 @@ void proto_put_event(sbuf_t *sb, store_op_t op, const store_msg_t *m);
 void proto_put_error(sbuf_t *sb, const char *code, const char *detail, const char *client_id,
                      uint64_t message_id);
 
-#endif
-
 /* ---- the server's state (server.c, session.c, routes.c) ------------------------------- */
-#include "../bus/bus.h"
-#include "../http/http.h"
-#include "../search/search.h"
-#include "../ws/ws.h"
-
 enum { PEER_HTTP = 1, PEER_WS = 2 };
 
 typedef struct peer peer_t;
@@ -389,3 +386,5 @@ uint64_t rate_admit_cmd(chat_server_t *s, const char *user, const proto_cmd_t *c
 /* The same for a REST send: on a refusal *resp is the 429 answer (Retry-After, JSON body)
  * whose reference the caller owns (NULL on OOM). */
 uint64_t rate_admit_rest(chat_server_t *s, const char *user, bool keep_alive, buf_t **resp);
+
+#endif

@@ -418,7 +418,7 @@ static void cluster__heartbeat(uv_timer_t *t) {
     s->self.connections = s->n_sessions;
     int rc = bus_heartbeat(s->bus, &s->self, NODE_TTL_MS);
     if (rc < 0) log_debug("heartbeat_failed error=%s", chat_strerror(rc));
-    if (s->bus_up && !s->listing && !s->stopping && strcmp(s->bus->ops->name, "local") != 0) {
+    if (s->bus_up && !s->listing && !s->stopping && s->bus->ops->has_peers) {
         if (bus_list_nodes(s->bus, cluster__nodes_listed, s) == 0) s->listing = true;
         else s->known_valid = false;
     }

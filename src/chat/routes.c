@@ -511,7 +511,7 @@ static bool search__params(http_peer_t *hp, const http_request_t *req, search_wa
         http__error(hp, 400, "bad_request", "q (the words to look for) is required", ka);
         return false;
     }
-    if (qn < 0 || !ws_utf8_valid((const uint8_t *)q, (size_t)qn)) {
+    if (qn < 0 || !utf8_valid((const uint8_t *)q, (size_t)qn)) {
         http__error(hp, 400, "bad_request",
                     qn == CHAT_ETOOBIG ? "q must be at most 256 bytes"
                                        : "q must be percent-encoded UTF-8", ka);
@@ -648,7 +648,7 @@ static void http__search_all(http_peer_t *hp, const http_request_t *req) {
     if (!bad) {
         int fn = http_query_param(req, "from", w->from, sizeof w->from);
         if (fn != CHAT_ENOTFOUND) {
-            bool ok = fn > 0 && ws_utf8_valid((const uint8_t *)w->from, (size_t)fn);
+            bool ok = fn > 0 && utf8_valid((const uint8_t *)w->from, (size_t)fn);
             for (int i = 0; ok && i < fn; i++)
                 if ((unsigned char)w->from[i] < 0x20 || w->from[i] == 0x7f) ok = false;
             if (!ok) bad = "from must be a user id: 1 to 128 bytes without control characters";

@@ -20,7 +20,7 @@
 #include <time.h>
 
 #include "chat_internal.h"
-#include "../stream/stream.h"
+#include "stream/stream.h"
 
 /* ---- peers ---------------------------------------------------------------------------- */
 
@@ -504,7 +504,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     s->bus->on_subscribed = chat__bus_subscribed;
     /* until the bus says it is up, treat it as down since now: the first "up" then reads
      * back whatever rooms missed while it connected */
-    if (strcmp(s->bus->ops->name, "local") != 0) s->bus_down_ms = time_now_ms();
+    if (s->bus->ops->has_peers) s->bus_down_ms = time_now_ms();
     if ((rc = chat_cluster_lease(s, err, errlen)) < 0) goto fail_bus;
     if (cfg->kafka_brokers) {
         stream_opts_t so = {.brokers = cfg->kafka_brokers, .topic = cfg->kafka_topic,

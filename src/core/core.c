@@ -52,7 +52,7 @@ void buf_unref(buf_t *b) {
     if (b && --b->refs == 0) free(b);
 }
 
-static int log_level = LOG_INFO;
+static int log_level = CHAT_LOG_INFO;
 
 void log_set_level(int level) { log_level = level; }
 
@@ -223,35 +223,55 @@ void sbuf_printf(sbuf_t *sb, const char *fmt, ...) {
     sb->len += (size_t)n;
 }
 
-void sbuf_json_str(sbuf_t *sb, const char *s, size_t n) {
+/* a byte JSON lets through as is: printable ASCII but the quote and the backslash */
+static bool json_plain(uint8_t ch) { return ch >= 0x20 && ch < 0x80 && ch != '"' && ch != '\\'; }
+
+size_t json_escape(const char *s, size_t n, char *out) {
     static const char hex[] = "0123456789abcdef";
-    /* worst case every byte becomes \u00XX */
+    const uint8_t *p = (const uint8_t *)s;
+    size_t o = 0;
+    for (size_t i = 0; i < n;) {
+        if (json_plain(p[i])) { /* chat text is mostly this: copy the whole run at once */
+            size_t j = i + 1;
+            while (j < n && json_plain(p[j])) j++;
+            if (out) memcpy(out + o, s + i, j - i);
+            o += j - i;
+            i = j;
+            continue;
+        }
+        uint8_t ch = p[i];
+        char esc[6] = {'\\', (char)ch};
+        const char *w = esc;
+        size_t wn = 2, step = 1;
+        if (ch == '\n' || ch == '\r' || ch == '\t') {
+            esc[1] = ch == '\n' ? 'n' : ch == '\r' ? 'r' : 't';
+        } else if (ch < 0x20) {
+            memcpy(esc, "\\u00", 4);
+            esc[4] = hex[ch >> 4];
+            esc[5] = hex[ch & 15];
+            wn = 6;
+        } else if (ch >= 0x80 && (step = utf8_seq_len(p + i, n - i)) > 0) {
+            w = s + i;
+            wn = step;
+        } else if (ch >= 0x80) {
+            /* one U+FFFD per invalid byte; the next byte is looked at afresh */
+            w = "\\ufffd";
+            wn = 6;
+            step = 1;
+        } /* else '"' or '\\': esc as set */
+        if (out) memcpy(out + o, w, wn);
+        o += wn;
+        i += step;
+    }
+    return o;
+}
+
+void sbuf_json_str(sbuf_t *sb, const char *s, size_t n) {
+    /* worst case every byte becomes \u00XX or \ufffd */
     if (!sbuf_reserve(sb, n * 6 + 2)) return;
     char *o = sb->p + sb->len;
     *o++ = '"';
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        if (ch == '"' || ch == '\\') {
-            *o++ = '\\';
-            *o++ = (char)ch;
-        } else if (ch >= 0x20) {
-            *o++ = (char)ch;
-        } else if (ch == '\n') {
-            *o++ = '\\';
-            *o++ = 'n';
-        } else if (ch == '\r') {
-            *o++ = '\\';
-            *o++ = 'r';
-        } else if (ch == '\t') {
-            *o++ = '\\';
-            *o++ = 't';
-        } else {
-            memcpy(o, "\\u00", 4);
-            o[4] = hex[ch >> 4];
-            o[5] = hex[ch & 15];
-            o += 6;
-        }
-    }
+    o += json_escape(s, n, o);
     *o++ = '"';
     sb->len = (size_t)(o - sb->p);
     sb->p[sb->len] = 0;

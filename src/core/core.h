@@ -5,6 +5,7 @@
  *   the same buf_t is queued to every recipient; each queue holds a reference.
  * - logging to stderr, one line per event: "ts level msg key=value ...".
  * - Snowflake-style ids and millisecond time helpers.
+ * - one UTF-8 validator (utf8.c) and one JSON string escaper, for every layer above.
  * - conn_t: a TCP connection on libuv with a corked output queue: sends during a loop turn
  *   are queued and written with one sendmsg per connection at the end of that turn.
  */
@@ -67,9 +68,30 @@ typedef struct sbuf {
 void sbuf_put(sbuf_t *sb, const void *p, size_t n);
 void sbuf_puts(sbuf_t *sb, const char *s);
 void sbuf_printf(sbuf_t *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Append s[0..n) as a JSON string literal, quotes included. s must be valid UTF-8 (it is
- * copied as is); quotes, backslashes and control characters are escaped. */
+/* Append s[0..n) as a JSON string literal, quotes included (json_escape). */
 void sbuf_json_str(sbuf_t *sb, const char *s, size_t n);
+
+/* ---- JSON strings and UTF-8 ----------------------------------------------------------- */
+/* The contents of a JSON string literal for s[0..n), without the quotes: written to out
+ * (the caller's, at least 6 * n bytes) unless out is NULL; returns the length either way,
+ * so a caller can measure first and write once. Valid UTF-8 is copied as is; quotes,
+ * backslashes and control characters are escaped (\n \r \t, others \u00XX); each byte of
+ * invalid UTF-8 becomes \ufffd, so the result is valid JSON whatever s holds (an error
+ * detail may quote client input). */
+size_t json_escape(const char *s, size_t n, char *out);
+
+/* Incremental UTF-8 validator (utf8.c). State UTF8_ACCEPT = at a character boundary;
+ * UTF8_REJECT = invalid (sticky). */
+#define UTF8_ACCEPT 0u
+#define UTF8_REJECT 1u
+/* Advance state over p[0..n); returns the new state. Rejects overlongs, surrogates
+ * (U+D800..DFFF) and code points above U+10FFFF. */
+uint32_t utf8_feed(uint32_t state, const uint8_t *p, size_t n);
+/* Whole-string check: true if p[0..n) is complete, valid UTF-8. */
+bool utf8_valid(const uint8_t *p, size_t n);
+/* Length (1 to 4) of the valid UTF-8 sequence at p[0..n), or 0 if p starts an invalid or
+ * truncated one. n must be > 0. */
+size_t utf8_seq_len(const uint8_t *p, size_t n);
 void sbuf_free(sbuf_t *sb);
 
 /* Copy a URL for logs with any password hidden: "scheme://user:secret@host" becomes
@@ -77,14 +99,14 @@ void sbuf_free(sbuf_t *sb);
 void url_redact(const char *url, char *out, size_t n);
 
 /* ---- logging -------------------------------------------------------------------------- */
-enum { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR };
+enum { CHAT_LOG_DEBUG, CHAT_LOG_INFO, CHAT_LOG_WARN, CHAT_LOG_ERROR };
 void log_set_level(int level);
 /* printf-style message; by convention "event key=value key=value". One line to stderr. */
 void log_msg(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-#define log_debug(...) log_msg(LOG_DEBUG, __VA_ARGS__)
-#define log_info(...) log_msg(LOG_INFO, __VA_ARGS__)
-#define log_warn(...) log_msg(LOG_WARN, __VA_ARGS__)
-#define log_error(...) log_msg(LOG_ERROR, __VA_ARGS__)
+#define log_debug(...) log_msg(CHAT_LOG_DEBUG, __VA_ARGS__)
+#define log_info(...) log_msg(CHAT_LOG_INFO, __VA_ARGS__)
+#define log_warn(...) log_msg(CHAT_LOG_WARN, __VA_ARGS__)
+#define log_error(...) log_msg(CHAT_LOG_ERROR, __VA_ARGS__)
 
 /* A value for a log field, logfmt style. A string a client chose (a user id, a header, a
  * URL) must not be able to end its field and forge another (`sub` = `alice user=admin`),

@@ -23,7 +23,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "../core/core.h"
+#include "core/core.h"
 
 /* ---- protocol constants --------------------------------------------------------------- */
 

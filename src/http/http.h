@@ -15,7 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "../core/core.h"
+#include "core/core.h"
 
 #define HTTP_MAX_HEADERS 64
 

@@ -20,8 +20,8 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "../core/core.h"
-#include "../store/store.h"
+#include "core/core.h"
+#include "store/store.h"
 
 #define SEARCH_Q_MAX 256     /* bytes of query text */
 #define SEARCH_TERMS_MAX 8   /* words and phrases, exclusions included */

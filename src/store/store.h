@@ -16,7 +16,7 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "../core/core.h"
+#include "core/core.h"
 
 /* One stored message. Strings are NUL-terminated, owned by whoever owns the containing
  * request (freed by store_req_cleanup). message is NULL when deleted; client_id may be NULL. */

@@ -69,7 +69,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../cql/cql.h"
+#include "cql/cql.h"
 
 #define BUCKET_MS (10LL * 24 * 3600 * 1000)
 #define BUCKETS_PER_QUERY 64

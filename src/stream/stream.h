@@ -14,8 +14,8 @@
 #include <stdint.h>
 #include <uv.h>
 
-#include "../core/core.h"
-#include "../store/store.h"
+#include "core/core.h"
+#include "store/store.h"
 
 #define STREAM_DEFAULT_TOPIC "chat.events"
 #define STREAM_DEFAULT_OUTBOX_MAX_ROWS 1000000

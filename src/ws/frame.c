@@ -87,11 +87,11 @@ buf_t *ws_close_frame_new(uint16_t code, const char *reason) {
         /* Keep the longest valid UTF-8 prefix that fits: a peer fails the connection on an
          * invalid close reason (1007), and a cut inside a character would be one. */
         size_t ok = 0;
-        uint32_t st = WS_UTF8_ACCEPT;
+        uint32_t st = UTF8_ACCEPT;
         for (size_t i = 0; reason && reason[i] && i < sizeof body - 2; i++) {
-            st = ws_utf8_feed(st, (const uint8_t *)reason + i, 1);
-            if (st == WS_UTF8_REJECT) break;
-            if (st == WS_UTF8_ACCEPT) ok = i + 1;
+            st = utf8_feed(st, (const uint8_t *)reason + i, 1);
+            if (st == UTF8_REJECT) break;
+            if (st == UTF8_ACCEPT) ok = i + 1;
         }
         if (ok) memcpy(body + 2, reason, ok);
         n += ok;

@@ -77,7 +77,7 @@ static int check_b0(ws_parser_t *p, uint8_t b0) {
     case WS_OP_BINARY:
         if (p->msg_opcode) return fail(p, WS_CLOSE_PROTOCOL, "new message inside a fragmented one");
         p->msg_opcode = op;
-        p->utf8 = WS_UTF8_ACCEPT;
+        p->utf8 = UTF8_ACCEPT;
         break;
     case WS_OP_CLOSE:
     case WS_OP_PING:
@@ -145,7 +145,7 @@ static int deliver_control(ws_parser_t *p, uint8_t op, uint8_t *data, size_t n) 
             if (!ws_close_code_valid(code)) return fail(p, WS_CLOSE_PROTOCOL, "invalid close code");
             data += 2;
             n -= 2;
-            if (!ws_utf8_valid(data, n))
+            if (!utf8_valid(data, n))
                 return fail(p, WS_CLOSE_INVALID_DATA, "invalid utf-8 in close reason");
         }
     }
@@ -161,10 +161,10 @@ static int frame_in_place(ws_parser_t *p, uint8_t *data, size_t n) {
     next_frame(p);
     if (op >= 0x8) return deliver_control(p, op, data, n);
     if (op == WS_OP_TEXT) {
-        uint32_t st = ws_utf8_feed(WS_UTF8_ACCEPT, data, n);
+        uint32_t st = utf8_feed(UTF8_ACCEPT, data, n);
         /* the same reason as the reassembly path would give, for the logs */
-        if (st == WS_UTF8_REJECT) return fail(p, WS_CLOSE_INVALID_DATA, "invalid utf-8");
-        if (st != WS_UTF8_ACCEPT) return fail(p, WS_CLOSE_INVALID_DATA, "truncated utf-8");
+        if (st == UTF8_REJECT) return fail(p, WS_CLOSE_INVALID_DATA, "invalid utf-8");
+        if (st != UTF8_ACCEPT) return fail(p, WS_CLOSE_INVALID_DATA, "truncated utf-8");
     }
     p->msg_opcode = 0;
     const ws_parser_cb_t *cb = p->cb;
@@ -181,7 +181,7 @@ static int frame_end(ws_parser_t *p, uint8_t *here) {
     next_frame(p);
     if (op >= 0x8) return deliver_control(p, op, p->ctl, ctl_len);
     if (!fin) return 0;
-    if (p->msg_opcode == WS_OP_TEXT && p->utf8 != WS_UTF8_ACCEPT)
+    if (p->msg_opcode == WS_OP_TEXT && p->utf8 != UTF8_ACCEPT)
         return fail(p, WS_CLOSE_INVALID_DATA, "truncated utf-8");
     /* Detach the buffer before the callback: it may free the parser, and an idle connection
      * should hold no reassembly memory anyway. */
@@ -240,8 +240,8 @@ static int payload_chunk(ws_parser_t *p, const uint8_t *src, size_t n) {
     if (p->masked) ws_mask(dst, n, p->mask, off);
     /* msg_opcode is that of the message in progress, which a control frame may interrupt. */
     if (p->opcode < 0x8 && p->msg_opcode == WS_OP_TEXT) {
-        p->utf8 = ws_utf8_feed(p->utf8, dst, n);
-        if (p->utf8 == WS_UTF8_REJECT) return fail(p, WS_CLOSE_INVALID_DATA, "invalid utf-8");
+        p->utf8 = utf8_feed(p->utf8, dst, n);
+        if (p->utf8 == UTF8_REJECT) return fail(p, WS_CLOSE_INVALID_DATA, "invalid utf-8");
     }
     return 0;
 }

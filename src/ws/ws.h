@@ -15,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../core/core.h"
+#include "core/core.h"
 
 enum {
     WS_OP_CONT = 0x0,
@@ -47,16 +47,6 @@ enum {
  * key must be the base64 of exactly 16 bytes (24 chars), else CHAT_EINVAL.
  * out gets 28 chars and a NUL. */
 int ws_accept_key(const char *key, size_t key_len, char out[29]);
-
-/* ---- UTF-8 ---------------------------------------------------------------------------- */
-/* Incremental validator. State 0 = at a character boundary; WS_UTF8_REJECT = invalid. */
-#define WS_UTF8_ACCEPT 0u
-#define WS_UTF8_REJECT 1u
-/* Advance state over p[0..n); returns the new state (WS_UTF8_REJECT is sticky).
- * Rejects overlongs, surrogates (U+D800..DFFF) and code points above U+10FFFF. */
-uint32_t ws_utf8_feed(uint32_t state, const uint8_t *p, size_t n);
-/* Whole-string check: true if p[0..n) is complete, valid UTF-8. */
-bool ws_utf8_valid(const uint8_t *p, size_t n);
 
 /* ---- parser --------------------------------------------------------------------------- */
 typedef struct ws_parser ws_parser_t;

@@ -8,7 +8,7 @@
  * is copied into its own exact-size allocation first, so an over-read is an ASan report
  * rather than a read of the next frame.
  */
-#include "../../src/cql/cql.h"
+#include "cql/cql.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -6,7 +6,7 @@
  * the server does, and consumed; an upgrade ends the input, the rest being WebSocket.
  * Invariants that must hold for any input abort on violation.
  */
-#include "../../src/http/http.h"
+#include "http/http.h"
 
 #include <jansson.h>
 #include <stdint.h>

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../src/chat/chat.h"
+#include "chat/chat.h"
 
 #define SECRET "fuzz-secret"
 #define NOW 1700000000LL

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../src/chat/chat_internal.h"
+#include "chat/chat_internal.h"
 
 static void roundtrip(const proto_cmd_t *c) {
     store_msg_t m = {.id = c->message_id ? c->message_id : 1,

@@ -11,9 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../src/search/search_internal.h"
-#include "../../src/store/store_sqlite_internal.h"
-#include "../../src/ws/ws.h"
+#include "search/search_internal.h"
+#include "store/store_sqlite_internal.h"
+#include "ws/ws.h"
 
 static void check(int cond) {
     if (!cond) __builtin_trap();
@@ -73,7 +73,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         check(!memchr(q.terms[i].text, '"', q.terms[i].len));
     }
     /* the server passes only valid UTF-8 on (FTS5 and the JSON answer need it) */
-    if (!ws_utf8_valid(data, size)) return 0;
+    if (!utf8_valid(data, size)) return 0;
     const char *chats[] = {"general", "a-b.c"};
     sbuf_t e = {0};
     rc = search_fts_expr(&e, &q, chats, 2, size % 2 ? "alice" : NULL, &why);

@@ -9,7 +9,7 @@
  * incremental UTF-8 validator against the whole-string one and an arithmetic reference,
  * round-trip through the encoders, and reach the handshake key check.
  */
-#include "../../src/ws/ws.h"
+#include "ws/ws.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,7 +54,7 @@ static int on_message(void *ud, int op, uint8_t *d, size_t n) {
     ASSERT(d != NULL);
     ASSERT(op == WS_OP_TEXT || op == WS_OP_BINARY);
     ASSERT(n <= FUZZ_MAX_MESSAGE);
-    if (op == WS_OP_TEXT) ASSERT(ws_utf8_valid(d, n));
+    if (op == WS_OP_TEXT) ASSERT(utf8_valid(d, n));
     if (r->want) {
         ASSERT(n == r->want_len);
         ASSERT(n == 0 || memcmp(d, r->want, n) == 0);
@@ -73,7 +73,7 @@ static int on_control(void *ud, int op, uint16_t code, uint8_t *d, size_t n) {
     if (op == WS_OP_CLOSE) {
         ASSERT(code == WS_CLOSE_NO_STATUS ? n == 0 : ws_close_code_valid(code));
         ASSERT(n <= 123);
-        ASSERT(ws_utf8_valid(d, n));
+        ASSERT(utf8_valid(d, n));
     } else {
         ASSERT(op == WS_OP_PING || op == WS_OP_PONG);
         ASSERT(code == 0);
@@ -183,27 +183,27 @@ static bool ref_utf8(const uint8_t *s, size_t n) {
 }
 
 static void check_utf8(const uint8_t *s, size_t n, uint8_t seed) {
-    bool whole = ws_utf8_valid(s, n);
+    bool whole = utf8_valid(s, n);
     ASSERT(whole == ref_utf8(s, n));
     uint32_t rs = seed | 1u;
-    uint32_t st = WS_UTF8_ACCEPT;
+    uint32_t st = UTF8_ACCEPT;
     bool rejected_early = false;
     for (size_t at = 0; at < n;) {
         size_t c = 1 + next_rand(&rs) % 17;
         if (c > n - at) c = n - at;
-        st = ws_utf8_feed(st, s + at, c);
+        st = utf8_feed(st, s + at, c);
         at += c;
         /* once rejected, nothing after can make it valid */
-        if (st == WS_UTF8_REJECT) rejected_early = true;
+        if (st == UTF8_REJECT) rejected_early = true;
     }
-    ASSERT((st == WS_UTF8_ACCEPT) == whole);
-    if (rejected_early) ASSERT(!whole && st == WS_UTF8_REJECT);
+    ASSERT((st == UTF8_ACCEPT) == whole);
+    if (rejected_early) ASSERT(!whole && st == UTF8_REJECT);
 }
 
 /* Encoder round trips: a server frame and a masked client frame of (part of) the input. */
 static void check_encoders(const uint8_t *s, size_t n, uint8_t mode) {
     size_t len = n < FUZZ_MAX_MESSAGE ? n : FUZZ_MAX_MESSAGE;
-    int op = (mode & 1) && ws_utf8_valid(s, len) ? WS_OP_TEXT : WS_OP_BINARY;
+    int op = (mode & 1) && utf8_valid(s, len) ? WS_OP_TEXT : WS_OP_BINARY;
 
     buf_t *b = ws_frame_new(op, s, len);
     ASSERT(b);

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../../src/bus/bus.h"
+#include "bus/bus.h"
 #include "test.h"
 
 static void on_msg(void *ud, const char *chat_id, const uint8_t *p, size_t n) {}
@@ -82,7 +82,7 @@ static void test_close_with_list_queued(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_ERROR + 1);
+    log_set_level(CHAT_LOG_ERROR + 1);
     RUN(test_list_nodes);
     RUN(test_close_with_list_queued);
     return test_summary("test_bus_local");

@@ -20,8 +20,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "../../src/bus/bus.h"
-#include "../../src/bus/bus_redis_internal.h"
+#include "bus/bus.h"
+#include "bus/bus_redis_internal.h"
 #include "test.h"
 
 /* ---- redis-server ------------------------------------------------------------------------ */
@@ -1075,8 +1075,8 @@ int main(void) {
     signal(SIGPIPE, SIG_IGN);
     signal(SIGALRM, on_alarm);
     alarm(240);
-    log_set_level(LOG_ERROR + 1); /* quiet: the tests provoke every failure on purpose */
-    if (getenv("TEST_VERBOSE")) log_set_level(LOG_DEBUG);
+    log_set_level(CHAT_LOG_ERROR + 1); /* quiet: the tests provoke every failure on purpose */
+    if (getenv("TEST_VERBOSE")) log_set_level(CHAT_LOG_DEBUG);
     snprintf(tmpdir, sizeof tmpdir, "/tmp/test_bus_redis_XXXXXX");
     if (!mkdtemp(tmpdir)) {
         perror("mkdtemp");

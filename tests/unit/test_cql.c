@@ -6,7 +6,7 @@
  * says: late, out of order, never, with ERRORs, or by hanging up. That is how the client's
  * stream matching, re-prepare, timeouts and reconnection are tested exactly; the real
  * Cassandra is exercised by test_store_cassandra and tests/cassandra. */
-#include "../../src/cql/cql.h"
+#include "cql/cql.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -1504,7 +1504,7 @@ static void test_client_several_hosts(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_ERROR);
+    log_set_level(CHAT_LOG_ERROR);
     RUN(test_header_decode);
     RUN(test_encode_options_startup_auth);
     RUN(test_encode_query_values);

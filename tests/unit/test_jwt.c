@@ -4,7 +4,7 @@
  * well-known jwt.io example); tokens for the negative cases are built here with OpenSSL's
  * own base64 (EVP_EncodeBlock) and HMAC, so a bug in jwt.c's encoder cannot hide itself.
  */
-#include "../../src/chat/chat.h"
+#include "chat/chat.h"
 
 #include <openssl/evp.h>
 #include <openssl/hmac.h>

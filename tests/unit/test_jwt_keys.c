@@ -5,7 +5,7 @@
  * built and signed here too (OpenSSL's base64 and EVP_DigestSign, our own DER to r||s), so
  * a bug in jwt.c's encoder or signer cannot hide itself.
  */
-#include "../../src/chat/chat.h"
+#include "chat/chat.h"
 
 #include <openssl/bn.h>
 #include <openssl/core_names.h>

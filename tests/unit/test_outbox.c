@@ -12,8 +12,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../../src/store/store.h"
-#include "../../src/store/store_sqlite_internal.h"
+#include "store/store.h"
+#include "store/store_sqlite_internal.h"
 #include "test.h"
 
 typedef struct fx {
@@ -207,9 +207,9 @@ static void test_change_and_event_commit_together(void) {
     CHECK(big != NULL);
     memset(big, 'x', n);
     big[n] = '\0';
-    log_set_level(LOG_ERROR + 1);
+    log_set_level(CHAT_LOG_ERROR + 1);
     int rc = write1(&f, STORE_APPEND, "alice", big, NULL, 2);
-    log_set_level(LOG_WARN);
+    log_set_level(CHAT_LOG_WARN);
     free(big);
     CHECK_INT(rc, CHAT_EIO);
     CHECK_INT(store_sqlite_exec(f.s, "PRAGMA max_page_count = 1073741823"), 0);
@@ -285,7 +285,7 @@ static void test_without_outbox(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_WARN);
+    log_set_level(CHAT_LOG_WARN);
     RUN(test_only_real_changes_get_an_event);
     RUN(test_change_and_event_commit_together);
     RUN(test_full_outbox_refuses_and_stores_nothing);

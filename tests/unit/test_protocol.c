@@ -1,6 +1,6 @@
 /* Unit tests of the JSON protocol: what is accepted, what is a bad_request, what closes
  * the connection, and the exact bytes of the events we send. */
-#include "../../src/chat/chat_internal.h"
+#include "chat/chat_internal.h"
 #include "test.h"
 
 #define ALL ((1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) | (1u << PROTO_DELETE))

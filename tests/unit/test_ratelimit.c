@@ -1,6 +1,6 @@
 /* Unit tests of --rate-limit's token bucket and its table of users, on a made-up clock (the
  * functions take the time as an argument): no sleeps. */
-#include "../../src/chat/chat_internal.h"
+#include "chat/chat_internal.h"
 #include "test.h"
 
 /* 5 a second, bursts of 5: the first five pass at once, the sixth waits for one token

@@ -2,8 +2,8 @@
  * FTS5 table of the store's schema), and the two highlighters. */
 #include <sqlite3.h>
 
-#include "../../src/search/search_internal.h"
-#include "../../src/store/store_sqlite_internal.h"
+#include "search/search_internal.h"
+#include "store/store_sqlite_internal.h"
 #include "test.h"
 
 static int parse(search_query_t *q, const char *s, const char **why) {
@@ -167,7 +167,7 @@ static void test_highlights_escape_everything_but_em(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_WARN);
+    log_set_level(CHAT_LOG_WARN);
     RUN(test_words_phrases_exclusions);
     RUN(test_bad_queries);
     RUN(test_fts_expressions_quote_every_term);

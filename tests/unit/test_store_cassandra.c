@@ -7,8 +7,8 @@
  * The one idea: drive the store exactly as chatd does (store_open, submit, callbacks on the
  * loop), and look at what Cassandra holds through our CQL client where the store's answers
  * alone could hide a bug (exactly one row after a repaired claim, the buckets index). */
-#include "../../src/cql/cql.h"
-#include "../../src/store/store.h"
+#include "cql/cql.h"
+#include "store/store.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -1020,7 +1020,7 @@ static void stop_node(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_ERROR);
+    log_set_level(CHAT_LOG_ERROR);
     RUN(test_url_errors);
     if (start_node() != 0) return 1;
     uv_loop_init(&loop);

@@ -10,8 +10,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "../../src/store/store.h"
-#include "../../src/store/store_sqlite_internal.h"
+#include "store/store.h"
+#include "store/store_sqlite_internal.h"
 #include "test.h"
 
 /* ---- fixture ------------------------------------------------------------------------- */
@@ -234,9 +234,9 @@ static void test_migrate_only(void) {
     CHECK_INT(sqlite3_open(f.path, &db), SQLITE_OK);
     CHECK_INT(sqlite3_exec(db, "PRAGMA user_version = 99", NULL, NULL, NULL), SQLITE_OK);
     sqlite3_close(db);
-    log_set_level(LOG_ERROR + 1); /* the error below is expected */
+    log_set_level(CHAT_LOG_ERROR + 1); /* the error below is expected */
     int rc = store_open(&s, NULL, f.url, err, sizeof err);
-    log_set_level(LOG_WARN);
+    log_set_level(CHAT_LOG_WARN);
     CHECK_INT(rc, CHAT_EIO);
     CHECK(strstr(err, "newer") != NULL);
     CHECK_INT(fx_done(&f), 0);
@@ -950,10 +950,10 @@ static void test_disk_full_fails_whole_batch(void) {
         r[i].data = &called;
         CHECK_INT(store_submit(f.s, &r[i]), 0);
     }
-    log_set_level(LOG_ERROR + 1); /* the disk-full errors are expected */
+    log_set_level(CHAT_LOG_ERROR + 1); /* the disk-full errors are expected */
     store_sqlite_pause(f.s, false);
     while (called < 3) uv_run(&f.loop, UV_RUN_ONCE);
-    log_set_level(LOG_WARN);
+    log_set_level(CHAT_LOG_WARN);
     free(big);
     store_sqlite_stats(f.s, &st1);
     for (int i = 0; i < 3; i++) {
@@ -1137,7 +1137,7 @@ static void test_query_plans(void) {
 }
 
 int main(void) {
-    log_set_level(LOG_WARN);
+    log_set_level(CHAT_LOG_WARN);
     RUN(test_url_dispatch);
     RUN(test_migrate_only);
     RUN(test_invalid_submit);

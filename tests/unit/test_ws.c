@@ -1,11 +1,12 @@
-/* Unit tests for src/ws: handshake key, UTF-8 validator, frame parser and encoder.
+/* Unit tests for src/ws: handshake key, frame parser and encoder (the UTF-8 validator is
+ * core's: test_core.c).
  *
  * The one idea: every parser case is run through expect(), which feeds the same bytes whole,
  * one byte at a time, at every single split point and in a few odd chunkings, and requires
  * the same callbacks (recorded as a log with a hash of each payload) and the same final
  * error in every case. A parser that only works when reads line up with frames fails here.
  */
-#include "../../src/ws/ws.h"
+#include "ws/ws.h"
 
 #include "test.h"
 
@@ -185,59 +186,6 @@ static size_t sframe(uint8_t *out, int op, bool fin, const void *d, size_t n) {
     return h + n;
 }
 
-/* An independent, arithmetic UTF-8 check to compare the DFA against. */
-static bool ref_utf8(const uint8_t *s, size_t n) {
-    size_t i = 0;
-    while (i < n) {
-        uint8_t c = s[i];
-        uint32_t cp;
-        size_t k;
-        if (c < 0x80) {
-            i++;
-            continue;
-        } else if (c >= 0xC2 && c <= 0xDF) {
-            k = 1, cp = c & 0x1F;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            k = 2, cp = c & 0x0F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            k = 3, cp = c & 0x07;
-        } else {
-            return false;
-        }
-        for (size_t j = 1; j <= k; j++) {
-            if (i + j >= n || (s[i + j] & 0xC0) != 0x80) return false;
-            cp = cp << 6 | (s[i + j] & 0x3F);
-        }
-        if ((k == 2 && cp < 0x800) || (k == 3 && (cp < 0x10000 || cp > 0x10FFFF))) return false;
-        if (cp >= 0xD800 && cp <= 0xDFFF) return false;
-        i += k + 1;
-    }
-    return true;
-}
-
-static size_t enc_utf8(uint32_t cp, uint8_t *o) {
-    if (cp < 0x80) {
-        o[0] = (uint8_t)cp;
-        return 1;
-    }
-    if (cp < 0x800) {
-        o[0] = (uint8_t)(0xC0 | cp >> 6);
-        o[1] = (uint8_t)(0x80 | (cp & 0x3F));
-        return 2;
-    }
-    if (cp < 0x10000) {
-        o[0] = (uint8_t)(0xE0 | cp >> 12);
-        o[1] = (uint8_t)(0x80 | (cp >> 6 & 0x3F));
-        o[2] = (uint8_t)(0x80 | (cp & 0x3F));
-        return 3;
-    }
-    o[0] = (uint8_t)(0xF0 | cp >> 18);
-    o[1] = (uint8_t)(0x80 | (cp >> 12 & 0x3F));
-    o[2] = (uint8_t)(0x80 | (cp >> 6 & 0x3F));
-    o[3] = (uint8_t)(0x80 | (cp & 0x3F));
-    return 4;
-}
-
 #define U8(s) ((const uint8_t *)(s))
 
 /* ---- handshake ---------------------------------------------------------------------------- */
@@ -278,194 +226,6 @@ static void test_accept_key_invalid(void) {
     }
     CHECK_INT(ws_accept_key(NULL, 24, out), CHAT_EINVAL);
     CHECK_INT(ws_accept_key("dGhlIHNhbXBsZSBub25jZQ==", 23, out), CHAT_EINVAL);
-}
-
-/* ---- UTF-8 -------------------------------------------------------------------------------- */
-
-static void test_utf8_cases(void) {
-    struct { const char *s; bool ok; } t[] = {
-        {"", true},
-        {"hello", true},
-        {"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5", true}, /* kosme */
-        {"\xc2\x80", true},                                     /* U+0080 */
-        {"\xdf\xbf", true},                                     /* U+07FF */
-        {"\xe0\xa0\x80", true},                                 /* U+0800 */
-        {"\xed\x9f\xbf", true},                                 /* U+D7FF */
-        {"\xee\x80\x80", true},                                 /* U+E000 */
-        {"\xef\xbf\xbf", true},                                 /* U+FFFF */
-        {"\xf0\x90\x80\x80", true},                             /* U+10000 */
-        {"\xf4\x8f\xbf\xbf", true},                             /* U+10FFFF */
-        {"\xed\xa0\x80", false},                                /* U+D800 */
-        {"\xed\xbf\xbf", false},                                /* U+DFFF */
-        {"\xed\xa0\x80\xed\xb0\x80", false},                    /* surrogate pair */
-        {"\xf4\x90\x80\x80", false},                            /* U+110000 */
-        {"\xf5\x80\x80\x80", false},
-        {"\xf7\xbf\xbf\xbf", false},
-        {"\xf8\x88\x80\x80\x80", false},                        /* 5-byte form */
-        {"\xfc\x84\x80\x80\x80\x80", false},
-        {"\xfe", false},
-        {"\xff", false},
-        {"\xc0\xaf", false},                                    /* overlong '/' */
-        {"\xc1\xbf", false},
-        {"\xe0\x80\xaf", false},
-        {"\xe0\x9f\xbf", false},                                /* overlong U+07FF */
-        {"\xf0\x80\x80\xaf", false},
-        {"\xf0\x8f\xbf\xbf", false},                            /* overlong U+FFFF */
-        {"\x80", false},                                        /* stray continuation */
-        {"a\xbf", false},
-        {"\xce\xba\x80", false},
-        {"\xce", false},                                        /* truncated */
-        {"\xe2\x82", false},
-        {"\xf0\x9f\x98", false},
-        {"\xce\x41", false},
-        {"\xe2\x82\x41", false},
-        {"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80" "edited", false},
-    };
-    for (size_t i = 0; i < sizeof t / sizeof *t; i++) {
-        const uint8_t *s = U8(t[i].s);
-        size_t n = strlen(t[i].s);
-        if (ws_utf8_valid(s, n) != t[i].ok || ref_utf8(s, n) != t[i].ok) {
-            fprintf(stderr, "  utf8 case %zu\n", i);
-            CHECK(0);
-        }
-    }
-    /* The truncated ones are not rejected mid-stream: they may still complete. */
-    CHECK(ws_utf8_feed(0, U8("\xe2\x82"), 2) > WS_UTF8_REJECT);
-    CHECK_INT(ws_utf8_feed(ws_utf8_feed(0, U8("\xe2\x82"), 2), U8("\xac"), 1), WS_UTF8_ACCEPT);
-    /* Reject is sticky, and an unknown state is not trusted. */
-    CHECK_INT(ws_utf8_feed(WS_UTF8_REJECT, U8("a"), 1), WS_UTF8_REJECT);
-    CHECK_INT(ws_utf8_feed(WS_UTF8_REJECT, NULL, 0), WS_UTF8_REJECT);
-    CHECK_INT(ws_utf8_feed(1000, U8("a"), 1), WS_UTF8_REJECT);
-}
-
-/* Invalid input is rejected at the very byte that makes it invalid, not later. */
-static void test_utf8_reject_position(void) {
-    struct { const char *s; size_t bad; } t[] = {
-        {"ab\xc0\xaf", 2},          {"\xed\xa0\x80", 1},        {"\xf4\x90\x80\x80", 1},
-        {"\xe0\x9f\xbf", 1},        {"\xf0\x8f\xbf\xbf", 1},    {"xyz\x80", 3},
-        {"\xce\xba\xce", 4 /* the end: never rejected, just incomplete */},
-        {"\xe2\x82\x41", 2},        {"\xf0\x9f\x98\xce", 3},    {"\xf5", 0},
-    };
-    for (size_t i = 0; i < sizeof t / sizeof *t; i++) {
-        const uint8_t *s = U8(t[i].s);
-        size_t n = strlen(t[i].s);
-        uint32_t st = 0;
-        for (size_t k = 0; k < n; k++) {
-            st = ws_utf8_feed(st, s + k, 1);
-            if ((st == WS_UTF8_REJECT) != (k >= t[i].bad)) {
-                fprintf(stderr, "  case %zu byte %zu state %u\n", i, k, st);
-                CHECK(0);
-            }
-        }
-    }
-}
-
-/* Every code point, encoded and fed at every split point. */
-static void test_utf8_all_code_points(void) {
-    uint8_t b[4];
-    for (uint32_t cp = 0; cp <= 0x10FFFF; cp++) {
-        size_t n = enc_utf8(cp, b);
-        bool want = !(cp >= 0xD800 && cp <= 0xDFFF);
-        if (ws_utf8_valid(b, n) != want) {
-            fprintf(stderr, "  U+%04X\n", cp);
-            CHECK(0);
-        }
-        for (size_t k = 1; k < n; k++) {
-            uint32_t st = ws_utf8_feed(0, b, k);
-            if (want && (st == WS_UTF8_ACCEPT || st == WS_UTF8_REJECT)) {
-                fprintf(stderr, "  U+%04X split %zu\n", cp, k);
-                CHECK(0);
-            }
-            if ((ws_utf8_feed(st, b + k, n - k) == WS_UTF8_ACCEPT) != want) {
-                fprintf(stderr, "  U+%04X split %zu\n", cp, k);
-                CHECK(0);
-            }
-        }
-    }
-    /* Overlong forms of every code point that has a shorter one. */
-    for (uint32_t cp = 0; cp < 0x10000; cp++) {
-        uint8_t o[4] = {(uint8_t)(0xF0 | cp >> 18), (uint8_t)(0x80 | (cp >> 12 & 0x3F)),
-                        (uint8_t)(0x80 | (cp >> 6 & 0x3F)), (uint8_t)(0x80 | (cp & 0x3F))};
-        CHECK(!ws_utf8_valid(o, 4));
-        if (cp < 0x800) {
-            uint8_t o3[3] = {0xE0, (uint8_t)(0x80 | (cp >> 6 & 0x3F)),
-                             (uint8_t)(0x80 | (cp & 0x3F))};
-            CHECK(!ws_utf8_valid(o3, 3));
-        }
-        if (cp < 0x80) {
-            uint8_t o2[2] = {(uint8_t)(0xC0 | cp >> 6), (uint8_t)(0x80 | (cp & 0x3F))};
-            CHECK(!ws_utf8_valid(o2, 2));
-        }
-    }
-}
-
-/* Every 1-, 2- and 3-byte string, and every 4-byte string from a lead >= F0 with continuation
- * and edge bytes, against the arithmetic reference. */
-static void test_utf8_exhaustive(void) {
-    uint8_t s[4];
-    for (unsigned a = 0; a < 256; a++) {
-        s[0] = (uint8_t)a;
-        CHECK(ws_utf8_valid(s, 1) == ref_utf8(s, 1));
-        for (unsigned b = 0; b < 256; b++) {
-            s[1] = (uint8_t)b;
-            CHECK(ws_utf8_valid(s, 2) == ref_utf8(s, 2));
-            for (unsigned c = 0; c < 256; c++) {
-                s[2] = (uint8_t)c;
-                if (ws_utf8_valid(s, 3) != ref_utf8(s, 3)) {
-                    fprintf(stderr, "  %02x %02x %02x\n", a, b, c);
-                    CHECK(0);
-                }
-            }
-        }
-    }
-    static const uint8_t edge[] = {0x00, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0,
-                                   0xC2, 0xDF, 0xE0, 0xED, 0xEF, 0xF0, 0xF4, 0xF5, 0xFF};
-    for (unsigned a = 0xF0; a < 256; a++) {
-        for (unsigned b = 0; b < 256; b++) {
-            for (size_t c = 0; c < sizeof edge; c++) {
-                for (size_t d = 0; d < sizeof edge; d++) {
-                    uint8_t q[4] = {(uint8_t)a, (uint8_t)b, edge[c], edge[d]};
-                    CHECK(ws_utf8_valid(q, 4) == ref_utf8(q, 4));
-                }
-            }
-        }
-    }
-}
-
-/* The ASCII fast path must hand over to the DFA at any offset, in any feed. */
-static void test_utf8_fast_path(void) {
-    uint8_t s[80];
-    for (size_t pos = 0; pos + 4 <= sizeof s; pos++) {
-        memset(s, 'a', sizeof s);
-        memcpy(s + pos, "\xf0\x9f\x98\x80", 4); /* U+1F600 */
-        CHECK(ws_utf8_valid(s, sizeof s));
-        for (size_t k = 0; k <= sizeof s; k++) {
-            uint32_t st = ws_utf8_feed(0, s, k);
-            CHECK_INT(ws_utf8_feed(st, s + k, sizeof s - k), WS_UTF8_ACCEPT);
-        }
-        s[pos + 3] = 0x41; /* truncated 4-byte sequence */
-        CHECK(!ws_utf8_valid(s, sizeof s));
-        memset(s, 'a', sizeof s);
-        s[pos] = 0x80;
-        CHECK(!ws_utf8_valid(s, sizeof s));
-        CHECK_INT(ws_utf8_feed(0, s, pos + 1), WS_UTF8_REJECT);
-        CHECK_INT(ws_utf8_feed(0, s, pos), WS_UTF8_ACCEPT);
-    }
-    /* a long mixed text, fed at every split point */
-    char text[600];
-    size_t n = 0;
-    while (n + 40 < sizeof text) {
-        memcpy(text + n, "plain ascii text ", 17);
-        n += 17;
-        memcpy(text + n, "\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xf0\x9f\x92\xac", 15);
-        n += 15;
-    }
-    CHECK(ws_utf8_valid(U8(text), n));
-    for (size_t k = 0; k <= n; k++) {
-        uint32_t st = ws_utf8_feed(0, U8(text), k);
-        CHECK(st != WS_UTF8_REJECT);
-        CHECK_INT(ws_utf8_feed(st, U8(text) + k, n - k), WS_UTF8_ACCEPT);
-    }
 }
 
 /* ---- encoder ------------------------------------------------------------------------------ */
@@ -632,7 +392,7 @@ static void test_close_frame_new(void) {
             CHECK_INT(code, 1001);
             size_t want = lead + (123 - lead) / t[i].clen * t[i].clen;
             CHECK_INT(rl, want);
-            CHECK(ws_utf8_valid(U8(reason), rl));
+            CHECK(utf8_valid(U8(reason), rl));
             CHECK_MEM(reason, longr, rl);
             CHECK_INT(b->data[1], 2 + want);
             buf_unref(b);
@@ -1309,11 +1069,6 @@ static void test_stream_all_splits(void) {
 int main(void) {
     RUN(test_accept_key);
     RUN(test_accept_key_invalid);
-    RUN(test_utf8_cases);
-    RUN(test_utf8_reject_position);
-    RUN(test_utf8_all_code_points);
-    RUN(test_utf8_exhaustive);
-    RUN(test_utf8_fast_path);
     RUN(test_frame_header);
     RUN(test_mask);
     RUN(test_frame_new);

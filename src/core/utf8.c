@@ -1,4 +1,5 @@
-/* ws/utf8: the UTF-8 validator behind every TEXT message and close reason.
+/* core/utf8: the one UTF-8 validator: behind every WebSocket TEXT message and close reason,
+ * the REST inputs, and the U+FFFD replacement in json_escape.
  *
  * One idea: the state after any byte says exactly which bytes may come next, so a stream
  * split anywhere (across frames, fragments or reads) is checked with no lookback, and an
@@ -7,14 +8,14 @@
  * (E0: A0..BF, no overlongs; ED: 80..9F, no surrogates; F0: 90..BF; F4: 80..8F, <= U+10FFFF).
  * Chat text is mostly ASCII, so at a character boundary the validator skips 8 bytes per step.
  */
-#include "ws.h"
+#include "core.h"
 
 #include <string.h>
 
-/* States. 0 and 1 are the public WS_UTF8_ACCEPT and WS_UTF8_REJECT. */
+/* States. 0 and 1 are the public UTF8_ACCEPT and UTF8_REJECT. */
 enum {
-    S_OK = WS_UTF8_ACCEPT,
-    S_BAD = WS_UTF8_REJECT,
+    S_OK = UTF8_ACCEPT,
+    S_BAD = UTF8_REJECT,
     S_1,  /* one continuation byte 80..BF to go */
     S_2,  /* two to go */
     S_3,  /* three to go */
@@ -76,9 +77,9 @@ static const uint8_t next_state[S_COUNT][C_COUNT] = {
 
 #define HIGH_BITS 0x8080808080808080ull
 
-uint32_t ws_utf8_feed(uint32_t state, const uint8_t *p, size_t n) {
+uint32_t utf8_feed(uint32_t state, const uint8_t *p, size_t n) {
     /* A state we never handed out is treated as invalid rather than indexing past the table. */
-    if (state >= S_COUNT) return WS_UTF8_REJECT;
+    if (state >= S_COUNT) return UTF8_REJECT;
     size_t i = 0;
     while (i < n) {
         if (state == S_OK) {
@@ -100,9 +101,19 @@ uint32_t ws_utf8_feed(uint32_t state, const uint8_t *p, size_t n) {
             if (i == n) break;
         }
         state = next_state[state][byte_class[p[i++]]];
-        if (state == S_BAD) return WS_UTF8_REJECT;
+        if (state == S_BAD) return UTF8_REJECT;
     }
     return state;
 }
 
-bool ws_utf8_valid(const uint8_t *p, size_t n) { return ws_utf8_feed(S_OK, p, n) == S_OK; }
+bool utf8_valid(const uint8_t *p, size_t n) { return utf8_feed(S_OK, p, n) == S_OK; }
+
+size_t utf8_seq_len(const uint8_t *p, size_t n) {
+    uint32_t state = S_OK;
+    for (size_t i = 0; i < n && i < 4; i++) {
+        state = next_state[state][byte_class[p[i]]];
+        if (state == S_OK) return i + 1;
+        if (state == S_BAD) return 0;
+    }
+    return 0;
+}
