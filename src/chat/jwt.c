@@ -255,47 +255,68 @@ out:
     return rc;
 }
 
+/* The three parts of a compact JWS, "header.payload.signature", and the length of the
+ * signed input (header, dot, payload). */
+typedef struct jwt_parts {
+    const char *payload, *sig;
+    size_t hlen, plen, slen, signed_len;
+} jwt_parts_t;
+
+/* Split token[0..len); false unless it has two dots and a non-empty header and payload (a
+ * third dot lands in the signature and fails its decoding). */
+static bool jwt_split(const char *token, size_t len, jwt_parts_t *p) {
+    const char *dot1 = memchr(token, '.', len);
+    if (!dot1) return false;
+    const char *dot2 = memchr(dot1 + 1, '.', len - (size_t)(dot1 + 1 - token));
+    if (!dot2) return false;
+    p->payload = dot1 + 1;
+    p->sig = dot2 + 1;
+    p->hlen = (size_t)(dot1 - token);
+    p->plen = (size_t)(dot2 - p->payload);
+    p->slen = len - (size_t)(p->sig - token);
+    p->signed_len = (size_t)(dot2 - token);
+    return p->hlen != 0 && p->plen != 0;
+}
+
+/* The signature held: decode the payload into buf (room for plen bytes) and read its claims
+ * into out. 0, or an error with out released and zeroed. */
+static int jwt_payload_claims(const jwt_parts_t *p, uint8_t *buf, int64_t now,
+                              const jwt_policy_t *policy, jwt_claims_t *out) {
+    size_t n = 0;
+    int rc = CHAT_EINVAL;
+    if (b64url_decode(p->payload, p->plen, buf, &n) == 0 &&
+        (rc = read_claims(buf, n, now, policy, out)) == 0)
+        return 0;
+    jwt_claims_free(out);
+    memset(out, 0, sizeof(*out));
+    return rc;
+}
+
 int jwt_verify(const char *token, size_t len, const char *secret, int64_t now,
                jwt_claims_t *out) {
     if (!out) return CHAT_EINVAL;
     memset(out, 0, sizeof(*out));
     if (!token || !secret || !*secret || len == 0 || len > JWT_MAX_TOKEN) return CHAT_EINVAL;
 
-    const char *dot1 = memchr(token, '.', len);
-    if (!dot1) return CHAT_EINVAL;
-    const char *dot2 = memchr(dot1 + 1, '.', len - (size_t)(dot1 + 1 - token));
-    if (!dot2) return CHAT_EINVAL;
-    const char *sig = dot2 + 1;
-    size_t hlen = (size_t)(dot1 - token);
-    size_t plen = (size_t)(dot2 - dot1 - 1);
-    size_t slen = len - (size_t)(sig - token);
-    /* a third dot lands in the signature and fails its decoding */
-    if (hlen == 0 || plen == 0 || slen != JWT_MAC_B64_LEN) return CHAT_EINVAL;
+    jwt_parts_t p;
+    if (!jwt_split(token, len, &p) || p.slen != JWT_MAC_B64_LEN) return CHAT_EINVAL;
 
     uint8_t mac[JWT_MAC_LEN], given[JWT_MAC_LEN];
     size_t glen = 0;
-    if (b64url_decode(sig, slen, given, &glen) < 0 || glen != JWT_MAC_LEN) return CHAT_EINVAL;
-    if (hmac_sha256(secret, token, (size_t)(dot2 - token), mac) < 0) return CHAT_EINVAL;
+    if (b64url_decode(p.sig, p.slen, given, &glen) < 0 || glen != JWT_MAC_LEN)
+        return CHAT_EINVAL;
+    if (hmac_sha256(secret, token, p.signed_len, mac) < 0) return CHAT_EINVAL;
     if (CRYPTO_memcmp(mac, given, JWT_MAC_LEN) != 0) return CHAT_EINVAL;
 
     /* Signed by us from here on; still checked, since a secret may be shared with
      * other issuers that mint other algorithms or claims. */
-    int rc = CHAT_ENOMEM;
-    uint8_t *buf = malloc(hlen > plen ? hlen : plen);
-    if (!buf) goto fail;
+    uint8_t *buf = malloc(p.hlen > p.plen ? p.hlen : p.plen);
+    if (!buf) return CHAT_ENOMEM;
     size_t n = 0;
-    rc = CHAT_EINVAL;
-    if (b64url_decode(token, hlen, buf, &n) < 0) goto fail;
-    if ((rc = check_header(buf, n)) < 0) goto fail;
-    rc = CHAT_EINVAL;
-    if (b64url_decode(dot1 + 1, plen, buf, &n) < 0) goto fail;
-    if ((rc = read_claims(buf, n, now, NULL, out)) < 0) goto fail;
+    int rc = CHAT_EINVAL;
+    if (b64url_decode(token, p.hlen, buf, &n) == 0 && (rc = check_header(buf, n)) == 0)
+        rc = jwt_payload_claims(&p, buf, now, NULL, out);
     free(buf);
-    return 0;
-fail:
-    free(buf);
-    jwt_claims_free(out);
-    memset(out, 0, sizeof(*out));
     return rc;
 }
 
@@ -737,15 +758,8 @@ int jwt_verify_keys(const char *token, size_t len, const jwt_keyset_t *const *se
     if (!out) return CHAT_EINVAL;
     memset(out, 0, sizeof(*out));
     if (!token || len == 0 || len > JWT_MAX_TOKEN) return CHAT_EINVAL;
-    const char *dot1 = memchr(token, '.', len);
-    if (!dot1) return CHAT_EINVAL;
-    const char *dot2 = memchr(dot1 + 1, '.', len - (size_t)(dot1 + 1 - token));
-    if (!dot2) return CHAT_EINVAL;
-    const char *sig = dot2 + 1;
-    size_t hlen = (size_t)(dot1 - token);
-    size_t plen = (size_t)(dot2 - dot1 - 1);
-    size_t slen = len - (size_t)(sig - token);
-    if (hlen == 0 || plen == 0 || slen == 0) return CHAT_EINVAL;
+    jwt_parts_t p;
+    if (!jwt_split(token, len, &p) || p.slen == 0) return CHAT_EINVAL;
 
     /* One buffer for the decoded parts; none is longer than the token. The header is read
      * before the signature is checked (its alg and kid pick the key), so it is parsed as
@@ -756,8 +770,8 @@ int jwt_verify_keys(const char *token, size_t len, const jwt_keyset_t *const *se
     size_t n = 0;
     jwt_header_t h = {0};
     rc = CHAT_EINVAL;
-    if (b64url_decode(token, hlen, buf, &n) < 0 || parse_header(buf, n, &h) < 0) goto fail;
-    if (b64url_decode(sig, slen, buf, &n) < 0) goto fail;
+    if (b64url_decode(token, p.hlen, buf, &n) < 0 || parse_header(buf, n, &h) < 0) goto fail;
+    if (b64url_decode(p.sig, p.slen, buf, &n) < 0) goto fail;
 
     bool kid_known = false, ok = false;
     for (size_t si = 0; si < nsets && !ok; si++) {
@@ -769,22 +783,16 @@ int jwt_verify_keys(const char *token, size_t len, const jwt_keyset_t *const *se
             /* the key decides: a token claiming HS256 never meets an RSA or EC key */
             if ((int)k->alg != h.alg) continue;
             if (h.has_kid && k->kid && !same_kid) continue;
-            ok = key_verifies(k, token, (size_t)(dot2 - token), buf, n);
+            ok = key_verifies(k, token, p.signed_len, buf, n);
         }
     }
     if (!ok) {
         rc = h.has_kid && !kid_known ? CHAT_ENOTFOUND : CHAT_EINVAL;
         goto fail;
     }
-    rc = CHAT_EINVAL;
-    if (b64url_decode(dot1 + 1, plen, buf, &n) < 0) goto fail;
-    if ((rc = read_claims(buf, n, now, policy, out)) < 0) goto fail;
+    rc = jwt_payload_claims(&p, buf, now, policy, out);
+fail: /* out holds nothing before the claims are read */
     free(buf);
-    return 0;
-fail:
-    free(buf);
-    jwt_claims_free(out);
-    memset(out, 0, sizeof(*out));
     return rc;
 }
 
