@@ -1238,13 +1238,20 @@ static bool parse_i64(const redisReply *e, int64_t *v) {
     return true;
 }
 
-static void node_cb(redisAsyncContext *ac, void *reply, void *priv) {
-    list_req_t *q = priv;
+/* The bookkeeping of every answer to a node listing's commands: one fewer in flight on the
+ * connection and in the listing. Returns the reply (NULL: the connection went away). */
+static redisReply *list_reply(redisAsyncContext *ac, void *reply, list_req_t *q) {
     rconn_t *rc = ac->data;
-    redisReply *rep = reply;
     rc->inflight--;
     q->pending--;
-    if (rep) rc->replies++;
+    if (reply) rc->replies++;
+    return reply;
+}
+
+static void node_cb(redisAsyncContext *ac, void *reply, void *priv) {
+    list_req_t *q = priv;
+    redisReply *rep = list_reply(ac, reply, q);
+    rconn_t *rc = ac->data; /* for the commands this answer issues */
     bus_node_t *nd = &q->nodes[q->got++];
     int64_t conns, started, seen, draining, node_id;
     if (!rep) {
@@ -1282,11 +1289,7 @@ static void node_cb(redisAsyncContext *ac, void *reply, void *priv) {
 
 static void alive_cb(redisAsyncContext *ac, void *reply, void *priv) {
     list_req_t *q = priv;
-    rconn_t *rc = ac->data;
-    redisReply *rep = reply;
-    rc->inflight--;
-    q->pending--;
-    if (rep) rc->replies++;
+    redisReply *rep = list_reply(ac, reply, q);
     if (!rep) {
         q->failed = true;
     } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 * q->n) {
@@ -1332,11 +1335,8 @@ static void alive_ask(list_req_t *q, redisAsyncContext *ac) {
 
 static void ids_cb(redisAsyncContext *ac, void *reply, void *priv) {
     list_req_t *q = priv;
-    rconn_t *rc = ac->data;
-    redisReply *rep = reply;
-    rc->inflight--;
-    q->pending--;
-    if (rep) rc->replies++;
+    redisReply *rep = list_reply(ac, reply, q);
+    rconn_t *rc = ac->data; /* for the commands this answer issues */
     if (!rep || rep->type != REDIS_REPLY_ARRAY) {
         if (rep && rep->type == REDIS_REPLY_ERROR) log_reply_error(q->bus, "zrangebyscore", rep);
         q->failed = true;
