@@ -537,6 +537,14 @@ static void chat__replay_fail(session_t *ss, const char *detail) {
     chat_session_close(ss, WS_CLOSE_INTERNAL, "missed messages could not be read; resume");
 }
 
+/* A read of the backlog failed (the first pages or a reload of entries kept as ids). */
+static void chat__replay_read_failed(session_t *ss, const op_t *op, int status) {
+    ss->peer.srv->m.store_errors++;
+    log_error("replay_read_failed user=%s chat=%s error=%s", LOG_STR(ss->user), op->chat_id,
+              chat_strerror(status));
+    chat__replay_fail(ss, "the missed messages could not be read; resume again");
+}
+
 /* Send the backlog, then the held live events, while the queue stays under half the
  * outbound limit; the rest when it drains (chat__ws_drain). */
 static void chat__replay_pump(session_t *ss) {
@@ -627,10 +635,7 @@ static void chat__replay_load_done(store_req_t *req) {
     if (!ss->peer.conn || conn_is_closing(ss->peer.conn) || !ss->backlog) {
         /* gone, or closed meanwhile */
     } else if (req->status < 0) {
-        s->m.store_errors++;
-        log_error("replay_read_failed user=%s chat=%s error=%s", ss->user, op->chat_id,
-                  chat_strerror(req->status));
-        chat__replay_fail(ss, "the missed messages could not be read; resume again");
+        chat__replay_read_failed(ss, op, req->status);
     } else {
         size_t j = ss->backlog_next, budget = chat__backlog_budget(s);
         bool full = false;
@@ -701,10 +706,7 @@ static void chat__replay_page_done(store_req_t *req) {
     if (!ss->peer.conn || conn_is_closing(ss->peer.conn)) {
         /* gone: chat__ws_close freed the rest */
     } else if (req->status < 0) {
-        s->m.store_errors++;
-        log_error("replay_read_failed user=%s chat=%s error=%s", ss->user, op->chat_id,
-                  chat_strerror(req->status));
-        chat__replay_fail(ss, "the missed messages could not be read; resume again");
+        chat__replay_read_failed(ss, op, req->status);
     } else {
         uint64_t last = req->id;
         bool too_large = false, oom = false;

@@ -214,8 +214,10 @@ def test_failed_replay_read_is_told_and_closes_so_the_client_resumes(chatd, tmp_
     WAL read locks, as a long checkpoint or a stuck tool would): the client is told and the
     connection closes with 1011, so it resumes again, rather than going on live with a hole.
     Once the store reads again, the same resume gets everything. (SQLite whatever
-    CHAT_TEST_STORE says: the fault is its.)"""
+    CHAT_TEST_STORE says: the fault is its.) The log line names the user as a quoted value:
+    a user id cannot forge log fields."""
     server = chatd(store=f"sqlite:{tmp_path}/chat.db")
+    bob_id = 'bob x="y" user=admin'
     alice = server.client("general", "alice")
     acks = [alice.say(f"m{i}")["message_id"] for i in range(5)]
     shm = tmp_path / "chat.db-shm"
@@ -223,15 +225,17 @@ def test_failed_replay_read_is_told_and_closes_so_the_client_resumes(chatd, tmp_
     try:
         # WAL_READ_LOCK(0..4): bytes 123..127 of the shared-memory file
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 123, os.SEEK_SET)
-        bob = connect_since(server, "general", "bob", acks[0])
+        bob = connect_since(server, "general", bob_id, acks[0])
         ev = bob.recv(timeout=20)
         assert ev["event"] == "error" and ev["code"] == "store_unavailable", ev
         code, _ = bob.expect_close(timeout=10)
         assert code == 1011
+        failed = [ln for ln in server.log.splitlines() if "replay_read_failed" in ln]
+        assert failed and all(' user="bob x=\\"y\\" user=admin" ' in ln for ln in failed), failed
     finally:
         fcntl.lockf(fd, fcntl.LOCK_UN, 5, 123, os.SEEK_SET)
         os.close(fd)
-    again = connect_since(server, "general", "bob", acks[0])
+    again = connect_since(server, "general", bob_id, acks[0])
     assert [e["message_id"] for e in drain_events(again, 4)] == acks[1:]
     live = alice.say("live")
     assert again.recv()["message_id"] == live["message_id"]
