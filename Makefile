@@ -13,7 +13,7 @@ STORE   ?= sqlite:$(DATA_DIR)/chat.db
 WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wstrict-prototypes
 CFLAGS  ?= -O2 -g
 BASEFLAGS := -std=c11 -D_GNU_SOURCE -Isrc $(WARN) -pthread -MMD -MP
-LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lrdkafka -lcrypto -lz -lpthread -lm
+LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lrdkafka -lssl -lcrypto -lz -lpthread -lm
 
 LIB_SRC := $(sort $(wildcard src/core/*.c src/http/*.c src/ws/*.c src/chat/*.c src/cql/*.c \
                               src/store/*.c src/bus/*.c src/stream/*.c \
