@@ -12,6 +12,7 @@
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,7 +80,9 @@ static SSL_CTX *tls__build(const char *cert, const char *key, char *err, size_t 
         return NULL;
     }
     if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
-        tls__err(err, errlen, "cannot load the TLS key", key);
+        bool mismatch = ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH;
+        tls__err(err, errlen, mismatch ? "the TLS key does not match the certificate"
+                                       : "cannot load the TLS key", key);
         SSL_CTX_free(ctx);
         return NULL;
     }
