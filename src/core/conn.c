@@ -60,8 +60,9 @@ enum {
 #define CONN_LINGER_MS 2000
 #define CONN_TLS_RECORD 16384 /* the largest TLS record's plaintext */
 /* A memory BIO keeps the capacity of its largest burst; past this, once empty, it is
- * replaced by a fresh one so that an idle connection holds no big buffer. */
-#define CONN_TLS_BIO_KEEP 4096
+ * replaced by a fresh one, so that an idle connection does not keep the handshake's flight
+ * or a history page's worth of buffer. Small fan-out flushes stay below it: no churn. */
+#define CONN_TLS_BIO_KEEP 1024
 
 struct conn_tls {
     SSL *ssl;                  /* owns the two memory BIOs */

@@ -67,8 +67,9 @@ static SSL_CTX *tls__build(const char *cert, const char *key, char *err, size_t 
      * of a handshake at will); no compression (CRIME). */
     SSL_CTX_set_options(ctx, SSL_OP_CIPHER_SERVER_PREFERENCE | SSL_OP_NO_RENEGOTIATION |
                                  SSL_OP_NO_COMPRESSION);
-    /* An idle connection gives its 2 x ~17 KiB record buffers back: memory at many
-     * connections is the SSL object alone. */
+    /* An idle connection gives its 2 x ~17 KiB record buffers back. What stays is the SSL
+     * object (about 9 KiB from SSL_new in OpenSSL 3.0) and, after the handshake, its
+     * session and keys (about 7 KiB): bench/RESULTS.md, "TLS". */
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
     /* Resumption is by stateless tickets only: no server-side session cache, whose memory
      * would grow with every handshake. */
