@@ -880,6 +880,9 @@ void conn_server_stop_listening(conn_server_t *s) {
     if (!s->listening) return;
     s->listening = false;
     uv_close((uv_handle_t *)&s->listener, NULL);
+    /* TLS handshakes under way belong to no handler yet, so nothing above would close them
+     * and the loop would never end: they go now. */
+    while (s->handshaking) conn_abort(s->handshaking);
 }
 
 struct conn_server_closing {

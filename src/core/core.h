@@ -254,7 +254,7 @@ struct conn_server {
 /* Bind and listen. On success *srv->port is the bound port. The server struct is owned by
  * the caller and must outlive every connection. */
 int conn_server_init(conn_server_t *s, uv_loop_t *loop, const conn_server_opts_t *o);
-/* Stop accepting; existing connections stay open. */
+/* Stop accepting; existing connections stay open, but TLS handshakes under way are reset. */
 void conn_server_stop_listening(conn_server_t *s);
 /* Release the loop handles (after every connection closed); done (if not NULL) runs once
  * they are closed. */
