@@ -1112,6 +1112,20 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     *buf = uv_buf_init((char *)c->b->rbuf, RBUF_SIZE);
 }
 
+/* The peer closed (EOF, a socket error, or TLS close_notify) or the connection failed. */
+static void peer_gone(bconn_t *c, int err) {
+    bench_t *b = c->b;
+    if (c->state == C_CLOSING) {
+        if (b->phase == PH_TEARDOWN) b->teardown_clean++;
+        conn_close_now(c);
+        return;
+    }
+    if (b->phase != PH_TEARDOWN) count_key(&b->closes, "1006");
+    char k[48];
+    snprintf(k, sizeof k, "%s", err == UV_EOF ? "eof" : uv_err_name(err));
+    conn_fail(c, k);
+}
+
 static void deliver(bconn_t *c, uint8_t *p, size_t n) {
     if (c->state == C_UPGRADE) handshake_feed(c, p, n);
     else if (c->ws_ok && c->state != C_CLOSED) ws_feed(c, p, n);
@@ -1149,7 +1163,8 @@ static void tls_read(bconn_t *c, const uint8_t *p, size_t n) {
         if (SSL_read_ex(c->ssl, rbuf, RBUF_SIZE, &got) != 1) {
             int e = SSL_get_error(c->ssl, 0);
             if (e == SSL_ERROR_WANT_READ) break;
-            conn_fail(c, e == SSL_ERROR_ZERO_RETURN ? "tls_close_notify" : "tls_read");
+            if (e == SSL_ERROR_ZERO_RETURN) peer_gone(c, UV_EOF); /* close_notify: as EOF */
+            else conn_fail(c, "tls_read");
             return;
         }
         deliver(c, rbuf, got);
@@ -1162,15 +1177,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     bench_t *b = c->b;
     if (nread == 0) return;
     if (nread < 0) {
-        if (c->state == C_CLOSING) {
-            if (b->phase == PH_TEARDOWN) b->teardown_clean++;
-            conn_close_now(c);
-            return;
-        }
-        if (b->phase != PH_TEARDOWN) count_key(&b->closes, "1006");
-        char k[48];
-        snprintf(k, sizeof k, "%s", nread == UV_EOF ? "eof" : uv_err_name((int)nread));
-        conn_fail(c, k);
+        peer_gone(c, (int)nread);
         return;
     }
     b->rx_ns = now_ns();

@@ -327,3 +327,28 @@ def test_env_variables_configure_tls(chatd, pki):
     s = chatd(env={"CHAT_TLS_CERT": str(pki["a"][0]), "CHAT_TLS_KEY": str(pki["a"][1])})
     assert "tls=1" in s.log
     assert https_get(s.port, client_ctx(pki), "/healthz")[0] == 200
+
+
+def test_chat_bench_speaks_tls(tls_server, pki):
+    """The load generator over wss:// counts exactly, and checks the certificate it is shown."""
+    s = tls_server()
+    bench = str(CHATD.parent / "chat-bench")
+
+    def run(*args):
+        argv = [bench, "--host", "127.0.0.1", "--port", str(s.port), "--secret", s.secret,
+                "--json-only", "--tls", *[str(a) for a in args]]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    r = run("--ca", pki["ca"], "--connections", 10, "--chats", 2, "--publishers", 2,
+            "--rate", 20, "--duration", 1, "--warmup", 0.3)
+    assert r["tls"] is True and r["errors"]["total"] == 0, r["errors"]
+    assert r["connect"]["ok"] == 10
+    assert r["sent"] > 0 and r["delivered"] == r["expected_deliveries"] == 5 * r["sent"]
+    assert r["teardown"]["clean"] == 10
+    # a CA that did not sign the server's certificate: every handshake fails, counted
+    r = run("--ca", pki["dir"] / "other_ca.pem", "--connections", 3, "--chats", 1,
+            "--publishers", 1, "--duration", 0.2, "--warmup", 0)
+    assert r["connect"]["failed"] == 3
+    assert r["errors"]["by_kind"] == {"tls_handshake": 3}
