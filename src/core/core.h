@@ -293,8 +293,6 @@ bool conn_read_paused(const conn_t *c);
  * that writes, or the end of this turn). Arming again before it fired keeps the lower of
  * the two marks, so two parties waiting on one connection are both woken. */
 void conn_notify_drain(conn_t *c, size_t low_water);
-/* True on a TLS connection. */
-static inline bool conn_is_tls(const conn_t *c) { return c->tls != NULL; }
 /* Peer address as "ip:port" for logs. */
 void conn_peer(const conn_t *c, char *out, size_t n);
 
