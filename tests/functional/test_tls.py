@@ -167,15 +167,33 @@ def test_versions_alpn_and_server_cipher_order(tls_server, pki):
         assert c.cipher()[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
 
 
-def test_session_ticket_resumes(tls_server, pki):
+def test_session_ticket_resumes_across_a_reload(tls_server, pki):
     s = tls_server()
     ctx = client_ctx(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
     with handshake(s.port, ctx) as c:
         session = c.session
         assert session.has_ticket
-    raw = socket.create_connection(("127.0.0.1", s.port), timeout=5)
-    with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as c:
-        assert c.session_reused
+
+    def resumed():
+        raw = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as c:
+            return c.session_reused
+
+    assert resumed()
+    s.proc.p.send_signal(signal.SIGHUP)  # a new context; the ticket keys are carried over
+    assert s.proc.wait_output(re.compile(r"tls_reloaded"), 5), s.log
+    assert resumed()
+
+
+def test_a_connection_over_the_limit_gets_its_503_over_tls(tls_server, pki):
+    s = tls_server("--max-connections", "1")
+    ctx = client_ctx(pki)
+    first = handshake(s.port, ctx)
+    try:
+        status, body = https_get(s.port, ctx, "/healthz")
+        assert status == 503 and json.loads(body)["error"] == "too_many_connections"
+    finally:
+        first.close()
 
 
 def test_plain_http_to_the_tls_port_gets_a_clear_error(tls_server, pki):
