@@ -74,7 +74,8 @@ def tls_server(chatd, pki, tmp_path):
         cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
         shutil.copy(pki["a"][0], cert)
         shutil.copy(pki["a"][1], key)
-        s = chatd("--tls-cert", cert, "--tls-key", key, *args)
+        # TLS is below the store: SQLite always (also in the suite's run on Cassandra)
+        s = chatd("--tls-cert", cert, "--tls-key", key, *args, store=f"sqlite:{tmp_path}/c.db")
         s.cert, s.key = cert, key
         s.https = f"https://127.0.0.1:{s.port}"
         s.wss = lambda chat, user: f"wss://127.0.0.1:{s.port}/ws/chat/{chat}?token={s.token(user)}"
@@ -341,8 +342,9 @@ def test_bad_tls_configuration_exits_2(pki, tmp_path, args, message):
     assert message in p.output, p.output
 
 
-def test_env_variables_configure_tls(chatd, pki):
-    s = chatd(env={"CHAT_TLS_CERT": str(pki["a"][0]), "CHAT_TLS_KEY": str(pki["a"][1])})
+def test_env_variables_configure_tls(chatd, pki, tmp_path):
+    s = chatd(env={"CHAT_TLS_CERT": str(pki["a"][0]), "CHAT_TLS_KEY": str(pki["a"][1])},
+              store=f"sqlite:{tmp_path}/c.db")
     assert "tls=1" in s.log
     assert https_get(s.port, client_ctx(pki), "/healthz")[0] == 200
 
