@@ -1217,12 +1217,9 @@ static void on_connect(uv_connect_t *req, int status) {
     }
     SSL_set_bio(c->ssl, rb, wb);
     SSL_set_connect_state(c->ssl);
-    SSL_set_tlsext_host_name(c->ssl, b->o.host);
-    if (b->o.ca) {
-        /* the server's certificate must name the address we dialled */
-        X509_VERIFY_PARAM *vp = SSL_get0_param(c->ssl);
-        if (X509_VERIFY_PARAM_set1_ip_asc(vp, b->o.host) != 1) SSL_set1_host(c->ssl, b->o.host);
-    }
+    /* --host is an IPv4 address: no SNI (RFC 6066 has none for addresses); the server's
+     * certificate must name that address */
+    if (b->o.ca) X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), b->o.host);
     ERR_clear_error();
     SSL_do_handshake(c->ssl); /* the ClientHello, into the write BIO */
     mark_dirty(c);
