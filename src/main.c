@@ -168,7 +168,7 @@ static void on_hup(uv_signal_t *h, int signum) {
     (void)signum;
     char err[512];
     if (tls_ctx_reload(tls, err, sizeof err) < 0)
-        log_error("tls_reload_failed error=%s (the previous certificate stays in use)",
+        log_error("tls_reload_failed error=%s kept=previous",
                   LOG_STR(err));
     else
         log_info("tls_reloaded");
