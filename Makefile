@@ -216,6 +216,10 @@ soak: all
 stream-tests: all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/stream
 
+# the cost of sealing a flush with TLS, CPU only (bench/tls_compare runs it)
+$(B)/tls_seal: $(B)/obj/bench/tls_seal.o $(B)/libchat.a
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
 # store throughput and history latency, SQLite and Cassandra side by side (bench/RESULTS.md)
 $(B)/store_bench: $(B)/obj/bench/store_bench.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
