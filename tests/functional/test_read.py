@@ -51,6 +51,21 @@ def test_position_is_monotonic_and_acknowledged(server):
     assert position(server, "general", "bob")["message_id"] is None
 
 
+def test_concurrent_reads_from_two_tabs_end_at_the_newest(server):
+    tab1 = server.client("general", "alice")
+    tab2 = server.client("general", "alice")
+    bob = server.client("general", "bob")
+    ids = [bob.say(f"m{i}")["message_id"] for i in range(12)]
+    # both tabs race through the ids in opposite orders, without waiting for answers
+    for a, b in zip(ids, reversed(ids)):
+        tab1.send({"event": "read", "message_id": a})
+        tab2.send({"event": "read", "message_id": b})
+    for tab in (tab1, tab2):
+        tab.wait_for(lambda ev: ev.get("event") == "read" and ev["message_id"] == ids[-1])
+    # reads of older ids may still be landing: none of them can move it back
+    assert position(server, "general", "alice")["message_id"] == ids[-1]
+
+
 def test_other_tabs_of_the_same_user_follow_and_nobody_else_hears(server):
     tab1 = server.client("general", "alice")
     tab2 = server.client("general", "alice")
