@@ -199,7 +199,7 @@ static void test_migrate_and_open(void) {
     CHECK_INT(cql_sync("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", v,
                        1, &q),
               0);
-    CHECK_INT(q.count, 3);
+    CHECK_INT(q.count, 4);
     CHECK_INT(cql_sync("SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?",
                        v, 1, &q),
               0);
@@ -790,7 +790,7 @@ static void test_schema_file_matches_migrate(void) {
         CHECK_INT(cql_sync(q, NULL, 0, &r), 0);
         applied++;
     }
-    CHECK_INT(applied, 4);
+    CHECK_INT(applied, 5);
     const char *sel = "SELECT table_name, column_name, kind, position, clustering_order, type "
                       "FROM system_schema.columns WHERE keyspace_name = ?";
     qres_t a, b;
