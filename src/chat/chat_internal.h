@@ -354,7 +354,7 @@ int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
 int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd);
 /* A bus event for room r: if it is a read event, hand it to the connections of the user it
  * names (and no one else) and return true; false: not a read event, p is untouched. */
-bool chat_read_from_bus(chat_server_t *s, room_t *r, const uint8_t *p, size_t n);
+bool chat_read_from_bus(room_t *r, const uint8_t *p, size_t n);
 
 /* routes.c */
 extern const conn_handler_t chat_http_handler;

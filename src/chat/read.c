@@ -113,10 +113,9 @@ int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd) {
     return 0;
 }
 
-bool chat_read_from_bus(chat_server_t *s, room_t *r, const uint8_t *p, size_t n) {
+bool chat_read_from_bus(room_t *r, const uint8_t *p, size_t n) {
     static const char ev[] = "{\"event\":\"read\"";
     if (n < sizeof ev - 1 || memcmp(p, ev, sizeof ev - 1) != 0) return false;
-    (void)s;
     json_t *root = json_loadb((const char *)p, n, 0, NULL);
     json_t *u = json_object_get(root, "user_from"), *id = json_object_get(root, "message_id");
     uint64_t mid = 0;
