@@ -709,7 +709,10 @@ async function loadReadPos(c) {
     c.readAsked = laterId(c.readAsked, c.readPos);
     if (!c.readLoaded) c.lineAfter = c.readPos;
     c.readLoaded = true;
-  } catch { /* no line and no badge this time; reads still go out */ }
+  } catch {
+    // no line this time; reads still go out (the first acknowledgement brings the position)
+    if (cur === c) c.readLoaded = true;
+  }
 }
 
 // Messages from others after the read position, of those this page holds: with older
