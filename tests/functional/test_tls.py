@@ -21,7 +21,7 @@ import time
 import pytest
 import requests
 
-from conftest import CHATD, Proc
+from conftest import CHATD, REPO, Proc
 from helpers import Client
 
 
@@ -352,7 +352,7 @@ def test_env_variables_configure_tls(chatd, pki, tmp_path):
 def test_chat_bench_speaks_tls(tls_server, pki):
     """The load generator over wss:// counts exactly, and checks the certificate it is shown."""
     s = tls_server()
-    bench = str(CHATD.parent / "chat-bench")
+    bench = os.environ.get("CHAT_BENCH_BIN", str(REPO / "build" / "chat-bench"))
 
     def run(*args):
         argv = [bench, "--host", "127.0.0.1", "--port", str(s.port), "--secret", s.secret,
