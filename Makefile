@@ -1,4 +1,4 @@
-# Scalable-Chat. `make` builds build/chatd and build/chatctl; `make run` installs what
+# Scalable-Chat. `make` builds build/chatd, build/chatctl and build/chat-indexer; `make run` installs what
 # building and running need if it is missing, builds, and starts a chat on the embedded store;
 # `make test` installs what is missing, builds, and runs every test.
 
@@ -17,7 +17,7 @@ LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lrdkafka -lc
 
 LIB_SRC := $(sort $(wildcard src/core/*.c src/http/*.c src/ws/*.c src/chat/*.c src/cql/*.c \
                               src/store/*.c src/bus/*.c src/stream/*.c \
-                              src/search/*.c))
+                              src/search/*.c src/indexer/*.c))
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 
@@ -26,7 +26,7 @@ B := build
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/obj/%.o)
 UNITS := $(UNIT_SRC:tests/unit/%.c=$(B)/tests/%)
 
-all: $(B)/chatd $(B)/chatctl $(B)/chat-bench
+all: $(B)/chatd $(B)/chatctl $(B)/chat-indexer $(B)/chat-bench
 
 $(B)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -40,6 +40,10 @@ $(B)/chatd: $(B)/obj/src/main.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 $(B)/chatctl: $(B)/obj/src/chatctl.o $(B)/libchat.a
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
+# the Kafka -> OpenSearch/Elasticsearch sink (README, "Search at scale")
+$(B)/chat-indexer: $(B)/obj/src/chat_indexer.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 # the load generator (bench/README.md)

@@ -116,7 +116,7 @@ int search_query_parse(search_query_t *out, const char *q, size_t n, const char 
 /* FTS5's unicode61 tokenizer indexes letters and digits; an ASCII punctuation-only term is
  * no token at all. Non-ASCII bytes are counted as letters: most are, and a term that turns
  * out to have no token just matches nothing. */
-static bool has_token(const char *p, size_t n) {
+bool search__has_token(const char *p, size_t n) {
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)p[i];
         if (c >= 0x80 || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z'))
@@ -150,7 +150,7 @@ int search_fts_expr(sbuf_t *out, const search_query_t *q, const char *const *cha
                     size_t n_chats, const char *from, const char **why) {
     size_t pos = 0;
     for (size_t i = 0; i < q->n_terms; i++)
-        if (!q->terms[i].exclude && has_token(q->terms[i].text, q->terms[i].len)) pos++;
+        if (!q->terms[i].exclude && search__has_token(q->terms[i].text, q->terms[i].len)) pos++;
     if (pos == 0) {
         *why = "q needs a word or phrase with a letter or digit in it";
         return CHAT_EINVAL;
@@ -172,14 +172,14 @@ int search_fts_expr(sbuf_t *out, const search_query_t *q, const char *const *cha
     size_t k = 0;
     for (size_t i = 0; i < q->n_terms; i++) {
         const search_term_t *t = &q->terms[i];
-        if (t->exclude || !has_token(t->text, t->len)) continue;
+        if (t->exclude || !search__has_token(t->text, t->len)) continue;
         if (k++) sbuf_puts(out, " AND ");
         put_quoted(out, t->text, t->len);
     }
     sbuf_puts(out, ")");
     for (size_t i = 0; i < q->n_terms; i++) {
         const search_term_t *t = &q->terms[i];
-        if (!t->exclude || !has_token(t->text, t->len)) continue;
+        if (!t->exclude || !search__has_token(t->text, t->len)) continue;
         sbuf_puts(out, " NOT ");
         put_quoted(out, t->text, t->len);
     }
