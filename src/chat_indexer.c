@@ -25,15 +25,14 @@ static void usage(FILE *f) {
             "\n"
             "Every option can also be set in the environment (the flag wins).\n"
             "  --kafka BROKERS       CHAT_KAFKA            host:port[,host:port] (required)\n"
-            "  --search URL          CHAT_SEARCH           opensearch://host:port or "
-            "elasticsearch://host:port (required)\n"
+            "  --search URL          CHAT_SEARCH           opensearch://host:port[/ALIAS] or "
+            "elasticsearch://host:port[/ALIAS]: the engine, and the alias of the monthly "
+            "indices ALIAS-YYYY.MM (default chat-messages) (required)\n"
             "  --topic T             CHAT_KAFKA_TOPIC      topic to index (default chat.events)\n"
             "  --group G             CHAT_INDEXER_GROUP    consumer group; instances of one "
             "group share the partitions (default chat-indexer)\n"
             "  --dlq-topic T         CHAT_INDEXER_DLQ      where poison records go (default "
             "TOPIC.dlq)\n"
-            "  --index ALIAS         CHAT_SEARCH_INDEX     alias of the monthly indices "
-            "ALIAS-YYYY.MM (default chat-messages)\n"
             "  --replicas N          CHAT_INDEXER_REPLICAS replicas per index in the template "
             "(default 1; 0 on a single node)\n"
             "  --batch N             CHAT_INDEXER_BATCH    records per _bulk, at most "
@@ -69,14 +68,13 @@ int main(int argc, char **argv) {
     o.topic = env_or("CHAT_KAFKA_TOPIC", STREAM_DEFAULT_TOPIC);
     o.group = env_or("CHAT_INDEXER_GROUP", INDEXER_DEFAULT_GROUP);
     o.dlq_topic = env_or("CHAT_INDEXER_DLQ", NULL);
-    o.alias = env_or("CHAT_SEARCH_INDEX", SEARCH_OS_DEFAULT_ALIAS);
     o.metrics_host = env_or("CHAT_INDEXER_METRICS_HOST", "0.0.0.0");
     const char *replicas = env_or("CHAT_INDEXER_REPLICAS", "1");
     const char *batch = env_or("CHAT_INDEXER_BATCH", "1000");
     const char *linger = env_or("CHAT_INDEXER_LINGER_MS", "100");
     const char *mport = env_or("CHAT_INDEXER_METRICS_PORT", "9108");
     const char *level = env_or("CHAT_LOG_LEVEL", "info");
-    enum { O_KAFKA = 1, O_SEARCH, O_TOPIC, O_GROUP, O_DLQ, O_INDEX, O_REPL, O_BATCH, O_LINGER,
+    enum { O_KAFKA = 1, O_SEARCH, O_TOPIC, O_GROUP, O_DLQ, O_REPL, O_BATCH, O_LINGER,
            O_MPORT, O_MHOST, O_LEVEL, O_HELP };
     static const struct option opts[] = {
         {"kafka", required_argument, 0, O_KAFKA},
@@ -84,7 +82,6 @@ int main(int argc, char **argv) {
         {"topic", required_argument, 0, O_TOPIC},
         {"group", required_argument, 0, O_GROUP},
         {"dlq-topic", required_argument, 0, O_DLQ},
-        {"index", required_argument, 0, O_INDEX},
         {"replicas", required_argument, 0, O_REPL},
         {"batch", required_argument, 0, O_BATCH},
         {"linger-ms", required_argument, 0, O_LINGER},
@@ -102,7 +99,6 @@ int main(int argc, char **argv) {
         case O_TOPIC: o.topic = optarg; break;
         case O_GROUP: o.group = optarg; break;
         case O_DLQ: o.dlq_topic = optarg; break;
-        case O_INDEX: o.alias = optarg; break;
         case O_REPL: replicas = optarg; break;
         case O_BATCH: batch = optarg; break;
         case O_LINGER: linger = optarg; break;
@@ -123,15 +119,10 @@ int main(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
-    char base[300];
+    char base[300], alias[SEARCH_OS_ALIAS_MAX + 1];
     const char *why;
-    if (search_os_url(o.search_url, base, sizeof base, &why) < 0) {
+    if (search_os_url(o.search_url, base, sizeof base, alias, sizeof alias, &why) < 0) {
         fprintf(stderr, "chat-indexer: --search %s: %s\n", o.search_url, why);
-        return 2;
-    }
-    if (!search_os_alias_valid(o.alias)) {
-        fprintf(stderr, "chat-indexer: --index must be 1 to 64 of a-z 0-9 . _ - (not starting "
-                        "with - _ .), got '%s'\n", o.alias);
         return 2;
     }
     if (parse_int("--replicas", replicas, 0, 100, &o.replicas) ||

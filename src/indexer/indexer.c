@@ -52,7 +52,8 @@ typedef struct ix {
     const indexer_opts_t *o;
     volatile sig_atomic_t *stop;
     char base[300];
-    const char *alias, *topic;
+    char alias[SEARCH_OS_ALIAS_MAX + 1];
+    const char *topic;
     char dlq[256];
     rd_kafka_t *rk;  /* the consumer */
     rd_kafka_t *dlp; /* the dead-letter producer */
@@ -583,7 +584,6 @@ int indexer_run(const indexer_opts_t *o, volatile sig_atomic_t *stop) {
     ix->o = o;
     ix->stop = stop;
     ix->listen_fd = -1;
-    ix->alias = o->alias ? o->alias : SEARCH_OS_DEFAULT_ALIAS;
     ix->topic = o->topic ? o->topic : STREAM_DEFAULT_TOPIC;
     snprintf(ix->dlq, sizeof ix->dlq, "%s", o->dlq_topic ? o->dlq_topic : "");
     if (!ix->dlq[0]) snprintf(ix->dlq, sizeof ix->dlq, "%.200s.dlq", ix->topic);
@@ -593,12 +593,9 @@ int indexer_run(const indexer_opts_t *o, volatile sig_atomic_t *stop) {
     rec_t *recs = calloc((size_t)batch_max, sizeof *recs);
     const char *why = NULL;
     if (!recs) goto out;
-    if (search_os_url(o->search_url ? o->search_url : "", ix->base, sizeof ix->base, &why) < 0) {
-        log_error("bad_search_url url=%s reason=%s", LOG_STR(o->search_url), why);
-        goto out;
-    }
-    if (!search_os_alias_valid(ix->alias)) {
-        log_error("bad_index alias=%s reason=\"want 1 to 64 of a-z 0-9 . _ -\"", LOG_STR(ix->alias));
+    if (search_os_url(o->search_url ? o->search_url : "", ix->base, sizeof ix->base, ix->alias,
+                      sizeof ix->alias, &why) < 0) {
+        log_error("bad_search_url url=%s reason=%s", LOG_STR(o->search_url), LOG_STR(why));
         goto out;
     }
     if (!(ix->curl = curl_easy_init())) goto out;

@@ -22,11 +22,10 @@
 
 typedef struct indexer_opts {
     const char *brokers;      /* host:port[,host:port] */
-    const char *search_url;   /* opensearch://host:port or elasticsearch://host:port */
+    const char *search_url;   /* opensearch://host:port[/ALIAS], elasticsearch://... */
     const char *group;        /* consumer group; NULL: INDEXER_DEFAULT_GROUP */
     const char *topic;        /* NULL: chat.events (STREAM_DEFAULT_TOPIC) */
     const char *dlq_topic;    /* NULL: "<topic>.dlq" */
-    const char *alias;        /* NULL: SEARCH_OS_DEFAULT_ALIAS */
     const char *metrics_host; /* NULL: 0.0.0.0 */
     int metrics_port;         /* 0: a free one (logged) */
     int replicas;             /* the template's number_of_replicas */

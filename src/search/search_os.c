@@ -16,7 +16,8 @@
 
 #include "search_internal.h"
 
-int search_os_url(const char *url, char *base, size_t n, const char **why) {
+int search_os_url(const char *url, char *base, size_t n, char *alias, size_t alias_n,
+                  const char **why) {
     static const struct {
         const char *scheme, *http;
     } map[] = {{"opensearch://", "http://"}, {"elasticsearch://", "http://"},
@@ -26,8 +27,8 @@ int search_os_url(const char *url, char *base, size_t n, const char **why) {
         if (strncmp(url, map[i].scheme, sl) != 0) continue;
         const char *host = url + sl;
         size_t hl = strcspn(host, "/?#");
-        if (hl == 0 || host[hl] == '?' || host[hl] == '#' || (host[hl] == '/' && host[hl + 1])) {
-            *why = "the search URL must be scheme://host:port, nothing after the port";
+        if (hl == 0 || host[hl] == '?' || host[hl] == '#') {
+            *why = "the search URL must be scheme://host:port[/ALIAS]";
             return CHAT_EINVAL;
         }
         for (size_t k = 0; k < hl; k++) {
@@ -37,11 +38,18 @@ int search_os_url(const char *url, char *base, size_t n, const char **why) {
                 return CHAT_EINVAL;
             }
         }
+        const char *path = host[hl] == '/' && host[hl + 1] ? host + hl + 1 : NULL;
+        if (path && (strlen(path) >= alias_n || !search_os_alias_valid(path))) {
+            *why = "the search URL's /ALIAS must be 1 to 64 of a-z 0-9 . _ - (not starting "
+                   "with - _ .)";
+            return CHAT_EINVAL;
+        }
         if (hl + strlen(map[i].http) + 1 > n) {
             *why = "the search URL is too long";
             return CHAT_EINVAL;
         }
         snprintf(base, n, "%s%.*s", map[i].http, (int)hl, host);
+        snprintf(alias, alias_n, "%s", path ? path : SEARCH_OS_DEFAULT_ALIAS);
         return 0;
     }
     *why = "the search URL must start with opensearch:// or elasticsearch://";

@@ -26,10 +26,12 @@
 #define SEARCH_OS_DEFAULT_ALIAS "chat-messages"
 #define SEARCH_OS_ALIAS_MAX 64
 
-/* "opensearch://host:port" or "elasticsearch://host:port" (also with an http:// or
- * https:// scheme, for a TLS front end) into "http://host:port" (or the https one) in base
- * (at least 300 bytes). 0, or CHAT_EINVAL with a static reason in *why. */
-int search_os_url(const char *url, char *base, size_t n, const char **why);
+/* "opensearch://host:port[/ALIAS]" or "elasticsearch://host:port[/ALIAS]" (also with an
+ * http:// or https:// scheme, for a TLS front end) into "http://host:port" (or the https
+ * one) in base, and ALIAS (default SEARCH_OS_DEFAULT_ALIAS) in alias (at least
+ * SEARCH_OS_ALIAS_MAX + 1 bytes). 0, or CHAT_EINVAL with a static reason in *why. */
+int search_os_url(const char *url, char *base, size_t n, char *alias, size_t alias_n,
+                  const char **why);
 
 /* Whether alias is a usable index name prefix: 1..SEARCH_OS_ALIAS_MAX of [a-z0-9._-],
  * not starting with '-', '_' or '.'. */
@@ -53,9 +55,8 @@ int search_os_bulk_record(sbuf_t *out, const char *alias, const char *value, siz
 
 /* Append the _search body for req's query, chats, from, before and limit (limit + 1 hits,
  * to know whether there are more): words by match (all of them), phrases by match_phrase,
- * exclusions as must_not, deleted documents filtered out, newest first, highlights of the
- * text highlighted. Built from the parsed terms, never from q's text as
- * a query language. 0, or CHAT_EINVAL with *why (no word with a letter or digit). */
+ * exclusions as must_not, deleted documents filtered out, newest first, the whole text
+ * highlighted. Built from the parsed terms, never from q's text as a query language. 0, or CHAT_EINVAL with *why (no word with a letter or digit). */
 int search_os_query(sbuf_t *out, const search_req_t *req, const char **why);
 
 /* Fill req's outputs (hits, more, next_before, scanned) from a _search answer's body. 0,
