@@ -419,8 +419,8 @@ static void metrics_text(ix_t *ix, sbuf_t *sb) {
                 "chat_indexer_bulk_latency_seconds_count %" PRIu64 "\n",
                 (uint64_t)m->lat_count, (double)m->lat_sum_us / 1e6, (uint64_t)m->lat_count);
 
-    /* Lag per assigned partition: the high watermark less the group's committed offset,
-     * asked of the brokers now (so it grows while a batch is retried). */
+    /* Lag per assigned partition: the high watermark less the group's committed offset
+     * (asked of the group coordinator now, so it stays put while a batch is retried). */
     sbuf_puts(sb, "# HELP chat_indexer_consumer_lag Records of a partition not yet committed "
                   "(indexed) by the group.\n# TYPE chat_indexer_consumer_lag gauge\n");
     rd_kafka_topic_partition_list_t *a = NULL;
@@ -428,8 +428,12 @@ static void metrics_text(ix_t *ix, sbuf_t *sb) {
         rd_kafka_committed(ix->rk, a, 2000);
         for (int i = 0; i < a->cnt; i++) {
             rd_kafka_topic_partition_t *p = &a->elems[i];
-            int64_t lo = 0, hi = 0;
-            if (rd_kafka_query_watermark_offsets(ix->rk, p->topic, p->partition, &lo, &hi,
+            int64_t lo = -1, hi = -1;
+            /* the consumer's own view first (kept by its fetches, which go on while a batch
+             * is retried); the brokers only when it has none yet */
+            if ((rd_kafka_get_watermark_offsets(ix->rk, p->topic, p->partition, &lo, &hi) ||
+                 hi < 0) &&
+                rd_kafka_query_watermark_offsets(ix->rk, p->topic, p->partition, &lo, &hi,
                                                  2000))
                 continue;
             int64_t done = p->offset >= 0 ? p->offset : lo;
