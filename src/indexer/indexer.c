@@ -537,6 +537,10 @@ static int kafka_open(ix_t *ix) {
         conf_set(c, "enable.auto.offset.store", "false") ||
         conf_set(c, "auto.offset.reset", "earliest") ||
         conf_set(c, "max.poll.interval.ms", poll_iv) ||
+        /* a killed instance's partitions go to the others (or to its restart) after this,
+         * not after the client's default 45 s */
+        conf_set(c, "session.timeout.ms", "10000") ||
+        conf_set(c, "heartbeat.interval.ms", "1000") ||
         conf_set(c, "reconnect.backoff.max.ms", "1000") ||
         conf_set(c, "client.id", "chat-indexer")) {
         rd_kafka_conf_destroy(c);
