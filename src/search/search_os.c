@@ -235,23 +235,32 @@ out:
 #define MARK_CLOSE "\xee\x80\x81"
 
 /* The engine's highlighted fragment as HTML into hl: its marks become <em></em>. false when
- * it cannot be trusted (the text holds a mark of its own, or the fragment is not the whole
- * text): the caller highlights by itself. */
+ * it cannot be trusted (the text holds a mark of its own, the marks do not pair up, or the
+ * fragment is not the whole text): the caller highlights by itself. */
 static bool put_engine_highlight(sbuf_t *hl, const char *frag, size_t fn, const char *text) {
     if (strstr(text, "\xee\x80\x80") || strstr(text, "\xee\x80\x81")) return false;
     char *marked = malloc(fn + 1);
     if (!marked) return false;
     size_t w = 0;
+    bool open = false, balanced = true; /* <em> and </em> alternate, never nested */
     for (size_t i = 0; i < fn;) {
         if (i + 3 <= fn && memcmp(frag + i, MARK_OPEN, 3) == 0) {
+            balanced = balanced && !open;
+            open = true;
             marked[w++] = '\x01';
             i += 3;
         } else if (i + 3 <= fn && memcmp(frag + i, MARK_CLOSE, 3) == 0) {
+            balanced = balanced && open;
+            open = false;
             marked[w++] = '\x02';
             i += 3;
         } else {
             marked[w++] = frag[i++];
         }
+    }
+    if (!balanced || open) {
+        free(marked);
+        return false;
     }
     /* without its marks the fragment must be the text itself (number_of_fragments 0) */
     size_t tn = strlen(text), k = 0;

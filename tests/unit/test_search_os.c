@@ -212,6 +212,14 @@ static void test_answers_and_highlights(void) {
     CHECK_STR(r.hits[0].highlight, "x <em>cafe</em> y");
     search_req_cleanup(&r);
 
+    /* marks that do not pair up (found by fuzz_search_os) are not trusted either */
+    const char *unpaired = "{\"hits\":{\"hits\":[{\"_source\":{\"chat_id\":\"g\","
+                           "\"message_id\":3,\"user_from\":\"a\",\"text\":\"cafe\","
+                           "\"created_at\":1},\"highlight\":{\"text\":[\"\\ue001cafe\"]}}]}}";
+    CHECK_INT(search_os_parse_hits(&r, unpaired, strlen(unpaired)), 0);
+    CHECK_STR(r.hits[0].highlight, "<em>cafe</em>");
+    search_req_cleanup(&r);
+
     const char *bad[] = {"", "{}", "{\"hits\":{\"hits\":[{\"_source\":{}}]}}",
                          "{\"hits\":{\"hits\":[{\"_source\":{\"message_id\":1}}]}}"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
