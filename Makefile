@@ -107,7 +107,7 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 # ---- targets ----------------------------------------------------------------------------
 .PHONY: all run test deps deps-run unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
         bench-full cluster cluster-stop cluster-tests create-models test-suites \
-        functional-cassandra cassandra-tests components-tests soak stream-tests \
+        functional-cassandra cassandra-tests components-tests soak stream-tests search-tests \
         clean format
 
 # No secret configured: dev mode, which prints the secret and how to mint a token. The
@@ -192,7 +192,8 @@ test: deps
 	    rm -rf $(CASSANDRA_DIR); exit $$rc
 
 test-suites: unit unit-asan fuzz-replay functional-asan browser cluster-tests \
-             functional-cassandra cassandra-tests components-tests stream-tests functional
+             functional-cassandra cassandra-tests components-tests stream-tests search-tests \
+             functional
 
 # the functional suite again, each server on a fresh keyspace of the real Cassandra
 functional-cassandra: all
@@ -219,6 +220,12 @@ soak: all
 # stopped and started again by the outage tests; real chatd and chatctl (about a minute).
 stream-tests: all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/stream
+
+# The search pipeline end to end (tests/search/): chatd -> Kafka -> chat-indexer ->
+# OpenSearch -> chatd's search API, one real Kafka and one real OpenSearch for the suite,
+# stopped and started again by the outage tests (about two and a half minutes).
+search-tests: all
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/search
 
 # store throughput and history latency, SQLite and Cassandra side by side (bench/RESULTS.md)
 $(B)/store_bench: $(B)/obj/bench/store_bench.o $(B)/libchat.a
