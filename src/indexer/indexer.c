@@ -114,6 +114,10 @@ static long http_call(ix_t *ix, const char *method, const char *path, const char
     char ct[64];
     snprintf(ct, sizeof ct, "Content-Type: %s", ctype);
     h = curl_slist_append(h, ct);
+    /* no "Expect: 100-continue" for a large body: the engine need not answer it, and curl
+     * would wait a second for it on every bulk */
+    struct curl_slist *h2 = h ? curl_slist_append(h, "Expect:") : NULL;
+    if (h2) h = h2;
     curl_easy_setopt(c, CURLOPT_URL, url);
     curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method);
     curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);

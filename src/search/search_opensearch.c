@@ -92,6 +92,10 @@ static void os__finish(os_search_t *s, os_job_t *j, CURLcode cc) {
 static void os__start(os_search_t *s, os_job_t *j) {
     CURL *e = curl_easy_init();
     j->hdrs = curl_slist_append(NULL, "Content-Type: application/json");
+    /* no "Expect: 100-continue" (a body over 1 KiB): it would cost a round trip, or a
+     * second when the engine does not answer it */
+    struct curl_slist *h2 = j->hdrs ? curl_slist_append(j->hdrs, "Expect:") : NULL;
+    if (h2) j->hdrs = h2;
     if (!e || !j->hdrs) {
         if (e) curl_easy_cleanup(e);
         j->easy = NULL;
