@@ -82,13 +82,16 @@ void search_os_template(sbuf_t *out, const char *alias, int replicas) {
     char pattern[SEARCH_OS_ALIAS_MAX + 3];
     snprintf(pattern, sizeof pattern, "%s-*", alias);
     /* "standard" splits text by Unicode's word rules, language-neutral; asciifolding then
-     * makes "café" and "cafe" one term, lowercase "Köln" and "KOLN". */
+     * makes "café" and "cafe" one term, lowercase "Köln" and "KOLN". The index is kept
+     * sorted newest first, the order every search asks for, so a search stops after its
+     * page instead of sorting every match (words every message of a chat holds). */
     json_t *t = json_pack(
-        "{s:[s], s:i, s:{s:{s:{s:i, s:i, s:{s:{s:{s:s, s:s, s:[s, s]}}}}}, "
+        "{s:[s], s:i, s:{s:{s:{s:i, s:i, s:s, s:s, s:{s:{s:{s:s, s:s, s:[s, s]}}}}}, "
         "s:{s:s, s:{s:{s:s}, s:{s:s}, s:{s:s}, s:{s:s, s:s}, s:{s:s, s:b}, "
         "s:{s:s, s:s}, s:{s:s, s:s}, s:{s:s, s:s}, s:{s:s}}}, s:{s:{}}}}",
         "index_patterns", pattern, "priority", 100, "template", "settings", "index",
-        "number_of_shards", 1, "number_of_replicas", replicas, "analysis", "analyzer",
+        "number_of_shards", 1, "number_of_replicas", replicas, "sort.field", "message_id",
+        "sort.order", "desc", "analysis", "analyzer",
         "chat_folding", "type", "custom", "tokenizer", "standard", "filter", "lowercase",
         "asciifolding", "mappings", "dynamic", "strict", "properties", "chat_id", "type",
         "keyword", "message_id", "type", "long", "user_from", "type", "keyword", "text", "type",
