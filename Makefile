@@ -78,6 +78,9 @@ $(SB)/chatd: $(SB)/obj/src/main.o $(SB)/libchat.a
 $(SB)/chatctl: $(SB)/obj/src/chatctl.o $(SB)/libchat.a
 	$(CC) $(SAN) -pthread -o $@ $^ $(LDLIBS)
 
+$(SB)/chat-indexer: $(SB)/obj/src/chat_indexer.o $(SB)/libchat.a
+	$(CC) $(SAN) -pthread -o $@ $^ $(LDLIBS)
+
 # The functional suite against the sanitizer build of the server: every error, and any leak
 # at exit, fails the server's exit code and so the test. A small quarantine keeps RSS
 # meaningful for the memory checks.

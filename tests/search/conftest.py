@@ -9,6 +9,7 @@ alias of its own, so tests never see each other's documents.
 
 import importlib.util
 import json
+import os
 import re
 import signal
 import sys
@@ -39,7 +40,8 @@ chatd = functional.chatd
 pytest_runtest_makereport = functional.pytest_runtest_makereport
 CHATCTL = functional.CHATCTL
 clean_env = functional.clean_env
-INDEXER = REPO / "build" / "chat-indexer"
+# CHAT_INDEXER_BIN: another build to test (e.g. build/asan/chat-indexer)
+INDEXER = Path(os.environ.get("CHAT_INDEXER_BIN") or REPO / "build" / "chat-indexer").resolve()
 
 
 @pytest.fixture(scope="session")
