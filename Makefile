@@ -228,7 +228,7 @@ stream-tests: all
 
 # The search pipeline end to end (tests/search/): chatd -> Kafka -> chat-indexer ->
 # OpenSearch -> chatd's search API, one real Kafka and one real OpenSearch for the suite,
-# stopped and started again by the outage tests (about two and a half minutes).
+# stopped and started again by the outage tests (about a minute and a half).
 search-tests: all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/search
 

@@ -282,3 +282,26 @@ def test_an_independent_consumer_rebuilds_a_chat_as_the_history_says(pipeline):
         rebuilt.append(entry)
     rebuilt.sort(key=lambda e: int(e["message_id"]), reverse=True)
     assert rebuilt == server.all_history("room-r")
+
+
+def partitions_of(ix):
+    return {k.split('partition="')[1].split('"')[0] for k in ix.metrics()
+            if k.startswith("chat_indexer_consumer_lag{")}
+
+
+def test_two_indexers_share_the_partitions(pipeline):
+    """Two instances of one group: each gets its own half of the 12 partitions, together all
+    of them, and between them the index ends exact."""
+    server = pipeline.chatd()
+    a, b = pipeline.indexer(), pipeline.indexer()
+    wait_until(lambda: len(partitions_of(a)) + len(partitions_of(b)) == 12 and
+               partitions_of(a) and partitions_of(b), what="both instances assigned")
+    pa, pb = partitions_of(a), partitions_of(b)
+    assert not pa & pb and len(pa | pb) == 12
+    chats = [f"share-{i}" for i in range(30)]
+    for c in chats:
+        send_many(server.client(c, "alice"), [f"shared work in {c}"])
+    wait_until(lambda: index_matches_history(pipeline.engine, server, chats),
+               what="the index exact")
+    done = [ix.metric("chat_indexer_docs_indexed_total") for ix in (a, b)]
+    assert sum(done) == 30 and min(done) > 0, done
