@@ -263,7 +263,7 @@ void chat_room_leave(chat_server_t *s, session_t *ss) {
 }
 
 buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss) {
-    if (!ss->parser.deflate) return f->plain;
+    if (!ss->parser.zip) return f->plain;
     if (!f->tried) {
         f->tried = true;
         f->zipped = ws_zip_frame(s->zip, f->plain);

@@ -831,7 +831,6 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
     ws_parser_init(&ss->parser, &chat__ws_cb, ss);
     ss->parser.max_message = s->cfg.max_message_bytes;
     if (deflate && s->zip) {
-        ss->parser.deflate = true;
         ss->parser.zip = s->zip;
         s->m.ws_deflate++;
     }

@@ -75,7 +75,7 @@ static int check_b0(ws_parser_t *p, uint8_t b0) {
     bool fin = (b0 & 0x80) != 0;
     bool rsv1 = (b0 & 0x40) != 0;
     if (b0 & 0x30) return fail(p, WS_CLOSE_PROTOCOL, "reserved bits set");
-    if (rsv1 && !p->deflate) return fail(p, WS_CLOSE_PROTOCOL, "reserved bits set");
+    if (rsv1 && !p->zip) return fail(p, WS_CLOSE_PROTOCOL, "reserved bits set");
     if (rsv1 && op != WS_OP_TEXT && op != WS_OP_BINARY)
         return fail(p, WS_CLOSE_PROTOCOL, "RSV1 set on a frame other than a message's first");
     switch (op) {
@@ -160,7 +160,6 @@ static inline void start_payload(ws_parser_t *p, const uint8_t *h) {
 static int deliver_message(ws_parser_t *p, uint8_t op, bool zipped, uint8_t *data, size_t n,
                            bool text_checked) {
     if (zipped) {
-        if (!p->zip) return fail(p, WS_CLOSE_INTERNAL, "no inflater");
         size_t max = p->max_message ? p->max_message : WS_DEFAULT_MAX;
         int rc = ws_zip_inflate(p->zip, data, n, max, &data, &n);
         if (rc == CHAT_ETOOBIG) return fail(p, WS_CLOSE_TOO_BIG, "message too big (inflated)");

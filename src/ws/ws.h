@@ -115,10 +115,9 @@ struct ws_parser {
     size_t max_message;  /* largest reassembled message payload; 0 = 65536 */
     bool require_mask;   /* server side: client frames must be masked */
     bool expect_unmasked;/* client side: server frames must not be masked */
-    /* permessage-deflate was negotiated: RSV1 on a message's first frame marks it
-     * compressed, and zip (required then, borrowed) inflates it before on_message. Without
-     * it, RSV1 is a protocol error (1002), as on a continuation or control frame always. */
-    bool deflate;
+    /* Non-NULL: permessage-deflate was negotiated; RSV1 on a message's first frame marks it
+     * compressed, and zip (borrowed) inflates it before on_message. NULL: RSV1 is a
+     * protocol error (1002), as it is on a continuation or control frame always. */
     ws_zip_t *zip;
     const ws_parser_cb_t *cb;
     void *ud;

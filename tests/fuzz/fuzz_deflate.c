@@ -103,7 +103,6 @@ static int feed(const uint8_t *in, size_t n, size_t max, size_t chunk, uint64_t 
     ws_parser_init(&p, &CB, &r);
     p.max_message = max;
     p.require_mask = false; /* masked or not: more of the input reaches the payload paths */
-    p.deflate = true;
     p.zip = zip;
     uint8_t *copy = malloc(n ? n : 1);
     ASSERT(copy);

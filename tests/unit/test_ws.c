@@ -95,10 +95,7 @@ static int run(const uint8_t *in, size_t n, const size_t *cuts, size_t nc, cfg_t
         p.expect_unmasked = true;
     }
     if (c.max) p.max_message = c.max;
-    if (c.zip) {
-        p.deflate = true;
-        p.zip = c.zip;
-    }
+    p.zip = c.zip;
     r->p = &p;
     uint8_t *copy = malloc(n ? n : 1);
     memcpy(copy, in, n);
