@@ -56,9 +56,10 @@ int ws_accept_key(const char *key, size_t key_len, char out[29]);
 /* ---- permessage-deflate (RFC 7692) ---------------------------------------------------- */
 /* The LZ77 window of what we compress (server_max_window_bits) and what we ask of a client
  * that lets us choose (client_max_window_bits): 2 KiB. Every message is compressed alone
- * (no context takeover), and chat events are a few hundred bytes: on them a 2 KiB window
- * compresses within 1% of the 32 KiB maximum (bench/RESULTS.md), while the peer's inflater
- * keeps 2 KiB of window instead of 32. zlib cannot make a raw stream with 8 bits. */
+ * (no context takeover), and chat events are a few hundred bytes: on events up to a few KB
+ * a 2 KiB window compresses as well as the 32 KiB maximum (bench/RESULTS.md), while the
+ * peer's inflater keeps 2 KiB of window instead of 32. zlib cannot make a raw stream with
+ * 8 bits. */
 #define WS_DEFLATE_WINDOW_BITS 11
 /* Payloads shorter than this go out uncompressed even to a compressing peer: below it
  * deflate saves a dozen bytes at best (a pong or an error event grows). */
