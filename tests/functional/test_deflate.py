@@ -131,6 +131,25 @@ def test_compressed_message_fragmented_and_sent_raw(server):
     assert ev["message"] == LONG
 
 
+def test_resume_backlog_comes_compressed(server):
+    alice = server.client("general", "alice")
+    first = alice.say("before")["message_id"]
+    ids = [alice.say(f"{LONG}{i}")["message_id"] for i in range(3)]
+    path = f"/ws/chat/general?token={server.token('bob')}&since={first}"
+    z = server.raw("general", path=path, headers={"Sec-WebSocket-Extensions": OFFER})
+    assert z.deflate
+    got = []
+    while len(got) < 3:
+        f, ev = recv_event_frame(z, lambda e: e.get("event") == "message:message")
+        assert f.rsv == 4, "a replayed event over the threshold goes compressed"
+        got.append(ev["message_id"])
+    assert got == ids
+    # and live after the backlog
+    mid = alice.say(LONG)["message_id"]
+    f, ev = recv_event_frame(z, lambda e: e.get("message_id") == mid)
+    assert f.rsv == 4 and ev["message"] == LONG
+
+
 # ---- limits and bad frames ----------------------------------------------------------------
 
 
