@@ -116,14 +116,15 @@ struct ws_parser {
     size_t max_message;  /* largest reassembled message payload; 0 = 65536 */
     bool require_mask;   /* server side: client frames must be masked */
     bool expect_unmasked;/* client side: server frames must not be masked */
+    /* the close code to send after ws_parser_feed failed (1002, 1007, 1009); here, beside
+     * the flags, where it costs no padding (a session holds a parser: its size counts) */
+    uint16_t error_code;
     /* Non-NULL: permessage-deflate was negotiated; RSV1 on a message's first frame marks it
      * compressed, and zip (borrowed) inflates it before on_message. NULL: RSV1 is a
      * protocol error (1002), as it is on a continuation or control frame always. */
     ws_zip_t *zip;
     const ws_parser_cb_t *cb;
     void *ud;
-    /* the close code to send after ws_parser_feed failed (1002, 1007, 1009) */
-    uint16_t error_code;
     const char *error_reason; /* static string, for the close frame and logs */
     /* private state */
     uint8_t hdr[14];
@@ -132,7 +133,6 @@ struct ws_parser {
     uint8_t opcode;       /* of the frame being read */
     uint8_t msg_opcode;   /* TEXT/BINARY of the message in progress, 0 if none */
     bool fin, masked;
-    bool msg_zipped;      /* the message in progress is compressed */
     uint8_t mask[4];
     uint64_t payload_len; /* of the frame being read */
     uint64_t payload_got;
@@ -142,6 +142,7 @@ struct ws_parser {
     uint8_t ctl[125];     /* a control frame split across reads */
     uint8_t ctl_len;
     bool failed;
+    bool msg_zipped;      /* the message in progress is compressed */
 };
 
 /* Set defaults: max_message 65536, require_mask true. cb and ud must be set by the caller. */
