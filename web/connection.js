@@ -342,6 +342,14 @@ export class ChatConnection {
     if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(frame));
   }
 
+  // Send a frame that needs no retry if the socket is down (a read position: the next one
+  // after the reconnect says as much). true if it went out.
+  sendNow(frame) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  }
+
   // Send an unacknowledged message again now (the user asked to retry after a store error).
   resend(clientId) {
     const f = this.outbox.get(clientId);

@@ -460,7 +460,7 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
                               size_t len) {
     chat_server_t *s = ud;
     room_t *r = chat_room_find(s, chat_id);
-    if (!r) return;
+    if (!r || chat_read_from_bus(r, payload, len)) return;
     bool is_new;
     uint64_t id;
     if (!chat_event_peek(payload, len, &is_new, &id)) {

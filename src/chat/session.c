@@ -54,6 +54,8 @@ static void chat__flow(session_t *ss) {
     if (conn_queued(c) > target) conn_notify_drain(c, target);
 }
 
+void chat_session_flow(session_t *ss) { chat__flow(ss); }
+
 /* A text frame for this member alone: compressed if it negotiated that and it is worth it. */
 static buf_t *chat__frame(session_t *ss, const void *p, size_t n) {
     chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, p, n)};
@@ -373,7 +375,8 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
     proto_cmd_t cmd;
     int rc = proto_decode(data, len, (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) |
                                          (1u << PROTO_DELETE) | (1u << PROTO_PING) |
-                                         (1u << PROTO_TOKEN_REFRESH), &cmd);
+                                         (1u << PROTO_TOKEN_REFRESH) | (1u << PROTO_READ),
+                      &cmd);
     if (rc == CHAT_EINVAL) {
         chat_session_close(ss, WS_CLOSE_INVALID_DATA, "message is not a JSON object");
         return 1;
@@ -394,6 +397,14 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
     if (cmd.kind == PROTO_TOKEN_REFRESH) {
         chat__token_refresh(ss, &cmd);
         proto_cmd_free(&cmd);
+        return conn_is_closing(ss->peer.conn) ? 1 : 0;
+    }
+    if (cmd.kind == PROTO_READ) { /* read.c; not a send: --rate-limit does not count it */
+        if (chat_read_submit(s, ss, &cmd) < 0) {
+            chat__send_error(ss, "store_unavailable", "the read position could not be stored",
+                             NULL, cmd.message_id);
+            proto_cmd_free(&cmd);
+        }
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
     sbuf_t limited = {0};
