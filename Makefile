@@ -240,6 +240,10 @@ search-tests: all
 $(B)/store_bench: $(B)/obj/bench/store_bench.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
+# what permessage-deflate costs per event, alone (bench/RESULTS.md, "Compression")
+$(B)/zip_bench: $(B)/obj/bench/zip_bench.o $(B)/libchat.a
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
 # .clang-format holds the style; Debian 12 installs the binary as clang-format-14
 CLANG_FORMAT ?= $(shell command -v clang-format || command -v clang-format-14 || echo clang-format)
 format:

@@ -237,6 +237,8 @@ typedef struct opts {
     bool idle, json_only;
     bool tls, insecure; /* wss://; --insecure: no certificate check */
     const char *ca;     /* --ca FILE: verify the server against it */
+    bool deflate; /* offer permessage-deflate (we send plain, the server may compress) */
+    bool words;   /* pad the text with words rather than 'x' (compresses like prose) */
 } opts_t;
 
 enum { C_NEW, C_TCP, C_UPGRADE, C_JOIN, C_READY, C_CLOSING, C_CLOSED };
@@ -257,6 +259,7 @@ struct bconn {
     uint32_t idx, chat;
     uint8_t state;
     bool dirty, writing, publisher, finished, ws_ok;
+    bool deflate; /* the server accepted permessage-deflate */
     uint32_t inflight; /* publishes not yet acknowledged */
     uint32_t next_id;  /* Centrifugo command ids: 1 connect, 2 subscribe, 3.. publishes */
     uint64_t t_start;  /* connect start, for the connect latency */
@@ -322,6 +325,10 @@ struct bench {
     counters_t errors, closes;
     uint64_t teardown_clean, teardown_forced, teardown_aborted;
     sbuf_t scratch;
+    /* bytes read from the server (frames, after the upgrade head): all, in the window */
+    uint64_t rx_bytes, rx_bytes_window;
+    uint32_t deflate_conns; /* connections on which permessage-deflate was accepted */
+    ws_zip_t *zip;          /* --deflate: inflates what the server compressed */
     struct rusage ru_start, ru_connected, ru_meas0, ru_meas1, ru_end;
     proc_sample_t srv_start, srv_connected, srv_meas0, srv_meas1, srv_end;
     host_sample_t host_start, host_connected, host_meas0, host_meas1;
@@ -345,12 +352,36 @@ static uint32_t node_of(const bench_t *b, uint32_t idx) {
     return b->o.n_ports > 1 ? idx % b->o.n_ports : 0;
 }
 
-/* The text is "t=<send ns>;s=<sender>;n=<sender's node>;" padded with 'x' to --size bytes. */
+/* --words: common English words, drawn at random: text that compresses about as chat
+ * messages do (a run of 'x' compresses to nothing, which would flatter compression). */
+static const char *const WORDS[] = {
+    "the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on",
+    "are", "as", "with", "his", "they", "at", "be", "this", "have", "from", "or", "one",
+    "had", "by", "word", "but", "not", "what", "all", "were", "we", "when", "your", "can",
+    "said", "there", "use", "an", "each", "which", "she", "do", "how", "their", "if", "will",
+    "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her",
+    "would", "make", "like", "meeting", "tomorrow", "lunch", "deploy", "thanks", "sounds",
+    "good", "see", "later", "branch", "merged", "review", "please", "ok", "yes", "no"};
+
+/* The text is "t=<send ns>;s=<sender>;n=<sender's node>;" padded with 'x' (or --words) to
+ * --size bytes. */
 static void put_text(const bench_t *b, const bconn_t *c, uint64_t t_ns, sbuf_t *out,
                      size_t overhead) {
     size_t before = out->len;
     sbuf_printf(out, "t=%" PRIu64 ";s=%u;n=%u;", t_ns, c->idx, node_of(b, c->idx));
     size_t have = out->len - before + overhead;
+    if (b->o.words) {
+        uint64_t x = t_ns ^ ((uint64_t)c->idx << 32) ^ 0x9E3779B97F4A7C15ull;
+        while (have < b->o.size) {
+            x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+            const char *w = WORDS[x % (sizeof WORDS / sizeof *WORDS)];
+            size_t k = strlen(w) + 1, room = b->o.size - have;
+            sbuf_put(out, " ", 1);
+            sbuf_put(out, w, (k < room ? k : room) - 1);
+            have += k < room ? k : room;
+        }
+        return;
+    }
     char pad[64];
     memset(pad, 'x', sizeof pad);
     for (size_t want = b->o.size; have < want;) {
@@ -1028,6 +1059,10 @@ static void after_upgrade(bconn_t *c, uint8_t *rest, size_t n) {
     c->ws.require_mask = false;
     c->ws.expect_unmasked = true;
     c->ws.max_message = 64u << 20;
+    if (c->deflate) {
+        c->ws.zip = b->zip;
+        b->deflate_conns++;
+    }
     c->ws_ok = true;
     c->state = C_JOIN;
     b->scratch.len = 0;
@@ -1083,6 +1118,9 @@ static void handshake_feed(bconn_t *c, const uint8_t *p, size_t n) {
         const char *v;
         if (header_is(line, (size_t)(eol - line), "Sec-WebSocket-Accept", &v))
             accept_ok = (size_t)(eol - v) >= 28 && memcmp(v, want, 28) == 0;
+        else if (b->o.deflate &&
+                 header_is(line, (size_t)(eol - line), "Sec-WebSocket-Extensions", &v))
+            c->deflate = (size_t)(eol - v) >= 18 && memcmp(v, "permessage-deflate", 18) == 0;
         line = eol + 2;
     }
     if (!accept_ok) {
@@ -1181,6 +1219,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
         return;
     }
     b->rx_ns = now_ns();
+    if (c->state != C_UPGRADE) { /* bytes on the wire: TLS records when --tls */
+        b->rx_bytes += (uint64_t)nread;
+        if (b->phase == PH_MEASURE) b->rx_bytes_window += (uint64_t)nread;
+    }
     if (c->ssl) {
         tls_read(c, (const uint8_t *)buf->base, (size_t)nread);
         return;
@@ -1243,8 +1285,11 @@ static void send_upgrade(bconn_t *c) {
     b->proto->path(b, c, c->token, sb);
     sbuf_printf(sb,
                 " HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                b->o.host, b->o.ports[c->idx % b->o.n_ports], key);
+                "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
+                b->o.host, b->o.ports[c->idx % b->o.n_ports], key,
+                b->o.deflate ? "Sec-WebSocket-Extensions: permessage-deflate; "
+                               "client_max_window_bits\r\n"
+                             : "");
     if (sb->oom) {
         conn_fail(c, "client_oom");
         return;
@@ -1606,6 +1651,15 @@ static void report(bench_t *b) {
                   meas > 0 ? round_to(b->rx_acked / meas, 0.1) : 0.0, "deliveries",
                   (json_int_t)b->rx_delivered, "deliveries_per_s",
                   meas > 0 ? round_to(b->rx_delivered / meas, 0.1) : 0.0));
+    /* what the deliveries cost on the wire: every byte read in the window (frames of every
+     * kind, headers included) over the deliveries read in it */
+    json_object_set_new(
+        r, "wire",
+        json_pack("{s:b,s:i,s:I,s:I,s:f}", "deflate_offered", o->deflate, "deflate_connections",
+                  (int)b->deflate_conns, "rx_bytes", (json_int_t)b->rx_bytes, "rx_bytes_window",
+                  (json_int_t)b->rx_bytes_window, "rx_bytes_per_delivery",
+                  b->rx_delivered ? round_to((double)b->rx_bytes_window / b->rx_delivered, 0.1)
+                                  : 0.0));
     json_object_set_new(r, "latency_us", hist_json(&b->lat));
     if (o->n_ports > 1) { /* the same deliveries, by whether they crossed nodes */
         json_object_set_new(r, "latency_same_node_us", hist_json(&b->lat_same));
@@ -1900,6 +1954,10 @@ static void usage(FILE *f) {
         "  --connect-rate N       most new connections per second (unlimited)\n"
         "  --connect-inflight N   most connections being set up at once (512)\n"
         "  --connect-timeout S    give up on pending connects after S s without progress (30)\n"
+        "  --deflate              offer permessage-deflate (RFC 7692); messages are sent\n"
+        "                         plain, the server's compressed ones are inflated\n"
+        "  --words                pad the text with random words instead of 'x' (for\n"
+        "                         compression: a run of 'x' compresses to nothing)\n"
         "  --idle                 connect all, hold --hold seconds, report (no publishing)\n"
         "  --hold S               --idle: how long to hold (5)\n"
         "  --server-pid PID[,..]  sample the server's CPU and RSS from /proc per phase\n"
@@ -1930,7 +1988,8 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
     enum {
         O_HOST = 256, O_PORT, O_TARGET, O_SECRET, O_CONNS, O_CHATS, O_PUBS, O_RATE, O_WINDOW,
         O_SIZE, O_DURATION, O_WARMUP, O_DRAIN, O_SOURCES, O_CRATE, O_CINFL, O_CTIMEOUT, O_IDLE,
-        O_HOLD, O_PID, O_LABEL, O_JSON, O_SELF, O_HELP, O_TLS, O_CA, O_INSECURE
+        O_HOLD, O_PID, O_LABEL, O_JSON, O_SELF, O_HELP, O_TLS, O_CA, O_INSECURE, O_DEFLATE,
+        O_WORDS
     };
     static const struct option lo[] = {
         {"host", 1, 0, O_HOST}, {"port", 1, 0, O_PORT}, {"target", 1, 0, O_TARGET},
@@ -1942,7 +2001,8 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
         {"idle", 0, 0, O_IDLE}, {"hold", 1, 0, O_HOLD}, {"server-pid", 1, 0, O_PID},
         {"label", 1, 0, O_LABEL}, {"json-only", 0, 0, O_JSON}, {"self-test", 0, 0, O_SELF},
         {"help", 0, 0, O_HELP}, {"tls", 0, 0, O_TLS}, {"ca", 1, 0, O_CA},
-        {"insecure", 0, 0, O_INSECURE}, {0, 0, 0, 0}};
+        {"insecure", 0, 0, O_INSECURE}, {"deflate", 0, 0, O_DEFLATE}, {"words", 0, 0, O_WORDS},
+        {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
         char *e = NULL;
@@ -1971,6 +2031,8 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
         case O_CINFL: o->connect_inflight = (unsigned)strtoul(optarg, &e, 10); break;
         case O_CTIMEOUT: o->connect_timeout = strtod(optarg, &e); break;
         case O_IDLE: o->idle = true; break;
+        case O_DEFLATE: o->deflate = true; break;
+        case O_WORDS: o->words = true; break;
         case O_HOLD: o->hold = strtod(optarg, &e); break;
         case O_PID:
             if (int_list_parse(optarg, o->server_pids, &o->n_pids) < 0) goto bad;
@@ -2148,6 +2210,10 @@ int main(int argc, char **argv) {
     }
     b->t_meas_start = UINT64_MAX;
     b->t_meas_end = UINT64_MAX;
+    if (o->deflate && !(b->zip = ws_zip_new())) {
+        fprintf(stderr, "chat-bench: out of memory\n");
+        goto out;
+    }
 
     b->loop = uv_default_loop();
     uv_prepare_init(b->loop, &b->flusher);
@@ -2188,6 +2254,7 @@ out:
     if (b->conns)
         for (uint32_t i = 0; i < o->connections; i++) free(b->conns[i].ring);
     free(b->conns);
+    ws_zip_free(b->zip);
     free(b->members);
     free(b->rbuf);
     SSL_CTX_free(b->tls);

@@ -84,6 +84,8 @@ static void usage(FILE *f) {
             "or 429 (default 0: no limit)\n"
             "  --rate-burst N           CHAT_RATE_BURST          sends a user may make at once "
             "before --rate-limit applies (default 0: twice the rate, at least 1)\n"
+            "  --compression on|off     CHAT_COMPRESSION         permessage-deflate with clients "
+            "that offer it (browsers do): events compressed once per chat (default on)\n"
             "  --log-level LEVEL        CHAT_LOG_LEVEL           debug, info, warn or error "
             "(default info)\n"
             "  --help                                            this text\n");
@@ -237,11 +239,13 @@ int main(int argc, char **argv) {
     const char *outbox_max = env_or("CHAT_OUTBOX_MAX_ROWS", "1000000");
     const char *rate_limit = env_or("CHAT_RATE_LIMIT", "0");
     const char *rate_burst = env_or("CHAT_RATE_BURST", "0");
+    const char *compression = env_or("CHAT_COMPRESSION", "on");
 
     enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
            O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_PUBKEY, O_JWKS, O_JWKS_REFRESH,
            O_JWKS_MIN, O_ISSUER, O_AUDIENCE, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP,
-           O_KAFKA, O_KTOPIC, O_OBMAX, O_SEARCH, O_RATE, O_BURST, O_TLSCERT, O_TLSKEY };
+           O_KAFKA, O_KTOPIC, O_OBMAX, O_SEARCH, O_RATE, O_BURST, O_TLSCERT, O_TLSKEY,
+           O_COMPRESS };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
@@ -275,6 +279,7 @@ int main(int argc, char **argv) {
         {"outbox-max-rows", required_argument, 0, O_OBMAX},
         {"rate-limit", required_argument, 0, O_RATE},
         {"rate-burst", required_argument, 0, O_BURST},
+        {"compression", required_argument, 0, O_COMPRESS},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -313,6 +318,7 @@ int main(int argc, char **argv) {
         case O_OBMAX: outbox_max = optarg; break;
         case O_RATE: rate_limit = optarg; break;
         case O_BURST: rate_burst = optarg; break;
+        case O_COMPRESS: compression = optarg; break;
         case 'h':
         case O_HELP: usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -330,6 +336,12 @@ int main(int argc, char **argv) {
         return 2;
     }
     cfg.port = (int)p;
+    if (strcmp(compression, "on") == 0) {
+        cfg.compression = true;
+    } else if (strcmp(compression, "off") != 0) {
+        fprintf(stderr, "chatd: compression must be on or off, got '%s'\n", compression);
+        return 2;
+    }
     if (parse_size("max-message-bytes", max_msg, &cfg.max_message_bytes) < 0 ||
         parse_size("max-outbound-bytes", max_out, &cfg.max_outbound_bytes) < 0 ||
         parse_size("max-body-bytes", max_body, &cfg.max_body_bytes) < 0)

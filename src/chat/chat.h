@@ -174,6 +174,9 @@ typedef struct chat_config {
      * together; 0: no limit. rate_burst: sends in a burst, 0: twice rate_limit (at least 1) */
     double rate_limit;
     double rate_burst;
+    /* permessage-deflate (RFC 7692) with clients that offer it; false: every offer is
+     * declined (chatd's default is on, main.c) */
+    bool compression;
     int log_level;
 } chat_config_t;
 

@@ -214,6 +214,9 @@ typedef struct chat_metrics {
     uint64_t closes[CLOSE_CODE_SLOTS + 1];
     uint64_t ws_opened;
     uint64_t rate_limited; /* sends refused by --rate-limit */
+    uint64_t ws_deflate;     /* connections that negotiated permessage-deflate */
+    uint64_t deflate_frames; /* compressed encodings made (one per event at most) */
+    uint64_t deflate_out;    /* compressed frames queued */
 } chat_metrics_t;
 
 typedef struct static_file {
@@ -244,6 +247,7 @@ struct chat_server {
     size_t n_files;
     chat_metrics_t m;
     struct rate_table *rate; /* --rate-limit's buckets (ratelimit.c); NULL until first used */
+    ws_zip_t *zip;           /* --compression: the loop's one compressor and inflater */
     uint64_t room_gen;
     /* the cluster (cluster.c) */
     bool bus_up;
@@ -291,6 +295,19 @@ void chat_room_leave(chat_server_t *s, session_t *ss);
 /* Queue frame (the event of message id; is_new for message:message) to every member;
  * members still replaying hold it; slow consumers are cut off. Returns deliveries. */
 size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id);
+/* The same, already admitted by the room's filter (a catch-up, held events released). */
+size_t chat_room_deliver(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id);
+
+/* The encodings of one event: the plain frame (borrowed) and, made on the first member
+ * that negotiated permessage-deflate, its compressed form (owned: buf_unref(zipped) when
+ * the event is done). Two at most, whatever the number of members. */
+typedef struct chat_frames {
+    buf_t *plain;
+    buf_t *zipped; /* NULL until made, or when not worth it (ws_zip_frame) */
+    bool tried;
+} chat_frames_t;
+/* The frame for member ss (borrowed from f). */
+buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss);
 /* Read the event name and message id from an encoded event (ours: "event" comes first). */
 bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
 const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n);
@@ -323,9 +340,10 @@ extern const conn_handler_t chat_ws_handler;
  * n_since > 0: first replay what the cursors since[] say was missed, then go live.
  * One cursor: every message after it. Several (one per origin node, the newest id seen
  * from each): per origin node, every message after its cursor; origins not named, every
- * message from shortly before the oldest cursor. */
+ * message from shortly before the oldest cursor. deflate: permessage-deflate was negotiated
+ * (the 101 said so). */
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
-                        int64_t token_exp, const uint64_t *since, size_t n_since,
+                        int64_t token_exp, const uint64_t *since, size_t n_since, bool deflate,
                         const uint8_t *rest, size_t rest_len);
 /* The close code of a connection whose token's exp passed without a token:refresh. */
 #define CHAT_CLOSE_TOKEN_EXPIRED 4001
@@ -337,8 +355,9 @@ void chat_session_subscribed(session_t *ss);
 /* Fold the replayed ids into the cursors once they can no longer come live out of order
  * (called by the sweep). */
 void chat_session_expire_replayed(session_t *ss, uint64_t now);
-/* Queue a live event to one member (or hold it while the member replays). */
-int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id);
+/* Queue a live event to one member (or hold it while the member replays), in the encoding
+ * it negotiated (chat_frames_pick). */
+int chat_session_deliver(session_t *ss, chat_frames_t *f, bool is_new, uint64_t id);
 /* Send a close frame with code and reason, then close gracefully. */
 void chat_session_close(session_t *ss, uint16_t code, const char *reason);
 /* The flow control of a fast sender, after one of its commands was answered. */

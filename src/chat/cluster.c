@@ -170,8 +170,7 @@ static void cluster__catchup_done(store_req_t *req) {
             buf_t *frame = ev.oom ? NULL : ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
             sbuf_free(&ev);
             if (!frame) continue;
-            for (session_t *ss = r->members; ss; ss = ss->rnext)
-                if (chat_session_deliver(ss, frame, is_new, m->id) == 0) s->m.messages_out++;
+            chat_room_deliver(s, r, frame, is_new, m->id);
             buf_unref(frame);
         }
         /* Held events were dropped (room_held_overflow): read on, past the page cap,
@@ -203,9 +202,7 @@ static void cluster__catchup_done(store_req_t *req) {
     r->held_bytes = 0;
     while (h) {
         held_event_t *next = h->next;
-        if (chat_room_admit(r, h->is_new, h->id))
-            for (session_t *ss = r->members; ss; ss = ss->rnext)
-            if (chat_session_deliver(ss, h->frame, h->is_new, h->id) == 0) s->m.messages_out++;
+        if (chat_room_admit(r, h->is_new, h->id)) chat_room_deliver(s, r, h->frame, h->is_new, h->id);
         buf_unref(h->frame);
         free(h);
         h = next;

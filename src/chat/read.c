@@ -21,18 +21,21 @@
 
 /* Queue frame to the connections of user in room r; returns how many took it. */
 static size_t read__deliver(room_t *r, const char *user, buf_t *frame, uint64_t id) {
+    chat_frames_t f = {.plain = frame};
     size_t n = 0;
     for (session_t *m = r->members; m; m = m->rnext)
-        if (strcmp(m->user, user) == 0 && chat_session_deliver(m, frame, false, id) == 0) n++;
+        if (strcmp(m->user, user) == 0 && chat_session_deliver(m, &f, false, id) == 0) n++;
+    buf_unref(f.zipped);
     return n;
 }
 
 static void read__send(session_t *ss, const sbuf_t *sb) {
     conn_t *c = ss->peer.conn;
     if (sb->oom || !c || conn_is_closing(c)) return;
-    buf_t *f = ws_frame_new(WS_OP_TEXT, sb->p, sb->len);
-    if (f) chat_session_deliver(ss, f, false, 0);
-    buf_unref(f);
+    chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, sb->p, sb->len)};
+    if (f.plain) chat_session_deliver(ss, &f, false, 0);
+    buf_unref(f.plain);
+    buf_unref(f.zipped);
 }
 
 static void read__error(session_t *ss, const char *code, const char *detail, uint64_t id) {

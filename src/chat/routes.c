@@ -232,11 +232,20 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
         http__error(hp, st, st == 401 ? "unauthorized" : "forbidden", why, ka);
         return;
     }
-    char head[160];
+    /* permessage-deflate: the first acceptable offer, across every Extensions header */
+    char ext[WS_DEFLATE_RESPONSE_MAX];
+    bool deflate = false;
+    for (size_t i = 0; s->cfg.compression && !deflate && i < req->n_headers; i++) {
+        const http_header_t *h = &req->headers[i];
+        if (h->name_len == 24 && strncasecmp(h->name, "Sec-WebSocket-Extensions", 24) == 0)
+            deflate = ws_deflate_negotiate(h->value, h->value_len, ext);
+    }
+    char head[160 + WS_DEFLATE_RESPONSE_MAX];
     int n = snprintf(head, sizeof head,
                      "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n",
-                     accept);
+                     "Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n%s%s%s\r\n",
+                     accept, deflate ? "Sec-WebSocket-Extensions: " : "", deflate ? ext : "",
+                     deflate ? "\r\n" : "");
     conn_t *c = hp->peer.conn;
     s->m.http_requests++;
     conn_send_copy(c, head, (size_t)n);
@@ -245,8 +254,8 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
     /* The connection changes hands: the HTTP peer lets go of it (it stays allocated, and
      * rest valid, until http__drive's reference is dropped). */
     chat_peer_unlink(&hp->peer);
-    chat_session_start(s, c, chat_id, cl.sub, cl.exp, since, n_since, (const uint8_t *)rest,
-                       rest_len);
+    chat_session_start(s, c, chat_id, cl.sub, cl.exp, since, n_since, deflate,
+                       (const uint8_t *)rest, rest_len);
     char peer[80];
     conn_peer(c, peer, sizeof peer);
     log_debug("ws_open peer=%s user=%s chat=%s", peer, LOG_STR(cl.sub), chat_id);

@@ -126,6 +126,17 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
     sbuf_puts(sb, "# HELP chat_websocket_opened_total WebSocket connections accepted.\n"
                   "# TYPE chat_websocket_opened_total counter\n");
     sbuf_printf(sb, "chat_websocket_opened_total %" PRIu64 "\n", s->m.ws_opened);
+    sbuf_puts(sb, "# HELP chat_websocket_deflate_total WebSocket connections accepted with "
+                  "permessage-deflate.\n"
+                  "# TYPE chat_websocket_deflate_total counter\n");
+    sbuf_printf(sb, "chat_websocket_deflate_total %" PRIu64 "\n", s->m.ws_deflate);
+    sbuf_puts(sb, "# HELP chat_deflate_frames_total Frames compressed (one per event, whatever "
+                  "the number of compressing members it went to).\n"
+                  "# TYPE chat_deflate_frames_total counter\n");
+    sbuf_printf(sb, "chat_deflate_frames_total %" PRIu64 "\n", s->m.deflate_frames);
+    sbuf_puts(sb, "# HELP chat_deflate_deliveries_total Compressed frames queued to members.\n"
+                  "# TYPE chat_deflate_deliveries_total counter\n");
+    sbuf_printf(sb, "chat_deflate_deliveries_total %" PRIu64 "\n", s->m.deflate_out);
     sbuf_puts(sb, "# HELP chat_messages_in_total Chat events received from clients.\n"
                   "# TYPE chat_messages_in_total counter\n");
     sbuf_printf(sb, "chat_messages_in_total %" PRIu64 "\n", s->m.messages_in);
@@ -251,6 +262,18 @@ void chat_room_leave(chat_server_t *s, session_t *ss) {
     free(r);
 }
 
+buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss) {
+    if (!ss->parser.zip) return f->plain;
+    if (!f->tried) {
+        f->tried = true;
+        f->zipped = ws_zip_frame(s->zip, f->plain);
+        if (f->zipped) s->m.deflate_frames++;
+    }
+    if (!f->zipped) return f->plain;
+    s->m.deflate_out++;
+    return f->zipped;
+}
+
 size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
     if (r->catching_up) {
         /* not admitted yet: the backlog goes first, then these through the filter */
@@ -276,9 +299,15 @@ size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_ne
         return 0;
     }
     if (!chat_room_admit(r, is_new, id)) return 0;
+    return chat_room_deliver(s, r, frame, is_new, id);
+}
+
+size_t chat_room_deliver(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
+    chat_frames_t f = {.plain = frame};
     size_t n = 0;
     for (session_t *m = r->members; m; m = m->rnext)
-        if (chat_session_deliver(m, frame, is_new, id) == 0) n++;
+        if (chat_session_deliver(m, &f, is_new, id) == 0) n++;
+    buf_unref(f.zipped);
     s->m.messages_out += n;
     return n;
 }
@@ -512,6 +541,11 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
         if ((rc = stream_open(&s->stream, loop, s->store, &so, err, errlen)) < 0) goto fail_bus;
     }
     if (cfg->web_root) chat__load_dir(s, cfg->web_root, "", 0);
+    if (cfg->compression && !(s->zip = ws_zip_new())) {
+        snprintf(err, errlen, "out of memory for the compressor");
+        rc = CHAT_ENOMEM;
+        goto fail_listen;
+    }
 
     conn_server_opts_t o = {
         .host = cfg->host,
@@ -552,6 +586,8 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
 
 fail_listen:
     chat__free_files(s);
+    ws_zip_free(s->zip);
+    s->zip = NULL;
     stream_close(s->stream);
     /* nothing was submitted: no search is in flight */
     search_close(s->search);
@@ -617,6 +653,7 @@ static void chat__stop_step(void *arg) {
         chat__free_files(s);
         free(s->rooms);
         rate_table_free(s->rate);
+        ws_zip_free(s->zip);
         free(s);
         if (done) done(darg);
         return;

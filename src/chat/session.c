@@ -56,9 +56,19 @@ static void chat__flow(session_t *ss) {
 
 void chat_session_flow(session_t *ss) { chat__flow(ss); }
 
+/* A text frame for this member alone: compressed if it negotiated that and it is worth it. */
+static buf_t *chat__frame(session_t *ss, const void *p, size_t n) {
+    chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, p, n)};
+    if (!f.plain) return NULL;
+    buf_t *b = buf_ref(chat_frames_pick(ss->peer.srv, &f, ss));
+    buf_unref(f.plain);
+    buf_unref(f.zipped);
+    return b;
+}
+
 static void chat__send_json(session_t *ss, const sbuf_t *sb) {
     if (sb->oom) return;
-    buf_t *f = ws_frame_new(WS_OP_TEXT, sb->p, sb->len);
+    buf_t *f = chat__frame(ss, sb->p, sb->len);
     if (!f) return;
     chat__send(ss, f);
     buf_unref(f);
@@ -119,10 +129,11 @@ void chat_session_expire_replayed(session_t *ss, uint64_t now) {
     }
 }
 
-int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id) {
+int chat_session_deliver(session_t *ss, chat_frames_t *f, bool is_new, uint64_t id) {
     conn_t *c = ss->peer.conn;
     if (!c || conn_is_closing(c)) return CHAT_ECLOSED;
     if (is_new && chat__client_has(ss, id)) return CHAT_EINVAL;
+    buf_t *frame = chat_frames_pick(ss->peer.srv, f, ss);
     if (is_new) ss->recent_new[ss->n_new++ & 15] = id;
     if (!ss->replaying) return chat__send(ss, frame);
     /* Replaying: keep the live event until the backlog has gone out, bounded like the
@@ -206,8 +217,11 @@ static void chat__op_done(store_req_t *req) {
                 uint32_t from = ss->n_new - op->new_mark > 16 ? ss->n_new - 16 : op->new_mark;
                 for (uint32_t i = from; i != ss->n_new && !carried; i++)
                     carried = ss->recent_new[i & 15] == req->msg.id;
-                if (!carried && !(r && r->catching_up))
-                    chat_session_deliver(ss, frame, true, req->msg.id);
+                if (!carried && !(r && r->catching_up)) {
+                    chat_frames_t f = {.plain = frame};
+                    chat_session_deliver(ss, &f, true, req->msg.id);
+                    buf_unref(f.zipped);
+                }
             }
             buf_unref(frame);
         }
@@ -590,7 +604,7 @@ static void chat__replay_pump(session_t *ss) {
             ss->backlog_bytes -= chat__msg_cost(m);
             sbuf_t ev = {0};
             proto_put_msg(&ev, m->deleted_at ? "message:delete" : "message:message", m);
-            f = ev.oom ? NULL : ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
+            f = ev.oom ? NULL : chat__frame(ss, ev.p, ev.len);
             sbuf_free(&ev);
             if (ss->replayed) ss->replayed[ss->n_replayed++] = m->id;
             store_msg_clear(m);
@@ -817,7 +831,7 @@ void chat_session_subscribed(session_t *ss) {
 }
 
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
-                        int64_t token_exp, const uint64_t *since, size_t n_since,
+                        int64_t token_exp, const uint64_t *since, size_t n_since, bool deflate,
                         const uint8_t *rest, size_t rest_len) {
     session_t *ss = calloc(1, sizeof(*ss));
     if (!ss) {
@@ -827,6 +841,10 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
     chat_peer_link(s, &ss->peer, PEER_WS, c);
     ws_parser_init(&ss->parser, &chat__ws_cb, ss);
     ss->parser.max_message = s->cfg.max_message_bytes;
+    if (deflate && s->zip) {
+        ss->parser.zip = s->zip;
+        s->m.ws_deflate++;
+    }
     snprintf(ss->user, sizeof ss->user, "%s", user);
     ss->token_exp = chat__exp32(token_exp);
     conn_set_handler(c, &chat_ws_handler, ss);

@@ -10,6 +10,11 @@
  *
  * Callbacks may close the connection and even free the parser's buffers: the parser updates
  * its own state before each callback and never touches p after one returns non-zero.
+ *
+ * A compressed message (permessage-deflate, RSV1) travels the same paths as its wire bytes,
+ * in place or reassembled, bounded a little above max_message (deflate may grow what does
+ * not compress); it is inflated whole through p->zip at its end, bounded by max_message of
+ * output, and its text checked then.
  */
 #include "ws.h"
 
@@ -68,7 +73,11 @@ static inline void next_frame(ws_parser_t *p) {
 static int check_b0(ws_parser_t *p, uint8_t b0) {
     uint8_t op = b0 & 0x0F;
     bool fin = (b0 & 0x80) != 0;
-    if (b0 & 0x70) return fail(p, WS_CLOSE_PROTOCOL, "reserved bits set");
+    bool rsv1 = (b0 & 0x40) != 0;
+    if (b0 & 0x30) return fail(p, WS_CLOSE_PROTOCOL, "reserved bits set");
+    if (rsv1 && !p->zip) return fail(p, WS_CLOSE_PROTOCOL, "reserved bits set");
+    if (rsv1 && op != WS_OP_TEXT && op != WS_OP_BINARY)
+        return fail(p, WS_CLOSE_PROTOCOL, "RSV1 set on a frame other than a message's first");
     switch (op) {
     case WS_OP_CONT:
         if (!p->msg_opcode) return fail(p, WS_CLOSE_PROTOCOL, "continuation without a message");
@@ -77,6 +86,7 @@ static int check_b0(ws_parser_t *p, uint8_t b0) {
     case WS_OP_BINARY:
         if (p->msg_opcode) return fail(p, WS_CLOSE_PROTOCOL, "new message inside a fragmented one");
         p->msg_opcode = op;
+        p->msg_zipped = rsv1;
         p->utf8 = UTF8_ACCEPT;
         break;
     case WS_OP_CLOSE:
@@ -102,6 +112,16 @@ static int check_b1(ws_parser_t *p, uint8_t b1) {
     return 0;
 }
 
+/* The most wire bytes a message may take: max_message, and for a compressed one what
+ * deflate adds to data that does not compress (5 bytes a 16 KiB stored block) with room
+ * to spare; its output is bounded by max_message when it is inflated. */
+static size_t msg_limit(const ws_parser_t *p) {
+    size_t max = p->max_message ? p->max_message : WS_DEFAULT_MAX;
+    if (!p->msg_zipped) return max;
+    size_t slack = max / 1024 + 64;
+    return max > SIZE_MAX - slack ? SIZE_MAX : max + slack;
+}
+
 /* Bytes up to the end of the length field (the mask key follows). */
 static inline size_t len_end(const ws_parser_t *p) { return p->hdr_need - (p->masked ? 4u : 0u); }
 
@@ -118,7 +138,7 @@ static int check_len(ws_parser_t *p, const uint8_t *h) {
         if (n >> 63) return fail(p, WS_CLOSE_PROTOCOL, "invalid frame length");
     }
     if (p->opcode < 0x8) {
-        size_t max = p->max_message ? p->max_message : WS_DEFAULT_MAX;
+        size_t max = msg_limit(p);
         /* msg_len <= max always holds, so this cannot wrap. */
         if (n > max - p->msg_len) return fail(p, WS_CLOSE_TOO_BIG, "message too big");
     }
@@ -133,6 +153,30 @@ static inline void start_payload(ws_parser_t *p, const uint8_t *h) {
 }
 
 /* ---- delivery ----------------------------------------------------------------------------- */
+
+/* A whole data message (wire bytes): inflated if compressed, its text checked if not done
+ * on the way, then delivered. The frame state is already reset and msg_opcode cleared;
+ * after the callback p is not touched. */
+static int deliver_message(ws_parser_t *p, uint8_t op, bool zipped, uint8_t *data, size_t n,
+                           bool text_checked) {
+    if (zipped) {
+        size_t max = p->max_message ? p->max_message : WS_DEFAULT_MAX;
+        int rc = ws_zip_inflate(p->zip, data, n, max, &data, &n);
+        if (rc == CHAT_ETOOBIG) return fail(p, WS_CLOSE_TOO_BIG, "message too big (inflated)");
+        if (rc == CHAT_ENOMEM) return fail(p, WS_CLOSE_INTERNAL, "out of memory");
+        if (rc < 0) return fail(p, WS_CLOSE_INVALID_DATA, "invalid compressed data");
+        text_checked = false;
+    }
+    if (op == WS_OP_TEXT && !text_checked) {
+        uint32_t st = utf8_feed(UTF8_ACCEPT, data, n);
+        /* the same reason as the reassembly path would give, for the logs */
+        if (st == UTF8_REJECT) return fail(p, WS_CLOSE_INVALID_DATA, "invalid utf-8");
+        if (st != UTF8_ACCEPT) return fail(p, WS_CLOSE_INVALID_DATA, "truncated utf-8");
+    }
+    const ws_parser_cb_t *cb = p->cb;
+    if (cb && cb->on_message && cb->on_message(p->ud, op, data, n)) return CHAT_ECLOSED;
+    return 0;
+}
 
 /* The frame state is already reset; after the callback p is not touched. */
 static int deliver_control(ws_parser_t *p, uint8_t op, uint8_t *data, size_t n) {
@@ -160,16 +204,10 @@ static int frame_in_place(ws_parser_t *p, uint8_t *data, size_t n) {
     if (p->masked) ws_mask(data, n, p->mask, 0);
     next_frame(p);
     if (op >= 0x8) return deliver_control(p, op, data, n);
-    if (op == WS_OP_TEXT) {
-        uint32_t st = utf8_feed(UTF8_ACCEPT, data, n);
-        /* the same reason as the reassembly path would give, for the logs */
-        if (st == UTF8_REJECT) return fail(p, WS_CLOSE_INVALID_DATA, "invalid utf-8");
-        if (st != UTF8_ACCEPT) return fail(p, WS_CLOSE_INVALID_DATA, "truncated utf-8");
-    }
+    bool zipped = p->msg_zipped;
     p->msg_opcode = 0;
-    const ws_parser_cb_t *cb = p->cb;
-    if (cb && cb->on_message && cb->on_message(p->ud, op, data, n)) return CHAT_ECLOSED;
-    return 0;
+    p->msg_zipped = false;
+    return deliver_message(p, op, zipped, data, n, false);
 }
 
 /* The current frame's payload is complete (in p->msg or p->ctl). here: a non-NULL pointer
@@ -181,7 +219,8 @@ static int frame_end(ws_parser_t *p, uint8_t *here) {
     next_frame(p);
     if (op >= 0x8) return deliver_control(p, op, p->ctl, ctl_len);
     if (!fin) return 0;
-    if (p->msg_opcode == WS_OP_TEXT && p->utf8 != UTF8_ACCEPT)
+    bool zipped = p->msg_zipped;
+    if (!zipped && p->msg_opcode == WS_OP_TEXT && p->utf8 != UTF8_ACCEPT)
         return fail(p, WS_CLOSE_INVALID_DATA, "truncated utf-8");
     /* Detach the buffer before the callback: it may free the parser, and an idle connection
      * should hold no reassembly memory anyway. */
@@ -192,17 +231,18 @@ static int frame_end(ws_parser_t *p, uint8_t *here) {
     p->msg_len = 0;
     p->msg_cap = 0;
     p->msg_opcode = 0;
-    const ws_parser_cb_t *cb = p->cb;
-    int stop = cb && cb->on_message && cb->on_message(p->ud, mop, m ? m : here, mlen);
+    p->msg_zipped = false;
+    /* the text was checked chunk by chunk unless it is compressed */
+    int rc = deliver_message(p, mop, zipped, m ? m : here, mlen, true);
     free(m);
-    return stop ? CHAT_ECLOSED : 0;
+    return rc;
 }
 
 /* Room for the rest of the current data frame in p->msg. */
 static int msg_reserve(ws_parser_t *p) {
     size_t need = p->msg_len + (size_t)(p->payload_len - p->payload_got);
     if (need <= p->msg_cap) return 0;
-    size_t max = p->max_message ? p->max_message : WS_DEFAULT_MAX;
+    size_t max = msg_limit(p);
     size_t cap = need;
     if (!(p->fin && p->msg_len == 0)) {
         /* A fragmented message: more may follow, so grow geometrically (bounded by max,
@@ -239,7 +279,7 @@ static int payload_chunk(ws_parser_t *p, const uint8_t *src, size_t n) {
     p->payload_got = off + n;
     if (p->masked) ws_mask(dst, n, p->mask, off);
     /* msg_opcode is that of the message in progress, which a control frame may interrupt. */
-    if (p->opcode < 0x8 && p->msg_opcode == WS_OP_TEXT) {
+    if (p->opcode < 0x8 && p->msg_opcode == WS_OP_TEXT && !p->msg_zipped) {
         p->utf8 = utf8_feed(p->utf8, dst, n);
         if (p->utf8 == UTF8_REJECT) return fail(p, WS_CLOSE_INVALID_DATA, "invalid utf-8");
     }

@@ -7,6 +7,11 @@
  * it lies), with no copy. Text is checked as UTF-8 incrementally, across fragments, so an
  * invalid byte closes the connection as soon as it is seen (1007). A message that would
  * exceed max_message is refused at its header (1009) without buffering its payload.
+ *
+ * permessage-deflate (RFC 7692, deflate.c): the offer is negotiated from the request's
+ * Sec-WebSocket-Extensions; a ws_zip_t, one per loop thread and shared by every connection,
+ * compresses a broadcast frame once for all its recipients and inflates a client's whole
+ * compressed message, so that a connection holds no zlib state of its own.
  */
 #ifndef CHAT_WS_H
 #define CHAT_WS_H
@@ -48,6 +53,49 @@ enum {
  * out gets 28 chars and a NUL. */
 int ws_accept_key(const char *key, size_t key_len, char out[29]);
 
+/* ---- permessage-deflate (RFC 7692) ---------------------------------------------------- */
+/* The LZ77 window of what we compress (server_max_window_bits) and what we ask of a client
+ * that lets us choose (client_max_window_bits): 2 KiB. Every message is compressed alone
+ * (no context takeover), and chat events are a few hundred bytes: on events up to a few KB
+ * a 2 KiB window compresses as well as the 32 KiB maximum (bench/RESULTS.md), while the
+ * peer's inflater keeps 2 KiB of window instead of 32. zlib cannot make a raw stream with
+ * 8 bits. */
+#define WS_DEFLATE_WINDOW_BITS 11
+/* Payloads shorter than this go out uncompressed even to a compressing peer: below it
+ * deflate saves a dozen bytes at best (a pong or an error event grows). */
+#define WS_DEFLATE_MIN_BYTES 128
+/* Room for the response's extension value. */
+#define WS_DEFLATE_RESPONSE_MAX 160
+
+/* One Sec-WebSocket-Extensions request header value (a comma-separated list of offers).
+ * Returns true if it holds an acceptable permessage-deflate offer (the first one): out gets
+ * the response header's value, NUL-terminated: permessage-deflate with
+ * server_no_context_takeover (one compressed frame then serves every recipient),
+ * client_no_context_takeover (each client message inflates alone: no state per connection
+ * between messages), server_max_window_bits, and client_max_window_bits when offered.
+ * An offer with an unknown, repeated or malformed parameter, or a server_max_window_bits
+ * below ours, is declined (the next one is tried); a header that does not parse declines
+ * everything. value need not be NUL-terminated; out is the caller's. */
+bool ws_deflate_negotiate(const char *value, size_t len, char out[WS_DEFLATE_RESPONSE_MAX]);
+
+/* A compressor and a decompressor for one thread (zlib's state, about 300 KiB, allocated
+ * once): not reentrant, not shared between threads. ws_zip_new returns NULL on OOM; the
+ * caller frees it with ws_zip_free (NULL is fine). */
+typedef struct ws_zip ws_zip_t;
+ws_zip_t *ws_zip_new(void);
+void ws_zip_free(ws_zip_t *z);
+/* The compressed form (RSV1 set) of an unmasked, unfragmented frame made by ws_frame_new:
+ * a new buf_t with one reference, owned by the caller; NULL when there is nothing to gain
+ * (a payload under WS_DEFLATE_MIN_BYTES, a control frame, no shrinking) or on OOM: then
+ * send plain. */
+buf_t *ws_zip_frame(ws_zip_t *z, const buf_t *plain);
+/* Inflate one whole message's payload in[0..n) (the 00 00 ff ff tail implied). 0: *out
+ * holds *out_len bytes, valid until the next call on z. CHAT_ETOOBIG: it inflates to more
+ * than max bytes (only max + 1 are ever produced: a zip bomb costs nothing); CHAT_EINVAL:
+ * not a valid deflate stream; CHAT_ENOMEM. */
+int ws_zip_inflate(ws_zip_t *z, const uint8_t *in, size_t n, size_t max, uint8_t **out,
+                   size_t *out_len);
+
 /* ---- parser --------------------------------------------------------------------------- */
 typedef struct ws_parser ws_parser_t;
 
@@ -68,10 +116,15 @@ struct ws_parser {
     size_t max_message;  /* largest reassembled message payload; 0 = 65536 */
     bool require_mask;   /* server side: client frames must be masked */
     bool expect_unmasked;/* client side: server frames must not be masked */
+    /* the close code to send after ws_parser_feed failed (1002, 1007, 1009); here, beside
+     * the flags, where it costs no padding (a session holds a parser: its size counts) */
+    uint16_t error_code;
+    /* Non-NULL: permessage-deflate was negotiated; RSV1 on a message's first frame marks it
+     * compressed, and zip (borrowed) inflates it before on_message. NULL: RSV1 is a
+     * protocol error (1002), as it is on a continuation or control frame always. */
+    ws_zip_t *zip;
     const ws_parser_cb_t *cb;
     void *ud;
-    /* the close code to send after ws_parser_feed failed (1002, 1007, 1009) */
-    uint16_t error_code;
     const char *error_reason; /* static string, for the close frame and logs */
     /* private state */
     uint8_t hdr[14];
@@ -89,17 +142,20 @@ struct ws_parser {
     uint8_t ctl[125];     /* a control frame split across reads */
     uint8_t ctl_len;
     bool failed;
+    bool msg_zipped;      /* the message in progress is compressed */
 };
 
 /* Set defaults: max_message 65536, require_mask true. cb and ud must be set by the caller. */
 void ws_parser_init(ws_parser_t *p, const ws_parser_cb_t *cb, void *ud);
 /* Free the reassembly buffer. The parser can be re-initialised afterwards. */
 void ws_parser_free(ws_parser_t *p);
-/* Feed bytes; data may be modified in place (unmasking). Returns:
+/* Feed bytes; data may be modified in place (unmasking). A compressed message reaches
+ * on_message inflated (its data then lives in p->zip until its next use). Returns:
  *   0              every byte consumed (a partial frame is kept for the next call)
  *   CHAT_ECLOSED   a callback asked to stop
  *   CHAT_EPROTO / CHAT_EUTF8 / CHAT_ETOOBIG   the stream is bad: p->error_code holds the close
- *                  code to send (1002 / 1007 / 1009) and every later call fails the same way. */
+ *                  code to send (1002 / 1007 / 1009; 1007 too for invalid compressed data)
+ *                  and every later call fails the same way. */
 int ws_parser_feed(ws_parser_t *p, uint8_t *data, size_t len);
 
 /* ---- encoder -------------------------------------------------------------------------- */

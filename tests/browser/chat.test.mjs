@@ -66,6 +66,30 @@ describe('two people in one chat', () => {
     await shot(alice, 'conversation');
   });
 
+  test('Chromium negotiated permessage-deflate, and the events reached it compressed', async () => {
+    const text = await (await fetch(`${chatd.base}/metrics`)).text();
+    const metric = (name) => Number((text.match(new RegExp(`^${name} (\\S+)$`, 'm')) || [])[1]);
+    const opened = metric('chat_websocket_opened_total');
+    assert.ok(opened >= 2, `two pages connected (${opened})`);
+    assert.equal(metric('chat_websocket_deflate_total'), opened,
+      'every connection the web client opened negotiated permessage-deflate');
+    assert.ok(metric('chat_deflate_deliveries_total') > 0, 'compressed frames were delivered');
+    // and Chromium itself says so: the extension a WebSocket of the page negotiated
+    const ext = await alice.evaluate(async () => {
+      const r = await fetch('/api/dev/token', {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ user: 'probe' }),
+      });
+      const { token } = await r.json();
+      const ws = new WebSocket(`ws://${location.host}/ws/chat/lobby?token=${token}`);
+      await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = reject; });
+      const got = ws.extensions;
+      ws.close();
+      return got;
+    });
+    assert.match(ext, /^permessage-deflate; server_no_context_takeover; client_no_context_takeover/);
+  });
+
   test('Shift+Enter makes a newline instead of sending', async () => {
     await alice.locator('#input').fill('first');
     await alice.locator('#input').press('Shift+Enter');

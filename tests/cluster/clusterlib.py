@@ -354,8 +354,9 @@ class Member:
             url += f"&since={since}"
         return url
 
-    async def connect(self, base=None, full_url=None, since=None):
-        """base: ws://host:port of a node; full_url: a ws_url from /api/connect."""
+    async def connect(self, base=None, full_url=None, since=None, compression=None):
+        """base: ws://host:port of a node; full_url: a ws_url from /api/connect;
+        compression="deflate" offers permessage-deflate."""
         if full_url is not None:
             sep = "&" if "?" in full_url else "?"
             url = f"{full_url}{sep}token={mint_token(self.secret, self.user)}"
@@ -363,7 +364,7 @@ class Member:
                 url += f"&since={since}"
         else:
             url = self.ws_url(base, since)
-        self.ws = await connect(url, open_timeout=10, ping_interval=None, compression=None,
+        self.ws = await connect(url, open_timeout=10, ping_interval=None, compression=compression,
                                 proxy=None, max_size=None, close_timeout=5)
         self.url = url
         self.since = since

@@ -17,6 +17,7 @@ import socket
 import struct
 import time
 import uuid
+import zlib
 from datetime import datetime, timezone
 
 import websockets.sync.client
@@ -377,6 +378,19 @@ def build_frame(opcode, payload=b"", fin=True, rsv=0, mask=True, length=None):
     return head + payload
 
 
+def inflate(payload):
+    """A permessage-deflate message's payload, inflated (RFC 7692 7.2.2)."""
+    return zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+
+
+def deflate(data, wbits=15):
+    """data compressed as a permessage-deflate message (the 00 00 ff ff tail removed)."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -wbits)
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
 class HandshakeRejected(Exception):
     def __init__(self, response):
         super().__init__(f"handshake rejected: {response!r}")
@@ -399,6 +413,8 @@ class RawWS:
             raise HandshakeRejected(resp)
         assert resp.headers.get("sec-websocket-accept") == ws_accept(key), resp
         self.response = resp
+        # permessage-deflate accepted: the server may set RSV1 on a message's first frame
+        self.deflate = "permessage-deflate" in resp.headers.get("sec-websocket-extensions", "")
 
     def send_raw(self, data):
         self.sock.sendall(data)
@@ -432,7 +448,8 @@ class RawWS:
             payload = apply_mask(payload, key)
         f = Frame(bool(b0 & 0x80), (b0 >> 4) & 7, b0 & 0xF, masked, payload)
         assert not f.masked, "server frames must not be masked"
-        assert f.rsv == 0, f"server set RSV bits: {f!r}"
+        assert f.rsv == 0 or (f.rsv == 4 and self.deflate and f.opcode in (OP_TEXT, OP_BINARY)), \
+            f"server set RSV bits: {f!r}"
         return f
 
     def recv_json(self, timeout=5.0):
@@ -444,7 +461,7 @@ class RawWS:
                 self.send_frame(OP_PONG, f.payload)
                 continue
             assert f.opcode == OP_TEXT and f.fin, f"expected a text frame, got {f!r}"
-            return json.loads(f.payload)
+            return json.loads(inflate(f.payload) if f.rsv == 4 else f.payload)
 
     def recv_close(self, timeout=5.0, skip_data=True):
         """Read until the server's close frame; returns (code, reason). Data frames are

@@ -129,3 +129,19 @@ def test_bad_secret_is_counted_as_errors(chatd):
     r = json.loads(p.stdout)
     assert r["connect"]["failed"] == 3
     assert r["errors"]["by_kind"] == {"http_401": 3}
+
+
+def test_deflate_counts_every_delivery_and_reads_fewer_bytes(chatd):
+    """--deflate: every connection negotiates it, every compressed delivery is inflated and
+    counted, and with --words the bytes read per delivery are fewer than without."""
+    srv = chatd()
+    args = ("--connections", 20, "--chats", 1, "--publishers", 2, "--rate", 20, "--size", 300,
+            "--words", "--duration", 1, "--warmup", 0.5)
+    plain = run_bench(srv, *args)
+    zipped = run_bench(srv, *args, "--deflate")
+    for r in (plain, zipped):
+        assert r["errors"]["total"] == 0, r["errors"]
+        assert r["lost"] == 0 and r["delivered"] == r["expected_deliveries"] == r["sent"] * 20
+    assert plain["wire"]["deflate_connections"] == 0
+    assert zipped["wire"]["deflate_offered"] and zipped["wire"]["deflate_connections"] == 20
+    assert zipped["wire"]["rx_bytes_per_delivery"] < 0.8 * plain["wire"]["rx_bytes_per_delivery"]

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zlib.h>
 
 /* ---- helpers ------------------------------------------------------------------------------ */
 
@@ -80,6 +81,7 @@ static const ws_parser_cb_t CB = {on_msg, on_ctl};
 typedef struct cfg {
     bool client;  /* expect_unmasked, require_mask false */
     size_t max;   /* 0: the default */
+    ws_zip_t *zip; /* permessage-deflate negotiated, with this inflater */
 } cfg_t;
 
 /* Feed in[0..n) cut at cuts[0..nc) (increasing). Returns the first non-zero feed result;
@@ -93,6 +95,7 @@ static int run(const uint8_t *in, size_t n, const size_t *cuts, size_t nc, cfg_t
         p.expect_unmasked = true;
     }
     if (c.max) p.max_message = c.max;
+    p.zip = c.zip;
     r->p = &p;
     uint8_t *copy = malloc(n ? n : 1);
     memcpy(copy, in, n);
@@ -169,8 +172,8 @@ static void expect(const uint8_t *in, size_t n, cfg_t c, const char *want_log, i
         }                                                                                  \
     } while (0)
 
-static const cfg_t SERVER = {false, 0};
-static const cfg_t CLIENT = {true, 0};
+static const cfg_t SERVER = {false, 0, NULL};
+static const cfg_t CLIENT = {true, 0, NULL};
 
 /* A client (masked) frame into out; returns its length. */
 static size_t cframe(uint8_t *out, int op, bool fin, const void *d, size_t n) {
@@ -619,7 +622,7 @@ static void test_err_too_big(void) {
     uint8_t *f = malloc(4096);
     uint8_t pl[200];
     memset(pl, 'z', sizeof pl);
-    cfg_t c = {false, 100};
+    cfg_t c = {false, 100, NULL};
     size_t n;
     elog_t e = {0};
     /* exactly max in one frame */
@@ -1009,7 +1012,7 @@ static void test_round_trip(void) {
     enum { CAP = 100000 + 14 };
     uint8_t *pl = malloc(CAP), *f = malloc(CAP);
     for (size_t i = 0; i < CAP; i++) pl[i] = (uint8_t)(i * 13 + (i >> 9));
-    cfg_t server = {false, 100000}, client = {true, 100000};
+    cfg_t server = {false, 100000, NULL}, client = {true, 100000, NULL};
     for (size_t s = 0; s < sizeof sizes / sizeof *sizes; s++) {
         size_t len = sizes[s];
         elog_t e = {0};
@@ -1066,8 +1069,298 @@ static void test_stream_all_splits(void) {
     CHECK(ok);
 }
 
+/* ---- permessage-deflate ------------------------------------------------------------------- */
+
+static void test_deflate_negotiate(void) {
+    static const char BASE[] = "permessage-deflate; server_no_context_takeover; "
+                               "client_no_context_takeover; server_max_window_bits=11";
+    static const struct {
+        const char *offer;
+        const char *extra; /* after BASE; NULL: declined */
+    } cases[] = {
+        {"permessage-deflate", ""},
+        {"permessage-deflate; client_max_window_bits", "; client_max_window_bits=11"},
+        {"permessage-deflate; client_max_window_bits=15", "; client_max_window_bits=11"},
+        {"permessage-deflate; client_max_window_bits=9", "; client_max_window_bits=9"},
+        {"permessage-deflate; client_max_window_bits=\"10\"", "; client_max_window_bits=10"},
+        {"permessage-deflate;server_no_context_takeover;client_no_context_takeover", ""},
+        {"permessage-deflate; server_max_window_bits=11", ""},
+        {"permessage-deflate; server_max_window_bits=15", ""},
+        {"  permessage-deflate\t;\tclient_max_window_bits = 12  ", "; client_max_window_bits=11"},
+        {"foo, permessage-deflate", ""},
+        {"foo; a=\"x,y\"; b, permessage-deflate", ""},
+        {",, permessage-deflate ,", ""},
+        {"permessage-deflate; server_max_window_bits=10, permessage-deflate", ""},
+        {"permessage-deflate; x=1, permessage-deflate; client_max_window_bits=8",
+         "; client_max_window_bits=8"},
+        /* declined */
+        {"", NULL},
+        {"foo", NULL},
+        {"x-webkit-deflate-frame", NULL},
+        {"Permessage-Deflate", NULL},
+        {"permessage-deflate; server_max_window_bits=10", NULL},
+        {"permessage-deflate; server_max_window_bits=8", NULL},
+        {"permessage-deflate; server_max_window_bits", NULL},
+        {"permessage-deflate; server_max_window_bits=16", NULL},
+        {"permessage-deflate; client_max_window_bits=7", NULL},
+        {"permessage-deflate; client_max_window_bits=015", NULL},
+        {"permessage-deflate; client_max_window_bits=+9", NULL},
+        {"permessage-deflate; client_max_window_bits=\"\"", NULL},
+        {"permessage-deflate; client_max_window_bits=\"1 0\"", NULL},
+        {"permessage-deflate; client_max_window_bits=99999999999999999999", NULL},
+        {"permessage-deflate; client_max_window_bits; client_max_window_bits", NULL},
+        {"permessage-deflate; server_no_context_takeover; server_no_context_takeover", NULL},
+        {"permessage-deflate; server_no_context_takeover=1", NULL},
+        {"permessage-deflate; client_no_context_takeover=\"\"", NULL},
+        {"permessage-deflate; mystery", NULL},
+        /* malformed: every offer declined, even a good one before */
+        {"permessage-deflate, ;", NULL},
+        {"permessage-deflate; ", NULL},
+        {"permessage-deflate; =1", NULL},
+        {"permessage-deflate; a=", NULL},
+        {"permessage-deflate; a=\"open", NULL},
+        {"permessage-deflate; a=\"bad\\", NULL},
+        {"permessage-deflate x", NULL},
+        {"permessage-deflate, @", NULL},
+        {"permessage-deflate; a=\"\x01\"", NULL},
+        {"=", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        char out[WS_DEFLATE_RESPONSE_MAX];
+        memset(out, 'x', sizeof out);
+        bool ok = ws_deflate_negotiate(cases[i].offer, strlen(cases[i].offer), out);
+        if (ok != (cases[i].extra != NULL)) fprintf(stderr, "  offer: %s\n", cases[i].offer);
+        CHECK(ok == (cases[i].extra != NULL));
+        if (!ok) continue;
+        char want[WS_DEFLATE_RESPONSE_MAX];
+        snprintf(want, sizeof want, "%s%s", BASE, cases[i].extra);
+        CHECK_STR(out, want);
+        /* our answer, offered back, is accepted with the same answer */
+        char again[WS_DEFLATE_RESPONSE_MAX];
+        CHECK(ws_deflate_negotiate(out, strlen(out), again));
+        CHECK_STR(again, out);
+    }
+    /* not NUL-terminated: only len bytes are read */
+    char out[WS_DEFLATE_RESPONSE_MAX];
+    CHECK(!ws_deflate_negotiate("permessage-deflate", 11, out));
+    CHECK(ws_deflate_negotiate("permessage-deflate; zzz", 18, out));
+}
+
+/* data compressed as permessage-deflate sends it (raw, sync flush, the tail removed). */
+static size_t zdeflate(const void *in, size_t n, uint8_t *out, size_t cap, int wbits) {
+    z_stream z;
+    memset(&z, 0, sizeof z);
+    if (deflateInit2(&z, 6, Z_DEFLATED, -wbits, 8, Z_DEFAULT_STRATEGY) != Z_OK) return 0;
+    z.next_in = (Bytef *)in;
+    z.avail_in = (uInt)n;
+    z.next_out = out;
+    z.avail_out = (uInt)cap;
+    int rc = deflate(&z, Z_SYNC_FLUSH);
+    size_t made = cap - z.avail_out;
+    deflateEnd(&z);
+    return rc == Z_OK && made >= 4 ? made - 4 : 0;
+}
+
+static void test_zip_frame_roundtrip(void) {
+    ws_zip_t *z = ws_zip_new();
+    CHECK(z);
+    char text[600];
+    for (size_t i = 0; i < sizeof text; i++) text[i] = "chat events compress "[i % 21];
+    buf_t *plain = ws_frame_new(WS_OP_TEXT, text, sizeof text);
+    buf_t *zf = ws_zip_frame(z, plain);
+    CHECK(zf);
+    CHECK_INT(zf->data[0], 0x80 | 0x40 | WS_OP_TEXT); /* FIN, RSV1, TEXT */
+    CHECK(zf->len < plain->len);
+    /* a client parser with deflate reads it back as the text */
+    elog_t e = {0};
+    e_msg(&e, WS_OP_TEXT, text, sizeof text);
+    cfg_t c = {true, 0, z};
+    EXPECT(zf->data, zf->len, c, e.s, 0, 0);
+    buf_unref(zf);
+    buf_unref(plain);
+    /* the threshold: a payload under WS_DEFLATE_MIN_BYTES stays plain */
+    plain = ws_frame_new(WS_OP_TEXT, text, WS_DEFLATE_MIN_BYTES - 1);
+    CHECK(ws_zip_frame(z, plain) == NULL);
+    buf_unref(plain);
+    plain = ws_frame_new(WS_OP_TEXT, text, WS_DEFLATE_MIN_BYTES);
+    zf = ws_zip_frame(z, plain);
+    CHECK(zf);
+    buf_unref(zf);
+    buf_unref(plain);
+    /* control frames never, nor what does not shrink */
+    plain = ws_frame_new(WS_OP_PING, text, 125);
+    CHECK(ws_zip_frame(z, plain) == NULL);
+    buf_unref(plain);
+    uint8_t noise[300];
+    uint32_t x = 12345;
+    for (size_t i = 0; i < sizeof noise; i++) noise[i] = (uint8_t)((x = x * 1103515245u + 12345u) >> 23);
+    plain = ws_frame_new(WS_OP_BINARY, noise, sizeof noise);
+    CHECK(ws_zip_frame(z, plain) == NULL);
+    buf_unref(plain);
+    /* a large payload (64-bit length header) */
+    size_t big = 70000;
+    char *b = malloc(big);
+    for (size_t i = 0; i < big; i++) b[i] = (char)('a' + (i * 7 % 26));
+    plain = ws_frame_new(WS_OP_TEXT, b, big);
+    zf = ws_zip_frame(z, plain);
+    CHECK(zf);
+    uint8_t *out;
+    size_t out_len;
+    size_t hl = (zf->data[1] & 0x7F) == 126 ? 4 : (zf->data[1] & 0x7F) == 127 ? 10 : 2;
+    CHECK_INT(ws_zip_inflate(z, zf->data + hl, zf->len - hl, big, &out, &out_len), 0);
+    CHECK_INT(out_len, big);
+    CHECK_MEM(out, b, big);
+    buf_unref(zf);
+    buf_unref(plain);
+    free(b);
+    ws_zip_free(z);
+}
+
+static void test_zip_inflate_bounds(void) {
+    ws_zip_t *z = ws_zip_new();
+    CHECK(z);
+    size_t n = 1u << 20;
+    uint8_t *zeros = calloc(1, n), *c = malloc(n);
+    size_t cl = zdeflate(zeros, n, c, n, 15);
+    CHECK(cl > 0 && cl < 2000);
+    uint8_t *out;
+    size_t out_len;
+    CHECK_INT(ws_zip_inflate(z, c, cl, 65536, &out, &out_len), CHAT_ETOOBIG);
+    CHECK_INT(ws_zip_inflate(z, c, cl, n - 1, &out, &out_len), CHAT_ETOOBIG);
+    CHECK_INT(ws_zip_inflate(z, c, cl, n, &out, &out_len), 0);
+    CHECK_INT(out_len, n);
+    CHECK_MEM(out, zeros, n);
+    /* the bound holds however big the claim: never more than max + 1 bytes of room */
+    CHECK_INT(ws_zip_inflate(z, c, cl, 10, &out, &out_len), CHAT_ETOOBIG);
+    /* empty message: no bytes at all, or an empty stored block */
+    CHECK_INT(ws_zip_inflate(z, (const uint8_t *)"", 0, 10, &out, &out_len), 0);
+    CHECK_INT(out_len, 0);
+    CHECK_INT(ws_zip_inflate(z, (const uint8_t *)"\x00", 1, 10, &out, &out_len), 0);
+    CHECK_INT(out_len, 0);
+    /* not deflate */
+    CHECK_INT(ws_zip_inflate(z, (const uint8_t *)"\xff\xff\xff", 3, 10, &out, &out_len),
+              CHAT_EINVAL);
+    /* a final block followed by more bytes */
+    z_stream d;
+    memset(&d, 0, sizeof d);
+    deflateInit2(&d, 6, Z_DEFLATED, -15, 8, Z_DEFAULT_STRATEGY);
+    uint8_t fin[64];
+    d.next_in = (Bytef *)"hello";
+    d.avail_in = 5;
+    d.next_out = fin;
+    d.avail_out = sizeof fin;
+    CHECK_INT(deflate(&d, Z_FINISH), Z_STREAM_END);
+    size_t fl = sizeof fin - d.avail_out;
+    deflateEnd(&d);
+    CHECK_INT(ws_zip_inflate(z, fin, fl, 10, &out, &out_len), 0);
+    CHECK_INT(out_len, 5);
+    CHECK_MEM(out, "hello", 5);
+    fin[fl] = 'x';
+    CHECK_INT(ws_zip_inflate(z, fin, fl + 1, 10, &out, &out_len), CHAT_EINVAL);
+    /* state does not leak from one message to the next (no context takeover) */
+    cl = zdeflate("abcabcabc", 9, c, n, 15);
+    CHECK_INT(ws_zip_inflate(z, c, cl, 100, &out, &out_len), 0);
+    CHECK_INT(ws_zip_inflate(z, c, cl, 100, &out, &out_len), 0);
+    CHECK_INT(out_len, 9);
+    free(zeros);
+    free(c);
+    ws_zip_free(z);
+}
+
+static void test_parser_deflate(void) {
+    ws_zip_t *z = ws_zip_new();
+    CHECK(z);
+    const cfg_t ZS = {false, 0, z};
+    static const char msg[] = "{\"event\":\"message:message\",\"message\":\"h\u00e9llo h\u00e9llo\"}";
+    uint8_t c[256], f[1024];
+    size_t cl = zdeflate(msg, sizeof msg - 1, c, sizeof c, 15);
+    CHECK(cl > 0);
+    elog_t e = {0};
+    e_msg(&e, WS_OP_TEXT, msg, sizeof msg - 1);
+    size_t n = cframe(f, WS_OP_TEXT, true, c, cl);
+    f[0] |= 0x40;
+    EXPECT(f, n, ZS, e.s, 0, 0);
+    /* the same compressed bytes without RSV1 are binary garbage as text: 1007 */
+    n = cframe(f, WS_OP_TEXT, true, c, cl);
+    EXPECT(f, n, ZS, "", CHAT_EUTF8, 1007);
+    /* plain messages still work with deflate on */
+    n = cframe(f, WS_OP_TEXT, true, msg, sizeof msg - 1);
+    EXPECT(f, n, ZS, e.s, 0, 0);
+    /* fragmented, with a ping in between; RSV1 only on the first frame */
+    size_t half = cl / 2;
+    n = cframe(f, WS_OP_TEXT, false, c, half);
+    f[0] |= 0x40;
+    n += cframe(f + n, WS_OP_PING, true, "p", 1);
+    n += cframe(f + n, WS_OP_CONT, true, c + half, cl - half);
+    elog_t e2 = {0};
+    e_ctl(&e2, WS_OP_PING, 0, "p", 1);
+    e_msg(&e2, WS_OP_TEXT, msg, sizeof msg - 1);
+    EXPECT(f, n, ZS, e2.s, 0, 0);
+    /* RSV1 on a continuation frame, on a control frame, RSV2/RSV3: 1002 */
+    n = cframe(f, WS_OP_TEXT, false, c, half);
+    f[0] |= 0x40;
+    size_t m = cframe(f + n, WS_OP_CONT, true, c + half, cl - half);
+    f[n] |= 0x40;
+    EXPECT(f, n + m, ZS, "", CHAT_EPROTO, 1002);
+    n = cframe(f, WS_OP_PING, true, "p", 1);
+    f[0] |= 0x40;
+    EXPECT(f, n, ZS, "", CHAT_EPROTO, 1002);
+    n = cframe(f, WS_OP_TEXT, true, c, cl);
+    f[0] |= 0x20;
+    EXPECT(f, n, ZS, "", CHAT_EPROTO, 1002);
+    /* RSV1 without the extension: 1002 */
+    n = cframe(f, WS_OP_TEXT, true, c, cl);
+    f[0] |= 0x40;
+    EXPECT(f, n, SERVER, "", CHAT_EPROTO, 1002);
+    /* corrupt data: 1007; invalid UTF-8 once inflated: 1007 */
+    n = cframe(f, WS_OP_TEXT, true, "\xff\xfe\xfd", 3);
+    f[0] |= 0x40;
+    EXPECT(f, n, ZS, "", CHAT_EUTF8, 1007);
+    cl = zdeflate("\xc3\x28", 2, c, sizeof c, 15);
+    n = cframe(f, WS_OP_TEXT, true, c, cl);
+    f[0] |= 0x40;
+    EXPECT(f, n, ZS, "", CHAT_EUTF8, 1007);
+    /* binary is not checked */
+    n = cframe(f, WS_OP_BINARY, true, c, cl);
+    f[0] |= 0x40;
+    elog_t e3 = {0};
+    e_msg(&e3, WS_OP_BINARY, "\xc3\x28", 2);
+    EXPECT(f, n, ZS, e3.s, 0, 0);
+    /* a zip bomb: small on the wire, over max once inflated: 1009 */
+    static uint8_t zeros[200000], bomb[2048], bf[2100];
+    cl = zdeflate(zeros, sizeof zeros, bomb, sizeof bomb, 15);
+    CHECK(cl > 0 && cl < 1000);
+    n = cframe(bf, WS_OP_BINARY, true, bomb, cl);
+    bf[0] |= 0x40;
+    const cfg_t SMALL = {false, 4096, z};
+    EXPECT(bf, n, SMALL, "", CHAT_ETOOBIG, 1009);
+    /* the wire limit of a compressed message leaves room for deflate's overhead */
+    uint8_t noise[4096];
+    uint32_t x = 7;
+    for (size_t i = 0; i < sizeof noise; i++) noise[i] = (uint8_t)((x = x * 1103515245u + 12345u) >> 23);
+    static uint8_t nz[4200], nf[4300];
+    cl = zdeflate(noise, sizeof noise, nz, sizeof nz, 15);
+    CHECK(cl > sizeof noise);
+    n = cframe(nf, WS_OP_BINARY, true, nz, cl);
+    nf[0] |= 0x40;
+    elog_t e4 = {0};
+    e_msg(&e4, WS_OP_BINARY, noise, sizeof noise);
+    uint8_t *copy = malloc(n);
+    memcpy(copy, nf, n);
+    rec_t r = {0};
+    uint16_t code;
+    CHECK_INT(run(copy, n, NULL, 0, SMALL, &r, &code, NULL), 0);
+    CHECK_STR(r.log, e4.s);
+    free(copy);
+    ws_zip_free(z);
+}
+
 int main(void) {
     RUN(test_accept_key);
+    RUN(test_deflate_negotiate);
+    RUN(test_zip_frame_roundtrip);
+    RUN(test_zip_inflate_bounds);
+    RUN(test_parser_deflate);
     RUN(test_accept_key_invalid);
     RUN(test_frame_header);
     RUN(test_mask);
