@@ -270,6 +270,7 @@ void chat_cluster_bus_state(chat_server_t *s, bool up) {
     /* (not while the node id lease is still being asked for: nothing to register yet) */
     if (!s->stopping && s->heartbeat.data) cluster__heartbeat(&s->heartbeat); /* be listed */
     if (was_down && !s->stopping) cluster__catchup_all(s, s->bus_down_ms - CATCHUP_MARGIN_MS);
+    if (!s->stopping) chat_presence_bus_up(s);
 }
 
 /* ---- balancing ------------------------------------------------------------------------ */
@@ -401,6 +402,7 @@ static void cluster__nodes_listed(void *ud, int status, const bus_node_t *nodes,
             if (present) continue;
             log_info("node_gone id=%s last_seen_ms=%" PRId64 ": rooms read back what it stored",
                      s->known[k].id, s->known[k].seen_at);
+            chat_presence_node_gone(s, s->known[k].id);
             if (!gone_seen || s->known[k].seen_at < gone_seen) gone_seen = s->known[k].seen_at;
         }
     s->n_known = 0;
