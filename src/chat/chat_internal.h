@@ -271,6 +271,7 @@ struct chat_server {
     } known[64];
     size_t n_known;
     bool listing;     /* a listing is in flight */
+    uint64_t listing_at; /* uv_now() when it was asked for */
     bool known_valid; /* known[] is from a successful listing */
     /* shutdown */
     bool stopping;
@@ -412,8 +413,11 @@ void chat_presence_typing(chat_server_t *s, session_t *ss);
 bool chat_presence_bus(chat_server_t *s, const char *chat_id, const uint8_t *p, size_t n);
 /* The room's bus subscription became active: read who is online through the other nodes. */
 void chat_presence_subscribed(chat_server_t *s, const char *chat_id);
-/* A node dropped out of the registry: its users leave (unless connected elsewhere). */
-void chat_presence_node_gone(chat_server_t *s, const char *node);
+/* The live nodes, as a listing asked for at asked_at (uv_now) found them: the users of
+ * any other node leave (unless connected elsewhere), those known since asked_at excepted
+ * (their node may have registered after the listing read the registry). */
+void chat_presence_nodes_live(chat_server_t *s, const bus_node_t *nodes, size_t n,
+                              uint64_t asked_at);
 /* The bus is back: our entries are written again and every chat's snapshot read again. */
 void chat_presence_bus_up(chat_server_t *s);
 /* The sweep: grace periods that ended, and the periodic rewrite of our entries. */

@@ -402,7 +402,6 @@ static void cluster__nodes_listed(void *ud, int status, const bus_node_t *nodes,
             if (present) continue;
             log_info("node_gone id=%s last_seen_ms=%" PRId64 ": rooms read back what it stored",
                      s->known[k].id, s->known[k].seen_at);
-            chat_presence_node_gone(s, s->known[k].id);
             if (!gone_seen || s->known[k].seen_at < gone_seen) gone_seen = s->known[k].seen_at;
         }
     s->n_known = 0;
@@ -412,6 +411,7 @@ static void cluster__nodes_listed(void *ud, int status, const bus_node_t *nodes,
         s->known[s->n_known++].seen_at = nodes[i].seen_at;
     }
     s->known_valid = true;
+    chat_presence_nodes_live(s, nodes, n, s->listing_at);
     if (gone_seen && s->n_rooms) cluster__catchup_all(s, gone_seen - CATCHUP_MARGIN_MS);
 }
 
@@ -421,6 +421,7 @@ static void cluster__heartbeat(uv_timer_t *t) {
     int rc = bus_heartbeat(s->bus, &s->self, NODE_TTL_MS);
     if (rc < 0) log_debug("heartbeat_failed error=%s", chat_strerror(rc));
     if (s->bus_up && !s->listing && !s->stopping && s->bus->ops->has_peers) {
+        s->listing_at = uv_now(s->loop);
         if (bus_list_nodes(s->bus, cluster__nodes_listed, s) == 0) s->listing = true;
         else s->known_valid = false;
     }

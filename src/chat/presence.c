@@ -27,6 +27,7 @@
 typedef struct pres_node {
     char id[33];  /* the instance the user is connected through */
     uint32_t gen; /* the chat's sync_gen when this was last confirmed */
+    uint64_t at;  /* uv_now() when this was last confirmed */
 } pres_node_t;
 
 typedef struct pres_user {
@@ -270,6 +271,7 @@ static void pres__remote(chat_server_t *s, pres_chat_t *c, const char *user, con
         int i = pres__node_find(u, node);
         if (i >= 0) {
             u->nodes[i].gen = c->sync_gen;
+            u->nodes[i].at = uv_now(s->loop);
         } else {
             pres_node_t *nn = realloc(u->nodes, sizeof *nn * (u->n_nodes + 1u));
             if (!nn) {
@@ -278,6 +280,7 @@ static void pres__remote(chat_server_t *s, pres_chat_t *c, const char *user, con
             }
             u->nodes = nn;
             snprintf(nn[u->n_nodes].id, sizeof nn->id, "%s", node);
+            nn[u->n_nodes].at = uv_now(s->loop);
             nn[u->n_nodes++].gen = c->sync_gen;
         }
         if (!was) pres__announce(s, c, true, user);
@@ -473,14 +476,28 @@ bool chat_presence_bus(chat_server_t *s, const char *chat_id, const uint8_t *p, 
     return true;
 }
 
-void chat_presence_node_gone(chat_server_t *s, const char *node) {
+/* Not only the nodes that vanished since the last listing: one may die before any listing
+ * saw it, and its users must leave all the same. */
+void chat_presence_nodes_live(chat_server_t *s, const bus_node_t *nodes, size_t n,
+                              uint64_t asked_at) {
     struct pres_table *t = s->presence;
     for (size_t i = 0; t && i < t->nb; i++)
         for (pres_chat_t *c = t->b[i]; c; c = c->next)
             for (size_t j = 0; j < c->nb; j++)
                 for (pres_user_t *u = c->b[j], *next; u; u = next) {
                     next = u->next;
-                    if (pres__node_find(u, node) >= 0) pres__remote(s, c, u->name, node, false);
+                    for (uint16_t k = 0; k < u->n_nodes; k++) {
+                        bool live = u->nodes[k].at >= asked_at;
+                        for (size_t x = 0; x < n && !live; x++)
+                            live = strcmp(nodes[x].id, u->nodes[k].id) == 0;
+                        if (live) continue;
+                        log_debug("presence_node_gone chat=%s user=%s node=%s", c->id,
+                                 LOG_STR(u->name), u->nodes[k].id);
+                        char node[33];
+                        memcpy(node, u->nodes[k].id, sizeof node);
+                        pres__remote(s, c, u->name, node, false); /* may free u */
+                        break; /* u may be gone: its other nodes, at the next listing */
+                    }
                 }
 }
 
