@@ -145,7 +145,7 @@ export class ChatConnection {
                                   : await resolveBase(this.chatId, this.token);
     if (this.stopped) return;
     const url = `${found.base}/ws/chat/${encodeURIComponent(this.chatId)}` +
-      `?token=${encodeURIComponent(this.token)}&since=${this.sinceParam()}`;
+      `?token=${encodeURIComponent(this.token)}&since=${this.sinceParam()}&presence=1`;
     let ws;
     try {
       ws = new WebSocket(url);
@@ -340,6 +340,14 @@ export class ChatConnection {
     }
     this.outbox.set(key, frame);
     if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(frame));
+  }
+
+  // Send a frame that is not worth keeping (presence:get, typing): now if connected, else
+  // never. Returns whether it went.
+  sendNow(frame) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
   }
 
   // Send an unacknowledged message again now (the user asked to retry after a store error).
