@@ -224,6 +224,7 @@ typedef struct opts {
     const char *target;
     const char *secret;
     const char *label;
+    const char *query; /* chatd: more of the WebSocket URL's query, e.g. "presence=1" */
     unsigned connections, chats, publishers, window, size, sources;
     int sources_set;
     double rate, duration, warmup, drain, connect_rate, connect_timeout, hold;
@@ -302,6 +303,7 @@ struct bench {
     uint64_t sent, acked, delivered, expected, pub_failed;
     /* everything, warm-up and drain included */
     uint64_t sent_all, acked_all, delivered_all, pub_failed_all, skipped, other_msgs;
+    uint64_t other_bytes; /* of the other_msgs (their JSON text) */
     /* whatever arrived while the window was open, sent then or before: the throughput of a
      * server whose latency is longer than the warm-up (its window acks are all late) */
     uint64_t rx_acked, rx_delivered;
@@ -325,6 +327,7 @@ static void connect_more(bench_t *b);
 /* ---- chatd ------------------------------------------------------------------------------ */
 static void chatd_path(const bench_t *b, const bconn_t *c, const char *token, sbuf_t *out) {
     sbuf_printf(out, "/ws/chat/bench-%u?token=%s", c->chat, token);
+    if (b->o.query) sbuf_printf(out, "&%s", b->o.query);
 }
 
 static void chatd_none(const bench_t *b, const bconn_t *c, const char *token, sbuf_t *out) {}
@@ -924,6 +927,7 @@ static void handle_message(bconn_t *c, const char *p, size_t n) {
         break;
     default:
         b->other_msgs++;
+        b->other_bytes += n;
     }
 }
 
@@ -1504,10 +1508,11 @@ static void report(bench_t *b) {
     json_object_set_new(r, "closes", counters_json(&b->closes));
     json_object_set_new(
         r, "totals",
-        json_pack("{s:I,s:I,s:I,s:I,s:I,s:I}", "sent", (json_int_t)b->sent_all, "acked",
+        json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "sent", (json_int_t)b->sent_all, "acked",
                   (json_int_t)b->acked_all, "publish_failed", (json_int_t)b->pub_failed_all,
                   "delivered", (json_int_t)b->delivered_all, "skipped", (json_int_t)b->skipped,
-                  "other_messages", (json_int_t)b->other_msgs));
+                  "other_messages", (json_int_t)b->other_msgs, "other_bytes",
+                  (json_int_t)b->other_bytes));
     json_object_set_new(r, "teardown",
                         json_pack("{s:I,s:I,s:I}", "clean", (json_int_t)b->teardown_clean,
                                   "forced", (json_int_t)b->teardown_forced, "aborted",
@@ -1790,6 +1795,8 @@ static void usage(FILE *f) {
         "  --hold S               --idle: how long to hold (5)\n"
         "  --server-pid PID[,..]  sample the server's CPU and RSS from /proc per phase\n"
         "                         (a list: the sums over the nodes)\n"
+        "  --query Q              chatd: appended to the WebSocket URL's query, e.g.\n"
+        "                         presence=1 (presence events to every connection)\n"
         "  --label L              copied into the JSON\n"
         "  --json-only            no progress on stderr\n"
         "  --self-test            run the internal tests and exit\n",
@@ -1813,8 +1820,7 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
     enum {
         O_HOST = 256, O_PORT, O_TARGET, O_SECRET, O_CONNS, O_CHATS, O_PUBS, O_RATE, O_WINDOW,
         O_SIZE, O_DURATION, O_WARMUP, O_DRAIN, O_SOURCES, O_CRATE, O_CINFL, O_CTIMEOUT, O_IDLE,
-        O_HOLD, O_PID, O_LABEL, O_JSON, O_SELF, O_HELP
-    };
+        O_HOLD, O_PID, O_LABEL, O_JSON, O_SELF, O_HELP, O_QUERY };
     static const struct option lo[] = {
         {"host", 1, 0, O_HOST}, {"port", 1, 0, O_PORT}, {"target", 1, 0, O_TARGET},
         {"secret", 1, 0, O_SECRET}, {"connections", 1, 0, O_CONNS}, {"chats", 1, 0, O_CHATS},
@@ -1823,7 +1829,7 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
         {"drain", 1, 0, O_DRAIN}, {"sources", 1, 0, O_SOURCES}, {"connect-rate", 1, 0, O_CRATE},
         {"connect-inflight", 1, 0, O_CINFL}, {"connect-timeout", 1, 0, O_CTIMEOUT},
         {"idle", 0, 0, O_IDLE}, {"hold", 1, 0, O_HOLD}, {"server-pid", 1, 0, O_PID},
-        {"label", 1, 0, O_LABEL}, {"json-only", 0, 0, O_JSON}, {"self-test", 0, 0, O_SELF},
+        {"label", 1, 0, O_LABEL}, {"query", 1, 0, O_QUERY}, {"json-only", 0, 0, O_JSON}, {"self-test", 0, 0, O_SELF},
         {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
@@ -1858,6 +1864,7 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
             if (int_list_parse(optarg, o->server_pids, &o->n_pids) < 0) goto bad;
             break;
         case O_LABEL: o->label = optarg; break;
+        case O_QUERY: o->query = optarg; break;
         case O_JSON: o->json_only = true; break;
         case O_SELF: return 1;
         case 'h':
