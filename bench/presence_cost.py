@@ -14,7 +14,8 @@ is delivered:
 
 Prints, per setting: the time to connect all N, the server's CPU seconds over the whole run,
 its RSS per connection once connected, and the presence events (and bytes of JSON) the
-clients received. Run from the repository root after `make`.
+clients received. Run from the repository root after `make`. CHATD=path runs another build
+(e.g. one from before presence existed); ONLY=untracked runs one setting.
 """
 
 import json
@@ -29,6 +30,7 @@ import time
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
 HOLD = os.environ.get("HOLD", "20")
+CHATD = os.environ.get("CHATD", "build/chatd")
 SETTINGS = [
     ("untracked", [], None),
     ("default", [], "presence=1"),
@@ -51,7 +53,7 @@ def run(name, args, query):
     tmp = tempfile.mkdtemp(prefix="presence-cost.")
     secret = os.urandom(16).hex()
     log = open(f"{tmp}/chatd.log", "w+")  # a file, not a pipe: nobody reads it while it runs
-    chatd = subprocess.Popen(["build/chatd", "--host", "127.0.0.1", "--port", "0", "--store",
+    chatd = subprocess.Popen([CHATD, "--host", "127.0.0.1", "--port", "0", "--store",
                               f"sqlite:{tmp}/chat.db", "--jwt-secret", secret] + args,
                              stdout=log, stderr=subprocess.STDOUT)
     port = None
@@ -81,8 +83,9 @@ def run(name, args, query):
           f"server CPU {total_cpu:.2f} s (connect phase {srv['connect_cpu_s']:.2f} s), "
           f"RSS/conn {srv.get('rss_per_conn_bytes_connected')} B, "
           f"events {tot['other_messages']:,} ({tot['other_bytes'] / 1e6:.1f} MB of JSON), "
-          f"closes {r['closes']}", flush=True)
+          f"closes {r['closes']}, errors {r['errors']['by_kind']}", flush=True)
 
 
 for name, args, query in SETTINGS:
-    run(name, args, query)
+    if os.environ.get("ONLY", name) == name:
+        run(name, args, query)
