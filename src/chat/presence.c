@@ -21,7 +21,9 @@
 
 /* A typing event from one user in one chat goes out at most once per this long. */
 #define TYPING_EVERY_MS 2000
-/* Each node rewrites its entries on the bus this often (the Redis hash's expiry is 60 s). */
+/* Each node rewrites its entries on the bus this often (the Redis hash's expiry is 60 s), and
+ * reads every chat's snapshot again: a node taken for dead for a while (its heartbeat late,
+ * its users' leaves sent) is back for everyone within two periods. */
 #define PRESENCE_REFRESH_MS 20000
 
 typedef struct pres_node {
@@ -221,7 +223,7 @@ static int pres__cmp(const void *a, const void *b) {
 }
 
 /* {"event":"presence","chat_id":..,"users":[..]} (event NULL: the REST form, without it),
- * the users sorted. names: n more user ids (from a snapshot) to add, duplicates allowed. */
+ * the users sorted: c's (may be NULL) and n_more more (from a snapshot), without repeats. */
 static void pres__put_list(sbuf_t *sb, const char *event, const char *chat_id,
                            const pres_chat_t *c, const char *const *more, size_t n_more) {
     size_t n = (c ? c->n : 0) + n_more, k = 0;
@@ -447,7 +449,9 @@ void chat_presence_sweep(chat_server_t *s, uint64_t now) {
                         bus_presence_set(s->bus, c->id, u->name, true);
                     }
                 }
-            if (!c->n && !chat_room_find(s, c->id)) pres__chat_del(s, c);
+            bool room = chat_room_find(s, c->id) != NULL;
+            if (!c->n && !room) pres__chat_del(s, c);
+            else if (refresh && room && c->synced && !c->syncing) pres__sync(s, c);
         }
 }
 
