@@ -465,6 +465,7 @@ struct cass_op {
     cass_op_t *dup_next;
     /* edit/delete: the row before the change */
     store_msg_t row;
+    cass_op_t *change_next; /* a later change of the same message, started when this ends */
     /* reads */
     int32_t buckets[BUCKETS_PER_QUERY];
     int n_buckets, bucket_i;
@@ -609,6 +610,7 @@ static void store_finish_close(cass_store_t *s);
 static void chatq_pump(cass_store_t *s, chatq_t *q);
 static void append_bucket(cass_op_t *op);
 static void append_start_claim(cass_op_t *op);
+static void change_start(cass_op_t *op);
 
 static void claim_unlink(cass_op_t *op) {
     if (!op->claim_key) return;
@@ -695,6 +697,8 @@ static void op_done(cass_op_t *op, int status) {
     /* copied before delivery: the caller owns r once its callback runs */
     cass_op_t *dups = op->dups;
     op->dups = NULL;
+    cass_op_t *next_change = op->change_next;
+    op->change_next = NULL;
     store_msg_t orig = {0};
     bool have_orig = dups && status == 0 && msg_copy(&orig, &r->msg) == 0;
     op->finished = true;
@@ -715,6 +719,7 @@ static void op_done(cass_op_t *op, int status) {
         }
     }
     store_msg_clear(&orig);
+    if (next_change) change_start(next_change);
     if (s->closing && !s->ops) store_finish_close(s);
 }
 
@@ -1072,6 +1077,25 @@ static void on_row_read(const cql_result_t *res, void *data) {
     }
 }
 
+/* Changes of one message go one at a time, in submission order. Members get them in that order
+ * (the chat queue), so the row must end as the last says: two lightweight transactions in
+ * flight at once may apply in either order (the stored text would be an older edit's, or a
+ * delete would refuse the edit sent before it). Chains op behind the newest unfinished change of
+ * the same message in its chat's queue; true when op waits (op_done of that one starts it). */
+static bool change_wait(cass_op_t *op) {
+    cass_op_t *last = NULL;
+    for (cass_op_t *o = op->q->head; o && o != op; o = o->qnext) {
+        store_req_t *r = o->req;
+        if (!o->finished && (r->op == STORE_EDIT || r->op == STORE_DELETE) &&
+            r->id == op->req->id) {
+            last = o;
+        }
+    }
+    if (!last) return false;
+    last->change_next = op; /* the newest one has no successor yet: op is the next */
+    return true;
+}
+
 static void change_start(cass_op_t *op) {
     store_req_t *r = op->req;
     cql_value_t v[] = {cql_text(r->chat_id), cql_int(bucket_of(r->id)),
@@ -1242,7 +1266,9 @@ static int cs_submit(store_t *base, store_req_t *r) {
         rc = append_start(op);
         break;
     case STORE_EDIT:
-    case STORE_DELETE: change_start(op); break;
+    case STORE_DELETE:
+        if (!change_wait(op)) change_start(op);
+        break;
     default: read_start(op); break;
     }
     if (!rc) rc = op->sync_fail;
