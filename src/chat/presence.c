@@ -410,6 +410,7 @@ static void pres__chat_gc(chat_server_t *s, pres_chat_t *c, bool room_empty) {
             }
         }
     c->synced = c->syncing = false;
+    c->sync_gen = ++s->presence->gens; /* a snapshot still in flight is for the old room */
     if (!keep) pres__chat_del(s, c);
 }
 
@@ -449,9 +450,9 @@ void chat_presence_sweep(chat_server_t *s, uint64_t now) {
                         bus_presence_set(s->bus, c->id, u->name, true);
                     }
                 }
-            bool room = chat_room_find(s, c->id) != NULL;
-            if (!c->n && !room) pres__chat_del(s, c);
-            else if (refresh && room && c->synced && !c->syncing) pres__sync(s, c);
+            room_t *r = chat_room_find(s, c->id);
+            if (!c->n && !r) pres__chat_del(s, c);
+            else if (refresh && r && r->subscribed && !c->syncing) pres__sync(s, c);
         }
 }
 
