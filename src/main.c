@@ -73,7 +73,7 @@ static void usage(FILE *f) {
             "  --kafka-topic T          CHAT_KAFKA_TOPIC         the topic (default chat.events)\n"
             "  --outbox-max-rows N      CHAT_OUTBOX_MAX_ROWS     events waiting for Kafka beyond "
             "which sends are refused (default 1000000; 0: no limit)\n"
-            "  --rate-limit MSGS_PER_S  CHAT_RATE_LIMIT          sends (messages, edits, deletes) "
+            "  --rate-limit MSGS_PER_S  CHAT_RATE_LIMIT          sends (messages, edits, deletes, typing) "
             "a second per user on this node, WebSocket and REST together; beyond, rate_limited "
             "or 429 (default 0: no limit)\n"
             "  --rate-burst N           CHAT_RATE_BURST          sends a user may make at once "

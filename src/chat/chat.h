@@ -166,8 +166,8 @@ typedef struct chat_config {
     const char *kafka_brokers;
     const char *kafka_topic;
     uint64_t outbox_max_rows;
-    /* sends (messages, edits, deletes) per second per user on this node, WebSocket and REST
-     * together; 0: no limit. rate_burst: sends in a burst, 0: twice rate_limit (at least 1) */
+    /* sends (messages, edits, deletes, typing) per second per user on this node, WebSocket
+     * and REST together; 0: no limit. rate_burst: sends in a burst, 0: twice rate_limit (at least 1) */
     double rate_limit;
     double rate_burst;
     /* presence: a user's last connection to a chat closing is a presence:leave only if no
