@@ -675,9 +675,14 @@ function onEvent(c, ev) {
 const TYPING_SHOW_MS = 3500;
 const TYPING_SEND_MS = 2000; // the server forwards at most one per 2 s anyway
 
+const ONLINE_NAMES_MAX = 12; // a big room lists a few names and a count
+
 function renderOnline(c) {
   const names = [...c.online].sort();
-  el.online.textContent = names.length ? `Online: ${names.join(', ')}` : '';
+  const shown = names.slice(0, ONLINE_NAMES_MAX).join(', ');
+  const more = names.length - ONLINE_NAMES_MAX;
+  el.online.textContent = !names.length ? ''
+    : `Online: ${shown}${more > 0 ? ` and ${more} more` : ''}`;
   el.online.title = `${names.length} online`;
 }
 
