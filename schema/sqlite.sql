@@ -1,4 +1,4 @@
--- Scalable-Chat message store, SQLite backend: schema versions 1 and 2.
+-- Scalable-Chat message store, SQLite backend: schema versions 1 to 3.
 --
 -- This file is for humans (docs, ad-hoc inspection with the sqlite3 shell). The server
 -- embeds the same statements (src/store/store_sqlite.c, SCHEMA_V1) and applies them on
@@ -63,3 +63,15 @@ END;
 INSERT OR REPLACE INTO messages_fts (rowid, message, chat, author, chat_id)
     SELECT id, message, hex(chat_id), hex(user_from), chat_id FROM messages
     WHERE message IS NOT NULL AND deleted_at IS NULL;
+
+-- Version 3: read positions. One row per (chat, user): the newest message id the user has
+-- read in that chat (a message of that chat; the server checks). The server only ever moves
+-- message_id up (an upsert whose DO UPDATE has WHERE excluded.message_id > message_id), so a
+-- stale tab reporting an older message never moves it back. updated_at: Unix ms.
+CREATE TABLE IF NOT EXISTS read_positions (
+    chat_id    TEXT    NOT NULL,
+    user_id    TEXT    NOT NULL,
+    message_id INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (chat_id, user_id)
+) WITHOUT ROWID;

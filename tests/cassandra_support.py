@@ -7,8 +7,8 @@ Used by the functional suite when CHAT_TEST_STORE=cassandra, and by tests/cassan
     drop_store(url)                give the keyspace back (it is emptied and reused)
 
 The one idea: schema changes are the slow part of Cassandra (about 0.35 s to create a
-keyspace and its three tables, as much again to drop it; a table holds about a megabyte of
-heap, so a session cannot keep hundreds), while TRUNCATE of three small tables is a few tens
+keyspace and its four tables, as much again to drop it; a table holds about a megabyte of
+heap, so a session cannot keep hundreds), while TRUNCATE of four small tables is a few tens
 of milliseconds. So keyspaces are created by `chatctl migrate` (the same code as `make
 create-models`) a few at a time in a background thread, and recycled: drop_store truncates
 the tables in the background and puts the keyspace back in the pool. A test waits only when
@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "cassandra"
-TABLES = ("messages_by_chat", "chat_buckets", "message_client_ids")
+TABLES = ("messages_by_chat", "chat_buckets", "message_client_ids", "read_positions")
 POOL_TARGET = 3  # keyspaces kept ready ahead of the tests
 
 _lock = threading.Lock()

@@ -264,6 +264,12 @@ function renderRecent() {
     const a = h('a', null, '#' + id);
     a.href = chatHref(id);
     if (cur && cur.id === id) a.setAttribute('aria-current', 'page');
+    const n = unreadBadge(id);
+    if (n) {
+      const badge = h('span', 'badge', n);
+      badge.setAttribute('aria-label', `${n} unread`);
+      a.append(' ', badge);
+    }
     li.append(a);
     return li;
   });
@@ -421,7 +427,10 @@ function upsert(m, { fromHistory = false } = {}) {
 function insertSorted(li, id) {
   const list = el.messages;
   let after = list.lastElementChild;
-  while (after && idLess(id, after.dataset.id)) after = after.previousElementSibling;
+  // (the "New messages" line has no id: placeLine puts it back where it belongs)
+  while (after && (!after.dataset.id || idLess(id, after.dataset.id))) {
+    after = after.previousElementSibling;
+  }
   if (after) after.after(li);
   else list.prepend(li);
 }
@@ -603,6 +612,7 @@ async function refreshLatest(c) {
     const stick = nearBottom();
     for (const m of page.messages) upsert(m, { fromHistory: true });
     if (stick) toBottom();
+    unreadChanged(c);
   } catch { /* the socket is the source of truth; this was a courtesy */ }
 }
 
@@ -613,11 +623,13 @@ async function reloadHistory(c) {
   c.nextBefore = undefined;
   el.messages.replaceChildren();
   try { await loadLatest(c); } catch { /* the next reconnect tries again */ }
+  unreadChanged(c);
 }
 
 el.scroller.addEventListener('scroll', () => {
   if (el.scroller.scrollTop < 300) loadOlder();
   if (nearBottom()) el.jump.hidden = true;
+  if (cur) maybeRead(cur);
 }, { passive: true });
 
 el.jump.addEventListener('click', toBottom);
@@ -627,6 +639,10 @@ el.jump.addEventListener('click', toBottom);
 function onEvent(c, ev) {
   if (cur !== c) return;
   if (ev.chat_id && ev.chat_id !== c.id) return;
+  if (ev.event === 'read') {
+    onRead(c, ev);
+    return;
+  }
   if (ev.event === 'error') {
     if (ev.code === 'replay_too_large') reloadHistory(c);
     else if (ev.client_id && c.pendingEls.has(ev.client_id)) {
@@ -665,6 +681,7 @@ function onEvent(c, ev) {
   if (isNew && ev.event === 'message:message' && ev.user_from !== session.user) {
     el.announce.textContent = `${ev.user_from}: ${ev.message}`;
   }
+  unreadChanged(c);
 }
 
 // ---- who is online, who is typing -----------------------------------------------------------
@@ -736,11 +753,146 @@ function typed() {
   if (c.conn.sendNow({ event: 'typing' })) c.typingSent = now;
 }
 
+// ---- read positions ----------------------------------------------------------------------
+// The server keeps, per chat, the newest message this person has read (GET .../read and the
+// read event, which every tab of this person in the chat receives). The open chat: a "New
+// messages" line above the first message from someone else after the position the chat had
+// when it was opened (or when a message first arrived unseen), a badge counting what came
+// unseen, and a read sent, at most one a second, whenever the newest message is on screen in
+// a visible tab. The other chats of the recent list: their counts, asked of the server when
+// the list is drawn, when the tab comes back into view and every 30 s.
+
+const READ_EVERY_MS = 1000;
+const UNREAD_POLL_MS = 30000;
+const unreadCounts = new Map(); // chat id -> badge text for the chats not open here
+
+function laterId(a, b) {
+  if (!a) return b;
+  if (!b) return a;
+  return idLess(a, b) ? b : a;
+}
+
+async function loadReadPos(c) {
+  try {
+    const r = await api(`/api/chats/${encodeURIComponent(c.id)}/read`);
+    if (cur !== c) return;
+    c.readPos = laterId(c.readPos, r.message_id ? String(r.message_id) : null);
+    c.readAsked = laterId(c.readAsked, c.readPos);
+    if (!c.readLoaded) c.lineAfter = c.readPos;
+    c.readLoaded = true;
+  } catch {
+    // no line this time; reads still go out (the first acknowledgement brings the position)
+    if (cur === c) c.readLoaded = true;
+  }
+}
+
+// Messages from others after the read position, of those this page holds: with older
+// history not loaded yet and the position before it, there may be more ('+').
+function localUnread(c) {
+  let n = 0;
+  for (const rec of c.msgs.values()) {
+    if (!rec.deleted && rec.user_from !== session.user &&
+        (!c.readPos || idLess(c.readPos, rec.message_id))) n++;
+  }
+  const more = c.nextBefore && c.readPos && c.oldest && idLess(c.readPos, c.oldest);
+  return n ? String(n) + (more ? '+' : '') : '';
+}
+
+function unreadBadge(id) {
+  if (cur && cur.id === id) return cur.readLoaded ? localUnread(cur) : '';
+  return unreadCounts.get(id) || '';
+}
+
+function placeLine(c) {
+  let line = el.messages.querySelector('li.unread-line');
+  let first = null;
+  if (c.lineAfter) {
+    for (const li of el.messages.querySelectorAll('li.msg')) {
+      if (idLess(c.lineAfter, li.dataset.id) && !li.classList.contains('own')) {
+        first = li;
+        break;
+      }
+    }
+  }
+  if (!first) {
+    line?.remove();
+    return;
+  }
+  if (!line) {
+    line = h('li', 'unread-line', 'New messages');
+    line.setAttribute('role', 'separator');
+  }
+  if (first.previousElementSibling !== line) first.before(line);
+}
+
+// Something changed what is unread here: a message, a read, the list loaded.
+function unreadChanged(c) {
+  if (cur !== c) return;
+  // a message from someone else that arrives unseen, with no line shown: the line goes
+  // above it
+  if (!c.lineAfter && c.readLoaded && localUnread(c) && !seeing()) c.lineAfter = c.readPos || '0';
+  placeLine(c);
+  const n = c.readLoaded ? localUnread(c) : '';
+  document.title = (n ? `(${n}) ` : '') + `#${c.id} · Scalable-Chat`;
+  renderRecent();
+  maybeRead(c);
+}
+
+function seeing() {
+  return document.visibilityState === 'visible' && nearBottom();
+}
+
+// The newest message is on screen: tell the server (at most once per READ_EVERY_MS; the
+// last one waits for the end of the interval, so the final position always goes out).
+function maybeRead(c) {
+  if (cur !== c || !c.readLoaded || !seeing()) return;
+  const rows = el.messages.querySelectorAll('li.msg');
+  const newest = rows.length ? rows[rows.length - 1].dataset.id : null;
+  if (!newest || (c.readAsked && !idLess(c.readAsked, newest))) return;
+  const wait = c.readAt + READ_EVERY_MS - performance.now();
+  if (wait > 0) {
+    if (!c.readTimer) c.readTimer = setTimeout(() => { c.readTimer = 0; maybeRead(c); }, wait);
+    return;
+  }
+  if (c.conn.sendNow({ event: 'read', message_id: newest })) {
+    c.readAsked = newest;
+    c.readAt = performance.now();
+  }
+}
+
+// The position moved (this tab's read acknowledged, or another tab's): the badge follows.
+function onRead(c, ev) {
+  if (ev.user_from && ev.user_from !== session.user) return;
+  c.readPos = laterId(c.readPos, String(ev.message_id));
+  c.readAsked = laterId(c.readAsked, c.readPos);
+  unreadChanged(c);
+}
+
+async function refreshUnread() {
+  if (!session) return;
+  const ids = recentChats().filter((id) => !cur || id !== cur.id);
+  await Promise.all(ids.map(async (id) => {
+    try {
+      const r = await api(`/api/chats/${encodeURIComponent(id)}/read`);
+      unreadCounts.set(id, r.unread ? String(r.unread) + (r.unread_capped ? '+' : '') : '');
+    } catch { unreadCounts.delete(id); } // e.g. a chat this token may not read
+  }));
+  if (session) renderRecent();
+}
+
+document.addEventListener('visibilitychange', () => {
+  if (document.visibilityState !== 'visible') return;
+  if (cur) maybeRead(cur);
+  refreshUnread();
+});
+setInterval(refreshUnread, UNREAD_POLL_MS);
+
 // ---- joining a chat ----------------------------------------------------------------------
 
 function leave() {
   if (cur && cur.conn) cur.conn.stop();
   clearPresence(cur);
+  if (cur) clearTimeout(cur.readTimer);
   cur = null;
   closeSearch();
   el.messages.replaceChildren();
@@ -750,7 +902,10 @@ function leave() {
   el.menu.hidden = true;
   el.jump.hidden = true;
   setStatus('', '');
-  if (session) renderRecent();
+  if (session) {
+    renderRecent();
+    refreshUnread();
+  }
 }
 
 function join(id) {
@@ -758,6 +913,7 @@ function join(id) {
   const c = {
     id, msgs: new Map(), pendingEls: new Map(), oldest: null, nextBefore: undefined,
     loadingOlder: false, conn: null, online: new Set(), typing: new Map(), typingSent: -1e9,
+    readPos: null, readAsked: null, readAt: 0, readTimer: 0, lineAfter: null, readLoaded: false,
   };
   cur = c;
   addRecent(id);
@@ -773,7 +929,11 @@ function join(id) {
   c.conn = new ChatConnection({
     chatId: id, user: session.user, token: session.token, since: '0', outbox,
     hooks: {
-      prepare: () => loadLatest(c),
+      prepare: async () => {
+        const [ids] = await Promise.all([loadLatest(c), loadReadPos(c)]);
+        unreadChanged(c);
+        return ids;
+      },
       refreshToken: session.dev ? refreshDevToken : undefined,
       onEvent: (ev) => onEvent(c, ev),
       onState: (s, d) => { if (cur === c) setStatus(s, d); },
@@ -784,6 +944,8 @@ function join(id) {
         }
         if (again && cur === c) refreshLatest(c);
         if (cur === c) c.conn.sendNow({ event: 'presence:get' });
+        c.readAsked = c.readPos; // a read in flight on the old socket may be lost
+        maybeRead(c);
       },
       onAuthError: (status) => {
         if (cur !== c) return;

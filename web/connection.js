@@ -342,8 +342,8 @@ export class ChatConnection {
     if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(frame));
   }
 
-  // Send a frame that is not worth keeping (presence:get, typing): now if connected, else
-  // never. Returns whether it went.
+  // Send a frame that needs no retry if the socket is down (a read position: the next one
+  // after the reconnect says as much; presence:get and typing). true if it went out.
   sendNow(frame) {
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
     this.ws.send(JSON.stringify(frame));

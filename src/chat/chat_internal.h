@@ -17,14 +17,18 @@
  * frame nor see ours). Not stored, not delivered.
  * PROTO_TOKEN_REFRESH: {"event":"token:refresh","token":"..."}, a new token for an open
  * connection (session.c checks it and moves the connection's expiry). Not stored, not
- * delivered. */
-/* PROTO_TYPING: {"event":"typing"}, the sender is typing: forwarded to the other members
+ * delivered.
+ * PROTO_READ: {"event":"read","message_id":"..."}, the user's read position in the chat
+ * (read.c); message_id only as a decimal string.
+ * PROTO_TYPING: {"event":"typing"}, the sender is typing: forwarded to the other members
  * (presence.c), never stored. PROTO_PRESENCE_GET: {"event":"presence:get"}, answered
  * {"event":"presence","users":[..]} to the sender alone. */
-enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE, PROTO_PING, PROTO_TOKEN_REFRESH,
+enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE, PROTO_PING, PROTO_TOKEN_REFRESH, PROTO_READ,
        PROTO_TYPING, PROTO_PRESENCE_GET };
-/* allow_events flag: an object without "event" is a message:message (the REST body) */
-#define PROTO_IMPLICIT_MESSAGE (1u << 8)
+/* allow_events flag: an object without "event" is a message:message (the REST body); a bit
+ * above every (1 << PROTO_*) */
+#define PROTO_IMPLICIT_MESSAGE (1u << 16)
+_Static_assert(PROTO_PRESENCE_GET < 16, "PROTO_IMPLICIT_MESSAGE must stay above the kinds");
 
 #define PROTO_MAX_CLIENT_ID 128
 
@@ -34,7 +38,7 @@ typedef struct proto_cmd {
     const char *message;   /* PROTO_MESSAGE, PROTO_EDIT */
     size_t message_len;
     const char *client_id; /* optional; NULL if absent */
-    uint64_t message_id;   /* PROTO_EDIT, PROTO_DELETE */
+    uint64_t message_id;   /* PROTO_EDIT, PROTO_DELETE, PROTO_READ */
     const char *token;     /* PROTO_TOKEN_REFRESH: the token as sent, not yet checked */
     size_t token_len;
     const char *error;     /* after CHAT_EPROTO: a static, readable reason */
@@ -58,6 +62,9 @@ void proto_put_msg(sbuf_t *sb, const char *event, const store_msg_t *m);
  * after it), appended to sb: what the outbox keeps for Kafka (store_encode_fn). Pure, so
  * safe on the store's writer thread. */
 void proto_put_event(sbuf_t *sb, store_op_t op, const store_msg_t *m);
+/* Append the event of a read position: {"event":"read","chat_id":..,"message_id":..,
+ * "user_from":..} (user_from: whose position; only that user's connections receive it). */
+void proto_put_read(sbuf_t *sb, const char *chat_id, const char *user, uint64_t message_id);
 /* Append an error event {"event":"error","code":..,"detail":..} with the optional
  * client_id / message_id (0 = none) it refers to. */
 void proto_put_error(sbuf_t *sb, const char *code, const char *detail, const char *client_id,
@@ -345,9 +352,20 @@ void chat_session_expire_replayed(session_t *ss, uint64_t now);
 int chat_session_deliver(session_t *ss, buf_t *frame, bool is_new, uint64_t id);
 /* Send a close frame with code and reason, then close gracefully. */
 void chat_session_close(session_t *ss, uint16_t code, const char *reason);
+/* The flow control of a fast sender, after one of its commands was answered. */
+void chat_session_flow(session_t *ss);
 /* Submit a command from a session or a REST request; the op owns cmd afterwards. */
 int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
                 const char *chat_id, const char *user, proto_cmd_t *cmd);
+
+/* read.c: read positions */
+/* Store ss's user's read position at cmd->message_id (PROTO_READ); 0: the op owns cmd and
+ * answers later (the event to the user's connections, or an error to ss); < 0: nothing was
+ * submitted, cmd is still the caller's. */
+int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd);
+/* A bus event for room r: if it is a read event, hand it to the connections of the user it
+ * names (and no one else) and return true; false: not a read event, p is untouched. */
+bool chat_read_from_bus(room_t *r, const uint8_t *p, size_t n);
 
 /* routes.c */
 extern const conn_handler_t chat_http_handler;

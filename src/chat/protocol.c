@@ -62,6 +62,7 @@ int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_c
     else if (strcmp(e, "token:refresh") == 0) cmd->kind = PROTO_TOKEN_REFRESH;
     else if (strcmp(e, "typing") == 0) cmd->kind = PROTO_TYPING;
     else if (strcmp(e, "presence:get") == 0) cmd->kind = PROTO_PRESENCE_GET;
+    else if (strcmp(e, "read") == 0) cmd->kind = PROTO_READ;
     if (!cmd->kind || !(allow_events & (1u << cmd->kind)))
         return proto__fail(cmd, "unknown event");
     if (cmd->kind == PROTO_PING || cmd->kind == PROTO_TYPING || cmd->kind == PROTO_PRESENCE_GET)
@@ -77,6 +78,16 @@ int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_c
         return 0;
     }
 
+    if (cmd->kind == PROTO_READ) {
+        /* only the string form: a JSON number above 2^53 has already lost digits in a
+         * JavaScript client, and a position moved to a neighbour's id would be wrong */
+        if (!mid) return proto__fail(cmd, "missing \"message_id\"");
+        if (!mid_ok || !json_is_string(mid)) {
+            cmd->message_id = 0;
+            return proto__fail(cmd, "message_id must be a decimal id string");
+        }
+        return 0;
+    }
     if (cmd->kind != PROTO_MESSAGE && !mid_ok) {
         cmd->message_id = 0;
         return proto__fail(cmd, mid ? "message_id must be a decimal id string"
@@ -135,6 +146,14 @@ void proto_put_event(sbuf_t *sb, store_op_t op, const store_msg_t *m) {
                   : op == STORE_DELETE ? "message:delete"
                                        : "message:message",
                   m);
+}
+
+void proto_put_read(sbuf_t *sb, const char *chat_id, const char *user, uint64_t message_id) {
+    sbuf_puts(sb, "{\"event\":\"read\",\"chat_id\":");
+    sbuf_json_str(sb, chat_id, strlen(chat_id));
+    sbuf_printf(sb, ",\"message_id\":\"%" PRIu64 "\",\"user_from\":", message_id);
+    sbuf_json_str(sb, user, strlen(user));
+    sbuf_puts(sb, "}");
 }
 
 void proto_put_error(sbuf_t *sb, const char *code, const char *detail, const char *client_id,

@@ -431,6 +431,67 @@ static bool http__get_allowed(http_peer_t *hp, const http_request_t *req, const 
     return true;
 }
 
+/* ---- read positions (read.c) ---------------------------------------------------------- */
+
+static void http__read_done(store_req_t *req) {
+    op_t *op = req->data;
+    http_peer_t *hp = (http_peer_t *)op->origin;
+    chat_server_t *s = op->srv;
+    chat_record_latency(s, op->t0);
+    if (req->status < 0) {
+        s->m.store_errors++;
+        http__error(hp, 503, "store_unavailable", chat_strerror(req->status), op->keep_alive);
+    } else {
+        sbuf_t sb = {0};
+        sbuf_puts(&sb, "{\"chat_id\":");
+        sbuf_json_str(&sb, op->chat_id, strlen(op->chat_id));
+        if (req->read_id) sbuf_printf(&sb, ",\"message_id\":\"%" PRIu64 "\"", req->read_id);
+        else sbuf_puts(&sb, ",\"message_id\":null");
+        sbuf_printf(&sb, ",\"unread\":%" PRIu32 ",\"unread_capped\":%s}", req->unread,
+                    req->unread_capped ? "true" : "false");
+        http__json(hp, 200, &sb, op->keep_alive);
+        sbuf_free(&sb);
+    }
+    store_req_cleanup(req);
+    free(op);
+    http__resume(hp);
+    chat_peer_unref(&hp->peer);
+}
+
+/* GET /api/chats/{chat_id}/read: the caller's position and what is unread after it. */
+static void http__read(http_peer_t *hp, const http_request_t *req, const char *chat_id) {
+    chat_server_t *s = hp->peer.srv;
+    jwt_claims_t cl;
+    if (!http__get_allowed(hp, req, chat_id, &cl)) return;
+    bool ka = req->keep_alive;
+    op_t *op = calloc(1, sizeof(*op));
+    if (!op) {
+        http__error(hp, 500, "internal", "out of memory", false);
+        jwt_claims_free(&cl);
+        return;
+    }
+    op->srv = s;
+    op->origin = &hp->peer;
+    op->rest = true;
+    op->keep_alive = ka;
+    snprintf(op->chat_id, sizeof op->chat_id, "%s", chat_id);
+    snprintf(op->user, sizeof op->user, "%s", cl.sub);
+    jwt_claims_free(&cl);
+    op->req.op = STORE_READ_GET;
+    op->req.chat_id = op->chat_id;
+    op->req.user = op->user;
+    op->req.data = op;
+    op->req.cb = http__read_done;
+    op->t0 = uv_hrtime();
+    if (store_submit(s->store, &op->req) < 0) {
+        free(op);
+        http__error(hp, 503, "store_unavailable", "the store is not accepting requests", ka);
+        return;
+    }
+    hp->peer.refs++;
+    hp->busy = true;
+}
+
 /* ---- search -------------------------------------------------------------------------- */
 
 /* Both search routes parse the query here, so bad syntax is a 400 before any store work;
@@ -971,6 +1032,7 @@ static void http__route(http_peer_t *hp, const http_request_t *in) {
         {"/api/chats/", "/messages", false, http__messages},
         {"/api/chats/", "/search", false, http__search},
         {"/api/chats/", "/presence", false, http__presence},
+        {"/api/chats/", "/read", false, http__read},
     };
     for (size_t i = 0; i < sizeof chat_routes / sizeof chat_routes[0]; i++) {
         int m = http__match(p, n, chat_routes[i].prefix, chat_routes[i].suffix,

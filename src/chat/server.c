@@ -433,7 +433,7 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
     chat_server_t *s = ud;
     if (chat_presence_bus(s, chat_id, payload, len)) return;
     room_t *r = chat_room_find(s, chat_id);
-    if (!r) return;
+    if (!r || chat_read_from_bus(r, payload, len)) return;
     bool is_new;
     uint64_t id;
     if (!chat_event_peek(payload, len, &is_new, &id)) {

@@ -54,6 +54,8 @@ static void chat__flow(session_t *ss) {
     if (conn_queued(c) > target) conn_notify_drain(c, target);
 }
 
+void chat_session_flow(session_t *ss) { chat__flow(ss); }
+
 static void chat__send_json(session_t *ss, const sbuf_t *sb) {
     if (sb->oom) return;
     buf_t *f = ws_frame_new(WS_OP_TEXT, sb->p, sb->len);
@@ -359,8 +361,9 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
     proto_cmd_t cmd;
     int rc = proto_decode(data, len, (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) |
                                          (1u << PROTO_DELETE) | (1u << PROTO_PING) |
-                                         (1u << PROTO_TOKEN_REFRESH) | (1u << PROTO_TYPING) |
-                                         (1u << PROTO_PRESENCE_GET), &cmd);
+                                         (1u << PROTO_TOKEN_REFRESH) | (1u << PROTO_READ) |
+                                         (1u << PROTO_TYPING) | (1u << PROTO_PRESENCE_GET),
+                      &cmd);
     if (rc == CHAT_EINVAL) {
         chat_session_close(ss, WS_CLOSE_INVALID_DATA, "message is not a JSON object");
         return 1;
@@ -381,6 +384,14 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
     if (cmd.kind == PROTO_TOKEN_REFRESH) {
         chat__token_refresh(ss, &cmd);
         proto_cmd_free(&cmd);
+        return conn_is_closing(ss->peer.conn) ? 1 : 0;
+    }
+    if (cmd.kind == PROTO_READ) { /* read.c; not a send: --rate-limit does not count it */
+        if (chat_read_submit(s, ss, &cmd) < 0) {
+            chat__send_error(ss, "store_unavailable", "the read position could not be stored",
+                             NULL, cmd.message_id);
+            proto_cmd_free(&cmd);
+        }
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
     if (cmd.kind == PROTO_PRESENCE_GET) {

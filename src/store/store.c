@@ -81,4 +81,15 @@ void store_req_cleanup(store_req_t *r) {
     r->n_rows = 0;
     r->duplicate = false;
     r->status = 0;
+    r->read_id = 0;
+    r->read_moved = r->unread_capped = false;
+    r->unread = 0;
+}
+
+bool store_unread_add(store_req_t *r, const char *user_from, bool deleted) {
+    if (!deleted && strcmp(user_from, r->user) != 0 && ++r->unread >= STORE_UNREAD_CAP) {
+        r->unread_capped = true;
+        return false;
+    }
+    return true;
 }

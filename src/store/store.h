@@ -45,7 +45,21 @@ typedef enum store_op {
      * is only for logs), id (before; 0 = newest), limit. out: msgs, newest first, not
      * deleted, and marks. Other backends answer CHAT_EINVAL from submit. */
     STORE_SEARCH,
+    /* Read positions: one per (chat, user), the newest message id the user has read there.
+     * READ_SET in: chat_id user id (a message of the chat) at (Unix ms). Moves the position
+     * to id only if id is newer (monotonic: an older id leaves it). out: read_id (the
+     * position now, >= id), read_moved. CHAT_ENOTFOUND: no message id in this chat.
+     * READ_GET in: chat_id user. out: read_id (0: never read), unread, unread_capped. */
+    STORE_READ_SET,
+    STORE_READ_GET,
 } store_op_t;
+
+/* READ_GET's unread: the messages after the position, not deleted and not the user's own,
+ * newest first; counting stops at STORE_UNREAD_CAP (unread_capped) and looks at no more than
+ * STORE_UNREAD_SCAN messages (past which unread_capped too: "at least unread"), so a user
+ * who never read a busy chat costs one bounded read, not a walk through its history. */
+#define STORE_UNREAD_CAP 100
+#define STORE_UNREAD_SCAN 1000
 
 /* One outbox row: an event written in the same transaction as the change it describes.
  * Strings are owned by the containing request (freed by store_req_cleanup). */
@@ -107,6 +121,10 @@ struct store_req {
     /* SEARCH: per msgs[i], its text with each matched token between the bytes \x01 and
      * \x02 (NULL if none); NULL otherwise. Freed by store_req_cleanup. */
     char **marks;
+    uint64_t read_id;      /* READ_SET/READ_GET: the position after the request, 0: none */
+    bool read_moved;       /* READ_SET: this request moved it */
+    bool unread_capped;    /* READ_GET: unread is a lower bound (see STORE_UNREAD_CAP) */
+    uint32_t unread;       /* READ_GET */
     /* the caller's */
     void *data;
     store_cb cb;
@@ -182,6 +200,9 @@ static inline void store_outbox_stats(store_t *s, store_outbox_stats_t *out) {
 
 /* Free the outputs of a request (msg strings, msgs array) so it can be reused. */
 void store_req_cleanup(store_req_t *r);
+/* For backends: count one message of a READ_GET's scan (newest first, after the position)
+ * into r->unread. false: the cap is reached (r->unread_capped set), stop scanning. */
+bool store_unread_add(store_req_t *r, const char *user_from, bool deleted);
 /* Free a message's strings and zero it. */
 void store_msg_clear(store_msg_t *m);
 

@@ -349,6 +349,9 @@ enum {
     S_BUCKETS_ASC,
     S_HISTORY,
     S_AFTER,
+    S_READ_POS,
+    S_READ_MOVE,
+    S_UNREAD,
     S_COUNT
 };
 
@@ -378,6 +381,20 @@ static const char *const STMT_SQL[S_COUNT] = {
     [S_AFTER] = "SELECT " MSG_COLS " FROM %s.messages_by_chat"
                 " WHERE chat_id = ? AND bucket = ? AND message_id > ?"
                 " ORDER BY message_id ASC LIMIT ?",
+    /* Read positions (see the SCHEMA comment): the position is the largest message_id of
+     * the (user, chat) slice; a move inserts the new id and drops the smaller ones, in one
+     * single-partition batch, so it is atomic and the largest id ever written survives
+     * whatever the order in which concurrent moves land. */
+    [S_READ_POS] = "SELECT message_id FROM %s.read_positions WHERE user_id = ? AND chat_id = ?"
+                   " LIMIT 1",
+    [S_READ_MOVE] = "BEGIN UNLOGGED BATCH"
+                    " INSERT INTO %1$s.read_positions (user_id, chat_id, message_id, updated_at)"
+                    " VALUES (?, ?, ?, ?);"
+                    " DELETE FROM %1$s.read_positions WHERE user_id = ? AND chat_id = ?"
+                    " AND message_id < ?;"
+                    " APPLY BATCH",
+    [S_UNREAD] = "SELECT user_from, deleted FROM %s.messages_by_chat"
+                 " WHERE chat_id = ? AND bucket = ? AND message_id > ? LIMIT ?",
 };
 
 /* The schema, applied in order by migrate; %1$s is the keyspace, %2$s the replication map.
@@ -400,9 +417,21 @@ static const char *const SCHEMA[] = {
     " message_id bigint, created_at timestamp,"
     " PRIMARY KEY ((chat_id, user_from, client_id))"
     ")",
+    /* A read position is a max-register: each move adds its id as a row and removes the
+     * smaller ones (S_READ_MOVE), the position is the largest row. A row is only ever
+     * removed together with the write of a larger one, so the largest id written survives
+     * any interleaving of two tabs on two nodes, with no lightweight transaction: no Paxos
+     * round trips, and any consistency level. One partition per user: their chats side by
+     * side, one slice each. */
+    "CREATE TABLE IF NOT EXISTS %1$s.read_positions ("
+    " user_id text, chat_id text, message_id bigint, updated_at timestamp,"
+    " PRIMARY KEY ((user_id), chat_id, message_id)"
+    ") WITH CLUSTERING ORDER BY (chat_id ASC, message_id DESC)",
 };
 #define N_SCHEMA (sizeof SCHEMA / sizeof SCHEMA[0])
-static const char *const TABLES[] = {"messages_by_chat", "chat_buckets", "message_client_ids"};
+static const char *const TABLES[] = {"messages_by_chat", "chat_buckets", "message_client_ids",
+                                     "read_positions"};
+#define N_TABLES (sizeof TABLES / sizeof TABLES[0])
 
 typedef struct cass_op cass_op_t;
 
@@ -1106,6 +1135,7 @@ static void change_start(cass_op_t *op) {
 /* ---- history and after ------------------------------------------------------------------- */
 
 static void read_next(cass_op_t *op);
+static void unread_next(cass_op_t *op);
 
 static void on_rows(const cql_result_t *res, void *data) {
     cass_op_t *op = data;
@@ -1157,11 +1187,12 @@ static void on_buckets(const cql_result_t *res, void *data) {
     op->more_buckets = rows->n_rows == BUCKETS_PER_QUERY;
     if (op->n_buckets) {
         int32_t last = op->buckets[op->n_buckets - 1];
-        bool desc = op->req->op == STORE_HISTORY;
+        bool desc = op->req->op != STORE_AFTER;
         if (desc ? last == INT32_MIN : last == INT32_MAX) op->more_buckets = false;
         op->bucket_bound = desc ? last - 1 : last + 1;
     }
-    read_next(op);
+    if (op->req->op == STORE_READ_GET) unread_next(op);
+    else read_next(op);
 }
 
 /* Next step of a read: the next page of this bucket, the next bucket, the next list of
@@ -1207,6 +1238,135 @@ static void read_start(cass_op_t *op) {
     read_next(op);
 }
 
+/* ---- read positions ---------------------------------------------------------------------- */
+
+/* The position in res (an S_READ_POS answer) into *pos (0: none). */
+static int read_pos_of(const cql_result_t *res, uint64_t *pos) {
+    if (!rows_ok(res, 1)) return CHAT_EIO;
+    int64_t v = 0;
+    if (res->resp->rows.n_rows > 0 && cql_cell_bigint(cql_rows_cell(&res->resp->rows, 0, 0), &v))
+        return CHAT_EIO;
+    *pos = v > 0 ? (uint64_t)v : 0;
+    return 0;
+}
+
+static void on_read_moved(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    if (res->status) return op_fail_cql(op, res, "read_move");
+    op->req->read_id = op->req->id;
+    op->req->read_moved = true;
+    op_done(op, 0);
+}
+
+static void on_read_set_pos(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    store_req_t *r = op->req;
+    if (res->status) return op_fail_cql(op, res, "read_pos");
+    uint64_t pos;
+    if (read_pos_of(res, &pos)) return op_done(op, CHAT_EIO);
+    if (pos >= r->id) { /* already there or further: nothing to write */
+        r->read_id = pos;
+        return op_done(op, 0);
+    }
+    /* Another tab may move it meanwhile: the batch keeps the larger of the two anyway (see
+     * the schema), and the caller reports this move, which the client folds by max. */
+    cql_value_t v[] = {cql_text(r->user), cql_text(r->chat_id), cql_bigint((int64_t)r->id),
+                       cql_timestamp(r->at), cql_text(r->user), cql_text(r->chat_id),
+                       cql_bigint((int64_t)r->id)};
+    op_exec(op, S_READ_MOVE, v, 7, NULL, on_read_moved);
+}
+
+static void on_read_set_msg(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    store_req_t *r = op->req;
+    if (res->status) return op_fail_cql(op, res, "read_msg");
+    if (!rows_ok(res, 1)) return op_done(op, CHAT_EIO);
+    if (res->resp->rows.n_rows == 0) return op_done(op, CHAT_ENOTFOUND);
+    cql_value_t v[] = {cql_text(r->user), cql_text(r->chat_id)};
+    op_exec(op, S_READ_POS, v, 2, NULL, on_read_set_pos);
+}
+
+/* READ_SET: the message must be the chat's, then the position moves only up. */
+static void read_set_start(cass_op_t *op) {
+    store_req_t *r = op->req;
+    /* an id past INT64_MAX was never stored: as a negative bigint it finds no row */
+    cql_value_t v[] = {cql_text(r->chat_id), cql_int(bucket_of(r->id)),
+                       cql_bigint((int64_t)r->id)};
+    op_exec(op, S_GET, v, 3, NULL, on_read_set_msg);
+}
+
+/* READ_GET: the buckets newest first down to the position's, each read newest first for
+ * the messages after it, until the cap or STORE_UNREAD_SCAN rows (store.h). op->limit
+ * counts the rows still to look at. */
+static void on_unread_rows(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    store_req_t *r = op->req;
+    if (res->status) return op_fail_cql(op, res, "unread");
+    if (!rows_ok(res, 2)) return op_done(op, CHAT_EIO);
+    const cql_rows_t *rows = &res->resp->rows;
+    for (int32_t i = 0; i < rows->n_rows && op->limit > 0; i++) {
+        cql_str_t u = {"", 0};
+        bool deleted = false;
+        cql_cell_text(cql_rows_cell(rows, i, 0), &u);
+        cql_cell_bool(cql_rows_cell(rows, i, 1), &deleted);
+        char user[160];
+        snprintf(user, sizeof user, "%.*s", u.n < 159 ? (int)u.n : 159, u.p ? u.p : "");
+        op->limit--;
+        if (!store_unread_add(r, user, deleted)) return op_done(op, 0);
+    }
+    if (op->limit <= 0) {
+        r->unread_capped = true;
+        return op_done(op, 0);
+    }
+    free(op->paging);
+    op->paging = NULL;
+    op->paging_len = 0;
+    if (rows->paging_state.n > 0) {
+        if (!(op->paging = malloc((size_t)rows->paging_state.n))) return op_done(op, CHAT_ENOMEM);
+        memcpy(op->paging, rows->paging_state.p, (size_t)rows->paging_state.n);
+        op->paging_len = rows->paging_state.n;
+    } else {
+        op->bucket_i++;
+    }
+    unread_next(op);
+}
+
+static void unread_next(cass_op_t *op) {
+    store_req_t *r = op->req;
+    int32_t floor = r->read_id ? bucket_of(r->read_id) : INT32_MIN;
+    if (op->bucket_i >= op->n_buckets) {
+        if (!op->more_buckets || op->bucket_bound < floor) return op_done(op, 0);
+        cql_value_t v[] = {cql_text(r->chat_id), cql_int(op->bucket_bound),
+                           cql_int(BUCKETS_PER_QUERY)};
+        op->more_buckets = false;
+        op_exec(op, S_BUCKETS_DESC, v, 3, NULL, on_buckets);
+        return;
+    }
+    if (op->buckets[op->bucket_i] < floor) return op_done(op, 0);
+    cql_params_t p = CQL_PARAMS_DEFAULT;
+    p.page_size = op->limit < READ_PAGE_ROWS ? op->limit : READ_PAGE_ROWS;
+    if (op->paging) p.paging_state = (cql_bytes_t){op->paging, op->paging_len};
+    cql_value_t v[] = {cql_text(r->chat_id), cql_int(op->buckets[op->bucket_i]),
+                       cql_bigint((int64_t)r->read_id), cql_int(op->limit)};
+    op_exec(op, S_UNREAD, v, 4, &p, on_unread_rows);
+}
+
+static void on_read_get_pos(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    if (res->status) return op_fail_cql(op, res, "read_pos");
+    if (read_pos_of(res, &op->req->read_id)) return op_done(op, CHAT_EIO);
+    op->limit = STORE_UNREAD_SCAN;
+    op->bucket_bound = INT32_MAX;
+    op->more_buckets = true;
+    unread_next(op);
+}
+
+static void read_get_start(cass_op_t *op) {
+    store_req_t *r = op->req;
+    cql_value_t v[] = {cql_text(r->user), cql_text(r->chat_id)};
+    op_exec(op, S_READ_POS, v, 2, NULL, on_read_get_pos);
+}
+
 /* ---- the ops table ----------------------------------------------------------------------- */
 
 static int cs_submit(store_t *base, store_req_t *r) {
@@ -1224,6 +1384,12 @@ static int cs_submit(store_t *base, store_req_t *r) {
         break;
     case STORE_HISTORY:
     case STORE_AFTER: break;
+    case STORE_READ_SET:
+        if (!r->user || r->id == 0) return CHAT_EINVAL;
+        break;
+    case STORE_READ_GET:
+        if (!r->user) return CHAT_EINVAL;
+        break;
     default: return CHAT_EINVAL;
     }
     if (s->closing) return CHAT_ECLOSED;
@@ -1233,6 +1399,9 @@ static int cs_submit(store_t *base, store_req_t *r) {
     r->msgs = NULL;
     r->marks = NULL; /* STORE_SEARCH's, never this backend's */
     r->n_msgs = 0;
+    r->read_id = 0;
+    r->read_moved = r->unread_capped = false;
+    r->unread = 0;
     r->next_ = NULL;
     cass_op_t *op = calloc(1, sizeof *op);
     if (!op) return CHAT_ENOMEM;
@@ -1269,6 +1438,8 @@ static int cs_submit(store_t *base, store_req_t *r) {
     case STORE_DELETE:
         if (!change_wait(op)) change_start(op);
         break;
+    case STORE_READ_SET: read_set_start(op); break;
+    case STORE_READ_GET: read_get_start(op); break;
     default: read_start(op); break;
     }
     if (!rc) rc = op->sync_fail;
@@ -1331,7 +1502,7 @@ typedef struct sync_ctx {
     bool done;
     int status;
     char msg[600];
-    bool tables[3];
+    bool tables[N_TABLES];
 } sync_ctx_t;
 
 static void on_sync_ready(const cql_result_t *res, void *data) {
@@ -1350,7 +1521,7 @@ static void on_sync_query(const cql_result_t *res, void *data) {
         for (int32_t i = 0; i < rows->n_rows; i++) {
             cql_str_t t;
             if (cql_cell_text(cql_rows_cell(rows, i, 0), &t)) continue;
-            for (size_t k = 0; k < 3; k++) {
+            for (size_t k = 0; k < N_TABLES; k++) {
                 if (t.n == strlen(TABLES[k]) && memcmp(t.p, TABLES[k], t.n) == 0) {
                     x->tables[k] = true;
                 }
@@ -1426,7 +1597,7 @@ static int probe_schema(const cass_cfg_t *cfg, char *err, size_t errlen) {
             store__set_err(err, errlen, "cassandra: reading the schema failed: %s", x.msg);
             rc = CHAT_EIO;
         } else {
-            for (size_t k = 0; k < 3; k++) {
+            for (size_t k = 0; k < N_TABLES; k++) {
                 if (x.tables[k]) continue;
                 store__set_err(err, errlen,
                         "cassandra: keyspace \"%s\" has no table %s: create the schema with "

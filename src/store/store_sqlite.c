@@ -125,7 +125,19 @@ static const char SCHEMA_V2[] =
     "    SELECT id, message, hex(chat_id), hex(user_from), chat_id FROM messages\n"
     "    WHERE message IS NOT NULL AND deleted_at IS NULL;\n";
 
-const char *const store_sqlite_schema[] = {SCHEMA_V1, SCHEMA_V2};
+/* Version 3: read positions, one row per (chat, user): the newest message id the user has
+ * read in that chat. Clustered on the key like messages, so a position is one seek; the
+ * writer only ever moves message_id up (see do_read_set). */
+static const char SCHEMA_V3[] =
+    "CREATE TABLE IF NOT EXISTS read_positions (\n"
+    "    chat_id    TEXT    NOT NULL,\n"
+    "    user_id    TEXT    NOT NULL,\n"
+    "    message_id INTEGER NOT NULL,\n"
+    "    updated_at INTEGER NOT NULL,\n"
+    "    PRIMARY KEY (chat_id, user_id)\n"
+    ") WITHOUT ROWID;\n";
+
+const char *const store_sqlite_schema[] = {SCHEMA_V1, SCHEMA_V2, SCHEMA_V3};
 
 /* The outbox of the Kafka relay (src/stream/): created by outbox_enable, that is only when a
  * relay is configured, so that a store without one pays nothing for it. Not a schema
@@ -155,6 +167,7 @@ typedef struct reader {
     uv_thread_t tid;
     sqlite3 *db;
     sqlite3_stmt *history, *after, *search;
+    sqlite3_stmt *read_pos, *unread; /* READ_GET */
     sqlite3_stmt *outbox; /* prepared at its first use: the table may be newer than db */
 } reader_t;
 
@@ -168,6 +181,7 @@ struct sqlite_store {
     sqlite3_stmt *begin, *commit, *rollback;
     sqlite3_stmt *insert, *by_client, *edit, *del, *get;
     sqlite3_stmt *fts_insert; /* an appended message into messages_fts (SCHEMA_V2) */
+    sqlite3_stmt *read_set, *read_get; /* READ_SET (SCHEMA_V3) */
 
     reader_t readers[N_READERS];
     int n_readers_started;
@@ -572,6 +586,15 @@ static int prepare_writer(sqlite_store_t *s) {
                 "INSERT OR REPLACE INTO messages_fts (rowid, message, chat, author, chat_id)"
                 " VALUES (?2, ?4, hex(?1), hex(?3), ?1)",
                 &s->fts_insert) ||
+        /* the WHERE of the upsert keeps the position monotonic inside the one writer */
+        prepare(db,
+                "INSERT INTO read_positions (chat_id, user_id, message_id, updated_at)"
+                " VALUES (?1, ?2, ?3, ?4) ON CONFLICT (chat_id, user_id) DO UPDATE"
+                " SET message_id = excluded.message_id, updated_at = excluded.updated_at"
+                " WHERE excluded.message_id > read_positions.message_id",
+                &s->read_set) ||
+        prepare(db, "SELECT message_id FROM read_positions WHERE chat_id = ?1 AND user_id = ?2",
+                &s->read_get) ||
         (s->ob_on && prepare_outbox(s))) {
         log_error("store_prepare_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(db)));
         return CHAT_EIO;
@@ -582,7 +605,8 @@ static int prepare_writer(sqlite_store_t *s) {
 static void close_writer_db(sqlite_store_t *s) {
     sqlite3_stmt **sts[] = {&s->begin, &s->commit, &s->rollback, &s->insert,
                             &s->by_client, &s->edit, &s->del, &s->get,
-                            &s->ob_insert, &s->ob_delete, &s->fts_insert};
+                            &s->ob_insert, &s->ob_delete, &s->fts_insert,
+                            &s->read_set, &s->read_get};
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++) {
         sqlite3_finalize(*sts[i]);
         *sts[i] = NULL;
@@ -614,7 +638,13 @@ static int open_reader(sqlite_store_t *s, reader_t *rd, char *err, size_t errlen
                 " WHERE messages_fts MATCH ?1 AND messages_fts.rowid < ?2"
                 " AND m.deleted_at IS NULL"
                 " ORDER BY messages_fts.rowid DESC LIMIT ?3",
-                &rd->search)) {
+                &rd->search) ||
+        prepare(rd->db, "SELECT message_id FROM read_positions WHERE chat_id = ?1 AND user_id = ?2",
+                &rd->read_pos) ||
+        prepare(rd->db,
+                "SELECT user_from, deleted_at IS NOT NULL FROM messages"
+                " WHERE chat_id = ?1 AND id > ?2 ORDER BY id DESC LIMIT ?3",
+                &rd->unread)) {
         store__set_err(err, errlen, "%s: %s", s->path, sqlite3_errmsg(rd->db));
         log_error("store_prepare_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(rd->db)));
         return CHAT_EIO;
@@ -627,7 +657,9 @@ static void close_reader_db(reader_t *rd) {
     sqlite3_finalize(rd->after);
     sqlite3_finalize(rd->outbox);
     sqlite3_finalize(rd->search);
-    rd->history = rd->after = rd->outbox = rd->search = NULL;
+    sqlite3_finalize(rd->read_pos);
+    sqlite3_finalize(rd->unread);
+    rd->history = rd->after = rd->outbox = rd->search = rd->read_pos = rd->unread = NULL;
     sqlite3_close(rd->db);
     rd->db = NULL;
 }
@@ -773,6 +805,82 @@ static int do_change(sqlite_store_t *s, store_req_t *r) {
     return rc;
 }
 
+/* The position of (chat, user) through st (writer's or reader's): 0 if none. */
+static int read_position(sqlite3_stmt *st, store_req_t *r, uint64_t *out) {
+    sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, r->user, -1, SQLITE_STATIC);
+    int rc = sqlite3_step(st);
+    *out = rc == SQLITE_ROW ? (uint64_t)sqlite3_column_int64(st, 0) : 0;
+    sqlite3_reset(st);
+    return rc == SQLITE_ROW || rc == SQLITE_DONE ? SQLITE_OK : rc;
+}
+
+/* READ_SET: the message must be one of the chat's (deleted or not); then the upsert moves
+ * the position only upwards. One writer, so nothing moves between the upsert and the read
+ * of the result. */
+static int do_read_set(sqlite_store_t *s, store_req_t *r) {
+    if (r->id > (uint64_t)INT64_MAX) {
+        r->status = CHAT_ENOTFOUND;
+        return SQLITE_OK;
+    }
+    sqlite3_stmt *st = s->get;
+    sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)r->id);
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    if (rc == SQLITE_DONE) {
+        r->status = CHAT_ENOTFOUND;
+        return SQLITE_OK;
+    }
+    if (rc != SQLITE_ROW) return rc;
+    st = s->read_set;
+    sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, r->user, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, (sqlite3_int64)r->id);
+    sqlite3_bind_int64(st, 4, r->at);
+    rc = sqlite3_step(st);
+    r->read_moved = rc == SQLITE_DONE && sqlite3_changes(s->wdb) > 0;
+    sqlite3_reset(st);
+    if (rc != SQLITE_DONE) {
+        log_error("store_read_set_failed chat=%s err=%s", r->chat_id,
+                  LOG_STR(sqlite3_errmsg(s->wdb)));
+        return rc;
+    }
+    rc = read_position(s->read_get, r, &r->read_id);
+    if (rc == SQLITE_OK) r->status = 0;
+    return rc;
+}
+
+/* READ_GET: the position, then the messages after it, newest first, bounded (store.h). */
+static void do_read_get(reader_t *rd, store_req_t *r) {
+    int rc = read_position(rd->read_pos, r, &r->read_id);
+    sqlite3_stmt *st = rd->unread;
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, r->chat_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (sqlite3_int64)r->read_id);
+        sqlite3_bind_int(st, 3, STORE_UNREAD_SCAN);
+        int n = 0;
+        while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+            const char *u = (const char *)sqlite3_column_text(st, 0);
+            n++;
+            if (!store_unread_add(r, u ? u : "", sqlite3_column_int(st, 1) != 0)) {
+                rc = SQLITE_DONE;
+                break;
+            }
+        }
+        if (n == STORE_UNREAD_SCAN) r->unread_capped = true;
+        sqlite3_reset(st);
+        if (rc == SQLITE_DONE) rc = SQLITE_OK;
+    }
+    if (rc != SQLITE_OK) {
+        log_error("store_read_get_failed chat=%s err=%s", LOG_STR(r->chat_id),
+                  LOG_STR(sqlite3_errmsg(rd->db)));
+        r->read_id = r->unread = 0;
+        r->unread_capped = false;
+    }
+    r->status = rc == SQLITE_OK ? 0 : CHAT_EIO;
+}
+
 /* The event of a change that just succeeded, into the outbox, in the same transaction. */
 static int ob_write(sqlite_store_t *s, store_req_t *r) {
     sbuf_t *b = &s->ob_buf;
@@ -836,6 +944,8 @@ static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
     for (store_req_t *r = batch; r; r = r->next_) {
         if (r->op == STORE_OUTBOX_DELETE) {
             rc = ob_delete(s, r, &removed);
+        } else if (r->op == STORE_READ_SET) { /* no event of a message: not in the outbox */
+            rc = do_read_set(s, r);
         } else if (s->ob_on && s->ob.max_rows &&
                    s->ob_rows + added - removed >= (int64_t)s->ob.max_rows) {
             /* The relay is that far behind (Kafka down for long): refuse rather than store
@@ -1159,6 +1269,8 @@ static void reader_main(void *arg) {
         if (!r) break; /* closing, and every queued read served */
         if (r->op == STORE_OUTBOX_READ) {
             do_outbox_read(rd, r);
+        } else if (r->op == STORE_READ_GET) {
+            do_read_get(rd, r);
         } else {
             do_read(rd, r);
         }
@@ -1275,6 +1387,13 @@ static int sq_submit(store_t *base, store_req_t *r) {
     case STORE_AFTER:
         write = false;
         break;
+    case STORE_READ_SET:
+        if (!r->user || r->id == 0) return CHAT_EINVAL;
+        break;
+    case STORE_READ_GET:
+        if (!r->user) return CHAT_EINVAL;
+        write = false;
+        break;
     case STORE_OUTBOX_READ:
         if (!s->ob_on) return CHAT_EINVAL;
         write = false;
@@ -1293,6 +1412,9 @@ static int sq_submit(store_t *base, store_req_t *r) {
     r->n_msgs = 0;
     r->rows = NULL;
     r->n_rows = 0;
+    r->read_id = 0;
+    r->read_moved = r->unread_capped = false;
+    r->unread = 0;
     r->next_ = NULL;
 
     bool wake;

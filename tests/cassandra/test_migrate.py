@@ -9,7 +9,7 @@ import cassandra_support as cs
 
 from conftest import REPO, Chatd, clean_env
 
-TABLES = ["chat_buckets", "message_client_ids", "messages_by_chat"]
+TABLES = ["chat_buckets", "message_client_ids", "messages_by_chat", "read_positions"]
 
 
 def keyspace_row(session, ks):

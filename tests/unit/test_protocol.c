@@ -110,6 +110,42 @@ static void test_token_refresh(void) {
     proto_cmd_free(&c);
 }
 
+/* read: a message id, as a decimal string only; the rest is a bad_request. */
+static void test_read(void) {
+    unsigned ws = ALL | (1u << PROTO_READ);
+    proto_cmd_t c;
+    CHECK_INT(decode("{\"event\":\"read\",\"message_id\":\"917917428858486784\"}", ws, &c), 0);
+    CHECK_INT(c.kind, PROTO_READ);
+    CHECK(c.message_id == 917917428858486784ull);
+    CHECK(c.message == NULL);
+    proto_cmd_free(&c);
+    static const struct {
+        const char *json, *why;
+    } bad[] = {
+        {"{\"event\":\"read\"}", "missing \"message_id\""},
+        {"{\"event\":\"read\",\"message_id\":42}", "message_id must be a decimal id string"},
+        {"{\"event\":\"read\",\"message_id\":\"4x\"}", "message_id must be a decimal id string"},
+        {"{\"event\":\"read\",\"message_id\":\"0\"}", "message_id must be a decimal id string"},
+        {"{\"event\":\"read\",\"message_id\":null}", "message_id must be a decimal id string"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        CHECK_INT(decode(bad[i].json, ws, &c), CHAT_EPROTO);
+        CHECK_STR(c.error, bad[i].why);
+        CHECK_INT(c.message_id, 0);
+        proto_cmd_free(&c);
+    }
+    CHECK_INT(decode("{\"event\":\"read\",\"message_id\":\"1\"}",
+                     (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE, &c),
+              CHAT_EPROTO);
+    CHECK_STR(c.error, "unknown event");
+    proto_cmd_free(&c);
+    sbuf_t sb = {0};
+    proto_put_read(&sb, "general", "al\"ice", 12);
+    CHECK_STR(sb.p, "{\"event\":\"read\",\"chat_id\":\"general\",\"message_id\":\"12\","
+                    "\"user_from\":\"al\\\"ice\"}");
+    sbuf_free(&sb);
+}
+
 static void test_bad_requests(void) {
     static const char *bad[] = {
         "{}",
@@ -218,6 +254,7 @@ int main(void) {
     RUN(test_ping);
     RUN(test_token_refresh);
     RUN(test_typing_presence);
+    RUN(test_read);
     RUN(test_bad_requests);
     RUN(test_not_an_object);
     RUN(test_allowed_events);

@@ -199,7 +199,7 @@ static void test_migrate_and_open(void) {
     CHECK_INT(cql_sync("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", v,
                        1, &q),
               0);
-    CHECK_INT(q.count, 3);
+    CHECK_INT(q.count, 4);
     CHECK_INT(cql_sync("SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?",
                        v, 1, &q),
               0);
@@ -498,6 +498,79 @@ static void test_buckets(void) {
     close_store(s);
 }
 
+/* Read positions: only the chat's messages, only upwards (also when moves race), and the
+ * unread count walks the buckets after the position, newest first. */
+static int race_done;
+static void on_race(store_req_t *r) {
+    (void)r;
+    race_done++;
+}
+
+static void test_read_positions(void) {
+    store_t *s = open_store(url);
+    CHECK(s != NULL);
+    int64_t day = 86400000, t = now_ms();
+    const int64_t ages[] = {35, 15, 15, 0, 0};
+    const char *from[] = {"bob", "bob", "alice", "bob", "bob"};
+    enum { N = 5 };
+    uint64_t ids[N];
+    for (int i = 0; i < N; i++) {
+        int64_t at = t - ages[i] * day + i;
+        ids[i] = id_at(at, (unsigned)i);
+        store_req_t r = append_req("rp", from[i], "m", NULL, ids[i], at);
+        CHECK_INT(run_req(s, &r), 0);
+        store_req_cleanup(&r);
+    }
+    store_req_t g = {.op = STORE_READ_GET, .chat_id = "rp", .user = "alice"};
+    CHECK_INT(run_req(s, &g), 0);
+    CHECK(g.read_id == 0);
+    CHECK_INT(g.unread, 4);
+    CHECK(!g.unread_capped);
+    store_req_cleanup(&g);
+
+    store_req_t r = {.op = STORE_READ_SET, .chat_id = "other", .user = "alice", .id = ids[1],
+                     .at = t};
+    CHECK_INT(run_req(s, &r), CHAT_ENOTFOUND);
+    store_req_cleanup(&r);
+    r = (store_req_t){.op = STORE_READ_SET, .chat_id = "rp", .user = "alice", .id = ids[0],
+                      .at = t};
+    CHECK_INT(run_req(s, &r), 0);
+    CHECK(r.read_moved && r.read_id == ids[0]);
+    store_req_cleanup(&r);
+    g = (store_req_t){.op = STORE_READ_GET, .chat_id = "rp", .user = "alice"};
+    CHECK_INT(run_req(s, &g), 0);
+    CHECK(g.read_id == ids[0]);
+    CHECK_INT(g.unread, 3); /* across two newer buckets; alice's own does not count */
+    store_req_cleanup(&g);
+
+    /* moves racing each other in any order end at the largest */
+    const int order[] = {3, 1, 4, 2, 1, 3};
+    store_req_t rs[6];
+    race_done = 0;
+    for (int i = 0; i < 6; i++) {
+        rs[i] = (store_req_t){.op = STORE_READ_SET, .chat_id = "rp", .user = "alice",
+                              .id = ids[order[i]], .at = t + i, .cb = on_race};
+        CHECK_INT(store_submit(s, &rs[i]), 0);
+    }
+    while (race_done < 6) uv_run(&loop, UV_RUN_ONCE);
+    for (int i = 0; i < 6; i++) {
+        CHECK_INT(rs[i].status, 0);
+        CHECK(rs[i].read_id >= ids[order[i]]);
+        store_req_cleanup(&rs[i]);
+    }
+    r = (store_req_t){.op = STORE_READ_SET, .chat_id = "rp", .user = "alice", .id = ids[2],
+                      .at = t};
+    CHECK_INT(run_req(s, &r), 0);
+    CHECK(!r.read_moved && r.read_id == ids[4]);
+    store_req_cleanup(&r);
+    g = (store_req_t){.op = STORE_READ_GET, .chat_id = "rp", .user = "alice"};
+    CHECK_INT(run_req(s, &g), 0);
+    CHECK(g.read_id == ids[4]);
+    CHECK_INT(g.unread, 0);
+    store_req_cleanup(&g);
+    close_store(s);
+}
+
 typedef struct ord {
     int *order;
     int n;
@@ -790,7 +863,7 @@ static void test_schema_file_matches_migrate(void) {
         CHECK_INT(cql_sync(q, NULL, 0, &r), 0);
         applied++;
     }
-    CHECK_INT(applied, 4);
+    CHECK_INT(applied, 5);
     const char *sel = "SELECT table_name, column_name, kind, position, clustering_order, type "
                       "FROM system_schema.columns WHERE keyspace_name = ?";
     qres_t a, b;
@@ -1045,6 +1118,7 @@ int main(void) {
     RUN(test_claim_without_message_is_repaired);
     RUN(test_edit_delete);
     RUN(test_buckets);
+    RUN(test_read_positions);
     RUN(test_write_order_and_paging);
     RUN(test_appends_visible_in_id_order);
     RUN(test_failed_batch);

@@ -1055,6 +1055,73 @@ static void test_close_from_callback(void) {
     CHECK_INT(fx_done(&f), 0);
 }
 
+/* Read positions: only a message of the chat, only upwards, and the unread count bounded. */
+static store_req_t mk_readpos(store_op_t op, const char *chat, const char *user, uint64_t id) {
+    store_req_t r = mk_change(op, chat, user, NULL, id, 1700000000000);
+    return r;
+}
+
+static void test_read_positions(void) {
+    fx_t f;
+    CHECK(fx_init(&f));
+    CHECK_INT(fx_open(&f), 0);
+    for (uint64_t id = 10; id < 10 + STORE_UNREAD_CAP + 5; id++)
+        CHECK_INT(append1(&f, "c", id == 11 ? "alice" : "bob", "m", NULL, id), 0);
+    CHECK_INT(append1(&f, "other", "bob", "m", NULL, 5), 0);
+    store_req_t d = mk_change(STORE_DELETE, "c", "bob", NULL, 12, 1);
+    CHECK_INT(run_req(&f, &d), 0);
+    CHECK_INT(d.status, 0);
+    store_req_cleanup(&d);
+
+    store_req_t g = mk_readpos(STORE_READ_GET, "c", "alice", 0);
+    CHECK_INT(run_req(&f, &g), 0);
+    CHECK_INT(g.status, 0);
+    CHECK_INT(g.read_id, 0);
+    CHECK_INT(g.unread, STORE_UNREAD_CAP);
+    CHECK(g.unread_capped);
+    store_req_cleanup(&g);
+
+    store_req_t r = mk_readpos(STORE_READ_SET, "c", "alice", 5); /* the other chat's */
+    CHECK_INT(run_req(&f, &r), 0);
+    CHECK_INT(r.status, CHAT_ENOTFOUND);
+    store_req_cleanup(&r);
+    r = mk_readpos(STORE_READ_SET, "c", "alice", 100);
+    CHECK_INT(run_req(&f, &r), 0);
+    CHECK_INT(r.status, 0);
+    CHECK(r.read_moved);
+    CHECK_INT(r.read_id, 100);
+    store_req_cleanup(&r);
+    r = mk_readpos(STORE_READ_SET, "c", "alice", 12); /* older, and deleted: allowed, no move */
+    CHECK_INT(run_req(&f, &r), 0);
+    CHECK_INT(r.status, 0);
+    CHECK(!r.read_moved);
+    CHECK_INT(r.read_id, 100);
+    store_req_cleanup(&r);
+
+    g = mk_readpos(STORE_READ_GET, "c", "alice", 0);
+    CHECK_INT(run_req(&f, &g), 0);
+    CHECK_INT(g.read_id, 100);
+    CHECK_INT(g.unread, 14); /* 101..114 */
+    CHECK(!g.unread_capped);
+    store_req_cleanup(&g);
+    /* bob: alice's 11 counts, his own and the deleted 12 do not */
+    g = mk_readpos(STORE_READ_GET, "c", "bob", 0);
+    CHECK_INT(run_req(&f, &g), 0);
+    CHECK_INT(g.read_id, 0);
+    CHECK_INT(g.unread, 1);
+    CHECK(!g.unread_capped);
+    store_req_cleanup(&g);
+
+    /* durable: a reopened store has the position */
+    CHECK_INT(fx_close_store(&f), 1);
+    CHECK_INT(fx_open(&f), 0);
+    g = mk_readpos(STORE_READ_GET, "c", "alice", 0);
+    CHECK_INT(run_req(&f, &g), 0);
+    CHECK_INT(g.read_id, 100);
+    store_req_cleanup(&g);
+    CHECK_INT(fx_done(&f), 0);
+}
+
 /* The schema file and the DDL compiled into the binary must not drift apart. */
 static char *normalize_sql(const char *in) {
     size_t n = strlen(in);
@@ -1147,6 +1214,7 @@ int main(void) {
     RUN(test_idempotent_append);
     RUN(test_edit);
     RUN(test_delete);
+    RUN(test_read_positions);
     RUN(test_durability_reopen);
     RUN(test_group_commit);
     RUN(test_wal_checkpointed_in_background);
