@@ -1,4 +1,4 @@
-# Scalable-Chat. `make` builds build/chatd and build/chatctl; `make run` installs what
+# Scalable-Chat. `make` builds build/chatd, build/chatctl and build/chat-indexer; `make run` installs what
 # building and running need if it is missing, builds, and starts a chat on the embedded store;
 # `make test` installs what is missing, builds, and runs every test.
 
@@ -13,11 +13,11 @@ STORE   ?= sqlite:$(DATA_DIR)/chat.db
 WARN    := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wstrict-prototypes
 CFLAGS  ?= -O2 -g
 BASEFLAGS := -std=c11 -D_GNU_SOURCE -Isrc $(WARN) -pthread -MMD -MP
-LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lrdkafka -lcrypto -lz -lpthread -lm
+LDLIBS  := -luv -ljansson -lhttp_parser -lsqlite3 -lhiredis -lcurl -lrdkafka -lssl -lcrypto -lz -lpthread -lm
 
 LIB_SRC := $(sort $(wildcard src/core/*.c src/http/*.c src/ws/*.c src/chat/*.c src/cql/*.c \
                               src/store/*.c src/bus/*.c src/stream/*.c \
-                              src/search/*.c))
+                              src/search/*.c src/indexer/*.c))
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
 FUZZ_SRC := $(sort $(wildcard tests/fuzz/fuzz_*.c))
 
@@ -26,7 +26,7 @@ B := build
 LIB_OBJ := $(LIB_SRC:%.c=$(B)/obj/%.o)
 UNITS := $(UNIT_SRC:tests/unit/%.c=$(B)/tests/%)
 
-all: $(B)/chatd $(B)/chatctl $(B)/chat-bench
+all: $(B)/chatd $(B)/chatctl $(B)/chat-indexer $(B)/chat-bench
 
 $(B)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -40,6 +40,10 @@ $(B)/chatd: $(B)/obj/src/main.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 $(B)/chatctl: $(B)/obj/src/chatctl.o $(B)/libchat.a
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
+# the Kafka -> OpenSearch/Elasticsearch sink (README, "Search at scale")
+$(B)/chat-indexer: $(B)/obj/src/chat_indexer.o $(B)/libchat.a
 	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 # the load generator (bench/README.md)
@@ -74,6 +78,9 @@ $(SB)/chatd: $(SB)/obj/src/main.o $(SB)/libchat.a
 $(SB)/chatctl: $(SB)/obj/src/chatctl.o $(SB)/libchat.a
 	$(CC) $(SAN) -pthread -o $@ $^ $(LDLIBS)
 
+$(SB)/chat-indexer: $(SB)/obj/src/chat_indexer.o $(SB)/libchat.a
+	$(CC) $(SAN) -pthread -o $@ $^ $(LDLIBS)
+
 # The functional suite against the sanitizer build of the server: every error, and any leak
 # at exit, fails the server's exit code and so the test. A small quarantine keeps RSS
 # meaningful for the memory checks.
@@ -103,7 +110,7 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 # ---- targets ----------------------------------------------------------------------------
 .PHONY: all run test deps deps-run unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
         bench-full cluster cluster-stop cluster-tests create-models test-suites \
-        functional-cassandra cassandra-tests components-tests soak stream-tests \
+        functional-cassandra cassandra-tests components-tests soak stream-tests search-tests \
         clean format
 
 # No secret configured: dev mode, which prints the secret and how to mint a token. The
@@ -191,7 +198,7 @@ test: deps
 # release build (the build `make run` starts; browser, cluster and stream suites use it too).
 # A third pass (release on SQLite) found nothing the two did not and cost 3 of 15 minutes.
 test-suites: unit unit-asan fuzz-replay functional-asan browser cluster-tests \
-             functional-cassandra cassandra-tests components-tests stream-tests
+             functional-cassandra cassandra-tests components-tests stream-tests search-tests
 
 # the functional suite again, each server on a fresh keyspace of the real Cassandra
 functional-cassandra: all
@@ -218,6 +225,16 @@ soak: all
 # stopped and started again by the outage tests; real chatd and chatctl (about a minute).
 stream-tests: all
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/stream
+
+# the cost of sealing a flush with TLS, CPU only (bench/tls_compare runs it)
+$(B)/tls_seal: $(B)/obj/bench/tls_seal.o $(B)/libchat.a
+	$(CC) $(CFLAGS) -pthread -o $@ $^ $(LDLIBS)
+
+# The search pipeline end to end (tests/search/): chatd -> Kafka -> chat-indexer ->
+# OpenSearch -> chatd's search API, one real Kafka and one real OpenSearch for the suite,
+# stopped and started again by the outage tests (about a minute and a half).
+search-tests: all
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/search
 
 # store throughput and history latency, SQLite and Cassandra side by side (bench/RESULTS.md)
 $(B)/store_bench: $(B)/obj/bench/store_bench.o $(B)/libchat.a

@@ -12,6 +12,9 @@
  * The same workload drives several servers: a protocol is a small struct of functions
  * (the upgrade path, connect/subscribe/publish encoders, a classifier of incoming
  * messages). chatd and Centrifugo (v6 JSON protocol) are implemented.
+ *
+ * --tls speaks TLS (wss://) the way the server does: OpenSSL on memory BIOs on the loop,
+ * plaintext queued during the turn and encrypted into one write at the flush.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -19,6 +22,9 @@
 #include <jansson.h>
 #include <math.h>
 #include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -230,6 +236,8 @@ typedef struct opts {
     double rate, duration, warmup, drain, connect_rate, connect_timeout, hold;
     unsigned connect_inflight;
     bool idle, json_only;
+    bool tls, insecure; /* wss://; --insecure: no certificate check */
+    const char *ca;     /* --ca FILE: verify the server against it */
 } opts_t;
 
 enum { C_NEW, C_TCP, C_UPGRADE, C_JOIN, C_READY, C_CLOSING, C_CLOSED };
@@ -262,6 +270,7 @@ struct bconn {
     char *token; /* until the join is sent */
     ack_slot_t *ring;
     bconn_t *dirty_next;
+    SSL *ssl; /* --tls: owns its two memory BIOs */
 };
 
 typedef struct proc_sample {
@@ -285,6 +294,7 @@ struct bench {
     unsigned sources; /* 0: the kernel picks the source address */
     bconn_t *conns;
     uint8_t *rbuf;
+    SSL_CTX *tls; /* --tls */
     bconn_t *dirty, *dirty_tail; /* oldest first: sends go out in the order they were stamped */
     uv_prepare_t flusher;
     uv_timer_t tick, phase_timer, progress_timer;
@@ -663,11 +673,33 @@ static void on_write(uv_write_t *req, int status) {
         c->wout = NULL;
         c->wout_cap = 0;
     }
-    if (c->out_len) mark_dirty(c);
+    if (c->out_len || (c->ssl && BIO_ctrl_pending(SSL_get_wbio(c->ssl)))) mark_dirty(c);
+}
+
+/* --tls: the plaintext queued this turn (none before the handshake is done: the upgrade
+ * request waits for it) becomes TLS records; what OpenSSL has to send replaces it in out. */
+static int tls_seal(bconn_t *c) {
+    ERR_clear_error();
+    size_t w;
+    if (c->out_len && (SSL_write_ex(c->ssl, c->out, c->out_len, &w) != 1 || w != c->out_len))
+        return -1;
+    c->out_len = 0;
+    BIO *wb = SSL_get_wbio(c->ssl);
+    size_t pend = BIO_ctrl_pending(wb);
+    if (!pend) return 0;
+    if (grow(&c->out, &c->out_cap, pend) < 0 || BIO_read(wb, c->out, (int)pend) != (int)pend)
+        return -1;
+    c->out_len = pend;
+    return 0;
 }
 
 static void conn_flush(bconn_t *c) {
-    if (c->writing || !c->out_len || c->state == C_CLOSED) return;
+    if (c->writing || c->state == C_CLOSED) return;
+    if (c->ssl && tls_seal(c) < 0) {
+        conn_fail(c, "tls_write");
+        return;
+    }
+    if (!c->out_len) return;
     uv_buf_t buf = uv_buf_init((char *)c->out, (unsigned)c->out_len);
     int n = uv_try_write((uv_stream_t *)&c->tcp, &buf, 1);
     if (n == (int)c->out_len) {
@@ -753,6 +785,8 @@ static void on_close(uv_handle_t *h) {
     free(c->hs);
     free(c->token);
     free(c->ring);
+    SSL_free(c->ssl);
+    c->ssl = NULL;
     c->out = c->wout = NULL;
     c->hs = c->token = NULL;
     c->ring = NULL;
@@ -1081,25 +1115,80 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     *buf = uv_buf_init((char *)c->b->rbuf, RBUF_SIZE);
 }
 
+/* The peer closed (EOF, a socket error, or TLS close_notify) or the connection failed. */
+static void peer_gone(bconn_t *c, int err) {
+    bench_t *b = c->b;
+    if (c->state == C_CLOSING) {
+        if (b->phase == PH_TEARDOWN) b->teardown_clean++;
+        conn_close_now(c);
+        return;
+    }
+    if (b->phase != PH_TEARDOWN) count_key(&b->closes, "1006");
+    char k[48];
+    snprintf(k, sizeof k, "%s", err == UV_EOF ? "eof" : uv_err_name(err));
+    conn_fail(c, k);
+}
+
+static void deliver(bconn_t *c, uint8_t *p, size_t n) {
+    if (c->state == C_UPGRADE) handshake_feed(c, p, n);
+    else if (c->ws_ok && c->state != C_CLOSED) ws_feed(c, p, n);
+}
+
+static void send_upgrade(bconn_t *c);
+
+/* --tls: ciphertext in, the handshake driven, plaintext out to the upgrade or WS parser. */
+static void tls_read(bconn_t *c, const uint8_t *p, size_t n) {
+    if (BIO_write(SSL_get_rbio(c->ssl), p, (int)n) != (int)n) {
+        conn_fail(c, "client_oom");
+        return;
+    }
+    uint8_t *rbuf = c->b->rbuf; /* its ciphertext is in the BIO now */
+    while (c->state != C_CLOSED) {
+        ERR_clear_error();
+        if (c->state == C_TCP) {
+            int r = SSL_do_handshake(c->ssl);
+            if (r == 1) {
+                send_upgrade(c);
+                continue;
+            }
+            if (SSL_get_error(c->ssl, r) != SSL_ERROR_WANT_READ) {
+                if (c->b->phase != PH_TEARDOWN && !c->b->o.json_only && !c->b->failed) {
+                    char e[160];
+                    ERR_error_string_n(ERR_peek_error(), e, sizeof e);
+                    fprintf(stderr, "chat-bench: TLS handshake failed: %s\n", e);
+                }
+                conn_fail(c, "tls_handshake");
+                return;
+            }
+            break;
+        }
+        size_t got;
+        if (SSL_read_ex(c->ssl, rbuf, RBUF_SIZE, &got) != 1) {
+            int e = SSL_get_error(c->ssl, 0);
+            if (e == SSL_ERROR_WANT_READ) break;
+            if (e == SSL_ERROR_ZERO_RETURN) peer_gone(c, UV_EOF); /* close_notify: as EOF */
+            else conn_fail(c, "tls_read");
+            return;
+        }
+        deliver(c, rbuf, got);
+    }
+    if (c->state != C_CLOSED && BIO_ctrl_pending(SSL_get_wbio(c->ssl))) mark_dirty(c);
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     bconn_t *c = s->data;
     bench_t *b = c->b;
     if (nread == 0) return;
     if (nread < 0) {
-        if (c->state == C_CLOSING) {
-            if (b->phase == PH_TEARDOWN) b->teardown_clean++;
-            conn_close_now(c);
-            return;
-        }
-        if (b->phase != PH_TEARDOWN) count_key(&b->closes, "1006");
-        char k[48];
-        snprintf(k, sizeof k, "%s", nread == UV_EOF ? "eof" : uv_err_name((int)nread));
-        conn_fail(c, k);
+        peer_gone(c, (int)nread);
         return;
     }
     b->rx_ns = now_ns();
-    if (c->state == C_UPGRADE) handshake_feed(c, (const uint8_t *)buf->base, (size_t)nread);
-    else if (c->ws_ok && c->state != C_CLOSED) ws_feed(c, (uint8_t *)buf->base, (size_t)nread);
+    if (c->ssl) {
+        tls_read(c, (const uint8_t *)buf->base, (size_t)nread);
+        return;
+    }
+    deliver(c, (uint8_t *)buf->base, (size_t)nread);
 }
 
 static void on_connect(uv_connect_t *req, int status) {
@@ -1113,6 +1202,35 @@ static void on_connect(uv_connect_t *req, int status) {
         conn_fail(c, k);
         return;
     }
+    int rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    if (rc < 0) {
+        conn_fail(c, "read_start");
+        return;
+    }
+    if (!b->tls) {
+        send_upgrade(c);
+        return;
+    }
+    BIO *rb = BIO_new(BIO_s_mem()), *wb = BIO_new(BIO_s_mem());
+    if (!(c->ssl = SSL_new(b->tls)) || !rb || !wb) {
+        BIO_free(rb);
+        BIO_free(wb);
+        conn_fail(c, "client_oom");
+        return;
+    }
+    SSL_set_bio(c->ssl, rb, wb);
+    SSL_set_connect_state(c->ssl);
+    /* --host is an IPv4 address: no SNI (RFC 6066 has none for addresses); the server's
+     * certificate must name that address */
+    if (b->o.ca) X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), b->o.host);
+    ERR_clear_error();
+    SSL_do_handshake(c->ssl); /* the ClientHello, into the write BIO */
+    mark_dirty(c);
+}
+
+/* The upgrade request (with TLS, once the handshake is done). */
+static void send_upgrade(bconn_t *c) {
+    bench_t *b = c->b;
     char sub[32];
     snprintf(sub, sizeof sub, "bench-u%u", c->idx);
     c->token = jwt_sign(sub, time_now_ms() / 1000, TOKEN_TTL_S, NULL, b->o.secret);
@@ -1135,11 +1253,6 @@ static void on_connect(uv_connect_t *req, int status) {
         return;
     }
     c->state = C_UPGRADE;
-    int rc = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
-    if (rc < 0) {
-        conn_fail(c, "read_start");
-        return;
-    }
     conn_send_raw(c, sb->p, sb->len);
 }
 
@@ -1463,6 +1576,7 @@ static void report(bench_t *b) {
     if (o->label) json_object_set_new(r, "label", json_string(o->label));
     json_object_set_new(r, "host", json_string(o->host));
     json_object_set_new(r, "port", json_integer(o->port));
+    json_object_set_new(r, "tls", json_boolean(o->tls));
     if (o->n_ports > 1) json_object_set_new(r, "ports", int_list(o->ports, o->n_ports));
     json_object_set_new(
         r, "config",
@@ -1796,6 +1910,9 @@ static void usage(FILE *f) {
         "                         (a list: the sums over the nodes)\n"
         "  --query Q              chatd: appended to the WebSocket URL's query, e.g.\n"
         "                         presence=1 (presence events to every connection)\n"
+        "  --tls                  wss:// (TLS on memory BIOs, as chatd --tls-cert)\n"
+        "  --ca FILE              --tls: verify the server's certificate against this CA\n"
+        "  --insecure             --tls: no certificate check\n"
         "  --label L              copied into the JSON\n"
         "  --json-only            no progress on stderr\n"
         "  --self-test            run the internal tests and exit\n",
@@ -1819,7 +1936,8 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
     enum {
         O_HOST = 256, O_PORT, O_TARGET, O_SECRET, O_CONNS, O_CHATS, O_PUBS, O_RATE, O_WINDOW,
         O_SIZE, O_DURATION, O_WARMUP, O_DRAIN, O_SOURCES, O_CRATE, O_CINFL, O_CTIMEOUT, O_IDLE,
-        O_HOLD, O_PID, O_LABEL, O_JSON, O_SELF, O_HELP, O_QUERY };
+        O_HOLD, O_PID, O_LABEL, O_JSON, O_SELF, O_HELP, O_TLS, O_CA, O_INSECURE, O_QUERY
+    };
     static const struct option lo[] = {
         {"host", 1, 0, O_HOST}, {"port", 1, 0, O_PORT}, {"target", 1, 0, O_TARGET},
         {"secret", 1, 0, O_SECRET}, {"connections", 1, 0, O_CONNS}, {"chats", 1, 0, O_CHATS},
@@ -1828,8 +1946,9 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
         {"drain", 1, 0, O_DRAIN}, {"sources", 1, 0, O_SOURCES}, {"connect-rate", 1, 0, O_CRATE},
         {"connect-inflight", 1, 0, O_CINFL}, {"connect-timeout", 1, 0, O_CTIMEOUT},
         {"idle", 0, 0, O_IDLE}, {"hold", 1, 0, O_HOLD}, {"server-pid", 1, 0, O_PID},
-        {"label", 1, 0, O_LABEL}, {"query", 1, 0, O_QUERY}, {"json-only", 0, 0, O_JSON}, {"self-test", 0, 0, O_SELF},
-        {"help", 0, 0, O_HELP}, {0, 0, 0, 0}};
+        {"label", 1, 0, O_LABEL}, {"json-only", 0, 0, O_JSON}, {"self-test", 0, 0, O_SELF},
+        {"help", 0, 0, O_HELP}, {"tls", 0, 0, O_TLS}, {"ca", 1, 0, O_CA},
+        {"insecure", 0, 0, O_INSECURE}, {"query", 1, 0, O_QUERY}, {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
         char *e = NULL;
@@ -1865,6 +1984,9 @@ static int parse_opts(int argc, char **argv, opts_t *o) {
         case O_LABEL: o->label = optarg; break;
         case O_QUERY: o->query = optarg; break;
         case O_JSON: o->json_only = true; break;
+        case O_TLS: o->tls = true; break;
+        case O_CA: o->ca = optarg; break;
+        case O_INSECURE: o->insecure = true; break;
         case O_SELF: return 1;
         case 'h':
         case O_HELP: usage(stdout); exit(0);
@@ -1904,7 +2026,36 @@ static int check_opts(opts_t *o) {
         return -1;
     }
     if (o->idle) o->publishers = 0;
+    if (o->tls && !o->ca == !o->insecure) {
+        fprintf(stderr, "chat-bench: --tls needs exactly one of --ca FILE or --insecure\n");
+        return -1;
+    }
+    if (!o->tls && (o->ca || o->insecure)) {
+        fprintf(stderr, "chat-bench: --ca and --insecure go with --tls\n");
+        return -1;
+    }
     return 0;
+}
+
+/* A client context: TLS 1.2 or 1.3, no session reuse (every connection is a full handshake,
+ * the cost a server pays for a fleet of new clients). */
+static SSL_CTX *tls_client(const opts_t *o) {
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx) return NULL;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+    static const unsigned char alpn[] = "\x08http/1.1";
+    SSL_CTX_set_alpn_protos(ctx, alpn, sizeof alpn - 1);
+    if (o->ca) {
+        if (SSL_CTX_load_verify_locations(ctx, o->ca, NULL) != 1) {
+            fprintf(stderr, "chat-bench: cannot read the CA file %s\n", o->ca);
+            SSL_CTX_free(ctx);
+            return NULL;
+        }
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    }
+    return ctx;
 }
 
 /* Enough source addresses that no one of them runs out of ephemeral ports. */
@@ -1976,6 +2127,7 @@ int main(int argc, char **argv) {
         goto out;
     }
     if (raise_fd_limit(o->connections + 64) < 0) goto out;
+    if (o->tls && !(b->tls = tls_client(o))) goto out;
 
     b->conns = calloc(o->connections, sizeof *b->conns);
     b->members = calloc(o->chats, sizeof *b->members);
@@ -2045,6 +2197,7 @@ out:
     free(b->conns);
     free(b->members);
     free(b->rbuf);
+    SSL_CTX_free(b->tls);
     free(b->errors.v);
     free(b->closes.v);
     sbuf_free(&b->scratch);

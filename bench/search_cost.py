@@ -9,6 +9,9 @@ a search for words every message holds (a first page of 20), a search for a phra
 message holds (message number N/10), and history pages of 50 for comparison. Prints p50
 and p99 of each, with what the first answer held. Run from the repository root after `make`.
 SEEDED=1 with CHAT_STORE: the store holds them from an earlier run; nothing is sent.
+CHATD_ARGS: more chatd flags (e.g. "--kafka H:P --kafka-topic T" while a chat-indexer fills
+the index that CHAT_SEARCH=opensearch://... names); with an opensearch:// CHAT_SEARCH the
+timing waits until the last message can be found (the indexer has caught up).
 """
 
 import json
@@ -31,7 +34,8 @@ tmp = tempfile.mkdtemp(prefix="search-cost.")
 store = os.environ.get("CHAT_STORE", f"sqlite:{tmp}/chat.db")
 secret = os.urandom(16).hex()
 chatd = subprocess.Popen(["build/chatd", "--host", "127.0.0.1", "--port", "0", "--store", store,
-                          "--jwt-secret", secret] + (["--search", SEARCH] if SEARCH else []),
+                          "--jwt-secret", secret] + (["--search", SEARCH] if SEARCH else []) +
+                         os.environ.get("CHATD_ARGS", "").split(),
                          stderr=subprocess.PIPE, text=True)
 try:
     port = None
@@ -67,6 +71,12 @@ try:
         ms.sort()
         return ms[len(ms) // 2], ms[min(len(ms) - 1, (len(ms) * 99) // 100)], first
 
+    if SEARCH and "://" in SEARCH:
+        t = time.monotonic()
+        while not http.get(f"http://127.0.0.1:{port}/api/chats/big/search", headers=auth,
+                           params={"q": f'"number {N - 1},"'}).json().get("messages"):
+            time.sleep(1)
+        print(f"(the index caught up {time.monotonic() - t:.0f} s after the last acknowledgement)")
     old = N // 10
     print(f"{N} messages in one chat, --search {SEARCH or 'default'}, {ROUNDS} requests each:")
     for what, q in [("absent term", "zebra"), ("words in every message", "ordinary chat"),

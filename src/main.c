@@ -1,5 +1,6 @@
 /* chatd: wiring only. Reads flags and CHAT_* environment variables (flags win), starts
- * the chat server on a libuv loop, and turns SIGTERM/SIGINT into a graceful shutdown. */
+ * the chat server on a libuv loop, turns SIGTERM/SIGINT into a graceful shutdown and, with
+ * TLS, SIGHUP into a reload of the certificate and key. */
 #include <errno.h>
 #include <getopt.h>
 #include <libgen.h>
@@ -28,10 +29,15 @@ static void usage(FILE *f) {
             "  --bus URL                CHAT_BUS                 event bus between nodes (default "
             "local)\n"
             "  --search NAME            CHAT_SEARCH              full-text search: sqlite (FTS5 "
-            "in the SQLite store) or scan (bounded scan of the history) (default: sqlite with a "
-            "SQLite store, else scan)\n"
+            "in the SQLite store), scan (bounded scan of the history), or "
+            "opensearch://host:port[/ALIAS] / elasticsearch://host:port[/ALIAS] (the index "
+            "chat-indexer fills) (default: sqlite with a SQLite store, else scan)\n"
             "  --public-url URL         CHAT_PUBLIC_URL          this node's WebSocket base URL "
-            "for /api/connect (default ws://HOST:PORT)\n"
+            "for /api/connect (default ws://HOST:PORT, wss:// with TLS)\n"
+            "  --tls-cert FILE          CHAT_TLS_CERT            PEM certificate (chain): HTTPS and "
+            "WSS on the port, TLS 1.2 and 1.3; reloaded on SIGHUP (default: plain HTTP)\n"
+            "  --tls-key FILE           CHAT_TLS_KEY             PEM private key of --tls-cert "
+            "(both or neither)\n"
             "  --jwt-secret S           CHAT_JWT_SECRET          HS256 secret for tokens "
             "(required unless --dev or a public key or JWKS is given)\n"
             "  --jwt-public-key FILE    CHAT_JWT_PUBLIC_KEY      PEM public key (RSA: RS256, EC "
@@ -118,7 +124,8 @@ static int parse_count(const char *what, const char *v, size_t *out) {
     return 0;
 }
 
-static uv_signal_t sig_term, sig_int;
+static uv_signal_t sig_term, sig_int, sig_hup;
+static tls_ctx_t *tls; /* --tls-cert and --tls-key, if given */
 static chat_server_t *server;
 static jwks_t *jwks; /* public keys and JWKS, if configured */
 /* the --jwt-public-key files until jwks_open has read them (static: an early exit on a
@@ -133,7 +140,10 @@ static void on_stopped(void *arg) {
     (void)arg;
     uv_close((uv_handle_t *)&sig_term, NULL);
     uv_close((uv_handle_t *)&sig_int, NULL);
+    if (tls) uv_close((uv_handle_t *)&sig_hup, NULL);
     server = NULL;
+    tls_ctx_free(tls); /* connections are gone: this frees the last context */
+    tls = NULL;
     jwks_close(jwks); /* after the server: nothing verifies tokens any more */
     jwks = NULL;
     log_info("stopped");
@@ -155,6 +165,19 @@ static void on_signal(uv_signal_t *h, int signum) {
     uint16_t code = clustered && signum == SIGTERM ? 1012 : 1001;
     log_info("signal %s: shutting down", signum == SIGTERM ? "SIGTERM" : "SIGINT");
     chat_server_shutdown(server, code, on_stopped, NULL);
+}
+
+/* SIGHUP: a renewed certificate (certbot, cert-manager) is picked up without a restart. The
+ * files are small and local: read on the loop, once per signal. */
+static void on_hup(uv_signal_t *h, int signum) {
+    (void)h;
+    (void)signum;
+    char err[512];
+    if (tls_ctx_reload(tls, err, sizeof err) < 0)
+        log_error("tls_reload_failed error=%s kept=previous",
+                  LOG_STR(err));
+    else
+        log_info("tls_reloaded");
 }
 
 /* The node cannot go on (it lost its node id): drain as on SIGTERM, then exit 1. */
@@ -200,6 +223,8 @@ int main(int argc, char **argv) {
     const char *replay = env_or("CHAT_REPLAY_LIMIT", "1000");
     cfg.web_root = env_or("CHAT_WEB_ROOT", NULL);
     cfg.public_url = env_or("CHAT_PUBLIC_URL", NULL);
+    const char *tls_cert = env_or("CHAT_TLS_CERT", NULL);
+    const char *tls_key = env_or("CHAT_TLS_KEY", NULL);
     const char *level = env_or("CHAT_LOG_LEVEL", "info");
     jwks_config_t jk = {0};
     jk.url = env_or("CHAT_JWKS_URL", NULL);
@@ -223,12 +248,14 @@ int main(int argc, char **argv) {
     enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
            O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_PUBKEY, O_JWKS, O_JWKS_REFRESH,
            O_JWKS_MIN, O_ISSUER, O_AUDIENCE, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP,
-           O_KAFKA, O_KTOPIC, O_OBMAX, O_SEARCH, O_RATE, O_BURST,
+           O_KAFKA, O_KTOPIC, O_OBMAX, O_SEARCH, O_RATE, O_BURST, O_TLSCERT, O_TLSKEY,
            O_PGRACE, O_PMAX };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
         {"public-url", required_argument, 0, O_PUBURL},
+        {"tls-cert", required_argument, 0, O_TLSCERT},
+        {"tls-key", required_argument, 0, O_TLSKEY},
         {"store", required_argument, 0, O_STORE},
         {"bus", required_argument, 0, O_BUS},
         {"search", required_argument, 0, O_SEARCH},
@@ -267,6 +294,8 @@ int main(int argc, char **argv) {
         case O_PORT: port = optarg; break;
         case O_HOST: cfg.host = optarg; break;
         case O_PUBURL: cfg.public_url = optarg; break;
+        case O_TLSCERT: tls_cert = optarg; break;
+        case O_TLSKEY: tls_key = optarg; break;
         case O_STORE: cfg.store_url = optarg; break;
         case O_BUS: cfg.bus_url = optarg; break;
         case O_SEARCH: cfg.search_url = optarg; break;
@@ -388,6 +417,21 @@ int main(int argc, char **argv) {
         return 2;
     }
     log_set_level(cfg.log_level);
+    if (tls_cert && !*tls_cert) tls_cert = NULL;
+    if (tls_key && !*tls_key) tls_key = NULL;
+    if (!tls_cert != !tls_key) {
+        fprintf(stderr, "chatd: --tls-cert and --tls-key go together (CHAT_TLS_CERT and "
+                        "CHAT_TLS_KEY): %s is missing\n", tls_cert ? "the key" : "the certificate");
+        return 2;
+    }
+    if (tls_cert) {
+        char terr[512];
+        if (!(tls = tls_ctx_new(tls_cert, tls_key, terr, sizeof terr))) {
+            fprintf(stderr, "chatd: %s\n", terr);
+            return 2;
+        }
+        cfg.tls = tls;
+    }
 
     n_pem = n_pem_flags;
     const char *pem_list = env_or("CHAT_JWT_PUBLIC_KEY", NULL);
@@ -456,6 +500,10 @@ int main(int argc, char **argv) {
     uv_signal_init(loop, &sig_int);
     uv_signal_start(&sig_term, on_signal, SIGTERM);
     uv_signal_start(&sig_int, on_signal, SIGINT);
+    if (tls) { /* without TLS there is nothing to reload: SIGHUP keeps its default */
+        uv_signal_init(loop, &sig_hup);
+        uv_signal_start(&sig_hup, on_hup, SIGHUP);
+    }
     char err[256] = "";
     int rc = 0;
     if (public_keys || jk.issuer || jk.audience) {
@@ -478,7 +526,9 @@ int main(int argc, char **argv) {
         jwks = NULL;
         uv_close((uv_handle_t *)&sig_term, NULL);
         uv_close((uv_handle_t *)&sig_int, NULL);
+        if (tls) uv_close((uv_handle_t *)&sig_hup, NULL);
         uv_run(loop, UV_RUN_DEFAULT);
+        tls_ctx_free(tls);
         fprintf(stderr, "chatd: cannot start: %s (%s)\n", err[0] ? err : chat_strerror(rc),
                 chat_strerror(rc));
         return 1;
@@ -486,10 +536,9 @@ int main(int argc, char **argv) {
     char store_shown[512], bus_shown[512];
     url_redact(cfg.store_url, store_shown, sizeof store_shown);
     url_redact(cfg.bus_url, bus_shown, sizeof bus_shown);
-    log_info("listening host=%s port=%d store=%s bus=%s node=%u%s", cfg.host,
+    log_info("listening host=%s port=%d store=%s bus=%s node=%u tls=%d%s", cfg.host,
              chat_server_port(server), LOG_STR(store_shown), LOG_STR(bus_shown),
-             chat_server_node_id(server),
-             cfg.dev ? " dev=1" : "");
+             chat_server_node_id(server), tls ? 1 : 0, cfg.dev ? " dev=1" : "");
     uv_run(loop, UV_RUN_DEFAULT);
     rc = uv_loop_close(loop);
     if (rc < 0) log_warn("loop_close error=%s", uv_strerror(rc));

@@ -142,7 +142,11 @@ typedef struct chat_config {
      * HS256 with jwt_secret, as jwt_verify checks them); owned by the caller */
     jwks_t *jwks;
     const char *web_root;       /* static files served at / */
-    const char *public_url;     /* this node's WebSocket base URL for discovery; NULL: derived */
+    const char *public_url;     /* this node's WebSocket base URL for discovery; NULL: derived
+                                 * (wss:// with tls) */
+    /* TLS on the listening port (HTTPS and WSS), borrowed; NULL: plain HTTP. Handshakes get
+     * header_timeout_ms to finish. */
+    tls_ctx_t *tls;
     bool dev;
     unsigned node_id;
     /* node_id was not configured: with a Redis bus the node leases a free one at start (the

@@ -436,9 +436,10 @@ void chat_cluster_start(chat_server_t *s) {
     } else {
         const char *h = s->cfg.host;
         bool any = !h || !strcmp(h, "0.0.0.0") || !strcmp(h, "::");
-        snprintf(s->self.url, sizeof s->self.url, strchr(any ? "" : h, ':') ? "ws://[%s]:%d"
-                                                                             : "ws://%s:%d",
-                 any ? "127.0.0.1" : h, s->cs.port);
+        /* with TLS, clients are sent to wss:// (the same port speaks only TLS) */
+        snprintf(s->self.url, sizeof s->self.url,
+                 strchr(any ? "" : h, ':') ? "%s://[%s]:%d" : "%s://%s:%d",
+                 s->cfg.tls ? "wss" : "ws", any ? "127.0.0.1" : h, s->cs.port);
     }
     s->self.started_at = time_now_ms();
     uv_timer_init(s->loop, &s->heartbeat);

@@ -521,8 +521,14 @@ static void search__done(search_req_t *req) {
     if (req->status == CHAT_ENOMEM) {
         http__error(hp, 500, "internal", "out of memory", false);
     } else if (req->status < 0) {
-        s->m.store_errors++;
-        http__error(hp, 503, "store_unavailable", chat_strerror(req->status), w->keep_alive);
+        if (s->search->down_code)
+            http__error(hp, 503, s->search->down_code,
+                        "the search engine did not answer; try again later", w->keep_alive);
+        else {
+            s->m.store_errors++;
+            http__error(hp, 503, "store_unavailable", chat_strerror(req->status),
+                        w->keep_alive);
+        }
     } else {
         sbuf_t sb = {0};
         if (w->across) {

@@ -524,6 +524,8 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
         .max_conns_per_ip = s->cfg.max_connections_per_ip,
         .handler = &chat_http_handler,
         .handler_data = s,
+        .tls = cfg->tls,
+        .handshake_timeout_ms = s->cfg.header_timeout_ms,
     };
     if ((rc = conn_server_init(&s->cs, loop, &o)) < 0) {
         snprintf(err, errlen, "cannot listen on %s:%d (the reason is in listen_failed above)",

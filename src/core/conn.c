@@ -15,8 +15,22 @@
  * Closing is graceful by default: queued output is written, the write side is shut down,
  * and the socket lingers (discarding input) until the peer closes or a deadline passes, so
  * the peer reads our last bytes (a close frame, an error response) instead of a reset.
+ *
+ * TLS is a transport under all this, on the loop, with two memory BIOs per connection: the
+ * socket's bytes are written into the read BIO and the plaintext OpenSSL gives back goes to
+ * the handler, which never knows. The queue keeps holding plaintext, the same shared frames
+ * as without TLS; at flush time they are encrypted (small ones coalesced into one record)
+ * and the write BIO's bytes become the one segment that the usual sendmsg writes. So the
+ * fan-out still encodes an event once and still makes one write per connection per turn;
+ * only the encryption is per connection, as it must be. A TLS connection is handed to its
+ * handler (on_open) when its handshake is done; one whose handshake does not finish within
+ * handshake_timeout_ms is reset.
  */
 #include "core.h"
+#include "tls_internal.h"
+
+#include <openssl/buffer.h>
+#include <openssl/err.h>
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -38,11 +52,27 @@ enum {
     CF_RESET = 1 << 7,   /* conn_abort: close with a reset */
     CF_PAUSED = 1 << 8,  /* reading stopped by conn_pause_read */
     CF_DRAIN = 1 << 9,   /* on_drain armed by conn_notify_drain */
+    CF_OPENED = 1 << 10, /* handler->on_open was called (so on_close is owed) */
 };
 
 #define CONN_READ_BUF (64 * 1024)
 #define CONN_IOV_MAX 64
 #define CONN_LINGER_MS 2000
+#define CONN_TLS_RECORD 16384 /* the largest TLS record's plaintext */
+/* A memory BIO keeps the capacity of its largest burst; past this, once empty, it is
+ * replaced by a fresh one, so that an idle connection does not keep the handshake's flight
+ * or a history page's worth of buffer. Small fan-out flushes stay below it: no churn. */
+#define CONN_TLS_BIO_KEEP 1024
+
+struct conn_tls {
+    SSL *ssl;                  /* owns the two memory BIOs */
+    conn_t *hs_prev, *hs_next; /* on the server's handshaking list until established */
+    uint64_t hs_deadline;
+    bool established;  /* handshake done, handler attached */
+    bool failed;       /* a fatal TLS error: no more SSL calls but sending its alert */
+    bool close_sent;   /* our close_notify is queued */
+    bool read_pending; /* reading resumed: plaintext may wait in OpenSSL's buffers */
+};
 
 struct conn_seg {
     buf_t *b;
@@ -53,6 +83,12 @@ static void conn__flush(conn_t *c);
 static void conn__hard_close(conn_t *c);
 static void conn__on_idle(uv_idle_t *h);
 static void conn__on_linger_timer(uv_timer_t *t);
+static void conn__tls_pump(conn_t *c);
+static int conn__tls_encrypt(conn_t *c);
+static void conn__tls_free(conn_t *c);
+static void conn__tls_unlist(conn_t *c);
+static int conn__tls_start(conn_t *c);
+static void conn__open(conn_t *c);
 
 /* ---- output queue --------------------------------------------------------------------- */
 
@@ -221,7 +257,8 @@ static void conn__ip_release(conn_server_t *s, struct conn_ip *e) {
 static void conn__on_closed(uv_handle_t *h) {
     conn_t *c = h->data;
     conn_server_t *s = c->server;
-    if (c->handler && c->handler->on_close) c->handler->on_close(c);
+    if ((c->flags & CF_OPENED) && c->handler && c->handler->on_close) c->handler->on_close(c);
+    conn__tls_free(c);
     conn__q_clear(c);
     free(c->wreq);
     if (c->ip && s->ips) conn__ip_release(s, c->ip);
@@ -242,6 +279,7 @@ static void conn__hard_close(conn_t *c) {
     c->flags |= CF_CLOSED;
     conn__unmark_dirty(c);
     conn__unlinger(c);
+    conn__tls_unlist(c);
     uv_read_stop((uv_stream_t *)&c->tcp);
     /* An abort resets the connection: the kernel drops what it still buffers for the
      * peer (a slow consumer may have megabytes there) and the peer learns at once. */
@@ -291,7 +329,9 @@ void conn_close(conn_t *c) {
     c->flags |= CF_CLOSING;
     /* A closing connection reads again (and discards) so the peer's FIN ends the linger. */
     conn_resume_read(c);
-    if (c->q_len == 0 && !(c->flags & CF_WRITING)) conn__shutdown(c);
+    /* TLS: the flush queues our close_notify (or a failed handshake's alert) first */
+    if (c->tls) conn__mark_dirty(c);
+    else if (c->q_len == 0 && !(c->flags & CF_WRITING)) conn__shutdown(c);
     /* else the flush that empties the queue shuts down */
 }
 
@@ -314,8 +354,16 @@ void conn_pause_read(conn_t *c) {
 void conn_resume_read(conn_t *c) {
     if (!(c->flags & CF_PAUSED) || (c->flags & CF_CLOSED)) return;
     c->flags &= (uint16_t)~CF_PAUSED;
-    if (uv_read_start((uv_stream_t *)&c->tcp, conn__alloc, conn__on_read) < 0)
+    if (uv_read_start((uv_stream_t *)&c->tcp, conn__alloc, conn__on_read) < 0) {
         conn__hard_close(c);
+        return;
+    }
+    /* Records already decrypted, or read into the BIO, wait for no new socket bytes: the
+     * flusher hands them over at the end of this turn (not here, inside a handler). */
+    if (c->tls && c->tls->established && !(c->flags & CF_CLOSING)) {
+        c->tls->read_pending = true;
+        conn__mark_dirty(c);
+    }
 }
 
 bool conn_read_paused(const conn_t *c) { return (c->flags & CF_PAUSED) != 0; }
@@ -346,7 +394,7 @@ static void conn__on_write(uv_write_t *req, int status) {
     conn__q_consume(c, n);
     c->w_segs = 0;
     if (n) c->last_tx = uv_now(c->server->loop);
-    if (c->q_len) {
+    if (c->q_len || c->tls) {
         conn__flush(c);
         return;
     }
@@ -384,6 +432,10 @@ static ssize_t conn__send(conn_t *c, uv_buf_t *iov, uint32_t n) {
 
 static void conn__flush(conn_t *c) {
     if (c->flags & (CF_WRITING | CF_CLOSED)) return;
+    if (c->tls && conn__tls_encrypt(c) < 0) {
+        conn__hard_close(c);
+        return;
+    }
     uv_buf_t iov[CONN_IOV_MAX];
     while (c->q_len) {
         uint32_t n = c->q_len < CONN_IOV_MAX ? c->q_len : CONN_IOV_MAX;
@@ -430,6 +482,10 @@ static void conn__on_check(uv_check_t *h) {
     conn_server_t *s = h->data;
     while (s->dirty) {
         conn_t *c = s->dirty;
+        if (c->tls && c->tls->read_pending) {
+            c->tls->read_pending = false;
+            conn__tls_pump(c); /* may close c: then the flush below does nothing */
+        }
         conn__unmark_dirty(c);
         conn__flush(c);
     }
@@ -463,14 +519,224 @@ static void conn__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
         return;
     }
     if (c->flags & CF_CLOSING) return; /* discard input while closing */
+    if (c->tls) {
+        BIO *rb = SSL_get_rbio(c->tls->ssl);
+        if (BIO_write(rb, buf->base, (int)nread) != (int)nread) {
+            conn__hard_close(c);
+            return;
+        }
+        conn__tls_pump(c);
+        return;
+    }
     c->handler->on_read(c, (uint8_t *)buf->base, (size_t)nread);
+}
+
+/* ---- TLS transport ------------------------------------------------------------------- */
+
+/* Hand the connection to its handler: at accept, or with TLS once the handshake is done. */
+static void conn__open(conn_t *c) {
+    c->flags |= CF_OPENED;
+    if (c->handler->on_open) c->handler->on_open(c);
+}
+
+static int conn__tls_start(conn_t *c) {
+    conn_server_t *s = c->server;
+    struct conn_tls *t = calloc(1, sizeof(*t));
+    SSL *ssl = SSL_new(tls_ctx_ssl(s->opts.tls));
+    BIO *rb = BIO_new(BIO_s_mem()), *wb = BIO_new(BIO_s_mem());
+    if (!t || !ssl || !rb || !wb) {
+        free(t);
+        SSL_free(ssl);
+        BIO_free(rb);
+        BIO_free(wb);
+        ERR_clear_error();
+        return CHAT_ENOMEM;
+    }
+    SSL_set_bio(ssl, rb, wb);
+    SSL_set_accept_state(ssl);
+    t->ssl = ssl;
+    t->hs_deadline = uv_now(s->loop) + s->opts.handshake_timeout_ms;
+    t->hs_prev = s->handshaking_tail;
+    if (s->handshaking_tail) s->handshaking_tail->tls->hs_next = c;
+    else s->handshaking = c;
+    s->handshaking_tail = c;
+    c->tls = t;
+    if (!uv_is_active((uv_handle_t *)&s->linger_timer))
+        uv_timer_start(&s->linger_timer, conn__on_linger_timer, 250, 250);
+    return 0;
+}
+
+/* Off the handshaking list (handshake done, or the connection closes). */
+static void conn__tls_unlist(conn_t *c) {
+    struct conn_tls *t = c->tls;
+    if (!t || (!t->hs_prev && c->server->handshaking != c)) return;
+    conn_server_t *s = c->server;
+    if (t->hs_prev) t->hs_prev->tls->hs_next = t->hs_next;
+    else s->handshaking = t->hs_next;
+    if (t->hs_next) t->hs_next->tls->hs_prev = t->hs_prev;
+    else s->handshaking_tail = t->hs_prev;
+    t->hs_prev = t->hs_next = NULL;
+}
+
+static void conn__tls_free(conn_t *c) {
+    if (!c->tls) return;
+    conn__tls_unlist(c);
+    SSL_free(c->tls->ssl);
+    free(c->tls);
+    c->tls = NULL;
+}
+
+/* An empty memory BIO that once held a burst keeps its buffer: give it back. */
+static void conn__tls_trim(SSL *ssl, bool read_side) {
+    BIO *b = read_side ? SSL_get_rbio(ssl) : SSL_get_wbio(ssl);
+    BUF_MEM *m = NULL;
+    if (BIO_ctrl_pending(b) || BIO_get_mem_ptr(b, &m) != 1 || !m || m->max <= CONN_TLS_BIO_KEEP)
+        return;
+    BIO *n = BIO_new(BIO_s_mem());
+    if (!n) return;
+    if (read_side) SSL_set0_rbio(ssl, n);
+    else SSL_set0_wbio(ssl, n);
+}
+
+static void conn__tls_failed(conn_t *c, const char *stage, int ssl_err) {
+    unsigned long e = ERR_peek_error();
+    char peer[80], reason[160];
+    conn_peer(c, peer, sizeof peer);
+    if (e) ERR_error_string_n(e, reason, sizeof reason);
+    else snprintf(reason, sizeof reason, "%s", ssl_err == SSL_ERROR_SYSCALL ? "eof" : "error");
+    ERR_clear_error();
+    log_info("tls_error peer=%s stage=%s reason=%s", peer, stage, LOG_STR(reason));
+    c->tls->failed = true;
+    if (ERR_GET_REASON(e) == SSL_R_HTTP_REQUEST) {
+        /* plain HTTP to the TLS port: say so in HTTP rather than reset it (nginx's 497) */
+#define CONN_TLS_REQUIRED \
+    "{\"error\":\"tls_required\",\"detail\":\"this port speaks TLS: use https:// or wss://\"}"
+        static const char answer[] = "HTTP/1.1 400 Bad Request\r\n"
+                                     "Content-Type: application/json\r\n"
+                                     "Connection: close\r\n"
+                                     "Content-Length: %zu\r\n\r\n%s";
+        char out[256];
+        int n = snprintf(out, sizeof out, answer, sizeof CONN_TLS_REQUIRED - 1, CONN_TLS_REQUIRED);
+        BIO *wb = SSL_get_wbio(c->tls->ssl);
+        (void)BIO_reset(wb);
+        BIO_write(wb, out, n);
+    }
+    conn_close(c); /* the alert OpenSSL wrote goes out first */
+}
+
+/* Run the handshake and hand decrypted bytes to the handler, until OpenSSL needs more
+ * input or the handler pauses or closes. Whatever OpenSSL has to send (handshake flights,
+ * tickets, alerts) is in the write BIO: the flush at the end of the turn sends it. */
+static void conn__tls_pump(conn_t *c) {
+    struct conn_tls *t = c->tls;
+    uint8_t *rbuf = c->server->rbuf; /* its ciphertext is in the read BIO already */
+    while (!(c->flags & (CF_PAUSED | CF_CLOSING | CF_CLOSED))) {
+        ERR_clear_error();
+        if (!t->established) {
+            int r = SSL_do_handshake(t->ssl);
+            if (r == 1) {
+                t->established = true;
+                conn__tls_unlist(c);
+                conn__mark_dirty(c); /* the server's last flight and its tickets */
+                conn__open(c);
+                continue;
+            }
+            int e = SSL_get_error(t->ssl, r);
+            if (e != SSL_ERROR_WANT_READ) conn__tls_failed(c, "handshake", e);
+            break;
+        }
+        size_t got = 0;
+        if (SSL_read_ex(t->ssl, rbuf, CONN_READ_BUF, &got) == 1) {
+            c->handler->on_read(c, rbuf, got);
+            continue;
+        }
+        int e = SSL_get_error(t->ssl, 0);
+        if (e == SSL_ERROR_ZERO_RETURN) conn_close(c); /* the peer's close_notify */
+        else if (e != SSL_ERROR_WANT_READ) conn__tls_failed(c, "read", e);
+        break;
+    }
+    if (c->flags & CF_CLOSED) return;
+    if (BIO_ctrl_pending(SSL_get_wbio(t->ssl))) conn__mark_dirty(c);
+    conn__tls_trim(t->ssl, true);
+}
+
+/* At flush time: encrypt the queued plaintext into the write BIO and put the BIO's bytes
+ * in the queue instead, as one segment. The queue holds only plaintext here (the flush
+ * runs with no write in flight, and the last ciphertext segment left with that write). */
+static int conn__tls_encrypt(conn_t *c) {
+    static _Thread_local uint8_t gather[CONN_TLS_RECORD];
+    struct conn_tls *t = c->tls;
+    if (t->established && !t->failed) {
+        ERR_clear_error();
+        while (c->q_len) {
+            struct conn_seg *sg = conn__seg(c, 0);
+            size_t left = sg->b->len - sg->off, n = 0;
+            const uint8_t *p = sg->b->data + sg->off;
+            if (left < CONN_TLS_RECORD) {
+                /* small frames (the fan-out's) share records: one seal instead of many */
+                while (c->q_len && n < CONN_TLS_RECORD) {
+                    sg = conn__seg(c, 0);
+                    size_t take = sg->b->len - sg->off;
+                    if (take > CONN_TLS_RECORD - n) take = CONN_TLS_RECORD - n;
+                    memcpy(gather + n, sg->b->data + sg->off, take);
+                    n += take;
+                    conn__q_consume(c, take);
+                }
+                p = gather;
+            } else {
+                n = left;
+            }
+            size_t w = 0;
+            if (SSL_write_ex(t->ssl, p, n, &w) != 1 || w != n) {
+                ERR_clear_error();
+                return CHAT_EIO;
+            }
+            if (p != gather) conn__q_consume(c, n);
+        }
+        if ((c->flags & CF_CLOSING) && !t->close_sent) {
+            t->close_sent = true;
+            SSL_shutdown(t->ssl); /* queues close_notify; the peer's answer is not awaited */
+            ERR_clear_error();
+        }
+    }
+    BIO *wb = SSL_get_wbio(t->ssl);
+    size_t pend = BIO_ctrl_pending(wb);
+    if (!pend) return 0;
+    if (c->q_len || pend > INT32_MAX) return CHAT_EIO; /* plaintext that could not be sealed */
+    buf_t *b = buf_new(pend);
+    if (!b) return CHAT_ENOMEM;
+    if (BIO_read(wb, b->data, (int)pend) != (int)pend) {
+        buf_unref(b);
+        return CHAT_EIO;
+    }
+    b->len = pend;
+    if (c->q_cap == 0 && conn__q_grow(c) < 0) {
+        buf_unref(b);
+        return CHAT_ENOMEM;
+    }
+    struct conn_seg *sg = conn__seg(c, 0);
+    sg->b = b; /* the queue takes our reference */
+    sg->off = 0;
+    c->q_len = 1;
+    c->q_bytes = pend;
+    conn__tls_trim(t->ssl, false);
+    return 0;
 }
 
 /* ---- the listener --------------------------------------------------------------------- */
 
+/* Lingering closes and TLS handshakes past their deadlines, every 250 ms while any is. */
 static void conn__on_linger_timer(uv_timer_t *t) {
     conn_server_t *s = t->data;
     uint64_t now = uv_now(s->loop);
+    /* the list is in deadline order: every handshake has the same timeout */
+    while (s->handshaking && s->handshaking->tls->hs_deadline <= now) {
+        conn_t *c = s->handshaking;
+        char peer[80];
+        conn_peer(c, peer, sizeof peer);
+        log_info("tls_handshake_timeout peer=%s", peer);
+        conn_abort(c); /* unlists it */
+    }
     conn_t **pp = &s->lingering;
     while (*pp) {
         conn_t *c = *pp;
@@ -482,7 +748,7 @@ static void conn__on_linger_timer(uv_timer_t *t) {
             pp = &c->linger_next;
         }
     }
-    if (!s->lingering) uv_timer_stop(t);
+    if (!s->lingering && !s->handshaking) uv_timer_stop(t);
 }
 
 static void conn__on_connection(uv_stream_t *ls, int status);
@@ -548,11 +814,15 @@ static void conn__on_connection(uv_stream_t *ls, int status) {
         c->over_limit = CONN_OVER_PER_IP;
     c->last_tx = uv_now(s->loop);
     uv_tcp_nodelay(&c->tcp, 1);
+    if (s->opts.tls && conn__tls_start(c) < 0) {
+        conn__hard_close(c);
+        return;
+    }
     if (uv_read_start((uv_stream_t *)&c->tcp, conn__alloc, conn__on_read) < 0) {
         conn__hard_close(c);
         return;
     }
-    if (c->handler->on_open) c->handler->on_open(c);
+    if (!c->tls) conn__open(c);
 }
 
 int conn_server_init(conn_server_t *s, uv_loop_t *loop, const conn_server_opts_t *o) {
@@ -561,6 +831,7 @@ int conn_server_init(conn_server_t *s, uv_loop_t *loop, const conn_server_opts_t
     s->opts = *o;
     s->handler_data = o->handler_data;
     if (!s->opts.max_outbound_bytes) s->opts.max_outbound_bytes = 4u << 20;
+    if (!s->opts.handshake_timeout_ms) s->opts.handshake_timeout_ms = 10000;
     s->rbuf = malloc(CONN_READ_BUF);
     if (!s->rbuf) return CHAT_ENOMEM;
     if (o->max_conns_per_ip && !(s->ips = calloc(CONN_IP_BUCKETS, sizeof(*s->ips)))) {
@@ -609,6 +880,9 @@ void conn_server_stop_listening(conn_server_t *s) {
     if (!s->listening) return;
     s->listening = false;
     uv_close((uv_handle_t *)&s->listener, NULL);
+    /* TLS handshakes under way belong to no handler yet, so nothing above would close them
+     * and the loop would never end: they go now. */
+    while (s->handshaking) conn_abort(s->handshaking);
 }
 
 struct conn_server_closing {

@@ -8,6 +8,8 @@
  * - one UTF-8 validator (utf8.c) and one JSON string escaper, for every layer above.
  * - conn_t: a TCP connection on libuv with a corked output queue: sends during a loop turn
  *   are queued and written with one sendmsg per connection at the end of that turn.
+ * - tls_ctx_t: an optional TLS transport under conn_t (OpenSSL with memory BIOs on the loop):
+ *   handlers see plaintext; queued frames are encrypted per connection at flush time.
  */
 #ifndef CHAT_CORE_H
 #define CHAT_CORE_H
@@ -146,6 +148,20 @@ int64_t id_time_ms(uint64_t id);
 /* Parse a decimal id; 0 on success, CHAT_EINVAL if not a non-empty decimal uint64. */
 int id_parse(const char *s, size_t n, uint64_t *out);
 
+/* ---- TLS (tls.c) ---------------------------------------------------------------------- */
+/* A server TLS context: TLS 1.2 and 1.3 only, the server's cipher order, ALPN http/1.1,
+ * stateless session tickets, small idle connections (record buffers released). */
+typedef struct tls_ctx tls_ctx_t;
+/* Load a PEM certificate chain and a PEM private key (the paths are copied: tls_ctx_reload
+ * reads them again). NULL with a reason in err if a file is unreadable or the key does not
+ * match. The caller owns the result (tls_ctx_free). */
+tls_ctx_t *tls_ctx_new(const char *cert_file, const char *key_file, char *err, size_t errlen);
+/* Read the two files again; new handshakes use the new pair, open connections keep theirs.
+ * On failure (CHAT_EINVAL, err says why) the old pair stays in use. Loop thread only. */
+int tls_ctx_reload(tls_ctx_t *t, char *err, size_t errlen);
+/* Release the caller's context; connections accepted with it keep it alive until they close. */
+void tls_ctx_free(tls_ctx_t *t);
+
 /* ---- connections ---------------------------------------------------------------------- */
 typedef struct conn conn_t;
 typedef struct conn_server conn_server_t;
@@ -153,7 +169,8 @@ typedef struct conn_server conn_server_t;
 /* What a connection does with its bytes. The handler can be swapped at any time (HTTP
  * upgrades to WebSocket by calling conn_set_handler). */
 typedef struct conn_handler {
-    /* A connection was accepted (handler data: c->server->handler_data). May close it. */
+    /* A connection was accepted (handler data: c->server->handler_data), with TLS once its
+     * handshake finished. May close it. on_close is called only after on_open was. */
     void (*on_open)(conn_t *c);
     /* Bytes arrived. data is valid only during the call and may be modified in place
      * (the WebSocket parser unmasks in place). The callback may close the connection. */
@@ -185,6 +202,7 @@ struct conn {
     size_t drain_below;   /* on_drain fires once q_bytes <= this (CF_DRAIN armed) */
     uint64_t last_tx;     /* uv_now() of the last write that moved bytes to the kernel */
     struct conn_ip *ip;   /* its address's count, when connections per address are limited */
+    struct conn_tls *tls; /* the TLS state, NULL on a plain connection */
     uint8_t over_limit;   /* CONN_OVER_*: accepted beyond a limit; the handler refuses it */
     uint16_t flags;
     uint64_t id;          /* for logs */
@@ -202,6 +220,10 @@ typedef struct conn_server_opts {
     size_t max_conns_per_ip; /* the same per peer address; 0: none */
     const conn_handler_t *handler; /* initial handler of every accepted connection */
     void *handler_data;            /* conn_server_t.handler_data, for the handler's use */
+    /* TLS on every connection (borrowed, must outlive the server; NULL: plain TCP), and
+     * the time a handshake may take before the connection is dropped (0: 10 s). */
+    tls_ctx_t *tls;
+    unsigned handshake_timeout_ms;
 } conn_server_opts_t;
 
 struct conn_server {
@@ -212,6 +234,7 @@ struct conn_server {
     uv_timer_t linger_timer; /* drops half-closed connections whose peer never closes */
     conn_t *dirty, *dirty_tail; /* oldest first: flushed in the order they were dirtied */
     conn_t *lingering;
+    conn_t *handshaking, *handshaking_tail; /* TLS handshakes under way, oldest first */
     conn_server_opts_t opts;
     uint8_t *rbuf;           /* one read buffer for every connection: reads are handled at once */
     void *handler_data;
@@ -231,7 +254,7 @@ struct conn_server {
 /* Bind and listen. On success *srv->port is the bound port. The server struct is owned by
  * the caller and must outlive every connection. */
 int conn_server_init(conn_server_t *s, uv_loop_t *loop, const conn_server_opts_t *o);
-/* Stop accepting; existing connections stay open. */
+/* Stop accepting; existing connections stay open, but TLS handshakes under way are reset. */
 void conn_server_stop_listening(conn_server_t *s);
 /* Release the loop handles (after every connection closed); done (if not NULL) runs once
  * they are closed. */

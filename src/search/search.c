@@ -5,6 +5,7 @@
  * user text is ever read by FTS5 as its own syntax (operators, column filters, prefixes),
  * and a malformed query is our 400, never an engine error. */
 #include "search_internal.h"
+#include "search_os.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,7 +117,7 @@ int search_query_parse(search_query_t *out, const char *q, size_t n, const char 
 /* FTS5's unicode61 tokenizer indexes letters and digits; an ASCII punctuation-only term is
  * no token at all. Non-ASCII bytes are counted as letters: most are, and a term that turns
  * out to have no token just matches nothing. */
-static bool has_token(const char *p, size_t n) {
+bool search__has_token(const char *p, size_t n) {
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)p[i];
         if (c >= 0x80 || (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z'))
@@ -150,7 +151,7 @@ int search_fts_expr(sbuf_t *out, const search_query_t *q, const char *const *cha
                     size_t n_chats, const char *from, const char **why) {
     size_t pos = 0;
     for (size_t i = 0; i < q->n_terms; i++)
-        if (!q->terms[i].exclude && has_token(q->terms[i].text, q->terms[i].len)) pos++;
+        if (!q->terms[i].exclude && search__has_token(q->terms[i].text, q->terms[i].len)) pos++;
     if (pos == 0) {
         *why = "q needs a word or phrase with a letter or digit in it";
         return CHAT_EINVAL;
@@ -172,14 +173,14 @@ int search_fts_expr(sbuf_t *out, const search_query_t *q, const char *const *cha
     size_t k = 0;
     for (size_t i = 0; i < q->n_terms; i++) {
         const search_term_t *t = &q->terms[i];
-        if (t->exclude || !has_token(t->text, t->len)) continue;
+        if (t->exclude || !search__has_token(t->text, t->len)) continue;
         if (k++) sbuf_puts(out, " AND ");
         put_quoted(out, t->text, t->len);
     }
     sbuf_puts(out, ")");
     for (size_t i = 0; i < q->n_terms; i++) {
         const search_term_t *t = &q->terms[i];
-        if (!t->exclude || !has_token(t->text, t->len)) continue;
+        if (!t->exclude || !search__has_token(t->text, t->len)) continue;
         sbuf_puts(out, " NOT ");
         put_quoted(out, t->text, t->len);
     }
@@ -264,7 +265,8 @@ void search_html_terms(sbuf_t *out, const search_query_t *q, const char *text, s
 
 /* ---- backends ------------------------------------------------------------------------- */
 
-/* Which backend url names for a store: 1 sqlite, 2 scan, or CHAT_EINVAL with err set. */
+/* Which backend url names for a store: 1 sqlite, 2 scan, 3 an OpenSearch/Elasticsearch
+ * engine, or CHAT_EINVAL with err set. */
 static int search__pick(const char *url, bool sqlite_store, const char *store_name, char *err,
                         size_t errlen) {
     if (!url || !*url) return sqlite_store ? 1 : 2;
@@ -278,13 +280,16 @@ static int search__pick(const char *url, bool sqlite_store, const char *store_na
     }
     if (strcmp(url, "scan") == 0) return 2;
     if (strncmp(url, "opensearch://", 13) == 0 || strncmp(url, "elasticsearch://", 16) == 0) {
-        search__set_err(err, errlen,
-                        "--search %.*s: this build has no OpenSearch/Elasticsearch backend "
-                        "yet; it supports sqlite and scan",
-                        (int)(strchr(url, ':') - url), url);
+        char base[300], alias[SEARCH_OS_ALIAS_MAX + 1];
+        const char *why;
+        if (search_os_url(url, base, sizeof base, alias, sizeof alias, &why) == 0) return 3;
+        search__set_err(err, errlen, "--search %.100s: %s", url, why);
         return CHAT_EINVAL;
     }
-    search__set_err(err, errlen, "unknown --search \"%.64s\" (want sqlite or scan)", url);
+    search__set_err(err, errlen,
+                    "unknown --search \"%.64s\" (want sqlite, scan, opensearch://host:port or "
+                    "elasticsearch://host:port)",
+                    url);
     return CHAT_EINVAL;
 }
 
@@ -300,6 +305,7 @@ int search_open(search_t **out, uv_loop_t *loop, const char *url, store_t *store
     int rc = search__pick(url, strcmp(store->ops->name, "sqlite") == 0, store->ops->name, err,
                           errlen);
     if (rc < 0) return rc;
+    if (rc == 3) return search_opensearch_open(out, loop, url, store, err, errlen);
     return rc == 1 ? search_sqlite_open(out, loop, store, err, errlen)
                    : search_scan_open(out, loop, store, err, errlen);
 }

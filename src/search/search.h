@@ -9,8 +9,9 @@
  *            write transactions (the default with a SQLite store)
  *   scan     a bounded scan of the history pages, newest first (the default otherwise;
  *            works on any store, needs no index)
- * opensearch:// and elasticsearch:// are names the search pipeline will fill; this build
- * refuses them at startup with a clear message.
+ *   opensearch://host:port[/ALIAS], elasticsearch://host:port[/ALIAS]
+ *            the index chat-indexer fills from Kafka (search_os.h), asked over HTTP from a
+ *            worker thread (any store)
  */
 #ifndef CHAT_SEARCH_H
 #define CHAT_SEARCH_H
@@ -104,6 +105,9 @@ struct search {
     const search_ops_t *ops;
     uv_loop_t *loop;
     store_t *store; /* borrowed: the server's store, which outlives the search */
+    /* the error code for a request that failed with CHAT_EIO: NULL means the store failed
+     * ("store_unavailable"); an engine of its own names itself ("search_unavailable") */
+    const char *down_code;
 };
 
 /* Open a search backend by name (NULL or "": the default for the store: sqlite with a
@@ -132,5 +136,7 @@ void search_req_cleanup(search_req_t *r);
 int search_sqlite_open(search_t **out, uv_loop_t *loop, store_t *store, char *err,
                        size_t errlen);
 int search_scan_open(search_t **out, uv_loop_t *loop, store_t *store, char *err, size_t errlen);
+int search_opensearch_open(search_t **out, uv_loop_t *loop, const char *url, store_t *store,
+                           char *err, size_t errlen);
 
 #endif

@@ -28,12 +28,16 @@ void search_html_marked(sbuf_t *out, const char *text, size_t n, const char *pla
  * marked. */
 void search_html_terms(sbuf_t *out, const search_query_t *q, const char *text, size_t n);
 
-/* printf into a caller's error buffer (err may be NULL or errlen 0: then nothing). */
 /* A backend's search_t with its ops, loop and store (borrowed: the caller's, outliving it).
  * 0, or CHAT_ENOMEM with err set. The backend's close frees it with free(). */
 int search__new(search_t **out, const search_ops_t *ops, uv_loop_t *loop, store_t *store,
                 char *err, size_t errlen);
+/* printf into a caller's error buffer (err may be NULL or errlen 0: then nothing). */
 void search__set_err(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+
+/* Whether a term holds something an index makes a token of: an ASCII letter or digit, or
+ * any non-ASCII byte (most are letters; a term that has none matches nothing). */
+bool search__has_token(const char *p, size_t n);
 
 #endif

@@ -2,9 +2,10 @@
 // Debian's Chromium through playwright-core, and small REST and polling helpers.
 // The one idea: nothing is faked; a test that cannot start chatd or Chromium fails loudly.
 
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -44,8 +45,10 @@ const running = new Set();
 process.on('exit', () => { for (const p of running) p.kill('SIGKILL'); });
 
 export class Chatd {
-  constructor({ dev = true, name = 'chatd', args = [] } = {}) {
+  // tls: {cert, key, ca} files: chatd serves HTTPS and WSS, checked against ca
+  constructor({ dev = true, name = 'chatd', args = [], tls = null } = {}) {
     this.dev = dev;
+    this.tls = tls;
     this.extraArgs = args; // more chatd flags, e.g. ['--search', 'scan']
     this.name = name;
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-browser-'));
@@ -55,7 +58,18 @@ export class Chatd {
     this.starts = 0;
   }
 
-  get base() { return `http://127.0.0.1:${this.port}`; }
+  get base() { return `${this.tls ? 'https' : 'http'}://127.0.0.1:${this.port}`; }
+
+  // /healthz answers 200 (over TLS verified against the test CA when tls is on)
+  healthy() {
+    if (!this.tls) return fetch(this.base + '/healthz').then((r) => r.ok);
+    return new Promise((resolve, reject) => {
+      https.get(this.base + '/healthz', { ca: fs.readFileSync(this.tls.ca) }, (res) => {
+        res.resume();
+        resolve(res.statusCode === 200);
+      }).on('error', reject);
+    });
+  }
 
   async start() {
     if (!this.port) this.port = await freePort();
@@ -63,6 +77,7 @@ export class Chatd {
       '--store', `sqlite:${path.join(this.dir, 'chat.db')}`, '--jwt-secret', this.secret,
       '--web-root', path.join(ROOT, 'web'), '--log-level', 'warn'];
     if (this.dev) args.unshift('--dev');
+    if (this.tls) args.push('--tls-cert', this.tls.cert, '--tls-key', this.tls.key);
     args.push(...this.extraArgs);
     const log = fs.openSync(path.join(ARTIFACTS, `${this.name}.log`), this.starts ? 'a' : 'w');
     this.starts++;
@@ -84,8 +99,7 @@ export class Chatd {
           `see ${ARTIFACTS}/${this.name}.log`);
       }
       try {
-        const r = await fetch(this.base + '/healthz');
-        if (r.ok) return;
+        if (await this.healthy()) return;
       } catch { /* not listening yet */ }
       if (Date.now() > deadline) throw new Error('chatd did not answer /healthz within 10 s');
     }
@@ -145,9 +159,39 @@ export class Chatd {
   }
 }
 
-export async function launchBrowser() {
+// A test CA and a server certificate for 127.0.0.1 and localhost, made with the openssl CLI
+// in dir: {ca, cert, key} paths.
+export function makeTestPki(dir) {
+  const run = (...a) => execFileSync('openssl', a, { cwd: dir, stdio: 'ignore' });
+  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+  run('req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2',
+    '-subj', '/CN=chat browser test CA');
+  run('req', ...ec, '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=localhost');
+  fs.writeFileSync(path.join(dir, 'ext'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\n');
+  run('x509', '-req', '-in', 'server.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key',
+    '-CAcreateserial', '-out', 'server.pem', '-days', '2', '-extfile', 'ext');
+  return { ca: path.join(dir, 'ca.pem'), cert: path.join(dir, 'server.pem'),
+    key: path.join(dir, 'server.key') };
+}
+
+// trustCa: a PEM CA file Chromium trusts as a root, the way a person or an administrator
+// adds one on Linux: in the NSS database of the (here temporary) home directory, with
+// certutil (libnss3-tools). Certificates are still verified: only that CA is added.
+export async function launchBrowser({ trustCa = null } = {}) {
+  let env;
+  if (trustCa) {
+    const home = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-browser-home-'));
+    const db = path.join(home, '.pki/nssdb');
+    fs.mkdirSync(db, { recursive: true });
+    execFileSync('certutil', ['-d', 'sql:' + db, '-N', '--empty-password']);
+    execFileSync('certutil', ['-d', 'sql:' + db, '-A', '-n', 'chat-test-ca', '-t', 'C,,',
+      '-i', trustCa]);
+    env = { ...process.env, HOME: home };
+    process.on('exit', () => fs.rmSync(home, { recursive: true, force: true }));
+  }
   return chromium.launch({
     executablePath: CHROMIUM,
+    env,
     headless: true,
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
       '--disable-background-networking', '--disable-component-update', '--disable-sync'],

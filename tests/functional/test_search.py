@@ -553,15 +553,17 @@ def test_scan_across_chats_shares_the_bound_and_misses_nothing(scan_server):
 
 # ---- configuration ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["opensearch://127.0.0.1:9200", "elasticsearch://127.0.0.1:9200",
-                                  "lucene"])
-def test_a_search_backend_this_build_lacks_is_refused_at_startup(tmp_path, name):
+@pytest.mark.parametrize("name,says", [("lucene", "sqlite, scan"),
+                                       ("opensearch://", "host:port"),
+                                       ("elasticsearch://127.0.0.1:9200/Bad", "ALIAS"),
+                                       ("opensearch://127.0.0.1:9200?x=1", "host:port")])
+def test_an_unknown_backend_or_a_bad_engine_url_is_refused_at_startup(tmp_path, name, says):
     require_binary(CHATD)
     res = subprocess.run([str(CHATD), "--port", "0", "--host", "127.0.0.1", "--store",
                           f"sqlite:{tmp_path}/x.db", "--jwt-secret", "s", "--search", name],
                          capture_output=True, text=True, timeout=30, env=clean_env(None))
     assert res.returncode != 0
-    assert "sqlite" in res.stderr + res.stdout and "scan" in res.stderr + res.stdout
+    assert says in res.stderr + res.stdout
 
 
 def test_sqlite_search_needs_the_sqlite_store_and_says_so_before_connecting(tmp_path):
@@ -576,13 +578,19 @@ def test_sqlite_search_needs_the_sqlite_store_and_says_so_before_connecting(tmp_
     assert "connect" not in out  # refused before any attempt to reach the store
 
 
-def test_the_environment_chooses_the_backend(tmp_path):
-    require_binary(CHATD)
-    res = subprocess.run([str(CHATD), "--port", "0", "--host", "127.0.0.1", "--store",
-                          f"sqlite:{tmp_path}/x.db", "--jwt-secret", "s"],
-                         capture_output=True, text=True, timeout=30,
-                         env=clean_env({"CHAT_SEARCH": "opensearch://127.0.0.1:9200"}))
-    assert res.returncode != 0 and "opensearch" in res.stderr + res.stdout
+def test_the_environment_chooses_the_backend_and_an_engine_away_is_a_503(chatd):
+    """CHAT_SEARCH names an OpenSearch nobody listens on: chatd starts all the same (the
+    engine is not needed to chat), and a search is a 503 JSON error naming the engine, on
+    both endpoints, never a hang or a 500."""
+    server = chatd(env={"CHAT_SEARCH": "opensearch://127.0.0.1:1"})
+    server.client("general", "alice").say("hello")
+    r = server.get("/api/chats/general/search", user="reader", params={"q": "hello"})
+    assert r.status_code == 503 and r.json()["error"] == "search_unavailable", r.text
+    r = server.get("/api/search", user="reader", params={"q": "hello", "chats": "general"})
+    assert r.status_code == 503 and r.json()["error"] == "search_unavailable", r.text
+    # syntax is still ours to judge, engine or not
+    r = server.get("/api/search", user="reader", params={"q": '"open', "chats": "general"})
+    assert r.status_code == 400 and r.json()["error"] == "bad_query", r.text
 
 
 def test_an_answer_stops_at_about_a_megabyte_and_says_where_to_go_on(server):
