@@ -79,13 +79,18 @@ static void usage(FILE *f) {
             "  --kafka-topic T          CHAT_KAFKA_TOPIC         the topic (default chat.events)\n"
             "  --outbox-max-rows N      CHAT_OUTBOX_MAX_ROWS     events waiting for Kafka beyond "
             "which sends are refused (default 1000000; 0: no limit)\n"
-            "  --rate-limit MSGS_PER_S  CHAT_RATE_LIMIT          sends (messages, edits, deletes) "
+            "  --rate-limit MSGS_PER_S  CHAT_RATE_LIMIT          sends (messages, edits, deletes, typing) "
             "a second per user on this node, WebSocket and REST together; beyond, rate_limited "
             "or 429 (default 0: no limit)\n"
             "  --rate-burst N           CHAT_RATE_BURST          sends a user may make at once "
             "before --rate-limit applies (default 0: twice the rate, at least 1)\n"
             "  --compression on|off     CHAT_COMPRESSION         permessage-deflate with clients "
             "that offer it (browsers do): events compressed once per chat (default on)\n"
+            "  --presence-grace-ms MS   CHAT_PRESENCE_GRACE_MS   a user whose last connection to "
+            "a chat closed is still online this long: a reconnect within it is no leave and join "
+            "(default 5000; 0: leave at once)\n"
+            "  --presence-max-members N CHAT_PRESENCE_MAX_MEMBERS  presence:join/leave are not "
+            "sent in a chat with more users online (default 1000; 0: never sent)\n"
             "  --log-level LEVEL        CHAT_LOG_LEVEL           debug, info, warn or error "
             "(default info)\n"
             "  --help                                            this text\n");
@@ -240,12 +245,14 @@ int main(int argc, char **argv) {
     const char *rate_limit = env_or("CHAT_RATE_LIMIT", "0");
     const char *rate_burst = env_or("CHAT_RATE_BURST", "0");
     const char *compression = env_or("CHAT_COMPRESSION", "on");
+    const char *pres_grace = env_or("CHAT_PRESENCE_GRACE_MS", "5000");
+    const char *pres_max = env_or("CHAT_PRESENCE_MAX_MEMBERS", "1000");
 
     enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
            O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_PUBKEY, O_JWKS, O_JWKS_REFRESH,
            O_JWKS_MIN, O_ISSUER, O_AUDIENCE, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP,
            O_KAFKA, O_KTOPIC, O_OBMAX, O_SEARCH, O_RATE, O_BURST, O_TLSCERT, O_TLSKEY,
-           O_COMPRESS };
+           O_COMPRESS, O_PGRACE, O_PMAX };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
@@ -280,6 +287,8 @@ int main(int argc, char **argv) {
         {"rate-limit", required_argument, 0, O_RATE},
         {"rate-burst", required_argument, 0, O_BURST},
         {"compression", required_argument, 0, O_COMPRESS},
+        {"presence-grace-ms", required_argument, 0, O_PGRACE},
+        {"presence-max-members", required_argument, 0, O_PMAX},
         {"help", no_argument, 0, O_HELP},
         {0, 0, 0, 0},
     };
@@ -319,6 +328,8 @@ int main(int argc, char **argv) {
         case O_RATE: rate_limit = optarg; break;
         case O_BURST: rate_burst = optarg; break;
         case O_COMPRESS: compression = optarg; break;
+        case O_PGRACE: pres_grace = optarg; break;
+        case O_PMAX: pres_max = optarg; break;
         case 'h':
         case O_HELP: usage(stdout); return 0;
         default: usage(stderr); return 2;
@@ -386,6 +397,15 @@ int main(int argc, char **argv) {
         return 2;
     }
     cfg.rate_burst = (double)burst;
+    size_t grace;
+    if (parse_count("presence-grace-ms", pres_grace, &grace) < 0 ||
+        parse_count("presence-max-members", pres_max, &cfg.presence_max_members) < 0)
+        return 2;
+    if (grace > 600000) {
+        fprintf(stderr, "chatd: presence-grace-ms must be at most 600000\n");
+        return 2;
+    }
+    cfg.presence_grace_ms = (unsigned)grace;
     if (cfg.kafka_brokers && !*cfg.kafka_brokers) cfg.kafka_brokers = NULL;
     if (!*cfg.kafka_topic) {
         fprintf(stderr, "chatd: kafka-topic must not be empty\n");

@@ -22,7 +22,7 @@ const el = {
   input: $('input'), announce: $('announce'), composerError: $('composer-error'),
   searchForm: $('search-form'), searchQ: $('search-q'), search: $('search'),
   searchState: $('search-state'), searchList: $('search-list'), searchMore: $('search-more'),
-  searchClose: $('search-close'),
+  searchClose: $('search-close'), online: $('online'), typing: $('typing'),
 };
 
 let session = loadSession();
@@ -659,7 +659,9 @@ function onEvent(c, ev) {
     saveOutbox();
     return;
   }
+  if (onPresence(c, ev)) return;
   if (!['message:message', 'message:edit', 'message:delete'].includes(ev.event)) return;
+  if (ev.event === 'message:message') stopTyping(c, ev.user_from);
   const stick = nearBottom();
   let mine = false;
   if (ev.event === 'message:message' && ev.client_id && ev.user_from === session.user) {
@@ -680,6 +682,75 @@ function onEvent(c, ev) {
     el.announce.textContent = `${ev.user_from}: ${ev.message}`;
   }
   unreadChanged(c);
+}
+
+// ---- who is online, who is typing -----------------------------------------------------------
+// The connection asks for presence events (?presence=1) and the list on each open; typing
+// shows for TYPING_SHOW_MS after the last typing event of a person (they come at most every
+// 2 s while the person types) or until their message arrives.
+
+const TYPING_SHOW_MS = 3500;
+const TYPING_SEND_MS = 2000; // the server forwards at most one per 2 s anyway
+
+const ONLINE_NAMES_MAX = 12; // a big room lists a few names and a count
+
+function renderOnline(c) {
+  const names = [...c.online].sort();
+  const shown = names.slice(0, ONLINE_NAMES_MAX).join(', ');
+  const more = names.length - ONLINE_NAMES_MAX;
+  el.online.textContent = !names.length ? ''
+    : `Online: ${shown}${more > 0 ? ` and ${more} more` : ''}`;
+  el.online.title = `${names.length} online`;
+}
+
+function renderTyping(c) {
+  const names = [...c.typing.keys()].filter((u) => u !== session.user).sort();
+  el.typing.textContent = names.length === 0 ? ''
+    : names.length === 1 ? `${names[0]} is typing…`
+    : names.length <= 3 ? `${names.join(', ')} are typing…` : 'Several people are typing…';
+}
+
+function stopTyping(c, user) {
+  const t = c.typing.get(user);
+  if (t === undefined) return;
+  clearTimeout(t);
+  c.typing.delete(user);
+  renderTyping(c);
+}
+
+// true if ev was a presence or typing event (handled here)
+function onPresence(c, ev) {
+  if (ev.event === 'presence' && Array.isArray(ev.users)) {
+    c.online = new Set(ev.users);
+  } else if (ev.event === 'presence:join' && typeof ev.user === 'string') {
+    c.online.add(ev.user);
+  } else if (ev.event === 'presence:leave' && typeof ev.user === 'string') {
+    c.online.delete(ev.user);
+    stopTyping(c, ev.user);
+  } else if (ev.event === 'typing' && typeof ev.user_from === 'string') {
+    clearTimeout(c.typing.get(ev.user_from));
+    c.typing.set(ev.user_from, setTimeout(() => stopTyping(c, ev.user_from), TYPING_SHOW_MS));
+    renderTyping(c);
+    return true;
+  } else {
+    return false;
+  }
+  renderOnline(c);
+  return true;
+}
+
+function clearPresence(c) {
+  if (c) for (const t of c.typing.values()) clearTimeout(t);
+  el.online.textContent = '';
+  el.typing.textContent = '';
+}
+
+function typed() {
+  const c = cur;
+  if (!c || !c.conn || !el.input.value.trim()) return;
+  const now = performance.now();
+  if (now - c.typingSent < TYPING_SEND_MS) return;
+  if (c.conn.sendNow({ event: 'typing' })) c.typingSent = now;
 }
 
 // ---- read positions ----------------------------------------------------------------------
@@ -820,6 +891,7 @@ setInterval(refreshUnread, UNREAD_POLL_MS);
 
 function leave() {
   if (cur && cur.conn) cur.conn.stop();
+  clearPresence(cur);
   if (cur) clearTimeout(cur.readTimer);
   cur = null;
   closeSearch();
@@ -840,7 +912,7 @@ function join(id) {
   leave();
   const c = {
     id, msgs: new Map(), pendingEls: new Map(), oldest: null, nextBefore: undefined,
-    loadingOlder: false, conn: null,
+    loadingOlder: false, conn: null, online: new Set(), typing: new Map(), typingSent: -1e9,
     readPos: null, readAsked: null, readAt: 0, readTimer: 0, lineAfter: null, readLoaded: false,
   };
   cur = c;
@@ -871,6 +943,7 @@ function join(id) {
           performance.mark('chat-connected');
         }
         if (again && cur === c) refreshLatest(c);
+        if (cur === c) c.conn.sendNow({ event: 'presence:get' });
         c.readAsked = c.readPos; // a read in flight on the old socket may be lost
         maybeRead(c);
       },
@@ -1065,6 +1138,7 @@ el.input.addEventListener('keydown', (e) => {
 });
 
 el.input.addEventListener('input', grow);
+el.input.addEventListener('input', typed);
 
 // ---- start -------------------------------------------------------------------------------
 

@@ -145,7 +145,7 @@ export class ChatConnection {
                                   : await resolveBase(this.chatId, this.token);
     if (this.stopped) return;
     const url = `${found.base}/ws/chat/${encodeURIComponent(this.chatId)}` +
-      `?token=${encodeURIComponent(this.token)}&since=${this.sinceParam()}`;
+      `?token=${encodeURIComponent(this.token)}&since=${this.sinceParam()}&presence=1`;
     let ws;
     try {
       ws = new WebSocket(url);
@@ -343,7 +343,7 @@ export class ChatConnection {
   }
 
   // Send a frame that needs no retry if the socket is down (a read position: the next one
-  // after the reconnect says as much). true if it went out.
+  // after the reconnect says as much; presence:get and typing). true if it went out.
   sendNow(frame) {
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
     this.ws.send(JSON.stringify(frame));

@@ -54,6 +54,14 @@ typedef void (*bus_nodes_cb)(void *ud, int status, const bus_node_t *nodes, size
  * valid during the call only. */
 typedef void (*bus_lease_cb)(void *ud, int status, unsigned node_id, const char *detail);
 
+/* One user online in a chat through one node (bus_ops_t.presence_list). */
+typedef struct bus_presence {
+    char node[33];    /* the instance id of the node the user is connected through */
+    const char *user; /* valid during the callback only */
+} bus_presence_t;
+/* status 0 or a negative CHAT_E* (then n == 0); p is valid during the call only. */
+typedef void (*bus_presence_cb)(void *ud, int status, const bus_presence_t *p, size_t n);
+
 typedef struct bus_ops {
     const char *name; /* for logs and messages only: ask the flags below, not the name */
     /* Other nodes share this bus: their events reach this node only through it, so while it
@@ -79,6 +87,17 @@ typedef struct bus_ops {
      * by close. Waits for the broker if it is down; cb runs later on the loop thread. NULL in
      * a backend without other nodes (local): the configured id is used as is. */
     int (*lease)(bus_t *b, int want, unsigned ttl_ms, bus_lease_cb cb, void *ud);
+    /* Presence kept where the bus lives, so that a node joining a chat learns who is online
+     * in it through the other nodes. presence_set records (online) or removes this node's
+     * entry for user in chat_id, queued in order with publish (an entry set before a publish
+     * is in place when the publish arrives). A node's entries count only while the node is
+     * live (registered, connected): a crashed node's entries vanish with it. presence_list
+     * answers the live entries of every node, this one's included; cb runs once, later or
+     * from inside the bus's I/O callback, unless this returns an error. Both NULL in a
+     * backend without other nodes (local): the server's own table is all there is. The
+     * strings are copied. */
+    int (*presence_set)(bus_t *b, const char *chat_id, const char *user, bool online);
+    int (*presence_list)(bus_t *b, const char *chat_id, bus_presence_cb cb, void *ud);
     /* Stop and free; done (if not NULL) runs on the loop thread when every handle closed.
      * Publishes queued before close are sent first, if the connection allows. */
     void (*close)(bus_t *b, void (*done)(void *), void *arg);
@@ -117,6 +136,9 @@ static inline int bus_list_nodes(bus_t *b, bus_nodes_cb cb, void *ud) {
 }
 static inline int bus_lease(bus_t *b, int want, unsigned ttl_ms, bus_lease_cb cb, void *ud) {
     return b->ops->lease ? b->ops->lease(b, want, ttl_ms, cb, ud) : CHAT_EINVAL;
+}
+static inline int bus_presence_set(bus_t *b, const char *chat, const char *user, bool online) {
+    return b->ops->presence_set ? b->ops->presence_set(b, chat, user, online) : 0;
 }
 static inline void bus_close(bus_t *b, void (*done)(void *), void *arg) {
     b->ops->close(b, done, arg);

@@ -48,6 +48,13 @@
  * ':', so this never names a chat's channel. */
 #define ALIVE_PREFIX "chat:alive:"
 #define NODEID_PREFIX "chat:nodeid:" /* the lease of a node id: value = holder's instance */
+/* Presence: a hash per chat, one field per (node, user): the node's instance id (32 hex
+ * chars) followed by the user id. A field counts only while its node's heartbeat key lives
+ * and its alive channel has a subscriber; a reader drops the others. Each node rewrites its
+ * fields and the key's expiry every PRESENCE_KEY_TTL_MS / 3, so the hash of a chat whose
+ * nodes all died expires. */
+#define PRESENCE_PREFIX "chat:presence:"
+#define PRESENCE_KEY_TTL_MS 60000
 #define NODE_IDS 1024
 #define INSTANCE_LEN 32
 
@@ -85,6 +92,20 @@ static const char LEASE_RENEW[] =
     "if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end "
     "if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end "
     "return 0";
+/* KEYS[1] a chat's presence hash. The fields of live nodes; the others are deleted. */
+static const char PRESENCE_LIST[] =
+    "local f = redis.call('HKEYS', KEYS[1]) "
+    "local live, out = {}, {} "
+    "for i = 1, #f do "
+    "  local n = string.sub(f[i], 1, 32) "
+    "  local ok = live[n] "
+    "  if ok == nil then "
+    "    ok = redis.call('EXISTS', '" NODE_PREFIX "' .. n) == 1 and "
+    "         redis.call('PUBSUB', 'NUMSUB', '" ALIVE_PREFIX "' .. n)[2] > 0 "
+    "    live[n] = ok end "
+    "  if ok then out[#out + 1] = f[i] else redis.call('HDEL', KEYS[1], f[i]) end "
+    "end "
+    "return out";
 /* compare-and-delete: never release a lease another node took since */
 static const char LEASE_RELEASE[] =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
@@ -1099,6 +1120,15 @@ static uint8_t *put(uint8_t *w, const void *p, size_t n) {
     return w + n;
 }
 
+/* Bounded: the oldest go first (those already written are most likely delivered); then
+ * hand the rest to hiredis. */
+static void pq_bound_and_send(bus_redis_t *r) {
+    while (r->q.n > 1 && (r->q.n > r->q.max_msgs || r->q.bytes > r->q.max_bytes))
+        if (pq_pop(&r->q)) r->dropped++;
+    log_dropped(r, false);
+    pq_send(r);
+}
+
 static int r_publish(bus_t *b, const char *chat_id, const void *payload, size_t len) {
     bus_redis_t *r = (bus_redis_t *)b;
     size_t idlen;
@@ -1124,11 +1154,104 @@ static int r_publish(bus_t *b, const char *chat_id, const void *payload, size_t 
     w = put(w, "|", 1);
     w = put(w, payload, len);
     put(w, "\r\n", 2);
-    /* bounded: the oldest go first; those already written are most likely delivered */
-    while (r->q.n > 1 && (r->q.n > r->q.max_msgs || r->q.bytes > r->q.max_bytes))
-        if (pq_pop(&r->q)) r->dropped++;
-    log_dropped(r, false);
-    pq_send(r);
+    pq_bound_and_send(r);
+    return 0;
+}
+
+/* ---- presence --------------------------------------------------------------------------- */
+
+/* Queue one formatted command (taken over: freed here) behind the publishes. */
+static int pq_push_cmd(bus_redis_t *r, char *cmd, long long len) {
+    if (len < 0) return CHAT_ENOMEM;
+    uint8_t *w = pq_push(&r->q, (size_t)len);
+    if (w) memcpy(w, cmd, (size_t)len);
+    redisFreeCommand(cmd);
+    return w ? 0 : CHAT_ENOMEM;
+}
+
+static int r_presence_set(bus_t *b, const char *chat_id, const char *user, bool online) {
+    bus_redis_t *r = (bus_redis_t *)b;
+    size_t idlen, ulen = user ? strlen(user) : 0;
+    if (r->closing) return CHAT_ECLOSED;
+    if (!chat_id_ok(chat_id, &idlen) || !ulen || ulen > 1024) return CHAT_EINVAL;
+    char key[sizeof PRESENCE_PREFIX + CHAT_ID_MAX], field[INSTANCE_LEN + 1025];
+    int klen = snprintf(key, sizeof key, PRESENCE_PREFIX "%s", chat_id);
+    memcpy(field, r->base.instance, INSTANCE_LEN);
+    memcpy(field + INSTANCE_LEN, user, ulen);
+    char *cmd = NULL;
+    long long len;
+    int rc;
+    if (online) {
+        len = redisFormatCommand(&cmd, "HSET %b %b 1", key, (size_t)klen, field,
+                                 INSTANCE_LEN + ulen);
+        if ((rc = pq_push_cmd(r, cmd, len)) < 0) return rc;
+        len = redisFormatCommand(&cmd, "PEXPIRE %b %d", key, (size_t)klen, PRESENCE_KEY_TTL_MS);
+    } else {
+        len = redisFormatCommand(&cmd, "HDEL %b %b", key, (size_t)klen, field,
+                                 INSTANCE_LEN + ulen);
+    }
+    if ((rc = pq_push_cmd(r, cmd, len)) < 0) return rc;
+    pq_bound_and_send(r);
+    return 0;
+}
+
+typedef struct presence_req {
+    bus_presence_cb cb;
+    void *ud;
+} presence_req_t;
+
+static void presence_cb(redisAsyncContext *ac, void *reply, void *priv) {
+    rconn_t *rc = ac->data;
+    presence_req_t *q = priv;
+    redisReply *rep = reply;
+    rc->inflight--;
+    if (rep) rc->replies++;
+    if (!rep || rep->type != REDIS_REPLY_ARRAY) {
+        if (rep && rep->type == REDIS_REPLY_ERROR) log_reply_error(rc->bus, "presence", rep);
+        q->cb(q->ud, CHAT_EIO, NULL, 0);
+        free(q);
+        return;
+    }
+    size_t bytes = 1, n = 0;
+    for (size_t i = 0; i < rep->elements; i++)
+        if (rep->element[i]->type == REDIS_REPLY_STRING) bytes += rep->element[i]->len + 1;
+    bus_presence_t *p = calloc(rep->elements ? rep->elements : 1, sizeof *p);
+    char *users = p ? malloc(bytes) : NULL, *u = users;
+    for (size_t i = 0; users && i < rep->elements; i++) {
+        const redisReply *e = rep->element[i];
+        if (e->type != REDIS_REPLY_STRING || e->len <= INSTANCE_LEN ||
+            memchr(e->str, 0, e->len))
+            continue; /* not written by us */
+        memcpy(p[n].node, e->str, INSTANCE_LEN);
+        p[n].node[INSTANCE_LEN] = 0;
+        memcpy(u, e->str + INSTANCE_LEN, e->len - INSTANCE_LEN);
+        u[e->len - INSTANCE_LEN] = 0;
+        p[n++].user = u;
+        u += e->len - INSTANCE_LEN + 1;
+    }
+    q->cb(q->ud, users ? 0 : CHAT_ENOMEM, users ? p : NULL, users ? n : 0);
+    free(users);
+    free(p);
+    free(q);
+}
+
+static int r_presence_list(bus_t *b, const char *chat_id, bus_presence_cb cb, void *ud) {
+    bus_redis_t *r = (bus_redis_t *)b;
+    rconn_t *rc = &r->cmd;
+    size_t idlen;
+    if (r->closing) return CHAT_ECLOSED;
+    if (!cb || !chat_id_ok(chat_id, &idlen)) return CHAT_EINVAL;
+    if (rc->state != ST_READY) return CHAT_EIO;
+    presence_req_t *q = malloc(sizeof *q);
+    if (!q) return CHAT_ENOMEM;
+    q->cb = cb;
+    q->ud = ud;
+    if (redisAsyncCommand(rc->ac, presence_cb, q, "EVAL %s 1 " PRESENCE_PREFIX "%b",
+                          PRESENCE_LIST, chat_id, idlen) != REDIS_OK) {
+        free(q);
+        return CHAT_EIO;
+    }
+    rc->inflight++;
     return 0;
 }
 
@@ -1620,6 +1743,8 @@ static const bus_ops_t redis_ops = {
     .deregister = r_deregister,
     .list_nodes = r_list_nodes,
     .lease = r_lease,
+    .presence_set = r_presence_set,
+    .presence_list = r_presence_list,
     .close = r_close,
 };
 

@@ -170,13 +170,18 @@ typedef struct chat_config {
     const char *kafka_brokers;
     const char *kafka_topic;
     uint64_t outbox_max_rows;
-    /* sends (messages, edits, deletes) per second per user on this node, WebSocket and REST
-     * together; 0: no limit. rate_burst: sends in a burst, 0: twice rate_limit (at least 1) */
+    /* sends (messages, edits, deletes, typing) per second per user on this node, WebSocket
+     * and REST together; 0: no limit. rate_burst: sends in a burst, 0: twice rate_limit (at least 1) */
     double rate_limit;
     double rate_burst;
     /* permessage-deflate (RFC 7692) with clients that offer it; false: every offer is
      * declined (chatd's default is on, main.c) */
     bool compression;
+    /* presence: a user's last connection to a chat closing is a presence:leave only if no
+     * new one opens within presence_grace_ms (0: at once); presence:join/leave are not sent
+     * in a chat with more than presence_max_members users online (0: never sent) */
+    unsigned presence_grace_ms;
+    size_t presence_max_members;
     int log_level;
 } chat_config_t;
 

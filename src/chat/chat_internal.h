@@ -19,10 +19,16 @@
  * connection (session.c checks it and moves the connection's expiry). Not stored, not
  * delivered.
  * PROTO_READ: {"event":"read","message_id":"..."}, the user's read position in the chat
- * (read.c); message_id only as a decimal string. */
-enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE, PROTO_PING, PROTO_TOKEN_REFRESH, PROTO_READ };
-/* allow_events flag: an object without "event" is a message:message (the REST body) */
-#define PROTO_IMPLICIT_MESSAGE (1u << 8)
+ * (read.c); message_id only as a decimal string.
+ * PROTO_TYPING: {"event":"typing"}, the sender is typing: forwarded to the other members
+ * (presence.c), never stored. PROTO_PRESENCE_GET: {"event":"presence:get"}, answered
+ * {"event":"presence","users":[..]} to the sender alone. */
+enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE, PROTO_PING, PROTO_TOKEN_REFRESH, PROTO_READ,
+       PROTO_TYPING, PROTO_PRESENCE_GET };
+/* allow_events flag: an object without "event" is a message:message (the REST body); a bit
+ * above every (1 << PROTO_*) */
+#define PROTO_IMPLICIT_MESSAGE (1u << 16)
+_Static_assert(PROTO_PRESENCE_GET < 16, "PROTO_IMPLICIT_MESSAGE must stay above the kinds");
 
 #define PROTO_MAX_CLIENT_ID 128
 
@@ -133,6 +139,8 @@ typedef struct session {
     uint32_t n_new;
     size_t inflight;               /* bytes of this member's commands the store has not answered */
     bool flow_paused;              /* not read until its own echoes drain (a fast sender) */
+    bool presence;                 /* gets presence:join/leave and typing (it asked for them) */
+    bool presence_asked;           /* a presence:get waits for the chat's snapshot */
     char user[129];
 } session_t;
 
@@ -248,6 +256,7 @@ struct chat_server {
     chat_metrics_t m;
     struct rate_table *rate; /* --rate-limit's buckets (ratelimit.c); NULL until first used */
     ws_zip_t *zip;           /* --compression: the loop's one compressor and inflater */
+    struct pres_table *presence; /* who is online per chat (presence.c); NULL until used */
     uint64_t room_gen;
     /* the cluster (cluster.c) */
     bool bus_up;
@@ -273,6 +282,7 @@ struct chat_server {
     } known[64];
     size_t n_known;
     bool listing;     /* a listing is in flight */
+    uint64_t listing_at; /* uv_now() when it was asked for */
     bool known_valid; /* known[] is from a successful listing */
     /* shutdown */
     bool stopping;
@@ -284,6 +294,7 @@ struct chat_server {
 };
 
 /* server.c */
+uint32_t chat_hash(const char *s); /* FNV-1a of a NUL-terminated string */
 void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c);
 void chat_peer_unlink(peer_t *p);  /* the connection closed */
 void chat_peer_unref(peer_t *p);   /* frees at zero */
@@ -344,7 +355,7 @@ extern const conn_handler_t chat_ws_handler;
  * (the 101 said so). */
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
                         int64_t token_exp, const uint64_t *since, size_t n_since, bool deflate,
-                        const uint8_t *rest, size_t rest_len);
+                        bool presence, const uint8_t *rest, size_t rest_len);
 /* The close code of a connection whose token's exp passed without a token:refresh. */
 #define CHAT_CLOSE_TOKEN_EXPIRED 4001
 /* The sweep's expiry check: close with 4001 "token expired" once now (epoch seconds) has
@@ -421,5 +432,39 @@ uint64_t rate_admit_cmd(chat_server_t *s, const char *user, const proto_cmd_t *c
 /* The same for a REST send: on a refusal *resp is the 429 answer (Retry-After, JSON body)
  * whose reference the caller owns (NULL on OOM). */
 uint64_t rate_admit_rest(chat_server_t *s, const char *user, bool keep_alive, buf_t **resp);
+
+/* ---- presence.c: who is online, who is typing -------------------------------------------- */
+/* A session joined its room (after chat_room_join) / is about to leave it (before
+ * chat_room_leave): the user's first connection to the chat is a presence:join, the last
+ * one's close a presence:leave after --presence-grace-ms unless the user is back by then. */
+void chat_presence_open(chat_server_t *s, session_t *ss);
+void chat_presence_close(chat_server_t *s, session_t *ss);
+/* presence:get: the session gets presence events from now on, and the list (at once, or
+ * once the chat's snapshot from the bus is in). */
+void chat_presence_get(chat_server_t *s, session_t *ss);
+/* typing: true if the user's last typing in this chat went out TYPING_EVERY_MS ago or more
+ * (else the caller drops it); chat_presence_typing forwards it to the other members. */
+bool chat_presence_typing_due(chat_server_t *s, session_t *ss);
+void chat_presence_typing(chat_server_t *s, session_t *ss);
+/* A payload from the bus: true if it was a presence or typing event (handled here). */
+bool chat_presence_bus(chat_server_t *s, const char *chat_id, const uint8_t *p, size_t n);
+/* The room's bus subscription became active: read who is online through the other nodes. */
+void chat_presence_subscribed(chat_server_t *s, const char *chat_id);
+/* The live nodes, as a listing asked for at asked_at (uv_now) found them: the users of
+ * any other node leave (unless connected elsewhere), those known since asked_at excepted
+ * (their node may have registered after the listing read the registry). */
+void chat_presence_nodes_live(chat_server_t *s, const bus_node_t *nodes, size_t n,
+                              uint64_t asked_at);
+/* The bus is back: our entries are written again and every chat's snapshot read again. */
+void chat_presence_bus_up(chat_server_t *s);
+/* The sweep: grace periods that ended, and the periodic rewrite of our entries. */
+void chat_presence_sweep(chat_server_t *s, uint64_t now);
+/* GET /api/chats/{chat_id}/presence: done gets the JSON body ({"chat_id":..,"users":[..]}),
+ * or NULL if the bus could not be asked; at once or later on the loop thread. body is valid
+ * during the call. 0, or an error (then done does not run). */
+int chat_presence_rest(chat_server_t *s, const char *chat_id,
+                       void (*done)(void *ud, const sbuf_t *body), void *ud);
+/* Free the tables (shutdown). */
+void chat_presence_free(chat_server_t *s);
 
 #endif

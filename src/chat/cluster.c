@@ -267,6 +267,7 @@ void chat_cluster_bus_state(chat_server_t *s, bool up) {
     /* (not while the node id lease is still being asked for: nothing to register yet) */
     if (!s->stopping && s->heartbeat.data) cluster__heartbeat(&s->heartbeat); /* be listed */
     if (was_down && !s->stopping) cluster__catchup_all(s, s->bus_down_ms - CATCHUP_MARGIN_MS);
+    if (!s->stopping) chat_presence_bus_up(s);
 }
 
 /* ---- balancing ------------------------------------------------------------------------ */
@@ -407,6 +408,7 @@ static void cluster__nodes_listed(void *ud, int status, const bus_node_t *nodes,
         s->known[s->n_known++].seen_at = nodes[i].seen_at;
     }
     s->known_valid = true;
+    chat_presence_nodes_live(s, nodes, n, s->listing_at);
     if (gone_seen && s->n_rooms) cluster__catchup_all(s, gone_seen - CATCHUP_MARGIN_MS);
 }
 
@@ -416,6 +418,7 @@ static void cluster__heartbeat(uv_timer_t *t) {
     int rc = bus_heartbeat(s->bus, &s->self, NODE_TTL_MS);
     if (rc < 0) log_debug("heartbeat_failed error=%s", chat_strerror(rc));
     if (s->bus_up && !s->listing && !s->stopping && s->bus->ops->has_peers) {
+        s->listing_at = uv_now(s->loop);
         if (bus_list_nodes(s->bus, cluster__nodes_listed, s) == 0) s->listing = true;
         else s->known_valid = false;
     }

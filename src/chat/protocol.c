@@ -60,10 +60,13 @@ int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_c
     else if (strcmp(e, "message:delete") == 0) cmd->kind = PROTO_DELETE;
     else if (strcmp(e, "ping") == 0) cmd->kind = PROTO_PING;
     else if (strcmp(e, "token:refresh") == 0) cmd->kind = PROTO_TOKEN_REFRESH;
+    else if (strcmp(e, "typing") == 0) cmd->kind = PROTO_TYPING;
+    else if (strcmp(e, "presence:get") == 0) cmd->kind = PROTO_PRESENCE_GET;
     else if (strcmp(e, "read") == 0) cmd->kind = PROTO_READ;
     if (!cmd->kind || !(allow_events & (1u << cmd->kind)))
         return proto__fail(cmd, "unknown event");
-    if (cmd->kind == PROTO_PING) return 0;
+    if (cmd->kind == PROTO_PING || cmd->kind == PROTO_TYPING || cmd->kind == PROTO_PRESENCE_GET)
+        return 0;
     if (cmd->kind == PROTO_TOKEN_REFRESH) {
         json_t *t = json_object_get(root, "token");
         if (!t) return proto__fail(cmd, "missing \"token\"");

@@ -225,6 +225,14 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
             return;
         }
     }
+    /* presence=1: presence:join/leave and typing from the start (else after presence:get) */
+    char pv[8];
+    int pn = http_query_param(req, "presence", pv, sizeof pv);
+    bool presence = pn > 0 && (strcmp(pv, "1") == 0 || strcmp(pv, "true") == 0);
+    if (pn != CHAT_ENOTFOUND && !presence && strcmp(pv, "0") != 0 && strcmp(pv, "false") != 0) {
+        http__error(hp, 400, "bad_request", "presence must be 1 or 0", ka);
+        return;
+    }
     jwt_claims_t cl;
     const char *why;
     int st = http__auth(s, req, chat_id, &cl, &why);
@@ -254,7 +262,7 @@ static void http__upgrade(http_peer_t *hp, const http_request_t *req, const char
     /* The connection changes hands: the HTTP peer lets go of it (it stays allocated, and
      * rest valid, until http__drive's reference is dropped). */
     chat_peer_unlink(&hp->peer);
-    chat_session_start(s, c, chat_id, cl.sub, cl.exp, since, n_since, deflate,
+    chat_session_start(s, c, chat_id, cl.sub, cl.exp, since, n_since, deflate, presence,
                        (const uint8_t *)rest, rest_len);
     char peer[80];
     conn_peer(c, peer, sizeof peer);
@@ -858,6 +866,57 @@ static void http__nodes(http_peer_t *hp, const http_request_t *req, bool connect
     hp->busy = true;
 }
 
+/* ---- presence ------------------------------------------------------------------------- */
+
+typedef struct presence_wait {
+    http_peer_t *hp; /* referenced until the answer */
+    bool keep_alive;
+    bool asking;     /* inside chat_presence_rest: an answer now is not a resume */
+    bool answered;
+} presence_wait_t;
+
+static void http__presence_done(void *ud, const sbuf_t *body) {
+    presence_wait_t *w = ud;
+    http_peer_t *hp = w->hp;
+    if (body)
+        http__json(hp, 200, body, w->keep_alive);
+    else
+        http__error(hp, 503, "bus_unavailable", "presence cannot be read now", w->keep_alive);
+    if (w->asking) {
+        w->answered = true; /* http__presence finishes it */
+        return;
+    }
+    free(w);
+    http__resume(hp);
+    chat_peer_unref(&hp->peer);
+}
+
+/* GET /api/chats/{chat_id}/presence: the users online in the chat, on any node. */
+static void http__presence(http_peer_t *hp, const http_request_t *req, const char *chat_id) {
+    jwt_claims_t cl;
+    if (!http__get_allowed(hp, req, chat_id, &cl)) return;
+    jwt_claims_free(&cl);
+    bool ka = req->keep_alive;
+    presence_wait_t *w = calloc(1, sizeof(*w));
+    if (!w) {
+        http__error(hp, 500, "internal", "out of memory", false);
+        return;
+    }
+    w->hp = hp;
+    w->keep_alive = ka;
+    w->asking = true;
+    int rc = chat_presence_rest(hp->peer.srv, chat_id, http__presence_done, w);
+    w->asking = false;
+    if (rc < 0 || w->answered) {
+        if (rc < 0) http__error(hp, 503, "bus_unavailable", "presence cannot be read now", ka);
+        free(w);
+        return;
+    }
+    /* busy until the bus answers (peer kept alive by the extra reference) */
+    hp->peer.refs++;
+    hp->busy = true;
+}
+
 /* Development only (--dev): a token for any user name, so a person can try the web page
  * without minting tokens by hand. Without --dev the route does not exist. */
 static void http__dev_token(http_peer_t *hp, const http_request_t *req) {
@@ -987,6 +1046,7 @@ static void http__route(http_peer_t *hp, const http_request_t *in) {
         {"/ws/chat/", "", true, http__upgrade},
         {"/api/chats/", "/messages", false, http__messages},
         {"/api/chats/", "/search", false, http__search},
+        {"/api/chats/", "/presence", false, http__presence},
         {"/api/chats/", "/read", false, http__read},
     };
     for (size_t i = 0; i < sizeof chat_routes / sizeof chat_routes[0]; i++) {

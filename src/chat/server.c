@@ -180,7 +180,7 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
 
 /* ---- rooms ---------------------------------------------------------------------------- */
 
-static uint32_t chat__hash(const char *s) {
+uint32_t chat_hash(const char *s) {
     uint32_t h = 2166136261u; /* FNV-1a */
     for (; *s; s++) h = (h ^ (uint8_t)*s) * 16777619u;
     return h;
@@ -188,7 +188,7 @@ static uint32_t chat__hash(const char *s) {
 
 room_t *chat_room_find(chat_server_t *s, const char *chat_id) {
     if (!s->rooms_cap) return NULL;
-    uint32_t h = chat__hash(chat_id);
+    uint32_t h = chat_hash(chat_id);
     for (room_t *r = s->rooms[h & (s->rooms_cap - 1)]; r; r = r->hnext)
         if (r->hash == h && strcmp(r->chat_id, chat_id) == 0) return r;
     return NULL;
@@ -223,7 +223,7 @@ int chat_room_join(chat_server_t *s, session_t *ss, const char *chat_id) {
             free(r);
             return CHAT_ENOMEM;
         }
-        r->hash = chat__hash(chat_id);
+        r->hash = chat_hash(chat_id);
         r->gen = ++s->room_gen;
         r->hnext = s->rooms[r->hash & (s->rooms_cap - 1)];
         s->rooms[r->hash & (s->rooms_cap - 1)] = r;
@@ -418,6 +418,7 @@ static void chat__sweep(uv_timer_t *t) {
     chat_server_t *s = t->data;
     uint64_t now = uv_now(s->loop), idle = s->cfg.idle_timeout_ms;
     int64_t wall = (int64_t)time(NULL); /* token exp is wall-clock seconds */
+    chat_presence_sweep(s, now);
     peer_t *p = s->peers;
     while (p) {
         peer_t *next = p->next; /* closing below never unlinks synchronously, but be safe */
@@ -459,6 +460,7 @@ static void chat__sweep(uv_timer_t *t) {
 static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payload,
                               size_t len) {
     chat_server_t *s = ud;
+    if (chat_presence_bus(s, chat_id, payload, len)) return;
     room_t *r = chat_room_find(s, chat_id);
     if (!r || chat_read_from_bus(r, payload, len)) return;
     bool is_new;
@@ -480,6 +482,7 @@ static void chat__bus_subscribed(void *ud, const char *chat_id) {
     room_t *r = chat_room_find(s, chat_id);
     if (!r || r->subscribed) return;
     r->subscribed = true;
+    chat_presence_subscribed(s, chat_id);
     session_t *next;
     for (session_t *m = r->members; m; m = next) {
         next = m->rnext;
@@ -654,6 +657,7 @@ static void chat__stop_step(void *arg) {
         free(s->rooms);
         rate_table_free(s->rate);
         ws_zip_free(s->zip);
+        chat_presence_free(s);
         free(s);
         if (done) done(darg);
         return;

@@ -375,7 +375,8 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
     proto_cmd_t cmd;
     int rc = proto_decode(data, len, (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) |
                                          (1u << PROTO_DELETE) | (1u << PROTO_PING) |
-                                         (1u << PROTO_TOKEN_REFRESH) | (1u << PROTO_READ),
+                                         (1u << PROTO_TOKEN_REFRESH) | (1u << PROTO_READ) |
+                                         (1u << PROTO_TYPING) | (1u << PROTO_PRESENCE_GET),
                       &cmd);
     if (rc == CHAT_EINVAL) {
         chat_session_close(ss, WS_CLOSE_INVALID_DATA, "message is not a JSON object");
@@ -407,10 +408,26 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         }
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
+    if (cmd.kind == PROTO_PRESENCE_GET) {
+        chat_presence_get(s, ss);
+        proto_cmd_free(&cmd);
+        return conn_is_closing(ss->peer.conn) ? 1 : 0;
+    }
+    /* a typing within TYPING_EVERY_MS of the last one forwarded is dropped silently, before
+     * the rate limit: only what goes out counts as a send */
+    if (cmd.kind == PROTO_TYPING && !chat_presence_typing_due(s, ss)) {
+        proto_cmd_free(&cmd);
+        return 0;
+    }
     sbuf_t limited = {0};
     if (rate_admit_cmd(s, ss->user, &cmd, &limited)) { /* over --rate-limit: nothing stored */
         chat__send_json(ss, &limited);
         sbuf_free(&limited);
+        proto_cmd_free(&cmd);
+        return conn_is_closing(ss->peer.conn) ? 1 : 0;
+    }
+    if (cmd.kind == PROTO_TYPING) {
+        chat_presence_typing(s, ss);
         proto_cmd_free(&cmd);
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
@@ -470,6 +487,7 @@ static void chat__backlog_free(session_t *ss);
 static void chat__ws_close(conn_t *c) {
     session_t *ss = c->ctx;
     chat_server_t *s = ss->peer.srv;
+    chat_presence_close(s, ss);
     chat_room_leave(s, ss);
     chat__held_free(ss);
     chat__backlog_free(ss);
@@ -832,7 +850,7 @@ void chat_session_subscribed(session_t *ss) {
 
 void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const char *user,
                         int64_t token_exp, const uint64_t *since, size_t n_since, bool deflate,
-                        const uint8_t *rest, size_t rest_len) {
+                        bool presence, const uint8_t *rest, size_t rest_len) {
     session_t *ss = calloc(1, sizeof(*ss));
     if (!ss) {
         conn_abort(c);
@@ -847,6 +865,7 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
     }
     snprintf(ss->user, sizeof ss->user, "%s", user);
     ss->token_exp = chat__exp32(token_exp);
+    ss->presence = presence;
     conn_set_handler(c, &chat_ws_handler, ss);
     s->n_sessions++;
     s->m.ws_opened++;
@@ -856,6 +875,7 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
         chat_session_close(ss, WS_CLOSE_INTERNAL, "out of memory");
         return;
     }
+    chat_presence_open(s, ss);
     if (n_since) chat__replay_start(ss, since, n_since);
     if (rest_len) {
         /* Frames that came with the handshake: the parser unmasks in place, so copy. */

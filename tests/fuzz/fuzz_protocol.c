@@ -36,14 +36,16 @@ static void roundtrip(const proto_cmd_t *c) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static const unsigned modes[] = {
         (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) | (1u << PROTO_DELETE) | (1u << PROTO_PING) |
-            (1u << PROTO_TOKEN_REFRESH) | (1u << PROTO_READ),
+            (1u << PROTO_TOKEN_REFRESH) | (1u << PROTO_READ) | (1u << PROTO_TYPING) |
+            (1u << PROTO_PRESENCE_GET),
         (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE,
     };
     for (size_t i = 0; i < 2; i++) {
         proto_cmd_t c;
         int rc = proto_decode(data, size, modes[i], &c);
-        if (rc == 0 && c.kind == PROTO_PING) {
-            if (c.message) abort(); /* a ping carries nothing we act on */
+        if (rc == 0 && (c.kind == PROTO_PING || c.kind == PROTO_TYPING ||
+                        c.kind == PROTO_PRESENCE_GET)) {
+            if (c.message) abort(); /* these carry nothing we act on */
         } else if (rc == 0 && c.kind == PROTO_READ) {
             if (c.message || !c.message_id) abort(); /* a read names a message, nothing else */
         } else if (rc == 0 && c.kind == PROTO_TOKEN_REFRESH) {

@@ -672,6 +672,94 @@ static void test_nodes(void) {
     CHECK(loop_finish(loop));
 }
 
+/* ---- presence ---------------------------------------------------------------------------- */
+
+typedef struct pres_ans {
+    int calls, status;
+    size_t n;
+    char entries[8][64]; /* "<node>/<user>", sorted */
+} pres_ans_t;
+
+static int cmp_str64(const void *a, const void *b) { return strcmp(a, b); }
+
+static void on_presence(void *ud, int status, const bus_presence_t *p, size_t n) {
+    pres_ans_t *a = ud;
+    a->calls++;
+    a->status = status;
+    a->n = n;
+    for (size_t i = 0; i < n && i < 8; i++)
+        snprintf(a->entries[i], sizeof a->entries[i], "%s/%s", p[i].node, p[i].user);
+    qsort(a->entries, n < 8 ? n : 8, sizeof a->entries[0], cmp_str64);
+}
+
+static bool p_pres(void *a) { return ((pres_ans_t *)a)->calls > 0; }
+
+/* The live entries of chat, as pe's bus lists them; n = (size_t)-1 if it failed. */
+static pres_ans_t presence_of(uv_loop_t *loop, peer_t *pe, const char *chat) {
+    pres_ans_t ans = {0};
+    if (pe->bus->ops->presence_list(pe->bus, chat, on_presence, &ans) != 0 ||
+        !run_until(loop, p_pres, &ans, 2000) || ans.calls != 1 || ans.status != 0)
+        ans.n = (size_t)-1;
+    return ans;
+}
+
+/* Entries are written in order with the publishes, listed with their node, and count only
+ * while their node is live (registered and subscribed to its alive channel): a dead node's
+ * entries are left out and deleted by the reader. */
+static void test_presence(void) {
+    uv_loop_t *loop = loop_new();
+    peer_t a, b;
+    CHECK(loop);
+    CHECK_INT(peer_open(&a, loop, redis_url), 0);
+    CHECK_INT(peer_open(&b, loop, redis_url), 0);
+    CHECK(run_until(loop, p_up, &a, 3000) && run_until(loop, p_up, &b, 3000));
+    CHECK(run_until(loop, p_cmd, &a, 3000) && run_until(loop, p_cmd, &b, 3000));
+    bus_node_t na = {0}, nb = {0};
+    snprintf(na.id, sizeof na.id, "%s", a.bus->instance);
+    snprintf(nb.id, sizeof nb.id, "%s", b.bus->instance);
+    CHECK_INT(bus_heartbeat(a.bus, &na, 5000), 0);
+    CHECK_INT(bus_heartbeat(b.bus, &nb, 5000), 0);
+
+    CHECK_INT(bus_presence_set(a.bus, "room", "alice", true), 0);
+    CHECK_INT(bus_presence_set(b.bus, "room", "bob", true), 0);
+    CHECK_INT(bus_presence_set(b.bus, "room", "carol", true), 0);
+    CHECK_INT(bus_presence_set(b.bus, "room", "carol", false), 0);
+    CHECK_INT(bus_presence_set(b.bus, "other", "dave", true), 0);
+    CHECK_INT(bus_presence_set(a.bus, "", "x", true), CHAT_EINVAL);
+    CHECK_INT(bus_presence_set(a.bus, "room", "", true), CHAT_EINVAL);
+    CHECK(run_until(loop, p_queue_empty, a.bus, 2000));
+    CHECK(run_until(loop, p_queue_empty, b.bus, 2000));
+
+    pres_ans_t ans = presence_of(loop, &a, "room");
+    char ea[64], eb[64];
+    snprintf(ea, sizeof ea, "%s/alice", na.id);
+    snprintf(eb, sizeof eb, "%s/bob", nb.id);
+    CHECK_INT(ans.n, 2);
+    bool a_first = strcmp(ea, eb) < 0;
+    CHECK_STR(ans.entries[a_first ? 0 : 1], ea);
+    CHECK_STR(ans.entries[a_first ? 1 : 0], eb);
+    long long ttl = raw_int("PTTL %s", "chat:presence:room");
+    CHECK(ttl > 0 && ttl <= 60000); /* the hash expires unless rewritten */
+    CHECK_INT(presence_of(loop, &b, "nobody-here").n, 0);
+
+    /* b dies: its connections close, its alive channel loses its subscriber */
+    char alive_b[64];
+    snprintf(alive_b, sizeof alive_b, "chat:alive:%s", nb.id);
+    CHECK(peer_close(&b, loop));
+    CHECK(wait_numsub(loop, alive_b, 0, 2000));
+    ans = presence_of(loop, &a, "room");
+    CHECK_INT(ans.n, 1);
+    CHECK_STR(ans.entries[0], ea);
+    CHECK_INT(raw_int("HLEN %s", "chat:presence:room"), 1); /* the reader deleted bob's */
+    CHECK_INT(presence_of(loop, &a, "other").n, 0);
+
+    /* an unregistered node's entries do not count either */
+    CHECK_INT(bus_deregister(a.bus, na.id), 0);
+    CHECK_INT(presence_of(loop, &a, "room").n, 0);
+    CHECK(peer_close(&a, loop));
+    CHECK(loop_finish(loop));
+}
+
 /* ---- node id lease ---------------------------------------------------------------------- */
 
 typedef struct lease_ans {
@@ -1092,6 +1180,7 @@ int main(void) {
     RUN(test_url_parse);
     RUN(test_pubsub);
     RUN(test_nodes);
+    RUN(test_presence);
     RUN(test_lease);
     RUN(test_queue_bound);
     RUN(test_restart);

@@ -58,6 +58,24 @@ static void test_ping(void) {
     proto_cmd_free(&c);
 }
 
+/* typing and presence:get carry nothing we act on; the REST body knows neither. */
+static void test_typing_presence(void) {
+    proto_cmd_t c;
+    unsigned ws = ALL | (1u << PROTO_TYPING) | (1u << PROTO_PRESENCE_GET);
+    CHECK_INT(decode("{\"event\":\"typing\",\"message\":5}", ws, &c), 0);
+    CHECK_INT(c.kind, PROTO_TYPING);
+    CHECK(c.message == NULL);
+    proto_cmd_free(&c);
+    CHECK_INT(decode("{\"event\":\"presence:get\"}", ws, &c), 0);
+    CHECK_INT(c.kind, PROTO_PRESENCE_GET);
+    proto_cmd_free(&c);
+    CHECK_INT(decode("{\"event\":\"typing\"}", ALL | PROTO_IMPLICIT_MESSAGE, &c), CHAT_EPROTO);
+    CHECK_STR(c.error, "unknown event");
+    proto_cmd_free(&c);
+    CHECK_INT(decode("{\"event\":\"presence\"}", ws, &c), CHAT_EPROTO);
+    proto_cmd_free(&c);
+}
+
 /* token:refresh: the token is handed over as sent (session.c checks it); a missing, empty
  * or non-string token is a bad_request, and the REST body does not know the event. */
 static void test_token_refresh(void) {
@@ -235,6 +253,7 @@ int main(void) {
     RUN(test_edit_delete_ids);
     RUN(test_ping);
     RUN(test_token_refresh);
+    RUN(test_typing_presence);
     RUN(test_read);
     RUN(test_bad_requests);
     RUN(test_not_an_object);
