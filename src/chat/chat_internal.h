@@ -6,6 +6,7 @@
 
 #include "bus/bus.h"
 #include "http/http.h"
+#include "http/server.h"
 #include "search/search.h"
 #include "store/store.h"
 #include "ws/ws.h"
@@ -144,14 +145,10 @@ typedef struct session {
     char user[129];
 } session_t;
 
+/* An HTTP connection: the peer (for the server's list and references) and its driver. */
 typedef struct http_peer {
     peer_t peer;
-    http_reader_t reader;
-    bool busy;      /* a request waits for the store */
-    bool head;      /* the request being answered is a HEAD: send no body */
-    bool out_paused; /* answers pile up unread: no request is read until they drain */
-    uint64_t req_started; /* uv_now() of the first byte of a request under way, 0 if none */
-    sbuf_t pending; /* bytes that arrived meanwhile, parsed after its answer */
+    http_conn_t http;
 } http_peer_t;
 
 /* The newest message id seen in a room from one origin node. A node stores and publishes

@@ -54,8 +54,7 @@ void chat_peer_unref(peer_t *p) {
     if (p->kind == PEER_WS) {
         ws_parser_free(&((session_t *)p)->parser);
     } else {
-        http_reader_free(&((http_peer_t *)p)->reader);
-        sbuf_free(&((http_peer_t *)p)->pending);
+        http_conn_free(&((http_peer_t *)p)->http);
     }
     free(p);
 }
@@ -693,7 +692,7 @@ void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(vo
         if (!p->conn) continue;
         if (p->kind == PEER_WS)
             chat_session_close((session_t *)p, close_code, "server shutting down");
-        else if (!((http_peer_t *)p)->busy)
+        else if (!((http_peer_t *)p)->http.busy)
             conn_close(p->conn);
         /* a busy HTTP peer closes once its answer is written (routes.c checks stopping) */
     }
