@@ -45,7 +45,7 @@ typedef struct hh_owner {
     http_conn_t http;
 } hh_owner_t;
 
-static void hh__unref(hh_owner_t *o) {
+static inline void hh__unref(hh_owner_t *o) {
     if (--o->refs > 0) return;
     if (o->h->last == &o->http) o->h->last = NULL;
     o->h->n_freed++;
@@ -53,11 +53,11 @@ static void hh__unref(hh_owner_t *o) {
     free(o);
 }
 
-static void hh__hold(http_conn_t *hc) { ((hh_owner_t *)hc->data)->refs++; }
-static void hh__release(http_conn_t *hc) { hh__unref(hc->data); }
-static void hh__closed(http_conn_t *hc) { hh__unref(hc->data); }
+static inline void hh__hold(http_conn_t *hc) { ((hh_owner_t *)hc->data)->refs++; }
+static inline void hh__release(http_conn_t *hc) { hh__unref(hc->data); }
+static inline void hh__closed(http_conn_t *hc) { hh__unref(hc->data); }
 
-static void hh__answer(http_conn_t *hc, const http_request_t *req, size_t body_len) {
+static inline void hh__answer(http_conn_t *hc, const http_request_t *req, size_t body_len) {
     char body[600];
     int n = snprintf(body, sizeof body, "%s %.*s %zu", http_method_str(req->method),
                      (int)(req->path_len > 512 ? 512 : req->path_len), req->path,
@@ -74,11 +74,11 @@ static void hh__answer(http_conn_t *hc, const http_request_t *req, size_t body_l
     free(big);
 }
 
-static void hh__sink_read(conn_t *c, uint8_t *data, size_t len) {}
-static void hh__sink_close(conn_t *c) {}
+static inline void hh__sink_read(conn_t *c, uint8_t *data, size_t len) {}
+static inline void hh__sink_close(conn_t *c) {}
 static const conn_handler_t hh__sink = {.on_read = hh__sink_read, .on_close = hh__sink_close};
 
-static void hh__on_request(http_conn_t *hc, const http_request_t *req) {
+static inline void hh__on_request(http_conn_t *hc, const http_request_t *req) {
     hh_owner_t *o = hc->data;
     if (req->path_len == 5 && memcmp(req->path, "/wait", 5) == 0 && !o->h->waiting) {
         http_conn_wait(hc);
@@ -111,7 +111,7 @@ static const http_conn_ops_t hh__ops = {
     .on_close = hh__closed,
 };
 
-static void hh__on_open(conn_t *c) {
+static inline void hh__on_open(conn_t *c) {
     hh_t *h = c->server->handler_data;
     hh_owner_t *o = calloc(1, sizeof(*o));
     if (!o) {
@@ -136,7 +136,7 @@ static void hh__on_open(conn_t *c) {
 static const conn_handler_t hh__accept = {.on_open = hh__on_open};
 
 /* The waiting /wait request gets its answer, and its connection goes on. */
-static void hh_answer_waiting(hh_t *h) {
+static inline void hh_answer_waiting(hh_t *h) {
     http_conn_t *hc = h->waiting;
     if (!hc) return;
     h->waiting = NULL;
@@ -147,12 +147,12 @@ static void hh_answer_waiting(hh_t *h) {
 }
 
 /* One turn of the loop, without blocking. */
-static void hh_pump(hh_t *h) {
+static inline void hh_pump(hh_t *h) {
     uv_run(&h->loop, UV_RUN_NOWAIT);
     if (h->auto_answer && h->waiting) hh_answer_waiting(h);
 }
 
-static int hh_start(hh_t *h, size_t max_outbound) {
+static inline int hh_start(hh_t *h, size_t max_outbound) {
     memset(h, 0, sizeof(*h));
     h->max_outbound = max_outbound;
     if (uv_loop_init(&h->loop) < 0) return -1;
@@ -166,7 +166,7 @@ static int hh_start(hh_t *h, size_t max_outbound) {
 }
 
 /* A connected, non-blocking client socket (-1 on failure). */
-static int hh_client(hh_t *h) {
+static inline int hh_client(hh_t *h) {
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     if (fd < 0) return -1;
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)h->cs.port)};
@@ -180,14 +180,14 @@ static int hh_client(hh_t *h) {
 }
 
 /* Close a client with a reset, so that no TIME_WAIT is left behind (the fuzzer makes many). */
-static void hh_reset(int fd) {
+static inline void hh_reset(int fd) {
     struct linger l = {.l_onoff = 1, .l_linger = 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
     close(fd);
 }
 
 /* Write all of p, running the loop while the socket is full. */
-static int hh_send(hh_t *h, int fd, const void *p, size_t n) {
+static inline int hh_send(hh_t *h, int fd, const void *p, size_t n) {
     const char *s = p;
     for (int spins = 0; n && spins < 100000; spins++) {
         ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
@@ -202,7 +202,7 @@ static int hh_send(hh_t *h, int fd, const void *p, size_t n) {
     return n ? -1 : 0;
 }
 
-static size_t hh__count(const char *p, size_t n, const char *needle) {
+static inline size_t hh__count(const char *p, size_t n, const char *needle) {
     size_t c = 0, nl = strlen(needle);
     for (const char *q = p; (q = memmem(q, n - (size_t)(q - p), needle, nl)); q += nl) c++;
     return c;
@@ -211,8 +211,8 @@ static size_t hh__count(const char *p, size_t n, const char *needle) {
 /* Read into out (NUL-terminated, at most cap-1 bytes) until it holds `want` occurrences of
  * needle (want 0: until quiet), or the server closed (*eof), running the loop meanwhile.
  * Returns the length read. The bound on idle turns is a safety net, not a deadline. */
-static size_t hh_read(hh_t *h, int fd, char *out, size_t cap, const char *needle, size_t want,
-                      bool *eof) {
+static inline size_t hh_read(hh_t *h, int fd, char *out, size_t cap, const char *needle,
+                             size_t want, bool *eof) {
     size_t len = 0;
     *eof = false;
     /* idle: turns in a row that brought nothing */
@@ -240,7 +240,7 @@ static size_t hh_read(hh_t *h, int fd, char *out, size_t cap, const char *needle
 }
 
 /* Close the listener once every connection is gone. */
-static void hh_stop(hh_t *h) {
+static inline void hh_stop(hh_t *h) {
     for (int i = 0; i < 20000 && h->n_freed < h->n_open; i++) {
         hh_pump(h);
         if (h->n_freed < h->n_open) usleep(100);
