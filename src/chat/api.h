@@ -16,13 +16,18 @@
 typedef void (*api_fn)(http_peer_t *hp, const http_request_t *req, const char *chat_id,
                        const jwt_claims_t *cl);
 
-/* routes.c */
 /* The answer comes later (a store, search or bus callback): hp is referenced until
  * api_done, and requests that follow wait. */
-void api_wait(http_peer_t *hp);
+static inline void api_wait(http_peer_t *hp) {
+    hp->peer.refs++;
+    http_conn_wait(&hp->http);
+}
 /* The later answer was sent: go on with the requests that wait, drop api_wait's reference
  * (which may free hp). */
-void api_done(http_peer_t *hp);
+static inline void api_done(http_peer_t *hp) {
+    http_conn_resume(&hp->http);
+    chat_peer_unref(&hp->peer);
+}
 
 /* api_auth.c: the one token check of REST and WebSocket. true: *cl filled (the caller
  * frees it with jwt_claims_free). false: answered 401 or 403, cl untouched. chat_id NULL:

@@ -126,16 +126,6 @@ static void api__dispatch(http_conn_t *hc, const http_request_t *in) {
 
 /* ---- the connection ------------------------------------------------------------------- */
 
-void api_wait(http_peer_t *hp) {
-    hp->peer.refs++;
-    http_conn_wait(&hp->http);
-}
-
-void api_done(http_peer_t *hp) {
-    http_conn_resume(&hp->http);
-    chat_peer_unref(&hp->peer);
-}
-
 static void api__hold(http_conn_t *hc) { ((http_peer_t *)hc->data)->peer.refs++; }
 
 static void api__release(http_conn_t *hc) { chat_peer_unref(&((http_peer_t *)hc->data)->peer); }
