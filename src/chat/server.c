@@ -122,7 +122,7 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
     sbuf_printf(sb, "chat_http_connections %zu\n", s->n_peers - s->n_sessions);
     sbuf_puts(sb, "# HELP chat_rooms Chats with at least one member on this node.\n"
                   "# TYPE chat_rooms gauge\n");
-    sbuf_printf(sb, "chat_rooms %zu\n", s->n_rooms);
+    sbuf_printf(sb, "chat_rooms %zu\n", s->rooms.n);
     sbuf_puts(sb, "# HELP chat_websocket_opened_total WebSocket connections accepted.\n"
                   "# TYPE chat_websocket_opened_total counter\n");
     sbuf_printf(sb, "chat_websocket_opened_total %" PRIu64 "\n", s->m.ws_opened);
@@ -142,7 +142,7 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
     sbuf_printf(sb, "chat_messages_in_total %" PRIu64 "\n", s->m.messages_in);
     sbuf_puts(sb, "# HELP chat_messages_out_total Event frames queued to WebSocket members.\n"
                   "# TYPE chat_messages_out_total counter\n");
-    sbuf_printf(sb, "chat_messages_out_total %" PRIu64 "\n", s->m.messages_out);
+    sbuf_printf(sb, "chat_messages_out_total %" PRIu64 "\n", s->m.messages_out + s->rooms.delivered);
     sbuf_puts(sb, "# HELP chat_http_requests_total HTTP requests answered.\n"
                   "# TYPE chat_http_requests_total counter\n");
     sbuf_printf(sb, "chat_http_requests_total %" PRIu64 "\n", s->m.http_requests);
@@ -178,139 +178,7 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
                     s->m.closes[CLOSE_CODE_SLOTS]);
 }
 
-/* ---- rooms ---------------------------------------------------------------------------- */
-
-uint32_t chat_hash(const char *s) {
-    uint32_t h = 2166136261u; /* FNV-1a */
-    for (; *s; s++) h = (h ^ (uint8_t)*s) * 16777619u;
-    return h;
-}
-
-room_t *chat_room_find(chat_server_t *s, const char *chat_id) {
-    if (!s->rooms_cap) return NULL;
-    uint32_t h = chat_hash(chat_id);
-    for (room_t *r = s->rooms[h & (s->rooms_cap - 1)]; r; r = r->hnext)
-        if (r->hash == h && strcmp(r->chat_id, chat_id) == 0) return r;
-    return NULL;
-}
-
-static int chat__rooms_grow(chat_server_t *s) {
-    size_t ncap = s->rooms_cap ? s->rooms_cap * 2 : 64;
-    room_t **nt = calloc(ncap, sizeof(*nt));
-    if (!nt) return CHAT_ENOMEM;
-    for (size_t i = 0; i < s->rooms_cap; i++) {
-        room_t *r = s->rooms[i];
-        while (r) {
-            room_t *next = r->hnext;
-            r->hnext = nt[r->hash & (ncap - 1)];
-            nt[r->hash & (ncap - 1)] = r;
-            r = next;
-        }
-    }
-    free(s->rooms);
-    s->rooms = nt;
-    s->rooms_cap = ncap;
-    return 0;
-}
-
-int chat_room_join(chat_server_t *s, session_t *ss, const char *chat_id) {
-    room_t *r = chat_room_find(s, chat_id);
-    if (!r) {
-        if (!s->rooms_cap || s->n_rooms + 1 > s->rooms_cap * 3 / 4)
-            if (chat__rooms_grow(s) < 0) return CHAT_ENOMEM;
-        r = calloc(1, sizeof(*r));
-        if (!r || !(r->chat_id = strdup(chat_id))) {
-            free(r);
-            return CHAT_ENOMEM;
-        }
-        r->hash = chat_hash(chat_id);
-        r->gen = ++s->room_gen;
-        r->hnext = s->rooms[r->hash & (s->rooms_cap - 1)];
-        s->rooms[r->hash & (s->rooms_cap - 1)] = r;
-        s->n_rooms++;
-        int rc = bus_subscribe(s->bus, chat_id);
-        if (rc < 0) log_warn("bus_subscribe_failed chat=%s", chat_id);
-        r->subscribed = rc == 1;
-    }
-    ss->room = r;
-    ss->rprev = NULL;
-    ss->rnext = r->members;
-    if (r->members) r->members->rprev = ss;
-    r->members = ss;
-    r->n++;
-    return 0;
-}
-
-void chat_room_leave(chat_server_t *s, session_t *ss) {
-    room_t *r = ss->room;
-    if (!r) return;
-    if (ss->rprev) ss->rprev->rnext = ss->rnext;
-    else r->members = ss->rnext;
-    if (ss->rnext) ss->rnext->rprev = ss->rprev;
-    ss->room = NULL;
-    ss->rprev = ss->rnext = NULL;
-    if (--r->n) return;
-    room_t **pp = &s->rooms[r->hash & (s->rooms_cap - 1)];
-    while (*pp != r) pp = &(*pp)->hnext;
-    *pp = r->hnext;
-    s->n_rooms--;
-    if (bus_unsubscribe(s->bus, r->chat_id) < 0)
-        log_warn("bus_unsubscribe_failed chat=%s", r->chat_id);
-    chat_room_free_held(r);
-    chat_room_free_filter(r);
-    free(r->chat_id);
-    free(r);
-}
-
-buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss) {
-    if (!ss->parser.zip) return f->plain;
-    if (!f->tried) {
-        f->tried = true;
-        f->zipped = ws_zip_frame(s->zip, f->plain);
-        if (f->zipped) s->m.deflate_frames++;
-    }
-    if (!f->zipped) return f->plain;
-    s->m.deflate_out++;
-    return f->zipped;
-}
-
-size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
-    if (r->catching_up) {
-        /* not admitted yet: the backlog goes first, then these through the filter */
-        if (r->held_bytes + frame->len > ROOM_HELD_MAX(s->cfg.max_outbound_bytes)) {
-            /* Every held event was stored before it was published, so a store read
-             * started after this point sees them all: drop them and let the catch-up read
-             * on past its page cap (cluster.c). What follows is held afresh. */
-            log_warn("room_held_overflow chat=%s held=%zu: the catch-up reads them instead",
-                     r->chat_id, r->held_bytes);
-            chat_room_free_held(r);
-            r->held_dropped = true;
-        }
-        held_event_t *h = malloc(sizeof(*h));
-        if (!h) {
-            r->held_dropped = true; /* the catch-up's next read covers it */
-            return 0;
-        }
-        *h = (held_event_t){.frame = buf_ref(frame), .id = id, .is_new = is_new};
-        if (r->held_tail) r->held_tail->next = h;
-        else r->held = h;
-        r->held_tail = h;
-        r->held_bytes += frame->len;
-        return 0;
-    }
-    if (!chat_room_admit(r, is_new, id)) return 0;
-    return chat_room_deliver(s, r, frame, is_new, id);
-}
-
-size_t chat_room_deliver(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
-    chat_frames_t f = {.plain = frame};
-    size_t n = 0;
-    for (session_t *m = r->members; m; m = m->rnext)
-        if (chat_session_deliver(m, &f, is_new, id) == 0) n++;
-    buf_unref(f.zipped);
-    s->m.messages_out += n;
-    return n;
-}
+/* ---- bus events ---------------------------------------------------------------------- */
 
 bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id) {
     static const char ev[] = "{\"event\":\"message:message\"";
@@ -461,8 +329,8 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
                               size_t len) {
     chat_server_t *s = ud;
     if (chat_presence_bus(s, chat_id, payload, len)) return;
-    room_t *r = chat_room_find(s, chat_id);
-    if (!r || chat_read_from_bus(r, payload, len)) return;
+    room_t *r = room_find(&s->rooms, chat_id);
+    if (!r || chat_read_from_bus(s, r, payload, len)) return;
     bool is_new;
     uint64_t id;
     if (!chat_event_peek(payload, len, &is_new, &id)) {
@@ -471,22 +339,40 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
     }
     buf_t *frame = ws_frame_new(WS_OP_TEXT, payload, len);
     if (!frame) return;
-    chat_room_broadcast(s, r, frame, is_new, id);
+    room_broadcast(&s->rooms, r, frame, is_new, id);
     buf_unref(frame);
+}
+
+/* The room table's hooks: a room's first member subscribes the node to the chat, its last
+ * unsubscribes; members are sessions. */
+static int chat__room_open(void *ud, const char *chat_id) {
+    chat_server_t *s = ud;
+    int rc = bus_subscribe(s->bus, chat_id);
+    if (rc < 0) log_warn("bus_subscribe_failed chat=%s", chat_id);
+    return rc;
+}
+
+static void chat__room_close(void *ud, const char *chat_id) {
+    chat_server_t *s = ud;
+    if (bus_unsubscribe(s->bus, chat_id) < 0) log_warn("bus_unsubscribe_failed chat=%s", chat_id);
+}
+
+static int chat__room_deliver(room_member_t *m, chat_frames_t *f, bool is_new, uint64_t id) {
+    return chat_session_deliver(chat_session_of(m), f, is_new, id);
 }
 
 static void chat__bus_state(void *ud, bool up) { chat_cluster_bus_state(ud, up); }
 
 static void chat__bus_subscribed(void *ud, const char *chat_id) {
     chat_server_t *s = ud;
-    room_t *r = chat_room_find(s, chat_id);
+    room_t *r = room_find(&s->rooms, chat_id);
     if (!r || r->subscribed) return;
     r->subscribed = true;
     chat_presence_subscribed(s, chat_id);
-    session_t *next;
-    for (session_t *m = r->members; m; m = next) {
-        next = m->rnext;
-        chat_session_subscribed(m);
+    room_member_t *next;
+    for (room_member_t *m = r->members; m; m = next) {
+        next = m->next;
+        chat_session_subscribed(chat_session_of(m));
     }
 }
 
@@ -510,8 +396,14 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if (!s) return CHAT_ENOMEM;
     s->loop = loop;
     s->cfg = *cfg;
+    room_table_init(&s->rooms);
+    s->rooms.deliver = chat__room_deliver;
+    s->rooms.on_open = chat__room_open;
+    s->rooms.on_close = chat__room_close;
+    s->rooms.ud = s;
     if (!s->cfg.max_message_bytes) s->cfg.max_message_bytes = 65536;
     if (!s->cfg.max_outbound_bytes) s->cfg.max_outbound_bytes = 4u << 20;
+    s->rooms.held_max = ROOM_HELD_MAX(s->cfg.max_outbound_bytes);
     if (!s->cfg.max_body_bytes) s->cfg.max_body_bytes = 1u << 20;
     if (!s->cfg.idle_timeout_ms) s->cfg.idle_timeout_ms = 60000;
     if (!s->cfg.replay_limit) s->cfg.replay_limit = 1000;
@@ -654,7 +546,7 @@ static void chat__stop_step(void *arg) {
         /* the store closed long ago, with its last callback: no search is in flight */
         search_close(s->search);
         chat__free_files(s);
-        free(s->rooms);
+        room_table_free(&s->rooms);
         rate_table_free(s->rate);
         ws_zip_free(s->zip);
         chat_presence_free(s);

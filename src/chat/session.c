@@ -56,6 +56,19 @@ static void chat__flow(session_t *ss) {
 
 void chat_session_flow(session_t *ss) { chat__flow(ss); }
 
+buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss) {
+    if (!ss->parser.zip) return f->plain;
+    if (!f->tried) {
+        f->tried = true;
+        f->zipped = ws_zip_frame(s->zip, f->plain);
+        if (f->zipped) s->m.deflate_frames++;
+    }
+    if (!f->zipped) return f->plain;
+    s->m.deflate_out++;
+    return f->zipped;
+}
+
+
 /* A text frame for this member alone: compressed if it negotiated that and it is worth it. */
 static buf_t *chat__frame(session_t *ss, const void *p, size_t n) {
     chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, p, n)};
@@ -140,34 +153,14 @@ int chat_session_deliver(session_t *ss, chat_frames_t *f, bool is_new, uint64_t 
      * connection's own queue. Past that the client is too far behind to be served from
      * memory: it is told to come back (1013), and its resume with since= reads the store,
      * so nothing is lost. */
-    held_event_t *h = malloc(sizeof(*h));
-    if (!h || ss->held_bytes + frame->len > ss->peer.srv->cfg.max_outbound_bytes) {
-        free(h);
+    if (ss->held.bytes + frame->len > ss->peer.srv->cfg.max_outbound_bytes ||
+        held_push(&ss->held, frame, is_new, id) < 0) {
         log_warn("replay_behind user=%s held=%zu: closing it to resume", LOG_STR(ss->user),
-                 ss->held_bytes);
+                 ss->held.bytes);
         chat_session_close(ss, WS_CLOSE_TRY_AGAIN, "too far behind; resume with since=");
         return CHAT_EBUSY;
     }
-    h->next = NULL;
-    h->frame = buf_ref(frame);
-    h->id = id;
-    h->is_new = is_new;
-    if (ss->held_tail) ss->held_tail->next = h;
-    else ss->held = h;
-    ss->held_tail = h;
-    ss->held_bytes += frame->len;
     return 0;
-}
-
-static void chat__held_free(session_t *ss) {
-    while (ss->held) {
-        held_event_t *h = ss->held;
-        ss->held = h->next;
-        buf_unref(h->frame);
-        free(h);
-    }
-    ss->held_tail = NULL;
-    ss->held_bytes = 0;
 }
 
 void chat_session_close(session_t *ss, uint16_t code, const char *reason) {
@@ -200,10 +193,10 @@ static void chat__op_done(store_req_t *req) {
              * have died before publishing it, and then nobody but a resuming client would
              * ever see it. Where it was seen, the room's filter and each session's drop
              * it. */
-            room_t *r = chat_room_find(s, op->chat_id);
+            room_t *r = room_find(&s->rooms, op->chat_id);
             buf_t *frame = ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
             if (frame && r)
-                chat_room_broadcast(s, r, frame, req->op == STORE_APPEND, req->msg.id);
+                room_broadcast(&s->rooms, r, frame, req->op == STORE_APPEND, req->msg.id);
             if (bus_publish(s->bus, op->chat_id, ev.p, ev.len) < 0)
                 log_warn("bus_publish_failed chat=%s id=%" PRIu64, op->chat_id, req->msg.id);
             /* The sender of a retry gets the original (its acknowledgement) unless this
@@ -344,7 +337,7 @@ static void chat__token_refresh(session_t *ss, const proto_cmd_t *cmd) {
     }
     if (strcmp(cl.sub, ss->user) != 0)
         chat__send_error(ss, "wrong_user", "the new token is for another user", NULL, 0);
-    else if (!jwt_allows_chat(&cl, ss->room->chat_id))
+    else if (!jwt_allows_chat(&cl, ss->member.room->chat_id))
         chat__send_error(ss, "forbidden", "the new token does not allow this chat", NULL, 0);
     else {
         ss->token_exp = chat__exp32(cl.exp);
@@ -432,7 +425,7 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
     size_t cost = chat__echo_cost(&cmd);
-    rc = chat_submit(s, &ss->peer, false, false, ss->room->chat_id, ss->user, &cmd);
+    rc = chat_submit(s, &ss->peer, false, false, ss->member.room->chat_id, ss->user, &cmd);
     if (rc == 0) ss->inflight += cost;
     if (rc < 0) {
         chat__send_error(ss, "store_unavailable",
@@ -488,8 +481,8 @@ static void chat__ws_close(conn_t *c) {
     session_t *ss = c->ctx;
     chat_server_t *s = ss->peer.srv;
     chat_presence_close(s, ss);
-    chat_room_leave(s, ss);
-    chat__held_free(ss);
+    room_leave(&s->rooms, &ss->member);
+    held_clear(&ss->held);
     chat__backlog_free(ss);
     free(ss->cursors);
     ss->cursors = NULL;
@@ -630,15 +623,11 @@ static void chat__replay_pump(session_t *ss) {
                 chat__replay_fail(ss, "out of memory while sending the missed messages");
                 return;
             }
-        } else if (!f && ss->held) {
-            held_event_t *h = ss->held;
-            ss->held = h->next;
-            if (!ss->held) ss->held_tail = NULL;
-            ss->held_bytes -= h->frame->len;
+        } else if (!f && ss->held.head) {
+            held_event_t *h = held_pop(&ss->held);
             /* held before the backlog was read, the backlog may have sent it already */
             if (!(h->is_new && chat__client_has(ss, h->id))) f = buf_ref(h->frame);
-            buf_unref(h->frame);
-            free(h);
+            held_free_one(h);
             if (!f) continue;
         } else if (!f) {
             break;
@@ -662,7 +651,7 @@ static void chat__replay_pump(session_t *ss) {
 static void chat__ws_drain(conn_t *c) {
     session_t *ss = c->ctx;
     if (ss->replaying && !ss->backlog_reading &&
-        (ss->replay_frame || ss->backlog_next < ss->n_backlog || ss->held))
+        (ss->replay_frame || ss->backlog_next < ss->n_backlog || ss->held.head))
         chat__replay_pump(ss);
     if (ss->peer.conn) chat__flow(ss);
 }
@@ -722,7 +711,7 @@ static int chat__replay_submit(session_t *ss, uint64_t after, int limit, store_c
     if (limit > STORE_READ_MAX) limit = STORE_READ_MAX;
     op->srv = s;
     op->origin = &ss->peer;
-    snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->room->chat_id);
+    snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->member.room->chat_id);
     op->req.op = STORE_AFTER;
     op->req.chat_id = op->chat_id;
     op->req.id = after;
@@ -839,7 +828,7 @@ static void chat__replay_start(session_t *ss, const uint64_t *since, size_t n) {
     ss->n_cursors = (uint16_t)n;
     ss->cursor_single = n == 1;
     ss->replaying = true; /* live events are held from now on */
-    if (ss->room->subscribed || !s->bus_up) chat__replay_read(ss);
+    if (ss->member.room->subscribed || !s->bus_up) chat__replay_read(ss);
     else ss->replay_waiting = true;
 }
 
@@ -871,7 +860,7 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
     s->m.ws_opened++;
     /* Join before reading the backlog: an event stored meanwhile is then either in the
      * backlog or held as live, never in neither. */
-    if (chat_room_join(s, ss, chat_id) < 0) {
+    if (room_join(&s->rooms, &ss->member, chat_id) < 0) {
         chat_session_close(ss, WS_CLOSE_INTERNAL, "out of memory");
         return;
     }
