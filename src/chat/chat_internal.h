@@ -71,7 +71,7 @@ void proto_put_read(sbuf_t *sb, const char *chat_id, const char *user, uint64_t 
 void proto_put_error(sbuf_t *sb, const char *code, const char *detail, const char *client_id,
                      uint64_t message_id);
 
-/* ---- the server's state (server.c, session.c, routes.c) ------------------------------- */
+/* ---- the server's state (every file of the chat layer reads it) ----------------------- */
 enum { PEER_HTTP = 1, PEER_WS = 2 };
 
 typedef struct peer peer_t;
@@ -142,20 +142,6 @@ typedef struct http_peer {
     uint64_t req_started; /* uv_now() of the first byte of a request under way, 0 if none */
     sbuf_t pending; /* bytes that arrived meanwhile, parsed after its answer */
 } http_peer_t;
-
-/* A store request with what its completion needs. */
-typedef struct op {
-    store_req_t req;
-    chat_server_t *srv;
-    peer_t *origin; /* referenced; its conn may be gone by completion */
-    proto_cmd_t cmd;
-    uint64_t t0;    /* uv_hrtime() at submit */
-    bool rest;      /* the origin is an HTTP request, not a WebSocket */
-    uint32_t new_mark; /* the origin session's n_new when the command arrived */
-    bool keep_alive;
-    char chat_id[129];
-    char user[129];
-} op_t;
 
 #define METRIC_LAT_BUCKETS 13
 enum { CLOSE_CODE_SLOTS = 16 }; /* 1000..1015, and one slot for anything else */
@@ -235,6 +221,7 @@ struct chat_server {
     uint64_t listing_at; /* uv_now() when it was asked for */
     bool known_valid; /* known[] is from a successful listing */
     /* shutdown */
+    void (*on_peer_gone)(chat_server_t *s); /* server.c: a shutdown waits for the last */
     bool stopping;
     uint16_t stop_code;
     int stop_step;
@@ -243,19 +230,25 @@ struct chat_server {
     void *stop_arg;
 };
 
-/* server.c */
+/* peer.c */
 void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c);
 void chat_peer_unlink(peer_t *p);  /* the connection closed */
 void chat_peer_unref(peer_t *p);   /* frees at zero */
+/* metrics.c */
+void chat_hist_record(metric_hist_t *h, double secs);
 void chat_record_close(chat_server_t *s, uint16_t code);
 void chat_record_latency(chat_server_t *s, uint64_t t0);
-/* The frame for member ss (borrowed from f). */
-buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss);
-/* Read the event name and message id from an encoded event (ours: "event" comes first). */
-bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
-const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n);
 void chat_metrics_render(chat_server_t *s, sbuf_t *sb);
-void chat_maybe_finish_stop(chat_server_t *s);
+
+/* server.c: read the event name and message id from an encoded event (ours: "event" comes
+ * first). */
+bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
+
+/* static.c: the web client's files, read once at start (chat_static_load, up to two levels
+ * below dir) and freed at shutdown; chat_static_find borrows one (NULL if none). */
+void chat_static_load(chat_server_t *s, const char *dir, const char *prefix, int depth);
+void chat_static_free(chat_server_t *s);
+const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n);
 
 /* cluster.c */
 /* Before anything can mint a message id: lease the node id on the bus (waiting for the bus
@@ -269,6 +262,9 @@ void chat_cluster_bus_state(chat_server_t *s, bool up);
  * already sent there since its last heartbeat; ties broken at random. NULL if none. */
 const bus_node_t *chat_cluster_pick(chat_server_t *s, const bus_node_t *nodes, size_t n);
 /* session.c */
+/* The frame for member ss (borrowed from f; a compressed one is made once per event, on the
+ * first member that negotiated permessage-deflate). */
+buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss);
 extern const conn_handler_t chat_ws_handler;
 /* Take over an upgraded connection: the 101 was sent; rest are bytes already read.
  * token_exp: the handshake token's exp (0: none); the sweep closes the session with 4001
@@ -300,17 +296,14 @@ static inline session_t *chat_session_of(room_member_t *m) {
 int chat_session_deliver(session_t *ss, chat_frames_t *f, bool is_new, uint64_t id);
 /* Send a close frame with code and reason, then close gracefully. */
 void chat_session_close(session_t *ss, uint16_t code, const char *reason);
-/* The flow control of a fast sender, after one of its commands was answered. */
-void chat_session_flow(session_t *ss);
-/* Submit a command from a session or a REST request; the op owns cmd afterwards. */
-int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
-                const char *chat_id, const char *user, proto_cmd_t *cmd);
 
 /* read.c: read positions */
 /* Store ss's user's read position at cmd->message_id (PROTO_READ); 0: the op owns cmd and
  * answers later (the event to the user's connections, or an error to ss); < 0: nothing was
  * submitted, cmd is still the caller's. */
-int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd);
+struct op;
+int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd,
+                     void (*reply)(struct op *op, const sbuf_t *ev));
 /* A bus event for room r: if it is a read event, hand it to the connections of the user it
  * names (and no one else) and return true; false: not a read event, p is untouched. */
 bool chat_read_from_bus(chat_server_t *s, room_t *r, const uint8_t *p, size_t n);
@@ -320,9 +313,6 @@ extern const conn_handler_t chat_http_handler;
 /* The sweep's look at an HTTP connection: 408 for a request that trickles past its deadline,
  * close when idle (neither bytes in nor written out) for idle_ms. */
 void chat_http_sweep(http_peer_t *hp, uint64_t now, uint64_t idle_ms);
-/* An op from a REST request completed: answer it. ev is the encoded event (empty on
- * failure). */
-void chat_rest_complete(op_t *op, const sbuf_t *ev);
 
 /* ---- ratelimit.c: --rate-limit, a token bucket per user on this node ------------------- */
 /* Most users the table tracks at once: an entry is about 50 bytes with malloc's overhead,

@@ -243,10 +243,7 @@ static void cluster__lease_cb(void *ud, int status, unsigned node_id, const char
      * draining sends our clients (1012) to nodes whose ids are their own. */
     log_error("node_id_lease_lost node_id=%u detail=\"%s\": draining and exiting", s->node_id,
               detail ? detail : "");
-    if (s->cfg.on_fatal)
-        s->cfg.on_fatal(s->cfg.fatal_arg, detail);
-    else
-        chat_server_shutdown(s, 1012, NULL, NULL);
+    s->cfg.on_fatal(s->cfg.fatal_arg, detail); /* server.c: drains, unless configured */
 }
 
 int chat_cluster_lease(chat_server_t *s, char *err, size_t errlen) {

@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "chat_internal.h"
+#include "chat/command.h"
 
 /* What a read costs against the flow control of a fast sender (chat__flow in session.c):
  * its event, a hundred bytes or so plus the ids. */
@@ -84,7 +84,7 @@ static void read__done(store_req_t *req) {
                         req->id);
         }
     }
-    if (ss->peer.conn) chat_session_flow(ss);
+    op->reply(op, &ev); /* the session's flow control */
     sbuf_free(&ev);
     store_req_cleanup(req);
     proto_cmd_free(&op->cmd);
@@ -92,11 +92,12 @@ static void read__done(store_req_t *req) {
     free(op);
 }
 
-int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd) {
+int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd, op_reply_fn reply) {
     op_t *op = calloc(1, sizeof(*op));
     if (!op) return CHAT_ENOMEM;
     op->srv = s;
     op->origin = &ss->peer;
+    op->reply = reply;
     snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->member.room->chat_id);
     snprintf(op->user, sizeof op->user, "%s", ss->user);
     op->req.op = STORE_READ_SET;

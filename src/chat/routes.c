@@ -24,7 +24,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "chat_internal.h"
+#include "chat/command.h"
 
 #define HTTP_PENDING_MAX (1u << 20) /* bytes kept while a request waits for the store */
 #define HISTORY_DEFAULT 50
@@ -328,6 +328,8 @@ static int http__parse_limit(const http_request_t *req, int *limit, uint64_t *be
     return 0;
 }
 
+static void chat_rest_complete(op_t *op, const sbuf_t *ev);
+
 static void http__messages(http_peer_t *hp, const http_request_t *req, const char *chat_id) {
     chat_server_t *s = hp->peer.srv;
     bool ka = req->keep_alive;
@@ -356,7 +358,6 @@ static void http__messages(http_peer_t *hp, const http_request_t *req, const cha
         }
         op->srv = s;
         op->origin = &hp->peer;
-        op->rest = true;
         op->keep_alive = ka;
         snprintf(op->chat_id, sizeof op->chat_id, "%s", chat_id);
         op->req.op = STORE_HISTORY;
@@ -411,7 +412,7 @@ static void http__messages(http_peer_t *hp, const http_request_t *req, const cha
         http__send(hp, limited, ka);
         goto out;
     }
-    if (chat_submit(s, &hp->peer, true, ka, chat_id, cl.sub, &cmd) < 0) {
+    if (chat_submit(s, &hp->peer, chat_rest_complete, ka, 0, chat_id, cl.sub, &cmd) < 0) {
         proto_cmd_free(&cmd);
         http__error(hp, 503, "store_unavailable", "the store is not accepting requests", ka);
         goto out;
@@ -481,7 +482,6 @@ static void http__read(http_peer_t *hp, const http_request_t *req, const char *c
     }
     op->srv = s;
     op->origin = &hp->peer;
-    op->rest = true;
     op->keep_alive = ka;
     snprintf(op->chat_id, sizeof op->chat_id, "%s", chat_id);
     snprintf(op->user, sizeof op->user, "%s", cl.sub);
@@ -963,7 +963,7 @@ static void http__dev_token(http_peer_t *hp, const http_request_t *req) {
     sbuf_free(&sb);
 }
 
-void chat_rest_complete(op_t *op, const sbuf_t *ev) {
+static void chat_rest_complete(op_t *op, const sbuf_t *ev) {
     http_peer_t *hp = (http_peer_t *)op->origin;
     store_req_t *req = &op->req;
     if (req->status == 0)

@@ -1,97 +1,26 @@
-/* server: the chat server's lifecycle and shared state: connections (peers), rooms,
- * metrics, static files, the keepalive sweep, and the graceful shutdown.
- *
- * A room is the set of this node's sessions in one chat. It exists while it has members;
- * its first member subscribes the node to the chat on the bus and its last unsubscribes,
- * so the bus sees one subscription per node per chat however many clients join.
+/* server: the wiring of one chat server: it opens the store, search, bus and stream, hands
+ * the bus's events to rooms (room.c), presence and read positions, listens, sweeps the
+ * connections, and runs the graceful shutdown. The work itself lives in the files below it:
+ * room.c (rooms and delivery), command.c (a command through the store), session.c (a
+ * WebSocket member), routes.c (HTTP), cluster.c (the node among others), peer.c, metrics.c,
+ * static.c.
  *
  * One timer sweeps every connection for keepalive instead of a timer per connection: a
  * connection costs no timer handle, and the sweep is a walk of a list a few times per
  * idle period. The same walk closes connections whose token expired (4001): 4 bytes per
  * session, no timer, no heap; a close comes at most one sweep period (<= 1 s) after exp.
  */
-#include <dirent.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 #include <time.h>
 
 #include "chat_internal.h"
 #include "stream/stream.h"
 
-/* ---- peers ---------------------------------------------------------------------------- */
-
-void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c) {
-    p->kind = kind;
-    p->srv = s;
-    p->conn = c;
-    p->refs = 1;
-    p->last_rx = uv_now(s->loop);
-    p->prev = NULL;
-    p->next = s->peers;
-    if (s->peers) s->peers->prev = p;
-    s->peers = p;
-    s->n_peers++;
-}
-
-void chat_peer_unlink(peer_t *p) {
-    chat_server_t *s = p->srv;
-    if (p->prev) p->prev->next = p->next;
-    else s->peers = p->next;
-    if (p->next) p->next->prev = p->prev;
-    p->prev = p->next = NULL;
-    p->conn = NULL;
-    s->n_peers--;
-    chat_peer_unref(p);
-    chat_maybe_finish_stop(s);
-}
-
-void chat_peer_unref(peer_t *p) {
-    if (--p->refs > 0) return;
-    if (p->kind == PEER_WS) {
-        ws_parser_free(&((session_t *)p)->parser);
-    } else {
-        http_reader_free(&((http_peer_t *)p)->reader);
-        sbuf_free(&((http_peer_t *)p)->pending);
-    }
-    free(p);
-}
-
-/* ---- metrics -------------------------------------------------------------------------- */
-
-static const double lat_bounds[METRIC_LAT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                                                       0.005,  0.01,    0.025,  0.05,  0.1,
-                                                       0.25,   0.5,     1.0};
-
-static void chat__hist_record(metric_hist_t *h, double secs) {
-    h->count++;
-    h->sum += secs;
-    for (int i = 0; i < METRIC_LAT_BUCKETS; i++)
-        if (secs <= lat_bounds[i]) {
-            h->buckets[i]++;
-            break;
-        }
-}
-
-static void chat__hist_render(sbuf_t *sb, const char *name, const char *help,
-                              const metric_hist_t *h) {
-    sbuf_printf(sb, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-    uint64_t cum = 0;
-    for (int i = 0; i < METRIC_LAT_BUCKETS; i++) {
-        cum += h->buckets[i];
-        sbuf_printf(sb, "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name, lat_bounds[i], cum);
-    }
-    sbuf_printf(sb, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name, h->count);
-    sbuf_printf(sb, "%s_sum %.6f\n", name, h->sum);
-    sbuf_printf(sb, "%s_count %" PRIu64 "\n", name, h->count);
-}
-
-void chat_record_latency(chat_server_t *s, uint64_t t0) {
-    chat__hist_record(&s->m.store_lat, (double)(uv_hrtime() - t0) / 1e9);
-}
+/* ---- the loop's load ---------------------------------------------------------------- */
 
 /* Once per loop turn, just before it polls: the time since the previous turn less what the
  * poll spent waiting is the work of one turn. A long turn delays every connection at once
@@ -102,80 +31,10 @@ static void chat__on_turn(uv_prepare_t *h) {
     uint64_t now = uv_hrtime();
     uint64_t idle = uv_metrics_idle_time(s->loop);
     if (s->turn_at && now - s->turn_at >= idle - s->turn_idle)
-        chat__hist_record(&s->m.loop_busy,
+        chat_hist_record(&s->m.loop_busy,
                           (double)((now - s->turn_at) - (idle - s->turn_idle)) / 1e9);
     s->turn_at = now;
     s->turn_idle = idle;
-}
-
-void chat_record_close(chat_server_t *s, uint16_t code) {
-    if (code >= 1000 && code < 1000 + CLOSE_CODE_SLOTS) s->m.closes[code - 1000]++;
-    else s->m.closes[CLOSE_CODE_SLOTS]++;
-}
-
-void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
-    sbuf_puts(sb, "# HELP chat_connections Open WebSocket connections.\n"
-                  "# TYPE chat_connections gauge\n");
-    sbuf_printf(sb, "chat_connections %zu\n", s->n_sessions);
-    sbuf_puts(sb, "# HELP chat_http_connections Open connections still speaking HTTP.\n"
-                  "# TYPE chat_http_connections gauge\n");
-    sbuf_printf(sb, "chat_http_connections %zu\n", s->n_peers - s->n_sessions);
-    sbuf_puts(sb, "# HELP chat_rooms Chats with at least one member on this node.\n"
-                  "# TYPE chat_rooms gauge\n");
-    sbuf_printf(sb, "chat_rooms %zu\n", s->rooms.n);
-    sbuf_puts(sb, "# HELP chat_websocket_opened_total WebSocket connections accepted.\n"
-                  "# TYPE chat_websocket_opened_total counter\n");
-    sbuf_printf(sb, "chat_websocket_opened_total %" PRIu64 "\n", s->m.ws_opened);
-    sbuf_puts(sb, "# HELP chat_websocket_deflate_total WebSocket connections accepted with "
-                  "permessage-deflate.\n"
-                  "# TYPE chat_websocket_deflate_total counter\n");
-    sbuf_printf(sb, "chat_websocket_deflate_total %" PRIu64 "\n", s->m.ws_deflate);
-    sbuf_puts(sb, "# HELP chat_deflate_frames_total Frames compressed (one per event, whatever "
-                  "the number of compressing members it went to).\n"
-                  "# TYPE chat_deflate_frames_total counter\n");
-    sbuf_printf(sb, "chat_deflate_frames_total %" PRIu64 "\n", s->m.deflate_frames);
-    sbuf_puts(sb, "# HELP chat_deflate_deliveries_total Compressed frames queued to members.\n"
-                  "# TYPE chat_deflate_deliveries_total counter\n");
-    sbuf_printf(sb, "chat_deflate_deliveries_total %" PRIu64 "\n", s->m.deflate_out);
-    sbuf_puts(sb, "# HELP chat_messages_in_total Chat events received from clients.\n"
-                  "# TYPE chat_messages_in_total counter\n");
-    sbuf_printf(sb, "chat_messages_in_total %" PRIu64 "\n", s->m.messages_in);
-    sbuf_puts(sb, "# HELP chat_messages_out_total Event frames queued to WebSocket members.\n"
-                  "# TYPE chat_messages_out_total counter\n");
-    sbuf_printf(sb, "chat_messages_out_total %" PRIu64 "\n", s->m.messages_out + s->rooms.delivered);
-    sbuf_puts(sb, "# HELP chat_http_requests_total HTTP requests answered.\n"
-                  "# TYPE chat_http_requests_total counter\n");
-    sbuf_printf(sb, "chat_http_requests_total %" PRIu64 "\n", s->m.http_requests);
-    sbuf_puts(sb, "# HELP chat_store_errors_total Store requests that failed.\n"
-                  "# TYPE chat_store_errors_total counter\n");
-    sbuf_printf(sb, "chat_store_errors_total %" PRIu64 "\n", s->m.store_errors);
-    sbuf_puts(sb, "# HELP chat_rate_limited_total Sends refused by --rate-limit.\n"
-                  "# TYPE chat_rate_limited_total counter\n");
-    sbuf_printf(sb, "chat_rate_limited_total %" PRIu64 "\n", s->m.rate_limited);
-    chat__hist_render(sb, "chat_store_latency_seconds",
-                      "Time from store submit to completion.", &s->m.store_lat);
-    store_metrics(s->store, sb);
-    if (s->stream) stream_metrics(s->stream, sb);
-    if (s->idle_metrics) {
-        chat__hist_render(sb, "chat_loop_turn_seconds",
-                          "Work of each event loop turn, its wait for events excluded.",
-                          &s->m.loop_busy);
-        sbuf_puts(sb, "# HELP chat_loop_idle_seconds_total Time the event loop waited for "
-                      "events (busy = elapsed - idle).\n"
-                      "# TYPE chat_loop_idle_seconds_total counter\n");
-        sbuf_printf(sb, "chat_loop_idle_seconds_total %.6f\n",
-                    (double)uv_metrics_idle_time(s->loop) / 1e9);
-    }
-    sbuf_puts(sb, "# HELP chat_ws_closes_total WebSocket connections closed, by close code "
-                  "(1006: dropped without a close frame).\n"
-                  "# TYPE chat_ws_closes_total counter\n");
-    for (int i = 0; i < CLOSE_CODE_SLOTS; i++)
-        if (s->m.closes[i])
-            sbuf_printf(sb, "chat_ws_closes_total{code=\"%d\"} %" PRIu64 "\n", 1000 + i,
-                        s->m.closes[i]);
-    if (s->m.closes[CLOSE_CODE_SLOTS])
-        sbuf_printf(sb, "chat_ws_closes_total{code=\"other\"} %" PRIu64 "\n",
-                    s->m.closes[CLOSE_CODE_SLOTS]);
 }
 
 /* ---- bus events ---------------------------------------------------------------------- */
@@ -189,92 +48,6 @@ bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id) {
     k += sizeof key - 1;
     const uint8_t *e = memchr(k, '"', n - (size_t)(k - p));
     return e && id_parse((const char *)k, (size_t)(e - k), id) == 0;
-}
-
-/* ---- static files --------------------------------------------------------------------- */
-
-static const char *chat__mime(const char *name) {
-    const char *dot = strrchr(name, '.');
-    if (!dot) return "application/octet-stream";
-    static const struct { const char *ext, *type; } types[] = {
-        {".html", "text/html; charset=utf-8"},
-        {".js", "text/javascript; charset=utf-8"},
-        {".mjs", "text/javascript; charset=utf-8"},
-        {".css", "text/css; charset=utf-8"},
-        {".json", "application/json"},
-        {".svg", "image/svg+xml"},
-        {".png", "image/png"},
-        {".ico", "image/x-icon"},
-        {".txt", "text/plain; charset=utf-8"},
-        {".webmanifest", "application/manifest+json"},
-    };
-    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
-        if (strcmp(dot, types[i].ext) == 0) return types[i].type;
-    return "application/octet-stream";
-}
-
-/* The web client is small and fixed: read it once at start so serving it never touches
- * the disk from the loop. Two levels deep is all the page uses. */
-static void chat__load_dir(chat_server_t *s, const char *dir, const char *prefix, int depth) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (e->d_name[0] == '.') continue;
-        char path[4096], url[1024];
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        snprintf(url, sizeof url, "%s/%s", prefix, e->d_name);
-        struct stat st;
-        if (stat(path, &st) < 0) continue;
-        if (S_ISDIR(st.st_mode)) {
-            if (depth < 2) chat__load_dir(s, path, url, depth + 1);
-            continue;
-        }
-        if (!S_ISREG(st.st_mode) || st.st_size > (8 << 20)) continue;
-        FILE *f = fopen(path, "rb");
-        if (!f) continue;
-        buf_t *b = buf_new((size_t)st.st_size);
-        char *upath = NULL;
-        if (b && fread(b->data, 1, (size_t)st.st_size, f) == (size_t)st.st_size &&
-            (upath = strdup(url))) {
-            /* a file without its path would make every lookup's strlen read NULL */
-            b->len = (size_t)st.st_size;
-            static_file_t *nf = realloc(s->files, sizeof(*nf) * (s->n_files + 1));
-            if (nf) {
-                s->files = nf;
-                s->files[s->n_files++] =
-                    (static_file_t){.path = upath, .type = chat__mime(e->d_name), .body = b};
-                b = NULL;
-                upath = NULL;
-            }
-        }
-        if (b) log_warn("static_file_skipped path=%s", path);
-        free(upath);
-        buf_unref(b);
-        fclose(f);
-    }
-    closedir(d);
-}
-
-static void chat__free_files(chat_server_t *s) {
-    for (size_t i = 0; i < s->n_files; i++) {
-        free(s->files[i].path);
-        buf_unref(s->files[i].body);
-    }
-    free(s->files);
-    s->files = NULL;
-    s->n_files = 0;
-}
-
-const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n) {
-    if (n == 1 && path[0] == '/') {
-        path = "/index.html";
-        n = strlen(path);
-    }
-    for (size_t i = 0; i < s->n_files; i++)
-        if (strlen(s->files[i].path) == n && memcmp(s->files[i].path, path, n) == 0)
-            return &s->files[i];
-    return NULL;
 }
 
 /* ---- keepalive sweep ------------------------------------------------------------------ */
@@ -357,6 +130,14 @@ static void chat__room_close(void *ud, const char *chat_id) {
     if (bus_unsubscribe(s->bus, chat_id) < 0) log_warn("bus_unsubscribe_failed chat=%s", chat_id);
 }
 
+/* A lease lost (cluster.c) with no on_fatal configured: drain (1012) to the other nodes. */
+static void chat__fatal_drain(void *arg, const char *why) {
+    chat_server_shutdown(arg, 1012, NULL, NULL);
+}
+
+static void chat__maybe_finish_stop(chat_server_t *s);
+static void chat__peer_gone(chat_server_t *s) { chat__maybe_finish_stop(s); }
+
 static int chat__room_deliver(room_member_t *m, chat_frames_t *f, bool is_new, uint64_t id) {
     return chat_session_deliver(chat_session_of(m), f, is_new, id);
 }
@@ -396,6 +177,11 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if (!s) return CHAT_ENOMEM;
     s->loop = loop;
     s->cfg = *cfg;
+    if (!s->cfg.on_fatal) {
+        s->cfg.on_fatal = chat__fatal_drain;
+        s->cfg.fatal_arg = s;
+    }
+    s->on_peer_gone = chat__peer_gone;
     room_table_init(&s->rooms);
     s->rooms.deliver = chat__room_deliver;
     s->rooms.on_open = chat__room_open;
@@ -435,7 +221,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
                             .outbox_max_rows = cfg->outbox_max_rows, .encode = proto_put_event};
         if ((rc = stream_open(&s->stream, loop, s->store, &so, err, errlen)) < 0) goto fail_bus;
     }
-    if (cfg->web_root) chat__load_dir(s, cfg->web_root, "", 0);
+    if (cfg->web_root) chat_static_load(s, cfg->web_root, "", 0);
     if (cfg->compression && !(s->zip = ws_zip_new())) {
         snprintf(err, errlen, "out of memory for the compressor");
         rc = CHAT_ENOMEM;
@@ -480,7 +266,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     return 0;
 
 fail_listen:
-    chat__free_files(s);
+    chat_static_free(s);
     ws_zip_free(s->zip);
     s->zip = NULL;
     stream_close(s->stream);
@@ -545,7 +331,7 @@ static void chat__stop_step(void *arg) {
         void *darg = s->stop_arg;
         /* the store closed long ago, with its last callback: no search is in flight */
         search_close(s->search);
-        chat__free_files(s);
+        chat_static_free(s);
         room_table_free(&s->rooms);
         rate_table_free(s->rate);
         ws_zip_free(s->zip);
@@ -557,7 +343,7 @@ static void chat__stop_step(void *arg) {
     }
 }
 
-void chat_maybe_finish_stop(chat_server_t *s) {
+static void chat__maybe_finish_stop(chat_server_t *s) {
     if (!s->stopping || s->stop_step != 0 || s->n_peers) return;
     uv_timer_stop(&s->stop_timer);
     s->stop_step = 1;
@@ -590,5 +376,5 @@ void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(vo
         /* a busy HTTP peer closes once its answer is written (routes.c checks stopping) */
     }
     uv_timer_start(&s->stop_timer, chat__stop_deadline, 5000, 0);
-    chat_maybe_finish_stop(s);
+    chat__maybe_finish_stop(s);
 }
