@@ -110,13 +110,15 @@ typedef struct room_table {
     size_t cap, n; /* n: rooms */
     uint64_t gen;
     size_t held_max;          /* bytes a catching-up room holds (ROOM_HELD_MAX) */
+    /* the one way an event reaches a member (session.c's chat_session_deliver in the
+     * server); files below session.c also send one member its own answer through it */
     room_deliver_fn deliver;
     /* a room was made / emptied (subscribe, unsubscribe); on_open returns 1 if the chat's
      * events flow already (the room is subscribed), else 0. Either may be NULL. */
     int (*on_open)(void *ud, const char *chat_id);
     void (*on_close)(void *ud, const char *chat_id);
     void *ud;
-    uint64_t delivered;       /* deliveries made by room_deliver (messages_out) */
+    uint64_t delivered;       /* deliveries made by room_deliver (chat_messages_out_total) */
 } room_table_t;
 
 uint32_t chat_hash(const char *s); /* FNV-1a of a NUL-terminated string */
