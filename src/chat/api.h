@@ -8,7 +8,7 @@
 #ifndef CHAT_API_H
 #define CHAT_API_H
 
-#include "chat_internal.h"
+#include "chat/command.h"
 
 /* A route's handler. chat_id: the decoded, valid chat id of a {chat_id} route, else NULL.
  * cl: the checked token of a route with ROUTE_AUTH (borrowed: freed when the handler

@@ -1,6 +1,6 @@
 /* api_messages: /api/chats/{chat_id}/messages. GET: a page of history, newest first
  * (?limit=, ?before=). POST: send a message, the same command as a WebSocket
- * message:message, for bots and scripts; answered once stored (chat_rest_complete). */
+ * message:message, for bots and scripts; answered once stored (api__sent). */
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,7 +85,6 @@ static void api__history(http_peer_t *hp, const http_request_t *req, const char 
     }
     op->srv = s;
     op->origin = &hp->peer;
-    op->rest = true;
     op->keep_alive = ka;
     snprintf(op->chat_id, sizeof op->chat_id, "%s", chat_id);
     op->req.op = STORE_HISTORY;
@@ -102,6 +101,8 @@ static void api__history(http_peer_t *hp, const http_request_t *req, const char 
     }
     api_wait(hp);
 }
+
+static void api__sent(op_t *op, const sbuf_t *ev);
 
 static void api__send(http_peer_t *hp, const http_request_t *req, const char *chat_id,
                       const jwt_claims_t *cl) {
@@ -143,12 +144,12 @@ static void api__send(http_peer_t *hp, const http_request_t *req, const char *ch
         http_conn_respond(hc, limited, ka);
         return;
     }
-    if (chat_submit(s, &hp->peer, true, ka, chat_id, cl->sub, &cmd) < 0) {
+    if (chat_submit(s, &hp->peer, api__sent, ka, 0, chat_id, cl->sub, &cmd) < 0) {
         proto_cmd_free(&cmd);
         http_conn_error(hc, 503, "store_unavailable", "the store is not accepting requests", ka);
         return;
     }
-    /* the op holds the peer until chat_rest_complete */
+    /* the op holds the peer until api__sent has run */
     http_conn_wait(hc);
 }
 
@@ -158,7 +159,8 @@ void api_messages(http_peer_t *hp, const http_request_t *req, const char *chat_i
     else api__send(hp, req, chat_id, cl);
 }
 
-void chat_rest_complete(op_t *op, const sbuf_t *ev) {
+/* chat_submit's reply: the stored event (201, or 200 for a retry), or why not. */
+static void api__sent(op_t *op, const sbuf_t *ev) {
     http_peer_t *hp = (http_peer_t *)op->origin;
     http_conn_t *hc = &hp->http;
     store_req_t *req = &op->req;

@@ -42,7 +42,6 @@ void api_read(http_peer_t *hp, const http_request_t *req, const char *chat_id,
     }
     op->srv = s;
     op->origin = &hp->peer;
-    op->rest = true;
     op->keep_alive = ka;
     snprintf(op->chat_id, sizeof op->chat_id, "%s", chat_id);
     snprintf(op->user, sizeof op->user, "%s", cl->sub);

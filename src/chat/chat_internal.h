@@ -11,6 +11,7 @@
 #include "store/store.h"
 #include "ws/ws.h"
 #include "chat.h"
+#include "chat/room.h"
 
 /* ---- the JSON protocol (protocol.c) --------------------------------------------------- */
 /* PROTO_PING: {"event":"ping"}, answered {"event":"pong"} to the sender alone: a client's
@@ -71,7 +72,7 @@ void proto_put_read(sbuf_t *sb, const char *chat_id, const char *user, uint64_t 
 void proto_put_error(sbuf_t *sb, const char *code, const char *detail, const char *client_id,
                      uint64_t message_id);
 
-/* ---- the server's state (server.c, session.c, routes.c) ------------------------------- */
+/* ---- the server's state (every file of the chat layer reads it) ----------------------- */
 enum { PEER_HTTP = 1, PEER_WS = 2 };
 
 typedef struct peer peer_t;
@@ -85,21 +86,10 @@ struct peer {
     int refs;                /* 1 for the connection + 1 per store request in flight */
 };
 
-typedef struct room room_t;
-
-/* A live event held back from a session while its replay is read from the store. */
-typedef struct held_event {
-    struct held_event *next;
-    buf_t *frame;
-    uint64_t id;
-    bool is_new; /* message:message (the others change a message already sent) */
-} held_event_t;
-
 typedef struct session {
     peer_t peer;
     ws_parser_t parser;
-    room_t *room;
-    struct session *rprev, *rnext; /* members of the room */
+    room_member_t member;          /* its link in its room (member.room) */
     uint64_t ping_sent;            /* uv_now() of an unanswered keepalive ping, 0 if none */
     uint16_t close_code;           /* what we sent or echoed, for metrics; 0 = none yet */
     bool replaying;                /* ?since=: the backlog is being read; live events wait */
@@ -107,8 +97,7 @@ typedef struct session {
     /* the token's exp in epoch seconds, 0 = never expires; 32 bits fit the padding here
      * (a later exp, past 2106, is saturated) so a session is no bigger for it */
     uint32_t token_exp;
-    held_event_t *held, *held_tail;
-    size_t held_bytes;
+    held_queue_t held;             /* live events while the replay goes first */
     /* ?since= cursors (one per origin node, or one id). After the replay they stay as a
      * filter: a message from a cursor's origin at or below it is one the client has. */
     uint64_t *cursors;
@@ -151,57 +140,6 @@ typedef struct http_peer {
     http_conn_t http;
 } http_peer_t;
 
-/* The newest message id seen in a room from one origin node. A node stores and publishes
- * its messages in id order, so an id at or below the mark is a duplicate (a catch-up read
- * and a delayed publish of the same message). */
-typedef struct room_mark {
-    uint16_t node;
-    uint64_t id;
-} room_mark_t;
-
-struct room {
-    char *chat_id;
-    session_t *members;
-    size_t n;
-    room_t *hnext;
-    uint32_t hash;
-    uint64_t gen;           /* distinguishes this room from an earlier one of the same chat */
-    room_mark_t *marks;
-    uint16_t n_marks;
-    /* every message:message id admitted whose time is within ROOM_RECENT_MS of now, sorted:
-     * for those the filter is exact, so one that arrives after a newer one of its origin
-     * (a catch-up read that saw a later write of a node before an earlier one became
-     * visible, a retry re-sent after its node died) still passes once */
-    uint64_t *recent;
-    uint32_t n_recent, recent_cap;
-    bool catching_up;       /* reading what the bus missed: live events wait in held */
-    bool held_dropped;      /* held overflowed and was dropped: the catch-up reads on */
-    bool subscribed;        /* the bus confirmed the subscription: resumes may read */
-    held_event_t *held, *held_tail;
-    size_t held_bytes;      /* bounded by ROOM_HELD_MAX(max_outbound_bytes) */
-};
-
-/* What can still be in flight between a store write and its delivery through the bus
- * (the longest a publish may trail its commit): resume windows and exact dedupe span it. */
-#define IN_FLIGHT_MS 10000
-#define ROOM_RECENT_MS IN_FLIGHT_MS
-/* A room holds at most this many bytes of live events while it catches up. */
-#define ROOM_HELD_MAX(max_outbound) ((max_outbound) * 4)
-
-/* A store request with what its completion needs. */
-typedef struct op {
-    store_req_t req;
-    chat_server_t *srv;
-    peer_t *origin; /* referenced; its conn may be gone by completion */
-    proto_cmd_t cmd;
-    uint64_t t0;    /* uv_hrtime() at submit */
-    bool rest;      /* the origin is an HTTP request, not a WebSocket */
-    uint32_t new_mark; /* the origin session's n_new when the command arrived */
-    bool keep_alive;
-    char chat_id[129];
-    char user[129];
-} op_t;
-
 #define METRIC_LAT_BUCKETS 13
 enum { CLOSE_CODE_SLOTS = 16 }; /* 1000..1015, and one slot for anything else */
 
@@ -239,8 +177,7 @@ struct chat_server {
     bus_t *bus;
     struct stream *stream; /* the Kafka relay, with --kafka */
     id_gen_t ids;
-    room_t **rooms;
-    size_t rooms_cap, n_rooms;
+    room_table_t rooms;
     peer_t *peers;
     size_t n_peers, n_sessions;
     uv_timer_t sweep;
@@ -254,7 +191,6 @@ struct chat_server {
     struct rate_table *rate; /* --rate-limit's buckets (ratelimit.c); NULL until first used */
     ws_zip_t *zip;           /* --compression: the loop's one compressor and inflater */
     struct pres_table *presence; /* who is online per chat (presence.c); NULL until used */
-    uint64_t room_gen;
     /* the cluster (cluster.c) */
     bool bus_up;
     int64_t bus_down_ms;     /* when the bus went down, 0 if it never did */
@@ -282,6 +218,7 @@ struct chat_server {
     uint64_t listing_at; /* uv_now() when it was asked for */
     bool known_valid; /* known[] is from a successful listing */
     /* shutdown */
+    void (*on_peer_gone)(chat_server_t *s); /* server.c: a shutdown waits for the last */
     bool stopping;
     uint16_t stop_code;
     int stop_step;
@@ -290,37 +227,25 @@ struct chat_server {
     void *stop_arg;
 };
 
-/* server.c */
-uint32_t chat_hash(const char *s); /* FNV-1a of a NUL-terminated string */
+/* peer.c */
 void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c);
 void chat_peer_unlink(peer_t *p);  /* the connection closed */
 void chat_peer_unref(peer_t *p);   /* frees at zero */
+/* metrics.c */
+void chat_hist_record(metric_hist_t *h, double secs);
 void chat_record_close(chat_server_t *s, uint16_t code);
 void chat_record_latency(chat_server_t *s, uint64_t t0);
-room_t *chat_room_find(chat_server_t *s, const char *chat_id);
-int chat_room_join(chat_server_t *s, session_t *ss, const char *chat_id);
-void chat_room_leave(chat_server_t *s, session_t *ss);
-/* Queue frame (the event of message id; is_new for message:message) to every member;
- * members still replaying hold it; slow consumers are cut off. Returns deliveries. */
-size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id);
-/* The same, already admitted by the room's filter (a catch-up, held events released). */
-size_t chat_room_deliver(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id);
-
-/* The encodings of one event: the plain frame (borrowed) and, made on the first member
- * that negotiated permessage-deflate, its compressed form (owned: buf_unref(zipped) when
- * the event is done). Two at most, whatever the number of members. */
-typedef struct chat_frames {
-    buf_t *plain;
-    buf_t *zipped; /* NULL until made, or when not worth it (ws_zip_frame) */
-    bool tried;
-} chat_frames_t;
-/* The frame for member ss (borrowed from f). */
-buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss);
-/* Read the event name and message id from an encoded event (ours: "event" comes first). */
-bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
-const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n);
 void chat_metrics_render(chat_server_t *s, sbuf_t *sb);
-void chat_maybe_finish_stop(chat_server_t *s);
+
+/* server.c: read the event name and message id from an encoded event (ours: "event" comes
+ * first). */
+bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
+
+/* static.c: the web client's files, read once at start (chat_static_load, up to two levels
+ * below dir) and freed at shutdown; chat_static_find borrows one (NULL if none). */
+void chat_static_load(chat_server_t *s, const char *dir, const char *prefix, int depth);
+void chat_static_free(chat_server_t *s);
+const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n);
 
 /* cluster.c */
 /* Before anything can mint a message id: lease the node id on the bus (waiting for the bus
@@ -333,14 +258,10 @@ void chat_cluster_bus_state(chat_server_t *s, bool up);
 /* /api/connect: the least-loaded live node that is not draining, counting the clients
  * already sent there since its last heartbeat; ties broken at random. NULL if none. */
 const bus_node_t *chat_cluster_pick(chat_server_t *s, const bus_node_t *nodes, size_t n);
-/* Pass or drop an event by the room's marks and recent ids; true if it is new to this
- * room (and it is recorded as seen). */
-bool chat_room_admit(room_t *r, bool is_new, uint64_t id);
-void chat_room_free_held(room_t *r);
-/* Free the room's filter state (marks, recent ids). */
-void chat_room_free_filter(room_t *r);
-
 /* session.c */
+/* The frame for member ss (borrowed from f; a compressed one is made once per event, on the
+ * first member that negotiated permessage-deflate). */
+buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss);
 extern const conn_handler_t chat_ws_handler;
 /* Take over an upgraded connection: the 101 was sent; rest are bytes already read.
  * token_exp: the handshake token's exp (0: none); the sweep closes the session with 4001
@@ -363,34 +284,32 @@ void chat_session_subscribed(session_t *ss);
 /* Fold the replayed ids into the cursors once they can no longer come live out of order
  * (called by the sweep). */
 void chat_session_expire_replayed(session_t *ss, uint64_t now);
+/* The session whose room link m is. */
+static inline session_t *chat_session_of(room_member_t *m) {
+    return (session_t *)(void *)((char *)m - offsetof(session_t, member));
+}
 /* Queue a live event to one member (or hold it while the member replays), in the encoding
  * it negotiated (chat_frames_pick). */
 int chat_session_deliver(session_t *ss, chat_frames_t *f, bool is_new, uint64_t id);
 /* Send a close frame with code and reason, then close gracefully. */
 void chat_session_close(session_t *ss, uint16_t code, const char *reason);
-/* The flow control of a fast sender, after one of its commands was answered. */
-void chat_session_flow(session_t *ss);
-/* Submit a command from a session or a REST request; the op owns cmd afterwards. */
-int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
-                const char *chat_id, const char *user, proto_cmd_t *cmd);
 
 /* read.c: read positions */
 /* Store ss's user's read position at cmd->message_id (PROTO_READ); 0: the op owns cmd and
  * answers later (the event to the user's connections, or an error to ss); < 0: nothing was
  * submitted, cmd is still the caller's. */
-int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd);
+struct op;
+int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd,
+                     void (*reply)(struct op *op, const sbuf_t *ev));
 /* A bus event for room r: if it is a read event, hand it to the connections of the user it
  * names (and no one else) and return true; false: not a read event, p is untouched. */
-bool chat_read_from_bus(room_t *r, const uint8_t *p, size_t n);
+bool chat_read_from_bus(chat_server_t *s, room_t *r, const uint8_t *p, size_t n);
 
 /* routes.c */
 extern const conn_handler_t chat_http_handler;
 /* The sweep's look at an HTTP connection: 408 for a request that trickles past its deadline,
  * close when idle (neither bytes in nor written out) for idle_ms. */
 void chat_http_sweep(http_peer_t *hp, uint64_t now, uint64_t idle_ms);
-/* An op from a REST request completed: answer it. ev is the encoded event (empty on
- * failure). */
-void chat_rest_complete(op_t *op, const sbuf_t *ev);
 
 /* ---- ratelimit.c: --rate-limit, a token bucket per user on this node ------------------- */
 /* Most users the table tracks at once: an entry is about 50 bytes with malloc's overhead,

@@ -27,87 +27,6 @@
 #define CATCHUP_MARGIN_MS 5000
 #define CATCHUP_PAGES 20
 
-/* ---- duplicate filter ------------------------------------------------------------------ */
-
-static int64_t cluster__id_ms(uint64_t id) { return (int64_t)(id >> 22) + ID_EPOCH_MS; }
-
-/* Recent ids (ROOM_RECENT_MS) are filtered exactly: the ids seen are kept. Older ones by the
- * per-origin mark, as a node publishes its own messages in id order and anything that old
- * that has not come through yet is not coming out of order any more. The mark alone would
- * drop a message that arrives after a newer one of its origin, which happens: a catch-up
- * read can see a node's later write while an earlier one is still being written (Cassandra
- * runs them concurrently), and a retried message whose node died before publishing it is
- * sent again by whichever node the retry reaches, in the order the retries come. */
-bool chat_room_admit(room_t *r, bool is_new, uint64_t id) {
-    if (!is_new) return true; /* edits and deletes are idempotent for clients */
-    int64_t cutoff = time_now_ms() - ROOM_RECENT_MS;
-    uint32_t old = 0;
-    while (old < r->n_recent && cluster__id_ms(r->recent[old]) < cutoff) old++;
-    if (old) {
-        memmove(r->recent, r->recent + old, sizeof(uint64_t) * (r->n_recent - old));
-        r->n_recent -= old;
-    }
-    uint16_t node = (uint16_t)((id >> 12) & 1023);
-    room_mark_t *mk = NULL;
-    for (uint16_t i = 0; i < r->n_marks && !mk; i++)
-        if (r->marks[i].node == node) mk = &r->marks[i];
-    if (cluster__id_ms(id) < cutoff) {
-        if (mk && id <= mk->id) return false;
-    } else {
-        uint32_t lo = 0, hi = r->n_recent;
-        while (lo < hi) {
-            uint32_t mid = lo + (hi - lo) / 2;
-            if (r->recent[mid] < id) lo = mid + 1;
-            else hi = mid;
-        }
-        if (lo < r->n_recent && r->recent[lo] == id) return false;
-        if (r->n_recent == r->recent_cap) {
-            uint32_t ncap = r->recent_cap ? r->recent_cap * 2 : 16;
-            uint64_t *nr = realloc(r->recent, sizeof(uint64_t) * ncap);
-            if (nr) {
-                r->recent = nr;
-                r->recent_cap = ncap;
-            }
-        }
-        if (r->n_recent < r->recent_cap) { /* else: out of memory, the mark decides later */
-            memmove(r->recent + lo + 1, r->recent + lo, sizeof(uint64_t) * (r->n_recent - lo));
-            r->recent[lo] = id;
-            r->n_recent++;
-        } else if (mk && id <= mk->id) {
-            return false;
-        }
-    }
-    if (mk) {
-        if (id > mk->id) mk->id = id;
-        return true;
-    }
-    room_mark_t *nm = realloc(r->marks, sizeof(*nm) * (r->n_marks + 1u));
-    if (!nm) return true; /* better a possible duplicate than a loss */
-    r->marks = nm;
-    r->marks[r->n_marks++] = (room_mark_t){.node = node, .id = id};
-    return true;
-}
-
-void chat_room_free_filter(room_t *r) {
-    free(r->marks);
-    r->marks = NULL;
-    r->n_marks = 0;
-    free(r->recent);
-    r->recent = NULL;
-    r->n_recent = r->recent_cap = 0;
-}
-
-void chat_room_free_held(room_t *r) {
-    while (r->held) {
-        held_event_t *h = r->held;
-        r->held = h->next;
-        buf_unref(h->frame);
-        free(h);
-    }
-    r->held_tail = NULL;
-    r->held_bytes = 0;
-}
-
 static void cluster__heartbeat(uv_timer_t *t);
 
 /* ---- catch-up after a bus outage ------------------------------------------------------- */
@@ -122,8 +41,17 @@ typedef struct catchup {
 
 static void cluster__catchup_submit(catchup_t *cu, uint64_t after);
 
+/* Close every member of r (they resume with since= and read what the room could not). */
+static void cluster__close_members(room_t *r, uint16_t code, const char *reason) {
+    room_member_t *next;
+    for (room_member_t *m = r->members; m; m = next) {
+        next = m->next;
+        chat_session_close(chat_session_of(m), code, reason);
+    }
+}
+
 static room_t *cluster__room(catchup_t *cu) {
-    room_t *r = chat_room_find(cu->srv, cu->chat_id);
+    room_t *r = room_find(&cu->srv->rooms, cu->chat_id);
     return r && r->gen == cu->gen ? r : NULL;
 }
 
@@ -139,11 +67,7 @@ static void cluster__catchup_done(store_req_t *req) {
         /* What the bus missed cannot be read now: rather than let the members miss it
          * silently, close them (1011) so that they resume with since= and their own replay
          * reads it, or fails and tells them again. */
-        session_t *next;
-        for (session_t *ss = r->members; ss; ss = next) {
-            next = ss->rnext;
-            chat_session_close(ss, WS_CLOSE_INTERNAL, "missed messages could not be read; resume");
-        }
+        cluster__close_members(r, WS_CLOSE_INTERNAL, "missed messages could not be read; resume");
     } else {
         uint64_t last = req->id;
         /* Delivered straight to members (the room is still holding live events). */
@@ -151,7 +75,7 @@ static void cluster__catchup_done(store_req_t *req) {
             const store_msg_t *m = &req->msgs[i];
             last = m->id;
             const char *event;
-            bool is_new = chat_room_admit(r, true, m->id);
+            bool is_new = room_admit(r, true, m->id);
             if (is_new) {
                 event = m->deleted_at ? "message:delete" : "message:message";
             } else if (m->deleted_at) {
@@ -170,7 +94,9 @@ static void cluster__catchup_done(store_req_t *req) {
             buf_t *frame = ev.oom ? NULL : ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
             sbuf_free(&ev);
             if (!frame) continue;
-            chat_room_deliver(s, r, frame, is_new, m->id);
+            chat_frames_t f = {.plain = frame};
+            room_deliver(&s->rooms, r, &f, is_new, m->id, NULL, NULL);
+            buf_unref(f.zipped);
             buf_unref(frame);
         }
         /* Held events were dropped (room_held_overflow): read on, past the page cap,
@@ -187,26 +113,11 @@ static void cluster__catchup_done(store_req_t *req) {
             /* the page cap: more was missed than a catch-up delivers; the members resume
              * (and page the REST API if their replay is too large) rather than miss it */
             log_warn("catchup_cap chat=%s: members resume", cu->chat_id);
-            session_t *next;
-            for (session_t *ss = r->members; ss; ss = next) {
-                next = ss->rnext;
-                chat_session_close(ss, WS_CLOSE_TRY_AGAIN, "too much missed; resume");
-            }
+            cluster__close_members(r, WS_CLOSE_TRY_AGAIN, "too much missed; resume");
         }
     }
     /* Then what arrived live meanwhile, through the same filter. */
-    r->catching_up = false;
-    r->held_dropped = false;
-    held_event_t *h = r->held;
-    r->held = r->held_tail = NULL;
-    r->held_bytes = 0;
-    while (h) {
-        held_event_t *next = h->next;
-        if (chat_room_admit(r, h->is_new, h->id)) chat_room_deliver(s, r, h->frame, h->is_new, h->id);
-        buf_unref(h->frame);
-        free(h);
-        h = next;
-    }
+    room_release_held(&s->rooms, r);
 done:
     store_req_cleanup(req);
     free(cu);
@@ -238,8 +149,7 @@ static void cluster__catchup_submit(catchup_t *cu, uint64_t after) {
 static void cluster__catchup_all(chat_server_t *s, int64_t from_ms) {
     uint64_t after = from_ms > ID_EPOCH_MS ? (uint64_t)(from_ms - ID_EPOCH_MS) << 22 : 0;
     size_t n = 0;
-    for (size_t i = 0; i < s->rooms_cap; i++)
-        for (room_t *r = s->rooms[i]; r; r = r->hnext) {
+    for (room_t *r = room_next(&s->rooms, NULL); r; r = room_next(&s->rooms, r)) {
             if (r->catching_up) continue; /* one catch-up per room at a time */
             catchup_t *cu = calloc(1, sizeof(*cu));
             if (!cu) continue;
@@ -333,10 +243,7 @@ static void cluster__lease_cb(void *ud, int status, unsigned node_id, const char
      * draining sends our clients (1012) to nodes whose ids are their own. */
     log_error("node_id_lease_lost node_id=%u detail=\"%s\": draining and exiting", s->node_id,
               detail ? detail : "");
-    if (s->cfg.on_fatal)
-        s->cfg.on_fatal(s->cfg.fatal_arg, detail);
-    else
-        chat_server_shutdown(s, 1012, NULL, NULL);
+    s->cfg.on_fatal(s->cfg.fatal_arg, detail); /* server.c: drains, unless configured */
 }
 
 int chat_cluster_lease(chat_server_t *s, char *err, size_t errlen) {
@@ -409,7 +316,7 @@ static void cluster__nodes_listed(void *ud, int status, const bus_node_t *nodes,
     }
     s->known_valid = true;
     chat_presence_nodes_live(s, nodes, n, s->listing_at);
-    if (gone_seen && s->n_rooms) cluster__catchup_all(s, gone_seen - CATCHUP_MARGIN_MS);
+    if (gone_seen && s->rooms.n) cluster__catchup_all(s, gone_seen - CATCHUP_MARGIN_MS);
 }
 
 static void cluster__heartbeat(uv_timer_t *t) {

@@ -172,16 +172,18 @@ static int pres__node_find(const pres_user_t *u, const char *node) {
 
 /* Send ev to the members of chat_id on this node that asked for presence events, but not
  * to skip_user's connections (NULL: to all). */
+static bool pres__wants(const room_member_t *rm, const void *skip_user) {
+    const session_t *m = chat_session_of((room_member_t *)rm);
+    return m->presence && !(skip_user && strcmp(m->user, skip_user) == 0);
+}
+
 static void pres__deliver(chat_server_t *s, const char *chat_id, const sbuf_t *ev,
                           const char *skip_user) {
-    room_t *r = chat_room_find(s, chat_id);
+    room_t *r = room_find(&s->rooms, chat_id);
     if (!r || ev->oom) return;
     chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, ev->p, ev->len)};
     if (!f.plain) return;
-    for (session_t *m = r->members; m; m = m->rnext)
-        if (m->presence && !(skip_user && strcmp(m->user, skip_user) == 0) &&
-            chat_session_deliver(m, &f, false, 0) == 0)
-            s->m.messages_out++;
+    room_deliver(&s->rooms, r, &f, false, 0, pres__wants, skip_user);
     buf_unref(f.plain);
     buf_unref(f.zipped);
 }
@@ -253,10 +255,10 @@ static void pres__put_list(sbuf_t *sb, const char *event, const char *chat_id,
 
 static void pres__send_list(session_t *ss, const pres_chat_t *c) {
     sbuf_t sb = {0};
-    pres__put_list(&sb, "presence", ss->room->chat_id, c, NULL, 0);
+    pres__put_list(&sb, "presence", ss->member.room->chat_id, c, NULL, 0);
     if (!sb.oom) {
         chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, sb.p, sb.len)};
-        if (f.plain) chat_session_deliver(ss, &f, false, 0);
+        if (f.plain) ss->peer.srv->rooms.deliver(&ss->member, &f, false, 0);
         buf_unref(f.plain);
         buf_unref(f.zipped);
     }
@@ -333,12 +335,14 @@ static void pres__synced(void *ud, int status, const bus_presence_t *p, size_t n
             }
     }
     c->synced = true;
-    room_t *r = chat_room_find(s, c->id);
-    for (session_t *m = r ? r->members : NULL; m; m = m->rnext)
+    room_t *r = room_find(&s->rooms, c->id);
+    for (room_member_t *rm = r ? r->members : NULL; rm; rm = rm->next) {
+        session_t *m = chat_session_of(rm);
         if (m->presence_asked) {
             m->presence_asked = false;
             pres__send_list(m, c);
         }
+    }
 out:
     free(q);
 }
@@ -370,7 +374,7 @@ void chat_presence_subscribed(chat_server_t *s, const char *chat_id) {
 /* ---- this node's part ---------------------------------------------------------------------- */
 
 void chat_presence_open(chat_server_t *s, session_t *ss) {
-    const char *chat_id = ss->room->chat_id;
+    const char *chat_id = ss->member.room->chat_id;
     pres_chat_t *c = pres__chat(s, chat_id);
     if (!c && !(c = pres__chat_add(s, chat_id))) return;
     pres_user_t *u = pres__user(c, ss->user);
@@ -385,7 +389,7 @@ void chat_presence_open(chat_server_t *s, session_t *ss) {
         if (!was) pres__announce(s, c, true, ss->user);
     }
     /* the room's subscription may be active already (the local bus: at once) */
-    if (!c->synced && !c->syncing && (ss->room->subscribed || !s->bus_up)) pres__sync(s, c);
+    if (!c->synced && !c->syncing && (ss->member.room->subscribed || !s->bus_up)) pres__sync(s, c);
 }
 
 /* The user is gone from this node: tell the bus, and the members if no other node has them. */
@@ -417,10 +421,10 @@ static void pres__chat_gc(chat_server_t *s, pres_chat_t *c, bool room_empty) {
 }
 
 void chat_presence_close(chat_server_t *s, session_t *ss) {
-    pres_chat_t *c = ss->room ? pres__chat(s, ss->room->chat_id) : NULL;
+    pres_chat_t *c = ss->member.room ? pres__chat(s, ss->member.room->chat_id) : NULL;
     pres_user_t *u = c ? pres__user(c, ss->user) : NULL;
     if (!u || !u->local) return;
-    bool room_empty = ss->room->n == 1; /* this session is its last member */
+    bool room_empty = ss->member.room->n == 1; /* this session is its last member */
     if (--u->local == 0) {
         if (s->cfg.presence_grace_ms && !s->stopping) {
             u->grace_until = uv_now(s->loop) + s->cfg.presence_grace_ms;
@@ -452,7 +456,7 @@ void chat_presence_sweep(chat_server_t *s, uint64_t now) {
                         bus_presence_set(s->bus, c->id, u->name, true);
                     }
                 }
-            room_t *r = chat_room_find(s, c->id);
+            room_t *r = room_find(&s->rooms, c->id);
             if (!c->n && !r) pres__chat_del(s, c);
             else if (refresh && r && r->subscribed && !c->syncing) pres__sync(s, c);
         }
@@ -516,7 +520,7 @@ void chat_presence_bus_up(chat_server_t *s) {
             for (size_t j = 0; j < c->nb; j++)
                 for (pres_user_t *u = c->b[j]; u; u = u->next)
                     if (u->local || u->grace_until) pres__publish(s, c->id, u->name, true);
-            if (chat_room_find(s, c->id)) pres__sync(s, c);
+            if (room_find(&s->rooms, c->id)) pres__sync(s, c);
         }
 }
 
@@ -524,24 +528,24 @@ void chat_presence_bus_up(chat_server_t *s) {
 
 void chat_presence_get(chat_server_t *s, session_t *ss) {
     ss->presence = true;
-    pres_chat_t *c = pres__chat(s, ss->room->chat_id);
+    pres_chat_t *c = pres__chat(s, ss->member.room->chat_id);
     if (c && !c->synced && s->bus_up) {
         ss->presence_asked = true; /* answered with the snapshot */
-        if (!c->syncing && ss->room->subscribed) pres__sync(s, c);
+        if (!c->syncing && ss->member.room->subscribed) pres__sync(s, c);
         return;
     }
     pres__send_list(ss, c);
 }
 
 bool chat_presence_typing_due(chat_server_t *s, session_t *ss) {
-    pres_chat_t *c = pres__chat(s, ss->room->chat_id);
+    pres_chat_t *c = pres__chat(s, ss->member.room->chat_id);
     pres_user_t *u = c ? pres__user(c, ss->user) : NULL;
     uint64_t now = uv_now(s->loop);
     return !u || !u->typing_at || now - u->typing_at >= TYPING_EVERY_MS;
 }
 
 void chat_presence_typing(chat_server_t *s, session_t *ss) {
-    const char *chat_id = ss->room->chat_id;
+    const char *chat_id = ss->member.room->chat_id;
     pres_chat_t *c = pres__chat(s, chat_id);
     pres_user_t *u = c ? pres__user(c, ss->user) : NULL;
     if (u) u->typing_at = uv_now(s->loop);

@@ -13,18 +13,21 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "chat_internal.h"
+#include "chat/command.h"
 
 /* What a read costs against the flow control of a fast sender (chat__flow in session.c):
  * its event, a hundred bytes or so plus the ids. */
 #define READ_ECHO_COST 512
 
+static bool read__is_user(const room_member_t *m, const void *user) {
+    return strcmp(chat_session_of((room_member_t *)m)->user, user) == 0;
+}
+
 /* Queue frame to the connections of user in room r; returns how many took it. */
-static size_t read__deliver(room_t *r, const char *user, buf_t *frame, uint64_t id) {
+static size_t read__deliver(chat_server_t *s, room_t *r, const char *user, buf_t *frame,
+                            uint64_t id) {
     chat_frames_t f = {.plain = frame};
-    size_t n = 0;
-    for (session_t *m = r->members; m; m = m->rnext)
-        if (strcmp(m->user, user) == 0 && chat_session_deliver(m, &f, false, id) == 0) n++;
+    size_t n = room_deliver(&s->rooms, r, &f, false, id, read__is_user, user);
     buf_unref(f.zipped);
     return n;
 }
@@ -33,7 +36,7 @@ static void read__send(session_t *ss, const sbuf_t *sb) {
     conn_t *c = ss->peer.conn;
     if (sb->oom || !c || conn_is_closing(c)) return;
     chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, sb->p, sb->len)};
-    if (f.plain) chat_session_deliver(ss, &f, false, 0);
+    if (f.plain) ss->peer.srv->rooms.deliver(&ss->member, &f, false, 0);
     buf_unref(f.plain);
     buf_unref(f.zipped);
 }
@@ -59,9 +62,9 @@ static void read__done(store_req_t *req) {
         } else if (req->read_moved) {
             /* Every connection of the user, this one included (its acknowledgement), here
              * and on the other nodes. */
-            room_t *r = chat_room_find(s, op->chat_id);
+            room_t *r = room_find(&s->rooms, op->chat_id);
             buf_t *frame = ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
-            if (frame && r) read__deliver(r, op->user, frame, req->read_id);
+            if (frame && r) read__deliver(s, r, op->user, frame, req->read_id);
             buf_unref(frame);
             if (bus_publish(s->bus, op->chat_id, ev.p, ev.len) < 0)
                 log_warn("bus_publish_failed chat=%s read=%" PRIu64, op->chat_id, req->read_id);
@@ -81,7 +84,7 @@ static void read__done(store_req_t *req) {
                         req->id);
         }
     }
-    if (ss->peer.conn) chat_session_flow(ss);
+    op->reply(op, &ev); /* the session's flow control */
     sbuf_free(&ev);
     store_req_cleanup(req);
     proto_cmd_free(&op->cmd);
@@ -89,12 +92,13 @@ static void read__done(store_req_t *req) {
     free(op);
 }
 
-int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd) {
+int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd, op_reply_fn reply) {
     op_t *op = calloc(1, sizeof(*op));
     if (!op) return CHAT_ENOMEM;
     op->srv = s;
     op->origin = &ss->peer;
-    snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->room->chat_id);
+    op->reply = reply;
+    snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->member.room->chat_id);
     snprintf(op->user, sizeof op->user, "%s", ss->user);
     op->req.op = STORE_READ_SET;
     op->req.chat_id = op->chat_id;
@@ -116,7 +120,7 @@ int chat_read_submit(chat_server_t *s, session_t *ss, proto_cmd_t *cmd) {
     return 0;
 }
 
-bool chat_read_from_bus(room_t *r, const uint8_t *p, size_t n) {
+bool chat_read_from_bus(chat_server_t *s, room_t *r, const uint8_t *p, size_t n) {
     static const char ev[] = "{\"event\":\"read\"";
     if (n < sizeof ev - 1 || memcmp(p, ev, sizeof ev - 1) != 0) return false;
     json_t *root = json_loadb((const char *)p, n, 0, NULL);
@@ -127,7 +131,7 @@ bool chat_read_from_bus(room_t *r, const uint8_t *p, size_t n) {
         log_warn("bus_bad_event chat=%s len=%zu (read)", r->chat_id, n);
     } else {
         buf_t *frame = ws_frame_new(WS_OP_TEXT, p, n);
-        if (frame) read__deliver(r, json_string_value(u), frame, mid);
+        if (frame) read__deliver(s, r, json_string_value(u), frame, mid);
         buf_unref(frame);
     }
     json_decref(root);

@@ -1,96 +1,26 @@
-/* server: the chat server's lifecycle and shared state: connections (peers), rooms,
- * metrics, static files, the keepalive sweep, and the graceful shutdown.
- *
- * A room is the set of this node's sessions in one chat. It exists while it has members;
- * its first member subscribes the node to the chat on the bus and its last unsubscribes,
- * so the bus sees one subscription per node per chat however many clients join.
+/* server: the wiring of one chat server: it opens the store, search, bus and stream, hands
+ * the bus's events to rooms (room.c), presence and read positions, listens, sweeps the
+ * connections, and runs the graceful shutdown. The work itself lives in the files below it:
+ * room.c (rooms and delivery), command.c (a command through the store), session.c (a
+ * WebSocket member), routes.c (HTTP), cluster.c (the node among others), peer.c, metrics.c,
+ * static.c.
  *
  * One timer sweeps every connection for keepalive instead of a timer per connection: a
  * connection costs no timer handle, and the sweep is a walk of a list a few times per
  * idle period. The same walk closes connections whose token expired (4001): 4 bytes per
  * session, no timer, no heap; a close comes at most one sweep period (<= 1 s) after exp.
  */
-#include <dirent.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 #include <time.h>
 
 #include "chat_internal.h"
 #include "stream/stream.h"
 
-/* ---- peers ---------------------------------------------------------------------------- */
-
-void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c) {
-    p->kind = kind;
-    p->srv = s;
-    p->conn = c;
-    p->refs = 1;
-    p->last_rx = uv_now(s->loop);
-    p->prev = NULL;
-    p->next = s->peers;
-    if (s->peers) s->peers->prev = p;
-    s->peers = p;
-    s->n_peers++;
-}
-
-void chat_peer_unlink(peer_t *p) {
-    chat_server_t *s = p->srv;
-    if (p->prev) p->prev->next = p->next;
-    else s->peers = p->next;
-    if (p->next) p->next->prev = p->prev;
-    p->prev = p->next = NULL;
-    p->conn = NULL;
-    s->n_peers--;
-    chat_peer_unref(p);
-    chat_maybe_finish_stop(s);
-}
-
-void chat_peer_unref(peer_t *p) {
-    if (--p->refs > 0) return;
-    if (p->kind == PEER_WS) {
-        ws_parser_free(&((session_t *)p)->parser);
-    } else {
-        http_conn_free(&((http_peer_t *)p)->http);
-    }
-    free(p);
-}
-
-/* ---- metrics -------------------------------------------------------------------------- */
-
-static const double lat_bounds[METRIC_LAT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                                                       0.005,  0.01,    0.025,  0.05,  0.1,
-                                                       0.25,   0.5,     1.0};
-
-static void chat__hist_record(metric_hist_t *h, double secs) {
-    h->count++;
-    h->sum += secs;
-    for (int i = 0; i < METRIC_LAT_BUCKETS; i++)
-        if (secs <= lat_bounds[i]) {
-            h->buckets[i]++;
-            break;
-        }
-}
-
-static void chat__hist_render(sbuf_t *sb, const char *name, const char *help,
-                              const metric_hist_t *h) {
-    sbuf_printf(sb, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-    uint64_t cum = 0;
-    for (int i = 0; i < METRIC_LAT_BUCKETS; i++) {
-        cum += h->buckets[i];
-        sbuf_printf(sb, "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name, lat_bounds[i], cum);
-    }
-    sbuf_printf(sb, "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name, h->count);
-    sbuf_printf(sb, "%s_sum %.6f\n", name, h->sum);
-    sbuf_printf(sb, "%s_count %" PRIu64 "\n", name, h->count);
-}
-
-void chat_record_latency(chat_server_t *s, uint64_t t0) {
-    chat__hist_record(&s->m.store_lat, (double)(uv_hrtime() - t0) / 1e9);
-}
+/* ---- the loop's load ---------------------------------------------------------------- */
 
 /* Once per loop turn, just before it polls: the time since the previous turn less what the
  * poll spent waiting is the work of one turn. A long turn delays every connection at once
@@ -101,215 +31,13 @@ static void chat__on_turn(uv_prepare_t *h) {
     uint64_t now = uv_hrtime();
     uint64_t idle = uv_metrics_idle_time(s->loop);
     if (s->turn_at && now - s->turn_at >= idle - s->turn_idle)
-        chat__hist_record(&s->m.loop_busy,
+        chat_hist_record(&s->m.loop_busy,
                           (double)((now - s->turn_at) - (idle - s->turn_idle)) / 1e9);
     s->turn_at = now;
     s->turn_idle = idle;
 }
 
-void chat_record_close(chat_server_t *s, uint16_t code) {
-    if (code >= 1000 && code < 1000 + CLOSE_CODE_SLOTS) s->m.closes[code - 1000]++;
-    else s->m.closes[CLOSE_CODE_SLOTS]++;
-}
-
-void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
-    sbuf_puts(sb, "# HELP chat_connections Open WebSocket connections.\n"
-                  "# TYPE chat_connections gauge\n");
-    sbuf_printf(sb, "chat_connections %zu\n", s->n_sessions);
-    sbuf_puts(sb, "# HELP chat_http_connections Open connections still speaking HTTP.\n"
-                  "# TYPE chat_http_connections gauge\n");
-    sbuf_printf(sb, "chat_http_connections %zu\n", s->n_peers - s->n_sessions);
-    sbuf_puts(sb, "# HELP chat_rooms Chats with at least one member on this node.\n"
-                  "# TYPE chat_rooms gauge\n");
-    sbuf_printf(sb, "chat_rooms %zu\n", s->n_rooms);
-    sbuf_puts(sb, "# HELP chat_websocket_opened_total WebSocket connections accepted.\n"
-                  "# TYPE chat_websocket_opened_total counter\n");
-    sbuf_printf(sb, "chat_websocket_opened_total %" PRIu64 "\n", s->m.ws_opened);
-    sbuf_puts(sb, "# HELP chat_websocket_deflate_total WebSocket connections accepted with "
-                  "permessage-deflate.\n"
-                  "# TYPE chat_websocket_deflate_total counter\n");
-    sbuf_printf(sb, "chat_websocket_deflate_total %" PRIu64 "\n", s->m.ws_deflate);
-    sbuf_puts(sb, "# HELP chat_deflate_frames_total Frames compressed (one per event, whatever "
-                  "the number of compressing members it went to).\n"
-                  "# TYPE chat_deflate_frames_total counter\n");
-    sbuf_printf(sb, "chat_deflate_frames_total %" PRIu64 "\n", s->m.deflate_frames);
-    sbuf_puts(sb, "# HELP chat_deflate_deliveries_total Compressed frames queued to members.\n"
-                  "# TYPE chat_deflate_deliveries_total counter\n");
-    sbuf_printf(sb, "chat_deflate_deliveries_total %" PRIu64 "\n", s->m.deflate_out);
-    sbuf_puts(sb, "# HELP chat_messages_in_total Chat events received from clients.\n"
-                  "# TYPE chat_messages_in_total counter\n");
-    sbuf_printf(sb, "chat_messages_in_total %" PRIu64 "\n", s->m.messages_in);
-    sbuf_puts(sb, "# HELP chat_messages_out_total Event frames queued to WebSocket members.\n"
-                  "# TYPE chat_messages_out_total counter\n");
-    sbuf_printf(sb, "chat_messages_out_total %" PRIu64 "\n", s->m.messages_out);
-    sbuf_puts(sb, "# HELP chat_http_requests_total HTTP requests answered.\n"
-                  "# TYPE chat_http_requests_total counter\n");
-    sbuf_printf(sb, "chat_http_requests_total %" PRIu64 "\n", s->m.http_requests);
-    sbuf_puts(sb, "# HELP chat_store_errors_total Store requests that failed.\n"
-                  "# TYPE chat_store_errors_total counter\n");
-    sbuf_printf(sb, "chat_store_errors_total %" PRIu64 "\n", s->m.store_errors);
-    sbuf_puts(sb, "# HELP chat_rate_limited_total Sends refused by --rate-limit.\n"
-                  "# TYPE chat_rate_limited_total counter\n");
-    sbuf_printf(sb, "chat_rate_limited_total %" PRIu64 "\n", s->m.rate_limited);
-    chat__hist_render(sb, "chat_store_latency_seconds",
-                      "Time from store submit to completion.", &s->m.store_lat);
-    store_metrics(s->store, sb);
-    if (s->stream) stream_metrics(s->stream, sb);
-    if (s->idle_metrics) {
-        chat__hist_render(sb, "chat_loop_turn_seconds",
-                          "Work of each event loop turn, its wait for events excluded.",
-                          &s->m.loop_busy);
-        sbuf_puts(sb, "# HELP chat_loop_idle_seconds_total Time the event loop waited for "
-                      "events (busy = elapsed - idle).\n"
-                      "# TYPE chat_loop_idle_seconds_total counter\n");
-        sbuf_printf(sb, "chat_loop_idle_seconds_total %.6f\n",
-                    (double)uv_metrics_idle_time(s->loop) / 1e9);
-    }
-    sbuf_puts(sb, "# HELP chat_ws_closes_total WebSocket connections closed, by close code "
-                  "(1006: dropped without a close frame).\n"
-                  "# TYPE chat_ws_closes_total counter\n");
-    for (int i = 0; i < CLOSE_CODE_SLOTS; i++)
-        if (s->m.closes[i])
-            sbuf_printf(sb, "chat_ws_closes_total{code=\"%d\"} %" PRIu64 "\n", 1000 + i,
-                        s->m.closes[i]);
-    if (s->m.closes[CLOSE_CODE_SLOTS])
-        sbuf_printf(sb, "chat_ws_closes_total{code=\"other\"} %" PRIu64 "\n",
-                    s->m.closes[CLOSE_CODE_SLOTS]);
-}
-
-/* ---- rooms ---------------------------------------------------------------------------- */
-
-uint32_t chat_hash(const char *s) {
-    uint32_t h = 2166136261u; /* FNV-1a */
-    for (; *s; s++) h = (h ^ (uint8_t)*s) * 16777619u;
-    return h;
-}
-
-room_t *chat_room_find(chat_server_t *s, const char *chat_id) {
-    if (!s->rooms_cap) return NULL;
-    uint32_t h = chat_hash(chat_id);
-    for (room_t *r = s->rooms[h & (s->rooms_cap - 1)]; r; r = r->hnext)
-        if (r->hash == h && strcmp(r->chat_id, chat_id) == 0) return r;
-    return NULL;
-}
-
-static int chat__rooms_grow(chat_server_t *s) {
-    size_t ncap = s->rooms_cap ? s->rooms_cap * 2 : 64;
-    room_t **nt = calloc(ncap, sizeof(*nt));
-    if (!nt) return CHAT_ENOMEM;
-    for (size_t i = 0; i < s->rooms_cap; i++) {
-        room_t *r = s->rooms[i];
-        while (r) {
-            room_t *next = r->hnext;
-            r->hnext = nt[r->hash & (ncap - 1)];
-            nt[r->hash & (ncap - 1)] = r;
-            r = next;
-        }
-    }
-    free(s->rooms);
-    s->rooms = nt;
-    s->rooms_cap = ncap;
-    return 0;
-}
-
-int chat_room_join(chat_server_t *s, session_t *ss, const char *chat_id) {
-    room_t *r = chat_room_find(s, chat_id);
-    if (!r) {
-        if (!s->rooms_cap || s->n_rooms + 1 > s->rooms_cap * 3 / 4)
-            if (chat__rooms_grow(s) < 0) return CHAT_ENOMEM;
-        r = calloc(1, sizeof(*r));
-        if (!r || !(r->chat_id = strdup(chat_id))) {
-            free(r);
-            return CHAT_ENOMEM;
-        }
-        r->hash = chat_hash(chat_id);
-        r->gen = ++s->room_gen;
-        r->hnext = s->rooms[r->hash & (s->rooms_cap - 1)];
-        s->rooms[r->hash & (s->rooms_cap - 1)] = r;
-        s->n_rooms++;
-        int rc = bus_subscribe(s->bus, chat_id);
-        if (rc < 0) log_warn("bus_subscribe_failed chat=%s", chat_id);
-        r->subscribed = rc == 1;
-    }
-    ss->room = r;
-    ss->rprev = NULL;
-    ss->rnext = r->members;
-    if (r->members) r->members->rprev = ss;
-    r->members = ss;
-    r->n++;
-    return 0;
-}
-
-void chat_room_leave(chat_server_t *s, session_t *ss) {
-    room_t *r = ss->room;
-    if (!r) return;
-    if (ss->rprev) ss->rprev->rnext = ss->rnext;
-    else r->members = ss->rnext;
-    if (ss->rnext) ss->rnext->rprev = ss->rprev;
-    ss->room = NULL;
-    ss->rprev = ss->rnext = NULL;
-    if (--r->n) return;
-    room_t **pp = &s->rooms[r->hash & (s->rooms_cap - 1)];
-    while (*pp != r) pp = &(*pp)->hnext;
-    *pp = r->hnext;
-    s->n_rooms--;
-    if (bus_unsubscribe(s->bus, r->chat_id) < 0)
-        log_warn("bus_unsubscribe_failed chat=%s", r->chat_id);
-    chat_room_free_held(r);
-    chat_room_free_filter(r);
-    free(r->chat_id);
-    free(r);
-}
-
-buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss) {
-    if (!ss->parser.zip) return f->plain;
-    if (!f->tried) {
-        f->tried = true;
-        f->zipped = ws_zip_frame(s->zip, f->plain);
-        if (f->zipped) s->m.deflate_frames++;
-    }
-    if (!f->zipped) return f->plain;
-    s->m.deflate_out++;
-    return f->zipped;
-}
-
-size_t chat_room_broadcast(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
-    if (r->catching_up) {
-        /* not admitted yet: the backlog goes first, then these through the filter */
-        if (r->held_bytes + frame->len > ROOM_HELD_MAX(s->cfg.max_outbound_bytes)) {
-            /* Every held event was stored before it was published, so a store read
-             * started after this point sees them all: drop them and let the catch-up read
-             * on past its page cap (cluster.c). What follows is held afresh. */
-            log_warn("room_held_overflow chat=%s held=%zu: the catch-up reads them instead",
-                     r->chat_id, r->held_bytes);
-            chat_room_free_held(r);
-            r->held_dropped = true;
-        }
-        held_event_t *h = malloc(sizeof(*h));
-        if (!h) {
-            r->held_dropped = true; /* the catch-up's next read covers it */
-            return 0;
-        }
-        *h = (held_event_t){.frame = buf_ref(frame), .id = id, .is_new = is_new};
-        if (r->held_tail) r->held_tail->next = h;
-        else r->held = h;
-        r->held_tail = h;
-        r->held_bytes += frame->len;
-        return 0;
-    }
-    if (!chat_room_admit(r, is_new, id)) return 0;
-    return chat_room_deliver(s, r, frame, is_new, id);
-}
-
-size_t chat_room_deliver(chat_server_t *s, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
-    chat_frames_t f = {.plain = frame};
-    size_t n = 0;
-    for (session_t *m = r->members; m; m = m->rnext)
-        if (chat_session_deliver(m, &f, is_new, id) == 0) n++;
-    buf_unref(f.zipped);
-    s->m.messages_out += n;
-    return n;
-}
+/* ---- bus events ---------------------------------------------------------------------- */
 
 bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id) {
     static const char ev[] = "{\"event\":\"message:message\"";
@@ -320,92 +48,6 @@ bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id) {
     k += sizeof key - 1;
     const uint8_t *e = memchr(k, '"', n - (size_t)(k - p));
     return e && id_parse((const char *)k, (size_t)(e - k), id) == 0;
-}
-
-/* ---- static files --------------------------------------------------------------------- */
-
-static const char *chat__mime(const char *name) {
-    const char *dot = strrchr(name, '.');
-    if (!dot) return "application/octet-stream";
-    static const struct { const char *ext, *type; } types[] = {
-        {".html", "text/html; charset=utf-8"},
-        {".js", "text/javascript; charset=utf-8"},
-        {".mjs", "text/javascript; charset=utf-8"},
-        {".css", "text/css; charset=utf-8"},
-        {".json", "application/json"},
-        {".svg", "image/svg+xml"},
-        {".png", "image/png"},
-        {".ico", "image/x-icon"},
-        {".txt", "text/plain; charset=utf-8"},
-        {".webmanifest", "application/manifest+json"},
-    };
-    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
-        if (strcmp(dot, types[i].ext) == 0) return types[i].type;
-    return "application/octet-stream";
-}
-
-/* The web client is small and fixed: read it once at start so serving it never touches
- * the disk from the loop. Two levels deep is all the page uses. */
-static void chat__load_dir(chat_server_t *s, const char *dir, const char *prefix, int depth) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (e->d_name[0] == '.') continue;
-        char path[4096], url[1024];
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        snprintf(url, sizeof url, "%s/%s", prefix, e->d_name);
-        struct stat st;
-        if (stat(path, &st) < 0) continue;
-        if (S_ISDIR(st.st_mode)) {
-            if (depth < 2) chat__load_dir(s, path, url, depth + 1);
-            continue;
-        }
-        if (!S_ISREG(st.st_mode) || st.st_size > (8 << 20)) continue;
-        FILE *f = fopen(path, "rb");
-        if (!f) continue;
-        buf_t *b = buf_new((size_t)st.st_size);
-        char *upath = NULL;
-        if (b && fread(b->data, 1, (size_t)st.st_size, f) == (size_t)st.st_size &&
-            (upath = strdup(url))) {
-            /* a file without its path would make every lookup's strlen read NULL */
-            b->len = (size_t)st.st_size;
-            static_file_t *nf = realloc(s->files, sizeof(*nf) * (s->n_files + 1));
-            if (nf) {
-                s->files = nf;
-                s->files[s->n_files++] =
-                    (static_file_t){.path = upath, .type = chat__mime(e->d_name), .body = b};
-                b = NULL;
-                upath = NULL;
-            }
-        }
-        if (b) log_warn("static_file_skipped path=%s", path);
-        free(upath);
-        buf_unref(b);
-        fclose(f);
-    }
-    closedir(d);
-}
-
-static void chat__free_files(chat_server_t *s) {
-    for (size_t i = 0; i < s->n_files; i++) {
-        free(s->files[i].path);
-        buf_unref(s->files[i].body);
-    }
-    free(s->files);
-    s->files = NULL;
-    s->n_files = 0;
-}
-
-const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n) {
-    if (n == 1 && path[0] == '/') {
-        path = "/index.html";
-        n = strlen(path);
-    }
-    for (size_t i = 0; i < s->n_files; i++)
-        if (strlen(s->files[i].path) == n && memcmp(s->files[i].path, path, n) == 0)
-            return &s->files[i];
-    return NULL;
 }
 
 /* ---- keepalive sweep ------------------------------------------------------------------ */
@@ -460,8 +102,8 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
                               size_t len) {
     chat_server_t *s = ud;
     if (chat_presence_bus(s, chat_id, payload, len)) return;
-    room_t *r = chat_room_find(s, chat_id);
-    if (!r || chat_read_from_bus(r, payload, len)) return;
+    room_t *r = room_find(&s->rooms, chat_id);
+    if (!r || chat_read_from_bus(s, r, payload, len)) return;
     bool is_new;
     uint64_t id;
     if (!chat_event_peek(payload, len, &is_new, &id)) {
@@ -470,22 +112,48 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
     }
     buf_t *frame = ws_frame_new(WS_OP_TEXT, payload, len);
     if (!frame) return;
-    chat_room_broadcast(s, r, frame, is_new, id);
+    room_broadcast(&s->rooms, r, frame, is_new, id);
     buf_unref(frame);
+}
+
+/* The room table's hooks: a room's first member subscribes the node to the chat, its last
+ * unsubscribes; members are sessions. */
+static int chat__room_open(void *ud, const char *chat_id) {
+    chat_server_t *s = ud;
+    int rc = bus_subscribe(s->bus, chat_id);
+    if (rc < 0) log_warn("bus_subscribe_failed chat=%s", chat_id);
+    return rc;
+}
+
+static void chat__room_close(void *ud, const char *chat_id) {
+    chat_server_t *s = ud;
+    if (bus_unsubscribe(s->bus, chat_id) < 0) log_warn("bus_unsubscribe_failed chat=%s", chat_id);
+}
+
+/* A lease lost (cluster.c) with no on_fatal configured: drain (1012) to the other nodes. */
+static void chat__fatal_drain(void *arg, const char *why) {
+    chat_server_shutdown(arg, 1012, NULL, NULL);
+}
+
+static void chat__maybe_finish_stop(chat_server_t *s);
+static void chat__peer_gone(chat_server_t *s) { chat__maybe_finish_stop(s); }
+
+static int chat__room_deliver(room_member_t *m, chat_frames_t *f, bool is_new, uint64_t id) {
+    return chat_session_deliver(chat_session_of(m), f, is_new, id);
 }
 
 static void chat__bus_state(void *ud, bool up) { chat_cluster_bus_state(ud, up); }
 
 static void chat__bus_subscribed(void *ud, const char *chat_id) {
     chat_server_t *s = ud;
-    room_t *r = chat_room_find(s, chat_id);
+    room_t *r = room_find(&s->rooms, chat_id);
     if (!r || r->subscribed) return;
     r->subscribed = true;
     chat_presence_subscribed(s, chat_id);
-    session_t *next;
-    for (session_t *m = r->members; m; m = next) {
-        next = m->rnext;
-        chat_session_subscribed(m);
+    room_member_t *next;
+    for (room_member_t *m = r->members; m; m = next) {
+        next = m->next;
+        chat_session_subscribed(chat_session_of(m));
     }
 }
 
@@ -509,8 +177,19 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if (!s) return CHAT_ENOMEM;
     s->loop = loop;
     s->cfg = *cfg;
+    if (!s->cfg.on_fatal) {
+        s->cfg.on_fatal = chat__fatal_drain;
+        s->cfg.fatal_arg = s;
+    }
+    s->on_peer_gone = chat__peer_gone;
+    room_table_init(&s->rooms);
+    s->rooms.deliver = chat__room_deliver;
+    s->rooms.on_open = chat__room_open;
+    s->rooms.on_close = chat__room_close;
+    s->rooms.ud = s;
     if (!s->cfg.max_message_bytes) s->cfg.max_message_bytes = 65536;
     if (!s->cfg.max_outbound_bytes) s->cfg.max_outbound_bytes = 4u << 20;
+    s->rooms.held_max = ROOM_HELD_MAX(s->cfg.max_outbound_bytes);
     if (!s->cfg.max_body_bytes) s->cfg.max_body_bytes = 1u << 20;
     if (!s->cfg.idle_timeout_ms) s->cfg.idle_timeout_ms = 60000;
     if (!s->cfg.replay_limit) s->cfg.replay_limit = 1000;
@@ -542,7 +221,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
                             .outbox_max_rows = cfg->outbox_max_rows, .encode = proto_put_event};
         if ((rc = stream_open(&s->stream, loop, s->store, &so, err, errlen)) < 0) goto fail_bus;
     }
-    if (cfg->web_root) chat__load_dir(s, cfg->web_root, "", 0);
+    if (cfg->web_root) chat_static_load(s, cfg->web_root, "", 0);
     if (cfg->compression && !(s->zip = ws_zip_new())) {
         snprintf(err, errlen, "out of memory for the compressor");
         rc = CHAT_ENOMEM;
@@ -587,7 +266,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     return 0;
 
 fail_listen:
-    chat__free_files(s);
+    chat_static_free(s);
     ws_zip_free(s->zip);
     s->zip = NULL;
     stream_close(s->stream);
@@ -652,8 +331,8 @@ static void chat__stop_step(void *arg) {
         void *darg = s->stop_arg;
         /* the store closed long ago, with its last callback: no search is in flight */
         search_close(s->search);
-        chat__free_files(s);
-        free(s->rooms);
+        chat_static_free(s);
+        room_table_free(&s->rooms);
         rate_table_free(s->rate);
         ws_zip_free(s->zip);
         chat_presence_free(s);
@@ -664,7 +343,7 @@ static void chat__stop_step(void *arg) {
     }
 }
 
-void chat_maybe_finish_stop(chat_server_t *s) {
+static void chat__maybe_finish_stop(chat_server_t *s) {
     if (!s->stopping || s->stop_step != 0 || s->n_peers) return;
     uv_timer_stop(&s->stop_timer);
     s->stop_step = 1;
@@ -697,5 +376,5 @@ void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(vo
         /* a busy HTTP peer closes once its answer is written (routes.c checks stopping) */
     }
     uv_timer_start(&s->stop_timer, chat__stop_deadline, 5000, 0);
-    chat_maybe_finish_stop(s);
+    chat__maybe_finish_stop(s);
 }

@@ -1,17 +1,16 @@
-/* session: one WebSocket member of one chat, and the path of a command through the store.
- *
- * The one idea: durable before delivery. A command becomes a store request; only its
- * completion (on the loop thread, after the store made it durable) encodes the event,
- * once, and queues the same frame to every member of the room, the sender included: the
- * sender's copy is its acknowledgement. A session that goes away while its request is in
- * flight stays allocated (refcounted) until the completion has run.
+/* session: one WebSocket member of one chat: its commands (handed to command.c, which
+ * stores and delivers them; chat__reply answers the sender), the live events the room
+ * delivers to it (chat_session_deliver), its flow control, and its resume (?since=: the
+ * backlog read from the store while live events wait in its held queue). A session that
+ * goes away while a request is in flight stays allocated (refcounted) until the completion
+ * has run.
  */
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "chat_internal.h"
+#include "chat/command.h"
 
 static int chat__send(session_t *ss, buf_t *b) {
     conn_t *c = ss->peer.conn;
@@ -54,7 +53,18 @@ static void chat__flow(session_t *ss) {
     if (conn_queued(c) > target) conn_notify_drain(c, target);
 }
 
-void chat_session_flow(session_t *ss) { chat__flow(ss); }
+buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss) {
+    if (!ss->parser.zip) return f->plain;
+    if (!f->tried) {
+        f->tried = true;
+        f->zipped = ws_zip_frame(s->zip, f->plain);
+        if (f->zipped) s->m.deflate_frames++;
+    }
+    if (!f->zipped) return f->plain;
+    s->m.deflate_out++;
+    return f->zipped;
+}
+
 
 /* A text frame for this member alone: compressed if it negotiated that and it is worth it. */
 static buf_t *chat__frame(session_t *ss, const void *p, size_t n) {
@@ -140,34 +150,14 @@ int chat_session_deliver(session_t *ss, chat_frames_t *f, bool is_new, uint64_t 
      * connection's own queue. Past that the client is too far behind to be served from
      * memory: it is told to come back (1013), and its resume with since= reads the store,
      * so nothing is lost. */
-    held_event_t *h = malloc(sizeof(*h));
-    if (!h || ss->held_bytes + frame->len > ss->peer.srv->cfg.max_outbound_bytes) {
-        free(h);
+    if (ss->held.bytes + frame->len > ss->peer.srv->cfg.max_outbound_bytes ||
+        held_push(&ss->held, frame, is_new, id) < 0) {
         log_warn("replay_behind user=%s held=%zu: closing it to resume", LOG_STR(ss->user),
-                 ss->held_bytes);
+                 ss->held.bytes);
         chat_session_close(ss, WS_CLOSE_TRY_AGAIN, "too far behind; resume with since=");
         return CHAT_EBUSY;
     }
-    h->next = NULL;
-    h->frame = buf_ref(frame);
-    h->id = id;
-    h->is_new = is_new;
-    if (ss->held_tail) ss->held_tail->next = h;
-    else ss->held = h;
-    ss->held_tail = h;
-    ss->held_bytes += frame->len;
     return 0;
-}
-
-static void chat__held_free(session_t *ss) {
-    while (ss->held) {
-        held_event_t *h = ss->held;
-        ss->held = h->next;
-        buf_unref(h->frame);
-        free(h);
-    }
-    ss->held_tail = NULL;
-    ss->held_bytes = 0;
 }
 
 void chat_session_close(session_t *ss, uint16_t code, const char *reason) {
@@ -180,140 +170,51 @@ void chat_session_close(session_t *ss, uint16_t code, const char *reason) {
     conn_close(c);
 }
 
-/* ---- commands through the store ------------------------------------------------------- */
+/* ---- the answer to its own commands ------------------------------------------------------ */
 
-static const char *chat__event_name(store_op_t op) {
-    return op == STORE_EDIT ? "message:edit" : op == STORE_DELETE ? "message:delete"
-                                                                   : "message:message";
-}
-
-static void chat__op_done(store_req_t *req) {
-    op_t *op = req->data;
-    chat_server_t *s = op->srv;
-    chat_record_latency(s, op->t0);
-    sbuf_t ev = {0};
+/* A command of this session completed (command.c delivered it if stored): the retry's
+ * acknowledgement, the flow control, or the error event. */
+static void chat__reply(op_t *op, const sbuf_t *ev) {
+    session_t *ss = (session_t *)op->origin;
+    store_req_t *req = &op->req;
+    /* The sender of a retry gets the original (its acknowledgement) unless this connection
+     * carried it since the retry arrived (the broadcast just now, or the original's own
+     * publish) or in its replay: answered through the session's own filter, so that it
+     * comes neither twice nor ahead of a replay. A retry sent after the acknowledgement
+     * came is answered again. */
+    if (req->status == 0 && !ev->oom && req->duplicate && ss->peer.conn) {
+        bool carried = false;
+        uint32_t from = ss->n_new - op->mark > 16 ? ss->n_new - 16 : op->mark;
+        for (uint32_t i = from; i != ss->n_new && !carried; i++)
+            carried = ss->recent_new[i & 15] == req->msg.id;
+        room_t *r = ss->member.room;
+        if (!carried && !(r && r->catching_up)) {
+            chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, ev->p, ev->len)};
+            if (f.plain) chat_session_deliver(ss, &f, true, req->msg.id);
+            buf_unref(f.plain);
+            buf_unref(f.zipped);
+        }
+    }
+    size_t cost = chat__echo_cost(&op->cmd);
+    ss->inflight = ss->inflight > cost ? ss->inflight - cost : 0;
+    if (!ss->peer.conn) return;
     if (req->status == 0) {
-        proto_put_msg(&ev, chat__event_name(req->op), &req->msg);
-        if (!ev.oom) {
-            /* Durable now: deliver to this node's members and to the other nodes. A retry
-             * (duplicate) is delivered again too: the node that stored the original may
-             * have died before publishing it, and then nobody but a resuming client would
-             * ever see it. Where it was seen, the room's filter and each session's drop
-             * it. */
-            room_t *r = chat_room_find(s, op->chat_id);
-            buf_t *frame = ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
-            if (frame && r)
-                chat_room_broadcast(s, r, frame, req->op == STORE_APPEND, req->msg.id);
-            if (bus_publish(s->bus, op->chat_id, ev.p, ev.len) < 0)
-                log_warn("bus_publish_failed chat=%s id=%" PRIu64, op->chat_id, req->msg.id);
-            /* The sender of a retry gets the original (its acknowledgement) unless this
-             * connection carried it since the retry arrived (the broadcast just now, or
-             * the original's own publish) or in its replay: answered through the session's
-             * own filter, so that it comes neither twice nor ahead of a replay. A retry
-             * sent after the acknowledgement came is answered again. */
-            if (frame && req->duplicate && !op->rest && op->origin->conn) {
-                session_t *ss = (session_t *)op->origin;
-                bool carried = false;
-                uint32_t from = ss->n_new - op->new_mark > 16 ? ss->n_new - 16 : op->new_mark;
-                for (uint32_t i = from; i != ss->n_new && !carried; i++)
-                    carried = ss->recent_new[i & 15] == req->msg.id;
-                if (!carried && !(r && r->catching_up)) {
-                    chat_frames_t f = {.plain = frame};
-                    chat_session_deliver(ss, &f, true, req->msg.id);
-                    buf_unref(f.zipped);
-                }
-            }
-            buf_unref(frame);
-        }
-    } else if (req->status != CHAT_ENOTFOUND && req->status != CHAT_EPERM &&
-               req->status != CHAT_EBUSY) { /* EBUSY: a full outbox, counted there */
-        s->m.store_errors++;
-        log_error("store_failed op=%d chat=%s error=%s", (int)req->op, op->chat_id,
-                  chat_strerror(req->status));
+        /* answered with the broadcast */
+    } else if (req->status == CHAT_ENOTFOUND) {
+        chat__send_error(ss, "not_found", "no such message in this chat", NULL, req->id);
+    } else if (req->status == CHAT_EPERM) {
+        chat__send_error(ss, "not_author", "only the author may change a message", NULL,
+                         req->id);
+    } else if (req->status == CHAT_EBUSY) { /* the Kafka outbox is full (src/stream/) */
+        chat__send_error(ss, "unavailable",
+                         "the event stream is behind (outbox full): not stored, retry later",
+                         op->cmd.client_id, req->op == STORE_APPEND ? 0 : req->id);
+    } else {
+        chat__send_error(ss, "store_unavailable",
+                         "the message could not be stored; it was not delivered",
+                         op->cmd.client_id, req->op == STORE_APPEND ? 0 : req->id);
     }
-
-    if (!op->rest) {
-        session_t *ss = (session_t *)op->origin;
-        size_t cost = chat__echo_cost(&op->cmd);
-        ss->inflight = ss->inflight > cost ? ss->inflight - cost : 0;
-    }
-    if (op->rest) {
-        chat_rest_complete(op, &ev);
-    } else if (op->origin->conn) {
-        session_t *ss = (session_t *)op->origin;
-        if (req->status == 0) {
-            /* answered above, with the broadcast */
-        } else if (req->status == CHAT_ENOTFOUND) {
-            chat__send_error(ss, "not_found", "no such message in this chat", NULL, req->id);
-        } else if (req->status == CHAT_EPERM) {
-            chat__send_error(ss, "not_author", "only the author may change a message", NULL,
-                             req->id);
-        } else if (req->status == CHAT_EBUSY) { /* the Kafka outbox is full (src/stream/) */
-            chat__send_error(ss, "unavailable",
-                             "the event stream is behind (outbox full): not stored, retry later",
-                             op->cmd.client_id, req->op == STORE_APPEND ? 0 : req->id);
-        } else {
-            chat__send_error(ss, "store_unavailable",
-                             "the message could not be stored; it was not delivered",
-                             op->cmd.client_id, req->op == STORE_APPEND ? 0 : req->id);
-        }
-        chat__flow(ss);
-    }
-    sbuf_free(&ev);
-    store_req_cleanup(req);
-    proto_cmd_free(&op->cmd);
-    chat_peer_unref(op->origin);
-    free(op);
-}
-
-int chat_submit(chat_server_t *s, peer_t *origin, bool rest, bool keep_alive,
-                const char *chat_id, const char *user, proto_cmd_t *cmd) {
-    op_t *op = calloc(1, sizeof(*op));
-    if (!op) return CHAT_ENOMEM;
-    op->srv = s;
-    op->origin = origin;
-    op->rest = rest;
-    if (!rest) op->new_mark = ((session_t *)origin)->n_new;
-    op->keep_alive = keep_alive;
-    op->cmd = *cmd;
-    memset(cmd, 0, sizeof(*cmd)); /* the op owns the JSON now */
-    snprintf(op->chat_id, sizeof op->chat_id, "%s", chat_id);
-    snprintf(op->user, sizeof op->user, "%s", user);
-    store_req_t *r = &op->req;
-    r->chat_id = op->chat_id;
-    r->user = op->user;
-    r->data = op;
-    r->cb = chat__op_done;
-    switch (op->cmd.kind) {
-    case PROTO_MESSAGE:
-        r->op = STORE_APPEND;
-        r->text = op->cmd.message;
-        r->client_id = op->cmd.client_id;
-        r->id = id_next(&s->ids, &r->at);
-        break;
-    case PROTO_EDIT:
-        r->op = STORE_EDIT;
-        r->text = op->cmd.message;
-        r->id = op->cmd.message_id;
-        r->at = time_now_ms();
-        break;
-    default:
-        r->op = STORE_DELETE;
-        r->id = op->cmd.message_id;
-        r->at = time_now_ms();
-        break;
-    }
-    op->t0 = uv_hrtime();
-    s->m.messages_in++;
-    int rc = store_submit(s->store, r);
-    if (rc < 0) {
-        /* the callback will not run: give the JSON back so the caller can name it */
-        *cmd = op->cmd;
-        free(op);
-        return rc;
-    }
-    origin->refs++;
-    return 0;
+    chat__flow(ss);
 }
 
 /* ---- the WebSocket side --------------------------------------------------------------- */
@@ -344,7 +245,7 @@ static void chat__token_refresh(session_t *ss, const proto_cmd_t *cmd) {
     }
     if (strcmp(cl.sub, ss->user) != 0)
         chat__send_error(ss, "wrong_user", "the new token is for another user", NULL, 0);
-    else if (!jwt_allows_chat(&cl, ss->room->chat_id))
+    else if (!jwt_allows_chat(&cl, ss->member.room->chat_id))
         chat__send_error(ss, "forbidden", "the new token does not allow this chat", NULL, 0);
     else {
         ss->token_exp = chat__exp32(cl.exp);
@@ -363,6 +264,12 @@ void chat_session_check_expiry(session_t *ss, int64_t now) {
         log_info("token_expired user=%s", LOG_STR(ss->user));
         chat_session_close(ss, CHAT_CLOSE_TOKEN_EXPIRED, "token expired");
     }
+}
+
+/* A read position of this session was stored (read.c answered it): its flow control. */
+static void chat__read_reply(op_t *op, const sbuf_t *ev) {
+    session_t *ss = (session_t *)op->origin;
+    if (ss->peer.conn) chat__flow(ss);
 }
 
 static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
@@ -401,7 +308,7 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
     if (cmd.kind == PROTO_READ) { /* read.c; not a send: --rate-limit does not count it */
-        if (chat_read_submit(s, ss, &cmd) < 0) {
+        if (chat_read_submit(s, ss, &cmd, chat__read_reply) < 0) {
             chat__send_error(ss, "store_unavailable", "the read position could not be stored",
                              NULL, cmd.message_id);
             proto_cmd_free(&cmd);
@@ -432,7 +339,8 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
     size_t cost = chat__echo_cost(&cmd);
-    rc = chat_submit(s, &ss->peer, false, false, ss->room->chat_id, ss->user, &cmd);
+    rc = chat_submit(s, &ss->peer, chat__reply, false, ss->n_new, ss->member.room->chat_id, ss->user,
+                     &cmd);
     if (rc == 0) ss->inflight += cost;
     if (rc < 0) {
         chat__send_error(ss, "store_unavailable",
@@ -488,8 +396,8 @@ static void chat__ws_close(conn_t *c) {
     session_t *ss = c->ctx;
     chat_server_t *s = ss->peer.srv;
     chat_presence_close(s, ss);
-    chat_room_leave(s, ss);
-    chat__held_free(ss);
+    room_leave(&s->rooms, &ss->member);
+    held_clear(&ss->held);
     chat__backlog_free(ss);
     free(ss->cursors);
     ss->cursors = NULL;
@@ -630,15 +538,11 @@ static void chat__replay_pump(session_t *ss) {
                 chat__replay_fail(ss, "out of memory while sending the missed messages");
                 return;
             }
-        } else if (!f && ss->held) {
-            held_event_t *h = ss->held;
-            ss->held = h->next;
-            if (!ss->held) ss->held_tail = NULL;
-            ss->held_bytes -= h->frame->len;
+        } else if (!f && ss->held.head) {
+            held_event_t *h = held_pop(&ss->held);
             /* held before the backlog was read, the backlog may have sent it already */
             if (!(h->is_new && chat__client_has(ss, h->id))) f = buf_ref(h->frame);
-            buf_unref(h->frame);
-            free(h);
+            held_free_one(h);
             if (!f) continue;
         } else if (!f) {
             break;
@@ -662,7 +566,7 @@ static void chat__replay_pump(session_t *ss) {
 static void chat__ws_drain(conn_t *c) {
     session_t *ss = c->ctx;
     if (ss->replaying && !ss->backlog_reading &&
-        (ss->replay_frame || ss->backlog_next < ss->n_backlog || ss->held))
+        (ss->replay_frame || ss->backlog_next < ss->n_backlog || ss->held.head))
         chat__replay_pump(ss);
     if (ss->peer.conn) chat__flow(ss);
 }
@@ -722,7 +626,7 @@ static int chat__replay_submit(session_t *ss, uint64_t after, int limit, store_c
     if (limit > STORE_READ_MAX) limit = STORE_READ_MAX;
     op->srv = s;
     op->origin = &ss->peer;
-    snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->room->chat_id);
+    snprintf(op->chat_id, sizeof op->chat_id, "%s", ss->member.room->chat_id);
     op->req.op = STORE_AFTER;
     op->req.chat_id = op->chat_id;
     op->req.id = after;
@@ -839,7 +743,7 @@ static void chat__replay_start(session_t *ss, const uint64_t *since, size_t n) {
     ss->n_cursors = (uint16_t)n;
     ss->cursor_single = n == 1;
     ss->replaying = true; /* live events are held from now on */
-    if (ss->room->subscribed || !s->bus_up) chat__replay_read(ss);
+    if (ss->member.room->subscribed || !s->bus_up) chat__replay_read(ss);
     else ss->replay_waiting = true;
 }
 
@@ -871,7 +775,7 @@ void chat_session_start(chat_server_t *s, conn_t *c, const char *chat_id, const 
     s->m.ws_opened++;
     /* Join before reading the backlog: an event stored meanwhile is then either in the
      * backlog or held as live, never in neither. */
-    if (chat_room_join(s, ss, chat_id) < 0) {
+    if (room_join(&s->rooms, &ss->member, chat_id) < 0) {
         chat_session_close(ss, WS_CLOSE_INTERNAL, "out of memory");
         return;
     }
