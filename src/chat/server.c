@@ -373,7 +373,7 @@ void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(vo
             chat_session_close((session_t *)p, close_code, "server shutting down");
         else if (!((http_peer_t *)p)->http.busy)
             conn_close(p->conn);
-        /* a busy HTTP peer closes once its answer is written (routes.c checks stopping) */
+        /* a busy HTTP peer closes once its answer is written (its driver drains: cfg.draining) */
     }
     uv_timer_start(&s->stop_timer, chat__stop_deadline, 5000, 0);
     chat__maybe_finish_stop(s);
