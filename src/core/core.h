@@ -6,6 +6,7 @@
  * - logging to stderr, one line per event: "ts level msg key=value ...".
  * - Snowflake-style ids and millisecond time helpers.
  * - one UTF-8 validator (utf8.c) and one JSON string escaper, for every layer above.
+ * - queue.h (its own header): the one intrusive doubly linked list, for every layer above.
  * - conn_t: a TCP connection on libuv with a corked output queue: sends during a loop turn
  *   are queued and written with one sendmsg per connection at the end of that turn.
  * - tls_ctx_t: an optional TLS transport under conn_t (OpenSSL with memory BIOs on the loop):
