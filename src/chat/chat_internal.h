@@ -58,6 +58,10 @@ void proto_cmd_free(proto_cmd_t *cmd);
  * event != NULL: the live event ({"event":..,"chat_id":..,...}); the text is left out when
  * the message is deleted. event == NULL: the history form, with "deleted": true/false. */
 void proto_put_msg(sbuf_t *sb, const char *event, const store_msg_t *m);
+/* From an event proto_put_msg wrote (event != NULL), the message id and whether the event is
+ * "message:message" (a new message), without parsing the JSON: the bus hot path. false when
+ * p is not such an event. Reads p only. */
+bool proto_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
 /* The event members receive for a stored change (op APPEND, EDIT or DELETE; m the message
  * after it), appended to sb: what the outbox keeps for Kafka (store_encode_fn). Pure, so
  * safe on the store's writer thread. */
@@ -319,8 +323,6 @@ typedef struct chat_frames {
 } chat_frames_t;
 /* The frame for member ss (borrowed from f). */
 buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss);
-/* Read the event name and message id from an encoded event (ours: "event" comes first). */
-bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
 const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t n);
 void chat_metrics_render(chat_server_t *s, sbuf_t *sb);
 void chat_maybe_finish_stop(chat_server_t *s);

@@ -312,17 +312,6 @@ size_t chat_room_deliver(chat_server_t *s, room_t *r, buf_t *frame, bool is_new,
     return n;
 }
 
-bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id) {
-    static const char ev[] = "{\"event\":\"message:message\"";
-    static const char key[] = "\"message_id\":\"";
-    *is_new = n >= sizeof ev - 1 && memcmp(p, ev, sizeof ev - 1) == 0;
-    const uint8_t *k = memmem(p, n, key, sizeof key - 1);
-    if (!k) return false;
-    k += sizeof key - 1;
-    const uint8_t *e = memchr(k, '"', n - (size_t)(k - p));
-    return e && id_parse((const char *)k, (size_t)(e - k), id) == 0;
-}
-
 /* ---- static files --------------------------------------------------------------------- */
 
 static const char *chat__mime(const char *name) {
@@ -465,7 +454,7 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
     if (!r || chat_read_from_bus(r, payload, len)) return;
     bool is_new;
     uint64_t id;
-    if (!chat_event_peek(payload, len, &is_new, &id)) {
+    if (!proto_peek(payload, len, &is_new, &id)) {
         log_warn("bus_bad_event chat=%s len=%zu", chat_id, len);
         return;
     }
