@@ -751,7 +751,7 @@ static void sub_up(bus_redis_t *r) {
              r->url.db, r->chats.n);
     if (r->reported != 1 && !r->closing) {
         r->reported = 1;
-        if (r->base.on_state) r->base.on_state(r->base.ud, true);
+        if (r->base.cb.on_state) r->base.cb.on_state(r->base.cb.ud, true);
     }
     lease_try(r);
 }
@@ -1017,7 +1017,7 @@ static void rc_lost(rconn_t *rc, const char *why) {
     /* last: the server may call us back from here */
     if (rc == &r->sub && r->reported != 0) {
         r->reported = 0;
-        if (r->base.on_state) r->base.on_state(r->base.ud, false);
+        if (r->base.cb.on_state) r->base.cb.on_state(r->base.cb.ud, false);
     }
 }
 
@@ -1057,16 +1057,16 @@ static void sub_cb(redisAsyncContext *ac, void *reply, void *priv) {
         char idbuf[CHAT_ID_MAX + 1];
         memcpy(idbuf, id, idlen);
         idbuf[idlen] = 0;
-        if (r->base.on_message)
-            r->base.on_message(r->base.ud, idbuf, (const uint8_t *)body->str + INSTANCE_LEN + 1,
+        if (r->base.cb.on_message)
+            r->base.cb.on_message(r->base.cb.ud, idbuf, (const uint8_t *)body->str + INSTANCE_LEN + 1,
                                body->len - INSTANCE_LEN - 1);
     } else if (rep_is(kind, "subscribe", 9)) {
         if (!e) return;
-        if (r->base.on_subscribed) {
+        if (r->base.cb.on_subscribed) {
             char idbuf[CHAT_ID_MAX + 1];
             memcpy(idbuf, id, idlen);
             idbuf[idlen] = 0;
-            r->base.on_subscribed(r->base.ud, idbuf);
+            r->base.cb.on_subscribed(r->base.cb.ud, idbuf);
             /* the callback may unsubscribe: look the entry up again */
             e = set_find(&r->chats, id, idlen, hash_bytes(id, idlen));
             if (!e) return;

@@ -519,10 +519,8 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if ((rc = store_open(&s->store, loop, cfg->store_url, err, errlen)) < 0) goto fail;
     if ((rc = search_open(&s->search, loop, cfg->search_url, s->store, err, errlen)) < 0)
         goto fail_store;
-    if ((rc = bus_open(&s->bus, loop, cfg->bus_url, chat__bus_message, chat__bus_state, s, err,
-                       errlen)) < 0)
-        goto fail_store;
-    s->bus->on_subscribed = chat__bus_subscribed;
+    bus_callbacks_t bus_cb = {chat__bus_message, chat__bus_state, chat__bus_subscribed, s};
+    if ((rc = bus_open(&s->bus, loop, cfg->bus_url, &bus_cb, err, errlen)) < 0) goto fail_store;
     /* until the bus says it is up, treat it as down since now: the first "up" then reads
      * back whatever rooms missed while it connected */
     if (s->bus->ops->has_peers) s->bus_down_ms = time_now_ms();
