@@ -1371,38 +1371,14 @@ static void read_get_start(cass_op_t *op) {
 
 static int cs_submit(store_t *base, store_req_t *r) {
     cass_store_t *s = (cass_store_t *)base;
-    if (!s->base.loop || !s->cql || !r || !r->cb || !r->chat_id) return CHAT_EINVAL;
+    if (!s->cql) return CHAT_EINVAL;
     switch (r->op) {
-    case STORE_APPEND:
-        if (!r->user || !r->text || r->id == 0 || r->id > (uint64_t)INT64_MAX) return CHAT_EINVAL;
-        break;
-    case STORE_EDIT:
-        if (!r->user || !r->text) return CHAT_EINVAL;
-        break;
-    case STORE_DELETE:
-        if (!r->user) return CHAT_EINVAL;
-        break;
-    case STORE_HISTORY:
-    case STORE_AFTER: break;
-    case STORE_READ_SET:
-        if (!r->user || r->id == 0) return CHAT_EINVAL;
-        break;
-    case STORE_READ_GET:
-        if (!r->user) return CHAT_EINVAL;
-        break;
-    default: return CHAT_EINVAL;
+    case STORE_SEARCH: /* over SQLite's FTS5 table only */
+    case STORE_OUTBOX_READ:
+    case STORE_OUTBOX_DELETE: return CHAT_EINVAL; /* no outbox here yet */
+    default: break;
     }
     if (s->closing) return CHAT_ECLOSED;
-    r->status = 0;
-    r->duplicate = false;
-    memset(&r->msg, 0, sizeof r->msg);
-    r->msgs = NULL;
-    r->marks = NULL; /* STORE_SEARCH's, never this backend's */
-    r->n_msgs = 0;
-    r->read_id = 0;
-    r->read_moved = r->unread_capped = false;
-    r->unread = 0;
-    r->next_ = NULL;
     cass_op_t *op = calloc(1, sizeof *op);
     if (!op) return CHAT_ENOMEM;
     op->s = s;

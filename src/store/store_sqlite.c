@@ -1362,60 +1362,22 @@ static void stop_threads(sqlite_store_t *s) {
 
 static int sq_submit(store_t *base, store_req_t *r) {
     sqlite_store_t *s = (sqlite_store_t *)base;
-    if (!s->base.loop || !r || !r->cb) return CHAT_EINVAL;
-    if (!r->chat_id && r->op != STORE_OUTBOX_READ && r->op != STORE_OUTBOX_DELETE) {
-        return CHAT_EINVAL;
-    }
-    bool write = true;
+    bool write;
     switch (r->op) {
-    case STORE_APPEND:
-        if (!r->user || !r->text || r->id == 0 || r->id > (uint64_t)INT64_MAX) {
-            return CHAT_EINVAL;
-        }
-        break;
-    case STORE_EDIT:
-        if (!r->user || !r->text) return CHAT_EINVAL;
-        break;
-    case STORE_DELETE:
-        if (!r->user) return CHAT_EINVAL;
-        break;
     case STORE_SEARCH:
-        if (!r->text) return CHAT_EINVAL;
-        write = false;
-        break;
     case STORE_HISTORY:
     case STORE_AFTER:
-        write = false;
-        break;
-    case STORE_READ_SET:
-        if (!r->user || r->id == 0) return CHAT_EINVAL;
-        break;
-    case STORE_READ_GET:
-        if (!r->user) return CHAT_EINVAL;
-        write = false;
-        break;
+    case STORE_READ_GET: write = false; break;
     case STORE_OUTBOX_READ:
         if (!s->ob_on) return CHAT_EINVAL;
         write = false;
         break;
     case STORE_OUTBOX_DELETE:
         if (!s->ob_on) return CHAT_EINVAL;
+        write = true;
         break;
-    default:
-        return CHAT_EINVAL;
+    default: write = true; break; /* APPEND, EDIT, DELETE, READ_SET */
     }
-    r->status = 0;
-    r->duplicate = false;
-    memset(&r->msg, 0, sizeof r->msg);
-    r->msgs = NULL;
-    r->marks = NULL;
-    r->n_msgs = 0;
-    r->rows = NULL;
-    r->n_rows = 0;
-    r->read_id = 0;
-    r->read_moved = r->unread_capped = false;
-    r->unread = 0;
-    r->next_ = NULL;
 
     bool wake;
     uv_mutex_lock(&s->lock);
