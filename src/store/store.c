@@ -85,7 +85,7 @@ int store_submit(store_t *s, store_req_t *r) {
     r->read_id = 0;
     r->read_moved = r->unread_capped = false;
     r->unread = 0;
-    r->next_ = NULL;
+    queue_init(&r->link_);
     return s->ops->submit(s, r);
 }
 

@@ -129,7 +129,7 @@ struct store_req {
     void *data;
     store_cb cb;
     /* private to the backend */
-    store_req_t *next_;
+    queue_t link_;
     void *priv_;
 };
 
