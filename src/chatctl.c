@@ -394,7 +394,8 @@ static int cmd_nodes(int argc, char **argv) {
     uv_loop_t *loop = uv_default_loop();
     nodes_run_t r = {.rc = 1};
     char err[256] = "";
-    int rc = bus_open(&r.bus, loop, url, NULL, nodes_state, &r, err, sizeof err);
+    bus_callbacks_t cb = {.on_state = nodes_state, .ud = &r};
+    int rc = bus_open(&r.bus, loop, url, &cb, err, sizeof err);
     if (rc < 0) {
         char shown[512];
         url_redact(url, shown, sizeof shown);

@@ -108,8 +108,8 @@ static const bus_ops_t local_ops = {
     .close = local_close,
 };
 
-int bus_open(bus_t **out, uv_loop_t *loop, const char *url, bus_message_cb cb,
-             bus_state_cb state_cb, void *ud, char *err, size_t errlen) {
+int bus_open(bus_t **out, uv_loop_t *loop, const char *url, const bus_callbacks_t *cb,
+             char *err, size_t errlen) {
     bus_t *b = NULL;
     int rc;
     if (!url || !*url || strcmp(url, "local") == 0) {
@@ -125,9 +125,7 @@ int bus_open(bus_t **out, uv_loop_t *loop, const char *url, bus_message_cb cb,
         return CHAT_EINVAL;
     }
     b->loop = loop;
-    b->on_message = cb;
-    b->on_state = state_cb;
-    b->ud = ud;
+    if (cb) b->cb = *cb;
     unsigned char raw[16];
     if (RAND_bytes(raw, sizeof raw) != 1) {
         bus_close(b, NULL, NULL);

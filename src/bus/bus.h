@@ -103,22 +103,29 @@ typedef struct bus_ops {
     void (*close)(bus_t *b, void (*done)(void *), void *arg);
 } bus_ops_t;
 
+/* What the owner of a bus hears from it, given once to bus_open. Any callback may be NULL
+ * (not interested); each gets ud first. */
+typedef struct bus_callbacks {
+    bus_message_cb on_message;
+    bus_state_cb on_state;
+    bus_subscribed_cb on_subscribed;
+    void *ud;
+} bus_callbacks_t;
+
 struct bus {
     const bus_ops_t *ops;
     uv_loop_t *loop;
-    bus_message_cb on_message;
-    bus_state_cb on_state;
-    bus_subscribed_cb on_subscribed; /* set by the caller after bus_open, may be NULL */
-    void *ud;
-    char instance[33]; /* this process's instance id (hex), set by bus_open */
+    bus_callbacks_t cb; /* a copy of bus_open's; backends call through it */
+    char instance[33];  /* this process's instance id (hex), set by bus_open */
 };
 
 /* Open a bus from a URL: "local" (or NULL), or "redis://[:password@]host:port[/db]".
- * *out is owned by the caller, released with bus_close(). err gets a readable reason on
- * failure (CHAT_EINVAL: unknown scheme or bad URL). A Redis bus that cannot connect yet
- * still opens: it keeps retrying with backoff and reports through on_state. */
-int bus_open(bus_t **out, uv_loop_t *loop, const char *url, bus_message_cb cb,
-             bus_state_cb state_cb, void *ud, char *err, size_t errlen);
+ * *out is owned by the caller, released with bus_close(). cb (may be NULL: no callbacks) is
+ * copied. err gets a readable reason on failure (CHAT_EINVAL: unknown scheme or bad URL). A
+ * Redis bus that cannot connect yet still opens: it keeps retrying with backoff and reports
+ * through on_state. */
+int bus_open(bus_t **out, uv_loop_t *loop, const char *url, const bus_callbacks_t *cb,
+             char *err, size_t errlen);
 
 static inline int bus_subscribe(bus_t *b, const char *chat) { return b->ops->subscribe(b, chat); }
 static inline int bus_unsubscribe(bus_t *b, const char *chat) {

@@ -200,7 +200,7 @@ typedef struct list_req {
     int pending;       /* replies still expected */
     bool failed;
     bool *dead;        /* one per id asked for: its alive channel has no subscriber */
-    struct list_req *next; /* on bus->failed */
+    queue_t link;      /* on bus->failed */
 } list_req_t;
 
 struct bus_redis {
@@ -216,7 +216,7 @@ struct bus_redis {
     size_t dropped;         /* publishes dropped for the queue bound, not logged yet */
     int64_t dropped_log_ms; /* when the last drop was logged */
     int64_t err_log_ms;     /* when the last command error was logged (rate limit) */
-    list_req_t *failed;     /* list requests to answer with an error on the next turn */
+    queue_t failed;         /* list requests to answer with an error on the next turn */
     uv_timer_t work;        /* deferred work: failed lists, close steps */
     uint64_t rng;
     int polls_open;  /* poll handles of hiredis contexts not closed yet */
@@ -751,7 +751,7 @@ static void sub_up(bus_redis_t *r) {
              r->url.db, r->chats.n);
     if (r->reported != 1 && !r->closing) {
         r->reported = 1;
-        if (r->base.on_state) r->base.on_state(r->base.ud, true);
+        if (r->base.cb.on_state) r->base.cb.on_state(r->base.cb.ud, true);
     }
     lease_try(r);
 }
@@ -1017,7 +1017,7 @@ static void rc_lost(rconn_t *rc, const char *why) {
     /* last: the server may call us back from here */
     if (rc == &r->sub && r->reported != 0) {
         r->reported = 0;
-        if (r->base.on_state) r->base.on_state(r->base.ud, false);
+        if (r->base.cb.on_state) r->base.cb.on_state(r->base.cb.ud, false);
     }
 }
 
@@ -1057,16 +1057,16 @@ static void sub_cb(redisAsyncContext *ac, void *reply, void *priv) {
         char idbuf[CHAT_ID_MAX + 1];
         memcpy(idbuf, id, idlen);
         idbuf[idlen] = 0;
-        if (r->base.on_message)
-            r->base.on_message(r->base.ud, idbuf, (const uint8_t *)body->str + INSTANCE_LEN + 1,
+        if (r->base.cb.on_message)
+            r->base.cb.on_message(r->base.cb.ud, idbuf, (const uint8_t *)body->str + INSTANCE_LEN + 1,
                                body->len - INSTANCE_LEN - 1);
     } else if (rep_is(kind, "subscribe", 9)) {
         if (!e) return;
-        if (r->base.on_subscribed) {
+        if (r->base.cb.on_subscribed) {
             char idbuf[CHAT_ID_MAX + 1];
             memcpy(idbuf, id, idlen);
             idbuf[idlen] = 0;
-            r->base.on_subscribed(r->base.ud, idbuf);
+            r->base.cb.on_subscribed(r->base.cb.ud, idbuf);
             /* the callback may unsubscribe: look the entry up again */
             e = set_find(&r->chats, id, idlen, hash_bytes(id, idlen));
             if (!e) return;
@@ -1338,8 +1338,7 @@ static void list_finish(list_req_t *q) {
     bus_redis_t *r = q->bus;
     if (q->pending) return;
     if (q->failed) {
-        q->next = r->failed;
-        r->failed = q;
+        queue_insert_tail(&r->failed, &q->link);
         kick_work(r);
         return;
     }
@@ -1655,9 +1654,9 @@ static int r_lease(bus_t *b, int want, unsigned ttl_ms, bus_lease_cb cb, void *u
 /* ---- close ------------------------------------------------------------------------------ */
 
 static void answer_failed(bus_redis_t *r) {
-    while (r->failed) {
-        list_req_t *q = r->failed;
-        r->failed = q->next;
+    while (!queue_empty(&r->failed)) {
+        list_req_t *q = queue_data(queue_head(&r->failed), list_req_t, link);
+        queue_remove(&q->link);
         q->cb(q->ud, r->closing ? CHAT_ECLOSED : CHAT_EIO, NULL, 0);
         list_free(q);
     }
@@ -1762,6 +1761,7 @@ static void rc_init(bus_redis_t *r, rconn_t *rc, const char *name) {
 int bus_redis_open(bus_t **out, uv_loop_t *loop, const char *url, char *err, size_t errlen) {
     bus_redis_t *r = calloc(1, sizeof *r);
     if (!r) return CHAT_ENOMEM;
+    queue_init(&r->failed);
     int rc = bus_redis__parse_url(url, &r->url, err, errlen);
     if (rc < 0) {
         free(r);

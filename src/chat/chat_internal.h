@@ -60,6 +60,10 @@ void proto_cmd_free(proto_cmd_t *cmd);
  * event != NULL: the live event ({"event":..,"chat_id":..,...}); the text is left out when
  * the message is deleted. event == NULL: the history form, with "deleted": true/false. */
 void proto_put_msg(sbuf_t *sb, const char *event, const store_msg_t *m);
+/* From an event proto_put_msg wrote (event != NULL), the message id and whether the event is
+ * "message:message" (a new message), without parsing the JSON: the bus hot path. false when
+ * p is not such an event. Reads p only. */
+bool proto_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
 /* The event members receive for a stored change (op APPEND, EDIT or DELETE; m the message
  * after it), appended to sb: what the outbox keeps for Kafka (store_encode_fn). Pure, so
  * safe on the store's writer thread. */
@@ -236,10 +240,6 @@ void chat_hist_record(metric_hist_t *h, double secs);
 void chat_record_close(chat_server_t *s, uint16_t code);
 void chat_record_latency(chat_server_t *s, uint64_t t0);
 void chat_metrics_render(chat_server_t *s, sbuf_t *sb);
-
-/* server.c: read the event name and message id from an encoded event (ours: "event" comes
- * first). */
-bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id);
 
 /* static.c: the web client's files, read once at start (chat_static_load, up to two levels
  * below dir) and freed at shutdown; chat_static_find borrows one (NULL if none). */

@@ -139,6 +139,33 @@ void proto_put_msg(sbuf_t *sb, const char *event, const store_msg_t *m) {
     sbuf_puts(sb, "}");
 }
 
+/* Reads what proto_put_msg wrote with an event, in its order: {"event":"NAME","chat_id":STR,
+ * "message_id":"ID",... Kept next to the encoder so the two change together. */
+bool proto_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id) {
+    static const char ev[] = "{\"event\":\"";
+    static const char chat[] = "\",\"chat_id\":\"";
+    static const char key[] = ",\"message_id\":\"";
+    static const char new_name[] = "message:message";
+    const uint8_t *end = p + n;
+    if (n < sizeof ev - 1 || memcmp(p, ev, sizeof ev - 1) != 0) return false;
+    const uint8_t *name = p + sizeof ev - 1;
+    const uint8_t *q = memchr(name, '"', (size_t)(end - name)); /* names need no escapes */
+    if (!q) return false;
+    *is_new = (size_t)(q - name) == sizeof new_name - 1 &&
+              memcmp(name, new_name, sizeof new_name - 1) == 0;
+    if ((size_t)(end - q) < sizeof chat - 1 || memcmp(q, chat, sizeof chat - 1) != 0)
+        return false;
+    /* the chat id is a JSON string: its end is the first quote not escaped */
+    for (q += sizeof chat - 1; q < end && *q != '"'; q++)
+        if (*q == '\\') q++;
+    if (q >= end) return false;
+    q++;
+    if ((size_t)(end - q) < sizeof key - 1 || memcmp(q, key, sizeof key - 1) != 0) return false;
+    q += sizeof key - 1;
+    const uint8_t *e = memchr(q, '"', (size_t)(end - q));
+    return e && id_parse((const char *)q, (size_t)(e - q), id) == 0;
+}
+
 void proto_put_event(sbuf_t *sb, store_op_t op, const store_msg_t *m) {
     /* the same names as the broadcast in session.c (chat__event_name) */
     proto_put_msg(sb,

@@ -37,19 +37,6 @@ static void chat__on_turn(uv_prepare_t *h) {
     s->turn_idle = idle;
 }
 
-/* ---- bus events ---------------------------------------------------------------------- */
-
-bool chat_event_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id) {
-    static const char ev[] = "{\"event\":\"message:message\"";
-    static const char key[] = "\"message_id\":\"";
-    *is_new = n >= sizeof ev - 1 && memcmp(p, ev, sizeof ev - 1) == 0;
-    const uint8_t *k = memmem(p, n, key, sizeof key - 1);
-    if (!k) return false;
-    k += sizeof key - 1;
-    const uint8_t *e = memchr(k, '"', n - (size_t)(k - p));
-    return e && id_parse((const char *)k, (size_t)(e - k), id) == 0;
-}
-
 /* ---- keepalive sweep ------------------------------------------------------------------ */
 
 #define HTTP_IDLE_MS 60000 /* an HTTP connection with nothing read nor written this long */
@@ -106,7 +93,7 @@ static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payl
     if (!r || chat_read_from_bus(s, r, payload, len)) return;
     bool is_new;
     uint64_t id;
-    if (!chat_event_peek(payload, len, &is_new, &id)) {
+    if (!proto_peek(payload, len, &is_new, &id)) {
         log_warn("bus_bad_event chat=%s len=%zu", chat_id, len);
         return;
     }
@@ -208,10 +195,8 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if ((rc = store_open(&s->store, loop, cfg->store_url, err, errlen)) < 0) goto fail;
     if ((rc = search_open(&s->search, loop, cfg->search_url, s->store, err, errlen)) < 0)
         goto fail_store;
-    if ((rc = bus_open(&s->bus, loop, cfg->bus_url, chat__bus_message, chat__bus_state, s, err,
-                       errlen)) < 0)
-        goto fail_store;
-    s->bus->on_subscribed = chat__bus_subscribed;
+    bus_callbacks_t bus_cb = {chat__bus_message, chat__bus_state, chat__bus_subscribed, s};
+    if ((rc = bus_open(&s->bus, loop, cfg->bus_url, &bus_cb, err, errlen)) < 0) goto fail_store;
     /* until the bus says it is up, treat it as down since now: the first "up" then reads
      * back whatever rooms missed while it connected */
     if (s->bus->ops->has_peers) s->bus_down_ms = time_now_ms();

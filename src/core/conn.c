@@ -66,7 +66,8 @@ enum {
 
 struct conn_tls {
     SSL *ssl;                  /* owns the two memory BIOs */
-    conn_t *hs_prev, *hs_next; /* on the server's handshaking list until established */
+    conn_t *conn;              /* whose state this is */
+    queue_t hs_link;           /* on the server's handshaking list until established */
     uint64_t hs_deadline;
     bool established;  /* handshake done, handler attached */
     bool failed;       /* a fatal TLS error: no more SSL calls but sending its alert */
@@ -159,25 +160,13 @@ static void conn__mark_dirty(conn_t *c) {
     if (c->flags & (CF_DIRTY | CF_CLOSED)) return;
     conn_server_t *s = c->server;
     c->flags |= CF_DIRTY;
-    c->dirty_next = NULL;
-    c->dirty_prev = s->dirty_tail;
-    if (s->dirty_tail) {
-        s->dirty_tail->dirty_next = c;
-    } else {
-        s->dirty = c;
-        uv_idle_start(&s->kick, conn__on_idle);
-    }
-    s->dirty_tail = c;
+    if (queue_empty(&s->dirty)) uv_idle_start(&s->kick, conn__on_idle);
+    queue_insert_tail(&s->dirty, &c->dirty_link);
 }
 
 static void conn__unmark_dirty(conn_t *c) {
     if (!(c->flags & CF_DIRTY)) return;
-    conn_server_t *s = c->server;
-    if (c->dirty_prev) c->dirty_prev->dirty_next = c->dirty_next;
-    else s->dirty = c->dirty_next;
-    if (c->dirty_next) c->dirty_next->dirty_prev = c->dirty_prev;
-    else s->dirty_tail = c->dirty_prev;
-    c->dirty_prev = c->dirty_next = NULL;
+    queue_remove(&c->dirty_link);
     c->flags &= (uint16_t)~CF_DIRTY;
 }
 
@@ -268,9 +257,7 @@ static void conn__on_closed(uv_handle_t *h) {
 
 static void conn__unlinger(conn_t *c) {
     if (!(c->flags & CF_LINGER)) return;
-    conn_t **pp = &c->server->lingering;
-    while (*pp && *pp != c) pp = &(*pp)->linger_next;
-    if (*pp) *pp = c->linger_next;
+    queue_remove(&c->linger_link);
     c->flags &= (uint16_t)~CF_LINGER;
 }
 
@@ -302,8 +289,7 @@ static void conn__on_shutdown(uv_shutdown_t *req, int status) {
     /* Wait for the peer's FIN (the read callback sees EOF) or the linger deadline. */
     conn_server_t *s = c->server;
     c->linger_deadline = uv_now(s->loop) + CONN_LINGER_MS;
-    c->linger_next = s->lingering;
-    s->lingering = c;
+    queue_insert_tail(&s->lingering, &c->linger_link);
     c->flags |= CF_LINGER;
     if (!uv_is_active((uv_handle_t *)&s->linger_timer))
         uv_timer_start(&s->linger_timer, conn__on_linger_timer, 250, 250);
@@ -480,8 +466,8 @@ static void conn__flush(conn_t *c) {
 
 static void conn__on_check(uv_check_t *h) {
     conn_server_t *s = h->data;
-    while (s->dirty) {
-        conn_t *c = s->dirty;
+    while (!queue_empty(&s->dirty)) {
+        conn_t *c = queue_data(queue_head(&s->dirty), conn_t, dirty_link);
         if (c->tls && c->tls->read_pending) {
             c->tls->read_pending = false;
             conn__tls_pump(c); /* may close c: then the flush below does nothing */
@@ -556,10 +542,8 @@ static int conn__tls_start(conn_t *c) {
     SSL_set_accept_state(ssl);
     t->ssl = ssl;
     t->hs_deadline = uv_now(s->loop) + s->opts.handshake_timeout_ms;
-    t->hs_prev = s->handshaking_tail;
-    if (s->handshaking_tail) s->handshaking_tail->tls->hs_next = c;
-    else s->handshaking = c;
-    s->handshaking_tail = c;
+    t->conn = c;
+    queue_insert_tail(&s->handshaking, &t->hs_link);
     c->tls = t;
     if (!uv_is_active((uv_handle_t *)&s->linger_timer))
         uv_timer_start(&s->linger_timer, conn__on_linger_timer, 250, 250);
@@ -568,14 +552,7 @@ static int conn__tls_start(conn_t *c) {
 
 /* Off the handshaking list (handshake done, or the connection closes). */
 static void conn__tls_unlist(conn_t *c) {
-    struct conn_tls *t = c->tls;
-    if (!t || (!t->hs_prev && c->server->handshaking != c)) return;
-    conn_server_t *s = c->server;
-    if (t->hs_prev) t->hs_prev->tls->hs_next = t->hs_next;
-    else s->handshaking = t->hs_next;
-    if (t->hs_next) t->hs_next->tls->hs_prev = t->hs_prev;
-    else s->handshaking_tail = t->hs_prev;
-    t->hs_prev = t->hs_next = NULL;
+    if (c->tls) queue_remove(&c->tls->hs_link);
 }
 
 static void conn__tls_free(conn_t *c) {
@@ -730,25 +707,21 @@ static void conn__on_linger_timer(uv_timer_t *t) {
     conn_server_t *s = t->data;
     uint64_t now = uv_now(s->loop);
     /* the list is in deadline order: every handshake has the same timeout */
-    while (s->handshaking && s->handshaking->tls->hs_deadline <= now) {
-        conn_t *c = s->handshaking;
+    while (!queue_empty(&s->handshaking)) {
+        struct conn_tls *tls = queue_data(queue_head(&s->handshaking), struct conn_tls, hs_link);
+        if (tls->hs_deadline > now) break;
+        conn_t *c = tls->conn;
         char peer[80];
         conn_peer(c, peer, sizeof peer);
         log_info("tls_handshake_timeout peer=%s", peer);
         conn_abort(c); /* unlists it */
     }
-    conn_t **pp = &s->lingering;
-    while (*pp) {
-        conn_t *c = *pp;
-        if (c->linger_deadline <= now) {
-            *pp = c->linger_next;
-            c->flags &= (uint16_t)~CF_LINGER;
-            conn__hard_close(c);
-        } else {
-            pp = &c->linger_next;
-        }
+    queue_t *q, *n;
+    QUEUE_FOREACH_SAFE(q, n, &s->lingering) {
+        conn_t *c = queue_data(q, conn_t, linger_link);
+        if (c->linger_deadline <= now) conn__hard_close(c); /* unlingers it */
     }
-    if (!s->lingering && !s->handshaking) uv_timer_stop(t);
+    if (queue_empty(&s->lingering) && queue_empty(&s->handshaking)) uv_timer_stop(t);
 }
 
 static void conn__on_connection(uv_stream_t *ls, int status);
@@ -827,6 +800,9 @@ static void conn__on_connection(uv_stream_t *ls, int status) {
 
 int conn_server_init(conn_server_t *s, uv_loop_t *loop, const conn_server_opts_t *o) {
     memset(s, 0, sizeof(*s));
+    queue_init(&s->dirty);
+    queue_init(&s->lingering);
+    queue_init(&s->handshaking);
     s->loop = loop;
     s->opts = *o;
     s->handler_data = o->handler_data;
@@ -882,7 +858,8 @@ void conn_server_stop_listening(conn_server_t *s) {
     uv_close((uv_handle_t *)&s->listener, NULL);
     /* TLS handshakes under way belong to no handler yet, so nothing above would close them
      * and the loop would never end: they go now. */
-    while (s->handshaking) conn_abort(s->handshaking);
+    while (!queue_empty(&s->handshaking))
+        conn_abort(queue_data(queue_head(&s->handshaking), struct conn_tls, hs_link)->conn);
 }
 
 struct conn_server_closing {

@@ -6,6 +6,7 @@
  * - logging to stderr, one line per event: "ts level msg key=value ...".
  * - Snowflake-style ids and millisecond time helpers.
  * - one UTF-8 validator (utf8.c) and one JSON string escaper, for every layer above.
+ * - queue.h (its own header): the one intrusive doubly linked list, for every layer above.
  * - conn_t: a TCP connection on libuv with a corked output queue: sends during a loop turn
  *   are queued and written with one sendmsg per connection at the end of that turn.
  * - tls_ctx_t: an optional TLS transport under conn_t (OpenSSL with memory BIOs on the loop):
@@ -19,6 +20,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <uv.h>
+
+#include "core/queue.h"
 
 /* ---- errors ------------------------------------------------------------------------- */
 enum {
@@ -196,9 +199,9 @@ struct conn {
     size_t max_outbound;  /* conn_send fails with CHAT_EBUSY past this */
     uv_write_t *wreq;     /* allocated only while a write waits for the kernel buffer */
     uint32_t w_segs;      /* segments covered by wreq */
-    struct conn *dirty_prev, *dirty_next; /* on the server's list of connections to flush */
-    struct conn *linger_next;             /* on the server's list of half-closed connections */
-    uint64_t linger_deadline;             /* uv_now() after which a half-closed conn is dropped */
+    queue_t dirty_link;       /* on the server's list of connections to flush */
+    queue_t linger_link;      /* on the server's list of half-closed connections */
+    uint64_t linger_deadline; /* uv_now() after which a half-closed conn is dropped */
     size_t drain_below;   /* on_drain fires once q_bytes <= this (CF_DRAIN armed) */
     uint64_t last_tx;     /* uv_now() of the last write that moved bytes to the kernel */
     struct conn_ip *ip;   /* its address's count, when connections per address are limited */
@@ -232,9 +235,9 @@ struct conn_server {
     uv_check_t flusher; /* writes every dirty connection after the poll phase */
     uv_idle_t kick;     /* keeps the poll from blocking while anything is dirty */
     uv_timer_t linger_timer; /* drops half-closed connections whose peer never closes */
-    conn_t *dirty, *dirty_tail; /* oldest first: flushed in the order they were dirtied */
-    conn_t *lingering;
-    conn_t *handshaking, *handshaking_tail; /* TLS handshakes under way, oldest first */
+    queue_t dirty;       /* conn_t.dirty_link, oldest first: flushed in the order dirtied */
+    queue_t lingering;   /* conn_t.linger_link */
+    queue_t handshaking; /* TLS handshakes under way (conn_tls), oldest first */
     conn_server_opts_t opts;
     uint8_t *rbuf;           /* one read buffer for every connection: reads are handled at once */
     void *handler_data;

@@ -25,7 +25,7 @@
 #define OS_MAX_BODY (16u << 20)
 
 typedef struct os_job {
-    struct os_job *next;
+    queue_t link; /* on todo or done */
     search_req_t *req;
     sbuf_t body; /* the request, NUL-terminated */
     sbuf_t resp;
@@ -41,7 +41,7 @@ typedef struct os_search {
     uv_async_t async;
     uv_thread_t thread;
     uv_mutex_t mu;
-    os_job_t *todo, *done; /* under mu; LIFO, which is fine: each is independent */
+    queue_t todo, done; /* of os_job_t, under mu */
     atomic_bool stop;
     CURLM *multi;
     int64_t last_err_log;
@@ -83,8 +83,7 @@ static void os__finish(os_search_t *s, os_job_t *j, CURLcode cc) {
     curl_slist_free_all(j->hdrs);
     j->hdrs = NULL;
     uv_mutex_lock(&s->mu);
-    j->next = s->done;
-    s->done = j;
+    queue_insert_tail(&s->done, &j->link);
     uv_mutex_unlock(&s->mu);
     uv_async_send(&s->async);
 }
@@ -102,8 +101,7 @@ static void os__start(os_search_t *s, os_job_t *j) {
         snprintf(j->err, sizeof j->err, "out of memory");
         j->req->status = CHAT_ENOMEM;
         uv_mutex_lock(&s->mu);
-        j->next = s->done;
-        s->done = j;
+        queue_insert_tail(&s->done, &j->link);
         uv_mutex_unlock(&s->mu);
         uv_async_send(&s->async);
         return;
@@ -128,14 +126,15 @@ static void os__start(os_search_t *s, os_job_t *j) {
 static void os__worker(void *arg) {
     os_search_t *s = arg;
     while (!atomic_load(&s->stop)) {
+        queue_t todo;
+        queue_init(&todo);
         uv_mutex_lock(&s->mu);
-        os_job_t *todo = s->todo;
-        s->todo = NULL;
+        queue_move_tail(&s->todo, &todo);
         uv_mutex_unlock(&s->mu);
-        while (todo) {
-            os_job_t *next = todo->next;
-            os__start(s, todo);
-            todo = next;
+        while (!queue_empty(&todo)) {
+            os_job_t *j = queue_data(queue_head(&todo), os_job_t, link);
+            queue_remove(&j->link);
+            os__start(s, j);
         }
         int running = 0;
         curl_multi_perform(s->multi, &running);
@@ -154,18 +153,19 @@ static void os__worker(void *arg) {
 /* On the loop: hand finished searches back to their callers. */
 static void os__on_async(uv_async_t *a) {
     os_search_t *s = a->data;
+    queue_t done;
+    queue_init(&done);
     uv_mutex_lock(&s->mu);
-    os_job_t *done = s->done;
-    s->done = NULL;
+    queue_move_tail(&s->done, &done);
     uv_mutex_unlock(&s->mu);
-    while (done) {
-        os_job_t *next = done->next;
-        search_req_t *req = done->req;
-        sbuf_free(&done->body);
-        sbuf_free(&done->resp);
-        free(done);
+    while (!queue_empty(&done)) {
+        os_job_t *j = queue_data(queue_head(&done), os_job_t, link);
+        queue_remove(&j->link);
+        search_req_t *req = j->req;
+        sbuf_free(&j->body);
+        sbuf_free(&j->resp);
+        free(j);
         req->cb(req);
-        done = next;
     }
 }
 
@@ -195,8 +195,7 @@ static int os_submit(search_t *base, search_req_t *req, const char **why) {
     req->status = 0;
     j->req = req;
     uv_mutex_lock(&s->mu);
-    j->next = s->todo;
-    s->todo = j;
+    queue_insert_tail(&s->todo, &j->link);
     uv_mutex_unlock(&s->mu);
     curl_multi_wakeup(s->multi);
     return 0;
@@ -233,6 +232,8 @@ int search_opensearch_open(search_t **out, uv_loop_t *loop, const char *url, sto
         search__set_err(err, errlen, "out of memory");
         return CHAT_ENOMEM;
     }
+    queue_init(&s->todo);
+    queue_init(&s->done);
     if (search_os_url(url, base, sizeof base, s->alias, sizeof s->alias, &why) < 0) {
         search__set_err(err, errlen, "--search %.100s: %s", url, why);
         free(s);

@@ -1,7 +1,8 @@
-/* store: picks a backend from a URL and frees request outputs.
+/* store: picks a backend from a URL, checks requests, and frees request outputs.
  *
  * The one idea: everything a backend hands back in a store_req_t is plain malloc'd memory
- * (each string its own allocation), so one cleanup function serves every backend. */
+ * (each string its own allocation), so one cleanup function serves every backend; and
+ * every request passes store_submit's checks, so no backend repeats them. */
 #include "store.h"
 
 #include <stdarg.h>
@@ -51,6 +52,41 @@ int store_open(store_t **out, uv_loop_t *loop, const char *url, char *err, size_
         snprintf(err, errlen, "unknown store URL scheme in \"%.64s\" (want sqlite:PATH)", url);
     }
     return CHAT_EINVAL;
+}
+
+/* Whether r carries what its op needs (store_op_t lists the inputs). */
+static bool store__req_valid(const store_req_t *r) {
+    if (!r->chat_id && r->op != STORE_OUTBOX_READ && r->op != STORE_OUTBOX_DELETE) return false;
+    switch (r->op) {
+    case STORE_APPEND: return r->user && r->text && r->id != 0 && r->id <= (uint64_t)INT64_MAX;
+    case STORE_EDIT: return r->user && r->text;
+    case STORE_DELETE: return r->user;
+    case STORE_SEARCH: return r->text;
+    case STORE_READ_SET: return r->user && r->id != 0;
+    case STORE_READ_GET: return r->user;
+    case STORE_HISTORY:
+    case STORE_AFTER:
+    case STORE_OUTBOX_READ:
+    case STORE_OUTBOX_DELETE: return true;
+    }
+    return false; /* not a store_op_t */
+}
+
+int store_submit(store_t *s, store_req_t *r) {
+    if (!s->loop || !r || !r->cb || !store__req_valid(r)) return CHAT_EINVAL;
+    r->status = 0;
+    r->duplicate = false;
+    memset(&r->msg, 0, sizeof r->msg);
+    r->msgs = NULL;
+    r->marks = NULL;
+    r->n_msgs = 0;
+    r->rows = NULL;
+    r->n_rows = 0;
+    r->read_id = 0;
+    r->read_moved = r->unread_capped = false;
+    r->unread = 0;
+    queue_init(&r->link_);
+    return s->ops->submit(s, r);
 }
 
 void store_msg_clear(store_msg_t *m) {

@@ -129,7 +129,7 @@ struct store_req {
     void *data;
     store_cb cb;
     /* private to the backend */
-    store_req_t *next_;
+    queue_t link_;
     void *priv_;
 };
 
@@ -137,8 +137,9 @@ typedef struct store store_t;
 
 typedef struct store_ops {
     const char *name;
-    /* Queue a request. 0: cb will be called exactly once, on the loop thread. A negative
-     * code: cb will never be called. */
+    /* Queue a request that store_submit checked and whose outputs it reset. 0: cb will be
+     * called exactly once, on the loop thread. A negative code: cb will never be called
+     * (CHAT_EINVAL for an op this backend does not do). */
     int (*submit)(store_t *s, store_req_t *req);
     /* Create or upgrade the schema, synchronously (for chatctl migrate). Idempotent. */
     int (*migrate)(store_t *s);
@@ -173,7 +174,13 @@ struct store {
  * err (if not NULL, errlen > 0) gets a readable reason. */
 int store_open(store_t **out, uv_loop_t *loop, const char *url, char *err, size_t errlen);
 
-static inline int store_submit(store_t *s, store_req_t *r) { return s->ops->submit(s, r); }
+/* Submit r: the one entry to every backend. The request is checked here (CHAT_EINVAL: no
+ * loop, no cb, an unknown op or an input its op needs is missing; see store_op_t) and its
+ * outputs reset, so a backend's submit gets a well-formed request and checks only what is
+ * its own (an op it does not do, closing). 0: r->cb runs exactly once, later, on the loop
+ * thread; a negative code: it never runs. r and its inputs stay the caller's and must stay
+ * valid until the callback; its outputs are freed by store_req_cleanup. */
+int store_submit(store_t *s, store_req_t *r);
 static inline int store_migrate(store_t *s) { return s->ops->migrate(s); }
 static inline void store_close(store_t *s, void (*done)(void *), void *arg) {
     s->ops->close(s, done, arg);

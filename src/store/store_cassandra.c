@@ -448,7 +448,7 @@ enum { ROW_NONE, ROW_WAIT, ROW_READY, ROW_SENT };
 typedef struct chatq {
     char *chat;
     uint32_t hash;
-    cass_op_t *head, *tail;
+    queue_t ops; /* cass_op_t.qlink */
     bool writing; /* one write of message rows (a batch) of this chat is in flight */
     struct chatq *next; /* same hash slot */
 } chatq_t;
@@ -460,8 +460,7 @@ typedef struct cass_store {
     cass_cfg_t cfg;
     cql_client_t *cql;
     cql_stmt_t *st[S_COUNT];
-    cass_op_t *ops; /* in flight */
-    size_t n_ops;
+    size_t n_ops; /* in flight */
     cass_op_t *claims[CLAIM_SLOTS]; /* in-flight client_id claims, chained by claim_next */
     chatq_t *chatqs[CHATQ_SLOTS];
     /* (chat, bucket) pairs known to be in chat_buckets: "bucket\tchat" in a hash set */
@@ -475,11 +474,10 @@ typedef struct cass_store {
 struct cass_op {
     cass_store_t *s;
     store_req_t *req;
-    cass_op_t *prev, *next;
     bool in_submit; /* the first step runs inside submit: a failure there is returned */
     bool finished;  /* outcome recorded, waiting for earlier writes of the chat */
     chatq_t *q;     /* writes only */
-    cass_op_t *qnext;
+    queue_t qlink;  /* on q->ops */
     uint8_t row_at;     /* append: where its message row is (ROW_*) */
     cass_op_t *bnext;   /* the next op of the same batch */
     int sync_fail;
@@ -604,6 +602,7 @@ static chatq_t *chatq_get(cass_store_t *s, const char *chat) {
         return NULL;
     }
     q->hash = h;
+    queue_init(&q->ops);
     q->next = s->chatqs[h % CHATQ_SLOTS];
     s->chatqs[h % CHATQ_SLOTS] = q;
     return q;
@@ -621,16 +620,10 @@ static void chatq_free(cass_store_t *s, chatq_t *q) {
 static void chatq_remove(cass_store_t *s, cass_op_t *op) {
     chatq_t *q = op->q;
     if (!q) return;
-    cass_op_t **pp = &q->head, *prev = NULL;
-    while (*pp && *pp != op) {
-        prev = *pp;
-        pp = &(*pp)->qnext;
-    }
-    if (*pp) *pp = op->qnext;
-    if (q->tail == op) q->tail = prev;
+    queue_remove(&op->qlink);
     op->q = NULL;
     /* op was the tail (just added), so it held nothing back: no flush is due */
-    if (!q->head) chatq_free(s, q);
+    if (queue_empty(&q->ops)) chatq_free(s, q);
 }
 
 /* ---- ops --------------------------------------------------------------------------------- */
@@ -677,12 +670,6 @@ static int msg_copy(store_msg_t *dst, const store_msg_t *src) {
 static void op_deliver(cass_op_t *op) {
     cass_store_t *s = op->s;
     store_req_t *r = op->req;
-    if (op->prev) {
-        op->prev->next = op->next;
-    } else {
-        s->ops = op->next;
-    }
-    if (op->next) op->next->prev = op->prev;
     s->n_ops--;
     op_free(op);
     r->cb(r); /* may free r, submit more, or close the store */
@@ -690,10 +677,11 @@ static void op_deliver(cass_op_t *op) {
 
 /* Deliver, in submission order, the finished writes at the front of q. */
 static void chatq_flush(cass_store_t *s, chatq_t *q) {
-    while (q->head && q->head->finished) {
-        cass_op_t *op = q->head;
-        q->head = op->qnext;
-        bool last = !q->head;
+    while (!queue_empty(&q->ops)) {
+        cass_op_t *op = queue_data(queue_head(&q->ops), cass_op_t, qlink);
+        if (!op->finished) return;
+        queue_remove(&op->qlink);
+        bool last = queue_empty(&q->ops);
         if (last) chatq_free(s, q); /* a write submitted from the callback gets a new one */
         op->q = NULL;
         op_deliver(op);
@@ -749,7 +737,7 @@ static void op_done(cass_op_t *op, int status) {
     }
     store_msg_clear(&orig);
     if (next_change) change_start(next_change);
-    if (s->closing && !s->ops) store_finish_close(s);
+    if (s->closing && !s->n_ops) store_finish_close(s);
 }
 
 static void op_fail_cql(cass_op_t *op, const cql_result_t *res, const char *what) {
@@ -921,7 +909,9 @@ static void chatq_pump(cass_store_t *s, chatq_t *q) {
     if (q->writing) return;
     cass_op_t *first = NULL, *last = NULL;
     size_t n = 0, bytes = 0;
-    for (cass_op_t *op = q->head; op; op = op->qnext) {
+    queue_t *l;
+    QUEUE_FOREACH(l, &q->ops) {
+        cass_op_t *op = queue_data(l, cass_op_t, qlink);
         if (op->row_at == ROW_NONE) continue;
         if (op->row_at != ROW_READY) break;
         size_t sz = strlen(op->req->text) + strlen(op->req->user) + 64;
@@ -1113,7 +1103,8 @@ static void on_row_read(const cql_result_t *res, void *data) {
  * the same message in its chat's queue; true when op waits (op_done of that one starts it). */
 static bool change_wait(cass_op_t *op) {
     cass_op_t *last = NULL;
-    for (cass_op_t *o = op->q->head; o && o != op; o = o->qnext) {
+    for (queue_t *l = queue_head(&op->q->ops); l != &op->qlink; l = l->next) {
+        cass_op_t *o = queue_data(l, cass_op_t, qlink);
         store_req_t *r = o->req;
         if (!o->finished && (r->op == STORE_EDIT || r->op == STORE_DELETE) &&
             r->id == op->req->id) {
@@ -1371,38 +1362,14 @@ static void read_get_start(cass_op_t *op) {
 
 static int cs_submit(store_t *base, store_req_t *r) {
     cass_store_t *s = (cass_store_t *)base;
-    if (!s->base.loop || !s->cql || !r || !r->cb || !r->chat_id) return CHAT_EINVAL;
+    if (!s->cql) return CHAT_EINVAL;
     switch (r->op) {
-    case STORE_APPEND:
-        if (!r->user || !r->text || r->id == 0 || r->id > (uint64_t)INT64_MAX) return CHAT_EINVAL;
-        break;
-    case STORE_EDIT:
-        if (!r->user || !r->text) return CHAT_EINVAL;
-        break;
-    case STORE_DELETE:
-        if (!r->user) return CHAT_EINVAL;
-        break;
-    case STORE_HISTORY:
-    case STORE_AFTER: break;
-    case STORE_READ_SET:
-        if (!r->user || r->id == 0) return CHAT_EINVAL;
-        break;
-    case STORE_READ_GET:
-        if (!r->user) return CHAT_EINVAL;
-        break;
-    default: return CHAT_EINVAL;
+    case STORE_SEARCH: /* over SQLite's FTS5 table only */
+    case STORE_OUTBOX_READ:
+    case STORE_OUTBOX_DELETE: return CHAT_EINVAL; /* no outbox here yet */
+    default: break;
     }
     if (s->closing) return CHAT_ECLOSED;
-    r->status = 0;
-    r->duplicate = false;
-    memset(&r->msg, 0, sizeof r->msg);
-    r->msgs = NULL;
-    r->marks = NULL; /* STORE_SEARCH's, never this backend's */
-    r->n_msgs = 0;
-    r->read_id = 0;
-    r->read_moved = r->unread_capped = false;
-    r->unread = 0;
-    r->next_ = NULL;
     cass_op_t *op = calloc(1, sizeof *op);
     if (!op) return CHAT_ENOMEM;
     op->s = s;
@@ -1413,16 +1380,8 @@ static int cs_submit(store_t *base, store_req_t *r) {
             free(op);
             return CHAT_ENOMEM;
         }
-        if (op->q->tail) {
-            op->q->tail->qnext = op;
-        } else {
-            op->q->head = op;
-        }
-        op->q->tail = op;
+        queue_insert_tail(&op->q->ops, &op->qlink);
     }
-    op->next = s->ops;
-    if (s->ops) s->ops->prev = op;
-    s->ops = op;
     s->n_ops++;
     /* The first CQL request is submitted from here; a failure to submit it is returned
      * (the callback must not run inside submit). After that, every path ends in op_done,
@@ -1445,12 +1404,6 @@ static int cs_submit(store_t *base, store_req_t *r) {
     if (!rc) rc = op->sync_fail;
     if (rc) {
         /* nothing is in flight for it (a dup waits on another op only when rc == 0) */
-        if (op->prev) {
-            op->prev->next = op->next;
-        } else {
-            s->ops = op->next;
-        }
-        if (op->next) op->next->prev = op->prev;
         s->n_ops--;
         claim_unlink(op);
         chatq_remove(s, op);
@@ -1493,7 +1446,7 @@ static void cs_close(store_t *base, void (*done)(void *), void *arg) {
         return;
     }
     log_info("store_closing backend=cassandra in_flight=%zu", s->n_ops);
-    if (!s->ops) store_finish_close(s);
+    if (!s->n_ops) store_finish_close(s);
 }
 
 /* ---- synchronous work on a private loop (open's probe, migrate) ------------------------------ */

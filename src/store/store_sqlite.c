@@ -17,7 +17,7 @@
  * - checkpointer: owns cdb and copies the WAL back into the database file when the writer
  *   asks (see on_wal_commit), so that the copy and its fsync of the database stay off the
  *   commit path.
- * Requests travel between threads on intrusive lists (req->next_) under s->lock. */
+ * Requests travel between threads on intrusive lists (req->link_, core/queue.h) under s->lock. */
 #include "store_internal.h"
 #include "store_sqlite_internal.h"
 
@@ -200,9 +200,7 @@ struct sqlite_store {
     uv_cond_t wcond; /* the writer waits for work; it also waits here for readers to exit */
     uv_cond_t rcond; /* readers wait for work */
     uv_cond_t ccond; /* the checkpointer waits for ckpt_wanted */
-    store_req_t *wq_head, *wq_tail;
-    store_req_t *rq_head, *rq_tail;
-    store_req_t *done_head, *done_tail;
+    queue_t wq, rq, finished; /* of store_req_t.link_: writes, reads, done with */
     int threads_live;
     int readers_live; /* threads with a connection of their own: readers and checkpointer */
     bool ckpt_wanted, ckpt_busy;
@@ -227,7 +225,7 @@ struct sqlite_store {
     bool ob_new;                   /* under lock: a commit added rows since the last notify */
 
     /* loop thread only */
-    store_req_t *cb_head, *cb_tail; /* completed, callbacks not yet called */
+    queue_t cb; /* completed, callbacks not yet called (the loop thread's) */
     bool close_called;
     bool finishing;
     void (*done)(void *);
@@ -920,8 +918,12 @@ static int ob_delete(sqlite_store_t *s, store_req_t *r, int64_t *removed) {
     return SQLITE_OK;
 }
 
-static void fail_batch(store_req_t *batch) {
-    for (store_req_t *r = batch; r; r = r->next_) {
+#define req_of(q) queue_data(q, store_req_t, link_)
+
+static void fail_batch(queue_t *batch) {
+    queue_t *q;
+    QUEUE_FOREACH(q, batch) {
+        store_req_t *r = req_of(q);
         store_msg_clear(&r->msg);
         r->duplicate = false;
         r->status = CHAT_EIO;
@@ -929,7 +931,7 @@ static void fail_batch(store_req_t *batch) {
 }
 
 /* One transaction for the whole batch. Caller holds wdb_lock. true if committed. */
-static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
+static bool write_batch(sqlite_store_t *s, queue_t *batch) {
     if (!s->wdb) { /* a reopen failed (writer_probe): werr says why */
         fail_batch(batch);
         return false;
@@ -941,7 +943,9 @@ static bool write_batch(sqlite_store_t *s, store_req_t *batch) {
     }
     int64_t added = 0, removed = 0;
     uint64_t refused = 0;
-    for (store_req_t *r = batch; r; r = r->next_) {
+    queue_t *q;
+    QUEUE_FOREACH(q, batch) {
+        store_req_t *r = req_of(q);
         if (r->op == STORE_OUTBOX_DELETE) {
             rc = ob_delete(s, r, &removed);
         } else if (r->op == STORE_READ_SET) { /* no event of a message: not in the outbox */
@@ -1020,16 +1024,10 @@ static bool writer_probe(sqlite_store_t *s) {
     return probe_write(s->wdb, s->werr, sizeof s->werr) == 0;
 }
 
-/* Hand finished requests (a list ending at tail) to the loop thread. */
-static void post_done(sqlite_store_t *s, store_req_t *head, store_req_t *tail, uint64_t n,
-                      int batch_result) {
+/* Hand finished requests (all of list, which is left empty) to the loop thread. */
+static void post_done(sqlite_store_t *s, queue_t *list, uint64_t n, int batch_result) {
     uv_mutex_lock(&s->lock);
-    if (s->done_tail) {
-        s->done_tail->next_ = head;
-    } else {
-        s->done_head = head;
-    }
-    s->done_tail = tail;
+    queue_move_tail(list, &s->finished);
     if (batch_result > 0) s->stats.batches++;
     if (batch_result < 0) s->stats.failed_batches++;
     if (batch_result) { /* the writer thread: its own frame count is safe to read here */
@@ -1049,7 +1047,7 @@ static void writer_main(void *arg) {
     for (;;) {
         bool probe = false;
         uv_mutex_lock(&s->lock);
-        while ((!s->wq_head || s->paused) && !s->closing) {
+        while ((queue_empty(&s->wq) || s->paused) && !s->closing) {
             if (!s->failing) {
                 uv_cond_wait(&s->wcond, &s->lock);
             } else if (uv_cond_timedwait(&s->wcond, &s->lock, PROBE_EVERY_NS) == UV_ETIMEDOUT) {
@@ -1057,8 +1055,9 @@ static void writer_main(void *arg) {
                 break;
             }
         }
-        store_req_t *list = probe ? NULL : s->wq_head;
-        if (!probe) s->wq_head = s->wq_tail = NULL;
+        queue_t list;
+        queue_init(&list);
+        if (!probe) queue_move_tail(&s->wq, &list);
         bool failing = s->failing;
         uv_mutex_unlock(&s->lock);
         if (probe) {
@@ -1068,28 +1067,28 @@ static void writer_main(void *arg) {
             set_failing(s, !ok);
             continue;
         }
-        if (!list) break; /* closing, and nothing left to write */
-        while (list) {
-            store_req_t *head = list, *tail = list;
-            uint64_t n = 1;
-            while (n < WRITE_BATCH_MAX && tail->next_) {
-                tail = tail->next_;
-                n++;
+        if (queue_empty(&list)) break; /* closing, and nothing left to write */
+        while (!queue_empty(&list)) {
+            queue_t batch;
+            queue_init(&batch);
+            uint64_t n = 0;
+            for (; n < WRITE_BATCH_MAX && !queue_empty(&list); n++) {
+                queue_t *q = queue_head(&list);
+                queue_remove(q);
+                queue_insert_tail(&batch, q);
             }
-            list = tail->next_;
-            tail->next_ = NULL;
             uv_mutex_lock(&s->wdb_lock);
             /* while failing, a busy store gets its fresh connection here (see writer_probe) */
             bool ok = !failing || writer_probe(s);
             if (ok) {
-                ok = write_batch(s, head);
+                ok = write_batch(s, &batch);
             } else {
-                fail_batch(head);
+                fail_batch(&batch);
             }
             failing = !ok;
             uv_mutex_unlock(&s->wdb_lock);
             set_failing(s, !ok); /* before the callbacks: a caller told "failed" sees it too */
-            post_done(s, head, tail, n, ok ? 1 : -1);
+            post_done(s, &batch, n, ok ? 1 : -1);
         }
     }
 
@@ -1258,12 +1257,11 @@ static void reader_main(void *arg) {
     sqlite_store_t *s = rd->s;
     for (;;) {
         uv_mutex_lock(&s->lock);
-        while (!s->rq_head && !s->closing) uv_cond_wait(&s->rcond, &s->lock);
-        store_req_t *r = s->rq_head;
-        if (r) {
-            s->rq_head = r->next_;
-            if (!s->rq_head) s->rq_tail = NULL;
-            r->next_ = NULL;
+        while (queue_empty(&s->rq) && !s->closing) uv_cond_wait(&s->rcond, &s->lock);
+        store_req_t *r = NULL;
+        if (!queue_empty(&s->rq)) {
+            r = req_of(queue_head(&s->rq));
+            queue_remove(&r->link_);
         }
         uv_mutex_unlock(&s->lock);
         if (!r) break; /* closing, and every queued read served */
@@ -1274,7 +1272,10 @@ static void reader_main(void *arg) {
         } else {
             do_read(rd, r);
         }
-        post_done(s, r, r, 1, 0);
+        queue_t one;
+        queue_init(&one);
+        queue_insert_tail(&one, &r->link_);
+        post_done(s, &one, 1, 0);
     }
     close_reader_db(rd);
     side_thread_exit(s);
@@ -1317,34 +1318,24 @@ static void finish(sqlite_store_t *s) {
 static void on_async(uv_async_t *h) {
     sqlite_store_t *s = h->data;
     uv_mutex_lock(&s->lock);
-    if (s->done_head) {
-        if (s->cb_tail) {
-            s->cb_tail->next_ = s->done_head;
-        } else {
-            s->cb_head = s->done_head;
-        }
-        s->cb_tail = s->done_tail;
-        s->done_head = s->done_tail = NULL;
-    }
+    queue_move_tail(&s->finished, &s->cb);
     bool ob_new = s->ob_new;
     s->ob_new = false;
     uv_mutex_unlock(&s->lock);
     /* never after close: the relay is told to stop before the store closes */
     if (ob_new && s->ob.notify && !s->close_called) s->ob.notify(s->ob.arg);
-    for (int n = 0; s->cb_head && n < DELIVER_MAX; n++) {
-        store_req_t *r = s->cb_head;
-        s->cb_head = r->next_; /* before the callback, which may free or resubmit r */
-        if (!s->cb_head) s->cb_tail = NULL;
-        r->next_ = NULL;
+    for (int n = 0; !queue_empty(&s->cb) && n < DELIVER_MAX; n++) {
+        store_req_t *r = req_of(queue_head(&s->cb));
+        queue_remove(&r->link_); /* before the callback, which may free or resubmit r */
         r->cb(r);
     }
-    if (s->cb_head) {
+    if (!queue_empty(&s->cb)) {
         uv_async_send(&s->async); /* the rest on the next turn, after pending I/O */
         return;
     }
     if (s->finishing) return;
     uv_mutex_lock(&s->lock);
-    bool all_done = s->closing && s->threads_live == 0 && !s->done_head;
+    bool all_done = s->closing && s->threads_live == 0 && queue_empty(&s->finished);
     uv_mutex_unlock(&s->lock);
     if (all_done) finish(s);
 }
@@ -1362,60 +1353,22 @@ static void stop_threads(sqlite_store_t *s) {
 
 static int sq_submit(store_t *base, store_req_t *r) {
     sqlite_store_t *s = (sqlite_store_t *)base;
-    if (!s->base.loop || !r || !r->cb) return CHAT_EINVAL;
-    if (!r->chat_id && r->op != STORE_OUTBOX_READ && r->op != STORE_OUTBOX_DELETE) {
-        return CHAT_EINVAL;
-    }
-    bool write = true;
+    bool write;
     switch (r->op) {
-    case STORE_APPEND:
-        if (!r->user || !r->text || r->id == 0 || r->id > (uint64_t)INT64_MAX) {
-            return CHAT_EINVAL;
-        }
-        break;
-    case STORE_EDIT:
-        if (!r->user || !r->text) return CHAT_EINVAL;
-        break;
-    case STORE_DELETE:
-        if (!r->user) return CHAT_EINVAL;
-        break;
     case STORE_SEARCH:
-        if (!r->text) return CHAT_EINVAL;
-        write = false;
-        break;
     case STORE_HISTORY:
     case STORE_AFTER:
-        write = false;
-        break;
-    case STORE_READ_SET:
-        if (!r->user || r->id == 0) return CHAT_EINVAL;
-        break;
-    case STORE_READ_GET:
-        if (!r->user) return CHAT_EINVAL;
-        write = false;
-        break;
+    case STORE_READ_GET: write = false; break;
     case STORE_OUTBOX_READ:
         if (!s->ob_on) return CHAT_EINVAL;
         write = false;
         break;
     case STORE_OUTBOX_DELETE:
         if (!s->ob_on) return CHAT_EINVAL;
+        write = true;
         break;
-    default:
-        return CHAT_EINVAL;
+    default: write = true; break; /* APPEND, EDIT, DELETE, READ_SET */
     }
-    r->status = 0;
-    r->duplicate = false;
-    memset(&r->msg, 0, sizeof r->msg);
-    r->msgs = NULL;
-    r->marks = NULL;
-    r->n_msgs = 0;
-    r->rows = NULL;
-    r->n_rows = 0;
-    r->read_id = 0;
-    r->read_moved = r->unread_capped = false;
-    r->unread = 0;
-    r->next_ = NULL;
 
     bool wake;
     uv_mutex_lock(&s->lock);
@@ -1423,17 +1376,11 @@ static int sq_submit(store_t *base, store_req_t *r) {
         uv_mutex_unlock(&s->lock);
         return CHAT_ECLOSED;
     }
-    store_req_t **head = write ? &s->wq_head : &s->rq_head;
-    store_req_t **tail = write ? &s->wq_tail : &s->rq_tail;
+    queue_t *to = write ? &s->wq : &s->rq;
     /* The writer sleeps only on an empty queue, so only the first request after that
      * needs to wake it; the rest of a burst joins the same batch for free. */
-    wake = !*head || !write;
-    if (*tail) {
-        (*tail)->next_ = r;
-    } else {
-        *head = r;
-    }
-    *tail = r;
+    wake = queue_empty(to) || !write;
+    queue_insert_tail(to, &r->link_);
     uv_mutex_unlock(&s->lock);
     if (wake) uv_cond_signal(write ? &s->wcond : &s->rcond);
     return 0;
@@ -1564,6 +1511,10 @@ int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *er
     }
     sqlite_store_t *s = calloc(1, sizeof *s);
     if (!s) return CHAT_ENOMEM;
+    queue_init(&s->wq);
+    queue_init(&s->rq);
+    queue_init(&s->finished);
+    queue_init(&s->cb);
     s->base.ops = &sqlite_ops;
     s->base.loop = loop;
     s->ckpt_start = CKPT_START_FRAMES;

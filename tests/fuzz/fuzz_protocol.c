@@ -1,7 +1,8 @@
 /* libFuzzer: the chat protocol decoder on arbitrary client text, and the encoder on what
  * it accepts. Invariants: decoding never crashes or leaks; an accepted message encodes to
  * valid JSON that decodes back to the same text and client_id; a ping carries no text; a
- * token:refresh carries a non-empty token without U+0000 and no text. */
+ * token:refresh carries a non-empty token without U+0000 and no text; proto_peek reads back
+ * the id of every event we encode (whatever the chat id holds) and never reads out of bounds. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,7 +10,7 @@
 
 static void roundtrip(const proto_cmd_t *c) {
     store_msg_t m = {.id = c->message_id ? c->message_id : 1,
-                     .chat_id = "fuzz",
+                     .chat_id = c->client_id ? (char *)c->client_id : "fuzz",
                      .user_from = "user",
                      .message = (char *)c->message,
                      .client_id = (char *)c->client_id,
@@ -20,6 +21,10 @@ static void roundtrip(const proto_cmd_t *c) {
     json_error_t err;
     json_t *j = json_loadb(sb.p, sb.len, 0, &err);
     if (!j) abort(); /* we produced invalid JSON */
+    bool is_new;
+    uint64_t id;
+    if (!proto_peek((const uint8_t *)sb.p, sb.len, &is_new, &id) || !is_new || id != m.id)
+        abort();
     if (c->message) {
         json_t *t = json_object_get(j, "message");
         if (!json_is_string(t) || json_string_length(t) != c->message_len ||
@@ -40,6 +45,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             (1u << PROTO_PRESENCE_GET),
         (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE,
     };
+    bool is_new;
+    uint64_t id;
+    (void)proto_peek(data, size, &is_new, &id);
     for (size_t i = 0; i < 2; i++) {
         proto_cmd_t c;
         int rc = proto_decode(data, size, modes[i], &c);

@@ -32,7 +32,8 @@ static void on_closed(void *arg) { (*(int *)arg)++; }
 static bus_t *open_local(uv_loop_t *loop) {
     bus_t *b = NULL;
     char err[128] = "";
-    if (bus_open(&b, loop, "local", on_msg, on_state, NULL, err, sizeof err) != 0) return NULL;
+    bus_callbacks_t cb = {.on_message = on_msg, .on_state = on_state};
+    if (bus_open(&b, loop, "local", &cb, err, sizeof err) != 0) return NULL;
     return b;
 }
 

@@ -190,6 +190,8 @@ typedef struct peer {
     bool up;
     int ups, downs;
     char hist[16]; /* 'U' / 'D' per on_state, in order */
+    int subscribed;    /* on_subscribed calls */
+    char last_sub[32]; /* the chat of the last one */
     msg_t *msgs;
     size_t n, cap;
 } peer_t;
@@ -219,10 +221,18 @@ static void on_state(void *ud, bool up) {
     if (n + 1 < sizeof pe->hist) pe->hist[n] = up ? 'U' : 'D';
 }
 
+static void on_subscribed(void *ud, const char *chat_id) {
+    peer_t *pe = ud;
+    pe->subscribed++;
+    snprintf(pe->last_sub, sizeof pe->last_sub, "%s", chat_id);
+}
+
 static int peer_open(peer_t *pe, uv_loop_t *loop, const char *url) {
     char err[256] = "";
     memset(pe, 0, sizeof *pe);
-    int rc = bus_open(&pe->bus, loop, url, on_msg, on_state, pe, err, sizeof err);
+    bus_callbacks_t cb = {
+        .on_message = on_msg, .on_state = on_state, .on_subscribed = on_subscribed, .ud = pe};
+    int rc = bus_open(&pe->bus, loop, url, &cb, err, sizeof err);
     if (rc) fprintf(stderr, "  bus_open(%s): %s\n", url, err);
     return rc;
 }
@@ -250,6 +260,7 @@ static void run_for(uv_loop_t *loop, unsigned ms) { run_until(loop, NULL, NULL, 
 static bool p_up(void *a) { return ((peer_t *)a)->up; }
 static bool p_cmd(void *a) { return bus_redis__cmd_ready(((peer_t *)a)->bus); }
 static bool p_down(void *a) { return !((peer_t *)a)->up && ((peer_t *)a)->downs > 0; }
+static bool p_subscribed(void *a) { return ((peer_t *)a)->subscribed > 0; }
 static bool p_flag(void *a) { return *(int *)a != 0; }
 static bool p_queue_empty(void *a) {
     return bus_redis__queued(a) == 0 && bus_redis__queue_ok(a);
@@ -387,7 +398,8 @@ static void test_url_parse(void) {
     CHECK(loop);
     bus_t *b = (bus_t *)(uintptr_t)1;
     err[0] = 0;
-    CHECK_INT(bus_open(&b, loop, "redis://h:99999", on_msg, on_state, NULL, err, sizeof err),
+    bus_callbacks_t cb = {.on_message = on_msg, .on_state = on_state};
+    CHECK_INT(bus_open(&b, loop, "redis://h:99999", &cb, err, sizeof err),
               CHAT_EINVAL);
     CHECK(b == (bus_t *)(uintptr_t)1);
     CHECK(strstr(err, "port") != NULL);
@@ -411,6 +423,9 @@ static void test_pubsub(void) {
 
     CHECK_INT(bus_subscribe(b.bus, "x"), 0);
     CHECK(wait_numsub(loop, "chat:x", 1, 2000));
+    /* the broker's confirmation reaches the callback given to bus_open */
+    CHECK(run_until(loop, p_subscribed, &b, 2000));
+    CHECK_STR(b.last_sub, "x");
 
     /* binary-safe payload, exactly once, with the chat id */
     static const uint8_t bin[] = {'a', 0, 'b', '|', 'c', 0xff, '\r', '\n', 0};

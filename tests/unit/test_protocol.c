@@ -248,6 +248,52 @@ static void test_encode_error(void) {
     sbuf_free(&sb);
 }
 
+/* proto_peek reads back the id and kind of every event proto_put_msg writes, whatever the
+ * chat id holds (quotes, backslashes, a decoy "message_id"), and refuses what it did not write. */
+static void test_peek(void) {
+    static const char *chats[] = {"room-1", "a\"b\\", "x\",\"message_id\":\"7", "\\"};
+    static const char *events[] = {"message:message", "message:edit", "message:delete"};
+    for (size_t i = 0; i < sizeof chats / sizeof chats[0]; i++) {
+        for (size_t k = 0; k < 3; k++) {
+            store_msg_t m = {.id = 7261835409563648ULL + i, .chat_id = (char *)chats[i],
+                             .user_from = "alice", .message = "hi \"there\"",
+                             .created_at = 1795940400123LL, .client_id = "c-1"};
+            if (k == 2) m.deleted_at = m.created_at + 1;
+            sbuf_t sb = {0};
+            proto_put_msg(&sb, events[k], &m);
+            bool is_new = k != 0;
+            uint64_t id = 0;
+            CHECK(proto_peek((const uint8_t *)sb.p, sb.len, &is_new, &id));
+            CHECK_INT(is_new, k == 0);
+            CHECK_INT(id, m.id);
+            /* every strict prefix is refused, not read past */
+            for (size_t n = 0; n < sb.len; n++) {
+                char *cut = malloc(n ? n : 1);
+                CHECK(cut);
+                memcpy(cut, sb.p, n);
+                bool ok = proto_peek((const uint8_t *)cut, n, &is_new, &id);
+                free(cut);
+                /* only a cut after the id's closing quote can still be read */
+                CHECK(!ok || n > (size_t)(strstr(sb.p, ",\"user_from\"") - sb.p) - 1);
+            }
+            sbuf_free(&sb);
+        }
+    }
+    static const char *bad[] = {
+        "",
+        "{}",
+        "{\"event\":\"read\",\"chat_id\":\"r\",\"user_from\":\"a\"}",
+        "{\"chat_id\":\"r\",\"message_id\":\"5\"}",                    /* no event */
+        "{\"event\":\"message:message\",\"chat_id\":\"r\",\"message_id\":\"x5\"}", /* bad id */
+        "{\"event\":\"message:message\",\"chat_id\":\"r\\\",\"message_id\":\"5\"}", /* open */
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        bool is_new;
+        uint64_t id;
+        CHECK(!proto_peek((const uint8_t *)bad[i], strlen(bad[i]), &is_new, &id));
+    }
+}
+
 int main(void) {
     RUN(test_message);
     RUN(test_edit_delete_ids);
@@ -260,5 +306,6 @@ int main(void) {
     RUN(test_allowed_events);
     RUN(test_encode_event);
     RUN(test_encode_error);
+    RUN(test_peek);
     return test_summary("test_protocol");
 }

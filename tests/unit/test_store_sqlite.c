@@ -263,6 +263,18 @@ static void test_invalid_submit(void) {
     r = mk_read((store_op_t)42, "c", 0, 5);
     r.cb = on_req;
     CHECK_INT(store_submit(f.s, &r), CHAT_EINVAL);
+    /* read positions: READ_SET needs a user and a message id, READ_GET a user */
+    r = (store_req_t){.op = STORE_READ_SET, .chat_id = "c", .user = "alice", .cb = on_req};
+    CHECK_INT(store_submit(f.s, &r), CHAT_EINVAL); /* id 0 */
+    r = (store_req_t){.op = STORE_READ_SET, .chat_id = "c", .id = 5, .cb = on_req};
+    CHECK_INT(store_submit(f.s, &r), CHAT_EINVAL);
+    r = (store_req_t){.op = STORE_READ_GET, .chat_id = "c", .cb = on_req};
+    CHECK_INT(store_submit(f.s, &r), CHAT_EINVAL);
+    r = (store_req_t){.op = STORE_SEARCH, .chat_id = "c", .limit = 5, .cb = on_req};
+    CHECK_INT(store_submit(f.s, &r), CHAT_EINVAL); /* no MATCH expression */
+    /* the outbox is refused until enabled */
+    r = (store_req_t){.op = STORE_OUTBOX_READ, .limit = 5, .cb = on_req};
+    CHECK_INT(store_submit(f.s, &r), CHAT_EINVAL);
     CHECK_INT(fx_done(&f), 0);
 }
 
