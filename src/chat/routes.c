@@ -78,10 +78,10 @@ static void api__dispatch(http_conn_t *hc, const http_request_t *in) {
     http_peer_t *hp = hc->data;
     chat_server_t *s = hp->peer.srv;
     bool ka = in->keep_alive;
-    if (hc->conn->over_limit) {
+    if (conn_over_limit(hc->conn)) {
         /* Accepted over --max-connections(-per-ip): answered, never upgraded, then closed. */
         http_conn_error(hc, 503, "too_many_connections",
-                        hc->conn->over_limit == CONN_OVER_PER_IP
+                        conn_over_limit(hc->conn) == CONN_OVER_PER_IP
                             ? "too many connections from this address; try again later"
                             : "the server has too many connections; try again later",
                         false);
@@ -140,7 +140,7 @@ static const http_conn_ops_t api_conn_ops = {
 };
 
 static void api__on_open(conn_t *c) {
-    chat_server_t *s = c->server->handler_data;
+    chat_server_t *s = conn_server_data(c);
     http_peer_t *hp = calloc(1, sizeof(*hp));
     if (!hp) {
         conn_abort(c);

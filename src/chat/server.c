@@ -59,7 +59,7 @@ static void chat__sweep(uv_timer_t *t) {
             /* A peer that never reads our close keeps its queue: give up on it. One that
              * reads, however slowly, gets the rest (progress is the last write). */
             if (!p->closing_since) p->closing_since = now;
-            else if (now - (c->last_tx > p->closing_since ? c->last_tx : p->closing_since) >
+            else if (now - (conn_last_tx(c) > p->closing_since ? conn_last_tx(c) : p->closing_since) >
                      CLOSING_MAX_MS)
                 conn_abort(c);
         } else if (p->kind == PEER_WS) {

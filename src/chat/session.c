@@ -17,7 +17,7 @@ static int chat__send(session_t *ss, buf_t *b) {
     if (!c || conn_is_closing(c)) return CHAT_ECLOSED;
     int rc = conn_send(c, b);
     if (rc == CHAT_EBUSY) {
-        log_warn("slow_consumer user=%s queued=%zu", LOG_STR(ss->user), c->q_bytes);
+        log_warn("slow_consumer user=%s queued=%zu", LOG_STR(ss->user), conn_queued(c));
         ss->close_code = WS_CLOSE_POLICY;
         conn_abort(c);
     }
@@ -377,7 +377,7 @@ static const ws_parser_cb_t chat__ws_cb = {
 };
 
 static void chat__ws_read(conn_t *c, uint8_t *data, size_t len) {
-    session_t *ss = c->ctx;
+    session_t *ss = conn_ctx(c);
     ss->peer.last_rx = uv_now(ss->peer.srv->loop);
     ss->ping_sent = 0;
     int rc = ws_parser_feed(&ss->parser, data, len);
@@ -393,7 +393,7 @@ static void chat__ws_read(conn_t *c, uint8_t *data, size_t len) {
 static void chat__backlog_free(session_t *ss);
 
 static void chat__ws_close(conn_t *c) {
-    session_t *ss = c->ctx;
+    session_t *ss = conn_ctx(c);
     chat_server_t *s = ss->peer.srv;
     chat_presence_close(s, ss);
     room_leave(&s->rooms, &ss->member);
@@ -564,7 +564,7 @@ static void chat__replay_pump(session_t *ss) {
  * flow control of a fast sender (read again). Each re-arms if it still waits; the conn
  * keeps the lower of their marks. */
 static void chat__ws_drain(conn_t *c) {
-    session_t *ss = c->ctx;
+    session_t *ss = conn_ctx(c);
     if (ss->replaying && !ss->backlog_reading &&
         (ss->replay_frame || ss->backlog_next < ss->n_backlog || ss->held.head))
         chat__replay_pump(ss);

@@ -187,29 +187,9 @@ typedef struct conn_handler {
     void (*on_drain)(conn_t *c);
 } conn_handler_t;
 
-struct conn {
-    uv_tcp_t tcp;
-    conn_server_t *server;
-    const conn_handler_t *handler;
-    void *ctx; /* the handler's state */
-    /* output queue: refcounted segments, written by one sendmsg per loop turn */
-    struct conn_seg *q;
-    uint32_t q_head, q_len, q_cap;
-    size_t q_bytes;       /* bytes queued, not yet written */
-    size_t max_outbound;  /* conn_send fails with CHAT_EBUSY past this */
-    uv_write_t *wreq;     /* allocated only while a write waits for the kernel buffer */
-    uint32_t w_segs;      /* segments covered by wreq */
-    queue_t dirty_link;       /* on the server's list of connections to flush */
-    queue_t linger_link;      /* on the server's list of half-closed connections */
-    uint64_t linger_deadline; /* uv_now() after which a half-closed conn is dropped */
-    size_t drain_below;   /* on_drain fires once q_bytes <= this (CF_DRAIN armed) */
-    uint64_t last_tx;     /* uv_now() of the last write that moved bytes to the kernel */
-    struct conn_ip *ip;   /* its address's count, when connections per address are limited */
-    struct conn_tls *tls; /* the TLS state, NULL on a plain connection */
-    uint8_t over_limit;   /* CONN_OVER_*: accepted beyond a limit; the handler refuses it */
-    uint16_t flags;
-    uint64_t id;          /* for logs */
-};
+/* conn_t is opaque: only conn.c reads or changes a connection's fields; everything else goes
+ * through the functions below (its handler state, its queue, its timings, its limits). */
+
 
 /* A connection accepted beyond a limit is still accepted, so that the handler can say why
  * (an HTTP 503) rather than leave it to a reset; c->over_limit tells which limit. */
@@ -278,13 +258,18 @@ void conn_close(conn_t *c);
  * buffers). on_close follows. Idempotent. */
 void conn_abort(conn_t *c);
 /* Swap the handler (and its ctx). */
-static inline void conn_set_handler(conn_t *c, const conn_handler_t *h, void *ctx) {
-    c->handler = h;
-    c->ctx = ctx;
-}
+void conn_set_handler(conn_t *c, const conn_handler_t *h, void *ctx);
 bool conn_is_closing(const conn_t *c);
 /* Bytes queued and not yet taken by the kernel. */
-static inline size_t conn_queued(const conn_t *c) { return c->q_bytes; }
+size_t conn_queued(const conn_t *c);
+/* The handler's state (conn_set_handler's ctx; borrowed). */
+void *conn_ctx(const conn_t *c);
+/* uv_now() of the last write that moved bytes to the kernel (0: none yet). */
+uint64_t conn_last_tx(const conn_t *c);
+/* CONN_OVER_* when it was accepted beyond a limit (its handler refuses it), else 0. */
+int conn_over_limit(const conn_t *c);
+/* The server's handler_data (conn_server_opts_t; borrowed). */
+void *conn_server_data(const conn_t *c);
 /* Stop / restart reading from the peer (backpressure: a client whose answers pile up is
  * not read further until they drain). Idempotent; a paused connection still writes and
  * still closes normally. */

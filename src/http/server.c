@@ -169,7 +169,7 @@ static void http__drive(http_conn_t *hc, const uint8_t *data, size_t len) {
 }
 
 static void http__on_read(conn_t *c, uint8_t *data, size_t len) {
-    http_conn_t *hc = c->ctx;
+    http_conn_t *hc = conn_ctx(c);
     hc->last_rx = uv_now(hc->cfg.loop);
     if (hc->busy || hc->out_paused) {
         sbuf_put(&hc->pending, data, len);
@@ -181,7 +181,7 @@ static void http__on_read(conn_t *c, uint8_t *data, size_t len) {
 
 /* The answers drained: read again, starting with the request that waited in the reader. */
 static void http__on_drain(conn_t *c) {
-    http_conn_t *hc = c->ctx;
+    http_conn_t *hc = conn_ctx(c);
     if (!hc->out_paused) return;
     hc->out_paused = false;
     conn_resume_read(c);
@@ -193,7 +193,7 @@ static void http__on_drain(conn_t *c) {
 }
 
 static void http__on_close(conn_t *c) {
-    http_conn_t *hc = c->ctx;
+    http_conn_t *hc = conn_ctx(c);
     hc->conn = NULL;
     hc->ops->on_close(hc);
 }
@@ -223,6 +223,6 @@ void http_conn_sweep(http_conn_t *hc, uint64_t now, uint64_t idle_ms) {
             return;
         }
     }
-    uint64_t active = hc->last_rx > c->last_tx ? hc->last_rx : c->last_tx;
+    uint64_t active = hc->last_rx > conn_last_tx(c) ? hc->last_rx : conn_last_tx(c);
     if (now - active >= idle_ms) conn_close(c);
 }

@@ -112,7 +112,7 @@ static const http_conn_ops_t hh__ops = {
 };
 
 static inline void hh__on_open(conn_t *c) {
-    hh_t *h = c->server->handler_data;
+    hh_t *h = conn_server_data(c);
     hh_owner_t *o = calloc(1, sizeof(*o));
     if (!o) {
         conn_abort(c);
