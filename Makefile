@@ -108,7 +108,7 @@ $(FB)/%: $(FB)/obj/tests/fuzz/%.o $(FB)/libchat.a
 	$(CLANG) $(FUZZFLAGS) -pthread -o $@ $^ $(LDLIBS)
 
 # ---- targets ----------------------------------------------------------------------------
-.PHONY: all run test deps deps-run unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
+.PHONY: all run test deps deps-run format-check unit unit-asan fuzz fuzz-replay functional functional-asan browser bench \
         bench-full cluster cluster-stop cluster-tests create-models test-suites \
         functional-cassandra cassandra-tests components-tests soak stream-tests search-tests \
         clean format
@@ -197,7 +197,7 @@ test: deps
 # The functional suite runs twice: on SQLite under the sanitizers, and on Cassandra with the
 # release build (the build `make run` starts; browser, cluster and stream suites use it too).
 # A third pass (release on SQLite) found nothing the two did not and cost 3 of 15 minutes.
-test-suites: unit unit-asan fuzz-replay functional-asan browser cluster-tests \
+test-suites: format-check unit unit-asan fuzz-replay functional-asan browser cluster-tests \
              functional-cassandra cassandra-tests components-tests stream-tests search-tests
 
 # the functional suite again, each server on a fresh keyspace of the real Cassandra
@@ -246,9 +246,13 @@ $(B)/zip_bench: $(B)/obj/bench/zip_bench.o $(B)/libchat.a
 
 # .clang-format holds the style; Debian 12 installs the binary as clang-format-14
 CLANG_FORMAT ?= $(shell command -v clang-format || command -v clang-format-14 || echo clang-format)
+FORMAT_FILES = src/*.c src/*/*.c src/*/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c bench/*.c
 format:
-	$(CLANG_FORMAT) -i src/*.c src/*/*.c src/*/*.h tests/unit/*.c tests/unit/*.h tests/fuzz/*.c \
-	    bench/*.c
+	$(CLANG_FORMAT) -i $(FORMAT_FILES)
+
+# make test's first step: the tree is in the style of .clang-format (`make format` fixes it)
+format-check:
+	$(CLANG_FORMAT) --dry-run -Werror $(FORMAT_FILES)
 
 clean:
 	rm -rf build

@@ -36,21 +36,21 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "../tests/unit/test.h"
 #include "chat/chat.h"
 #include "core/core.h"
 #include "ws/ws.h"
-#include "../tests/unit/test.h"
 
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24 /* Linux 4.2; older libc headers lack the name */
 #endif
 
 #define RBUF_SIZE (256 * 1024)
-#define HS_MAX 16384                    /* largest upgrade response head we accept */
-#define OUT_BACKLOG_MAX (32u << 20)     /* a publisher's unsent bytes before sends are refused */
-#define ACK_RING 1024                   /* Centrifugo: send times of in-flight publish ids */
+#define HS_MAX 16384                /* largest upgrade response head we accept */
+#define OUT_BACKLOG_MAX (32u << 20) /* a publisher's unsent bytes before sends are refused */
+#define ACK_RING 1024               /* Centrifugo: send times of in-flight publish ids */
 #define TOKEN_TTL_S 86400
-#define MAX_NODES 16                    /* --port and --server-pid lists (a cluster) */
+#define MAX_NODES 16 /* --port and --server-pid lists (a cluster) */
 
 /* ---- histogram --------------------------------------------------------------------------
  * HdrHistogram-style log-linear buckets over microseconds: values below 256 are counted
@@ -198,9 +198,9 @@ typedef struct in_msg {
     uint32_t sender; /* IN_PUB: the index of the connection that sent it */
     uint32_t node;   /* IN_PUB: the sender's node (its index in --port), if has_node */
     bool has_node;
-    uint32_t id;     /* IN_REPLY: the command id it answers */
-    bool failed;     /* IN_REPLY: it carries an error */
-    char code[40];   /* IN_ERROR, failed IN_REPLY: the server's error code */
+    uint32_t id;   /* IN_REPLY: the command id it answers */
+    bool failed;   /* IN_REPLY: it carries an error */
+    char code[40]; /* IN_ERROR, failed IN_REPLY: the server's error code */
 } in_msg_t;
 
 typedef struct proto {
@@ -238,13 +238,13 @@ typedef struct opts {
     bool idle, json_only;
     bool tls, insecure; /* wss://; --insecure: no certificate check */
     const char *ca;     /* --ca FILE: verify the server against it */
-    bool deflate; /* offer permessage-deflate (we send plain, the server may compress) */
-    bool words;   /* pad the text with words rather than 'x' (compresses like prose) */
+    bool deflate;       /* offer permessage-deflate (we send plain, the server may compress) */
+    bool words;         /* pad the text with words rather than 'x' (compresses like prose) */
 } opts_t;
 
 enum { C_NEW, C_TCP, C_UPGRADE, C_JOIN, C_READY, C_CLOSING, C_CLOSED };
 enum { PH_CONNECT, PH_WARMUP, PH_MEASURE, PH_DRAIN, PH_HOLD, PH_TEARDOWN, PH_DONE };
-static const char *const phase_names[] = {"connect", "warmup", "measure", "drain",
+static const char *const phase_names[] = {"connect", "warmup",   "measure", "drain",
                                           "hold",    "teardown", "done"};
 
 typedef struct ack_slot {
@@ -260,7 +260,7 @@ struct bconn {
     uint32_t idx, chat;
     uint8_t state;
     bool dirty, writing, publisher, finished, ws_ok;
-    bool deflate; /* the server accepted permessage-deflate */
+    bool deflate;      /* the server accepted permessage-deflate */
     uint32_t inflight; /* publishes not yet acknowledged */
     uint32_t next_id;  /* Centrifugo command ids: 1 connect, 2 subscribe, 3.. publishes */
     uint64_t t_start;  /* connect start, for the connect latency */
@@ -294,10 +294,10 @@ struct bench {
     const proto_t *proto;
     uv_loop_t *loop;
     struct sockaddr_in addr[MAX_NODES]; /* connection i goes to addr[i % n_ports] */
-    unsigned sources; /* 0: the kernel picks the source address */
+    unsigned sources;                   /* 0: the kernel picks the source address */
     bconn_t *conns;
     uint8_t *rbuf;
-    SSL_CTX *tls; /* --tls */
+    SSL_CTX *tls;                /* --tls */
     bconn_t *dirty, *dirty_tail; /* oldest first: sends go out in the order they were stamped */
     uv_prepare_t flusher;
     uv_timer_t tick, phase_timer, progress_timer;
@@ -358,13 +358,15 @@ static uint32_t node_of(const bench_t *b, uint32_t idx) {
 /* --words: common English words, drawn at random: text that compresses about as chat
  * messages do (a run of 'x' compresses to nothing, which would flatter compression). */
 static const char *const WORDS[] = {
-    "the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on",
-    "are", "as", "with", "his", "they", "at", "be", "this", "have", "from", "or", "one",
-    "had", "by", "word", "but", "not", "what", "all", "were", "we", "when", "your", "can",
-    "said", "there", "use", "an", "each", "which", "she", "do", "how", "their", "if", "will",
-    "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "her",
-    "would", "make", "like", "meeting", "tomorrow", "lunch", "deploy", "thanks", "sounds",
-    "good", "see", "later", "branch", "merged", "review", "please", "ok", "yes", "no"};
+    "the",     "of",       "and",    "to",     "in",     "is",     "you",   "that", "it",
+    "he",      "was",      "for",    "on",     "are",    "as",     "with",  "his",  "they",
+    "at",      "be",       "this",   "have",   "from",   "or",     "one",   "had",  "by",
+    "word",    "but",      "not",    "what",   "all",    "were",   "we",    "when", "your",
+    "can",     "said",     "there",  "use",    "an",     "each",   "which", "she",  "do",
+    "how",     "their",    "if",     "will",   "up",     "other",  "about", "out",  "many",
+    "then",    "them",     "these",  "so",     "some",   "her",    "would", "make", "like",
+    "meeting", "tomorrow", "lunch",  "deploy", "thanks", "sounds", "good",  "see",  "later",
+    "branch",  "merged",   "review", "please", "ok",     "yes",    "no"};
 
 /* The text is "t=<send ns>;s=<sender>;n=<sender's node>;" padded with 'x' (or --words) to
  * --size bytes. */
@@ -410,7 +412,9 @@ static void copy_code(const char *p, size_t n, const char *key, char *out, size_
     while (v < end && *v != '"' && *v != ',' && *v != '}' && i + 1 < outlen) {
         char ch = *v++;
         out[i++] = (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') ||
-                           (ch >= '0' && ch <= '9') || ch == '_' ? ch : '_';
+                           (ch >= '0' && ch <= '9') || ch == '_'
+                       ? ch
+                       : '_';
     }
     out[i] = '\0';
 }
@@ -422,9 +426,8 @@ static void chatd_classify(const char *p, size_t n, in_msg_t *m) {
     /* Fast paths first, memmem only when they miss: chatd puts "event" first, and the first
      * '=' of an event we sent is the one of "t=". glibc's memmem sets up a shift table on
      * every call: two of them per frame were 15% of the client's CPU at 2M deliveries/s. */
-    const char *ev = n > 10 && memcmp(p + 1, "\"event\":\"", 9) == 0
-                         ? p + 1
-                         : memmem(p, n, "\"event\":\"", 9);
+    const char *ev =
+        n > 10 && memcmp(p + 1, "\"event\":\"", 9) == 0 ? p + 1 : memmem(p, n, "\"event\":\"", 9);
     if (!ev) return;
     ev += 9;
     size_t left = (size_t)(p + n - ev);
@@ -990,9 +993,7 @@ static void handle_message(bconn_t *c, const char *p, size_t n) {
     case IN_PING:
         if (b->proto->pong) conn_send_text(c, b->proto->pong, strlen(b->proto->pong));
         break;
-    default:
-        b->other_msgs++;
-        b->other_bytes += n;
+    default: b->other_msgs++; b->other_bytes += n;
     }
 }
 
@@ -1338,8 +1339,8 @@ static void conn_start(bench_t *b, bconn_t *c) {
             rc = UV_ENOMEM;
         } else {
             req->data = c;
-            rc = uv_tcp_connect(req, &c->tcp, (const struct sockaddr *)&b->addr[c->idx % b->o.n_ports],
-                                on_connect);
+            rc = uv_tcp_connect(
+                req, &c->tcp, (const struct sockaddr *)&b->addr[c->idx % b->o.n_ports], on_connect);
             if (rc < 0) free(req);
         }
     }
@@ -1553,20 +1554,19 @@ static json_t *int_list(const int *v, unsigned n) {
 static json_t *server_json(const bench_t *b) {
     if (!b->o.n_pids || !b->srv_start.ok) return json_null();
     double meas_wall = (double)(b->t_meas_end - b->t_meas_start) / 1e9;
-    json_t *s = json_pack("{s:i,s:I,s:I,s:I}", "pid", b->o.server_pids[0], "rss_kb_start",
-                          (json_int_t)b->srv_start.rss_kb, "rss_kb_connected",
-                          (json_int_t)b->srv_connected.rss_kb, "rss_kb_end",
-                          (json_int_t)b->srv_end.rss_kb);
-    if (b->o.n_pids > 1)
-        json_object_set_new(s, "pids", int_list(b->o.server_pids, b->o.n_pids));
+    json_t *s =
+        json_pack("{s:i,s:I,s:I,s:I}", "pid", b->o.server_pids[0], "rss_kb_start",
+                  (json_int_t)b->srv_start.rss_kb, "rss_kb_connected",
+                  (json_int_t)b->srv_connected.rss_kb, "rss_kb_end", (json_int_t)b->srv_end.rss_kb);
+    if (b->o.n_pids > 1) json_object_set_new(s, "pids", int_list(b->o.server_pids, b->o.n_pids));
     if (b->ready) {
         long base = b->srv_start.rss_kb;
-        json_object_set_new(s, "rss_per_conn_bytes_connected",
-                            json_integer((json_int_t)((b->srv_connected.rss_kb - base) * 1024 /
-                                                      (long)b->ready)));
-        json_object_set_new(s, "rss_per_conn_bytes_end",
-                            json_integer((json_int_t)((b->srv_end.rss_kb - base) * 1024 /
-                                                      (long)b->ready)));
+        json_object_set_new(
+            s, "rss_per_conn_bytes_connected",
+            json_integer((json_int_t)((b->srv_connected.rss_kb - base) * 1024 / (long)b->ready)));
+        json_object_set_new(
+            s, "rss_per_conn_bytes_end",
+            json_integer((json_int_t)((b->srv_end.rss_kb - base) * 1024 / (long)b->ready)));
     }
     json_object_set_new(s, "connect_cpu_s",
                         json_real(round_to(b->srv_connected.cpu_s - b->srv_start.cpu_s, 0.01)));
@@ -1623,20 +1623,19 @@ static void report(bench_t *b) {
     json_object_set_new(r, "port", json_integer(o->port));
     json_object_set_new(r, "tls", json_boolean(o->tls));
     if (o->n_ports > 1) json_object_set_new(r, "ports", int_list(o->ports, o->n_ports));
-    json_object_set_new(
-        r, "config",
-        json_pack("{s:s,s:i,s:i,s:i,s:f,s:i,s:i,s:f,s:f,s:i,s:f,s:f}", "mode", mode,
-                  "connections", (int)o->connections, "chats", (int)o->chats, "publishers",
-                  (int)o->publishers, "rate", o->rate, "window", (int)o->window, "size",
-                  (int)o->size, "duration_s", o->duration, "warmup_s", o->warmup, "sources",
-                  (int)b->sources, "connect_rate", o->connect_rate, "hold_s",
-                  o->idle ? o->hold : 0.0));
-    json_object_set_new(
-        r, "connect",
-        json_pack("{s:i,s:i,s:i,s:f,s:f,s:o}", "attempted", (int)b->started, "ok", (int)b->ready,
-                  "failed", (int)b->failed, "time_s", round_to(conn_wall, 0.001), "per_s",
-                  conn_wall > 0 ? round_to(b->ready / conn_wall, 0.1) : 0.0, "latency_us",
-                  hist_json(&b->connect_lat)));
+    json_object_set_new(r, "config",
+                        json_pack("{s:s,s:i,s:i,s:i,s:f,s:i,s:i,s:f,s:f,s:i,s:f,s:f}", "mode", mode,
+                                  "connections", (int)o->connections, "chats", (int)o->chats,
+                                  "publishers", (int)o->publishers, "rate", o->rate, "window",
+                                  (int)o->window, "size", (int)o->size, "duration_s", o->duration,
+                                  "warmup_s", o->warmup, "sources", (int)b->sources, "connect_rate",
+                                  o->connect_rate, "hold_s", o->idle ? o->hold : 0.0));
+    json_object_set_new(r, "connect",
+                        json_pack("{s:i,s:i,s:i,s:f,s:f,s:o}", "attempted", (int)b->started, "ok",
+                                  (int)b->ready, "failed", (int)b->failed, "time_s",
+                                  round_to(conn_wall, 0.001), "per_s",
+                                  conn_wall > 0 ? round_to(b->ready / conn_wall, 0.1) : 0.0,
+                                  "latency_us", hist_json(&b->connect_lat)));
     json_object_set_new(r, "duration_s", json_real(round_to(meas, 0.001)));
     json_object_set_new(r, "sent", json_integer((json_int_t)b->sent));
     json_object_set_new(r, "acked", json_integer((json_int_t)b->acked));
@@ -1648,12 +1647,11 @@ static void report(bench_t *b) {
     json_object_set_new(r, "acks_per_s", json_real(meas > 0 ? round_to(b->acked / meas, 0.1) : 0));
     json_object_set_new(r, "deliveries_per_s",
                         json_real(meas > 0 ? round_to(b->delivered / meas, 0.1) : 0));
-    json_object_set_new(
-        r, "window_rx",
-        json_pack("{s:I,s:f,s:I,s:f}", "acks", (json_int_t)b->rx_acked, "acks_per_s",
-                  meas > 0 ? round_to(b->rx_acked / meas, 0.1) : 0.0, "deliveries",
-                  (json_int_t)b->rx_delivered, "deliveries_per_s",
-                  meas > 0 ? round_to(b->rx_delivered / meas, 0.1) : 0.0));
+    json_object_set_new(r, "window_rx",
+                        json_pack("{s:I,s:f,s:I,s:f}", "acks", (json_int_t)b->rx_acked,
+                                  "acks_per_s", meas > 0 ? round_to(b->rx_acked / meas, 0.1) : 0.0,
+                                  "deliveries", (json_int_t)b->rx_delivered, "deliveries_per_s",
+                                  meas > 0 ? round_to(b->rx_delivered / meas, 0.1) : 0.0));
     /* what the deliveries cost on the wire: every byte read in the window (frames of every
      * kind, headers included) over the deliveries read in it */
     json_object_set_new(
@@ -1670,35 +1668,37 @@ static void report(bench_t *b) {
     }
     json_object_set_new(r, "ack_latency_us", hist_json(&b->ack_lat));
     json_object_set_new(r, "schedule_lag_us", hist_json(&b->lag));
-    json_object_set_new(r, "errors", json_pack("{s:I,s:o}", "total", (json_int_t)b->errors.total,
-                                               "by_kind", counters_json(&b->errors)));
+    json_object_set_new(r, "errors",
+                        json_pack("{s:I,s:o}", "total", (json_int_t)b->errors.total, "by_kind",
+                                  counters_json(&b->errors)));
     json_object_set_new(r, "closes", counters_json(&b->closes));
-    json_object_set_new(
-        r, "totals",
-        json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "sent", (json_int_t)b->sent_all, "acked",
-                  (json_int_t)b->acked_all, "publish_failed", (json_int_t)b->pub_failed_all,
-                  "delivered", (json_int_t)b->delivered_all, "skipped", (json_int_t)b->skipped,
-                  "other_messages", (json_int_t)b->other_msgs, "other_bytes",
-                  (json_int_t)b->other_bytes));
+    json_object_set_new(r, "totals",
+                        json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "sent", (json_int_t)b->sent_all,
+                                  "acked", (json_int_t)b->acked_all, "publish_failed",
+                                  (json_int_t)b->pub_failed_all, "delivered",
+                                  (json_int_t)b->delivered_all, "skipped", (json_int_t)b->skipped,
+                                  "other_messages", (json_int_t)b->other_msgs, "other_bytes",
+                                  (json_int_t)b->other_bytes));
     json_object_set_new(r, "teardown",
-                        json_pack("{s:I,s:I,s:I}", "clean", (json_int_t)b->teardown_clean,
-                                  "forced", (json_int_t)b->teardown_forced, "aborted",
+                        json_pack("{s:I,s:I,s:I}", "clean", (json_int_t)b->teardown_clean, "forced",
+                                  (json_int_t)b->teardown_forced, "aborted",
                                   (json_int_t)b->teardown_aborted));
-    json_object_set_new(
-        r, "client",
-        json_pack("{s:f,s:f,s:f,s:f,s:b}", "cpu_s", round_to(cpu_all, 0.01), "wall_s",
-                  round_to(wall, 0.001), "connect_cpu_pct", round_to(conn_pct, 0.1),
-                  "measure_cpu_pct", round_to(meas_pct, 0.1), "saturated", saturated));
+    json_object_set_new(r, "client",
+                        json_pack("{s:f,s:f,s:f,s:f,s:b}", "cpu_s", round_to(cpu_all, 0.01),
+                                  "wall_s", round_to(wall, 0.001), "connect_cpu_pct",
+                                  round_to(conn_pct, 0.1), "measure_cpu_pct",
+                                  round_to(meas_pct, 0.1), "saturated", saturated));
     json_object_set_new(r, "client_saturated", json_boolean(saturated));
     json_object_set_new(r, "client_late", json_boolean(late));
     json_object_set_new(r, "server", server_json(b));
     if (o->idle || !have_meas)
-        json_object_set_new(r, "host", host_json(&b->host_start, &b->host_connected, conn_wall,
-                                                 cpu_conn,
-                                                 b->srv_connected.cpu_s - b->srv_start.cpu_s));
+        json_object_set_new(r, "host",
+                            host_json(&b->host_start, &b->host_connected, conn_wall, cpu_conn,
+                                      b->srv_connected.cpu_s - b->srv_start.cpu_s));
     else
-        json_object_set_new(r, "host", host_json(&b->host_meas0, &b->host_meas1, meas, cpu_meas,
-                                                 b->srv_meas1.cpu_s - b->srv_meas0.cpu_s));
+        json_object_set_new(r, "host",
+                            host_json(&b->host_meas0, &b->host_meas1, meas, cpu_meas,
+                                      b->srv_meas1.cpu_s - b->srv_meas0.cpu_s));
 
     char *s = json_dumps(r, JSON_INDENT(2) | JSON_REAL_PRECISION(15));
     if (s) {
@@ -1752,12 +1752,12 @@ static void test_hist_precision(void) {
         unsigned ix = hist_index(v);
         uint64_t hi = hist_high(ix);
         CHECK(hi >= v);
-        CHECK((hi - v) * 128 <= v);                  /* within 1/128 */
-        CHECK(ix == 0 || hist_high(ix - 1) < v);     /* buckets do not overlap */
+        CHECK((hi - v) * 128 <= v);              /* within 1/128 */
+        CHECK(ix == 0 || hist_high(ix - 1) < v); /* buckets do not overlap */
         CHECK(hist_index(hi) == ix);
     }
-    for (unsigned i = 1; i < HIST_BUCKETS; i++) CHECK(hist_high(i) == hist_high(i - 1) + 1 ||
-                                                     hist_index(hist_high(i - 1) + 1) == i);
+    for (unsigned i = 1; i < HIST_BUCKETS; i++)
+        CHECK(hist_high(i) == hist_high(i - 1) + 1 || hist_index(hist_high(i - 1) + 1) == i);
 }
 
 /* A fresh classification of one NUL-terminated frame. */
@@ -1937,44 +1937,43 @@ static int self_test(void) {
 
 /* ---- options ----------------------------------------------------------------------------- */
 static void usage(FILE *f) {
-    fputs(
-        "usage: chat-bench [options]      results: one JSON object on stdout\n"
-        "  --host ADDR            server address (127.0.0.1)\n"
-        "  --port N[,N...]        server port (8000); a list spreads connection i over\n"
-        "                         the nodes of a cluster: port (i % count)\n"
-        "  --target T             chatd | centrifugo (chatd)\n"
-        "  --secret S             HS256 secret for the tokens it mints (CHAT_JWT_SECRET)\n"
-        "  --connections N        WebSocket connections (100)\n"
-        "  --chats R              connection i joins chat bench-(i % R) (10)\n"
-        "  --publishers P         the first P connections publish (10)\n"
-        "  --rate R               messages/s per publisher; 0: closed loop, see --window (10)\n"
-        "  --window W             --rate 0: messages in flight per publisher (16)\n"
-        "  --size B               message text size in bytes (100)\n"
-        "  --duration S           measurement window, seconds (10)\n"
-        "  --warmup S             publishing before the window, not counted (2)\n"
-        "  --drain S              most time to wait for late deliveries after it (5)\n"
-        "  --sources K            bind client i to 127.0.0.(1 + i % K); 0: no bind\n"
-        "                         (default: enough for the ephemeral port range)\n"
-        "  --connect-rate N       most new connections per second (unlimited)\n"
-        "  --connect-inflight N   most connections being set up at once (512)\n"
-        "  --connect-timeout S    give up on pending connects after S s without progress (30)\n"
-        "  --deflate              offer permessage-deflate (RFC 7692); messages are sent\n"
-        "                         plain, the server's compressed ones are inflated\n"
-        "  --words                pad the text with random words instead of 'x' (for\n"
-        "                         compression: a run of 'x' compresses to nothing)\n"
-        "  --idle                 connect all, hold --hold seconds, report (no publishing)\n"
-        "  --hold S               --idle: how long to hold (5)\n"
-        "  --server-pid PID[,..]  sample the server's CPU and RSS from /proc per phase\n"
-        "                         (a list: the sums over the nodes)\n"
-        "  --query Q              chatd: appended to the WebSocket URL's query, e.g.\n"
-        "                         presence=1 (presence events to every connection)\n"
-        "  --tls                  wss:// (TLS on memory BIOs, as chatd --tls-cert)\n"
-        "  --ca FILE              --tls: verify the server's certificate against this CA\n"
-        "  --insecure             --tls: no certificate check\n"
-        "  --label L              copied into the JSON\n"
-        "  --json-only            no progress on stderr\n"
-        "  --self-test            run the internal tests and exit\n",
-        f);
+    fputs("usage: chat-bench [options]      results: one JSON object on stdout\n"
+          "  --host ADDR            server address (127.0.0.1)\n"
+          "  --port N[,N...]        server port (8000); a list spreads connection i over\n"
+          "                         the nodes of a cluster: port (i % count)\n"
+          "  --target T             chatd | centrifugo (chatd)\n"
+          "  --secret S             HS256 secret for the tokens it mints (CHAT_JWT_SECRET)\n"
+          "  --connections N        WebSocket connections (100)\n"
+          "  --chats R              connection i joins chat bench-(i % R) (10)\n"
+          "  --publishers P         the first P connections publish (10)\n"
+          "  --rate R               messages/s per publisher; 0: closed loop, see --window (10)\n"
+          "  --window W             --rate 0: messages in flight per publisher (16)\n"
+          "  --size B               message text size in bytes (100)\n"
+          "  --duration S           measurement window, seconds (10)\n"
+          "  --warmup S             publishing before the window, not counted (2)\n"
+          "  --drain S              most time to wait for late deliveries after it (5)\n"
+          "  --sources K            bind client i to 127.0.0.(1 + i % K); 0: no bind\n"
+          "                         (default: enough for the ephemeral port range)\n"
+          "  --connect-rate N       most new connections per second (unlimited)\n"
+          "  --connect-inflight N   most connections being set up at once (512)\n"
+          "  --connect-timeout S    give up on pending connects after S s without progress (30)\n"
+          "  --deflate              offer permessage-deflate (RFC 7692); messages are sent\n"
+          "                         plain, the server's compressed ones are inflated\n"
+          "  --words                pad the text with random words instead of 'x' (for\n"
+          "                         compression: a run of 'x' compresses to nothing)\n"
+          "  --idle                 connect all, hold --hold seconds, report (no publishing)\n"
+          "  --hold S               --idle: how long to hold (5)\n"
+          "  --server-pid PID[,..]  sample the server's CPU and RSS from /proc per phase\n"
+          "                         (a list: the sums over the nodes)\n"
+          "  --query Q              chatd: appended to the WebSocket URL's query, e.g.\n"
+          "                         presence=1 (presence events to every connection)\n"
+          "  --tls                  wss:// (TLS on memory BIOs, as chatd --tls-cert)\n"
+          "  --ca FILE              --tls: verify the server's certificate against this CA\n"
+          "  --insecure             --tls: no certificate check\n"
+          "  --label L              copied into the JSON\n"
+          "  --json-only            no progress on stderr\n"
+          "  --self-test            run the internal tests and exit\n",
+          f);
 }
 
 /* "8001,8002": a comma-separated list of up to MAX_NODES positive numbers. */
@@ -1992,23 +1991,68 @@ static int int_list_parse(const char *s, int *out, unsigned *n) {
 
 static int parse_opts(int argc, char **argv, opts_t *o) {
     enum {
-        O_HOST = 256, O_PORT, O_TARGET, O_SECRET, O_CONNS, O_CHATS, O_PUBS, O_RATE, O_WINDOW,
-        O_SIZE, O_DURATION, O_WARMUP, O_DRAIN, O_SOURCES, O_CRATE, O_CINFL, O_CTIMEOUT, O_IDLE,
-        O_HOLD, O_PID, O_LABEL, O_JSON, O_SELF, O_HELP, O_TLS, O_CA, O_INSECURE, O_DEFLATE,
-        O_WORDS, O_QUERY
+        O_HOST = 256,
+        O_PORT,
+        O_TARGET,
+        O_SECRET,
+        O_CONNS,
+        O_CHATS,
+        O_PUBS,
+        O_RATE,
+        O_WINDOW,
+        O_SIZE,
+        O_DURATION,
+        O_WARMUP,
+        O_DRAIN,
+        O_SOURCES,
+        O_CRATE,
+        O_CINFL,
+        O_CTIMEOUT,
+        O_IDLE,
+        O_HOLD,
+        O_PID,
+        O_LABEL,
+        O_JSON,
+        O_SELF,
+        O_HELP,
+        O_TLS,
+        O_CA,
+        O_INSECURE,
+        O_DEFLATE,
+        O_WORDS,
+        O_QUERY
     };
-    static const struct option lo[] = {
-        {"host", 1, 0, O_HOST}, {"port", 1, 0, O_PORT}, {"target", 1, 0, O_TARGET},
-        {"secret", 1, 0, O_SECRET}, {"connections", 1, 0, O_CONNS}, {"chats", 1, 0, O_CHATS},
-        {"publishers", 1, 0, O_PUBS}, {"rate", 1, 0, O_RATE}, {"window", 1, 0, O_WINDOW},
-        {"size", 1, 0, O_SIZE}, {"duration", 1, 0, O_DURATION}, {"warmup", 1, 0, O_WARMUP},
-        {"drain", 1, 0, O_DRAIN}, {"sources", 1, 0, O_SOURCES}, {"connect-rate", 1, 0, O_CRATE},
-        {"connect-inflight", 1, 0, O_CINFL}, {"connect-timeout", 1, 0, O_CTIMEOUT},
-        {"idle", 0, 0, O_IDLE}, {"hold", 1, 0, O_HOLD}, {"server-pid", 1, 0, O_PID},
-        {"label", 1, 0, O_LABEL}, {"json-only", 0, 0, O_JSON}, {"self-test", 0, 0, O_SELF},
-        {"help", 0, 0, O_HELP}, {"tls", 0, 0, O_TLS}, {"ca", 1, 0, O_CA},
-        {"insecure", 0, 0, O_INSECURE}, {"deflate", 0, 0, O_DEFLATE}, {"words", 0, 0, O_WORDS},
-        {"query", 1, 0, O_QUERY}, {0, 0, 0, 0}};
+    static const struct option lo[] = {{"host", 1, 0, O_HOST},
+                                       {"port", 1, 0, O_PORT},
+                                       {"target", 1, 0, O_TARGET},
+                                       {"secret", 1, 0, O_SECRET},
+                                       {"connections", 1, 0, O_CONNS},
+                                       {"chats", 1, 0, O_CHATS},
+                                       {"publishers", 1, 0, O_PUBS},
+                                       {"rate", 1, 0, O_RATE},
+                                       {"window", 1, 0, O_WINDOW},
+                                       {"size", 1, 0, O_SIZE},
+                                       {"duration", 1, 0, O_DURATION},
+                                       {"warmup", 1, 0, O_WARMUP},
+                                       {"drain", 1, 0, O_DRAIN},
+                                       {"sources", 1, 0, O_SOURCES},
+                                       {"connect-rate", 1, 0, O_CRATE},
+                                       {"connect-inflight", 1, 0, O_CINFL},
+                                       {"connect-timeout", 1, 0, O_CTIMEOUT},
+                                       {"idle", 0, 0, O_IDLE},
+                                       {"hold", 1, 0, O_HOLD},
+                                       {"server-pid", 1, 0, O_PID},
+                                       {"label", 1, 0, O_LABEL},
+                                       {"json-only", 0, 0, O_JSON},
+                                       {"self-test", 0, 0, O_SELF},
+                                       {"help", 0, 0, O_HELP},
+                                       {"tls", 0, 0, O_TLS},
+                                       {"ca", 1, 0, O_CA},
+                                       {"insecure", 0, 0, O_INSECURE},
+                                       {"deflate", 0, 0, O_DEFLATE},
+                                       {"words", 0, 0, O_WORDS},
+                                       {"query", 1, 0, O_QUERY},
+                                       {0, 0, 0, 0}};
     int ch;
     while ((ch = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
         char *e = NULL;
@@ -2156,11 +2200,23 @@ int main(int argc, char **argv) {
     bench_t *b = calloc(1, sizeof *b);
     if (!b) return 2;
     opts_t *o = &b->o;
-    *o = (opts_t){.host = "127.0.0.1", .port = 8000, .ports = {8000}, .n_ports = 1,
-                  .target = "chatd", .connections = 100,
-                  .chats = 10, .publishers = 10, .rate = 10, .window = 16, .size = 100,
-                  .duration = 10, .warmup = 2, .drain = 5, .connect_inflight = 512,
-                  .connect_timeout = 30, .hold = 5};
+    *o = (opts_t){.host = "127.0.0.1",
+                  .port = 8000,
+                  .ports = {8000},
+                  .n_ports = 1,
+                  .target = "chatd",
+                  .connections = 100,
+                  .chats = 10,
+                  .publishers = 10,
+                  .rate = 10,
+                  .window = 16,
+                  .size = 100,
+                  .duration = 10,
+                  .warmup = 2,
+                  .drain = 5,
+                  .connect_inflight = 512,
+                  .connect_timeout = 30,
+                  .hold = 5};
     int rc = parse_opts(argc, argv, o);
     if (rc == 1) {
         free(b);
@@ -2241,7 +2297,10 @@ int main(int argc, char **argv) {
                 "chat-bench: %s at %s:%d: %u connections (%u source addresses), %u chats, "
                 "%u publishers, %s\n",
                 b->proto->name, o->host, o->port, o->connections, b->sources, o->chats,
-                o->publishers, o->idle ? "idle" : o->rate > 0 ? "fixed rate" : "windowed");
+                o->publishers,
+                o->idle       ? "idle"
+                : o->rate > 0 ? "fixed rate"
+                              : "windowed");
     getrusage(RUSAGE_SELF, &b->ru_start);
     b->srv_start = proc_sample(o);
     b->host_start = host_sample();

@@ -135,12 +135,11 @@ int main(int argc, char **argv) {
     const char *url = NULL;
     bool migrate = false;
     static const struct option opts[] = {
-        {"store", required_argument, 0, 's'},    {"appends", required_argument, 0, 'n'},
-        {"inflight", required_argument, 0, 'w'}, {"chats", required_argument, 0, 'k'},
-        {"client-ids", no_argument, 0, 'c'},     {"pages", required_argument, 0, 'p'},
+        {"store", required_argument, 0, 's'},     {"appends", required_argument, 0, 'n'},
+        {"inflight", required_argument, 0, 'w'},  {"chats", required_argument, 0, 'k'},
+        {"client-ids", no_argument, 0, 'c'},      {"pages", required_argument, 0, 'p'},
         {"page-size", required_argument, 0, 'l'}, {"migrate", no_argument, 0, 'm'},
-        {"warmup", required_argument, 0, 'u'},
-        {0, 0, 0, 0},
+        {"warmup", required_argument, 0, 'u'},    {0, 0, 0, 0},
     };
     int c;
     while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -205,9 +204,12 @@ int main(int argc, char **argv) {
         while (b.done < b.n) uv_run(&loop, UV_RUN_ONCE);
         for (int i = 0; i < b.warmup / 10 && b.n_chat0 > 0; i++) {
             page_state_t ps = {0};
-            store_req_t r = {.op = STORE_HISTORY, .chat_id = b.chat_names[0],
+            store_req_t r = {.op = STORE_HISTORY,
+                             .chat_id = b.chat_names[0],
                              .id = b.chat0_ids[rand() % b.n_chat0] + 1,
-                             .limit = b.page_size + 1, .data = &ps, .cb = on_page};
+                             .limit = b.page_size + 1,
+                             .data = &ps,
+                             .cb = on_page};
             if (store_submit(b.store, &r)) break;
             while (!ps.done) uv_run(&loop, UV_RUN_ONCE);
             store_req_cleanup(&r);

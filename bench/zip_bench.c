@@ -19,10 +19,11 @@
 #include <time.h>
 
 static const char *const WORDS[] = {
-    "the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are",
-    "as", "with", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "but",
-    "not", "what", "all", "were", "we", "when", "your", "can", "said", "there", "meeting",
-    "tomorrow", "lunch", "deploy", "thanks", "sounds", "good", "see", "later", "review", "ok"};
+    "the",    "of",     "and",    "to",   "in",  "is",    "you",    "that",    "it",       "he",
+    "was",    "for",    "on",     "are",  "as",  "with",  "they",   "at",      "be",       "this",
+    "have",   "from",   "or",     "one",  "had", "by",    "but",    "not",     "what",     "all",
+    "were",   "we",     "when",   "your", "can", "said",  "there",  "meeting", "tomorrow", "lunch",
+    "deploy", "thanks", "sounds", "good", "see", "later", "review", "ok"};
 
 static double now_s(void) {
     struct timespec ts;

@@ -21,10 +21,11 @@ debs=(gcc libc6-dev make pkg-config openssl
 # testing: sanitizers and fuzzers, Redis, HAProxy, the browser, the Docker checks; the JDK
 # (with javac, for the OpenSearch launcher) and Maven for Cassandra, Kafka and OpenSearch,
 # curl for OpenSearch's readiness (the Python Kafka client is in tests/requirements.txt),
-# certutil (libnss3-tools) to make Chromium trust the TLS test's CA
+# certutil (libnss3-tools) to make Chromium trust the TLS test's CA, clang-format-14 for
+# make format-check
 [ "$what" = test ] &&
     debs+=(clang libclang-rt-14-dev llvm redis-server haproxy chromium openjdk-17-jdk-headless
-           maven docker-compose curl libnss3-tools)
+           maven docker-compose curl libnss3-tools clang-format-14)
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

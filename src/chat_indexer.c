@@ -20,29 +20,30 @@ static void on_signal(int sig) {
 }
 
 static void usage(FILE *f) {
-    fprintf(f,
-            "usage: chat-indexer --kafka BROKERS --search URL [options]\n"
-            "\n"
-            "Every option can also be set in the environment (the flag wins).\n"
-            "  --kafka BROKERS       CHAT_KAFKA            host:port[,host:port] (required)\n"
-            "  --search URL          CHAT_SEARCH           opensearch://host:port[/ALIAS] or "
-            "elasticsearch://host:port[/ALIAS]: the engine, and the alias of the monthly "
-            "indices ALIAS-YYYY.MM (default chat-messages) (required)\n"
-            "  --topic T             CHAT_KAFKA_TOPIC      topic to index (default chat.events)\n"
-            "  --group G             CHAT_INDEXER_GROUP    consumer group; instances of one "
-            "group share the partitions (default chat-indexer)\n"
-            "  --dlq-topic T         CHAT_INDEXER_DLQ      where poison records go (default "
-            "TOPIC.dlq)\n"
-            "  --replicas N          CHAT_INDEXER_REPLICAS replicas per index in the template "
-            "(default 1; 0 on a single node)\n"
-            "  --batch N             CHAT_INDEXER_BATCH    records per _bulk, at most "
-            "(default 1000, up to 10000)\n"
-            "  --linger-ms N         CHAT_INDEXER_LINGER_MS wait this long for a batch to fill "
-            "(default 100)\n"
-            "  --metrics-port N      CHAT_INDEXER_METRICS_PORT /metrics port; 0 picks a free "
-            "one, logged (default 9108)\n"
-            "  --metrics-host ADDR   CHAT_INDEXER_METRICS_HOST /metrics address (default 0.0.0.0)\n"
-            "  --log-level L         CHAT_LOG_LEVEL        debug, info, warn, error (default info)\n");
+    fprintf(
+        f,
+        "usage: chat-indexer --kafka BROKERS --search URL [options]\n"
+        "\n"
+        "Every option can also be set in the environment (the flag wins).\n"
+        "  --kafka BROKERS       CHAT_KAFKA            host:port[,host:port] (required)\n"
+        "  --search URL          CHAT_SEARCH           opensearch://host:port[/ALIAS] or "
+        "elasticsearch://host:port[/ALIAS]: the engine, and the alias of the monthly "
+        "indices ALIAS-YYYY.MM (default chat-messages) (required)\n"
+        "  --topic T             CHAT_KAFKA_TOPIC      topic to index (default chat.events)\n"
+        "  --group G             CHAT_INDEXER_GROUP    consumer group; instances of one "
+        "group share the partitions (default chat-indexer)\n"
+        "  --dlq-topic T         CHAT_INDEXER_DLQ      where poison records go (default "
+        "TOPIC.dlq)\n"
+        "  --replicas N          CHAT_INDEXER_REPLICAS replicas per index in the template "
+        "(default 1; 0 on a single node)\n"
+        "  --batch N             CHAT_INDEXER_BATCH    records per _bulk, at most "
+        "(default 1000, up to 10000)\n"
+        "  --linger-ms N         CHAT_INDEXER_LINGER_MS wait this long for a batch to fill "
+        "(default 100)\n"
+        "  --metrics-port N      CHAT_INDEXER_METRICS_PORT /metrics port; 0 picks a free "
+        "one, logged (default 9108)\n"
+        "  --metrics-host ADDR   CHAT_INDEXER_METRICS_HOST /metrics address (default 0.0.0.0)\n"
+        "  --log-level L         CHAT_LOG_LEVEL        debug, info, warn, error (default info)\n");
 }
 
 static const char *env_or(const char *k, const char *dflt) {
@@ -74,8 +75,20 @@ int main(int argc, char **argv) {
     const char *linger = env_or("CHAT_INDEXER_LINGER_MS", "100");
     const char *mport = env_or("CHAT_INDEXER_METRICS_PORT", "9108");
     const char *level = env_or("CHAT_LOG_LEVEL", "info");
-    enum { O_KAFKA = 1, O_SEARCH, O_TOPIC, O_GROUP, O_DLQ, O_REPL, O_BATCH, O_LINGER,
-           O_MPORT, O_MHOST, O_LEVEL, O_HELP };
+    enum {
+        O_KAFKA = 1,
+        O_SEARCH,
+        O_TOPIC,
+        O_GROUP,
+        O_DLQ,
+        O_REPL,
+        O_BATCH,
+        O_LINGER,
+        O_MPORT,
+        O_MHOST,
+        O_LEVEL,
+        O_HELP
+    };
     static const struct option opts[] = {
         {"kafka", required_argument, 0, O_KAFKA},
         {"search", required_argument, 0, O_SEARCH},
@@ -130,8 +143,8 @@ int main(int argc, char **argv) {
         parse_int("--linger-ms", linger, 1, 60000, &o.linger_ms) ||
         parse_int("--metrics-port", mport, 0, 65535, &o.metrics_port))
         return 2;
-    int lv = strcmp(level, "debug") == 0  ? CHAT_LOG_DEBUG
-             : strcmp(level, "warn") == 0 ? CHAT_LOG_WARN
+    int lv = strcmp(level, "debug") == 0   ? CHAT_LOG_DEBUG
+             : strcmp(level, "warn") == 0  ? CHAT_LOG_WARN
              : strcmp(level, "error") == 0 ? CHAT_LOG_ERROR
              : strcmp(level, "info") == 0  ? CHAT_LOG_INFO
                                            : -1;

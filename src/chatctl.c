@@ -116,11 +116,11 @@ static char **split_chats(char *s) {
 
 static int cmd_token(int argc, char **argv) {
     static const struct option opts[] = {
-        {"user", required_argument, NULL, 'u'},  {"secret", required_argument, NULL, 's'},
-        {"ttl", required_argument, NULL, 't'},   {"chats", required_argument, NULL, 'c'},
-        {"key", required_argument, NULL, 'k'},   {"kid", required_argument, NULL, 'K'},
-        {"iss", required_argument, NULL, 'i'},   {"aud", required_argument, NULL, 'a'},
-        {"help", no_argument, NULL, 'h'},        {NULL, 0, NULL, 0},
+        {"user", required_argument, NULL, 'u'}, {"secret", required_argument, NULL, 's'},
+        {"ttl", required_argument, NULL, 't'},  {"chats", required_argument, NULL, 'c'},
+        {"key", required_argument, NULL, 'k'},  {"kid", required_argument, NULL, 'K'},
+        {"iss", required_argument, NULL, 'i'},  {"aud", required_argument, NULL, 'a'},
+        {"help", no_argument, NULL, 'h'},       {NULL, 0, NULL, 0},
     };
     const char *user = NULL, *secret = NULL, *ttl_arg = NULL, *chats_arg = NULL;
     const char *key_file = NULL, *kid = NULL, *iss = NULL, *aud = NULL;
@@ -185,9 +185,16 @@ static int cmd_token(int argc, char **argv) {
     }
     if (key_file || kid || iss || aud) {
         char err[160] = "";
-        jwt_mint_t m = {.sub = user, .now = (int64_t)time(NULL), .ttl = ttl,
-                        .chats = (const char *const *)chats, .secret = secret, .key_pem = pem,
-                        .key_pem_len = pem_len, .kid = kid, .iss = iss, .aud = aud};
+        jwt_mint_t m = {.sub = user,
+                        .now = (int64_t)time(NULL),
+                        .ttl = ttl,
+                        .chats = (const char *const *)chats,
+                        .secret = secret,
+                        .key_pem = pem,
+                        .key_pem_len = pem_len,
+                        .kid = kid,
+                        .iss = iss,
+                        .aud = aud};
         token = jwt_sign_ex(&m, err, sizeof err);
         if (!token) {
             fprintf(stderr, "chatctl: token: cannot mint: %s\n", err);
@@ -217,8 +224,8 @@ out:
 
 /* The options of a command that takes one URL: --NAME URL (else $ENV, else def) and
  * --help. Returns -1 with *url set, or the exit code to return (0 after --help, 2). */
-static int parse_url_command(const char *cmd, const char *name, const char *env,
-                             const char *def, int argc, char **argv, const char **url) {
+static int parse_url_command(const char *cmd, const char *name, const char *env, const char *def,
+                             int argc, char **argv, const char **url) {
     const struct option opts[] = {
         {name, required_argument, NULL, 'U'},
         {"help", no_argument, NULL, 'h'},
@@ -310,10 +317,9 @@ static int cmd_migrate(int argc, char **argv) {
             return 1;
         }
         if (created)
-            printf("kafka topic created: %s (%d partitions, replication %d)\n", topic,
-                   partitions, replication);
-        else
-            printf("kafka topic exists: %s\n", topic);
+            printf("kafka topic created: %s (%d partitions, replication %d)\n", topic, partitions,
+                   replication);
+        else printf("kafka topic exists: %s\n", topic);
     }
     return fflush(stdout) == 0 ? 0 : 1;
 }
@@ -347,8 +353,8 @@ static void nodes_print(void *ud, int status, const bus_node_t *nodes, size_t n)
         fprintf(stderr, "chatctl: nodes: %s\n", chat_strerror(status));
         r->rc = 1;
     } else {
-        printf("%-32s  %-28s  %11s  %7s  %-24s  %-24s  %s\n", "ID", "URL", "CONNECTIONS",
-               "NODE_ID", "STARTED", "SEEN", "STATE");
+        printf("%-32s  %-28s  %11s  %7s  %-24s  %-24s  %s\n", "ID", "URL", "CONNECTIONS", "NODE_ID",
+               "STARTED", "SEEN", "STATE");
         for (size_t i = 0; i < n; i++) {
             char started[25], seen[25];
             time_format_ms(nodes[i].started_at, started);

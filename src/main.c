@@ -17,83 +17,84 @@
 #include "core/core.h"
 
 static void usage(FILE *f) {
-    fprintf(f,
-            "usage: chatd [options]\n"
-            "\n"
-            "Every option can also be set in the environment (the flag wins).\n"
-            "  --port N                 CHAT_PORT                listen port; 0 picks a free one "
-            "(default 8000)\n"
-            "  --host ADDR              CHAT_HOST                listen address (default 0.0.0.0)\n"
-            "  --store URL              CHAT_STORE               message store (default "
-            "sqlite:./data/chat.db)\n"
-            "  --bus URL                CHAT_BUS                 event bus between nodes (default "
-            "local)\n"
-            "  --search NAME            CHAT_SEARCH              full-text search: sqlite (FTS5 "
-            "in the SQLite store), scan (bounded scan of the history), or "
-            "opensearch://host:port[/ALIAS] / elasticsearch://host:port[/ALIAS] (the index "
-            "chat-indexer fills) (default: sqlite with a SQLite store, else scan)\n"
-            "  --public-url URL         CHAT_PUBLIC_URL          this node's WebSocket base URL "
-            "for /api/connect (default ws://HOST:PORT, wss:// with TLS)\n"
-            "  --tls-cert FILE          CHAT_TLS_CERT            PEM certificate (chain): HTTPS and "
-            "WSS on the port, TLS 1.2 and 1.3; reloaded on SIGHUP (default: plain HTTP)\n"
-            "  --tls-key FILE           CHAT_TLS_KEY             PEM private key of --tls-cert "
-            "(both or neither)\n"
-            "  --jwt-secret S           CHAT_JWT_SECRET          HS256 secret for tokens "
-            "(required unless --dev or a public key or JWKS is given)\n"
-            "  --jwt-public-key FILE    CHAT_JWT_PUBLIC_KEY      PEM public key (RSA: RS256, EC "
-            "P-256: ES256); repeat the flag for several (env: files separated by ':')\n"
-            "  --jwks-url URL           CHAT_JWKS_URL            JWKS of an identity provider, "
-            "fetched at start, every --jwks-refresh and on an unknown kid\n"
-            "  --jwks-refresh SECONDS   CHAT_JWKS_REFRESH        refetch the JWKS this often "
-            "(default 300)\n"
-            "  --jwks-min-interval SECONDS CHAT_JWKS_MIN_INTERVAL  least time between two JWKS "
-            "fetches (default 30)\n"
-            "  --jwt-issuer ISS         CHAT_JWT_ISSUER          tokens must carry this iss "
-            "(default: not checked)\n"
-            "  --jwt-audience AUD       CHAT_JWT_AUDIENCE        tokens' aud must be or contain "
-            "this (default: not checked)\n"
-            "  --dev                    CHAT_DEV=1               development mode: generate a "
-            "secret and print how to mint a token\n"
-            "  --max-message-bytes N    CHAT_MAX_MESSAGE_BYTES   largest message, WebSocket frame "
-            "or REST body (default 65536)\n"
-            "  --max-outbound-bytes N   CHAT_MAX_OUTBOUND_BYTES  output queued per connection "
-            "before a slow client is cut off (default 4194304)\n"
-            "  --max-body-bytes N       CHAT_MAX_BODY_BYTES      largest HTTP request body "
-            "(default 1048576)\n"
-            "  --idle-timeout SECONDS   CHAT_IDLE_TIMEOUT        ping after this much silence, "
-            "close if unanswered (default 60)\n"
-            "  --header-timeout SECONDS CHAT_HEADER_TIMEOUT      a request head must arrive within "
-            "this; 408 beyond (default 10)\n"
-            "  --max-connections N      CHAT_MAX_CONNECTIONS     open connections; beyond, 503 "
-            "(default 0: the open-files limit less 128)\n"
-            "  --max-connections-per-ip N CHAT_MAX_CONNECTIONS_PER_IP  open connections from one "
-            "address; beyond, 503 (default 0: no limit)\n"
-            "  --replay-limit N         CHAT_REPLAY_LIMIT        most missed messages replayed for "
-            "?since= (default 1000)\n"
-            "  --node-id N              CHAT_NODE_ID             0..1023, unique per node: part "
-            "of every message id (default: with a Redis bus a free one, leased; else 0)\n"
-            "  --web-root DIR           CHAT_WEB_ROOT            static files served at / "
-            "(default: web/ beside the binary's directory, else ./web)\n"
-            "  --kafka BROKERS          CHAT_KAFKA               host:port[,host:port]: every "
-            "stored change to Kafka, none lost (default: none)\n"
-            "  --kafka-topic T          CHAT_KAFKA_TOPIC         the topic (default chat.events)\n"
-            "  --outbox-max-rows N      CHAT_OUTBOX_MAX_ROWS     events waiting for Kafka beyond "
-            "which sends are refused (default 1000000; 0: no limit)\n"
-            "  --rate-limit MSGS_PER_S  CHAT_RATE_LIMIT          sends (messages, edits, deletes, typing) "
-            "a second per user on this node, WebSocket and REST together; beyond, rate_limited "
-            "or 429 (default 0: no limit)\n"
-            "  --rate-burst N           CHAT_RATE_BURST          sends a user may make at once "
-            "before --rate-limit applies (default 0: twice the rate, at least 1)\n"
-            "  --compression on|off     CHAT_COMPRESSION         permessage-deflate with clients "
-            "that offer it (browsers do): events compressed once per chat (default on)\n"
-            "  --presence-grace-ms MS   CHAT_PRESENCE_GRACE_MS   a user whose last connection to "
-            "a chat closed is still online this long: a reconnect within it is no leave and join "
-            "(default 5000; 0: leave at once)\n"
-            "  --presence-max-members N CHAT_PRESENCE_MAX_MEMBERS  presence:join/leave are not "
-            "sent in a chat with more users online (default 1000; 0: never sent)\n"
-            "  --log-level LEVEL        CHAT_LOG_LEVEL           debug, info, warn or error "
-            "(default info)\n"
-            "  --help                                            this text\n");
+    fprintf(
+        f, "usage: chatd [options]\n"
+           "\n"
+           "Every option can also be set in the environment (the flag wins).\n"
+           "  --port N                 CHAT_PORT                listen port; 0 picks a free one "
+           "(default 8000)\n"
+           "  --host ADDR              CHAT_HOST                listen address (default 0.0.0.0)\n"
+           "  --store URL              CHAT_STORE               message store (default "
+           "sqlite:./data/chat.db)\n"
+           "  --bus URL                CHAT_BUS                 event bus between nodes (default "
+           "local)\n"
+           "  --search NAME            CHAT_SEARCH              full-text search: sqlite (FTS5 "
+           "in the SQLite store), scan (bounded scan of the history), or "
+           "opensearch://host:port[/ALIAS] / elasticsearch://host:port[/ALIAS] (the index "
+           "chat-indexer fills) (default: sqlite with a SQLite store, else scan)\n"
+           "  --public-url URL         CHAT_PUBLIC_URL          this node's WebSocket base URL "
+           "for /api/connect (default ws://HOST:PORT, wss:// with TLS)\n"
+           "  --tls-cert FILE          CHAT_TLS_CERT            PEM certificate (chain): HTTPS and "
+           "WSS on the port, TLS 1.2 and 1.3; reloaded on SIGHUP (default: plain HTTP)\n"
+           "  --tls-key FILE           CHAT_TLS_KEY             PEM private key of --tls-cert "
+           "(both or neither)\n"
+           "  --jwt-secret S           CHAT_JWT_SECRET          HS256 secret for tokens "
+           "(required unless --dev or a public key or JWKS is given)\n"
+           "  --jwt-public-key FILE    CHAT_JWT_PUBLIC_KEY      PEM public key (RSA: RS256, EC "
+           "P-256: ES256); repeat the flag for several (env: files separated by ':')\n"
+           "  --jwks-url URL           CHAT_JWKS_URL            JWKS of an identity provider, "
+           "fetched at start, every --jwks-refresh and on an unknown kid\n"
+           "  --jwks-refresh SECONDS   CHAT_JWKS_REFRESH        refetch the JWKS this often "
+           "(default 300)\n"
+           "  --jwks-min-interval SECONDS CHAT_JWKS_MIN_INTERVAL  least time between two JWKS "
+           "fetches (default 30)\n"
+           "  --jwt-issuer ISS         CHAT_JWT_ISSUER          tokens must carry this iss "
+           "(default: not checked)\n"
+           "  --jwt-audience AUD       CHAT_JWT_AUDIENCE        tokens' aud must be or contain "
+           "this (default: not checked)\n"
+           "  --dev                    CHAT_DEV=1               development mode: generate a "
+           "secret and print how to mint a token\n"
+           "  --max-message-bytes N    CHAT_MAX_MESSAGE_BYTES   largest message, WebSocket frame "
+           "or REST body (default 65536)\n"
+           "  --max-outbound-bytes N   CHAT_MAX_OUTBOUND_BYTES  output queued per connection "
+           "before a slow client is cut off (default 4194304)\n"
+           "  --max-body-bytes N       CHAT_MAX_BODY_BYTES      largest HTTP request body "
+           "(default 1048576)\n"
+           "  --idle-timeout SECONDS   CHAT_IDLE_TIMEOUT        ping after this much silence, "
+           "close if unanswered (default 60)\n"
+           "  --header-timeout SECONDS CHAT_HEADER_TIMEOUT      a request head must arrive within "
+           "this; 408 beyond (default 10)\n"
+           "  --max-connections N      CHAT_MAX_CONNECTIONS     open connections; beyond, 503 "
+           "(default 0: the open-files limit less 128)\n"
+           "  --max-connections-per-ip N CHAT_MAX_CONNECTIONS_PER_IP  open connections from one "
+           "address; beyond, 503 (default 0: no limit)\n"
+           "  --replay-limit N         CHAT_REPLAY_LIMIT        most missed messages replayed for "
+           "?since= (default 1000)\n"
+           "  --node-id N              CHAT_NODE_ID             0..1023, unique per node: part "
+           "of every message id (default: with a Redis bus a free one, leased; else 0)\n"
+           "  --web-root DIR           CHAT_WEB_ROOT            static files served at / "
+           "(default: web/ beside the binary's directory, else ./web)\n"
+           "  --kafka BROKERS          CHAT_KAFKA               host:port[,host:port]: every "
+           "stored change to Kafka, none lost (default: none)\n"
+           "  --kafka-topic T          CHAT_KAFKA_TOPIC         the topic (default chat.events)\n"
+           "  --outbox-max-rows N      CHAT_OUTBOX_MAX_ROWS     events waiting for Kafka beyond "
+           "which sends are refused (default 1000000; 0: no limit)\n"
+           "  --rate-limit MSGS_PER_S  CHAT_RATE_LIMIT          sends (messages, edits, deletes, "
+           "typing) "
+           "a second per user on this node, WebSocket and REST together; beyond, rate_limited "
+           "or 429 (default 0: no limit)\n"
+           "  --rate-burst N           CHAT_RATE_BURST          sends a user may make at once "
+           "before --rate-limit applies (default 0: twice the rate, at least 1)\n"
+           "  --compression on|off     CHAT_COMPRESSION         permessage-deflate with clients "
+           "that offer it (browsers do): events compressed once per chat (default on)\n"
+           "  --presence-grace-ms MS   CHAT_PRESENCE_GRACE_MS   a user whose last connection to "
+           "a chat closed is still online this long: a reconnect within it is no leave and join "
+           "(default 5000; 0: leave at once)\n"
+           "  --presence-max-members N CHAT_PRESENCE_MAX_MEMBERS  presence:join/leave are not "
+           "sent in a chat with more users online (default 1000; 0: never sent)\n"
+           "  --log-level LEVEL        CHAT_LOG_LEVEL           debug, info, warn or error "
+           "(default info)\n"
+           "  --help                                            this text\n");
 }
 
 static const char *env_or(const char *name, const char *def) {
@@ -176,10 +177,8 @@ static void on_hup(uv_signal_t *h, int signum) {
     (void)signum;
     char err[512];
     if (tls_ctx_reload(tls, err, sizeof err) < 0)
-        log_error("tls_reload_failed error=%s kept=previous",
-                  LOG_STR(err));
-    else
-        log_info("tls_reloaded");
+        log_error("tls_reload_failed error=%s kept=previous", LOG_STR(err));
+    else log_info("tls_reloaded");
 }
 
 /* The node cannot go on (it lost its node id): drain as on SIGTERM, then exit 1. */
@@ -248,11 +247,44 @@ int main(int argc, char **argv) {
     const char *pres_grace = env_or("CHAT_PRESENCE_GRACE_MS", "5000");
     const char *pres_max = env_or("CHAT_PRESENCE_MAX_MEMBERS", "1000");
 
-    enum { O_PORT = 1, O_HOST, O_PUBURL, O_STORE, O_BUS, O_SECRET, O_DEV, O_MAXMSG, O_MAXOUT, O_MAXBODY,
-           O_IDLE, O_REPLAY, O_NODE, O_WEB, O_LEVEL, O_PUBKEY, O_JWKS, O_JWKS_REFRESH,
-           O_JWKS_MIN, O_ISSUER, O_AUDIENCE, O_HELP, O_HEADTO, O_MAXCONN, O_MAXIP,
-           O_KAFKA, O_KTOPIC, O_OBMAX, O_SEARCH, O_RATE, O_BURST, O_TLSCERT, O_TLSKEY,
-           O_COMPRESS, O_PGRACE, O_PMAX };
+    enum {
+        O_PORT = 1,
+        O_HOST,
+        O_PUBURL,
+        O_STORE,
+        O_BUS,
+        O_SECRET,
+        O_DEV,
+        O_MAXMSG,
+        O_MAXOUT,
+        O_MAXBODY,
+        O_IDLE,
+        O_REPLAY,
+        O_NODE,
+        O_WEB,
+        O_LEVEL,
+        O_PUBKEY,
+        O_JWKS,
+        O_JWKS_REFRESH,
+        O_JWKS_MIN,
+        O_ISSUER,
+        O_AUDIENCE,
+        O_HELP,
+        O_HEADTO,
+        O_MAXCONN,
+        O_MAXIP,
+        O_KAFKA,
+        O_KTOPIC,
+        O_OBMAX,
+        O_SEARCH,
+        O_RATE,
+        O_BURST,
+        O_TLSCERT,
+        O_TLSKEY,
+        O_COMPRESS,
+        O_PGRACE,
+        O_PMAX
+    };
     static const struct option opts[] = {
         {"port", required_argument, 0, O_PORT},
         {"host", required_argument, 0, O_HOST},
@@ -386,8 +418,10 @@ int main(int argc, char **argv) {
     cfg.outbox_max_rows = obmax;
     cfg.rate_limit = strtod(rate_limit, &end);
     if (*end || end == rate_limit || !(cfg.rate_limit >= 0) || cfg.rate_limit > 1e6) {
-        fprintf(stderr, "chatd: rate-limit must be sends a second, 0..1000000 (0: no limit), "
-                        "got '%s'\n", rate_limit);
+        fprintf(stderr,
+                "chatd: rate-limit must be sends a second, 0..1000000 (0: no limit), "
+                "got '%s'\n",
+                rate_limit);
         return 2;
     }
     size_t burst;
@@ -431,8 +465,10 @@ int main(int argc, char **argv) {
     if (tls_cert && !*tls_cert) tls_cert = NULL;
     if (tls_key && !*tls_key) tls_key = NULL;
     if (!tls_cert != !tls_key) {
-        fprintf(stderr, "chatd: --tls-cert and --tls-key go together (CHAT_TLS_CERT and "
-                        "CHAT_TLS_KEY): %s is missing\n", tls_cert ? "the key" : "the certificate");
+        fprintf(stderr,
+                "chatd: --tls-cert and --tls-key go together (CHAT_TLS_CERT and "
+                "CHAT_TLS_KEY): %s is missing\n",
+                tls_cert ? "the key" : "the certificate");
         return 2;
     }
     if (tls_cert) {

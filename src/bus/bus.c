@@ -108,8 +108,8 @@ static const bus_ops_t local_ops = {
     .close = local_close,
 };
 
-int bus_open(bus_t **out, uv_loop_t *loop, const char *url, const bus_callbacks_t *cb,
-             char *err, size_t errlen) {
+int bus_open(bus_t **out, uv_loop_t *loop, const char *url, const bus_callbacks_t *cb, char *err,
+             size_t errlen) {
     bus_t *b = NULL;
     int rc;
     if (!url || !*url || strcmp(url, "local") == 0) {

@@ -19,8 +19,7 @@
 typedef struct bus bus_t;
 
 /* An event published by another node. chat_id and payload are valid during the call. */
-typedef void (*bus_message_cb)(void *ud, const char *chat_id, const uint8_t *payload,
-                               size_t len);
+typedef void (*bus_message_cb)(void *ud, const char *chat_id, const uint8_t *payload, size_t len);
 /* The bus went down (up == false: events from other nodes may be missed from now on) or
  * came back (up == true: reconnected AND every chat resubscribed; the server now reads
  * from the store what its chats missed). The local bus never calls it. */
@@ -124,8 +123,8 @@ struct bus {
  * copied. err gets a readable reason on failure (CHAT_EINVAL: unknown scheme or bad URL). A
  * Redis bus that cannot connect yet still opens: it keeps retrying with backoff and reports
  * through on_state. */
-int bus_open(bus_t **out, uv_loop_t *loop, const char *url, const bus_callbacks_t *cb,
-             char *err, size_t errlen);
+int bus_open(bus_t **out, uv_loop_t *loop, const char *url, const bus_callbacks_t *cb, char *err,
+             size_t errlen);
 
 static inline int bus_subscribe(bus_t *b, const char *chat) { return b->ops->subscribe(b, chat); }
 static inline int bus_unsubscribe(bus_t *b, const char *chat) {

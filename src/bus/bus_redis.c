@@ -112,11 +112,11 @@ static const char LEASE_RELEASE[] =
     "return 0";
 
 enum {
-    LEASE_NONE,    /* never asked for */
-    LEASE_WAIT,    /* asked for, waiting for both connections to be up */
-    LEASE_ASKING,  /* the acquire script is in flight */
+    LEASE_NONE,   /* never asked for */
+    LEASE_WAIT,   /* asked for, waiting for both connections to be up */
+    LEASE_ASKING, /* the acquire script is in flight */
     LEASE_HELD,
-    LEASE_OVER,    /* refused, or lost: reported, nothing more to do */
+    LEASE_OVER, /* refused, or lost: reported, nothing more to do */
 };
 
 /* ---- connection state ------------------------------------------------------------------- */
@@ -134,17 +134,17 @@ typedef struct rconn {
     bus_redis_t *bus;
     const char *name; /* "sub" or "cmd", for logs and CLIENT SETNAME */
     redisAsyncContext *ac;
-    uv_timer_t timer;      /* backoff, connect timeout, or a scheduled teardown */
+    uv_timer_t timer; /* backoff, connect timeout, or a scheduled teardown */
     uv_getaddrinfo_t gai;
     int state;
-    unsigned gen;          /* bumped each time the connection is lost */
-    unsigned backoff_ms;   /* the next retry waits about this long */
-    unsigned fails;        /* attempts failed in a row, to log only the first */
-    int inflight;          /* regular commands sent, reply callback not run yet */
-    uint64_t replies;      /* replies received (the stall check watches it move) */
-    uint64_t stall_mark;   /* replies at the last check that found it moving */
-    uint64_t stall_since;  /* uv_now() of that check */
-    int hs_pending;        /* handshake replies still expected */
+    unsigned gen;         /* bumped each time the connection is lost */
+    unsigned backoff_ms;  /* the next retry waits about this long */
+    unsigned fails;       /* attempts failed in a row, to log only the first */
+    int inflight;         /* regular commands sent, reply callback not run yet */
+    uint64_t replies;     /* replies received (the stall check watches it move) */
+    uint64_t stall_mark;  /* replies at the last check that found it moving */
+    uint64_t stall_since; /* uv_now() of that check */
+    int hs_pending;       /* handshake replies still expected */
     bool hs_failed;
     bool kill_requested;
     const char *kill_reason;
@@ -199,8 +199,8 @@ typedef struct list_req {
     size_t n, got;     /* ids asked for, HMGET replies seen */
     int pending;       /* replies still expected */
     bool failed;
-    bool *dead;        /* one per id asked for: its alive channel has no subscriber */
-    queue_t link;      /* on bus->failed */
+    bool *dead;   /* one per id asked for: its alive channel has no subscriber */
+    queue_t link; /* on bus->failed */
 } list_req_t;
 
 struct bus_redis {
@@ -229,7 +229,7 @@ struct bus_redis {
     unsigned lease_id, lease_ttl;
     bus_lease_cb lease_cb;
     void *lease_ud;
-    bool lease_report;   /* a result waits for the work timer to deliver it */
+    bool lease_report; /* a result waits for the work timer to deliver it */
     int lease_status;
     char lease_detail[256];
     uv_timer_t lease_timer; /* renewal */
@@ -325,8 +325,8 @@ int bus_redis__parse_url(const char *url, bus_redis_url_t *u, char *err, size_t 
             set_err(err, errlen, "empty password");
             return CHAT_EINVAL;
         }
-        if (decode_userinfo(colon + 1, (size_t)(at - colon - 1), u->password,
-                            sizeof u->password, true) < 0) {
+        if (decode_userinfo(colon + 1, (size_t)(at - colon - 1), u->password, sizeof u->password,
+                            true) < 0) {
             set_err(err, errlen, "bad character or escape in the password (or too long)");
             return CHAT_EINVAL;
         }
@@ -534,10 +534,8 @@ static uint8_t *pq_push(pq_t *q, size_t len) {
         }
         c->next = NULL;
         c->head = c->used = 0;
-        if (q->last)
-            q->last->next = c;
-        else
-            q->first = c;
+        if (q->last) q->last->next = c;
+        else q->first = c;
         q->last = c;
     }
     pq_rec_t *rec = pq_at(c, c->used);
@@ -674,10 +672,8 @@ static void ev_io(uv_poll_t *h, int status, int events) {
 static void ev_set(ev_poll_t *p, int events) {
     if (events == p->events) return;
     p->events = events;
-    if (events)
-        uv_poll_start(&p->poll, events, ev_io);
-    else
-        uv_poll_stop(&p->poll);
+    if (events) uv_poll_start(&p->poll, events, ev_io);
+    else uv_poll_stop(&p->poll);
 }
 
 static void ev_add_read(void *d) { ev_set(d, ((ev_poll_t *)d)->events | UV_READABLE); }
@@ -858,8 +854,7 @@ static void on_connect(const redisAsyncContext *cac, int status) {
     if (r->url.has_password) {
         if (r->url.user[0])
             ok |= redisAsyncCommand(ac, hs_cb, rc, "AUTH %s %s", r->url.user, r->url.password);
-        else
-            ok |= redisAsyncCommand(ac, hs_cb, rc, "AUTH %s", r->url.password);
+        else ok |= redisAsyncCommand(ac, hs_cb, rc, "AUTH %s", r->url.password);
         rc->hs_pending++;
     }
     if (r->url.db) {
@@ -929,8 +924,7 @@ static void gai_cb(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
     char ip[64] = "";
     if (pick->ai_family == AF_INET6)
         uv_ip6_name((const struct sockaddr_in6 *)(const void *)pick->ai_addr, ip, sizeof ip);
-    else
-        uv_ip4_name((const struct sockaddr_in *)(const void *)pick->ai_addr, ip, sizeof ip);
+    else uv_ip4_name((const struct sockaddr_in *)(const void *)pick->ai_addr, ip, sizeof ip);
     uv_freeaddrinfo(res);
     rc_start_tcp(rc, ip);
 }
@@ -964,17 +958,14 @@ static void rc_timer_cb(uv_timer_t *t) {
         if (rc == &r->cmd && r->hold_cmd) return;
         rc_connect(rc);
         return;
-    case ST_RESOLVING:
-        return;
+    case ST_RESOLVING: return;
     case ST_CONNECTING:
     case ST_HANDSHAKE:
         rc_kill(rc); /* connect timeout, or a failed handshake */
         return;
     default:
-        if (rc->kill_requested)
-            rc_kill(rc);
-        else if (rc->state == ST_RESUB && !r->unconfirmed)
-            sub_up(r); /* see r_unsubscribe */
+        if (rc->kill_requested) rc_kill(rc);
+        else if (rc->state == ST_RESUB && !r->unconfirmed) sub_up(r); /* see r_unsubscribe */
         return;
     }
 }
@@ -1004,8 +995,8 @@ static void rc_lost(rconn_t *rc, const char *why) {
     unsigned delay = backoff_next(r, rc);
     if (!why || !*why) why = "closed";
     if (was_up)
-        log_warn("bus_redis_down conn=%s addr=%s:%d error=%s retry_ms=%u queued=%zu",
-                 rc->name, r->url.host, r->url.port, LOG_STR(why), delay, r->q.n);
+        log_warn("bus_redis_down conn=%s addr=%s:%d error=%s retry_ms=%u queued=%zu", rc->name,
+                 r->url.host, r->url.port, LOG_STR(why), delay, r->q.n);
     else if (rc->fails++ == 0)
         log_warn("bus_redis_connect_failed conn=%s addr=%s:%d error=%s retry_ms=%u", rc->name,
                  r->url.host, r->url.port, LOG_STR(why), delay);
@@ -1058,8 +1049,9 @@ static void sub_cb(redisAsyncContext *ac, void *reply, void *priv) {
         memcpy(idbuf, id, idlen);
         idbuf[idlen] = 0;
         if (r->base.cb.on_message)
-            r->base.cb.on_message(r->base.cb.ud, idbuf, (const uint8_t *)body->str + INSTANCE_LEN + 1,
-                               body->len - INSTANCE_LEN - 1);
+            r->base.cb.on_message(r->base.cb.ud, idbuf,
+                                  (const uint8_t *)body->str + INSTANCE_LEN + 1,
+                                  body->len - INSTANCE_LEN - 1);
     } else if (rep_is(kind, "subscribe", 9)) {
         if (!e) return;
         if (r->base.cb.on_subscribed) {
@@ -1182,13 +1174,12 @@ static int r_presence_set(bus_t *b, const char *chat_id, const char *user, bool 
     long long len;
     int rc;
     if (online) {
-        len = redisFormatCommand(&cmd, "HSET %b %b 1", key, (size_t)klen, field,
-                                 INSTANCE_LEN + ulen);
+        len =
+            redisFormatCommand(&cmd, "HSET %b %b 1", key, (size_t)klen, field, INSTANCE_LEN + ulen);
         if ((rc = pq_push_cmd(r, cmd, len)) < 0) return rc;
         len = redisFormatCommand(&cmd, "PEXPIRE %b %d", key, (size_t)klen, PRESENCE_KEY_TTL_MS);
     } else {
-        len = redisFormatCommand(&cmd, "HDEL %b %b", key, (size_t)klen, field,
-                                 INSTANCE_LEN + ulen);
+        len = redisFormatCommand(&cmd, "HDEL %b %b", key, (size_t)klen, field, INSTANCE_LEN + ulen);
     }
     if ((rc = pq_push_cmd(r, cmd, len)) < 0) return rc;
     pq_bound_and_send(r);
@@ -1219,8 +1210,7 @@ static void presence_cb(redisAsyncContext *ac, void *reply, void *priv) {
     char *users = p ? malloc(bytes) : NULL, *u = users;
     for (size_t i = 0; users && i < rep->elements; i++) {
         const redisReply *e = rep->element[i];
-        if (e->type != REDIS_REPLY_STRING || e->len <= INSTANCE_LEN ||
-            memchr(e->str, 0, e->len))
+        if (e->type != REDIS_REPLY_STRING || e->len <= INSTANCE_LEN || memchr(e->str, 0, e->len))
             continue; /* not written by us */
         memcpy(p[n].node, e->str, INSTANCE_LEN);
         p[n].node[INSTANCE_LEN] = 0;
@@ -1246,8 +1236,8 @@ static int r_presence_list(bus_t *b, const char *chat_id, bus_presence_cb cb, vo
     if (!q) return CHAT_ENOMEM;
     q->cb = cb;
     q->ud = ud;
-    if (redisAsyncCommand(rc->ac, presence_cb, q, "EVAL %s 1 " PRESENCE_PREFIX "%b",
-                          PRESENCE_LIST, chat_id, idlen) != REDIS_OK) {
+    if (redisAsyncCommand(rc->ac, presence_cb, q, "EVAL %s 1 " PRESENCE_PREFIX "%b", PRESENCE_LIST,
+                          chat_id, idlen) != REDIS_OK) {
         free(q);
         return CHAT_EIO;
     }
@@ -1302,10 +1292,9 @@ static int r_heartbeat(bus_t *b, const bus_node_t *self, unsigned ttl_ms) {
                             "node_id %s",
                             key, (size_t)keylen, self->url, urllen, conns, started, seen,
                             self->draining ? "1" : "0", nodeid);
-    ok |= redisAsyncCommand(ac, ignore_cb, "pexpire", "PEXPIRE %b %u", key, (size_t)keylen,
-                            ttl_ms);
-    ok |= redisAsyncCommand(ac, ignore_cb, "zadd", "ZADD " NODES_KEY " %s %b", seen, self->id,
-                            idlen);
+    ok |= redisAsyncCommand(ac, ignore_cb, "pexpire", "PEXPIRE %b %u", key, (size_t)keylen, ttl_ms);
+    ok |=
+        redisAsyncCommand(ac, ignore_cb, "zadd", "ZADD " NODES_KEY " %s %b", seen, self->id, idlen);
     /* entries of nodes that died long ago, so the index does not grow forever */
     ok |= redisAsyncCommand(ac, ignore_cb, "zremrangebyscore",
                             "ZREMRANGEBYSCORE " NODES_KEY " -inf %s", old);
@@ -1387,14 +1376,13 @@ static void node_cb(redisAsyncContext *ac, void *reply, void *priv) {
             redisAsyncCommand(ac, ignore_cb, "zrem", "ZREM " NODES_KEY " %s", nd->id) == REDIS_OK)
             rc->inflight++;
         nd->id[0] = 0;
-    } else if (rep->element[0]->type != REDIS_REPLY_STRING ||
-               !parse_i64(rep->element[1], &conns) || !parse_i64(rep->element[2], &started) ||
-               !parse_i64(rep->element[3], &seen) || !parse_i64(rep->element[4], &draining) ||
-               conns < 0) {
+    } else if (rep->element[0]->type != REDIS_REPLY_STRING || !parse_i64(rep->element[1], &conns) ||
+               !parse_i64(rep->element[2], &started) || !parse_i64(rep->element[3], &seen) ||
+               !parse_i64(rep->element[4], &draining) || conns < 0) {
         nd->id[0] = 0; /* not written by us: skip it */
     } else {
-        size_t n = rep->element[0]->len < sizeof nd->url ? rep->element[0]->len
-                                                         : sizeof nd->url - 1;
+        size_t n =
+            rep->element[0]->len < sizeof nd->url ? rep->element[0]->len : sizeof nd->url - 1;
         memcpy(nd->url, rep->element[0]->str, n);
         nd->url[n] = 0;
         nd->connections = (uint64_t)conns;
@@ -1594,8 +1582,8 @@ static void lease_try(bus_redis_t *r) {
     snprintf(ttl, sizeof ttl, "%u", r->lease_ttl);
     /* a random first id: nodes starting together do not all contend for the same ones */
     snprintf(start, sizeof start, "%u", rng_next(r) % NODE_IDS);
-    if (redisAsyncCommand(rc->ac, lease_acquire_cb, r, "EVAL %s 0 %s %s %s %s", LEASE_ACQUIRE,
-                          want, r->base.instance, ttl, start) != REDIS_OK)
+    if (redisAsyncCommand(rc->ac, lease_acquire_cb, r, "EVAL %s 0 %s %s %s %s", LEASE_ACQUIRE, want,
+                          r->base.instance, ttl, start) != REDIS_OK)
         return; /* dying: tried again when it is back */
     rc->inflight++;
     r->lease_state = LEASE_ASKING;
@@ -1723,8 +1711,9 @@ static void r_close(bus_t *b, void (*done)(void *), void *arg) {
     /* release the node id (after the queued publishes: one connection, in order), so a new
      * node may take it at once; the flush below waits for the answer */
     if (r->lease_state == LEASE_HELD && r->cmd.state == ST_READY &&
-        redisAsyncCommand(r->cmd.ac, ignore_cb, "node id release", "EVAL %s 1 " NODEID_PREFIX
-                          "%u %s", LEASE_RELEASE, r->lease_id, r->base.instance) == REDIS_OK)
+        redisAsyncCommand(r->cmd.ac, ignore_cb, "node id release",
+                          "EVAL %s 1 " NODEID_PREFIX "%u %s", LEASE_RELEASE, r->lease_id,
+                          r->base.instance) == REDIS_OK)
         r->cmd.inflight++;
     log_dropped(r, true);
     kick_work(r); /* we may be inside a hiredis callback: tear down from the loop */

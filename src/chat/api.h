@@ -32,8 +32,7 @@ static inline void api_done(http_peer_t *hp) {
 /* api_auth.c: the one token check of REST and WebSocket. true: *cl filled (the caller
  * frees it with jwt_claims_free). false: answered 401 or 403, cl untouched. chat_id NULL:
  * no chat to check. */
-bool api_auth(http_peer_t *hp, const http_request_t *req, const char *chat_id,
-              jwt_claims_t *cl);
+bool api_auth(http_peer_t *hp, const http_request_t *req, const char *chat_id, jwt_claims_t *cl);
 
 /* A history or search page stops adding messages past this much JSON (it holds at least
  * one): with --max-message-bytes messages a full page would otherwise be 200 of them, up

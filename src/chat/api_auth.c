@@ -53,8 +53,7 @@ static int api__verify(chat_server_t *s, const http_request_t *req, const char *
     return 0;
 }
 
-bool api_auth(http_peer_t *hp, const http_request_t *req, const char *chat_id,
-              jwt_claims_t *cl) {
+bool api_auth(http_peer_t *hp, const http_request_t *req, const char *chat_id, jwt_claims_t *cl) {
     const char *why;
     int st = api__verify(hp->peer.srv, req, chat_id, cl, &why);
     if (st) {

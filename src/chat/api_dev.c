@@ -24,15 +24,15 @@ void api_dev_token(http_peer_t *hp, const http_request_t *req, const char *unuse
     int64_t ttl = jttl ? json_integer_value(jttl) : 86400;
     if (ok && jttl && (!json_is_integer(jttl) || ttl < 1 || ttl > 86400)) {
         json_decref(body);
-        http_conn_error(&hp->http, 400, "bad_request",
-                        "ttl must be whole seconds from 1 to 86400", ka);
+        http_conn_error(&hp->http, 400, "bad_request", "ttl must be whole seconds from 1 to 86400",
+                        ka);
         return;
     }
     if (!ok) {
         json_decref(body);
-        http_conn_error(
-            &hp->http, 400, "bad_request",
-            "body must be {\"user\": name}, 1 to 64 bytes without control characters", ka);
+        http_conn_error(&hp->http, 400, "bad_request",
+                        "body must be {\"user\": name}, 1 to 64 bytes without control characters",
+                        ka);
         return;
     }
     char *tok = jwt_sign(user, (int64_t)time(NULL), ttl, NULL, s->cfg.jwt_secret);

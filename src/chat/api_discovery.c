@@ -10,7 +10,7 @@
 typedef struct nodes_wait {
     http_peer_t *hp;
     bool keep_alive;
-    bool connect;       /* /api/connect: pick one; else list them all */
+    bool connect; /* /api/connect: pick one; else list them all */
     char chat_id[129];
 } nodes_wait_t;
 
@@ -20,14 +20,13 @@ static void api__put_node(sbuf_t *sb, const bus_node_t *n) {
     time_format_ms(n->seen_at, seen);
     sbuf_printf(sb, "{\"id\":\"%s\",\"url\":", n->id);
     sbuf_json_str(sb, n->url, strlen(n->url));
-    sbuf_printf(sb, ",\"connections\":%" PRIu64 ",\"started_at\":\"%s\",\"seen_at\":\"%s\","
-                    "\"draining\":%s",
+    sbuf_printf(sb,
+                ",\"connections\":%" PRIu64 ",\"started_at\":\"%s\",\"seen_at\":\"%s\","
+                "\"draining\":%s",
                 n->connections, started, seen, n->draining ? "true" : "false");
     /* the id inside its message ids (null from a node that does not report it) */
-    if (n->node_id >= 0)
-        sbuf_printf(sb, ",\"node_id\":%d}", n->node_id);
-    else
-        sbuf_puts(sb, ",\"node_id\":null}");
+    if (n->node_id >= 0) sbuf_printf(sb, ",\"node_id\":%d}", n->node_id);
+    else sbuf_puts(sb, ",\"node_id\":null}");
 }
 
 static void api__nodes_done(void *ud, int status, const bus_node_t *nodes, size_t n) {
@@ -88,14 +87,12 @@ static void api__nodes(http_peer_t *hp, const http_request_t *req, const jwt_cla
     w->connect = connect;
     if (connect) {
         int n = http_query_param(req, "chat_id", w->chat_id, sizeof w->chat_id);
-        const char *bad = n == CHAT_ENOTFOUND ? "chat_id is required"
-                          : n <= 0 || !chat_id_valid(w->chat_id, (size_t)n)
-                              ? CHAT_ID_RULE
-                              : NULL;
+        const char *bad = n == CHAT_ENOTFOUND                               ? "chat_id is required"
+                          : n <= 0 || !chat_id_valid(w->chat_id, (size_t)n) ? CHAT_ID_RULE
+                                                                            : NULL;
         if (!bad && !jwt_allows_chat(cl, w->chat_id)) {
             free(w);
-            http_conn_error(&hp->http, 403, "forbidden", "this token does not allow this chat",
-                            ka);
+            http_conn_error(&hp->http, 403, "forbidden", "this token does not allow this chat", ka);
             return;
         }
         if (bad) {
@@ -106,8 +103,8 @@ static void api__nodes(http_peer_t *hp, const http_request_t *req, const jwt_cla
     }
     if (bus_list_nodes(s->bus, api__nodes_done, w) < 0) {
         free(w);
-        http_conn_error(&hp->http, 503, "bus_unavailable",
-                        "the node registry cannot be read now", ka);
+        http_conn_error(&hp->http, 503, "bus_unavailable", "the node registry cannot be read now",
+                        ka);
         return;
     }
     api_wait(hp); /* until the registry answers */

@@ -35,8 +35,7 @@ static void api__history_done(store_req_t *req) {
         if (i < n) n = i; /* the page is full in bytes: the rest is on the next one */
         if (req->n_msgs > n && n)
             sbuf_printf(&sb, "],\"next_before\":\"%" PRIu64 "\"}", req->msgs[n - 1].id);
-        else
-            sbuf_puts(&sb, "],\"next_before\":null}");
+        else sbuf_puts(&sb, "],\"next_before\":null}");
         http_conn_json(&hp->http, 200, &sb, op->keep_alive);
         sbuf_free(&sb);
     }
@@ -165,8 +164,7 @@ static void api__sent(op_t *op, const sbuf_t *ev) {
     http_conn_t *hc = &hp->http;
     store_req_t *req = &op->req;
     bool ka = op->keep_alive;
-    if (req->status == 0)
-        http_conn_json(hc, req->duplicate ? 200 : 201, ev, ka);
+    if (req->status == 0) http_conn_json(hc, req->duplicate ? 200 : 201, ev, ka);
     else if (req->status == CHAT_ENOTFOUND)
         http_conn_error(hc, 404, "not_found", "no such message in this chat", ka);
     else if (req->status == CHAT_EPERM)

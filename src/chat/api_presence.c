@@ -7,15 +7,14 @@
 typedef struct presence_wait {
     http_peer_t *hp; /* referenced until the answer */
     bool keep_alive;
-    bool asking;     /* inside chat_presence_rest: an answer now is not a resume */
+    bool asking; /* inside chat_presence_rest: an answer now is not a resume */
     bool answered;
 } presence_wait_t;
 
 static void api__presence_done(void *ud, const sbuf_t *body) {
     presence_wait_t *w = ud;
     http_peer_t *hp = w->hp;
-    if (body)
-        http_conn_json(&hp->http, 200, body, w->keep_alive);
+    if (body) http_conn_json(&hp->http, 200, body, w->keep_alive);
     else
         http_conn_error(&hp->http, 503, "bus_unavailable", "presence cannot be read now",
                         w->keep_alive);
@@ -42,8 +41,7 @@ void api_presence(http_peer_t *hp, const http_request_t *req, const char *chat_i
     w->asking = false;
     if (rc < 0 || w->answered) {
         if (rc < 0)
-            http_conn_error(&hp->http, 503, "bus_unavailable", "presence cannot be read now",
-                            ka);
+            http_conn_error(&hp->http, 503, "bus_unavailable", "presence cannot be read now", ka);
         free(w);
         return;
     }

@@ -53,8 +53,8 @@ void api_read(http_peer_t *hp, const http_request_t *req, const char *chat_id,
     op->t0 = uv_hrtime();
     if (store_submit(s->store, &op->req) < 0) {
         free(op);
-        http_conn_error(&hp->http, 503, "store_unavailable",
-                        "the store is not accepting requests", ka);
+        http_conn_error(&hp->http, 503, "store_unavailable", "the store is not accepting requests",
+                        ka);
         return;
     }
     api_wait(hp);

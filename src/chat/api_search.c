@@ -14,7 +14,7 @@ typedef struct search_wait {
     search_req_t req;
     http_peer_t *hp; /* referenced (peer.refs) until the answer */
     bool keep_alive;
-    bool across;     /* /api/search: the answer names its chats, not one chat_id */
+    bool across; /* /api/search: the answer names its chats, not one chat_id */
     search_query_t q;
     const char *chats[SEARCH_CHATS_MAX];
     char chat_ids[SEARCH_CHATS_MAX][129];
@@ -37,8 +37,7 @@ static void search__done(search_req_t *req) {
     } else if (req->status < 0) {
         if (s->search->down_code)
             http_conn_error(&hp->http, 503, s->search->down_code,
-                            "the search engine did not answer; try again later",
-                            w->keep_alive);
+                            "the search engine did not answer; try again later", w->keep_alive);
         else {
             s->m.store_errors++;
             http_conn_error(&hp->http, 503, "store_unavailable", chat_strerror(req->status),
@@ -77,10 +76,8 @@ static void search__done(search_req_t *req) {
                 sbuf_puts(&sb, "}");
             }
         }
-        if (req->more)
-            sbuf_printf(&sb, "],\"next_before\":\"%" PRIu64 "\"", req->next_before);
-        else
-            sbuf_puts(&sb, "],\"next_before\":null");
+        if (req->more) sbuf_printf(&sb, "],\"next_before\":\"%" PRIu64 "\"", req->next_before);
+        else sbuf_puts(&sb, "],\"next_before\":null");
         sbuf_printf(&sb, ",\"scanned\":%zu}", req->scanned);
         http_conn_json(&hp->http, 200, &sb, w->keep_alive);
         sbuf_free(&sb);
@@ -116,8 +113,8 @@ static bool search__params(http_peer_t *hp, const http_request_t *req, search_wa
     uint64_t l = 0, before = 0;
     if (n != CHAT_ENOTFOUND) {
         if (n <= 0 || id_parse(v, (size_t)n, &l) < 0 || l < 1 || l > SEARCH_LIMIT_MAX) {
-            http_conn_error(&hp->http, 400, "bad_request",
-                            "limit must be an integer from 1 to 100", ka);
+            http_conn_error(&hp->http, 400, "bad_request", "limit must be an integer from 1 to 100",
+                            ka);
             return false;
         }
         w->req.limit = (int)l;
@@ -256,4 +253,3 @@ answered:
     free(list);
     free(w);
 }
-

@@ -23,10 +23,10 @@ void api_healthz(http_peer_t *hp, const http_request_t *req, const char *unused,
         return;
     }
     static const char ok[] = "{\"status\":\"ok\"}";
-    http_conn_respond(&hp->http,
-                      http_response_new(s->stopping ? 503 : 200, "application/json", ok,
-                                        sizeof ok - 1, ka, NULL),
-                      ka);
+    http_conn_respond(
+        &hp->http,
+        http_response_new(s->stopping ? 503 : 200, "application/json", ok, sizeof ok - 1, ka, NULL),
+        ka);
 }
 
 void api_metrics(http_peer_t *hp, const http_request_t *req, const char *unused,
@@ -34,10 +34,8 @@ void api_metrics(http_peer_t *hp, const http_request_t *req, const char *unused,
     bool ka = req->keep_alive;
     sbuf_t sb = {0};
     chat_metrics_render(hp->peer.srv, &sb);
-    http_conn_respond(&hp->http,
-                      http_response_new(200, "text/plain; version=0.0.4", sb.p, sb.len, ka,
-                                        NULL),
-                      ka);
+    http_conn_respond(
+        &hp->http, http_response_new(200, "text/plain; version=0.0.4", sb.p, sb.len, ka, NULL), ka);
     sbuf_free(&sb);
 }
 
@@ -46,9 +44,8 @@ void api_static(http_peer_t *hp, const http_request_t *req, const char *unused,
     bool ka = req->keep_alive;
     const char *p = req->path;
     size_t n = req->path_len;
-    const static_file_t *f = (n >= 4 && memcmp(p, "/api", 4) == 0)
-                                 ? NULL
-                                 : chat_static_find(hp->peer.srv, p, n);
+    const static_file_t *f =
+        (n >= 4 && memcmp(p, "/api", 4) == 0) ? NULL : chat_static_find(hp->peer.srv, p, n);
     if (!f) {
         http_conn_error(&hp->http, 404, "not_found", "no such resource", ka);
         return;

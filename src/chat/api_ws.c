@@ -68,8 +68,7 @@ void api_ws_upgrade(http_peer_t *hp, const http_request_t *req, const char *chat
     int n_since = api__since(req, since);
     if (n_since < 0) {
         http_conn_error(hc, 400, "bad_request",
-                        "since must be a message id, or up to 32 of them separated by commas",
-                        ka);
+                        "since must be a message id, or up to 32 of them separated by commas", ka);
         return;
     }
     /* presence=1: presence:join/leave and typing from the start (else after presence:get) */
@@ -105,8 +104,8 @@ void api_ws_upgrade(http_peer_t *hp, const http_request_t *req, const char *chat
     size_t rest_len;
     conn_t *c = http_conn_detach(hc, &rest, &rest_len);
     chat_peer_unlink(&hp->peer);
-    chat_session_start(s, c, chat_id, cl.sub, cl.exp, since, (size_t)n_since, deflate,
-                       presence, rest, rest_len);
+    chat_session_start(s, c, chat_id, cl.sub, cl.exp, since, (size_t)n_since, deflate, presence,
+                       rest, rest_len);
     char peer[80];
     conn_peer(c, peer, sizeof peer);
     log_debug("ws_open peer=%s user=%s chat=%s", peer, LOG_STR(cl.sub), chat_id);

@@ -17,8 +17,8 @@
 
 /* ---- JWT (RFC 7519): HS256 with a secret (jwt_verify), key sets below ----------------- */
 typedef struct jwt_claims {
-    char sub[129];   /* the user id; 1..128 bytes, no control characters */
-    int64_t exp;     /* seconds since the epoch, 0 if absent */
+    char sub[129]; /* the user id; 1..128 bytes, no control characters */
+    int64_t exp;   /* seconds since the epoch, 0 if absent */
     int64_t iat;
     /* the optional "chats" claim: NULL if absent (any chat allowed), else a NULL-terminated
      * array of chat ids, owned by the claims (jwt_claims_free) */
@@ -30,8 +30,7 @@ typedef struct jwt_claims {
  * compared in constant time; exp (if present) must be > now; sub must be a non-empty string.
  * On success fills *out (free with jwt_claims_free). Returns 0, CHAT_EINVAL (malformed,
  * wrong alg, bad signature), or CHAT_EEXPIRED. */
-int jwt_verify(const char *token, size_t len, const char *secret, int64_t now,
-               jwt_claims_t *out);
+int jwt_verify(const char *token, size_t len, const char *secret, int64_t now, jwt_claims_t *out);
 void jwt_claims_free(jwt_claims_t *c);
 /* True if the claims allow chat_id (no chats claim, or chat_id is listed). */
 bool jwt_allows_chat(const jwt_claims_t *c, const char *chat_id);
@@ -62,8 +61,7 @@ int jwt_keyset_add_pem(jwt_keyset_t *ks, const char *pem, size_t len, char *err,
  * errors: "use" other than "sig", an "alg" other than RS256/ES256 for that kty, other kty
  * or curves, RSA under 2048 bits. Returns the number of keys added (>= 0), or CHAT_EINVAL
  * with err if the document is not a JWKS (or holds more than 100 keys). */
-int jwt_keyset_add_jwks(jwt_keyset_t *ks, const char *json, size_t len, char *err,
-                        size_t errlen);
+int jwt_keyset_add_jwks(jwt_keyset_t *ks, const char *json, size_t len, char *err, size_t errlen);
 
 /* What the claims must also say; NULL members are not checked. aud may be a string or an
  * array of strings in the token; it must equal (contain) audience. */
@@ -79,8 +77,8 @@ typedef struct jwt_policy {
  * plus policy (may be NULL). On success fills *out (free with jwt_claims_free). Returns 0,
  * CHAT_EINVAL, CHAT_EEXPIRED, or CHAT_ENOTFOUND: the token names a kid no set holds (the
  * caller may refresh its keys). */
-int jwt_verify_keys(const char *token, size_t len, const jwt_keyset_t *const *sets,
-                    size_t nsets, const jwt_policy_t *policy, int64_t now, jwt_claims_t *out);
+int jwt_verify_keys(const char *token, size_t len, const jwt_keyset_t *const *sets, size_t nsets,
+                    const jwt_policy_t *policy, int64_t now, jwt_claims_t *out);
 
 /* What to mint: exactly one of secret (HS256) or key_pem (a PEM private key, RSA: RS256,
  * EC P-256: ES256). kid, iss, aud: NULL to leave out. chats: NULL or NULL-terminated. */
@@ -99,19 +97,18 @@ char *jwt_sign_ex(const jwt_mint_t *m, char *err, size_t errlen);
 /* ---- JWKS: the keys chatd trusts and how they stay fresh (jwks.c) --------------------- */
 typedef struct jwks jwks_t;
 typedef struct jwks_config {
-    const char *secret;              /* HS256 secret or NULL */
-    const char *const *pem_files;    /* n_pem PEM files of public keys, read at open */
+    const char *secret;           /* HS256 secret or NULL */
+    const char *const *pem_files; /* n_pem PEM files of public keys, read at open */
     size_t n_pem;
-    const char *url;                 /* JWKS URL (http or https) or NULL */
-    const char *issuer, *audience;   /* checked when non-NULL */
-    unsigned refresh_s;              /* periodic refetch (default 300) */
-    unsigned min_interval_s;         /* least time between two fetches (default 30) */
+    const char *url;               /* JWKS URL (http or https) or NULL */
+    const char *issuer, *audience; /* checked when non-NULL */
+    unsigned refresh_s;            /* periodic refetch (default 300) */
+    unsigned min_interval_s;       /* least time between two fetches (default 30) */
 } jwks_config_t;
 /* Reads the PEM files and, with a url, starts fetching it on a worker thread (the first
  * fetch right away). The strings in cfg must outlive the jwks_t. On success *out is owned
  * by the caller (jwks_close); on failure err says why. */
-int jwks_open(jwks_t **out, uv_loop_t *loop, const jwks_config_t *cfg, char *err,
-              size_t errlen);
+int jwks_open(jwks_t **out, uv_loop_t *loop, const jwks_config_t *cfg, char *err, size_t errlen);
 /* jwt_verify_keys against the secret, the PEM keys and the last fetched JWKS, with the
  * configured issuer and audience. An unknown kid asks for a refetch (at most one per
  * min_interval_s) and returns CHAT_ENOTFOUND. Loop thread only. */
@@ -141,8 +138,8 @@ typedef struct chat_config {
     /* public keys, JWKS, issuer/audience: NULL if none is configured (then tokens are
      * HS256 with jwt_secret, as jwt_verify checks them); owned by the caller */
     jwks_t *jwks;
-    const char *web_root;       /* static files served at / */
-    const char *public_url;     /* this node's WebSocket base URL for discovery; NULL: derived
+    const char *web_root;   /* static files served at / */
+    const char *public_url; /* this node's WebSocket base URL for discovery; NULL: derived
                                  * (wss:// with tls) */
     /* TLS on the listening port (HTTPS and WSS), borrowed; NULL: plain HTTP. Handshakes get
      * header_timeout_ms to finish. */
@@ -157,14 +154,14 @@ typedef struct chat_config {
      * down (code 1012). */
     void (*on_fatal)(void *arg, const char *why);
     void *fatal_arg;
-    size_t max_message_bytes;   /* message limit, WebSocket frame or REST body (default 65536) */
-    size_t max_outbound_bytes;  /* per-connection queued output limit (default 4 MiB) */
-    size_t max_body_bytes;      /* HTTP request body limit (default 1 MiB) */
-    unsigned idle_timeout_ms;   /* ping after this much silence, close if no answer */
-    unsigned header_timeout_ms; /* a request head must arrive within this (default 10 s) */
-    size_t max_connections;     /* open connections; 0: from the open-files limit */
+    size_t max_message_bytes;      /* message limit, WebSocket frame or REST body (default 65536) */
+    size_t max_outbound_bytes;     /* per-connection queued output limit (default 4 MiB) */
+    size_t max_body_bytes;         /* HTTP request body limit (default 1 MiB) */
+    unsigned idle_timeout_ms;      /* ping after this much silence, close if no answer */
+    unsigned header_timeout_ms;    /* a request head must arrive within this (default 10 s) */
+    size_t max_connections;        /* open connections; 0: from the open-files limit */
     size_t max_connections_per_ip; /* 0: no limit */
-    unsigned replay_limit;      /* most messages replayed for ?since= (default 1000) */
+    unsigned replay_limit;         /* most messages replayed for ?since= (default 1000) */
     /* Kafka (src/stream/): every stored change to this topic; NULL brokers: no relay and no
      * outbox. outbox_max_rows: past it, changes are refused (0: no limit). */
     const char *kafka_brokers;
@@ -190,8 +187,8 @@ typedef struct chat_server chat_server_t;
 /* Open the store, the bus, and listen. On success *out is owned by the caller;
  * chat_server_port() is the bound port. err gets a readable reason on failure; the loop
  * must then still run until it ends, to release what was opened (handles close later). */
-int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg,
-                      char *err, size_t errlen);
+int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg, char *err,
+                      size_t errlen);
 int chat_server_port(const chat_server_t *s);
 /* The node id inside this node's message ids (leased, with a Redis bus). */
 unsigned chat_server_node_id(const chat_server_t *s);

@@ -5,13 +5,13 @@
 #include <jansson.h>
 
 #include "bus/bus.h"
+#include "chat.h"
+#include "chat/room.h"
 #include "http/http.h"
 #include "http/server.h"
 #include "search/search.h"
 #include "store/store.h"
 #include "ws/ws.h"
-#include "chat.h"
-#include "chat/room.h"
 
 /* ---- the JSON protocol (protocol.c) --------------------------------------------------- */
 /* PROTO_PING: {"event":"ping"}, answered {"event":"pong"} to the sender alone: a client's
@@ -25,8 +25,16 @@
  * PROTO_TYPING: {"event":"typing"}, the sender is typing: forwarded to the other members
  * (presence.c), never stored. PROTO_PRESENCE_GET: {"event":"presence:get"}, answered
  * {"event":"presence","users":[..]} to the sender alone. */
-enum { PROTO_MESSAGE = 1, PROTO_EDIT, PROTO_DELETE, PROTO_PING, PROTO_TOKEN_REFRESH, PROTO_READ,
-       PROTO_TYPING, PROTO_PRESENCE_GET };
+enum {
+    PROTO_MESSAGE = 1,
+    PROTO_EDIT,
+    PROTO_DELETE,
+    PROTO_PING,
+    PROTO_TOKEN_REFRESH,
+    PROTO_READ,
+    PROTO_TYPING,
+    PROTO_PRESENCE_GET
+};
 /* allow_events flag: an object without "event" is a message:message (the REST body); a bit
  * above every (1 << PROTO_*) */
 #define PROTO_IMPLICIT_MESSAGE (1u << 16)
@@ -36,14 +44,14 @@ _Static_assert(PROTO_PRESENCE_GET < 16, "PROTO_IMPLICIT_MESSAGE must stay above 
 
 typedef struct proto_cmd {
     int kind;
-    json_t *root;          /* owns the strings below; released by proto_cmd_free */
-    const char *message;   /* PROTO_MESSAGE, PROTO_EDIT */
+    json_t *root;        /* owns the strings below; released by proto_cmd_free */
+    const char *message; /* PROTO_MESSAGE, PROTO_EDIT */
     size_t message_len;
     const char *client_id; /* optional; NULL if absent */
     uint64_t message_id;   /* PROTO_EDIT, PROTO_DELETE, PROTO_READ */
     const char *token;     /* PROTO_TOKEN_REFRESH: the token as sent, not yet checked */
     size_t token_len;
-    const char *error;     /* after CHAT_EPROTO: a static, readable reason */
+    const char *error; /* after CHAT_EPROTO: a static, readable reason */
 } proto_cmd_t;
 
 /* Decode one client text message (valid UTF-8 already). Returns
@@ -83,58 +91,58 @@ typedef struct peer peer_t;
 struct peer {
     int kind;
     chat_server_t *srv;
-    conn_t *conn;            /* NULL once the connection is gone */
-    peer_t *prev, *next;     /* the server's list of open connections */
-    uint64_t last_rx;        /* uv_now() of the last bytes received */
-    uint64_t closing_since;  /* uv_now() when we started closing, 0 if not */
-    int refs;                /* 1 for the connection + 1 per store request in flight */
+    conn_t *conn;           /* NULL once the connection is gone */
+    peer_t *prev, *next;    /* the server's list of open connections */
+    uint64_t last_rx;       /* uv_now() of the last bytes received */
+    uint64_t closing_since; /* uv_now() when we started closing, 0 if not */
+    int refs;               /* 1 for the connection + 1 per store request in flight */
 };
 
 typedef struct session {
     peer_t peer;
     ws_parser_t parser;
-    room_member_t member;          /* its link in its room (member.room) */
-    uint64_t ping_sent;            /* uv_now() of an unanswered keepalive ping, 0 if none */
-    uint16_t close_code;           /* what we sent or echoed, for metrics; 0 = none yet */
-    bool replaying;                /* ?since=: the backlog is being read; live events wait */
-    bool replay_waiting;           /* ... once the room's bus subscription is active */
+    room_member_t member; /* its link in its room (member.room) */
+    uint64_t ping_sent;   /* uv_now() of an unanswered keepalive ping, 0 if none */
+    uint16_t close_code;  /* what we sent or echoed, for metrics; 0 = none yet */
+    bool replaying;       /* ?since=: the backlog is being read; live events wait */
+    bool replay_waiting;  /* ... once the room's bus subscription is active */
     /* the token's exp in epoch seconds, 0 = never expires; 32 bits fit the padding here
      * (a later exp, past 2106, is saturated) so a session is no bigger for it */
     uint32_t token_exp;
-    held_queue_t held;             /* live events while the replay goes first */
+    held_queue_t held; /* live events while the replay goes first */
     /* ?since= cursors (one per origin node, or one id). After the replay they stay as a
      * filter: a message from a cursor's origin at or below it is one the client has. */
     uint64_t *cursors;
     uint16_t n_cursors;
-    bool cursor_single;            /* the one-id form: during the replay it stands for all */
+    bool cursor_single; /* the one-id form: during the replay it stands for all */
     /* ids the backlog sent: the same message may still come live from another node (the
      * store can be ahead of the bus), and must not be sent twice. After a while they are
      * folded into the cursors (per origin, the newest), which filter from then on. */
     uint64_t *replayed;
     uint32_t n_replayed;
-    uint64_t replayed_until;       /* uv_now() after which replayed is folded */
+    uint64_t replayed_until; /* uv_now() after which replayed is folded */
     /* the backlog of a ?since= connection: read in pages, sent as the socket drains. Only
      * the ids of what will be sent are kept for all of it; the messages themselves for a
      * bounded number of bytes, read again from the store as the sending reaches them. */
-    store_msg_t *backlog;          /* what will be sent, oldest first */
-    uint8_t *backlog_state;        /* per entry: 0 id only, 1 loaded, 2 no longer stored */
+    store_msg_t *backlog;   /* what will be sent, oldest first */
+    uint8_t *backlog_state; /* per entry: 0 id only, 1 loaded, 2 no longer stored */
     size_t n_backlog, backlog_cap, backlog_next;
-    size_t backlog_bytes;          /* of the loaded messages */
-    bool backlog_spilled;          /* an entry past the byte bound holds its id only */
-    bool backlog_reading;          /* a read to load entries is in flight */
-    uint64_t replay_from;          /* the read window: messages after this id */
-    int replay_pages;              /* pages read so far */
-    buf_t *replay_frame;           /* the next frame, waiting for the queue to drain */
+    size_t backlog_bytes; /* of the loaded messages */
+    bool backlog_spilled; /* an entry past the byte bound holds its id only */
+    bool backlog_reading; /* a read to load entries is in flight */
+    uint64_t replay_from; /* the read window: messages after this id */
+    int replay_pages;     /* pages read so far */
+    buf_t *replay_frame;  /* the next frame, waiting for the queue to drain */
     /* the last message:message ids this connection carried live (sent or held), and how
      * many it carried: a retry whose original came on this connection after the retry
      * arrived (the original's node was slow) is not answered again, that copy was the
      * acknowledgement */
     uint64_t recent_new[16];
     uint32_t n_new;
-    size_t inflight;               /* bytes of this member's commands the store has not answered */
-    bool flow_paused;              /* not read until its own echoes drain (a fast sender) */
-    bool presence;                 /* gets presence:join/leave and typing (it asked for them) */
-    bool presence_asked;           /* a presence:get waits for the chat's snapshot */
+    size_t inflight;     /* bytes of this member's commands the store has not answered */
+    bool flow_paused;    /* not read until its own echoes drain (a fast sender) */
+    bool presence;       /* gets presence:join/leave and typing (it asked for them) */
+    bool presence_asked; /* a presence:get waits for the chat's snapshot */
     char user[129];
 } session_t;
 
@@ -160,15 +168,15 @@ typedef struct chat_metrics {
     metric_hist_t loop_busy; /* each loop turn's work, its wait for events excluded */
     uint64_t closes[CLOSE_CODE_SLOTS + 1];
     uint64_t ws_opened;
-    uint64_t rate_limited; /* sends refused by --rate-limit */
+    uint64_t rate_limited;   /* sends refused by --rate-limit */
     uint64_t ws_deflate;     /* connections that negotiated permessage-deflate */
     uint64_t deflate_frames; /* compressed encodings made (one per event at most) */
     uint64_t deflate_out;    /* compressed frames queued */
 } chat_metrics_t;
 
 typedef struct static_file {
-    char *path;         /* URL path, e.g. "/index.html" */
-    const char *type;   /* Content-Type */
+    char *path;       /* URL path, e.g. "/index.html" */
+    const char *type; /* Content-Type */
     buf_t *body;
 } static_file_t;
 
@@ -192,14 +200,14 @@ struct chat_server {
     static_file_t *files;
     size_t n_files;
     chat_metrics_t m;
-    struct rate_table *rate; /* --rate-limit's buckets (ratelimit.c); NULL until first used */
-    ws_zip_t *zip;           /* --compression: the loop's one compressor and inflater */
+    struct rate_table *rate;     /* --rate-limit's buckets (ratelimit.c); NULL until first used */
+    ws_zip_t *zip;               /* --compression: the loop's one compressor and inflater */
     struct pres_table *presence; /* who is online per chat (presence.c); NULL until used */
     /* the cluster (cluster.c) */
     bool bus_up;
-    int64_t bus_down_ms;     /* when the bus went down, 0 if it never did */
-    unsigned node_id;        /* the id in our message ids: configured, or leased on the bus */
-    int lease_status;        /* 1 while the lease is asked for, then its answer */
+    int64_t bus_down_ms; /* when the bus went down, 0 if it never did */
+    unsigned node_id;    /* the id in our message ids: configured, or leased on the bus */
+    int lease_status;    /* 1 while the lease is asked for, then its answer */
     char lease_detail[256];
     uv_timer_t heartbeat;
     bus_node_t self;
@@ -218,9 +226,9 @@ struct chat_server {
         int64_t seen_at;
     } known[64];
     size_t n_known;
-    bool listing;     /* a listing is in flight */
+    bool listing;        /* a listing is in flight */
     uint64_t listing_at; /* uv_now() when it was asked for */
-    bool known_valid; /* known[] is from a successful listing */
+    bool known_valid;    /* known[] is from a successful listing */
     /* shutdown */
     void (*on_peer_gone)(chat_server_t *s); /* server.c: a shutdown waits for the last */
     bool stopping;
@@ -233,8 +241,8 @@ struct chat_server {
 
 /* peer.c */
 void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c);
-void chat_peer_unlink(peer_t *p);  /* the connection closed */
-void chat_peer_unref(peer_t *p);   /* frees at zero */
+void chat_peer_unlink(peer_t *p); /* the connection closed */
+void chat_peer_unref(peer_t *p);  /* frees at zero */
 /* metrics.c */
 void chat_hist_record(metric_hist_t *h, double secs);
 void chat_record_close(chat_server_t *s, uint16_t code);
@@ -343,8 +351,7 @@ size_t rate_table_count(const rate_table_t *t);
  * ms to wait, the refusal counted, and the error event rate_limited (with retry_after_ms,
  * cmd's client_id/message_id) appended to event, which stays the caller's to send and
  * free. cmd stays the caller's. */
-uint64_t rate_admit_cmd(chat_server_t *s, const char *user, const proto_cmd_t *cmd,
-                        sbuf_t *event);
+uint64_t rate_admit_cmd(chat_server_t *s, const char *user, const proto_cmd_t *cmd, sbuf_t *event);
 /* The same for a REST send: on a refusal *resp is the 429 answer (Retry-After, JSON body)
  * whose reference the caller owns (NULL on OOM). */
 uint64_t rate_admit_rest(chat_server_t *s, const char *user, bool keep_alive, buf_t **resp);

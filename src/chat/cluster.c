@@ -150,16 +150,16 @@ static void cluster__catchup_all(chat_server_t *s, int64_t from_ms) {
     uint64_t after = from_ms > ID_EPOCH_MS ? (uint64_t)(from_ms - ID_EPOCH_MS) << 22 : 0;
     size_t n = 0;
     for (room_t *r = room_next(&s->rooms, NULL); r; r = room_next(&s->rooms, r)) {
-            if (r->catching_up) continue; /* one catch-up per room at a time */
-            catchup_t *cu = calloc(1, sizeof(*cu));
-            if (!cu) continue;
-            cu->srv = s;
-            cu->gen = r->gen;
-            snprintf(cu->chat_id, sizeof cu->chat_id, "%s", r->chat_id);
-            r->catching_up = true;
-            cluster__catchup_submit(cu, after);
-            n++;
-        }
+        if (r->catching_up) continue; /* one catch-up per room at a time */
+        catchup_t *cu = calloc(1, sizeof(*cu));
+        if (!cu) continue;
+        cu->srv = s;
+        cu->gen = r->gen;
+        snprintf(cu->chat_id, sizeof cu->chat_id, "%s", r->chat_id);
+        r->catching_up = true;
+        cluster__catchup_submit(cu, after);
+        n++;
+    }
     log_info("bus_catchup rooms=%zu since_ms=%" PRId64, n, from_ms);
 }
 
@@ -259,10 +259,8 @@ int chat_cluster_lease(chat_server_t *s, char *err, size_t errlen) {
         snprintf(err, errlen, "cannot ask the bus for a node id lease");
         return rc;
     }
-    if (want < 0)
-        log_info("node_id_lease want=auto: waiting for the bus");
-    else
-        log_info("node_id_lease want=%d: waiting for the bus", want);
+    if (want < 0) log_info("node_id_lease want=auto: waiting for the bus");
+    else log_info("node_id_lease want=%d: waiting for the bus", want);
     /* Nothing listens yet and nothing else runs: the loop serves the bus alone until it
      * answers (if Redis is down, that is when it comes back; a signal ends the process). */
     while (s->lease_status == 1) uv_run(s->loop, UV_RUN_ONCE);
@@ -272,8 +270,7 @@ int chat_cluster_lease(chat_server_t *s, char *err, size_t errlen) {
                      "node id %d is %s; give each node its own --node-id, or leave it out to "
                      "get a free one",
                      want, s->lease_detail);
-        else
-            snprintf(err, errlen, "no node id: %s", s->lease_detail);
+        else snprintf(err, errlen, "no node id: %s", s->lease_detail);
         return s->lease_status;
     }
     log_info("node_id_lease node_id=%u%s", s->node_id, want < 0 ? " (auto)" : "");

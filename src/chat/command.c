@@ -14,8 +14,9 @@
 #include "chat/command.h"
 
 static const char *command__event_name(store_op_t op) {
-    return op == STORE_EDIT ? "message:edit" : op == STORE_DELETE ? "message:delete"
-                                                                   : "message:message";
+    return op == STORE_EDIT     ? "message:edit"
+           : op == STORE_DELETE ? "message:delete"
+                                : "message:message";
 }
 
 static void command__done(store_req_t *req) {
@@ -33,8 +34,7 @@ static void command__done(store_req_t *req) {
              * it. */
             room_t *r = room_find(&s->rooms, op->chat_id);
             buf_t *frame = r ? ws_frame_new(WS_OP_TEXT, ev.p, ev.len) : NULL;
-            if (frame)
-                room_broadcast(&s->rooms, r, frame, req->op == STORE_APPEND, req->msg.id);
+            if (frame) room_broadcast(&s->rooms, r, frame, req->op == STORE_APPEND, req->msg.id);
             if (bus_publish(s->bus, op->chat_id, ev.p, ev.len) < 0)
                 log_warn("bus_publish_failed chat=%s id=%" PRIu64, op->chat_id, req->msg.id);
             buf_unref(frame);
@@ -54,8 +54,8 @@ static void command__done(store_req_t *req) {
     free(op);
 }
 
-int chat_submit(chat_server_t *s, peer_t *origin, op_reply_fn reply, bool keep_alive,
-                uint32_t mark, const char *chat_id, const char *user, proto_cmd_t *cmd) {
+int chat_submit(chat_server_t *s, peer_t *origin, op_reply_fn reply, bool keep_alive, uint32_t mark,
+                const char *chat_id, const char *user, proto_cmd_t *cmd) {
     op_t *op = calloc(1, sizeof(*op));
     if (!op) return CHAT_ENOMEM;
     op->srv = s;
@@ -103,4 +103,3 @@ int chat_submit(chat_server_t *s, peer_t *origin, op_reply_fn reply, bool keep_a
     origin->refs++;
     return 0;
 }
-

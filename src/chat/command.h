@@ -20,12 +20,12 @@ typedef void (*op_reply_fn)(op_t *op, const sbuf_t *ev);
 struct op {
     store_req_t req;
     chat_server_t *srv;
-    peer_t *origin;     /* referenced; its conn may be gone by completion */
+    peer_t *origin; /* referenced; its conn may be gone by completion */
     proto_cmd_t cmd;
-    uint64_t t0;        /* uv_hrtime() at submit */
-    op_reply_fn reply;  /* chat_submit's caller */
-    uint32_t mark;      /* the caller's, for its reply (a session: its n_new at submit) */
-    bool keep_alive;    /* a REST caller's connection stays open after the answer */
+    uint64_t t0;       /* uv_hrtime() at submit */
+    op_reply_fn reply; /* chat_submit's caller */
+    uint32_t mark;     /* the caller's, for its reply (a session: its n_new at submit) */
+    bool keep_alive;   /* a REST caller's connection stays open after the answer */
     char chat_id[129];
     char user[129];
 };
@@ -33,7 +33,7 @@ struct op {
 /* Submit a message, edit or delete (cmd->kind PROTO_MESSAGE, _EDIT, _DELETE) by user in
  * chat_id from origin. 0: the op owns cmd (zeroed) and holds a reference to origin until
  * reply has run. < 0: nothing was submitted, cmd is still the caller's. */
-int chat_submit(chat_server_t *s, peer_t *origin, op_reply_fn reply, bool keep_alive,
-                uint32_t mark, const char *chat_id, const char *user, proto_cmd_t *cmd);
+int chat_submit(chat_server_t *s, peer_t *origin, op_reply_fn reply, bool keep_alive, uint32_t mark,
+                const char *chat_id, const char *user, proto_cmd_t *cmd);
 
 #endif

@@ -17,7 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define JWKS_MAX_BODY (1u << 20)  /* a JWKS is a few KB; refuse to buffer more */
+#define JWKS_MAX_BODY (1u << 20) /* a JWKS is a few KB; refuse to buffer more */
 #define JWKS_MAX_PEM (1u << 20)
 #define JWKS_TIMEOUT_S 10L
 #define JWKS_CONNECT_TIMEOUT_S 5L
@@ -194,8 +194,8 @@ static void jwks__on_result(uv_async_t *a) {
         uv_timer_start(&j->timer, jwks__on_timer, j->refresh_ms, 0);
     } else {
         jwt_keyset_free(ks);
-        log_warn("jwks fetch failed url=%s error=%s keys_kept=%zu", LOG_STR(j->url),
-                 LOG_STR(err), jwt_keyset_count(j->fetched));
+        log_warn("jwks fetch failed url=%s error=%s keys_kept=%zu", LOG_STR(j->url), LOG_STR(err),
+                 jwt_keyset_count(j->fetched));
         uv_timer_start(&j->timer, jwks__on_timer, j->min_ms, 0);
     }
 }
@@ -236,8 +236,7 @@ static void jwks__on_close(uv_handle_t *h) {
     if (--j->open_handles == 0) jwks__free(j);
 }
 
-int jwks_open(jwks_t **out, uv_loop_t *loop, const jwks_config_t *cfg, char *err,
-              size_t errlen) {
+int jwks_open(jwks_t **out, uv_loop_t *loop, const jwks_config_t *cfg, char *err, size_t errlen) {
     jwks_t *j = calloc(1, sizeof(*j));
     if (!j || !(j->fixed = jwt_keyset_new())) {
         free(j);

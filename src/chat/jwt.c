@@ -119,8 +119,7 @@ static bool sub_valid(const char *s, size_t n) {
     return true;
 }
 
-static int hmac_sha256(const char *secret, const void *data, size_t n,
-                       uint8_t mac[JWT_MAC_LEN]) {
+static int hmac_sha256(const char *secret, const void *data, size_t n, uint8_t mac[JWT_MAC_LEN]) {
     size_t klen = strlen(secret);
     unsigned int mlen = 0;
     if (klen > INT32_MAX) return CHAT_EINVAL;
@@ -161,8 +160,7 @@ static int check_header(const uint8_t *p, size_t n) {
     const char *alg = json_string_value(json_object_get(h, "alg"));
     if (!alg || strcmp(alg, "HS256") != 0) goto out;
     json_t *typ = json_object_get(h, "typ");
-    if (typ && (!json_is_string(typ) || strcasecmp(json_string_value(typ), "JWT") != 0))
-        goto out;
+    if (typ && (!json_is_string(typ) || strcasecmp(json_string_value(typ), "JWT") != 0)) goto out;
     /* RFC 7515 4.1.11: "crit" names extensions we must understand; we understand none. */
     if (json_object_get(h, "crit")) goto out;
     rc = 0;
@@ -292,8 +290,7 @@ static int jwt_payload_claims(const jwt_parts_t *p, uint8_t *buf, int64_t now,
     return rc;
 }
 
-int jwt_verify(const char *token, size_t len, const char *secret, int64_t now,
-               jwt_claims_t *out) {
+int jwt_verify(const char *token, size_t len, const char *secret, int64_t now, jwt_claims_t *out) {
     if (!out) return CHAT_EINVAL;
     memset(out, 0, sizeof(*out));
     if (!token || !secret || !*secret || len == 0 || len > JWT_MAX_TOKEN) return CHAT_EINVAL;
@@ -303,8 +300,7 @@ int jwt_verify(const char *token, size_t len, const char *secret, int64_t now,
 
     uint8_t mac[JWT_MAC_LEN], given[JWT_MAC_LEN];
     size_t glen = 0;
-    if (b64url_decode(p.sig, p.slen, given, &glen) < 0 || glen != JWT_MAC_LEN)
-        return CHAT_EINVAL;
+    if (b64url_decode(p.sig, p.slen, given, &glen) < 0 || glen != JWT_MAC_LEN) return CHAT_EINVAL;
     if (hmac_sha256(secret, token, p.signed_len, mac) < 0) return CHAT_EINVAL;
     if (CRYPTO_memcmp(mac, given, JWT_MAC_LEN) != 0) return CHAT_EINVAL;
 
@@ -443,8 +439,7 @@ void jwt_keyset_free(jwt_keyset_t *ks) {
 size_t jwt_keyset_count(const jwt_keyset_t *ks) { return ks ? ks->n : 0; }
 
 /* Takes ownership of kid, secret and pkey (freed here on failure). */
-static int keyset_push(jwt_keyset_t *ks, jwt_alg_t alg, char *kid, char *secret,
-                       EVP_PKEY *pkey) {
+static int keyset_push(jwt_keyset_t *ks, jwt_alg_t alg, char *kid, char *secret, EVP_PKEY *pkey) {
     if (ks->n == ks->cap) {
         size_t cap = ks->cap ? ks->cap * 2 : 4;
         jwt_key_t *k = realloc(ks->keys, cap * sizeof(*k));
@@ -475,16 +470,15 @@ static int pkey_alg(EVP_PKEY *pkey) {
     if (EVP_PKEY_is_a(pkey, "EC")) {
         char group[64];
         size_t glen = 0;
-        if (!EVP_PKEY_get_utf8_string_param(pkey, OSSL_PKEY_PARAM_GROUP_NAME, group,
-                                            sizeof group, &glen))
+        if (!EVP_PKEY_get_utf8_string_param(pkey, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof group,
+                                            &glen))
             return -1;
         return strcmp(group, "prime256v1") == 0 ? JWT_ES256 : -1;
     }
     return -1;
 }
 
-int jwt_keyset_add_pem(jwt_keyset_t *ks, const char *pem, size_t len, char *err,
-                       size_t errlen) {
+int jwt_keyset_add_pem(jwt_keyset_t *ks, const char *pem, size_t len, char *err, size_t errlen) {
     if (!ks || !pem || len > INT32_MAX) return CHAT_EINVAL;
     BIO *bio = BIO_new_mem_buf(pem, (int)len);
     if (!bio) return CHAT_ENOMEM;
@@ -494,9 +488,10 @@ int jwt_keyset_add_pem(jwt_keyset_t *ks, const char *pem, size_t len, char *err,
     while ((pkey = PEM_read_bio_PUBKEY(bio, NULL, NULL, NULL))) {
         int alg = pkey_alg(pkey);
         if (alg < 0) {
-            snprintf(err, errlen, "unsupported public key (%s, %d bits): use RSA of 2048 bits "
-                     "or more, or EC P-256", EVP_PKEY_get0_type_name(pkey),
-                     EVP_PKEY_get_bits(pkey));
+            snprintf(err, errlen,
+                     "unsupported public key (%s, %d bits): use RSA of 2048 bits "
+                     "or more, or EC P-256",
+                     EVP_PKEY_get0_type_name(pkey), EVP_PKEY_get_bits(pkey));
             EVP_PKEY_free(pkey);
             rc = CHAT_EINVAL;
             break;
@@ -506,7 +501,8 @@ int jwt_keyset_add_pem(jwt_keyset_t *ks, const char *pem, size_t len, char *err,
     ERR_clear_error(); /* the loop ends on "no more PEM blocks" */
     BIO_free(bio);
     if (rc == 0 && ks->n == before) {
-        snprintf(err, errlen, "no PUBLIC KEY block (a PEM public key, as openssl pkey -pubout "
+        snprintf(err, errlen,
+                 "no PUBLIC KEY block (a PEM public key, as openssl pkey -pubout "
                  "writes it)");
         rc = CHAT_EINVAL;
     }
@@ -602,8 +598,7 @@ out:
     return pkey;
 }
 
-int jwt_keyset_add_jwks(jwt_keyset_t *ks, const char *json, size_t len, char *err,
-                        size_t errlen) {
+int jwt_keyset_add_jwks(jwt_keyset_t *ks, const char *json, size_t len, char *err, size_t errlen) {
     if (!ks || !json) return CHAT_EINVAL;
     json_t *doc = json_loadb(json, len, JSON_REJECT_DUPLICATES, NULL);
     json_t *keys = json_object_get(doc, "keys");
@@ -673,7 +668,7 @@ out:
 
 /* The parsed header of a token: the alg it claims and its kid. */
 typedef struct jwt_header {
-    int alg;              /* jwt_alg_t, or -1 */
+    int alg; /* jwt_alg_t, or -1 */
     char kid[JWT_MAX_KID + 1];
     bool has_kid;
 } jwt_header_t;
@@ -688,8 +683,7 @@ static int parse_header(const uint8_t *p, size_t n, jwt_header_t *h) {
         if (strcmp(alg, jwt_alg_names[i]) == 0) h->alg = i;
     if (h->alg < 0) goto out; /* "none", HS512, PS256...: never */
     json_t *typ = json_object_get(j, "typ");
-    if (typ && (!json_is_string(typ) || strcasecmp(json_string_value(typ), "JWT") != 0))
-        goto out;
+    if (typ && (!json_is_string(typ) || strcasecmp(json_string_value(typ), "JWT") != 0)) goto out;
     if (json_object_get(j, "crit")) goto out;
     json_t *kid = json_object_get(j, "kid");
     if (kid) {
@@ -753,8 +747,8 @@ static bool key_verifies(const jwt_key_t *k, const char *data, size_t n, const u
     return ok;
 }
 
-int jwt_verify_keys(const char *token, size_t len, const jwt_keyset_t *const *sets,
-                    size_t nsets, const jwt_policy_t *policy, int64_t now, jwt_claims_t *out) {
+int jwt_verify_keys(const char *token, size_t len, const jwt_keyset_t *const *sets, size_t nsets,
+                    const jwt_policy_t *policy, int64_t now, jwt_claims_t *out) {
     if (!out) return CHAT_EINVAL;
     memset(out, 0, sizeof(*out));
     if (!token || len == 0 || len > JWT_MAX_TOKEN) return CHAT_EINVAL;
@@ -800,15 +794,13 @@ fail: /* out holds nothing before the claims are read */
 
 /* JOSE signature of data with pkey (RS256: PKCS#1 v1.5; ES256: DER converted to r||s).
  * Returns a malloc'd signature and its length in *slen, or NULL. */
-static uint8_t *pkey_sign(EVP_PKEY *pkey, jwt_alg_t alg, const char *data, size_t n,
-                          size_t *slen) {
+static uint8_t *pkey_sign(EVP_PKEY *pkey, jwt_alg_t alg, const char *data, size_t n, size_t *slen) {
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     uint8_t *der = NULL, *out = NULL;
     size_t dl = 0;
     if (!ctx || EVP_DigestSignInit(ctx, NULL, EVP_sha256(), NULL, pkey) != 1 ||
         EVP_DigestSign(ctx, NULL, &dl, (const unsigned char *)data, n) != 1 ||
-        !(der = malloc(dl)) ||
-        EVP_DigestSign(ctx, der, &dl, (const unsigned char *)data, n) != 1)
+        !(der = malloc(dl)) || EVP_DigestSign(ctx, der, &dl, (const unsigned char *)data, n) != 1)
         goto out;
     if (alg == JWT_RS256) {
         out = der;
@@ -864,7 +856,8 @@ char *jwt_sign_ex(const jwt_mint_t *m, char *err, size_t errlen) {
         ERR_clear_error();
         int a = pkey ? pkey_alg(pkey) : -1;
         if (a < 0) {
-            snprintf(err, errlen, "need a PEM private key: RSA of 2048 bits or more, or EC "
+            snprintf(err, errlen,
+                     "need a PEM private key: RSA of 2048 bits or more, or EC "
                      "P-256");
             goto out;
         }
@@ -902,8 +895,7 @@ char *jwt_sign_ex(const jwt_mint_t *m, char *err, size_t errlen) {
     if (s64 && silen + 1 + strlen(s64) <= JWT_MAX_TOKEN &&
         (token = malloc(silen + 1 + strlen(s64) + 1)))
         sprintf(token, "%s.%s", signing, s64);
-    else
-        snprintf(err, errlen, "cannot sign (token too long, or a signing failure)");
+    else snprintf(err, errlen, "cannot sign (token too long, or a signing failure)");
     free(signing);
     goto out;
 oom:

@@ -10,9 +10,8 @@
 
 /* ---- metrics -------------------------------------------------------------------------- */
 
-static const double lat_bounds[METRIC_LAT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025,
-                                                       0.005,  0.01,    0.025,  0.05,  0.1,
-                                                       0.25,   0.5,     1.0};
+static const double lat_bounds[METRIC_LAT_BUCKETS] = {
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0};
 
 void chat_hist_record(metric_hist_t *h, double secs) {
     h->count++;
@@ -75,7 +74,8 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
     sbuf_printf(sb, "chat_messages_in_total %" PRIu64 "\n", s->m.messages_in);
     sbuf_puts(sb, "# HELP chat_messages_out_total Event frames queued to WebSocket members.\n"
                   "# TYPE chat_messages_out_total counter\n");
-    sbuf_printf(sb, "chat_messages_out_total %" PRIu64 "\n", s->m.messages_out + s->rooms.delivered);
+    sbuf_printf(sb, "chat_messages_out_total %" PRIu64 "\n",
+                s->m.messages_out + s->rooms.delivered);
     sbuf_puts(sb, "# HELP chat_http_requests_total HTTP requests answered.\n"
                   "# TYPE chat_http_requests_total counter\n");
     sbuf_printf(sb, "chat_http_requests_total %" PRIu64 "\n", s->m.http_requests);
@@ -85,8 +85,8 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
     sbuf_puts(sb, "# HELP chat_rate_limited_total Sends refused by --rate-limit.\n"
                   "# TYPE chat_rate_limited_total counter\n");
     sbuf_printf(sb, "chat_rate_limited_total %" PRIu64 "\n", s->m.rate_limited);
-    chat__hist_render(sb, "chat_store_latency_seconds",
-                      "Time from store submit to completion.", &s->m.store_lat);
+    chat__hist_render(sb, "chat_store_latency_seconds", "Time from store submit to completion.",
+                      &s->m.store_lat);
     store_metrics(s->store, sb);
     if (s->stream) stream_metrics(s->stream, sb);
     if (s->idle_metrics) {
@@ -110,4 +110,3 @@ void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
         sbuf_printf(sb, "chat_ws_closes_total{code=\"other\"} %" PRIu64 "\n",
                     s->m.closes[CLOSE_CODE_SLOTS]);
 }
-

@@ -44,4 +44,3 @@ void chat_peer_unref(peer_t *p) {
     }
     free(p);
 }
-

@@ -35,10 +35,10 @@ typedef struct pres_node {
 typedef struct pres_user {
     struct pres_user *next;
     uint32_t hash;
-    uint32_t local;        /* this node's connections of the user in the chat */
-    uint64_t grace_until;  /* local == 0 but still present until this uv_now(); 0: none */
-    uint64_t typing_at;    /* uv_now() of the last typing forwarded from here; 0: none */
-    pres_node_t *nodes;    /* the other nodes the user is connected through */
+    uint32_t local;       /* this node's connections of the user in the chat */
+    uint64_t grace_until; /* local == 0 but still present until this uv_now(); 0: none */
+    uint64_t typing_at;   /* uv_now() of the last typing forwarded from here; 0: none */
+    pres_node_t *nodes;   /* the other nodes the user is connected through */
     uint16_t n_nodes;
     char name[];
 } pres_user_t;
@@ -47,10 +47,10 @@ typedef struct pres_chat {
     struct pres_chat *next;
     uint32_t hash;
     pres_user_t **b;
-    size_t nb, n;       /* buckets (a power of two), users present */
-    uint32_t sync_gen;  /* bumped by each snapshot asked for */
-    bool syncing;       /* a snapshot is in flight */
-    bool synced;        /* the other nodes' part is known (a snapshot came, or none exists) */
+    size_t nb, n;      /* buckets (a power of two), users present */
+    uint32_t sync_gen; /* bumped by each snapshot asked for */
+    bool syncing;      /* a snapshot is in flight */
+    bool synced;       /* the other nodes' part is known (a snapshot came, or none exists) */
     char id[];
 } pres_chat_t;
 
@@ -158,9 +158,7 @@ static void pres__chat_del(chat_server_t *s, pres_chat_t *c) {
     free(c);
 }
 
-static bool pres__present(const pres_user_t *u) {
-    return u->local || u->grace_until || u->n_nodes;
-}
+static bool pres__present(const pres_user_t *u) { return u->local || u->grace_until || u->n_nodes; }
 
 static int pres__node_find(const pres_user_t *u, const char *node) {
     for (uint16_t i = 0; i < u->n_nodes; i++)
@@ -227,8 +225,8 @@ static int pres__cmp(const void *a, const void *b) {
 
 /* {"event":"presence","chat_id":..,"users":[..]} (event NULL: the REST form, without it),
  * the users sorted: c's (may be NULL) and n_more more (from a snapshot), without repeats. */
-static void pres__put_list(sbuf_t *sb, const char *event, const char *chat_id,
-                           const pres_chat_t *c, const char *const *more, size_t n_more) {
+static void pres__put_list(sbuf_t *sb, const char *event, const char *chat_id, const pres_chat_t *c,
+                           const char *const *more, size_t n_more) {
     size_t n = (c ? c->n : 0) + n_more, k = 0;
     const char **v = malloc((n ? n : 1) * sizeof *v);
     if (!v) {
@@ -503,7 +501,7 @@ void chat_presence_nodes_live(chat_server_t *s, const bus_node_t *nodes, size_t 
                             live = strcmp(nodes[x].id, u->nodes[k].id) == 0;
                         if (live) continue;
                         log_debug("presence_node_gone chat=%s user=%s node=%s", c->id,
-                                 LOG_STR(u->name), u->nodes[k].id);
+                                  LOG_STR(u->name), u->nodes[k].id);
                         char node[33];
                         memcpy(node, u->nodes[k].id, sizeof node);
                         pres__remote(s, c, u->name, node, false); /* may free u */

@@ -12,8 +12,7 @@
 
 static int proto__id(json_t *v, uint64_t *out) {
     if (json_is_string(v)) /* id_parse stops at nothing: a NUL inside fails as a non-digit */
-        return id_parse(json_string_value(v), json_string_length(v), out) == 0 && *out ? 0
-                                                                                      : -1;
+        return id_parse(json_string_value(v), json_string_length(v), out) == 0 && *out ? 0 : -1;
     if (json_is_integer(v) && json_integer_value(v) > 0) {
         *out = (uint64_t)json_integer_value(v);
         return 0;
@@ -63,8 +62,7 @@ int proto_decode(const uint8_t *data, size_t len, unsigned allow_events, proto_c
     else if (strcmp(e, "typing") == 0) cmd->kind = PROTO_TYPING;
     else if (strcmp(e, "presence:get") == 0) cmd->kind = PROTO_PRESENCE_GET;
     else if (strcmp(e, "read") == 0) cmd->kind = PROTO_READ;
-    if (!cmd->kind || !(allow_events & (1u << cmd->kind)))
-        return proto__fail(cmd, "unknown event");
+    if (!cmd->kind || !(allow_events & (1u << cmd->kind))) return proto__fail(cmd, "unknown event");
     if (cmd->kind == PROTO_PING || cmd->kind == PROTO_TYPING || cmd->kind == PROTO_PRESENCE_GET)
         return 0;
     if (cmd->kind == PROTO_TOKEN_REFRESH) {
@@ -153,8 +151,7 @@ bool proto_peek(const uint8_t *p, size_t n, bool *is_new, uint64_t *id) {
     if (!q) return false;
     *is_new = (size_t)(q - name) == sizeof new_name - 1 &&
               memcmp(name, new_name, sizeof new_name - 1) == 0;
-    if ((size_t)(end - q) < sizeof chat - 1 || memcmp(q, chat, sizeof chat - 1) != 0)
-        return false;
+    if ((size_t)(end - q) < sizeof chat - 1 || memcmp(q, chat, sizeof chat - 1) != 0) return false;
     /* the chat id is a JSON string: its end is the first quote not escaped */
     for (q += sizeof chat - 1; q < end && *q != '"'; q++)
         if (*q == '\\') q++;

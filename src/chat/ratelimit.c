@@ -168,12 +168,12 @@ static uint64_t rate__admit(chat_server_t *s, const char *user) {
 }
 
 static void rate__detail(const chat_server_t *s, uint64_t wait, char *buf, size_t n) {
-    snprintf(buf, n, "too many sends: at most %g a second, bursts of %g; retry after %" PRIu64
-             " ms", s->cfg.rate_limit, rate__burst(s), wait);
+    snprintf(buf, n,
+             "too many sends: at most %g a second, bursts of %g; retry after %" PRIu64 " ms",
+             s->cfg.rate_limit, rate__burst(s), wait);
 }
 
-uint64_t rate_admit_cmd(chat_server_t *s, const char *user, const proto_cmd_t *cmd,
-                        sbuf_t *event) {
+uint64_t rate_admit_cmd(chat_server_t *s, const char *user, const proto_cmd_t *cmd, sbuf_t *event) {
     uint64_t wait = rate__admit(s, user);
     if (!wait) return 0;
     char detail[160];
@@ -199,9 +199,9 @@ uint64_t rate_admit_rest(chat_server_t *s, const char *user, bool keep_alive, bu
     sbuf_printf(&body, ",\"retry_after_ms\":%" PRIu64 "}", wait);
     /* Retry-After is in whole seconds (RFC 9110): rounded up, so it is never too early */
     snprintf(head, sizeof head, "Retry-After: %" PRIu64 "\r\n", (wait + 999) / 1000);
-    *resp = body.oom ? http_error_new(429, "rate_limited", "too many sends", keep_alive)
-                     : http_response_new(429, "application/json", body.p, body.len, keep_alive,
-                                         head);
+    *resp = body.oom
+                ? http_error_new(429, "rate_limited", "too many sends", keep_alive)
+                : http_response_new(429, "application/json", body.p, body.len, keep_alive, head);
     sbuf_free(&body);
     return wait;
 }

@@ -80,8 +80,7 @@ static void read__done(store_req_t *req) {
             s->m.store_errors++;
             log_error("store_failed op=read chat=%s error=%s", op->chat_id,
                       chat_strerror(req->status));
-            read__error(ss, "store_unavailable", "the read position could not be stored",
-                        req->id);
+            read__error(ss, "store_unavailable", "the read position could not be stored", req->id);
         }
     }
     op->reply(op, &ev); /* the session's flow control */

@@ -270,4 +270,3 @@ void room_free_filter(room_t *r) {
     r->recent = NULL;
     r->n_recent = r->recent_cap = 0;
 }
-

@@ -27,7 +27,7 @@
 #define IN_FLIGHT_MS 10000
 #define ROOM_RECENT_MS IN_FLIGHT_MS
 /* A room holds at most this many bytes of live events while it catches up. */
-#define ROOM_HELD_MAX(max_outbound) ((max_outbound) * 4)
+#define ROOM_HELD_MAX(max_outbound) ((max_outbound)*4)
 
 /* ---- the held-event queue ----------------------------------------------------------------- */
 /* Live events kept back while a store read goes first: a room's catch-up, a session's
@@ -85,7 +85,7 @@ struct room {
     size_t n;
     room_t *hnext;
     uint32_t hash;
-    uint64_t gen;           /* distinguishes this room from an earlier one of the same chat */
+    uint64_t gen; /* distinguishes this room from an earlier one of the same chat */
     room_mark_t *marks;
     uint16_t n_marks;
     /* every message:message id admitted whose time is within ROOM_RECENT_MS of now, sorted:
@@ -94,10 +94,10 @@ struct room {
      * visible, a retry re-sent after its node died) still passes once */
     uint64_t *recent;
     uint32_t n_recent, recent_cap;
-    bool catching_up;       /* reading what the bus missed: live events wait in held */
-    bool held_dropped;      /* held overflowed and was dropped: the catch-up reads on */
-    bool subscribed;        /* the bus confirmed the subscription: resumes may read */
-    held_queue_t held;      /* bounded by the table's held_max */
+    bool catching_up;  /* reading what the bus missed: live events wait in held */
+    bool held_dropped; /* held overflowed and was dropped: the catch-up reads on */
+    bool subscribed;   /* the bus confirmed the subscription: resumes may read */
+    held_queue_t held; /* bounded by the table's held_max */
 };
 
 /* Queue one event to member m in the encoding it wants (taken from f). 0 if it took it. */
@@ -109,7 +109,7 @@ typedef struct room_table {
     room_t **buckets;
     size_t cap, n; /* n: rooms */
     uint64_t gen;
-    size_t held_max;          /* bytes a catching-up room holds (ROOM_HELD_MAX) */
+    size_t held_max; /* bytes a catching-up room holds (ROOM_HELD_MAX) */
     /* the one way an event reaches a member (session.c's chat_session_deliver in the
      * server); files below session.c also send one member its own answer through it */
     room_deliver_fn deliver;
@@ -118,7 +118,7 @@ typedef struct room_table {
     int (*on_open)(void *ud, const char *chat_id);
     void (*on_close)(void *ud, const char *chat_id);
     void *ud;
-    uint64_t delivered;       /* deliveries made by room_deliver (chat_messages_out_total) */
+    uint64_t delivered; /* deliveries made by room_deliver (chat_messages_out_total) */
 } room_table_t;
 
 uint32_t chat_hash(const char *s); /* FNV-1a of a NUL-terminated string */

@@ -28,8 +28,8 @@ typedef struct api_route {
     const char *prefix; /* the whole path, or what comes before {chat_id} */
     const char *suffix; /* after {chat_id} (ROUTE_CHAT) */
     unsigned flags;
-    unsigned methods;   /* (1 << enum http_method); a HEAD counts as GET */
-    const char *allow;  /* the Allow header of a 405 */
+    unsigned methods;  /* (1 << enum http_method); a HEAD counts as GET */
+    const char *allow; /* the Allow header of a 405 */
     api_fn fn;
 } api_route_t;
 
@@ -50,8 +50,7 @@ static const api_route_t api_routes[] = {
 
 /* Whether path is the route's: 1 on a match (a {chat_id} decoded into out), 0 if not, -1
  * if it has the route's shape with a segment that is not a valid chat id. */
-static int api__match(const api_route_t *rt, const char *path, size_t n, char *out,
-                      size_t outcap) {
+static int api__match(const api_route_t *rt, const char *path, size_t n, char *out, size_t outcap) {
     size_t pl = strlen(rt->prefix), sl = strlen(rt->suffix);
     bool slash_ok = rt->flags & ROUTE_SLASH;
     if (!(rt->flags & ROUTE_CHAT))
@@ -64,9 +63,9 @@ static int api__match(const api_route_t *rt, const char *path, size_t n, char *o
     size_t seglen = slash ? (size_t)(slash - seg) : rest;
     const char *tail = seg + seglen;
     size_t tail_len = rest - seglen;
-    bool ok = (tail_len == sl && memcmp(tail, rt->suffix, sl) == 0) ||
-              (slash_ok && tail_len == sl + 1 && memcmp(tail, rt->suffix, sl) == 0 &&
-               tail[sl] == '/');
+    bool ok =
+        (tail_len == sl && memcmp(tail, rt->suffix, sl) == 0) ||
+        (slash_ok && tail_len == sl + 1 && memcmp(tail, rt->suffix, sl) == 0 && tail[sl] == '/');
     if (!ok) return 0;
     int dl = http_pct_decode(seg, seglen, out, outcap, false);
     if (dl <= 0 || !chat_id_valid(out, (size_t)dl)) return -1;

@@ -32,14 +32,14 @@ static void chat__on_turn(uv_prepare_t *h) {
     uint64_t idle = uv_metrics_idle_time(s->loop);
     if (s->turn_at && now - s->turn_at >= idle - s->turn_idle)
         chat_hist_record(&s->m.loop_busy,
-                          (double)((now - s->turn_at) - (idle - s->turn_idle)) / 1e9);
+                         (double)((now - s->turn_at) - (idle - s->turn_idle)) / 1e9);
     s->turn_at = now;
     s->turn_idle = idle;
 }
 
 /* ---- keepalive sweep ------------------------------------------------------------------ */
 
-#define HTTP_IDLE_MS 60000 /* an HTTP connection with nothing read nor written this long */
+#define HTTP_IDLE_MS 60000  /* an HTTP connection with nothing read nor written this long */
 #define CLOSING_MAX_MS 5000 /* a closing connection whose output makes no progress this long */
 
 static void chat__sweep(uv_timer_t *t) {
@@ -59,7 +59,8 @@ static void chat__sweep(uv_timer_t *t) {
             /* A peer that never reads our close keeps its queue: give up on it. One that
              * reads, however slowly, gets the rest (progress is the last write). */
             if (!p->closing_since) p->closing_since = now;
-            else if (now - (conn_last_tx(c) > p->closing_since ? conn_last_tx(c) : p->closing_since) >
+            else if (now -
+                         (conn_last_tx(c) > p->closing_since ? conn_last_tx(c) : p->closing_since) >
                      CLOSING_MAX_MS)
                 conn_abort(c);
         } else if (p->kind == PEER_WS) {
@@ -85,8 +86,7 @@ static void chat__sweep(uv_timer_t *t) {
 
 /* ---- start and stop ------------------------------------------------------------------- */
 
-static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payload,
-                              size_t len) {
+static void chat__bus_message(void *ud, const char *chat_id, const uint8_t *payload, size_t len) {
     chat_server_t *s = ud;
     if (chat_presence_bus(s, chat_id, payload, len)) return;
     room_t *r = room_find(&s->rooms, chat_id);
@@ -158,8 +158,8 @@ static void chat__failed_turn(uv_prepare_t *h) {
     uv_close((uv_handle_t *)h, chat__failed_freed);
 }
 
-int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg,
-                      char *err, size_t errlen) {
+int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t *cfg, char *err,
+                      size_t errlen) {
     chat_server_t *s = calloc(1, sizeof(*s));
     if (!s) return CHAT_ENOMEM;
     s->loop = loop;
@@ -202,8 +202,10 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     if (s->bus->ops->has_peers) s->bus_down_ms = time_now_ms();
     if ((rc = chat_cluster_lease(s, err, errlen)) < 0) goto fail_bus;
     if (cfg->kafka_brokers) {
-        stream_opts_t so = {.brokers = cfg->kafka_brokers, .topic = cfg->kafka_topic,
-                            .outbox_max_rows = cfg->outbox_max_rows, .encode = proto_put_event};
+        stream_opts_t so = {.brokers = cfg->kafka_brokers,
+                            .topic = cfg->kafka_topic,
+                            .outbox_max_rows = cfg->outbox_max_rows,
+                            .encode = proto_put_event};
         if ((rc = stream_open(&s->stream, loop, s->store, &so, err, errlen)) < 0) goto fail_bus;
     }
     if (cfg->web_root) chat_static_load(s, cfg->web_root, "", 0);
@@ -231,9 +233,10 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
     }
     uv_timer_init(loop, &s->sweep);
     s->sweep.data = s;
-    uint64_t every = (s->cfg.idle_timeout_ms < s->cfg.header_timeout_ms
-                          ? s->cfg.idle_timeout_ms
-                          : s->cfg.header_timeout_ms) / 4;
+    uint64_t every =
+        (s->cfg.idle_timeout_ms < s->cfg.header_timeout_ms ? s->cfg.idle_timeout_ms
+                                                           : s->cfg.header_timeout_ms) /
+        4;
     /* at most a second: a request head's deadline is then kept to within a second (a
      * sweep visits every connection, a few tens of ns each) */
     if (every < 50) every = 50;
@@ -342,8 +345,7 @@ static void chat__stop_deadline(uv_timer_t *t) {
         if (p->conn) conn_abort(p->conn);
 }
 
-void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(void *),
-                          void *arg) {
+void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(void *), void *arg) {
     if (s->stopping) return;
     s->stopping = true;
     s->stop_code = close_code;
@@ -356,8 +358,7 @@ void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(vo
         if (!p->conn) continue;
         if (p->kind == PEER_WS)
             chat_session_close((session_t *)p, close_code, "server shutting down");
-        else if (!((http_peer_t *)p)->http.busy)
-            conn_close(p->conn);
+        else if (!((http_peer_t *)p)->http.busy) conn_close(p->conn);
         /* a busy HTTP peer closes once its answer is written (its driver drains: cfg.draining) */
     }
     uv_timer_start(&s->stop_timer, chat__stop_deadline, 5000, 0);

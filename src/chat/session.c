@@ -65,7 +65,6 @@ buf_t *chat_frames_pick(chat_server_t *s, chat_frames_t *f, const session_t *ss)
     return f->zipped;
 }
 
-
 /* A text frame for this member alone: compressed if it negotiated that and it is worth it. */
 static buf_t *chat__frame(session_t *ss, const void *p, size_t n) {
     chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, p, n)};
@@ -203,16 +202,15 @@ static void chat__reply(op_t *op, const sbuf_t *ev) {
     } else if (req->status == CHAT_ENOTFOUND) {
         chat__send_error(ss, "not_found", "no such message in this chat", NULL, req->id);
     } else if (req->status == CHAT_EPERM) {
-        chat__send_error(ss, "not_author", "only the author may change a message", NULL,
-                         req->id);
+        chat__send_error(ss, "not_author", "only the author may change a message", NULL, req->id);
     } else if (req->status == CHAT_EBUSY) { /* the Kafka outbox is full (src/stream/) */
         chat__send_error(ss, "unavailable",
                          "the event stream is behind (outbox full): not stored, retry later",
                          op->cmd.client_id, req->op == STORE_APPEND ? 0 : req->id);
     } else {
         chat__send_error(ss, "store_unavailable",
-                         "the message could not be stored; it was not delivered",
-                         op->cmd.client_id, req->op == STORE_APPEND ? 0 : req->id);
+                         "the message could not be stored; it was not delivered", op->cmd.client_id,
+                         req->op == STORE_APPEND ? 0 : req->id);
     }
     chat__flow(ss);
 }
@@ -280,11 +278,12 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         return 1;
     }
     proto_cmd_t cmd;
-    int rc = proto_decode(data, len, (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) |
-                                         (1u << PROTO_DELETE) | (1u << PROTO_PING) |
-                                         (1u << PROTO_TOKEN_REFRESH) | (1u << PROTO_READ) |
-                                         (1u << PROTO_TYPING) | (1u << PROTO_PRESENCE_GET),
-                      &cmd);
+    int rc =
+        proto_decode(data, len,
+                     (1u << PROTO_MESSAGE) | (1u << PROTO_EDIT) | (1u << PROTO_DELETE) |
+                         (1u << PROTO_PING) | (1u << PROTO_TOKEN_REFRESH) | (1u << PROTO_READ) |
+                         (1u << PROTO_TYPING) | (1u << PROTO_PRESENCE_GET),
+                     &cmd);
     if (rc == CHAT_EINVAL) {
         chat_session_close(ss, WS_CLOSE_INVALID_DATA, "message is not a JSON object");
         return 1;
@@ -309,8 +308,8 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
     }
     if (cmd.kind == PROTO_READ) { /* read.c; not a send: --rate-limit does not count it */
         if (chat_read_submit(s, ss, &cmd, chat__read_reply) < 0) {
-            chat__send_error(ss, "store_unavailable", "the read position could not be stored",
-                             NULL, cmd.message_id);
+            chat__send_error(ss, "store_unavailable", "the read position could not be stored", NULL,
+                             cmd.message_id);
             proto_cmd_free(&cmd);
         }
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
@@ -339,8 +338,8 @@ static int chat__on_message(void *ud, int opcode, uint8_t *data, size_t len) {
         return conn_is_closing(ss->peer.conn) ? 1 : 0;
     }
     size_t cost = chat__echo_cost(&cmd);
-    rc = chat_submit(s, &ss->peer, chat__reply, false, ss->n_new, ss->member.room->chat_id, ss->user,
-                     &cmd);
+    rc = chat_submit(s, &ss->peer, chat__reply, false, ss->n_new, ss->member.room->chat_id,
+                     ss->user, &cmd);
     if (rc == 0) ss->inflight += cost;
     if (rc < 0) {
         chat__send_error(ss, "store_unavailable",
@@ -466,9 +465,7 @@ static size_t chat__msg_cost(const store_msg_t *m) {
 
 /* Bytes of backlog messages a resuming session keeps loaded at a time: half the outbound
  * limit, as much as its queue holds while it replays. */
-static size_t chat__backlog_budget(const chat_server_t *s) {
-    return s->cfg.max_outbound_bytes / 2;
-}
+static size_t chat__backlog_budget(const chat_server_t *s) { return s->cfg.max_outbound_bytes / 2; }
 
 static int chat__replay_submit(session_t *ss, uint64_t after, int limit, store_cb cb);
 

@@ -13,7 +13,9 @@
 static const char *chat__mime(const char *name) {
     const char *dot = strrchr(name, '.');
     if (!dot) return "application/octet-stream";
-    static const struct { const char *ext, *type; } types[] = {
+    static const struct {
+        const char *ext, *type;
+    } types[] = {
         {".html", "text/html; charset=utf-8"},
         {".js", "text/javascript; charset=utf-8"},
         {".mjs", "text/javascript; charset=utf-8"},
@@ -93,4 +95,3 @@ const static_file_t *chat_static_find(chat_server_t *s, const char *path, size_t
             return &s->files[i];
     return NULL;
 }
-

@@ -50,20 +50,20 @@ struct conn {
     /* output queue: refcounted segments, written by one sendmsg per loop turn */
     struct conn_seg *q;
     uint32_t q_head, q_len, q_cap;
-    size_t q_bytes;       /* bytes queued, not yet written */
-    size_t max_outbound;  /* conn_send fails with CHAT_EBUSY past this */
-    uv_write_t *wreq;     /* allocated only while a write waits for the kernel buffer */
-    uint32_t w_segs;      /* segments covered by wreq */
+    size_t q_bytes;           /* bytes queued, not yet written */
+    size_t max_outbound;      /* conn_send fails with CHAT_EBUSY past this */
+    uv_write_t *wreq;         /* allocated only while a write waits for the kernel buffer */
+    uint32_t w_segs;          /* segments covered by wreq */
     queue_t dirty_link;       /* on the server's list of connections to flush */
     queue_t linger_link;      /* on the server's list of half-closed connections */
     uint64_t linger_deadline; /* uv_now() after which a half-closed conn is dropped */
-    size_t drain_below;   /* on_drain fires once q_bytes <= this (CF_DRAIN armed) */
-    uint64_t last_tx;     /* uv_now() of the last write that moved bytes to the kernel */
-    struct conn_ip *ip;   /* its address's count, when connections per address are limited */
-    struct conn_tls *tls; /* the TLS state, NULL on a plain connection */
-    uint8_t over_limit;   /* CONN_OVER_*: accepted beyond a limit; the handler refuses it */
+    size_t drain_below;       /* on_drain fires once q_bytes <= this (CF_DRAIN armed) */
+    uint64_t last_tx;         /* uv_now() of the last write that moved bytes to the kernel */
+    struct conn_ip *ip;       /* its address's count, when connections per address are limited */
+    struct conn_tls *tls;     /* the TLS state, NULL on a plain connection */
+    uint8_t over_limit;       /* CONN_OVER_*: accepted beyond a limit; the handler refuses it */
     uint16_t flags;
-    uint64_t id;          /* for logs */
+    uint64_t id; /* for logs */
 };
 
 void conn_set_handler(conn_t *c, const conn_handler_t *h, void *ctx) {
@@ -76,7 +76,6 @@ void *conn_ctx(const conn_t *c) { return c->ctx; }
 uint64_t conn_last_tx(const conn_t *c) { return c->last_tx; }
 int conn_over_limit(const conn_t *c) { return c->over_limit; }
 void *conn_server_data(const conn_t *c) { return c->server->handler_data; }
-
 
 enum {
     CF_DIRTY = 1 << 0,   /* on the dirty list */
@@ -102,9 +101,9 @@ enum {
 #define CONN_TLS_BIO_KEEP 1024
 
 struct conn_tls {
-    SSL *ssl;                  /* owns the two memory BIOs */
-    conn_t *conn;              /* whose state this is */
-    queue_t hs_link;           /* on the server's handshaking list until established */
+    SSL *ssl;        /* owns the two memory BIOs */
+    conn_t *conn;    /* whose state this is */
+    queue_t hs_link; /* on the server's handshaking list until established */
     uint64_t hs_deadline;
     bool established;  /* handshake done, handler attached */
     bool failed;       /* a fatal TLS error: no more SSL calls but sending its alert */

@@ -26,7 +26,7 @@
 /* ---- errors ------------------------------------------------------------------------- */
 enum {
     CHAT_OK = 0,
-    CHAT_EAGAIN = -1,    /* incremental parser: need more bytes */
+    CHAT_EAGAIN = -1, /* incremental parser: need more bytes */
     CHAT_ENOMEM = -2,
     CHAT_EINVAL = -3,    /* malformed input */
     CHAT_ENOTFOUND = -4, /* no such message / chat / route */
@@ -58,7 +58,10 @@ buf_t *buf_new(size_t cap);
 /* New buffer holding a copy of p[0..n). One reference, owned by the caller. */
 buf_t *buf_from(const void *p, size_t n);
 /* Take another reference; returns b. Single-threaded: only the loop thread touches refs. */
-static inline buf_t *buf_ref(buf_t *b) { b->refs++; return b; }
+static inline buf_t *buf_ref(buf_t *b) {
+    b->refs++;
+    return b;
+}
 /* Drop a reference; frees the buffer at zero. NULL is ignored. */
 void buf_unref(buf_t *b);
 
@@ -190,7 +193,6 @@ typedef struct conn_handler {
 /* conn_t is opaque: only conn.c reads or changes a connection's fields; everything else goes
  * through the functions below (its handler state, its queue, its timings, its limits). */
 
-
 /* A connection accepted beyond a limit is still accepted, so that the handler can say why
  * (an HTTP 503) rather than leave it to a reset; c->over_limit tells which limit. */
 enum { CONN_OVER_TOTAL = 1, CONN_OVER_PER_IP = 2 };
@@ -199,8 +201,8 @@ typedef struct conn_server_opts {
     const char *host; /* "0.0.0.0" if NULL */
     int port;         /* 0 = pick a free port */
     size_t max_outbound_bytes;
-    size_t max_conns;        /* open connections beyond which over_limit is set; 0: none */
-    size_t max_conns_per_ip; /* the same per peer address; 0: none */
+    size_t max_conns;              /* open connections beyond which over_limit is set; 0: none */
+    size_t max_conns_per_ip;       /* the same per peer address; 0: none */
     const conn_handler_t *handler; /* initial handler of every accepted connection */
     void *handler_data;            /* conn_server_t.handler_data, for the handler's use */
     /* TLS on every connection (borrowed, must outlive the server; NULL: plain TCP), and
@@ -212,14 +214,14 @@ typedef struct conn_server_opts {
 struct conn_server {
     uv_loop_t *loop;
     uv_tcp_t listener;
-    uv_check_t flusher; /* writes every dirty connection after the poll phase */
-    uv_idle_t kick;     /* keeps the poll from blocking while anything is dirty */
+    uv_check_t flusher;      /* writes every dirty connection after the poll phase */
+    uv_idle_t kick;          /* keeps the poll from blocking while anything is dirty */
     uv_timer_t linger_timer; /* drops half-closed connections whose peer never closes */
-    queue_t dirty;       /* conn_t.dirty_link, oldest first: flushed in the order dirtied */
-    queue_t lingering;   /* conn_t.linger_link */
-    queue_t handshaking; /* TLS handshakes under way (conn_tls), oldest first */
+    queue_t dirty;           /* conn_t.dirty_link, oldest first: flushed in the order dirtied */
+    queue_t lingering;       /* conn_t.linger_link */
+    queue_t handshaking;     /* TLS handshakes under way (conn_tls), oldest first */
     conn_server_opts_t opts;
-    uint8_t *rbuf;           /* one read buffer for every connection: reads are handled at once */
+    uint8_t *rbuf; /* one read buffer for every connection: reads are handled at once */
     void *handler_data;
     size_t n_conns;
     int port; /* the bound port */
@@ -229,8 +231,8 @@ struct conn_server {
     /* Accepting without memory for a conn_t: the connection is taken into this handle and
      * closed, since libuv stops polling the listener until a pending connection is taken. */
     uv_tcp_t reject;
-    bool reject_busy;    /* reject is closing */
-    bool accept_waiting; /* a connection waits for reject to be free */
+    bool reject_busy;                   /* reject is closing */
+    bool accept_waiting;                /* a connection waits for reject to be free */
     struct conn_server_closing *closer; /* conn_server_close is under way */
 };
 

@@ -25,7 +25,7 @@ typedef struct queue {
 } queue_t;
 
 /* The element of type `type` whose member `field` is the link `q`. */
-#define queue_data(q, type, field) ((type *)(void *)((char *)(q) - offsetof(type, field)))
+#define queue_data(q, type, field) ((type *)(void *)((char *)(q)-offsetof(type, field)))
 
 /* Walk the links of head h in order; the body must not unlink q (use the _SAFE form). */
 #define QUEUE_FOREACH(q, h) for ((q) = (h)->next; (q) != (h); (q) = (q)->next)
@@ -40,23 +40,15 @@ static inline void queue_init(queue_t *q) {
     q->prev = q;
 }
 
-static inline bool queue_empty(const queue_t *h) {
-    return h->next == h;
-}
+static inline bool queue_empty(const queue_t *h) { return h->next == h; }
 
 /* Whether the element link q is on some list (false for a zeroed or initialised link). */
-static inline bool queue_linked(const queue_t *q) {
-    return q->next != NULL && q->next != q;
-}
+static inline bool queue_linked(const queue_t *q) { return q->next != NULL && q->next != q; }
 
 /* The first / last link of head h; h itself when the list is empty. */
-static inline queue_t *queue_head(const queue_t *h) {
-    return h->next;
-}
+static inline queue_t *queue_head(const queue_t *h) { return h->next; }
 
-static inline queue_t *queue_tail(const queue_t *h) {
-    return h->prev;
-}
+static inline queue_t *queue_tail(const queue_t *h) { return h->prev; }
 
 /* n goes first on h. n must not be on a list. */
 static inline void queue_insert_head(queue_t *h, queue_t *n) {

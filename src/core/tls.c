@@ -82,8 +82,10 @@ static SSL_CTX *tls__build(const char *cert, const char *key, char *err, size_t 
     }
     if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
         bool mismatch = ERR_GET_REASON(ERR_peek_last_error()) == X509_R_KEY_VALUES_MISMATCH;
-        tls__err(err, errlen, mismatch ? "the TLS key does not match the certificate"
-                                       : "cannot load the TLS key", key);
+        tls__err(err, errlen,
+                 mismatch ? "the TLS key does not match the certificate"
+                          : "cannot load the TLS key",
+                 key);
         SSL_CTX_free(ctx);
         return NULL;
     }

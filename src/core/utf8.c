@@ -48,24 +48,57 @@ enum {
 
 static const uint8_t byte_class[256] = {
     /* 00..7F */
-    X16(C_ASC), X16(C_ASC), X16(C_ASC), X16(C_ASC),
-    X16(C_ASC), X16(C_ASC), X16(C_ASC), X16(C_ASC),
+    X16(C_ASC),
+    X16(C_ASC),
+    X16(C_ASC),
+    X16(C_ASC),
+    X16(C_ASC),
+    X16(C_ASC),
+    X16(C_ASC),
+    X16(C_ASC),
     /* 80..BF */
-    X16(C_80), X16(C_90), X16(C_A0), X16(C_A0),
+    X16(C_80),
+    X16(C_90),
+    X16(C_A0),
+    X16(C_A0),
     /* C0..DF */
-    C_BAD, C_BAD, C_L2, C_L2, X4(C_L2), X4(C_L2), X4(C_L2), X16(C_L2),
+    C_BAD,
+    C_BAD,
+    C_L2,
+    C_L2,
+    X4(C_L2),
+    X4(C_L2),
+    X4(C_L2),
+    X16(C_L2),
     /* E0..EF */
-    C_E0, C_L3, C_L3, C_L3, X4(C_L3), X4(C_L3), C_L3, C_ED, C_L3, C_L3,
+    C_E0,
+    C_L3,
+    C_L3,
+    C_L3,
+    X4(C_L3),
+    X4(C_L3),
+    C_L3,
+    C_ED,
+    C_L3,
+    C_L3,
     /* F0..FF */
-    C_F0, C_L4, C_L4, C_L4, C_F4, C_BAD, C_BAD, C_BAD, X4(C_BAD), X4(C_BAD),
+    C_F0,
+    C_L4,
+    C_L4,
+    C_L4,
+    C_F4,
+    C_BAD,
+    C_BAD,
+    C_BAD,
+    X4(C_BAD),
+    X4(C_BAD),
 };
 
 /* next[state][class]; rows for S_OK and the lead bytes, the rest is continuation checks. */
 static const uint8_t next_state[S_COUNT][C_COUNT] = {
     /*          ASC    80     90     A0     BAD    L2     E0     L3     ED     F0     L4    F4 */
     [S_OK] = {S_OK, S_BAD, S_BAD, S_BAD, S_BAD, S_1, S_E0, S_2, S_ED, S_F0, S_3, S_F4},
-    [S_BAD] = {S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD,
-               S_BAD},
+    [S_BAD] = {S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD},
     [S_1] = {S_BAD, S_OK, S_OK, S_OK, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD},
     [S_2] = {S_BAD, S_1, S_1, S_1, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD},
     [S_3] = {S_BAD, S_2, S_2, S_2, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD, S_BAD},

@@ -50,9 +50,9 @@ struct cql_req {
     cql_client_t *c;
     int kind;
     int where;
-    cql_stmt_t *stmt; /* EXECUTE, PREPARE, BATCH */
-    char *query;      /* QUERY: our copy */
-    sbuf_t params;    /* QUERY, EXECUTE: the encoded <query_parameters>; BATCH: the values
+    cql_stmt_t *stmt;  /* EXECUTE, PREPARE, BATCH */
+    char *query;       /* QUERY: our copy */
+    sbuf_t params;     /* QUERY, EXECUTE: the encoded <query_parameters>; BATCH: the values
                          of each statement, then the batch's tail */
     size_t *batch_off; /* BATCH: n_batch + 1 offsets into params (the last: the tail) */
     size_t n_batch;
@@ -76,8 +76,16 @@ struct cql_req {
     uint64_t agree_deadline;
 };
 
-enum conn_state { CS_RESOLVING, CS_CONNECTING, CS_OPTIONS, CS_STARTUP, CS_AUTH, CS_USE, CS_READY,
-                  CS_CLOSED };
+enum conn_state {
+    CS_RESOLVING,
+    CS_CONNECTING,
+    CS_OPTIONS,
+    CS_STARTUP,
+    CS_AUTH,
+    CS_USE,
+    CS_READY,
+    CS_CLOSED
+};
 
 typedef struct prep {
     uint8_t *id;
@@ -151,7 +159,7 @@ struct cql_client {
     uv_check_t flusher;
     uv_idle_t kick;
     cq_conn_t *dirty;
-    int handles;   /* the client's own handles not yet closed */
+    int handles;      /* the client's own handles not yet closed */
     unsigned n_conns; /* connection objects not yet freed (closing ones included) */
     bool closing;
     void (*done)(void *);
@@ -315,8 +323,7 @@ static void req_finish(cql_req_t *r, int status, int code, const char *msg,
     req_free(r);
 }
 
-static cql_req_t *req_new(cql_client_t *c, int kind, const cql_params_t *p, cql_cb cb,
-                          void *data) {
+static cql_req_t *req_new(cql_client_t *c, int kind, const cql_params_t *p, cql_cb cb, void *data) {
     cql_req_t *r = calloc(1, sizeof *r);
     if (!r) return NULL;
     r->c = c;
@@ -466,9 +473,7 @@ static prep_t *cc_prep(cq_conn_t *k, cql_stmt_t *st) {
 }
 
 /* Route r onto k: k has room for it (and for a PREPARE if the statement needs one). */
-static bool needs_prep(const cql_req_t *r) {
-    return r->kind == RK_EXECUTE || r->kind == RK_BATCH;
-}
+static bool needs_prep(const cql_req_t *r) { return r->kind == RK_EXECUTE || r->kind == RK_BATCH; }
 
 static bool cc_take(cq_conn_t *k, cql_req_t *r) {
     if (!needs_prep(r)) {
@@ -544,8 +549,8 @@ static unsigned conns_in_setup(const cql_client_t *c) {
 }
 
 static void no_host_message(cql_client_t *c, char *out, size_t n) {
-    snprintf(out, n, "no Cassandra host available (%zu configured); last error: %s",
-             c->n_hosts, c->last_err[0] ? c->last_err : "none yet");
+    snprintf(out, n, "no Cassandra host available (%zu configured); last error: %s", c->n_hosts,
+             c->last_err[0] ? c->last_err : "none yet");
 }
 
 static void dispatch(cql_client_t *c, cql_req_t *r) {
@@ -589,8 +594,8 @@ static void fail_pending_if_hopeless(cql_client_t *c) {
     rlist_t l = c->pending;
     c->pending = (rlist_t){0};
     cql_req_t *r;
-    while ((r = rl_pop(&l))) req_finish(r, c->last_status ? c->last_status : CHAT_EIO, -1, msg,
-                                        NULL, NULL);
+    while ((r = rl_pop(&l)))
+        req_finish(r, c->last_status ? c->last_status : CHAT_EIO, -1, msg, NULL, NULL);
 }
 
 /* ---- connections: lifecycle ------------------------------------------------------------------ */
@@ -803,10 +808,10 @@ static void setup_frame(cq_conn_t *k, const cql_response_t *resp) {
         if (op != CQL_OP_AUTHENTICATE) break;
         if (!c->user) {
             cc_fail(k, CHAT_EAUTH,
-                      "the server requires authentication (%.*s) but no user and password "
-                      "were given",
-                      (int)(resp->authenticator.n > 100 ? 100 : resp->authenticator.n),
-                      resp->authenticator.p);
+                    "the server requires authentication (%.*s) but no user and password "
+                    "were given",
+                    (int)(resp->authenticator.n > 100 ? 100 : resp->authenticator.n),
+                    resp->authenticator.p);
             return;
         }
         {
@@ -891,8 +896,8 @@ static void prepare_done(cq_conn_t *k, cql_req_t *pr, int status, const char *ms
             k->load--;
             req_finish(r, CHAT_ENOMEM, -1, "out of memory", NULL, k->host->name);
         } else {
-            req_finish(r, status ? status : CHAT_EIO, -1, status ? m : "connection closed",
-                       NULL, k->host->name);
+            req_finish(r, status ? status : CHAT_EIO, -1, status ? m : "connection closed", NULL,
+                       k->host->name);
         }
     }
     req_finish(pr, status, -1, NULL, NULL, NULL);
@@ -925,8 +930,8 @@ static void handle_response(cq_conn_t *k, cql_req_t *r, const cql_header_t *h,
     int rc = cql_response_decode(&resp, h, body, h->length);
     if (rc) {
         char m[200];
-        snprintf(m, sizeof m, "malformed response from %s (opcode 0x%02x, %u bytes)",
-                 k->host->name, h->opcode, h->length);
+        snprintf(m, sizeof m, "malformed response from %s (opcode 0x%02x, %u bytes)", k->host->name,
+                 h->opcode, h->length);
         if (r->kind == RK_PREPARE) {
             prepare_done(k, r, CHAT_EIO, m, NULL);
         } else {
@@ -1041,8 +1046,8 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
     cql_client_t *c = k->c;
     if (k->state == CS_CLOSED) return;
     if (nread < 0) {
-        cc_fail(k, CHAT_EIO, "%s", nread == UV_EOF ? "closed by the server"
-                                                     : uv_strerror((int)nread));
+        cc_fail(k, CHAT_EIO, "%s",
+                nread == UV_EOF ? "closed by the server" : uv_strerror((int)nread));
         return;
     }
     if (nread == 0) return;
@@ -1054,8 +1059,7 @@ static void on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
         if (rc == CHAT_EAGAIN) break;
         if (rc) {
             cc_fail(k, CHAT_EIO, "%s in a response header (version byte 0x%02x)",
-                      rc == CHAT_ETOOBIG ? "frame too big" : "protocol error",
-                      k->rbuf[off]);
+                    rc == CHAT_ETOOBIG ? "frame too big" : "protocol error", k->rbuf[off]);
             return;
         }
         size_t need = CQL_HEADER_LEN + (size_t)h.length;
@@ -1134,7 +1138,7 @@ static void on_resolved(uv_getaddrinfo_t *g, int status, struct addrinfo *res) {
     if (status < 0 || !res) {
         uv_freeaddrinfo(res);
         cc_fail(k, CHAT_EIO, "cannot resolve %s: %s", k->host->addr,
-                  status < 0 ? uv_strerror(status) : "no address");
+                status < 0 ? uv_strerror(status) : "no address");
         return;
     }
     /* One address per attempt: IPv4 first when the name has both ("localhost" is often
@@ -1274,8 +1278,7 @@ static void on_timer(uv_timer_t *t) {
             req_finish(r, CHAT_EIO, -1, m, NULL, k ? k->host->name : NULL);
         }
         if (defunct && k->state == CS_READY) {
-            cc_fail(k, CHAT_EIO, "nothing received for %" PRIu64 " ms",
-                      now - k->last_read);
+            cc_fail(k, CHAT_EIO, "nothing received for %" PRIu64 " ms", now - k->last_read);
         }
     }
     arm_timer(c);

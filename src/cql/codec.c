@@ -18,8 +18,8 @@
 
 /* indexed by the protocol's value */
 static const char *const CL_NAMES[] = {
-    "ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "SERIAL",
-    "LOCAL_SERIAL", "LOCAL_ONE",
+    "ANY",          "ONE",         "TWO",    "THREE",        "QUORUM",    "ALL",
+    "LOCAL_QUORUM", "EACH_QUORUM", "SERIAL", "LOCAL_SERIAL", "LOCAL_ONE",
 };
 
 const char *cql_consistency_name(int cl) {
@@ -630,8 +630,7 @@ static void rd_result(rd_t *r, cql_response_t *resp, int *err) {
             return;
         }
         rd_raw(r, (size_t)resp->prepared.n_pk * 2); /* pk indexes: for token routing only */
-        resp->prepared.binds =
-            rd_colspecs(r, resp->prepared.flags, resp->prepared.n_binds, err);
+        resp->prepared.binds = rd_colspecs(r, resp->prepared.flags, resp->prepared.n_binds, err);
         if (r->bad || *err) return;
         rd_rows_meta(r, &resp->rows, err);
         break;
@@ -729,8 +728,8 @@ void cql_error_format(const cql_response_t *r, char *out, size_t n) {
     if (!n) return;
     const cql_error_info_t *e = &r->error;
     int msg_n = e->message.n > 400 ? 400 : (int)e->message.n;
-    int k = snprintf(out, n, "%s (0x%04x): %.*s", cql_error_name(e->code), (unsigned)e->code,
-                     msg_n, e->message.p ? e->message.p : "");
+    int k = snprintf(out, n, "%s (0x%04x): %.*s", cql_error_name(e->code), (unsigned)e->code, msg_n,
+                     e->message.p ? e->message.p : "");
     if (k < 0 || (size_t)k >= n) return;
     char *p = out + k;
     size_t left = n - (size_t)k;
@@ -742,25 +741,24 @@ void cql_error_format(const cql_response_t *r, char *out, size_t n) {
     case CQL_ERR_WRITE_TIMEOUT:
     case CQL_ERR_WRITE_FAILURE:
         snprintf(p, left,
-                 " [consistency=%s received=%" PRId32 " blockfor=%" PRId32
-                 " failures=%" PRId32 " write_type=%.*s]",
-                 cql_consistency_name(e->consistency), e->received, e->blockfor,
-                 e->num_failures, (int)(e->write_type.n > 32 ? 32 : e->write_type.n),
+                 " [consistency=%s received=%" PRId32 " blockfor=%" PRId32 " failures=%" PRId32
+                 " write_type=%.*s]",
+                 cql_consistency_name(e->consistency), e->received, e->blockfor, e->num_failures,
+                 (int)(e->write_type.n > 32 ? 32 : e->write_type.n),
                  e->write_type.p ? e->write_type.p : "");
         break;
     case CQL_ERR_READ_TIMEOUT:
     case CQL_ERR_READ_FAILURE:
         snprintf(p, left,
-                 " [consistency=%s received=%" PRId32 " blockfor=%" PRId32
-                 " failures=%" PRId32 " data_present=%d]",
-                 cql_consistency_name(e->consistency), e->received, e->blockfor,
-                 e->num_failures, e->data_present);
+                 " [consistency=%s received=%" PRId32 " blockfor=%" PRId32 " failures=%" PRId32
+                 " data_present=%d]",
+                 cql_consistency_name(e->consistency), e->received, e->blockfor, e->num_failures,
+                 e->data_present);
         break;
     case CQL_ERR_ALREADY_EXISTS:
         snprintf(p, left, " [keyspace=%.*s table=%.*s]",
-                 (int)(e->keyspace.n > 64 ? 64 : e->keyspace.n),
-                 e->keyspace.p ? e->keyspace.p : "", (int)(e->table.n > 64 ? 64 : e->table.n),
-                 e->table.p ? e->table.p : "");
+                 (int)(e->keyspace.n > 64 ? 64 : e->keyspace.n), e->keyspace.p ? e->keyspace.p : "",
+                 (int)(e->table.n > 64 ? 64 : e->table.n), e->table.p ? e->table.p : "");
         break;
     default: break;
     }

@@ -209,10 +209,10 @@ static inline cql_value_t cql_uuid(const uint8_t u[16]) {
 
 /* What follows the query string (QUERY) or the prepared id (EXECUTE). */
 typedef struct cql_params {
-    int consistency;        /* -1: the client's default */
-    int serial_consistency; /* -1: the client's default; always sent, used by the server
+    int consistency;          /* -1: the client's default */
+    int serial_consistency;   /* -1: the client's default; always sent, used by the server
                                only for conditional statements (IF ...) */
-    int32_t page_size;      /* > 0: ask for pages of this many rows */
+    int32_t page_size;        /* > 0: ask for pages of this many rows */
     cql_bytes_t paging_state; /* p != NULL: continue after this state (copied at submit) */
     int64_t timestamp_us;     /* > 0: the default write timestamp, microseconds */
     unsigned timeout_ms;      /* 0: the client's default */
@@ -299,30 +299,29 @@ typedef struct cql_response {
 
     /* RESULT */
     int32_t kind;
-    cql_rows_t rows;             /* Rows; the result metadata of Prepared */
-    cql_str_t keyspace;          /* Set_keyspace */
+    cql_rows_t rows;    /* Rows; the result metadata of Prepared */
+    cql_str_t keyspace; /* Set_keyspace */
     struct {
         cql_bytes_t id;
         int32_t flags, n_binds, n_pk;
         cql_colspec_t *binds;
-    } prepared;                  /* Prepared */
+    } prepared; /* Prepared */
     struct {
         cql_str_t change, target, keyspace, name;
-    } schema_change;             /* Schema_change, and SCHEMA_CHANGE events */
+    } schema_change; /* Schema_change, and SCHEMA_CHANGE events */
 
-    cql_str_t authenticator;     /* AUTHENTICATE */
-    cql_bytes_t token;           /* AUTH_CHALLENGE, AUTH_SUCCESS */
-    cql_kvs_t *supported;        /* SUPPORTED */
+    cql_str_t authenticator; /* AUTHENTICATE */
+    cql_bytes_t token;       /* AUTH_CHALLENGE, AUTH_SUCCESS */
+    cql_kvs_t *supported;    /* SUPPORTED */
     uint16_t n_supported;
-    cql_str_t event_type;        /* EVENT */
+    cql_str_t event_type; /* EVENT */
 } cql_response_t;
 
 /* Decode a response body (after its header h). 0, or CHAT_EPROTO for a malformed or
  * truncated body (CHAT_ENOMEM on allocation failure); *r is then already freed. Bytes after
  * what the spec describes are ignored, as the spec asks. Compressed bodies are refused
  * (CHAT_EPROTO): we never ask for compression. */
-int cql_response_decode(cql_response_t *r, const cql_header_t *h, const uint8_t *body,
-                        size_t n);
+int cql_response_decode(cql_response_t *r, const cql_header_t *h, const uint8_t *body, size_t n);
 void cql_response_free(cql_response_t *r);
 
 /* A readable one-line description of an ERROR response into out: the code's name, the
@@ -354,13 +353,13 @@ typedef struct cql_stmt cql_stmt_t;
 typedef struct cql_client_opts {
     const char *const *hosts; /* "host", "host:port", "[v6]:port"; port 9042 by default */
     size_t n_hosts;
-    const char *keyspace;     /* NULL: none; else USE on every connection */
-    const char *user;         /* SASL PLAIN credentials, used when the server asks */
+    const char *keyspace; /* NULL: none; else USE on every connection */
+    const char *user;     /* SASL PLAIN credentials, used when the server asks */
     const char *password;
-    int consistency;          /* -1: LOCAL_QUORUM */
-    int serial_consistency;   /* -1: SERIAL */
-    unsigned conns_per_host;  /* 0: 2 */
-    unsigned max_streams;     /* per connection; 0: 1024 (at most CQL_MAX_STREAMS) */
+    int consistency;              /* -1: LOCAL_QUORUM */
+    int serial_consistency;       /* -1: SERIAL */
+    unsigned conns_per_host;      /* 0: 2 */
+    unsigned max_streams;         /* per connection; 0: 1024 (at most CQL_MAX_STREAMS) */
     unsigned request_timeout_ms;  /* 0: 12000 */
     unsigned connect_timeout_ms;  /* 0: 5000: resolve, connect and handshake */
     unsigned reconnect_min_ms;    /* 0: 100: first delay after a failure, then doubled */
@@ -370,12 +369,12 @@ typedef struct cql_client_opts {
 
 /* What a request's callback gets. Everything in it is valid only during the callback. */
 typedef struct cql_result {
-    int status;              /* 0, or CHAT_EIO (server error, timeout, connection lost,
+    int status;                 /* 0, or CHAT_EIO (server error, timeout, connection lost,
                                 no host), CHAT_EAUTH (credentials refused), CHAT_ECLOSED */
-    int error_code;          /* the CQL error code when the server answered ERROR, else -1 */
-    const char *message;     /* readable reason when status != 0, with the host */
+    int error_code;             /* the CQL error code when the server answered ERROR, else -1 */
+    const char *message;        /* readable reason when status != 0, with the host */
     const cql_response_t *resp; /* the RESULT when status == 0 */
-    const char *host;        /* "127.0.0.1:9042" that answered, or NULL */
+    const char *host;           /* "127.0.0.1:9042" that answered, or NULL */
 } cql_result_t;
 
 typedef void (*cql_cb)(const cql_result_t *res, void *data);

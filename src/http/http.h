@@ -49,14 +49,16 @@ typedef struct http_reader {
     http_parser parser;
     http_parser_settings settings;
     char *buf;
-    size_t len, cap;   /* bytes held */
-    size_t parsed;     /* bytes of buf given to the parser */
-    size_t req_end;    /* end of the complete request in buf, 0 if none yet */
+    size_t len, cap; /* bytes held */
+    size_t parsed;   /* bytes of buf given to the parser */
+    size_t req_end;  /* end of the complete request in buf, 0 if none yet */
     bool complete, failed;
-    int error_status;  /* 400, 413, 431 after a failure */
+    int error_status; /* 400, 413, 431 after a failure */
     /* offsets recorded by the parser callbacks */
     size_t url_off, url_len;
-    struct { size_t name_off, name_len, value_off, value_len; } hdr[HTTP_MAX_HEADERS];
+    struct {
+        size_t name_off, name_len, value_off, value_len;
+    } hdr[HTTP_MAX_HEADERS];
     size_t n_hdr;
     bool in_value;
     size_t body_off, body_len;
@@ -111,8 +113,8 @@ const char *http_status_text(int status);
 /* A complete response in one new buffer (caller owns the reference):
  * status line, Content-Type (if not NULL), Content-Length, Connection keep-alive/close,
  * extra_headers verbatim (each line ending in \r\n, may be NULL), blank line, body. */
-buf_t *http_response_new(int status, const char *content_type, const void *body,
-                         size_t body_len, bool keep_alive, const char *extra_headers);
+buf_t *http_response_new(int status, const char *content_type, const void *body, size_t body_len,
+                         bool keep_alive, const char *extra_headers);
 /* A JSON error response: {"error":code,"detail":detail} (detail JSON-escaped).
  * Caller owns the reference. */
 buf_t *http_error_new(int status, const char *code, const char *detail, bool keep_alive);

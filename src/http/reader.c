@@ -366,8 +366,7 @@ int http_reader_feed(http_reader_t *r, const char *data, size_t len, http_reques
             size_t ahead_max = r->max_header_bytes + r->max_body_bytes;
             if (ahead_max < r->max_body_bytes || ahead_max > SIZE_MAX - READER_STEP)
                 ahead_max = SIZE_MAX; /* limits set that high mean no limit */
-            else
-                ahead_max += READER_STEP;
+            else ahead_max += READER_STEP;
             if (rest > 0) {
                 if (r->len - r->req_end + rest > ahead_max) return reader_fail(r, 413);
                 if (reader_append(r, data + off, rest) < 0) return reader_fail(r, 500);

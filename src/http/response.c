@@ -25,8 +25,8 @@ typedef struct piece {
 
 /* Allocate a response for a body of body_len bytes, write everything but the body and
  * point *body at where it goes. NULL on a bad status or OOM. */
-static buf_t *response_alloc(int status, const char *content_type, size_t body_len,
-                             bool keep_alive, const char *extra_headers, uint8_t **body) {
+static buf_t *response_alloc(int status, const char *content_type, size_t body_len, bool keep_alive,
+                             const char *extra_headers, uint8_t **body) {
     if (status < 100 || status > 999) return NULL;
     char status_line[32], length_line[48];
     snprintf(status_line, sizeof status_line, "HTTP/1.1 %d ", status);
@@ -62,8 +62,8 @@ static buf_t *response_alloc(int status, const char *content_type, size_t body_l
     return b;
 }
 
-buf_t *http_response_new(int status, const char *content_type, const void *body,
-                         size_t body_len, bool keep_alive, const char *extra_headers) {
+buf_t *http_response_new(int status, const char *content_type, const void *body, size_t body_len,
+                         bool keep_alive, const char *extra_headers) {
     if (body_len > 0 && !body) return NULL;
     uint8_t *dst;
     buf_t *b = response_alloc(status, content_type, body_len, keep_alive, extra_headers, &dst);

@@ -8,7 +8,7 @@
 #include <string.h>
 
 #define HTTP_PENDING_MAX (1u << 20) /* bytes kept while a request waits for its answer */
-#define BODY_MIN_RATE 1024 /* bytes per second a request body must keep up on average */
+#define BODY_MIN_RATE 1024          /* bytes per second a request body must keep up on average */
 
 static const conn_handler_t http__handler;
 
@@ -74,10 +74,9 @@ void http_conn_json(http_conn_t *hc, int status, const sbuf_t *body, bool keep_a
         http_conn_error(hc, 500, "internal", "out of memory", false);
         return;
     }
-    http_conn_respond(hc,
-                      http_response_new(status, "application/json", body->p, body->len,
-                                        keep_alive, NULL),
-                      keep_alive);
+    http_conn_respond(
+        hc, http_response_new(status, "application/json", body->p, body->len, keep_alive, NULL),
+        keep_alive);
 }
 
 void http_conn_not_allowed(http_conn_t *hc, const char *allow, bool keep_alive) {
@@ -85,10 +84,9 @@ void http_conn_not_allowed(http_conn_t *hc, const char *allow, bool keep_alive) 
     snprintf(extra, sizeof extra, "Allow: %s\r\n", allow);
     int n = snprintf(body, sizeof body,
                      "{\"error\":\"method_not_allowed\",\"detail\":\"allowed: %s\"}", allow);
-    http_conn_respond(hc,
-                      http_response_new(405, "application/json", body, (size_t)n, keep_alive,
-                                        extra),
-                      keep_alive);
+    http_conn_respond(
+        hc, http_response_new(405, "application/json", body, (size_t)n, keep_alive, extra),
+        keep_alive);
 }
 
 void http_conn_wait(http_conn_t *hc) { hc->busy = true; }

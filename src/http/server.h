@@ -45,27 +45,27 @@ typedef struct http_conn_ops {
 } http_conn_ops_t;
 
 typedef struct http_conn_cfg {
-    uv_loop_t *loop;            /* for uv_now() */
-    size_t max_body_bytes;      /* 413 past this */
-    size_t max_outbound_bytes;  /* the connection's output limit (as given to conn_server) */
+    uv_loop_t *loop;           /* for uv_now() */
+    size_t max_body_bytes;     /* 413 past this */
+    size_t max_outbound_bytes; /* the connection's output limit (as given to conn_server) */
     uint64_t header_timeout_ms;
-    uint64_t *answered;         /* incremented per answer sent; NULL: not counted */
-    const bool *draining;       /* the owner's flag: while true, close after every answer */
+    uint64_t *answered;   /* incremented per answer sent; NULL: not counted */
+    const bool *draining; /* the owner's flag: while true, close after every answer */
 } http_conn_cfg_t;
 
 struct http_conn {
-    conn_t *conn;               /* NULL once closed or detached */
+    conn_t *conn; /* NULL once closed or detached */
     const http_conn_ops_t *ops;
-    void *data;                 /* the owner's */
+    void *data; /* the owner's */
     http_conn_cfg_t cfg;
     /* private */
     http_reader_t reader;
-    bool busy;                  /* a request waits for its answer (http_conn_wait) */
-    bool head;                  /* the request being answered is a HEAD: send no body */
-    bool out_paused;            /* answers pile up unread: no request is read until they drain */
-    uint64_t req_started;       /* uv_now() of the first byte of a request under way, 0 if none */
-    uint64_t last_rx;           /* uv_now() of the last bytes received */
-    sbuf_t pending;             /* bytes that arrived while busy, parsed after its answer */
+    bool busy;            /* a request waits for its answer (http_conn_wait) */
+    bool head;            /* the request being answered is a HEAD: send no body */
+    bool out_paused;      /* answers pile up unread: no request is read until they drain */
+    uint64_t req_started; /* uv_now() of the first byte of a request under way, 0 if none */
+    uint64_t last_rx;     /* uv_now() of the last bytes received */
+    sbuf_t pending;       /* bytes that arrived while busy, parsed after its answer */
 };
 
 /* Take over connection c (from its conn_handler's on_open): c's handler becomes the

@@ -43,8 +43,8 @@ static const double LAT_BUCKETS[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 #define N_BUCKETS (sizeof LAT_BUCKETS / sizeof LAT_BUCKETS[0])
 
 typedef struct metrics {
-    _Atomic uint64_t records, indexed, stale, dead, bulks, bulk_errors, item_retries,
-        commit_errors, dlq_errors;
+    _Atomic uint64_t records, indexed, stale, dead, bulks, bulk_errors, item_retries, commit_errors,
+        dlq_errors;
     _Atomic uint64_t lat_count, lat_sum_us, lat_bucket[N_BUCKETS];
 } metrics_t;
 
@@ -231,8 +231,8 @@ static uint64_t header_u64(const rd_kafka_message_t *m, const char *name) {
     rd_kafka_headers_t *h = NULL;
     const void *v;
     size_t n;
-    if (rd_kafka_message_headers(m, &h) || !h ||
-        rd_kafka_header_get_last(h, name, &v, &n) || !v || n == 0 || n > 20)
+    if (rd_kafka_message_headers(m, &h) || !h || rd_kafka_header_get_last(h, name, &v, &n) || !v ||
+        n == 0 || n > 20)
         return 0;
     uint64_t out = 0;
     return id_parse(v, n, &out) == 0 ? out : 0;
@@ -246,8 +246,7 @@ static void observe_latency(ix_t *ix, int64_t us) {
 }
 
 /* POST the unsettled records; settle what the answer settles. true when all are settled. */
-static bool bulk_once(ix_t *ix, rec_t *r, size_t n, const sbuf_t *lines, char *why,
-                      size_t whylen) {
+static bool bulk_once(ix_t *ix, rec_t *r, size_t n, const sbuf_t *lines, char *why, size_t whylen) {
     sbuf_t body = {0};
     size_t idx[INDEXER_DEFAULT_BATCH * 10];
     size_t k = 0;
@@ -269,8 +268,7 @@ static bool bulk_once(ix_t *ix, rec_t *r, size_t n, const sbuf_t *lines, char *w
     body_t resp = {0};
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
-    long st = http_call(ix, "POST", "/_bulk", "application/x-ndjson", body.p, body.len, &resp,
-                        err);
+    long st = http_call(ix, "POST", "/_bulk", "application/x-ndjson", body.p, body.len, &resp, err);
     clock_gettime(CLOCK_MONOTONIC, &b);
     sbuf_free(&body);
     ix->m.bulks++;
@@ -387,8 +385,7 @@ static void process(ix_t *ix, rec_t *r, size_t n) {
 /* ---- /metrics -------------------------------------------------------------------------- */
 
 static void put_counter(sbuf_t *sb, const char *name, const char *help, uint64_t v) {
-    sbuf_printf(sb, "# HELP %s %s\n# TYPE %s counter\n%s %" PRIu64 "\n", name, help, name, name,
-                v);
+    sbuf_printf(sb, "# HELP %s %s\n# TYPE %s counter\n%s %" PRIu64 "\n", name, help, name, name, v);
 }
 
 static void metrics_text(ix_t *ix, sbuf_t *sb) {
@@ -437,13 +434,12 @@ static void metrics_text(ix_t *ix, sbuf_t *sb) {
              * is retried); the brokers only when it has none yet */
             if ((rd_kafka_get_watermark_offsets(ix->rk, p->topic, p->partition, &lo, &hi) ||
                  hi < 0) &&
-                rd_kafka_query_watermark_offsets(ix->rk, p->topic, p->partition, &lo, &hi,
-                                                 2000))
+                rd_kafka_query_watermark_offsets(ix->rk, p->topic, p->partition, &lo, &hi, 2000))
                 continue;
             int64_t done = p->offset >= 0 ? p->offset : lo;
             sbuf_printf(sb,
-                        "chat_indexer_consumer_lag{topic=\"%s\",partition=\"%" PRId32
-                        "\"} %" PRId64 "\n",
+                        "chat_indexer_consumer_lag{topic=\"%s\",partition=\"%" PRId32 "\"} %" PRId64
+                        "\n",
                         p->topic, p->partition, hi > done ? hi - done : 0);
         }
         rd_kafka_topic_partition_list_destroy(a);
@@ -496,7 +492,8 @@ static void *metrics_main(void *arg) {
 
 static int metrics_listen(ix_t *ix) {
     const char *host = ix->o->metrics_host ? ix->o->metrics_host : "0.0.0.0";
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)ix->o->metrics_port)};
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_port = htons((uint16_t)ix->o->metrics_port)};
     if (inet_pton(AF_INET, host, &sa.sin_addr) != 1) {
         log_error("metrics_bad_host host=%s", LOG_STR(host));
         return -1;

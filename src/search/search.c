@@ -11,8 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-int search__new(search_t **out, const search_ops_t *ops, uv_loop_t *loop, store_t *store,
-                char *err, size_t errlen) {
+int search__new(search_t **out, const search_ops_t *ops, uv_loop_t *loop, store_t *store, char *err,
+                size_t errlen) {
     search_t *s = calloc(1, sizeof *s);
     if (!s) {
         search__set_err(err, errlen, "out of memory");
@@ -147,8 +147,8 @@ static void put_hex_quoted(sbuf_t *out, const char *s) {
     sbuf_puts(out, "\"");
 }
 
-int search_fts_expr(sbuf_t *out, const search_query_t *q, const char *const *chats,
-                    size_t n_chats, const char *from, const char **why) {
+int search_fts_expr(sbuf_t *out, const search_query_t *q, const char *const *chats, size_t n_chats,
+                    const char *from, const char **why) {
     size_t pos = 0;
     for (size_t i = 0; i < q->n_terms; i++)
         if (!q->terms[i].exclude && search__has_token(q->terms[i].text, q->terms[i].len)) pos++;
@@ -302,8 +302,8 @@ int search_check(const char *url, const char *store_url, char *err, size_t errle
 int search_open(search_t **out, uv_loop_t *loop, const char *url, store_t *store, char *err,
                 size_t errlen) {
     *out = NULL;
-    int rc = search__pick(url, strcmp(store->ops->name, "sqlite") == 0, store->ops->name, err,
-                          errlen);
+    int rc =
+        search__pick(url, strcmp(store->ops->name, "sqlite") == 0, store->ops->name, err, errlen);
     if (rc < 0) return rc;
     if (rc == 3) return search_opensearch_open(out, loop, url, store, err, errlen);
     return rc == 1 ? search_sqlite_open(out, loop, store, err, errlen)

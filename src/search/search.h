@@ -68,19 +68,19 @@ struct search_req {
     const search_query_t *query;
     const char *const *chats; /* 1..SEARCH_CHATS_MAX valid chat ids, no repeats */
     size_t n_chats;
-    const char *from;         /* only messages by this user; NULL: anyone */
-    uint64_t before;          /* only messages older than this id; 0: from the newest */
-    int limit;                /* 1..SEARCH_LIMIT_MAX */
+    const char *from; /* only messages by this user; NULL: anyone */
+    uint64_t before;  /* only messages older than this id; 0: from the newest */
+    int limit;        /* 1..SEARCH_LIMIT_MAX */
     /* optional: asked between two store reads of a long search; false ends it early (the
      * client left), with whatever was found */
     bool (*go_on)(void *data);
     /* outputs, valid in the callback, freed by search_req_cleanup */
-    int status;               /* 0, CHAT_EIO (the store failed), CHAT_ENOMEM */
-    search_hit_t *hits;       /* newest first, at most limit */
+    int status;         /* 0, CHAT_EIO (the store failed), CHAT_ENOMEM */
+    search_hit_t *hits; /* newest first, at most limit */
     size_t n_hits;
-    bool more;                /* older hits may exist: go on with before = next_before */
+    bool more; /* older hits may exist: go on with before = next_before */
     uint64_t next_before;
-    size_t scanned;           /* messages read to answer (scan), or hits read (sqlite) */
+    size_t scanned; /* messages read to answer (scan), or hits read (sqlite) */
     /* the caller's */
     void *data;
     search_cb cb;
@@ -133,8 +133,7 @@ static inline void search_close(search_t *s) {
 void search_req_cleanup(search_req_t *r);
 
 /* Backends (declared here so search.c can list them; the domain uses search_open only). */
-int search_sqlite_open(search_t **out, uv_loop_t *loop, store_t *store, char *err,
-                       size_t errlen);
+int search_sqlite_open(search_t **out, uv_loop_t *loop, store_t *store, char *err, size_t errlen);
 int search_scan_open(search_t **out, uv_loop_t *loop, store_t *store, char *err, size_t errlen);
 int search_opensearch_open(search_t **out, uv_loop_t *loop, const char *url, store_t *store,
                            char *err, size_t errlen);

@@ -73,7 +73,9 @@ static void os__finish(os_search_t *s, os_job_t *j, CURLcode cc) {
             snprintf(body, sizeof body, "%.*s", (int)(j->resp.len < 199 ? j->resp.len : 199),
                      j->resp.p ? j->resp.p : "");
             log_warn("search_engine_failed url=%s status=%ld err=%s body=%s", s->url, status,
-                     LOG_STR(cc == CURLE_OK ? "" : j->err[0] ? j->err : curl_easy_strerror(cc)),
+                     LOG_STR(cc == CURLE_OK ? ""
+                             : j->err[0]    ? j->err
+                                            : curl_easy_strerror(cc)),
                      LOG_STR(body));
         }
     }

@@ -20,8 +20,10 @@ int search_os_url(const char *url, char *base, size_t n, char *alias, size_t ali
                   const char **why) {
     static const struct {
         const char *scheme, *http;
-    } map[] = {{"opensearch://", "http://"}, {"elasticsearch://", "http://"},
-               {"http://", "http://"},       {"https://", "https://"}};
+    } map[] = {{"opensearch://", "http://"},
+               {"elasticsearch://", "http://"},
+               {"http://", "http://"},
+               {"https://", "https://"}};
     for (size_t i = 0; i < sizeof map / sizeof map[0]; i++) {
         size_t sl = strlen(map[i].scheme);
         if (strncmp(url, map[i].scheme, sl) != 0) continue;
@@ -62,8 +64,7 @@ bool search_os_alias_valid(const char *a) {
         return false;
     for (size_t i = 0; i < n; i++) {
         char c = a[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
-              c == '-'))
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-'))
             return false;
     }
     return true;
@@ -91,14 +92,13 @@ void search_os_template(sbuf_t *out, const char *alias, int replicas) {
         "s:{s:s, s:s}, s:{s:s, s:s}, s:{s:s, s:s}, s:{s:s}}}, s:{s:{}}}}",
         "index_patterns", pattern, "priority", 100, "template", "settings", "index",
         "number_of_shards", 1, "number_of_replicas", replicas, "sort.field", "message_id",
-        "sort.order", "desc", "analysis", "analyzer",
-        "chat_folding", "type", "custom", "tokenizer", "standard", "filter", "lowercase",
-        "asciifolding", "mappings", "dynamic", "strict", "properties", "chat_id", "type",
-        "keyword", "message_id", "type", "long", "user_from", "type", "keyword", "text", "type",
-        "text", "analyzer", "chat_folding", "client_id", "type", "keyword", "index", 0,
-        "created_at", "type", "date", "format", "epoch_millis", "edited_at", "type", "date",
-        "format", "epoch_millis", "deleted_at", "type", "date", "format", "epoch_millis",
-        "deleted", "type", "boolean", "aliases", alias);
+        "sort.order", "desc", "analysis", "analyzer", "chat_folding", "type", "custom", "tokenizer",
+        "standard", "filter", "lowercase", "asciifolding", "mappings", "dynamic", "strict",
+        "properties", "chat_id", "type", "keyword", "message_id", "type", "long", "user_from",
+        "type", "keyword", "text", "type", "text", "analyzer", "chat_folding", "client_id", "type",
+        "keyword", "index", 0, "created_at", "type", "date", "format", "epoch_millis", "edited_at",
+        "type", "date", "format", "epoch_millis", "deleted_at", "type", "date", "format",
+        "epoch_millis", "deleted", "type", "boolean", "aliases", alias);
     put_json(out, t);
 }
 
@@ -126,8 +126,12 @@ int search_os_parse_time(const char *s, int64_t *ms) {
     if (strcmp(p, "Z") != 0 || mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 ||
         sec > 60)
         return CHAT_EINVAL;
-    struct tm tm = {.tm_year = y - 1900, .tm_mon = mo - 1, .tm_mday = d, .tm_hour = h,
-                    .tm_min = mi, .tm_sec = sec};
+    struct tm tm = {.tm_year = y - 1900,
+                    .tm_mon = mo - 1,
+                    .tm_mday = d,
+                    .tm_hour = h,
+                    .tm_min = mi,
+                    .tm_sec = sec};
     *ms = (int64_t)timegm(&tm) * 1000 + milli;
     return 0;
 }
@@ -167,8 +171,8 @@ int search_os_bulk_record(sbuf_t *out, const char *alias, const char *value, siz
                *text = str_field(ev, "message");
     uint64_t mid = 0;
     bool del = kind && strcmp(kind, "message:delete") == 0;
-    if (!kind || (!del && strcmp(kind, "message:message") != 0 &&
-                  strcmp(kind, "message:edit") != 0)) {
+    if (!kind ||
+        (!del && strcmp(kind, "message:message") != 0 && strcmp(kind, "message:edit") != 0)) {
         *why = "not a message:message, message:edit or message:delete event";
         goto out;
     }
@@ -200,8 +204,8 @@ int search_os_bulk_record(sbuf_t *out, const char *alias, const char *value, siz
     char index[SEARCH_OS_ALIAS_MAX + 16], id[24];
     search_os_index(index, sizeof index, alias, mid);
     snprintf(id, sizeof id, "%" PRIu64, mid);
-    action = json_pack("{s:{s:s, s:s, s:I, s:s}}", "index", "_index", index, "_id", id,
-                       "version", (json_int_t)version, "version_type", "external");
+    action = json_pack("{s:{s:s, s:s, s:I, s:s}}", "index", "_index", index, "_id", id, "version",
+                       (json_int_t)version, "version_type", "external");
     if (!action) goto oom;
     sbuf_t tmp = {0};
     put_json(&tmp, action);
@@ -300,20 +304,22 @@ int search_os_query(sbuf_t *out, const search_req_t *req, const char **why) {
         if (!search__has_token(t->text, t->len)) continue;
         json_array_append_new(t->exclude ? must_not : must, term_clause(t));
     }
-    for (size_t i = 0; i < req->n_chats; i++) json_array_append_new(chats, json_string(req->chats[i]));
+    for (size_t i = 0; i < req->n_chats; i++)
+        json_array_append_new(chats, json_string(req->chats[i]));
     json_array_append_new(filter, json_pack("{s:{s:o}}", "terms", "chat_id", chats));
     json_array_append_new(filter, json_pack("{s:{s:b}}", "term", "deleted", 0));
-    if (req->from) json_array_append_new(filter, json_pack("{s:{s:s}}", "term", "user_from", req->from));
+    if (req->from)
+        json_array_append_new(filter, json_pack("{s:{s:s}}", "term", "user_from", req->from));
     if (req->before)
         json_array_append_new(filter, json_pack("{s:{s:{s:I}}}", "range", "message_id", "lt",
                                                 (json_int_t)req->before));
-    json_t *body = json_pack(
-        "{s:i, s:b, s:{s:{s:o, s:o, s:o}}, s:[{s:{s:s}}], "
-        "s:{s:[s], s:[s], s:{s:{s:i, s:s}}}}",
-        "size", req->limit + 1, "track_total_hits", 0, "query", "bool", "must", must,
-        "must_not", must_not, "filter", filter, "sort", "message_id", "order", "desc",
-        "highlight", "pre_tags", MARK_OPEN, "post_tags", MARK_CLOSE, "fields", "text",
-        "number_of_fragments", 0, "type", "unified");
+    json_t *body =
+        json_pack("{s:i, s:b, s:{s:{s:o, s:o, s:o}}, s:[{s:{s:s}}], "
+                  "s:{s:[s], s:[s], s:{s:{s:i, s:s}}}}",
+                  "size", req->limit + 1, "track_total_hits", 0, "query", "bool", "must", must,
+                  "must_not", must_not, "filter", filter, "sort", "message_id", "order", "desc",
+                  "highlight", "pre_tags", MARK_OPEN, "post_tags", MARK_CLOSE, "fields", "text",
+                  "number_of_fragments", 0, "type", "unified");
     put_json(out, body);
     return out->oom ? CHAT_ENOMEM : 0;
 }
@@ -364,8 +370,7 @@ int search_os_parse_hits(search_req_t *req, const char *body, size_t n) {
                      : CHAT_EIO;
             break;
         }
-        json_t *frag = json_array_get(
-            json_object_get(json_object_get(h, "highlight"), "text"), 0);
+        json_t *frag = json_array_get(json_object_get(json_object_get(h, "highlight"), "text"), 0);
         sbuf_t hl = {0};
         if (!json_is_string(frag) || !put_engine_highlight(&hl, json_string_value(frag),
                                                            json_string_length(frag), m->message))

@@ -119,8 +119,7 @@ static void scan__finish(scan_op_t *op, int status) {
     if (status == 0) {
         /* Only what is newer than every unfinished chat's stopping point is complete. */
         for (size_t i = 0; i < op->n_hits; i++) {
-            if (!op->cut || op->hits[i].msg.id >= op->frontier)
-                op->hits[keep++] = op->hits[i];
+            if (!op->cut || op->hits[i].msg.id >= op->frontier) op->hits[keep++] = op->hits[i];
             else {
                 store_msg_clear(&op->hits[i].msg);
                 free(op->hits[i].highlight);
@@ -211,8 +210,8 @@ static void scan__page_done(store_req_t *sreq) {
         return;
     }
     /* Nobody to answer (the client left) or the server stopping: no more pages. */
-    bool go_on = !stop && !end && op->scanned < op->max_msgs &&
-                 (!req->go_on || req->go_on(req->data));
+    bool go_on =
+        !stop && !end && op->scanned < op->max_msgs && (!req->go_on || req->go_on(req->data));
     if (!go_on) {
         scan__next_chat(op, !more);
         return;
@@ -287,7 +286,6 @@ static const search_ops_t scan_ops = {
     .close = scan_close,
 };
 
-int search_scan_open(search_t **out, uv_loop_t *loop, store_t *store, char *err,
-                     size_t errlen) {
+int search_scan_open(search_t **out, uv_loop_t *loop, store_t *store, char *err, size_t errlen) {
     return search__new(out, &scan_ops, loop, store, err, errlen);
 }

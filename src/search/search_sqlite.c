@@ -113,7 +113,6 @@ static const search_ops_t fts_ops = {
     .close = fts_close,
 };
 
-int search_sqlite_open(search_t **out, uv_loop_t *loop, store_t *store, char *err,
-                       size_t errlen) {
+int search_sqlite_open(search_t **out, uv_loop_t *loop, store_t *store, char *err, size_t errlen) {
     return search__new(out, &fts_ops, loop, store, err, errlen);
 }

@@ -34,8 +34,9 @@ int store_open(store_t **out, uv_loop_t *loop, const char *url, char *err, size_
              * rather than guess. */
             path += 2;
             if (*path != '/') {
-                store__set_err(err, errlen, "sqlite URL with a host; use sqlite:PATH or "
-                                     "sqlite:///absolute/path");
+                store__set_err(err, errlen,
+                               "sqlite URL with a host; use sqlite:PATH or "
+                               "sqlite:///absolute/path");
                 return CHAT_EINVAL;
             }
         }

@@ -64,11 +64,11 @@ typedef enum store_op {
 /* One outbox row: an event written in the same transaction as the change it describes.
  * Strings are owned by the containing request (freed by store_req_cleanup). */
 typedef struct store_outbox_row {
-    uint64_t seq;        /* strictly increasing over the store's life, never reused */
+    uint64_t seq; /* strictly increasing over the store's life, never reused */
     char *chat_id;
     uint64_t message_id;
-    int64_t at;          /* when the change was stored, Unix ms */
-    char *event;         /* the encoded event, event_len bytes (also NUL-terminated) */
+    int64_t at;  /* when the change was stored, Unix ms */
+    char *event; /* the encoded event, event_len bytes (also NUL-terminated) */
     size_t event_len;
 } store_outbox_row_t;
 
@@ -89,9 +89,9 @@ typedef struct store_outbox_opts {
 } store_outbox_opts_t;
 
 typedef struct store_outbox_stats {
-    uint64_t rows;     /* rows in the outbox now (as this node last saw) */
-    uint64_t refused;  /* changes refused because the outbox was full */
-    uint64_t written;  /* rows this node wrote */
+    uint64_t rows;    /* rows in the outbox now (as this node last saw) */
+    uint64_t refused; /* changes refused because the outbox was full */
+    uint64_t written; /* rows this node wrote */
 } store_outbox_stats_t;
 
 /* The most rows one HISTORY or AFTER request returns; larger limits are clamped. */
@@ -107,24 +107,24 @@ struct store_req {
     const char *user;
     const char *text;
     const char *client_id; /* APPEND: NULL = not idempotent */
-    uint64_t id;           /* APPEND: the new id; EDIT/DELETE: target; HISTORY: before; AFTER: after */
-    int64_t at;            /* APPEND: created_at; EDIT/DELETE: the time of the change (Unix ms) */
-    int limit;             /* HISTORY/AFTER */
+    uint64_t id; /* APPEND: the new id; EDIT/DELETE: target; HISTORY: before; AFTER: after */
+    int64_t at;  /* APPEND: created_at; EDIT/DELETE: the time of the change (Unix ms) */
+    int limit;   /* HISTORY/AFTER */
     /* outputs, valid in the callback, freed by store_req_cleanup() */
-    int status;            /* 0 or a negative CHAT_E* code */
-    bool duplicate;        /* APPEND: client_id seen before; msg is the original */
-    store_msg_t msg;       /* APPEND/EDIT/DELETE */
-    store_msg_t *msgs;     /* HISTORY/AFTER/SEARCH */
+    int status;        /* 0 or a negative CHAT_E* code */
+    bool duplicate;    /* APPEND: client_id seen before; msg is the original */
+    store_msg_t msg;   /* APPEND/EDIT/DELETE */
+    store_msg_t *msgs; /* HISTORY/AFTER/SEARCH */
     size_t n_msgs;
     store_outbox_row_t *rows; /* OUTBOX_READ */
     size_t n_rows;
     /* SEARCH: per msgs[i], its text with each matched token between the bytes \x01 and
      * \x02 (NULL if none); NULL otherwise. Freed by store_req_cleanup. */
     char **marks;
-    uint64_t read_id;      /* READ_SET/READ_GET: the position after the request, 0: none */
-    bool read_moved;       /* READ_SET: this request moved it */
-    bool unread_capped;    /* READ_GET: unread is a lower bound (see STORE_UNREAD_CAP) */
-    uint32_t unread;       /* READ_GET */
+    uint64_t read_id;   /* READ_SET/READ_GET: the position after the request, 0: none */
+    bool read_moved;    /* READ_SET: this request moved it */
+    bool unread_capped; /* READ_GET: unread is a lower bound (see STORE_UNREAD_CAP) */
+    uint32_t unread;    /* READ_GET */
     /* the caller's */
     void *data;
     store_cb cb;
@@ -216,7 +216,6 @@ void store_msg_clear(store_msg_t *m);
 /* Backends (declared here so store.c can list them; the domain uses store_open only). */
 int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *err, size_t errlen);
 /* url: the whole "cassandra://[user:pass@]host[:port][,host...]/keyspace?options" URL. */
-int store_cassandra_open(store_t **out, uv_loop_t *loop, const char *url, char *err,
-                         size_t errlen);
+int store_cassandra_open(store_t **out, uv_loop_t *loop, const char *url, char *err, size_t errlen);
 
 #endif

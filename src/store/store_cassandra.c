@@ -95,7 +95,6 @@ typedef struct cass_cfg {
     unsigned timeout_ms, connect_timeout_ms, pool, reconnect_max_ms;
 } cass_cfg_t;
 
-
 static void cfg_free(cass_cfg_t *c) {
     for (size_t i = 0; i < c->n_hosts; i++) free(c->hosts[i]);
     free(c->user);
@@ -176,8 +175,8 @@ static bool parse_replication(const char *v, size_t n, char *out, size_t outn) {
         }
         unsigned rf;
         if (!parse_uint(eq + 1, (size_t)(item_end - eq - 1), 0, 100, &rf)) return false;
-        int k = snprintf(out + len, outn > len ? outn - len : 0, ", '%.*s': %u", (int)(eq - p),
-                         p, rf);
+        int k =
+            snprintf(out + len, outn > len ? outn - len : 0, ", '%.*s': %u", (int)(eq - p), p, rf);
         if (k < 0 || len + (size_t)k + 2 >= outn) return false;
         len += (size_t)k;
         ndc++;
@@ -251,7 +250,8 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
         p = comma ? comma + 1 : e;
     }
     if (!c->n_hosts) {
-        store__set_err(err, errlen, "cassandra URL without a host (cassandra://HOST:9042/KEYSPACE)");
+        store__set_err(err, errlen,
+                       "cassandra URL without a host (cassandra://HOST:9042/KEYSPACE)");
         goto fail;
     }
     if (*p == '/') {
@@ -272,7 +272,8 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
         size_t n = strcspn(p, "&");
         const char *eq = memchr(p, '=', n);
         if (!eq) {
-            store__set_err(err, errlen, "cassandra URL: option \"%.*s\" without a value", (int)n, p);
+            store__set_err(err, errlen, "cassandra URL: option \"%.*s\" without a value", (int)n,
+                           p);
             goto fail;
         }
         size_t kn = (size_t)(eq - p), vn = n - kn - 1;
@@ -308,15 +309,16 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
             ok = parse_uint(v, vn, 1, 600000, &c->reconnect_max_ms);
         } else {
             store__set_err(err, errlen,
-                    "cassandra URL: unknown option \"%.*s\" (known: consistency, "
-                    "serial_consistency, replication, replication_factor, timeout_ms, "
-                    "connect_timeout_ms, pool, reconnect_max_ms)",
-                    (int)kn, p);
+                           "cassandra URL: unknown option \"%.*s\" (known: consistency, "
+                           "serial_consistency, replication, replication_factor, timeout_ms, "
+                           "connect_timeout_ms, pool, reconnect_max_ms)",
+                           (int)kn, p);
             goto fail;
         }
 #undef KEY
         if (!ok) {
-            store__set_err(err, errlen, "cassandra URL: bad value \"%s\" for %.*s", val, (int)kn, p);
+            store__set_err(err, errlen, "cassandra URL: bad value \"%s\" for %.*s", val, (int)kn,
+                           p);
             goto fail;
         }
         p += n;
@@ -325,8 +327,8 @@ static int parse_url(const char *url, cass_cfg_t *c, char *err, size_t errlen) {
     return 0;
 bad_ks:
     store__set_err(err, errlen,
-            "cassandra URL: the keyspace must be 1 to 48 lowercase letters, digits or _, "
-            "starting with a letter");
+                   "cassandra URL: the keyspace must be 1 to 48 lowercase letters, digits or _, "
+                   "starting with a letter");
     goto fail;
 oom:
     cfg_free(c);
@@ -355,7 +357,7 @@ enum {
     S_COUNT
 };
 
-#define MSG_COLS                                                                           \
+#define MSG_COLS \
     "message_id, user_from, message, client_id, created_at, edited_at, deleted, deleted_at"
 
 static const char *const STMT_SQL[S_COUNT] = {
@@ -448,8 +450,8 @@ enum { ROW_NONE, ROW_WAIT, ROW_READY, ROW_SENT };
 typedef struct chatq {
     char *chat;
     uint32_t hash;
-    queue_t ops; /* cass_op_t.qlink */
-    bool writing; /* one write of message rows (a batch) of this chat is in flight */
+    queue_t ops;        /* cass_op_t.qlink */
+    bool writing;       /* one write of message rows (a batch) of this chat is in flight */
     struct chatq *next; /* same hash slot */
 } chatq_t;
 
@@ -460,7 +462,7 @@ typedef struct cass_store {
     cass_cfg_t cfg;
     cql_client_t *cql;
     cql_stmt_t *st[S_COUNT];
-    size_t n_ops; /* in flight */
+    size_t n_ops;                   /* in flight */
     cass_op_t *claims[CLAIM_SLOTS]; /* in-flight client_id claims, chained by claim_next */
     chatq_t *chatqs[CHATQ_SLOTS];
     /* (chat, bucket) pairs known to be in chat_buckets: "bucket\tchat" in a hash set */
@@ -474,12 +476,12 @@ typedef struct cass_store {
 struct cass_op {
     cass_store_t *s;
     store_req_t *req;
-    bool in_submit; /* the first step runs inside submit: a failure there is returned */
-    bool finished;  /* outcome recorded, waiting for earlier writes of the chat */
-    chatq_t *q;     /* writes only */
-    queue_t qlink;  /* on q->ops */
-    uint8_t row_at;     /* append: where its message row is (ROW_*) */
-    cass_op_t *bnext;   /* the next op of the same batch */
+    bool in_submit;   /* the first step runs inside submit: a failure there is returned */
+    bool finished;    /* outcome recorded, waiting for earlier writes of the chat */
+    chatq_t *q;       /* writes only */
+    queue_t qlink;    /* on q->ops */
+    uint8_t row_at;   /* append: where its message row is (ROW_*) */
+    cass_op_t *bnext; /* the next op of the same batch */
     int sync_fail;
     /* append */
     uint64_t id;
@@ -742,14 +744,14 @@ static void op_done(cass_op_t *op, int status) {
 
 static void op_fail_cql(cass_op_t *op, const cql_result_t *res, const char *what) {
     store_req_t *r = op->req;
-    log_error("store_cassandra_failed op=%s chat=%s id=%" PRIu64 " err=%s", what, r->chat_id,
-              r->id, LOG_STR(res->message ? res->message : chat_strerror(res->status)));
+    log_error("store_cassandra_failed op=%s chat=%s id=%" PRIu64 " err=%s", what, r->chat_id, r->id,
+              LOG_STR(res->message ? res->message : chat_strerror(res->status)));
     op_done(op, res->status == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO);
 }
 
 /* Submit an EXECUTE for op; a synchronous failure finishes op with CHAT_EIO. */
-static void op_exec(cass_op_t *op, int stmt, const cql_value_t *v, size_t n,
-                    const cql_params_t *p, cql_cb cb) {
+static void op_exec(cass_op_t *op, int stmt, const cql_value_t *v, size_t n, const cql_params_t *p,
+                    cql_cb cb) {
     int rc = cql_execute(op->s->cql, op->s->st[stmt], v, n, p, cb, op);
     if (rc && op->in_submit) {
         op->sync_fail = rc == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO;
@@ -893,8 +895,7 @@ static void batch_send(cass_op_t *first) {
 static void on_batch_bucket(const cql_result_t *res, void *data) {
     cass_op_t *first = data;
     if (res->status) {
-        return batch_done(first, res->status == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO,
-                          res->message);
+        return batch_done(first, res->status == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO, res->message);
     }
     bcache_add(first->s, first->q->chat, first->bucket);
     batch_send(first);
@@ -915,8 +916,8 @@ static void chatq_pump(cass_store_t *s, chatq_t *q) {
         if (op->row_at == ROW_NONE) continue;
         if (op->row_at != ROW_READY) break;
         size_t sz = strlen(op->req->text) + strlen(op->req->user) + 64;
-        if (first && (op->bucket != first->bucket || n == BATCH_MAX_ROWS ||
-                      bytes + sz > BATCH_MAX_BYTES)) {
+        if (first &&
+            (op->bucket != first->bucket || n == BATCH_MAX_ROWS || bytes + sz > BATCH_MAX_BYTES)) {
             break;
         }
         op->row_at = ROW_SENT;
@@ -1007,8 +1008,9 @@ static void append_start_claim(cass_op_t *op) {
     op->claim_next = s->claims[op->claim_hash % CLAIM_SLOTS];
     s->claims[op->claim_hash % CLAIM_SLOTS] = op;
     cql_value_t v[] = {
-        cql_text(r->chat_id), cql_text(r->user), cql_text(r->client_id),
-        cql_bigint((int64_t)op->id), cql_timestamp(op->created_at),
+        cql_text(r->chat_id),          cql_text(r->user),
+        cql_text(r->client_id),        cql_bigint((int64_t)op->id),
+        cql_timestamp(op->created_at),
     };
     op_exec(op, S_CLAIM, v, 5, NULL, on_claimed);
 }
@@ -1083,14 +1085,14 @@ static void on_row_read(const cql_result_t *res, void *data) {
     cql_params_t p = CQL_PARAMS_DEFAULT;
     if (r->op == STORE_EDIT) {
         cql_value_t v[] = {
-            cql_text(r->text), cql_timestamp(r->at), cql_text(r->chat_id), cql_int(b),
-            cql_bigint((int64_t)r->id), cql_text(r->user),
+            cql_text(r->text), cql_timestamp(r->at),       cql_text(r->chat_id),
+            cql_int(b),        cql_bigint((int64_t)r->id), cql_text(r->user),
         };
         op_exec(op, S_EDIT, v, 6, &p, on_changed);
     } else {
         cql_value_t v[] = {
-            cql_timestamp(r->at), cql_text(r->chat_id), cql_int(b), cql_bigint((int64_t)r->id),
-            cql_text(r->user),
+            cql_timestamp(r->at),       cql_text(r->chat_id), cql_int(b),
+            cql_bigint((int64_t)r->id), cql_text(r->user),
         };
         op_exec(op, S_DELETE, v, 5, &p, on_changed);
     }
@@ -1118,8 +1120,7 @@ static bool change_wait(cass_op_t *op) {
 
 static void change_start(cass_op_t *op) {
     store_req_t *r = op->req;
-    cql_value_t v[] = {cql_text(r->chat_id), cql_int(bucket_of(r->id)),
-                       cql_bigint((int64_t)r->id)};
+    cql_value_t v[] = {cql_text(r->chat_id), cql_int(bucket_of(r->id)), cql_bigint((int64_t)r->id)};
     op_exec(op, S_GET, v, 3, NULL, on_row_read);
 }
 
@@ -1219,8 +1220,7 @@ static void read_start(cass_op_t *op) {
     store_req_t *r = op->req;
     op->limit = r->limit < 1 ? 1 : r->limit > STORE_READ_MAX ? STORE_READ_MAX : r->limit;
     if (r->op == STORE_HISTORY) {
-        op->bucket_bound =
-            r->id == 0 || r->id > (uint64_t)INT64_MAX ? INT32_MAX : bucket_of(r->id);
+        op->bucket_bound = r->id == 0 || r->id > (uint64_t)INT64_MAX ? INT32_MAX : bucket_of(r->id);
     } else {
         op->bucket_bound = r->id > (uint64_t)INT64_MAX ? INT32_MAX : bucket_of(r->id);
         if (r->id == 0) op->bucket_bound = INT32_MIN;
@@ -1261,8 +1261,8 @@ static void on_read_set_pos(const cql_result_t *res, void *data) {
     }
     /* Another tab may move it meanwhile: the batch keeps the larger of the two anyway (see
      * the schema), and the caller reports this move, which the client folds by max. */
-    cql_value_t v[] = {cql_text(r->user), cql_text(r->chat_id), cql_bigint((int64_t)r->id),
-                       cql_timestamp(r->at), cql_text(r->user), cql_text(r->chat_id),
+    cql_value_t v[] = {cql_text(r->user),         cql_text(r->chat_id), cql_bigint((int64_t)r->id),
+                       cql_timestamp(r->at),      cql_text(r->user),    cql_text(r->chat_id),
                        cql_bigint((int64_t)r->id)};
     op_exec(op, S_READ_MOVE, v, 7, NULL, on_read_moved);
 }
@@ -1281,8 +1281,7 @@ static void on_read_set_msg(const cql_result_t *res, void *data) {
 static void read_set_start(cass_op_t *op) {
     store_req_t *r = op->req;
     /* an id past INT64_MAX was never stored: as a negative bigint it finds no row */
-    cql_value_t v[] = {cql_text(r->chat_id), cql_int(bucket_of(r->id)),
-                       cql_bigint((int64_t)r->id)};
+    cql_value_t v[] = {cql_text(r->chat_id), cql_int(bucket_of(r->id)), cql_bigint((int64_t)r->id)};
     op_exec(op, S_GET, v, 3, NULL, on_read_set_msg);
 }
 
@@ -1512,7 +1511,8 @@ static int sync_connect(uv_loop_t *loop, const cass_cfg_t *cfg, cql_client_t **c
     cql_client_on_ready(*c, on_sync_ready, &x);
     cql_run_until(loop, &x.done);
     if (!x.done || x.status) {
-        store__set_err(err, errlen, "cannot connect to Cassandra: %s", x.done ? x.msg : "loop stopped");
+        store__set_err(err, errlen, "cannot connect to Cassandra: %s",
+                       x.done ? x.msg : "loop stopped");
         return x.status == CHAT_EAUTH ? CHAT_EAUTH : CHAT_EIO;
     }
     return 0;
@@ -1544,8 +1544,8 @@ static int probe_schema(const cass_cfg_t *cfg, char *err, size_t errlen) {
         sync_ctx_t x = {0};
         cql_value_t v[] = {cql_text(cfg->keyspace)};
         rc = sync_query(&loop, c,
-                        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", v,
-                        1, &x);
+                        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", v, 1,
+                        &x);
         if (rc) {
             store__set_err(err, errlen, "cassandra: reading the schema failed: %s", x.msg);
             rc = CHAT_EIO;
@@ -1553,9 +1553,9 @@ static int probe_schema(const cass_cfg_t *cfg, char *err, size_t errlen) {
             for (size_t k = 0; k < N_TABLES; k++) {
                 if (x.tables[k]) continue;
                 store__set_err(err, errlen,
-                        "cassandra: keyspace \"%s\" has no table %s: create the schema with "
-                        "`chatctl migrate --store URL` (make create-models)",
-                        cfg->keyspace, TABLES[k]);
+                               "cassandra: keyspace \"%s\" has no table %s: create the schema with "
+                               "`chatctl migrate --store URL` (make create-models)",
+                               cfg->keyspace, TABLES[k]);
                 rc = CHAT_EIO;
                 break;
             }

@@ -23,8 +23,8 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <sqlite3.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -128,14 +128,13 @@ static const char SCHEMA_V2[] =
 /* Version 3: read positions, one row per (chat, user): the newest message id the user has
  * read in that chat. Clustered on the key like messages, so a position is one seek; the
  * writer only ever moves message_id up (see do_read_set). */
-static const char SCHEMA_V3[] =
-    "CREATE TABLE IF NOT EXISTS read_positions (\n"
-    "    chat_id    TEXT    NOT NULL,\n"
-    "    user_id    TEXT    NOT NULL,\n"
-    "    message_id INTEGER NOT NULL,\n"
-    "    updated_at INTEGER NOT NULL,\n"
-    "    PRIMARY KEY (chat_id, user_id)\n"
-    ") WITHOUT ROWID;\n";
+static const char SCHEMA_V3[] = "CREATE TABLE IF NOT EXISTS read_positions (\n"
+                                "    chat_id    TEXT    NOT NULL,\n"
+                                "    user_id    TEXT    NOT NULL,\n"
+                                "    message_id INTEGER NOT NULL,\n"
+                                "    updated_at INTEGER NOT NULL,\n"
+                                "    PRIMARY KEY (chat_id, user_id)\n"
+                                ") WITHOUT ROWID;\n";
 
 const char *const store_sqlite_schema[] = {SCHEMA_V1, SCHEMA_V2, SCHEMA_V3};
 
@@ -146,14 +145,13 @@ const char *const store_sqlite_schema[] = {SCHEMA_V1, SCHEMA_V2, SCHEMA_V3};
  * reused, even after the outbox was emptied: the relay publishes it as the event's version
  * header, which must grow for every change of a message. event holds the bytes members
  * received, encoded by the domain's encoder in the same transaction as the change. */
-static const char OUTBOX_DDL[] =
-    "CREATE TABLE IF NOT EXISTS outbox (\n"
-    "    seq        INTEGER PRIMARY KEY AUTOINCREMENT,\n"
-    "    chat_id    TEXT    NOT NULL,\n"
-    "    message_id INTEGER NOT NULL,\n"
-    "    at         INTEGER NOT NULL,\n"
-    "    event      BLOB    NOT NULL\n"
-    ");\n";
+static const char OUTBOX_DDL[] = "CREATE TABLE IF NOT EXISTS outbox (\n"
+                                 "    seq        INTEGER PRIMARY KEY AUTOINCREMENT,\n"
+                                 "    chat_id    TEXT    NOT NULL,\n"
+                                 "    message_id INTEGER NOT NULL,\n"
+                                 "    at         INTEGER NOT NULL,\n"
+                                 "    event      BLOB    NOT NULL\n"
+                                 ");\n";
 const int store_sqlite_schema_versions =
     (int)(sizeof store_sqlite_schema / sizeof store_sqlite_schema[0]);
 
@@ -168,7 +166,7 @@ typedef struct reader {
     sqlite3 *db;
     sqlite3_stmt *history, *after, *search;
     sqlite3_stmt *read_pos, *unread; /* READ_GET */
-    sqlite3_stmt *outbox; /* prepared at its first use: the table may be newer than db */
+    sqlite3_stmt *outbox;            /* prepared at its first use: the table may be newer than db */
 } reader_t;
 
 struct sqlite_store {
@@ -180,7 +178,7 @@ struct sqlite_store {
     sqlite3 *wdb;
     sqlite3_stmt *begin, *commit, *rollback;
     sqlite3_stmt *insert, *by_client, *edit, *del, *get;
-    sqlite3_stmt *fts_insert; /* an appended message into messages_fts (SCHEMA_V2) */
+    sqlite3_stmt *fts_insert;          /* an appended message into messages_fts (SCHEMA_V2) */
     sqlite3_stmt *read_set, *read_get; /* READ_SET (SCHEMA_V3) */
 
     reader_t readers[N_READERS];
@@ -189,8 +187,8 @@ struct sqlite_store {
     bool writer_started;
     uv_thread_t ckpt_thread;
     bool ckpt_started;
-    sqlite3 *cdb;  /* the checkpointer's connection */
-    int wal_prev;  /* frames in the WAL after the previous commit; under wdb_lock */
+    sqlite3 *cdb;   /* the checkpointer's connection */
+    int wal_prev;   /* frames in the WAL after the previous commit; under wdb_lock */
     char werr[200]; /* why the last write failed; under wdb_lock */
     int ckpt_start; /* CKPT_START_FRAMES, unless a test asked for less */
     uv_async_t async;
@@ -204,13 +202,13 @@ struct sqlite_store {
     int threads_live;
     int readers_live; /* threads with a connection of their own: readers and checkpointer */
     bool ckpt_wanted, ckpt_busy;
-    unsigned wal_gen;  /* WAL restarts the writer has seen */
-    unsigned ckpt_gen; /* the WAL the last checkpoint ran on; its figures below */
+    unsigned wal_gen;        /* WAL restarts the writer has seen */
+    unsigned ckpt_gen;       /* the WAL the last checkpoint ran on; its figures below */
     int ckpt_log, ckpt_done; /* frames the WAL had then, and frames it copied */
     bool closing;
     bool paused;
-    bool failing;        /* the last write (batch or probe) failed: /healthz says so */
-    char fail_why[200];  /* its reason, for /healthz */
+    bool failing;       /* the last write (batch or probe) failed: /healthz says so */
+    char fail_why[200]; /* its reason, for /healthz */
     store_sqlite_stats_t stats;
     uint64_t wal_frames_new; /* the writer thread's, folded into stats by its post_done */
 
@@ -235,7 +233,6 @@ struct sqlite_store {
 static const store_ops_t sqlite_ops;
 
 /* ---- small helpers ------------------------------------------------------------------- */
-
 
 /* mkdir -p of the directory part of path. Errors are left for sqlite3_open to report with
  * the file name, except a failing mkdir, which says more. */
@@ -274,9 +271,7 @@ static int step_once(sqlite3_stmt *st) {
     return rc;
 }
 
-static int exec(sqlite3 *db, const char *sql) {
-    return sqlite3_exec(db, sql, NULL, NULL, NULL);
-}
+static int exec(sqlite3 *db, const char *sql) { return sqlite3_exec(db, sql, NULL, NULL, NULL); }
 
 static int col_dup(sqlite3_stmt *st, int i, char **out) {
     *out = NULL;
@@ -328,7 +323,7 @@ static int migrate_db(sqlite3 *db, const char *path, char *err, size_t errlen) {
     if (version < 0) goto fail;
     if (version > store_sqlite_schema_versions) {
         store__set_err(err, errlen, "%s: schema version %d is newer than this program (%d)", path,
-                version, store_sqlite_schema_versions);
+                       version, store_sqlite_schema_versions);
         log_error("store_schema_too_new path=%s version=%d known=%d", path, version,
                   store_sqlite_schema_versions);
         exec(db, "ROLLBACK");
@@ -435,7 +430,7 @@ static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, si
         sqlite3_finalize(st);
         if (!wal) {
             store__set_err(err, errlen, "%s: cannot switch to WAL mode: %s", path,
-                    sqlite3_errmsg(db));
+                           sqlite3_errmsg(db));
             rc = SQLITE_ERROR;
             goto fail_msg;
         }
@@ -453,7 +448,8 @@ static int open_db(sqlite3 **out, const char *path, bool readonly, char *err, si
     *out = db;
     return 0;
 fail:
-    store__set_err(err, errlen, "cannot open %s: %s", path, db ? sqlite3_errmsg(db) : "out of memory");
+    store__set_err(err, errlen, "cannot open %s: %s", path,
+                   db ? sqlite3_errmsg(db) : "out of memory");
 fail_msg:
     log_error("store_open_failed path=%s ro=%d err=%s", path, readonly,
               LOG_STR(db ? sqlite3_errmsg(db) : "out of memory"));
@@ -601,10 +597,10 @@ static int prepare_writer(sqlite_store_t *s) {
 }
 
 static void close_writer_db(sqlite_store_t *s) {
-    sqlite3_stmt **sts[] = {&s->begin, &s->commit, &s->rollback, &s->insert,
-                            &s->by_client, &s->edit, &s->del, &s->get,
-                            &s->ob_insert, &s->ob_delete, &s->fts_insert,
-                            &s->read_set, &s->read_get};
+    sqlite3_stmt **sts[] = {&s->begin,     &s->commit,    &s->rollback,   &s->insert,
+                            &s->by_client, &s->edit,      &s->del,        &s->get,
+                            &s->ob_insert, &s->ob_delete, &s->fts_insert, &s->read_set,
+                            &s->read_get};
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++) {
         sqlite3_finalize(*sts[i]);
         *sts[i] = NULL;
@@ -1422,17 +1418,13 @@ static void sq_metrics(store_t *base, sbuf_t *sb) {
         const char *name, *type, *help;
         uint64_t value;
     } rows[] = {
-        {"commits_total", "counter", "Write transactions committed, one fsync each.",
-         st.batches},
-        {"failed_commits_total", "counter", "Write transactions that failed.",
-         st.failed_batches},
+        {"commits_total", "counter", "Write transactions committed, one fsync each.", st.batches},
+        {"failed_commits_total", "counter", "Write transactions that failed.", st.failed_batches},
         {"writes_total", "counter", "Appends, edits and deletes completed.", st.writes},
-        {"wal_frames_total", "counter", "Pages the commits appended to the WAL.",
-         st.wal_frames},
+        {"wal_frames_total", "counter", "Pages the commits appended to the WAL.", st.wal_frames},
         {"checkpoints_total", "counter", "WAL checkpoints completed by the checkpointer.",
          st.checkpoints},
-        {"largest_commit", "gauge", "Most requests in one transaction since start.",
-         st.max_batch},
+        {"largest_commit", "gauge", "Most requests in one transaction since start.", st.max_batch},
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         sbuf_printf(sb, "# HELP chat_store_sqlite_%s %s\n# TYPE chat_store_sqlite_%s %s\n",
@@ -1473,8 +1465,9 @@ static int sq_outbox_enable(store_t *base, const store_outbox_opts_t *o) {
     if (s->ob_rows > 0) uv_async_send(&s->async);
     rc = 0;
 out:
-    if (rc) log_error("store_outbox_failed path=%s err=%s", s->path,
-                      LOG_STR(s->wdb ? sqlite3_errmsg(s->wdb) : "closed"));
+    if (rc)
+        log_error("store_outbox_failed path=%s err=%s", s->path,
+                  LOG_STR(s->wdb ? sqlite3_errmsg(s->wdb) : "closed"));
     sqlite3_finalize(st);
     uv_mutex_unlock(&s->wdb_lock);
     return rc;
@@ -1498,8 +1491,7 @@ static const store_ops_t sqlite_ops = {
     .health = sq_health,
 };
 
-int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *err,
-                      size_t errlen) {
+int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *err, size_t errlen) {
     *out = NULL;
     if (strcmp(path, ":memory:") == 0 || *path == '\0') {
         store__set_err(err, errlen, "sqlite store needs a file path, not \"%s\"", path);
@@ -1541,8 +1533,8 @@ int store_sqlite_open(store_t **out, uv_loop_t *loop, const char *path, char *er
      * index segments until FTS5 merges those (they never match: the row is gone); the
      * README says so. */
     if (sqlite3_libversion_number() >= 3044000 &&
-        exec(s->wdb, "INSERT INTO messages_fts (messages_fts, rank) VALUES ('secure-delete', 1)")
-            != SQLITE_OK)
+        exec(s->wdb, "INSERT INTO messages_fts (messages_fts, rank) VALUES ('secure-delete', 1)") !=
+            SQLITE_OK)
         log_warn("store_fts_secure_delete_failed path=%s err=%s", path,
                  LOG_STR(sqlite3_errmsg(s->wdb)));
     if (probe_write(s->wdb, why, sizeof why) != 0) goto not_writable;

@@ -59,7 +59,7 @@ struct stream {
     uv_poll_t poll;
     uv_timer_t tick;
     uv_timer_t soon; /* READ_DELAY_MS after a notify */
-    int handles; /* open uv handles */
+    int handles;     /* open uv handles */
 
     /* the window: entries [tail, head) in seq order, at index abs % WINDOW */
     entry_t win[WINDOW];
@@ -148,8 +148,9 @@ static void stream__deleted(store_req_t *r) {
     stream_t *st = r->data;
     st->deleting = false;
     if (r->status == 0) st->deleted_seq = r->id;
-    else log_warn("outbox_delete_failed through=%" PRIu64 " err=%s", r->id,
-                  chat_strerror(r->status));
+    else
+        log_warn("outbox_delete_failed through=%" PRIu64 " err=%s", r->id,
+                 chat_strerror(r->status));
     store_req_cleanup(r);
     if (st->closing) {
         stream__maybe_free(st);
@@ -197,8 +198,7 @@ static void stream__produce(stream_t *st, const store_outbox_row_t *row) {
     rd_kafka_header_add(h, "message_id", -1, mid, mlen);
     uint64_t abs = st->head;
     rd_kafka_resp_err_t err = rd_kafka_producev(
-        st->rk, RD_KAFKA_V_TOPIC(st->topic),
-        RD_KAFKA_V_KEY(row->chat_id, strlen(row->chat_id)),
+        st->rk, RD_KAFKA_V_TOPIC(st->topic), RD_KAFKA_V_KEY(row->chat_id, strlen(row->chat_id)),
         RD_KAFKA_V_VALUE(row->event, row->event_len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
         RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_OPAQUE((void *)(uintptr_t)abs), RD_KAFKA_V_END);
     if (err) {
@@ -307,8 +307,8 @@ static int stream__set(rd_kafka_conf_t *conf, const char *k, const char *v, char
     return 0;
 }
 
-int stream_open(stream_t **out, uv_loop_t *loop, store_t *store, const stream_opts_t *o,
-                char *err, size_t errlen) {
+int stream_open(stream_t **out, uv_loop_t *loop, store_t *store, const stream_opts_t *o, char *err,
+                size_t errlen) {
     *out = NULL;
     if (!o->brokers || !*o->brokers || !o->encode) {
         snprintf(err, errlen, "kafka: no brokers");
@@ -358,12 +358,12 @@ int stream_open(stream_t **out, uv_loop_t *loop, store_t *store, const stream_op
         snprintf(err, errlen, "kafka: pipe: %s", strerror(errno));
         goto fail;
     }
-    store_outbox_opts_t so = {.encode = o->encode, .max_rows = o->outbox_max_rows,
-                              .notify = stream__notify, .arg = st};
+    store_outbox_opts_t so = {
+        .encode = o->encode, .max_rows = o->outbox_max_rows, .notify = stream__notify, .arg = st};
     if ((rc = store_outbox_enable(store, &so)) != 0) {
-        snprintf(err, errlen, rc == CHAT_EINVAL
-                                  ? "kafka: the %s store has no outbox (use a sqlite store)"
-                                  : "kafka: cannot create the %s store's outbox",
+        snprintf(err, errlen,
+                 rc == CHAT_EINVAL ? "kafka: the %s store has no outbox (use a sqlite store)"
+                                   : "kafka: cannot create the %s store's outbox",
                  store->ops->name);
         goto fail;
     }
@@ -450,14 +450,13 @@ void stream_metrics(stream_t *st, sbuf_t *sb) {
         {"chat_kafka_produce_errors_total", "counter",
          "Events Kafka refused or failed to take (each is produced again).", st->produce_errors},
         {"chat_kafka_client_errors_total", "counter",
-         "Errors the Kafka client reported (brokers down, ...), retried by it.",
-         st->client_errors},
+         "Errors the Kafka client reported (brokers down, ...), retried by it.", st->client_errors},
         {"chat_kafka_resends_total", "counter",
          "Times the relay produced again from the oldest unacknowledged event.", st->restarts},
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
-        sbuf_printf(sb, "# HELP %s %s\n# TYPE %s %s\n%s %" PRIu64 "\n", rows[i].name,
-                    rows[i].help, rows[i].name, rows[i].type, rows[i].name, rows[i].v);
+        sbuf_printf(sb, "# HELP %s %s\n# TYPE %s %s\n%s %" PRIu64 "\n", rows[i].name, rows[i].help,
+                    rows[i].name, rows[i].type, rows[i].name, rows[i].v);
 }
 
 /* ---- the topic (chatctl migrate) ---------------------------------------------------------- */
@@ -479,8 +478,8 @@ int stream_create_topic(const char *brokers, const char *topic, int partitions, 
         return CHAT_EIO;
     }
     int rc = CHAT_EIO;
-    rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(topic, partitions, replication, why,
-                                                    sizeof why);
+    rd_kafka_NewTopic_t *nt =
+        rd_kafka_NewTopic_new(topic, partitions, replication, why, sizeof why);
     rd_kafka_AdminOptions_t *ao = rd_kafka_AdminOptions_new(rk, RD_KAFKA_ADMIN_OP_CREATETOPICS);
     rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
     rd_kafka_event_t *ev = NULL;

@@ -33,8 +33,8 @@ typedef struct stream_opts {
 /* Enable the store's outbox and start relaying it (what a previous run left first). The
  * strings in o are copied. On success *out is the caller's, released by stream_close.
  * Errors: CHAT_EINVAL (the store has no outbox, bad options; err says which), CHAT_EIO. */
-int stream_open(stream_t **out, uv_loop_t *loop, store_t *store, const stream_opts_t *o,
-                char *err, size_t errlen);
+int stream_open(stream_t **out, uv_loop_t *loop, store_t *store, const stream_opts_t *o, char *err,
+                size_t errlen);
 
 /* Stop producing (events not yet acknowledged stay in the outbox for the next run) and free
  * the relay once its store requests came back: call before store_close, which completes

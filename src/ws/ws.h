@@ -37,8 +37,8 @@ enum {
     WS_CLOSE_GOING_AWAY = 1001,
     WS_CLOSE_PROTOCOL = 1002,
     WS_CLOSE_UNSUPPORTED = 1003,
-    WS_CLOSE_NO_STATUS = 1005,   /* never on the wire */
-    WS_CLOSE_ABNORMAL = 1006,    /* never on the wire */
+    WS_CLOSE_NO_STATUS = 1005, /* never on the wire */
+    WS_CLOSE_ABNORMAL = 1006,  /* never on the wire */
     WS_CLOSE_INVALID_DATA = 1007,
     WS_CLOSE_POLICY = 1008,
     WS_CLOSE_TOO_BIG = 1009,
@@ -113,9 +113,9 @@ typedef struct ws_parser_cb {
 
 struct ws_parser {
     /* settings (set before the first feed) */
-    size_t max_message;  /* largest reassembled message payload; 0 = 65536 */
-    bool require_mask;   /* server side: client frames must be masked */
-    bool expect_unmasked;/* client side: server frames must not be masked */
+    size_t max_message;   /* largest reassembled message payload; 0 = 65536 */
+    bool require_mask;    /* server side: client frames must be masked */
+    bool expect_unmasked; /* client side: server frames must not be masked */
     /* the close code to send after ws_parser_feed failed (1002, 1007, 1009); here, beside
      * the flags, where it costs no padding (a session holds a parser: its size counts) */
     uint16_t error_code;
@@ -130,19 +130,19 @@ struct ws_parser {
     uint8_t hdr[14];
     uint8_t hdr_len;
     uint8_t hdr_need;
-    uint8_t opcode;       /* of the frame being read */
-    uint8_t msg_opcode;   /* TEXT/BINARY of the message in progress, 0 if none */
+    uint8_t opcode;     /* of the frame being read */
+    uint8_t msg_opcode; /* TEXT/BINARY of the message in progress, 0 if none */
     bool fin, masked;
     uint8_t mask[4];
     uint64_t payload_len; /* of the frame being read */
     uint64_t payload_got;
-    uint32_t utf8;        /* validator state of the text message in progress */
-    uint8_t *msg;         /* reassembly buffer (malloc'd, freed when the message ends) */
+    uint32_t utf8; /* validator state of the text message in progress */
+    uint8_t *msg;  /* reassembly buffer (malloc'd, freed when the message ends) */
     size_t msg_len, msg_cap;
-    uint8_t ctl[125];     /* a control frame split across reads */
+    uint8_t ctl[125]; /* a control frame split across reads */
     uint8_t ctl_len;
     bool failed;
-    bool msg_zipped;      /* the message in progress is compressed */
+    bool msg_zipped; /* the message in progress is compressed */
 };
 
 /* Set defaults: max_message 65536, require_mask true. cb and ud must be set by the caller. */

@@ -14,12 +14,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ASSERT(c)                                                                          \
-    do {                                                                                   \
-        if (!(c)) {                                                                        \
-            fprintf(stderr, "fuzz_cql: %s:%d: %s\n", __FILE__, __LINE__, #c);              \
-            abort();                                                                       \
-        }                                                                                  \
+#define ASSERT(c)                                                             \
+    do {                                                                      \
+        if (!(c)) {                                                           \
+            fprintf(stderr, "fuzz_cql: %s:%d: %s\n", __FILE__, __LINE__, #c); \
+            abort();                                                          \
+        }                                                                     \
     } while (0)
 
 static const uint8_t *g_lo, *g_hi;

@@ -14,12 +14,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ASSERT(c)                                                                          \
-    do {                                                                                   \
-        if (!(c)) {                                                                        \
-            fprintf(stderr, "fuzz_deflate: %s:%d: %s\n", __FILE__, __LINE__, #c);          \
-            abort();                                                                       \
-        }                                                                                  \
+#define ASSERT(c)                                                                 \
+    do {                                                                          \
+        if (!(c)) {                                                               \
+            fprintf(stderr, "fuzz_deflate: %s:%d: %s\n", __FILE__, __LINE__, #c); \
+            abort();                                                              \
+        }                                                                         \
     } while (0)
 
 static ws_zip_t *zip; /* one per process, as a server has one per loop */

@@ -27,63 +27,62 @@
 #define AUDIENCE "chat"
 #define MAX_PART 8192
 
-static const char RSA_PRIV[] =
-    "-----BEGIN PRIVATE KEY-----\n"
-    "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQCnjPFVot0t2mJh\n"
-    "F5gQRVoFPI/kJl1vz9ldcgsdRzP8MxnsrukCHcsGwhPsdalhHgYn4Bme7yPkzEEs\n"
-    "IRgAYii+z+fp6itFvmCJ/RsaX8dRfji5/sw8AXEHanuDU/ZpBi63jjXoSbzG8gG3\n"
-    "mLx0WOMxUpShLPnkj3tJ8n+Am6UZXN7nuRH0C0bb7lSANcYhel3wFPG8VIQVbW2S\n"
-    "YvJnXxu9at+UQqkOVOWJYBNktopgYR5sqI2aQIfn48fry5hqIcNvUXf/LUlTTERI\n"
-    "aDIvlAYQkn2xH99V/wqYMuQEBb8JzdqgrsHRRA3O9rkB0RDCzPRHe6OEnlu8JWFG\n"
-    "rZJ71DJPAgMBAAECggEAUi4StvaldpaNN2Mbritd7oCYcQaSQMPZMPi9U9R3PoWP\n"
-    "+yOFXQjg6oUpwYqqk9xml4tW9boEyHWYp7zpqVJ7+q896GD3bYNllXjkIMkGmcWH\n"
-    "rE65vNrWJhWH1E/L5hJmuphRf4gfRBMyXWtYT9bDRI9lIDLPtNfdWFVNTXbKAUhc\n"
-    "yXGF99bdcWSS5K9UhejKUsbzbW1GjIfvyYGWCl9f5m9wyjbDpn9Wzqfx++zQsJki\n"
-    "mS931AF0UmFnpQ7ttmIvSvaqe2azZMrz89JceVqd3PrbL4n4dHvIk1MF28ay2GP3\n"
-    "QtMM2/eHTKMySQx/7c23EUIVXDG04CLEN5fnu17e0QKBgQDekLLW/gvefxjzdmU5\n"
-    "JrZ/LXBimW+XrTcd1xypxRqQ5Rr4OesaVNaVqK0m96Jsq/t1n/KS4qd+iUxQmyeC\n"
-    "/NRNGQp3waIaj8PxAdKbqwABfZHUE1TNGTCs9idw1Je2dEpOQwCZpThhb1zjdezl\n"
-    "9Hl6KbHn1jNbkGknZOa/I/dPMQKBgQDAuISCQInWGNgqCFwD6JnDLy63tcb/sIaW\n"
-    "H0SdaU9Dhkinl3IXPfWWRJX6JSo4JFlWYp8THoPKOFCP4mTqLwldReREaHXeWdjT\n"
-    "660jpZmwxZmwsn6YvAuvNCsIqvm4xpTwyDyUj/29+wj6FmVDsfUAK9XbgN8BGI6F\n"
-    "i57oPyI5fwKBgQCnvyG73uAtQ1gX781dJOt5sVK6TfEIvdoD2KTW5CMgwDzyiBzF\n"
-    "zNmrFOXkr9Iw2/L79aDLyp75RRxKyJYgKNUOgugb2MqIAIFrPbdx8pFfjjgCQsuw\n"
-    "heLlCeYyKVlrf/ydPezO4PM8pMW6/p+dtgR06cYX+Z7dzVskAO3VdJMqkQKBgA+F\n"
-    "TLaot/EUIySPc8mky+1aOWr2Ksag0tX4QrBisM2BXQySN9ADX2nwsBtrLtFCrCc2\n"
-    "3hTOGlMI4gQUeYgarahjXpTbzNJRbhLzIgiC57PC1jPSzDtEubQsgWK7Uk09QPV7\n"
-    "StW0Gv1X4Eszzof7Jv4SibCZ2lvePGwo6G1P2FPFAoGAKT4kRJXrBoPzgzZo/0Kq\n"
-    "3JGLSnFIevAohATVWuxhcctDmO4v+yksBD/X02TGn7aWR2kqWbf5mcqIE+Iot56R\n"
-    "LsvZ96Kv1qwVsinKmsnzfEN8bkn24vCdZ84zht9xZlwpC4Gyovk5SMTLNHe1sUuF\n"
-    "gwL29HcRKg8no3t8oVcpPs8=\n"
-    "-----END PRIVATE KEY-----\n";
-static const char RSA_PUB[] =
-    "-----BEGIN PUBLIC KEY-----\n"
-    "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAp4zxVaLdLdpiYReYEEVa\n"
-    "BTyP5CZdb8/ZXXILHUcz/DMZ7K7pAh3LBsIT7HWpYR4GJ+AZnu8j5MxBLCEYAGIo\n"
-    "vs/n6eorRb5gif0bGl/HUX44uf7MPAFxB2p7g1P2aQYut4416Em8xvIBt5i8dFjj\n"
-    "MVKUoSz55I97SfJ/gJulGVze57kR9AtG2+5UgDXGIXpd8BTxvFSEFW1tkmLyZ18b\n"
-    "vWrflEKpDlTliWATZLaKYGEebKiNmkCH5+PH68uYaiHDb1F3/y1JU0xESGgyL5QG\n"
-    "EJJ9sR/fVf8KmDLkBAW/Cc3aoK7B0UQNzva5AdEQwsz0R3ujhJ5bvCVhRq2Se9Qy\n"
-    "TwIDAQAB\n"
-    "-----END PUBLIC KEY-----\n";
-static const char EC_PRIV[] =
-    "-----BEGIN PRIVATE KEY-----\n"
-    "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg3t4Uq5VgI2a0XLjv\n"
-    "qEsCDqC2N+yqtVw1gNSM4fDLOyKhRANCAATgQZ4UUyAyv6QSnfFpqNH+zJUggV1j\n"
-    "wxIvqsQ5pnEn8flN6iOp4QD6/emDfiRGQAD2x2PKAV1JkDGb4Mtd4TwP\n"
-    "-----END PRIVATE KEY-----\n";
-static const char EC_PUB[] =
-    "-----BEGIN PUBLIC KEY-----\n"
-    "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE4EGeFFMgMr+kEp3xaajR/syVIIFd\n"
-    "Y8MSL6rEOaZxJ/H5TeojqeEA+v3pg34kRkAA9sdjygFdSZAxm+DLXeE8Dw==\n"
-    "-----END PUBLIC KEY-----\n";
+static const char RSA_PRIV[] = "-----BEGIN PRIVATE KEY-----\n"
+                               "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQCnjPFVot0t2mJh\n"
+                               "F5gQRVoFPI/kJl1vz9ldcgsdRzP8MxnsrukCHcsGwhPsdalhHgYn4Bme7yPkzEEs\n"
+                               "IRgAYii+z+fp6itFvmCJ/RsaX8dRfji5/sw8AXEHanuDU/ZpBi63jjXoSbzG8gG3\n"
+                               "mLx0WOMxUpShLPnkj3tJ8n+Am6UZXN7nuRH0C0bb7lSANcYhel3wFPG8VIQVbW2S\n"
+                               "YvJnXxu9at+UQqkOVOWJYBNktopgYR5sqI2aQIfn48fry5hqIcNvUXf/LUlTTERI\n"
+                               "aDIvlAYQkn2xH99V/wqYMuQEBb8JzdqgrsHRRA3O9rkB0RDCzPRHe6OEnlu8JWFG\n"
+                               "rZJ71DJPAgMBAAECggEAUi4StvaldpaNN2Mbritd7oCYcQaSQMPZMPi9U9R3PoWP\n"
+                               "+yOFXQjg6oUpwYqqk9xml4tW9boEyHWYp7zpqVJ7+q896GD3bYNllXjkIMkGmcWH\n"
+                               "rE65vNrWJhWH1E/L5hJmuphRf4gfRBMyXWtYT9bDRI9lIDLPtNfdWFVNTXbKAUhc\n"
+                               "yXGF99bdcWSS5K9UhejKUsbzbW1GjIfvyYGWCl9f5m9wyjbDpn9Wzqfx++zQsJki\n"
+                               "mS931AF0UmFnpQ7ttmIvSvaqe2azZMrz89JceVqd3PrbL4n4dHvIk1MF28ay2GP3\n"
+                               "QtMM2/eHTKMySQx/7c23EUIVXDG04CLEN5fnu17e0QKBgQDekLLW/gvefxjzdmU5\n"
+                               "JrZ/LXBimW+XrTcd1xypxRqQ5Rr4OesaVNaVqK0m96Jsq/t1n/KS4qd+iUxQmyeC\n"
+                               "/NRNGQp3waIaj8PxAdKbqwABfZHUE1TNGTCs9idw1Je2dEpOQwCZpThhb1zjdezl\n"
+                               "9Hl6KbHn1jNbkGknZOa/I/dPMQKBgQDAuISCQInWGNgqCFwD6JnDLy63tcb/sIaW\n"
+                               "H0SdaU9Dhkinl3IXPfWWRJX6JSo4JFlWYp8THoPKOFCP4mTqLwldReREaHXeWdjT\n"
+                               "660jpZmwxZmwsn6YvAuvNCsIqvm4xpTwyDyUj/29+wj6FmVDsfUAK9XbgN8BGI6F\n"
+                               "i57oPyI5fwKBgQCnvyG73uAtQ1gX781dJOt5sVK6TfEIvdoD2KTW5CMgwDzyiBzF\n"
+                               "zNmrFOXkr9Iw2/L79aDLyp75RRxKyJYgKNUOgugb2MqIAIFrPbdx8pFfjjgCQsuw\n"
+                               "heLlCeYyKVlrf/ydPezO4PM8pMW6/p+dtgR06cYX+Z7dzVskAO3VdJMqkQKBgA+F\n"
+                               "TLaot/EUIySPc8mky+1aOWr2Ksag0tX4QrBisM2BXQySN9ADX2nwsBtrLtFCrCc2\n"
+                               "3hTOGlMI4gQUeYgarahjXpTbzNJRbhLzIgiC57PC1jPSzDtEubQsgWK7Uk09QPV7\n"
+                               "StW0Gv1X4Eszzof7Jv4SibCZ2lvePGwo6G1P2FPFAoGAKT4kRJXrBoPzgzZo/0Kq\n"
+                               "3JGLSnFIevAohATVWuxhcctDmO4v+yksBD/X02TGn7aWR2kqWbf5mcqIE+Iot56R\n"
+                               "LsvZ96Kv1qwVsinKmsnzfEN8bkn24vCdZ84zht9xZlwpC4Gyovk5SMTLNHe1sUuF\n"
+                               "gwL29HcRKg8no3t8oVcpPs8=\n"
+                               "-----END PRIVATE KEY-----\n";
+static const char RSA_PUB[] = "-----BEGIN PUBLIC KEY-----\n"
+                              "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAp4zxVaLdLdpiYReYEEVa\n"
+                              "BTyP5CZdb8/ZXXILHUcz/DMZ7K7pAh3LBsIT7HWpYR4GJ+AZnu8j5MxBLCEYAGIo\n"
+                              "vs/n6eorRb5gif0bGl/HUX44uf7MPAFxB2p7g1P2aQYut4416Em8xvIBt5i8dFjj\n"
+                              "MVKUoSz55I97SfJ/gJulGVze57kR9AtG2+5UgDXGIXpd8BTxvFSEFW1tkmLyZ18b\n"
+                              "vWrflEKpDlTliWATZLaKYGEebKiNmkCH5+PH68uYaiHDb1F3/y1JU0xESGgyL5QG\n"
+                              "EJJ9sR/fVf8KmDLkBAW/Cc3aoK7B0UQNzva5AdEQwsz0R3ujhJ5bvCVhRq2Se9Qy\n"
+                              "TwIDAQAB\n"
+                              "-----END PUBLIC KEY-----\n";
+static const char EC_PRIV[] = "-----BEGIN PRIVATE KEY-----\n"
+                              "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg3t4Uq5VgI2a0XLjv\n"
+                              "qEsCDqC2N+yqtVw1gNSM4fDLOyKhRANCAATgQZ4UUyAyv6QSnfFpqNH+zJUggV1j\n"
+                              "wxIvqsQ5pnEn8flN6iOp4QD6/emDfiRGQAD2x2PKAV1JkDGb4Mtd4TwP\n"
+                              "-----END PRIVATE KEY-----\n";
+static const char EC_PUB[] = "-----BEGIN PUBLIC KEY-----\n"
+                             "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE4EGeFFMgMr+kEp3xaajR/syVIIFd\n"
+                             "Y8MSL6rEOaZxJ/H5TeojqeEA+v3pg34kRkAA9sdjygFdSZAxm+DLXeE8Dw==\n"
+                             "-----END PUBLIC KEY-----\n";
 static const char JWKS_DOC[] =
-    "{\"keys\":[{\"kty\":\"RSA\",\"kid\":\"r1\",\"use\":\"sig\",\"alg\":\"RS256\",\"n\":\"p4zxVaLdLdpiYReYEEVaBTyP5C"
+    "{\"keys\":[{\"kty\":\"RSA\",\"kid\":\"r1\",\"use\":\"sig\",\"alg\":\"RS256\",\"n\":"
+    "\"p4zxVaLdLdpiYReYEEVaBTyP5C"
     "Zdb8_ZXXILHUcz_DMZ7K7pAh3LBsIT7HWpYR4GJ-AZnu8j5MxBLCEYAGIovs_n6eorRb5gif0bGl_HUX44uf7MPAFx"
     "B2p7g1P2aQYut4416Em8xvIBt5i8dFjjMVKUoSz55I97SfJ_gJulGVze57kR9AtG2-5UgDXGIXpd8BTxvFSEFW1tkm"
     "LyZ18bvWrflEKpDlTliWATZLaKYGEebKiNmkCH5-PH68uYaiHDb1F3_y1JU0xESGgyL5QGEJJ9sR_fVf8KmDLkBAW_"
-    "Cc3aoK7B0UQNzva5AdEQwsz0R3ujhJ5bvCVhRq2Se9QyTw\",\"e\":\"AQAB\"},{\"kty\":\"EC\",\"kid\":\"e1\",\"crv\":\""
-    "P-256\",\"x\":\"4EGeFFMgMr-kEp3xaajR_syVIIFdY8MSL6rEOaZxJ_E\",\"y\":\"-U3qI6nhAPr96YN-JEZAAPbHY8oB"
+    "Cc3aoK7B0UQNzva5AdEQwsz0R3ujhJ5bvCVhRq2Se9QyTw\",\"e\":\"AQAB\"},{\"kty\":\"EC\",\"kid\":"
+    "\"e1\",\"crv\":\""
+    "P-256\",\"x\":\"4EGeFFMgMr-kEp3xaajR_syVIIFdY8MSL6rEOaZxJ_E\",\"y\":\"-U3qI6nhAPr96YN-"
+    "JEZAAPbHY8oB"
     "XUmQMZvgy13hPA8\"}]}";
 
 static void check(int cond) {
@@ -167,7 +166,8 @@ static size_t sign(int signer, const char *data, size_t n, uint8_t out[512]) {
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     uint8_t der[512];
     size_t dl = sizeof der;
-    check(ctx && EVP_DigestSignInit(ctx, NULL, EVP_sha256(), NULL, signer ? ec_priv : rsa_priv) == 1 &&
+    check(ctx &&
+          EVP_DigestSignInit(ctx, NULL, EVP_sha256(), NULL, signer ? ec_priv : rsa_priv) == 1 &&
           EVP_DigestSign(ctx, der, &dl, (const unsigned char *)data, n) == 1);
     EVP_MD_CTX_free(ctx);
     if (signer == 0) {

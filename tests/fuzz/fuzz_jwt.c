@@ -41,8 +41,7 @@ static size_t list_len(char **l) {
 static void check_claims(const jwt_claims_t *c) {
     size_t n = strlen(c->sub);
     check(n >= 1 && n <= 128);
-    for (size_t i = 0; i < n; i++)
-        check((unsigned char)c->sub[i] >= 0x20 && c->sub[i] != 0x7f);
+    for (size_t i = 0; i < n; i++) check((unsigned char)c->sub[i] >= 0x20 && c->sub[i] != 0x7f);
     check(c->exp == 0 || c->exp > NOW);
     for (size_t i = 0; c->chats && c->chats[i]; i++) {
         check(chat_id_valid(c->chats[i], strlen(c->chats[i])));

@@ -23,16 +23,15 @@ static void roundtrip(const proto_cmd_t *c) {
     if (!j) abort(); /* we produced invalid JSON */
     bool is_new;
     uint64_t id;
-    if (!proto_peek((const uint8_t *)sb.p, sb.len, &is_new, &id) || !is_new || id != m.id)
-        abort();
+    if (!proto_peek((const uint8_t *)sb.p, sb.len, &is_new, &id) || !is_new || id != m.id) abort();
     if (c->message) {
         json_t *t = json_object_get(j, "message");
         if (!json_is_string(t) || json_string_length(t) != c->message_len ||
             memcmp(json_string_value(t), c->message, c->message_len) != 0)
             abort();
     }
-    if (c->client_id && strcmp(json_string_value(json_object_get(j, "client_id")),
-                               c->client_id) != 0)
+    if (c->client_id &&
+        strcmp(json_string_value(json_object_get(j, "client_id")), c->client_id) != 0)
         abort();
     json_decref(j);
     sbuf_free(&sb);
@@ -51,8 +50,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     for (size_t i = 0; i < 2; i++) {
         proto_cmd_t c;
         int rc = proto_decode(data, size, modes[i], &c);
-        if (rc == 0 && (c.kind == PROTO_PING || c.kind == PROTO_TYPING ||
-                        c.kind == PROTO_PRESENCE_GET)) {
+        if (rc == 0 &&
+            (c.kind == PROTO_PING || c.kind == PROTO_TYPING || c.kind == PROTO_PRESENCE_GET)) {
             if (c.message) abort(); /* these carry nothing we act on */
         } else if (rc == 0 && c.kind == PROTO_READ) {
             if (c.message || !c.message_id) abort(); /* a read names a message, nothing else */

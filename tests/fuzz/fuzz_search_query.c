@@ -11,10 +11,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fuzz_html.h"
 #include "search/search_internal.h"
 #include "store/store_sqlite_internal.h"
 #include "ws/ws.h"
-#include "fuzz_html.h"
 
 static sqlite3 *db;
 static sqlite3_stmt *match;
@@ -31,8 +31,9 @@ static void setup(void) {
                        "INSERT INTO messages_fts (rowid, message, chat, author, chat_id) "
                        "SELECT id, message, hex(chat_id), hex(user_from), chat_id FROM messages",
                        NULL, NULL, NULL) == SQLITE_OK);
-    check(sqlite3_prepare_v2(db, "SELECT rowid, highlight(messages_fts, 0, char(1), char(2)) "
-                                 "FROM messages_fts WHERE messages_fts MATCH ?1",
+    check(sqlite3_prepare_v2(db,
+                             "SELECT rowid, highlight(messages_fts, 0, char(1), char(2)) "
+                             "FROM messages_fts WHERE messages_fts MATCH ?1",
                              -1, &match, NULL) == SQLITE_OK);
 }
 

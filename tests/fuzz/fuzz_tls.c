@@ -53,7 +53,8 @@ static void make_identity(char *cert_path, char *key_path) {
     int fc = mkstemp(cert_path), fk = mkstemp(key_path);
     require(fc >= 0 && fk >= 0);
     FILE *f = fdopen(fc, "w"), *g = fdopen(fk, "w");
-    require(f && g && PEM_write_X509(f, x) && PEM_write_PrivateKey(g, k, NULL, NULL, 0, NULL, NULL));
+    require(f && g && PEM_write_X509(f, x) &&
+            PEM_write_PrivateKey(g, k, NULL, NULL, 0, NULL, NULL));
     fclose(f);
     fclose(g);
     X509_free(x);

@@ -17,12 +17,12 @@
 
 #define FUZZ_MAX_MESSAGE 4096
 
-#define ASSERT(c)                                                                          \
-    do {                                                                                   \
-        if (!(c)) {                                                                        \
-            fprintf(stderr, "fuzz_ws: %s:%d: %s\n", __FILE__, __LINE__, #c);               \
-            abort();                                                                       \
-        }                                                                                  \
+#define ASSERT(c)                                                            \
+    do {                                                                     \
+        if (!(c)) {                                                          \
+            fprintf(stderr, "fuzz_ws: %s:%d: %s\n", __FILE__, __LINE__, #c); \
+            abort();                                                         \
+        }                                                                    \
     } while (0)
 
 typedef struct run {
@@ -167,8 +167,10 @@ static bool ref_utf8(const uint8_t *s, size_t n) {
             i++;
             continue;
         }
-        size_t k = c >= 0xC2 && c <= 0xDF ? 1 : c >= 0xE0 && c <= 0xEF ? 2
-                 : c >= 0xF0 && c <= 0xF4 ? 3 : 0;
+        size_t k = c >= 0xC2 && c <= 0xDF   ? 1
+                   : c >= 0xE0 && c <= 0xEF ? 2
+                   : c >= 0xF0 && c <= 0xF4 ? 3
+                                            : 0;
         if (!k) return false;
         uint32_t cp = c & (0x3F >> k);
         for (size_t j = 1; j <= k; j++) {
@@ -242,8 +244,8 @@ static void check_encoders(const uint8_t *s, size_t n, uint8_t mode) {
     size_t rl = n < sizeof reason - 1 ? n : sizeof reason - 1;
     memcpy(reason, s, rl);
     reason[rl] = 0;
-    uint16_t code = ws_close_code_valid((uint16_t)(1000 + mode % 16)) ? (uint16_t)(1000 + mode % 16)
-                                                                       : 1000;
+    uint16_t code =
+        ws_close_code_valid((uint16_t)(1000 + mode % 16)) ? (uint16_t)(1000 + mode % 16) : 1000;
     b = ws_close_frame_new(code, reason);
     ASSERT(b);
     ASSERT(b->len <= 127);

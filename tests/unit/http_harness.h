@@ -33,10 +33,10 @@ typedef struct hh {
     size_t max_outbound;
     size_t n_open, n_freed; /* owners made and freed */
     bool draining;
-    bool auto_answer;       /* answer /wait at the next hh_pump */
+    bool auto_answer; /* answer /wait at the next hh_pump */
     uint64_t answered;
-    http_conn_t *last;      /* the newest connection's driver (NULL once freed) */
-    http_conn_t *waiting;   /* a /wait request's connection, referenced */
+    http_conn_t *last;    /* the newest connection's driver (NULL once freed) */
+    http_conn_t *waiting; /* a /wait request's connection, referenced */
 } hh_t;
 
 typedef struct hh_owner {
@@ -60,8 +60,7 @@ static inline void hh__closed(http_conn_t *hc) { hh__unref(hc->data); }
 static inline void hh__answer(http_conn_t *hc, const http_request_t *req, size_t body_len) {
     char body[600];
     int n = snprintf(body, sizeof body, "%s %.*s %zu", http_method_str(req->method),
-                     (int)(req->path_len > 512 ? 512 : req->path_len), req->path,
-                     req->body_len);
+                     (int)(req->path_len > 512 ? 512 : req->path_len), req->path, req->body_len);
     char *big = NULL;
     if (body_len) {
         big = malloc(body_len);

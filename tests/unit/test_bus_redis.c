@@ -83,12 +83,11 @@ static bool redis_start(int slot, int port, const char *opt, const char *val, co
             dup2(null, 1);
         }
         if (opt)
-            execl(REDIS_BIN, "redis-server", "--port", portstr, "--bind", "127.0.0.1", "--save",
-                  "", "--appendonly", "no", "--dir", tmpdir, "--logfile", log, opt, val,
-                  (char *)NULL);
+            execl(REDIS_BIN, "redis-server", "--port", portstr, "--bind", "127.0.0.1", "--save", "",
+                  "--appendonly", "no", "--dir", tmpdir, "--logfile", log, opt, val, (char *)NULL);
         else
-            execl(REDIS_BIN, "redis-server", "--port", portstr, "--bind", "127.0.0.1", "--save",
-                  "", "--appendonly", "no", "--dir", tmpdir, "--logfile", log, (char *)NULL);
+            execl(REDIS_BIN, "redis-server", "--port", portstr, "--bind", "127.0.0.1", "--save", "",
+                  "--appendonly", "no", "--dir", tmpdir, "--logfile", log, (char *)NULL);
         _exit(127);
     }
     redis_pids[slot] = pid;
@@ -189,7 +188,7 @@ typedef struct peer {
     bus_t *bus;
     bool up;
     int ups, downs;
-    char hist[16]; /* 'U' / 'D' per on_state, in order */
+    char hist[16];     /* 'U' / 'D' per on_state, in order */
     int subscribed;    /* on_subscribed calls */
     char last_sub[32]; /* the chat of the last one */
     msg_t *msgs;
@@ -213,10 +212,8 @@ static void on_msg(void *ud, const char *chat_id, const uint8_t *p, size_t len) 
 static void on_state(void *ud, bool up) {
     peer_t *pe = ud;
     pe->up = up;
-    if (up)
-        pe->ups++;
-    else
-        pe->downs++;
+    if (up) pe->ups++;
+    else pe->downs++;
     size_t n = strlen(pe->hist);
     if (n + 1 < sizeof pe->hist) pe->hist[n] = up ? 'U' : 'D';
 }
@@ -262,9 +259,7 @@ static bool p_cmd(void *a) { return bus_redis__cmd_ready(((peer_t *)a)->bus); }
 static bool p_down(void *a) { return !((peer_t *)a)->up && ((peer_t *)a)->downs > 0; }
 static bool p_subscribed(void *a) { return ((peer_t *)a)->subscribed > 0; }
 static bool p_flag(void *a) { return *(int *)a != 0; }
-static bool p_queue_empty(void *a) {
-    return bus_redis__queued(a) == 0 && bus_redis__queue_ok(a);
-}
+static bool p_queue_empty(void *a) { return bus_redis__queued(a) == 0 && bus_redis__queue_ok(a); }
 
 typedef struct count_arg {
     const size_t *v;
@@ -376,13 +371,40 @@ static void test_url_parse(void) {
     CHECK_INT(u.db, 0);
 
     static const char *bad[] = {
-        "", "redis:/h", "http://h:6379", "REDIS://h", "redis://", "redis://:6379",
-        "redis://h:", "redis://h:0", "redis://h:65536", "redis://h:12a", "redis://h:123456",
-        "redis://h:-1", "redis://h/x", "redis://h/1/2", "redis://h/-1", "redis://h/1x",
-        "redis://h?db=1", "redis://h#f", "redis://pw@h", "redis://:@h", "redis://:p%zz@h",
-        "redis://:p%4@h", "redis://:p%00@h", "redis://[::1", "redis://[zz]:1", "redis://[]:1",
-        "redis://h h", "redis://:secret@", "redis://:secret@:1", "redis://h:1:2",
-        "redis://a@b@h", "redis://:p w@h", "redis://h:6379/12345678901", "redis://h\n",
+        "",
+        "redis:/h",
+        "http://h:6379",
+        "REDIS://h",
+        "redis://",
+        "redis://:6379",
+        "redis://h:",
+        "redis://h:0",
+        "redis://h:65536",
+        "redis://h:12a",
+        "redis://h:123456",
+        "redis://h:-1",
+        "redis://h/x",
+        "redis://h/1/2",
+        "redis://h/-1",
+        "redis://h/1x",
+        "redis://h?db=1",
+        "redis://h#f",
+        "redis://pw@h",
+        "redis://:@h",
+        "redis://:p%zz@h",
+        "redis://:p%4@h",
+        "redis://:p%00@h",
+        "redis://[::1",
+        "redis://[zz]:1",
+        "redis://[]:1",
+        "redis://h h",
+        "redis://:secret@",
+        "redis://:secret@:1",
+        "redis://h:1:2",
+        "redis://a@b@h",
+        "redis://:p w@h",
+        "redis://h:6379/12345678901",
+        "redis://h\n",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         err[0] = 0;
@@ -399,8 +421,7 @@ static void test_url_parse(void) {
     bus_t *b = (bus_t *)(uintptr_t)1;
     err[0] = 0;
     bus_callbacks_t cb = {.on_message = on_msg, .on_state = on_state};
-    CHECK_INT(bus_open(&b, loop, "redis://h:99999", &cb, err, sizeof err),
-              CHAT_EINVAL);
+    CHECK_INT(bus_open(&b, loop, "redis://h:99999", &cb, err, sizeof err), CHAT_EINVAL);
     CHECK(b == (bus_t *)(uintptr_t)1);
     CHECK(strstr(err, "port") != NULL);
     CHECK(loop_finish(loop));
@@ -897,7 +918,6 @@ typedef struct ups_arg {
 } ups_arg_t;
 static bool p_ups(void *a) { return ((ups_arg_t *)a)->p->ups >= ((ups_arg_t *)a)->want; }
 
-
 /* Redis restarts: both buses report down once, then up once B has resubscribed; a publish
  * made while Redis was down reaches B after the reconnect. */
 static void test_restart(void) {
@@ -929,7 +949,7 @@ static void test_restart(void) {
     bus_redis__hold_cmd(a.bus, true);
     CHECK_INT(bus_publish(a.bus, "x", "while-down", 10), 0);
     CHECK_INT(bus_redis__queued(a.bus), 1);
-    CHECK_INT(bus_subscribe(b.bus, "v"), 0); /* joined during the outage */
+    CHECK_INT(bus_subscribe(b.bus, "v"), 0);   /* joined during the outage */
     CHECK_INT(bus_unsubscribe(b.bus, "w"), 0); /* left during the outage */
 
     CHECK(redis_start(0, redis_port, NULL, NULL, NULL));

@@ -109,7 +109,10 @@ static void test_json_escape(void) {
     CHECK(out[n] == 'x');
     /* invalid UTF-8: one U+FFFD per bad byte (stray continuation, C0, surrogate, truncated
      * sequence at the end), the valid bytes around them kept */
-    in = "\x80" "a\xc0\xaf" "b\xed\xa0\x80" "c\xe2\x82";
+    in = "\x80"
+         "a\xc0\xaf"
+         "b\xed\xa0\x80"
+         "c\xe2\x82";
     want = "\\ufffda\\ufffd\\ufffdb\\ufffd\\ufffd\\ufffdc\\ufffd\\ufffd";
     n = json_escape(in, strlen(in), out);
     CHECK_INT(n, strlen(want));
@@ -131,11 +134,14 @@ static void test_utf8_seq_len(void) {
     CHECK_INT(utf8_seq_len(U8("a"), 1), 1);
     CHECK_INT(utf8_seq_len(U8("\xc3\xa9"), 2), 2);
     CHECK_INT(utf8_seq_len(U8("\xe2\x82\xac"), 3), 3);
-    CHECK_INT(utf8_seq_len(U8("\xf0\x9f\x98\x80" "z"), 5), 4);
+    CHECK_INT(utf8_seq_len(U8("\xf0\x9f\x98\x80"
+                              "z"),
+                           5),
+              4);
     CHECK_INT(utf8_seq_len(U8("\xe2\x82\xac"), 2), 0); /* truncated by n */
     CHECK_INT(utf8_seq_len(U8("\x80"), 1), 0);
-    CHECK_INT(utf8_seq_len(U8("\xc0\xaf"), 2), 0);     /* overlong */
-    CHECK_INT(utf8_seq_len(U8("\xed\xa0\x80"), 3), 0); /* surrogate */
+    CHECK_INT(utf8_seq_len(U8("\xc0\xaf"), 2), 0);         /* overlong */
+    CHECK_INT(utf8_seq_len(U8("\xed\xa0\x80"), 3), 0);     /* surrogate */
     CHECK_INT(utf8_seq_len(U8("\xf4\x90\x80\x80"), 4), 0); /* > U+10FFFF */
 }
 
@@ -195,7 +201,10 @@ static size_t enc_utf8(uint32_t cp, uint8_t *o) {
 /* ---- UTF-8 -------------------------------------------------------------------------------- */
 
 static void test_utf8_cases(void) {
-    struct { const char *s; bool ok; } t[] = {
+    struct {
+        const char *s;
+        bool ok;
+    } t[] = {
         {"", true},
         {"hello", true},
         {"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5", true}, /* kosme */
@@ -213,25 +222,27 @@ static void test_utf8_cases(void) {
         {"\xf4\x90\x80\x80", false},                            /* U+110000 */
         {"\xf5\x80\x80\x80", false},
         {"\xf7\xbf\xbf\xbf", false},
-        {"\xf8\x88\x80\x80\x80", false},                        /* 5-byte form */
+        {"\xf8\x88\x80\x80\x80", false}, /* 5-byte form */
         {"\xfc\x84\x80\x80\x80\x80", false},
         {"\xfe", false},
         {"\xff", false},
-        {"\xc0\xaf", false},                                    /* overlong '/' */
+        {"\xc0\xaf", false}, /* overlong '/' */
         {"\xc1\xbf", false},
         {"\xe0\x80\xaf", false},
-        {"\xe0\x9f\xbf", false},                                /* overlong U+07FF */
+        {"\xe0\x9f\xbf", false}, /* overlong U+07FF */
         {"\xf0\x80\x80\xaf", false},
-        {"\xf0\x8f\xbf\xbf", false},                            /* overlong U+FFFF */
-        {"\x80", false},                                        /* stray continuation */
+        {"\xf0\x8f\xbf\xbf", false}, /* overlong U+FFFF */
+        {"\x80", false},             /* stray continuation */
         {"a\xbf", false},
         {"\xce\xba\x80", false},
-        {"\xce", false},                                        /* truncated */
+        {"\xce", false}, /* truncated */
         {"\xe2\x82", false},
         {"\xf0\x9f\x98", false},
         {"\xce\x41", false},
         {"\xe2\x82\x41", false},
-        {"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80" "edited", false},
+        {"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80"
+         "edited",
+         false},
     };
     for (size_t i = 0; i < sizeof t / sizeof *t; i++) {
         const uint8_t *s = U8(t[i].s);
@@ -252,11 +263,20 @@ static void test_utf8_cases(void) {
 
 /* Invalid input is rejected at the very byte that makes it invalid, not later. */
 static void test_utf8_reject_position(void) {
-    struct { const char *s; size_t bad; } t[] = {
-        {"ab\xc0\xaf", 2},          {"\xed\xa0\x80", 1},        {"\xf4\x90\x80\x80", 1},
-        {"\xe0\x9f\xbf", 1},        {"\xf0\x8f\xbf\xbf", 1},    {"xyz\x80", 3},
+    struct {
+        const char *s;
+        size_t bad;
+    } t[] = {
+        {"ab\xc0\xaf", 2},
+        {"\xed\xa0\x80", 1},
+        {"\xf4\x90\x80\x80", 1},
+        {"\xe0\x9f\xbf", 1},
+        {"\xf0\x8f\xbf\xbf", 1},
+        {"xyz\x80", 3},
         {"\xce\xba\xce", 4 /* the end: never rejected, just incomplete */},
-        {"\xe2\x82\x41", 2},        {"\xf0\x9f\x98\xce", 3},    {"\xf5", 0},
+        {"\xe2\x82\x41", 2},
+        {"\xf0\x9f\x98\xce", 3},
+        {"\xf5", 0},
     };
     for (size_t i = 0; i < sizeof t / sizeof *t; i++) {
         const uint8_t *s = U8(t[i].s);

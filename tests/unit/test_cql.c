@@ -59,8 +59,8 @@ static void test_header_decode(void) {
     CHECK_INT(cql_header_decode(big, 9, &h), CHAT_ETOOBIG);
 
     uint8_t out[9];
-    cql_header_t e = {.version = 0x04, .flags = 0x02, .stream = 0x1234, .opcode = 0x07,
-                      .length = 0x01020304};
+    cql_header_t e = {
+        .version = 0x04, .flags = 0x02, .stream = 0x1234, .opcode = 0x07, .length = 0x01020304};
     cql_header_encode(out, &e);
     const uint8_t want[] = {0x04, 0x02, 0x12, 0x34, 0x07, 0x01, 0x02, 0x03, 0x04};
     CHECK_MEM(out, want, 9);
@@ -111,7 +111,7 @@ static void test_encode_options_startup_auth(void) {
 static void test_encode_query_values(void) {
     sbuf_t sb = {0};
     const uint8_t uuid[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    cql_value_t v[] = {cql_int(7),   cql_text("hé"), cql_null(),       cql_unset(),
+    cql_value_t v[] = {cql_int(7),     cql_text("hé"), cql_null(),     cql_unset(),
                        cql_bigint(-2), cql_bool(true), cql_uuid(uuid), cql_blob("", 0)};
     CHECK_INT(cql_encode_query(&sb, 9, "Q", v, 8, NULL, CQL_LOCAL_QUORUM, CQL_SERIAL), 0);
     const uint8_t want[] = {
@@ -126,9 +126,9 @@ static void test_encode_query_values(void) {
         0xff, 0xff, 0xff, 0xfe,                               /* not set: -2 */
         0x00, 0x00, 0x00, 0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe, /* -2 */
         0x00, 0x00, 0x00, 0x01, 0x01,                                           /* true */
-        0x00, 0x00, 0x00, 0x10, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,
-        0x00, 0x00, 0x00, 0x00, /* empty blob: length 0, not null */
-        0x00, 0x08,             /* serial consistency SERIAL */
+        0x00, 0x00, 0x00, 0x10, 0,    1,    2,    3,    4,    5,    6,    7,    8,
+        9,    10,   11,   12,   13,   14,   15,   0x00, 0x00, 0x00, 0x00, /* empty blob: length 0, not null */
+        0x00, 0x08, /* serial consistency SERIAL */
     };
     CHECK_INT(sb.len, sizeof want);
     CHECK_MEM(sb.p, want, sizeof want);
@@ -141,8 +141,8 @@ static void test_encode_query_values(void) {
     p.timestamp_us = 0x0102030405060708LL;
     CHECK_INT(cql_encode_query(&sb, 1, "Q", NULL, 0, &p, CQL_ONE, CQL_LOCAL_SERIAL), 0);
     const uint8_t want2[] = {
-        0x04, 0x00, 0x00, 0x01, 0x07, 0x00, 0x00, 0x00, 0x1c, 0x00, 0x00, 0x00, 0x01, 'Q',
-        0x00, 0x01,             /* ONE */
+        0x04, 0x00, 0x00, 0x01, 0x07, 0x00, 0x00, 0x00,
+        0x1c, 0x00, 0x00, 0x00, 0x01, 'Q',  0x00, 0x01, /* ONE */
         0x3c,                   /* page size, paging state, serial, timestamp */
         0x00, 0x00, 0x00, 0x64, /* 100 rows */
         0x00, 0x00, 0x00, 0x02, 0xaa, 0xbb, 0x00, 0x09, /* LOCAL_SERIAL */
@@ -157,9 +157,9 @@ static void test_encode_query_values(void) {
     CHECK_INT(cql_encode_execute(&sb, 4, (const uint8_t *)"\x01\x02\x03", 3, one, 1, NULL,
                                  CQL_QUORUM, CQL_SERIAL),
               0);
-    const uint8_t ex[] = {0x04, 0x00, 0x00, 0x04, 0x0a, 0x00, 0x00, 0x00, 0x11, 0x00, 0x03,
-                          0x01, 0x02, 0x03, 0x00, 0x04, 0x11, 0x00, 0x01, 0x00, 0x00, 0x00,
-                          0x01, 'a',  0x00, 0x08};
+    const uint8_t ex[] = {0x04, 0x00, 0x00, 0x04, 0x0a, 0x00, 0x00, 0x00, 0x11,
+                          0x00, 0x03, 0x01, 0x02, 0x03, 0x00, 0x04, 0x11, 0x00,
+                          0x01, 0x00, 0x00, 0x00, 0x01, 'a',  0x00, 0x08};
     CHECK_INT(sb.len, sizeof ex);
     CHECK_MEM(sb.p, ex, sizeof ex);
     sb.len = 0;
@@ -185,11 +185,11 @@ static void test_encode_batch(void) {
         0x04, 0x00, 0x00, 0x03, 0x0d, 0x00, 0x00, 0x00, 0x2f, /* header: BATCH, 47 bytes */
         0x01,                                                 /* UNLOGGED */
         0x00, 0x02,                                           /* 2 statements */
-        0x01, 0x00, 0x02, 'I', 'D',                           /* prepared, id "ID" */
+        0x01, 0x00, 0x02, 'I',  'D',                          /* prepared, id "ID" */
         0x00, 0x02,                                           /* 2 values */
         0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x01,       /* int 1 */
         0x00, 0x00, 0x00, 0x01, 'a',                          /* text "a" */
-        0x01, 0x00, 0x02, 'I', 'D', 0x00, 0x02,               /* the second statement */
+        0x01, 0x00, 0x02, 'I',  'D',  0x00, 0x02,             /* the second statement */
         0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x02,       /* int 2 */
         0xff, 0xff, 0xff, 0xff,                               /* null */
         0x00, 0x06,                                           /* LOCAL_QUORUM */
@@ -222,9 +222,9 @@ static void test_encode_batch(void) {
     CHECK_INT(cql_encode_batch(&sb, 1, CQL_BATCH_UNLOGGED, (const uint8_t *)"ID", 2, v, 2, 0, NULL,
                                CQL_ONE, CQL_SERIAL),
               CHAT_EINVAL);
-    CHECK_INT(cql_encode_batch(&sb, 1, 3, (const uint8_t *)"ID", 2, v, 2, 1, NULL, CQL_ONE,
-                               CQL_SERIAL),
-              CHAT_EINVAL);
+    CHECK_INT(
+        cql_encode_batch(&sb, 1, 3, (const uint8_t *)"ID", 2, v, 2, 1, NULL, CQL_ONE, CQL_SERIAL),
+        CHAT_EINVAL);
     CHECK_INT(cql_encode_batch(&sb, 1, CQL_BATCH_UNLOGGED, (const uint8_t *)"ID", 2, v, 2, 1, NULL,
                                CQL_ONE, CQL_ONE),
               CHAT_EINVAL);
@@ -255,9 +255,9 @@ static void test_decode_errors(void) {
     cql_response_t r;
     char msg[300];
     /* Unavailable: code, message, <cl><required><alive> */
-    const uint8_t un[] = {0x84, 0, 0, 1, 0x00, 0, 0, 0, 0x15, 0x00, 0x00, 0x10, 0x00, 0x00, 0x05,
-                          'n',  'o', 'd', 'e', 's', 0x00, 0x04, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00,
-                          0x00, 0x01};
+    const uint8_t un[] = {0x84, 0,    0,    1,    0x00, 0,    0,    0,    0x15, 0x00,
+                          0x00, 0x10, 0x00, 0x00, 0x05, 'n',  'o',  'd',  'e',  's',
+                          0x00, 0x04, 0x00, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01};
     CHECK_INT(decode(un, sizeof un, &r), 0);
     CHECK_INT(r.error.code, CQL_ERR_UNAVAILABLE);
     CHECK(str_is(r.error.message, "nodes"));
@@ -269,9 +269,9 @@ static void test_decode_errors(void) {
     cql_response_free(&r);
 
     /* Write_timeout: <cl><received><blockfor><writeType> */
-    const uint8_t wt[] = {0x84, 0, 0, 2, 0x00, 0, 0, 0, 0x19, 0x00, 0x00, 0x11, 0x00, 0x00, 0x01,
-                          'w',  0x00, 0x06, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, 0x00,
-                          0x06, 'S',  'I',  'M',  'P',  'L',  'E'};
+    const uint8_t wt[] = {0x84, 0,    0,    2,    0x00, 0,    0,    0,    0x19, 0x00, 0x00, 0x11,
+                          0x00, 0x00, 0x01, 'w',  0x00, 0x06, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00,
+                          0x00, 0x02, 0x00, 0x06, 'S',  'I',  'M',  'P',  'L',  'E'};
     CHECK_INT(decode(wt, sizeof wt, &r), 0);
     CHECK_INT(r.error.code, CQL_ERR_WRITE_TIMEOUT);
     CHECK_INT(r.error.received, 1);
@@ -283,9 +283,9 @@ static void test_decode_errors(void) {
     cql_response_free(&r);
 
     /* Read_timeout: <cl><received><blockfor><data_present> */
-    const uint8_t rt[] = {0x84, 0, 0, 2, 0x00, 0, 0, 0, 0x11, 0x00, 0x00, 0x12, 0x00, 0x00,
-                          0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01,
-                          0x00};
+    const uint8_t rt[] = {0x84, 0,    0,    2,    0x00, 0,    0,    0,    0x11,
+                          0x00, 0x00, 0x12, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00,
+                          0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00};
     CHECK_INT(decode(rt, sizeof rt, &r), 0);
     CHECK_INT(r.error.code, CQL_ERR_READ_TIMEOUT);
     CHECK_INT(r.error.blockfor, 1);
@@ -293,8 +293,8 @@ static void test_decode_errors(void) {
     cql_response_free(&r);
 
     /* Unprepared: [short bytes] id */
-    const uint8_t up[] = {0x84, 0, 0, 3, 0x00, 0, 0, 0, 0x0b, 0x00, 0x00, 0x25, 0x00,
-                          0x00, 0x01, '?', 0x00, 0x02, 0xde, 0xad};
+    const uint8_t up[] = {0x84, 0,    0,    3,    0x00, 0,   0,    0,    0x0b, 0x00,
+                          0x00, 0x25, 0x00, 0x00, 0x01, '?', 0x00, 0x02, 0xde, 0xad};
     CHECK_INT(decode(up, sizeof up, &r), 0);
     CHECK_INT(r.error.code, CQL_ERR_UNPREPARED);
     CHECK_INT(r.error.unprepared_id.n, 2);
@@ -302,16 +302,16 @@ static void test_decode_errors(void) {
     cql_response_free(&r);
 
     /* Already_exists: <ks><table> */
-    const uint8_t ae[] = {0x84, 0, 0, 3, 0x00, 0, 0, 0, 0x0e, 0x00, 0x00, 0x24, 0x00,
-                          0x00, 0x01, 'x', 0x00, 0x02, 'k', 's', 0x00, 0x01, 't'};
+    const uint8_t ae[] = {0x84, 0,    0,    3,   0x00, 0,    0,   0,   0x0e, 0x00, 0x00, 0x24,
+                          0x00, 0x00, 0x01, 'x', 0x00, 0x02, 'k', 's', 0x00, 0x01, 't'};
     CHECK_INT(decode(ae, sizeof ae, &r), 0);
     cql_error_format(&r, msg, sizeof msg);
     CHECK_STR(msg, "Already_exists (0x2400): x [keyspace=ks table=t]");
     cql_response_free(&r);
 
     /* Syntax error: no extra fields; Overloaded likewise */
-    const uint8_t sy[] = {0x84, 0, 0, 3, 0x00, 0, 0, 0, 0x09, 0x00, 0x00,
-                          0x20, 0x00, 0x00, 0x03, 'b',  'a',  'd'};
+    const uint8_t sy[] = {0x84, 0,    0,    3,    0x00, 0,    0,   0,   0x09,
+                          0x00, 0x00, 0x20, 0x00, 0x00, 0x03, 'b', 'a', 'd'};
     CHECK_INT(decode(sy, sizeof sy, &r), 0);
     cql_error_format(&r, msg, sizeof msg);
     CHECK_STR(msg, "Syntax_error (0x2000): bad");
@@ -326,32 +326,193 @@ static void test_decode_errors(void) {
 /* RESULT Rows: global table spec ks.t, columns (k text, n bigint, l list<int>,
  * m map<text,bigint>, u udt, tp tuple<int,boolean>), two rows, a paging state. */
 static const uint8_t ROWS_FRAME[] = {
-    0x84, 0x00, 0x00, 0x07, 0x08, 0x00, 0x00, 0x00, 0xb0,
-    0x00, 0x00, 0x00, 0x02,             /* kind: Rows */
-    0x00, 0x00, 0x00, 0x03,             /* flags: global spec, has more pages */
-    0x00, 0x00, 0x00, 0x06,             /* 6 columns */
-    0x00, 0x00, 0x00, 0x03, 0x01, 0x02, 0x03, /* paging state */
-    0x00, 0x02, 'k', 's', 0x00, 0x01, 't',    /* keyspace, table */
-    0x00, 0x01, 'k', 0x00, 0x0d,              /* k varchar */
-    0x00, 0x01, 'n', 0x00, 0x02,              /* n bigint */
-    0x00, 0x01, 'l', 0x00, 0x20, 0x00, 0x09,  /* l list<int> */
-    0x00, 0x01, 'm', 0x00, 0x21, 0x00, 0x0d, 0x00, 0x02, /* m map<varchar, bigint> */
-    0x00, 0x01, 'u', 0x00, 0x30, 0x00, 0x02, 'k', 's', 0x00, 0x02, 'u', 't', 0x00, 0x02,
-    0x00, 0x01, 'a', 0x00, 0x09, 0x00, 0x01, 'b', 0x00, 0x0d, /* u udt ks.ut {a int, b text} */
-    0x00, 0x02, 't', 'p', 0x00, 0x31, 0x00, 0x02, 0x00, 0x09, 0x00, 0x04, /* tuple<int,bool> */
-    0x00, 0x00, 0x00, 0x02, /* 2 rows */
+    0x84,
+    0x00,
+    0x00,
+    0x07,
+    0x08,
+    0x00,
+    0x00,
+    0x00,
+    0xb0,
+    0x00,
+    0x00,
+    0x00,
+    0x02, /* kind: Rows */
+    0x00,
+    0x00,
+    0x00,
+    0x03, /* flags: global spec, has more pages */
+    0x00,
+    0x00,
+    0x00,
+    0x06, /* 6 columns */
+    0x00,
+    0x00,
+    0x00,
+    0x03,
+    0x01,
+    0x02,
+    0x03, /* paging state */
+    0x00,
+    0x02,
+    'k',
+    's',
+    0x00,
+    0x01,
+    't', /* keyspace, table */
+    0x00,
+    0x01,
+    'k',
+    0x00,
+    0x0d, /* k varchar */
+    0x00,
+    0x01,
+    'n',
+    0x00,
+    0x02, /* n bigint */
+    0x00,
+    0x01,
+    'l',
+    0x00,
+    0x20,
+    0x00,
+    0x09, /* l list<int> */
+    0x00,
+    0x01,
+    'm',
+    0x00,
+    0x21,
+    0x00,
+    0x0d,
+    0x00,
+    0x02, /* m map<varchar, bigint> */
+    0x00,
+    0x01,
+    'u',
+    0x00,
+    0x30,
+    0x00,
+    0x02,
+    'k',
+    's',
+    0x00,
+    0x02,
+    'u',
+    't',
+    0x00,
+    0x02,
+    0x00,
+    0x01,
+    'a',
+    0x00,
+    0x09,
+    0x00,
+    0x01,
+    'b',
+    0x00,
+    0x0d, /* u udt ks.ut {a int, b text} */
+    0x00,
+    0x02,
+    't',
+    'p',
+    0x00,
+    0x31,
+    0x00,
+    0x02,
+    0x00,
+    0x09,
+    0x00,
+    0x04, /* tuple<int,bool> */
+    0x00,
+    0x00,
+    0x00,
+    0x02, /* 2 rows */
     /* row 0 */
-    0x00, 0x00, 0x00, 0x02, 'h', 'i',
-    0x00, 0x00, 0x00, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00,
-    0x00, 0x00, 0x00, 0x0c, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x05,
-    0xff, 0xff, 0xff, 0xff,
-    0x00, 0x00, 0x00, 0x00,
-    0x00, 0x00, 0x00, 0x0d, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01,
+    0x00,
+    0x00,
+    0x00,
+    0x02,
+    'h',
+    'i',
+    0x00,
+    0x00,
+    0x00,
+    0x08,
+    0x00,
+    0x00,
+    0x00,
+    0x00,
+    0x00,
+    0x00,
+    0x01,
+    0x00,
+    0x00,
+    0x00,
+    0x00,
+    0x0c,
+    0x00,
+    0x00,
+    0x00,
+    0x01,
+    0x00,
+    0x00,
+    0x00,
+    0x04,
+    0x00,
+    0x00,
+    0x00,
+    0x05,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0x00,
+    0x00,
+    0x00,
+    0x00,
+    0x00,
+    0x00,
+    0x00,
+    0x0d,
+    0x00,
+    0x00,
+    0x00,
+    0x04,
+    0x00,
+    0x00,
+    0x00,
+    0x01,
+    0x00,
+    0x00,
+    0x00,
+    0x01,
     0x01,
     /* row 1: k empty, the 5 others null */
-    0x00, 0x00, 0x00, 0x00,
-    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
-    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0x00,
+    0x00,
+    0x00,
+    0x00,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
+    0xff,
 };
 
 static void test_decode_rows(void) {
@@ -417,10 +578,10 @@ static void test_decode_rows(void) {
 static void test_decode_rows_variants(void) {
     cql_response_t r;
     /* per-column specs (no global flag), one int column, one row; no metadata */
-    const uint8_t f[] = {0x84, 0, 0, 1, 0x08, 0, 0, 0, 0x23, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00,
-                         0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01, 'a', 0x00, 0x01, 'b',
-                         0x00, 0x01, 'c', 0x00, 0x09, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
-                         0x04, 0xff, 0xff, 0xff, 0xfe};
+    const uint8_t f[] = {0x84, 0,    0,    1,    0x08, 0,    0,    0,    0x23, 0x00, 0x00,
+                         0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00,
+                         0x01, 'a',  0x00, 0x01, 'b',  0x00, 0x01, 'c',  0x00, 0x09, 0x00,
+                         0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x04, 0xff, 0xff, 0xff, 0xfe};
     CHECK_INT(decode(f, sizeof f, &r), 0);
     CHECK(str_is(r.rows.cols[0].keyspace, "a"));
     CHECK(str_is(r.rows.cols[0].table, "b"));
@@ -432,8 +593,9 @@ static void test_decode_rows_variants(void) {
     cql_response_free(&r);
 
     /* No_metadata: flags 4, 2 columns, no specs, 0 rows */
-    const uint8_t nm[] = {0x84, 0, 0, 1, 0x08, 0, 0, 0, 0x10, 0x00, 0x00, 0x00, 0x02, 0x00,
-                          0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00};
+    const uint8_t nm[] = {0x84, 0,    0,    1,    0x08, 0,    0,    0,    0x10,
+                          0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x04, 0x00,
+                          0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00};
     CHECK_INT(decode(nm, sizeof nm, &r), 0);
     CHECK(r.rows.cols == NULL);
     CHECK_INT(r.rows.n_cols, 2);
@@ -442,13 +604,14 @@ static void test_decode_rows_variants(void) {
     cql_response_free(&r);
 
     /* a hostile row count: 2^31-1 rows of 2 columns in a few bytes, refused before malloc */
-    const uint8_t hostile[] = {0x84, 0, 0, 1, 0x08, 0, 0, 0, 0x14, 0x00, 0x00, 0x00, 0x02, 0x00,
-                               0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x02, 0x7f, 0xff, 0xff,
-                               0xff, 0x00, 0x00, 0x00, 0x00};
+    const uint8_t hostile[] = {0x84, 0,    0,    1,    0x08, 0,    0,    0,    0x14, 0x00,
+                               0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00,
+                               0x02, 0x7f, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00};
     CHECK_INT(decode(hostile, sizeof hostile, &r), CHAT_EPROTO);
     /* negative counts */
-    const uint8_t neg[] = {0x84, 0, 0, 1, 0x08, 0, 0, 0, 0x10, 0x00, 0x00, 0x00, 0x02, 0x00,
-                           0x00, 0x00, 0x04, 0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00};
+    const uint8_t neg[] = {0x84, 0,    0,    1,    0x08, 0,    0,    0,    0x10,
+                           0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x04, 0xff,
+                           0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00};
     CHECK_INT(decode(neg, sizeof neg, &r), CHAT_EPROTO);
     /* types nested deeper than we accept: list<list<...>> 20 deep */
     uint8_t deep[9 + 4 + 4 + 4 + 4 + 40 + 2 + 4];
@@ -488,11 +651,11 @@ static void test_decode_other_results(void) {
     cql_response_free(&r);
 
     /* Prepared: id, metadata (global spec, 2 binds, 1 pk index), result metadata (none) */
-    const uint8_t pp[] = {0x84, 0, 0, 1, 0x08, 0, 0, 0, 0x34, 0, 0, 0, 4, 0x00, 0x02, 0xab,
-                          0xcd, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x02, 0x00, 0x00,
-                          0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 'k', 0x00, 0x01, 't', 0x00, 0x01,
-                          'a', 0x00, 0x0d, 0x00, 0x01, 'b', 0x00, 0x02, 0x00, 0x00, 0x00, 0x04,
-                          0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00};
+    const uint8_t pp[] = {0x84, 0,    0,    1,    0x08, 0,    0,    0,    0x34, 0,    0,    0,
+                          4,    0x00, 0x02, 0xab, 0xcd, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
+                          0x02, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 'k',  0x00, 0x01,
+                          't',  0x00, 0x01, 'a',  0x00, 0x0d, 0x00, 0x01, 'b',  0x00, 0x02, 0x00,
+                          0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00};
     CHECK_INT(decode(pp, sizeof pp, &r), -100); /* length check of the test itself */
     cql_header_t h;
     CHECK_INT(cql_header_decode(pp, 9, &h), 0);
@@ -509,18 +672,18 @@ static void test_decode_other_results(void) {
     cql_response_free(&r);
 
     /* Schema_change: KEYSPACE has one name, TABLE two */
-    const uint8_t sc1[] = {0x84, 0, 0, 1, 0x08, 0, 0, 0, 0x1b, 0, 0, 0, 5, 0, 7, 'C', 'R', 'E',
-                           'A',  'T', 'E', 'D', 0, 8, 'K', 'E', 'Y', 'S', 'P', 'A', 'C', 'E', 0,
-                           2,    'k', 's'};
+    const uint8_t sc1[] = {0x84, 0,   0,   1,   0x08, 0,   0,   0,   0x1b, 0,   0,   0,
+                           5,    0,   7,   'C', 'R',  'E', 'A', 'T', 'E',  'D', 0,   8,
+                           'K',  'E', 'Y', 'S', 'P',  'A', 'C', 'E', 0,    2,   'k', 's'};
     CHECK_INT(decode(sc1, sizeof sc1, &r), 0);
     CHECK(str_is(r.schema_change.change, "CREATED"));
     CHECK(str_is(r.schema_change.target, "KEYSPACE"));
     CHECK(str_is(r.schema_change.keyspace, "ks"));
     CHECK_INT(r.schema_change.name.n, 0);
     cql_response_free(&r);
-    const uint8_t sc2[] = {0x84, 0, 0, 1, 0x08, 0, 0, 0, 0x1b, 0, 0, 0, 5, 0, 7, 'U', 'P', 'D',
-                           'A',  'T', 'E', 'D', 0, 5, 'T', 'A', 'B', 'L', 'E', 0, 2, 'k', 's', 0,
-                           1,    't'};
+    const uint8_t sc2[] = {0x84, 0,   0,   1,   0x08, 0,   0,   0,   0x1b, 0,   0, 0,
+                           5,    0,   7,   'U', 'P',  'D', 'A', 'T', 'E',  'D', 0, 5,
+                           'T',  'A', 'B', 'L', 'E',  0,   2,   'k', 's',  0,   1, 't'};
     CHECK_INT(decode(sc2, sizeof sc2, &r), 0);
     CHECK(str_is(r.schema_change.target, "TABLE"));
     CHECK(str_is(r.schema_change.name, "t"));
@@ -534,10 +697,11 @@ static void test_decode_other_results(void) {
 static void test_decode_setup_messages(void) {
     cql_response_t r;
     /* SUPPORTED: {CQL_VERSION: [3.4.7], COMPRESSION: [lz4, snappy]} */
-    const uint8_t su[] = {0x84, 0, 0, 0, 0x06, 0, 0, 0, 0x34, 0, 2, 0, 11, 'C', 'Q', 'L', '_',
-                          'V', 'E', 'R', 'S', 'I', 'O', 'N', 0, 1, 0, 5, '3', '.', '4', '.', '7',
-                          0, 11, 'C', 'O', 'M', 'P', 'R', 'E', 'S', 'S', 'I', 'O', 'N', 0, 2, 0,
-                          3, 'l', 'z', '4', 0, 6, 's', 'n', 'a', 'p', 'p', 'y'};
+    const uint8_t su[] = {0x84, 0,   0,   0,   0x06, 0,   0,   0,   0x34, 0,   2,   0,   11,
+                          'C',  'Q', 'L', '_', 'V',  'E', 'R', 'S', 'I',  'O', 'N', 0,   1,
+                          0,    5,   '3', '.', '4',  '.', '7', 0,   11,   'C', 'O', 'M', 'P',
+                          'R',  'E', 'S', 'S', 'I',  'O', 'N', 0,   2,    0,   3,   'l', 'z',
+                          '4',  0,   6,   's', 'n',  'a', 'p', 'p', 'y'};
     CHECK_INT(decode(su, sizeof su, &r), 0);
     CHECK_INT(r.n_supported, 2);
     CHECK(str_is(r.supported[0].key, "CQL_VERSION"));
@@ -561,8 +725,9 @@ static void test_decode_setup_messages(void) {
     cql_response_free(&r);
 
     /* tracing id, then warnings, then the body */
-    const uint8_t tw[] = {0x84, 0x0a, 0, 1, 0x08, 0, 0, 0, 0x1b, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                          12, 13, 14, 15, 16, 0, 1, 0, 3, 'w', 'a', 'r', 0, 0, 0, 1};
+    const uint8_t tw[] = {0x84, 0x0a, 0, 1, 0x08, 0,   0,   0,   0x1b, 1,  2,  3,
+                          4,    5,    6, 7, 8,    9,   10,  11,  12,   13, 14, 15,
+                          16,   0,    1, 0, 3,    'w', 'a', 'r', 0,    0,  0,  1};
     CHECK_INT(decode(tw, sizeof tw, &r), 0);
     CHECK(r.has_tracing);
     CHECK_INT(r.tracing_id[15], 16);
@@ -622,8 +787,7 @@ struct fake {
 
 static void on_fake_closed(uv_handle_t *h) { free(h->data); }
 
-static void fake_send(fake_t *f, int conn, int16_t stream, uint8_t op, const void *body,
-                      size_t n) {
+static void fake_send(fake_t *f, int conn, int16_t stream, uint8_t op, const void *body, size_t n) {
     fconn_t *c = f->conns[conn];
     if (!c || c->closed) return;
     uint8_t *frame = malloc(9 + n);
@@ -660,8 +824,8 @@ static void fake_void(fake_t *f, freq_t *q) {
 static void fake_row(fake_t *f, freq_t *q, const char *s) {
     uint8_t b[512];
     size_t n = strlen(s), k = 0;
-    const uint8_t meta[] = {0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 'k', 0,
-                            1, 't', 0, 1, 'v', 0, 0x0d, 0, 0, 0, 1};
+    const uint8_t meta[] = {0,   0, 0, 2,   0, 0, 0,   1, 0,    0, 0, 1, 0, 1,
+                            'k', 0, 1, 't', 0, 1, 'v', 0, 0x0d, 0, 0, 0, 1};
     memcpy(b, meta, sizeof meta);
     k = sizeof meta;
     put32(b + k, (uint32_t)n);
@@ -707,8 +871,8 @@ static bool q_is(const freq_t *q, const char *prefix) {
 /* The setup conversation and the common answers; tests override via f->script. */
 static void fake_handle(fake_t *f, freq_t *q) {
     if (q->opcode == CQL_OP_OPTIONS) {
-        const uint8_t b[] = {0, 1, 0, 11, 'C', 'Q', 'L', '_', 'V', 'E', 'R', 'S', 'I', 'O', 'N',
-                             0, 1, 0, 5, '3', '.', '4', '.', '7'};
+        const uint8_t b[] = {0,   1,   0,   11, 'C', 'Q', 'L', '_', 'V', 'E', 'R', 'S',
+                             'I', 'O', 'N', 0,  1,   0,   5,   '3', '.', '4', '.', '7'};
         fake_send(f, q->conn, q->stream, CQL_OP_SUPPORTED, b, sizeof b);
         return;
     }
@@ -735,8 +899,8 @@ static void fake_handle(fake_t *f, freq_t *q) {
     if (q->opcode == CQL_OP_PREPARE) {
         f->n_prepares++;
         /* id "ID", no binds, no result metadata */
-        const uint8_t b[] = {0, 0, 0, 4, 0, 2, 'I', 'D', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                             0, 0, 0, 4, 0, 0, 0, 0};
+        const uint8_t b[] = {0, 0, 0, 4, 0, 2, 'I', 'D', 0, 0, 0, 0, 0, 0,
+                             0, 0, 0, 0, 0, 0, 0,   0,   0, 4, 0, 0, 0, 0};
         fake_send(f, q->conn, q->stream, CQL_OP_RESULT, b, sizeof b);
         return;
     }
@@ -764,9 +928,10 @@ static void fake_handle(fake_t *f, freq_t *q) {
     if (q->opcode == CQL_OP_QUERY && q_is(q, "SELECT schema_version FROM system.local")) {
         /* one uuid column schema_version */
         uint8_t b[64];
-        const uint8_t meta[] = {0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 's', 0, 1, 'l', 0, 14,
-                                's', 'c', 'h', 'e', 'm', 'a', '_', 'v', 'e', 'r', 's', 'i', 'o',
-                                'n', 0, 0x0c, 0, 0, 0, 1, 0, 0, 0, 16};
+        const uint8_t meta[] = {0,   0,   0,    2,   0,   0,   0,   1,   0,   0,   0,
+                                1,   0,   1,    's', 0,   1,   'l', 0,   14,  's', 'c',
+                                'h', 'e', 'm',  'a', '_', 'v', 'e', 'r', 's', 'i', 'o',
+                                'n', 0,   0x0c, 0,   0,   0,   1,   0,   0,   0,   16};
         memcpy(b, meta, sizeof meta);
         memset(b + sizeof meta, 0x11, 16);
         fake_send(f, q->conn, q->stream, CQL_OP_RESULT, b, sizeof meta + 16);
@@ -774,9 +939,10 @@ static void fake_handle(fake_t *f, freq_t *q) {
     }
     if (q->opcode == CQL_OP_QUERY && q_is(q, "SELECT peer, schema_version FROM system.peers")) {
         uint8_t b[64];
-        const uint8_t meta[] = {0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 1, 's', 0, 1, 'p', 0, 14,
-                                's', 'c', 'h', 'e', 'm', 'a', '_', 'v', 'e', 'r', 's', 'i', 'o',
-                                'n', 0, 0x0c, 0, 0, 0, 1, 0, 0, 0, 16};
+        const uint8_t meta[] = {0,   0,   0,    2,   0,   0,   0,   1,   0,   0,   0,
+                                1,   0,   1,    's', 0,   1,   'p', 0,   14,  's', 'c',
+                                'h', 'e', 'm',  'a', '_', 'v', 'e', 'r', 's', 'i', 'o',
+                                'n', 0,   0x0c, 0,   0,   0,   1,   0,   0,   0,   16};
         memcpy(b, meta, sizeof meta);
         /* a peer that has not caught up yet, for schema_rounds answers */
         memset(b + sizeof meta, f->schema_rounds > 0 ? 0x22 : 0x11, 16);
@@ -906,10 +1072,10 @@ static void on_ready(const cql_result_t *res, void *data) {
 static void on_closed(void *arg) { *(bool *)arg = true; }
 
 /* Run the loop until cond or 5 s. */
-#define RUN_UNTIL(loop, cond)                                                                 \
-    do {                                                                                      \
-        uint64_t t0_ = uv_now(loop);                                                          \
-        while (!(cond) && uv_now(loop) - t0_ < 5000) uv_run(loop, UV_RUN_ONCE);              \
+#define RUN_UNTIL(loop, cond)                                                   \
+    do {                                                                        \
+        uint64_t t0_ = uv_now(loop);                                            \
+        while (!(cond) && uv_now(loop) - t0_ < 5000) uv_run(loop, UV_RUN_ONCE); \
     } while (0)
 
 static cql_client_t *client_for(fake_t *f, uv_loop_t *loop, cql_client_opts_t *o, ready_t *rd) {
@@ -957,7 +1123,12 @@ static void test_client_setup_and_defaults(void) {
     CHECK_INT(f.reqs[1].opcode, CQL_OP_STARTUP);
     CHECK_INT(f.reqs[1].stream, 0);
     CHECK_INT(f.reqs[1].len, 22);
-    CHECK_MEM(f.reqs[1].body, "\x00\x01\x00\x0b" "CQL_VERSION" "\x00\x05" "3.0.0", 22);
+    CHECK_MEM(f.reqs[1].body,
+              "\x00\x01\x00\x0b"
+              "CQL_VERSION"
+              "\x00\x05"
+              "3.0.0",
+              22);
 
     memset(&G, 0, sizeof G);
     CHECK_INT(cql_query(c, "SELECT 1", NULL, 0, NULL, on_res, (void *)0), 0);
@@ -1073,7 +1244,10 @@ static void test_client_prepare_and_reprepare(void) {
     /* [short bytes] "ID", LOCAL_QUORUM, flags values|serial, 1 value: int 5, SERIAL */
     CHECK_INT(f.reqs[ex].len, 4 + 3 + 2 + 8 + 2);
     CHECK_MEM(f.reqs[ex].body,
-              "\x00\x02" "ID" "\x00\x06\x11\x00\x01\x00\x00\x00\x04\x00\x00\x00\x05\x00\x08", 19);
+              "\x00\x02"
+              "ID"
+              "\x00\x06\x11\x00\x01\x00\x00\x00\x04\x00\x00\x00\x05\x00\x08",
+              19);
 
     /* the node forgot it: UNPREPARED, then a transparent PREPARE and a second EXECUTE */
     f.unprepare_next = true;
@@ -1131,12 +1305,11 @@ static void test_client_batch(void) {
     }
     CHECK(bi >= 0);
     const uint8_t want[] = {
-        0x01, 0x00, 0x02,                                                     /* UNLOGGED, 2 */
-        0x01, 0x00, 0x02, 'I', 'D', 0x00, 0x02,                               /* id, 2 values */
+        0x01, 0x00, 0x02,                         /* UNLOGGED, 2 */
+        0x01, 0x00, 0x02, 'I',  'D',  0x00, 0x02, /* id, 2 values */
         0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x05, 0x00, 0x00, 0x00, 0x01, 'x',
-        0x01, 0x00, 0x02, 'I', 'D', 0x00, 0x02,
-        0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x06, 0x00, 0x00, 0x00, 0x01, 'y',
-        0x00, 0x06, 0x10, 0x00, 0x08, /* LOCAL_QUORUM, serial, SERIAL */
+        0x01, 0x00, 0x02, 'I',  'D',  0x00, 0x02, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00,
+        0x00, 0x06, 0x00, 0x00, 0x00, 0x01, 'y',  0x00, 0x06, 0x10, 0x00, 0x08, /* LOCAL_QUORUM, serial, SERIAL */
     };
     CHECK_INT(f.reqs[bi].len, sizeof want);
     CHECK_MEM(f.reqs[bi].body, want, sizeof want);
@@ -1350,8 +1523,8 @@ static void test_client_no_host(void) {
 static bool script_schema(fake_t *f, freq_t *q) {
     if (q_is(q, "CREATE")) {
         /* Schema_change CREATED TABLE ks t */
-        const uint8_t b[] = {0, 0, 0, 5, 0, 7, 'C', 'R', 'E', 'A', 'T', 'E', 'D', 0, 5,
-                             'T', 'A', 'B', 'L', 'E', 0, 2, 'k', 's', 0, 1, 't'};
+        const uint8_t b[] = {0, 0,   0,   5,   0,   7,   'C', 'R', 'E', 'A', 'T', 'E', 'D', 0,
+                             5, 'T', 'A', 'B', 'L', 'E', 0,   2,   'k', 's', 0,   1,   't'};
         fake_send(f, q->conn, q->stream, CQL_OP_RESULT, b, sizeof b);
         return true;
     }
@@ -1371,9 +1544,8 @@ static void test_client_schema_agreement(void) {
     CHECK(c && rd.status == 0);
     memset(&G, 0, sizeof G);
     uint64_t t0 = uv_now(&loop);
-    CHECK_INT(cql_query(c, "CREATE TABLE ks.t (a int PRIMARY KEY)", NULL, 0, NULL, on_res,
-                        (void *)0),
-              0);
+    CHECK_INT(
+        cql_query(c, "CREATE TABLE ks.t (a int PRIMARY KEY)", NULL, 0, NULL, on_res, (void *)0), 0);
     RUN_UNTIL(&loop, G.n == 1);
     CHECK_INT(G.status[0], 0);
     CHECK_INT(G.kind[0], CQL_RESULT_SCHEMA_CHANGE);

@@ -27,11 +27,11 @@ static void req_dump(const http_request_t *q, char *out, size_t cap) {
     dump_add(out, cap, &o, "%s %.*s", http_method_str((enum http_method)q->method),
              (int)q->path_len, q->path);
     if (q->query) dump_add(out, cap, &o, " ?%.*s", (int)q->query_len, q->query);
-    dump_add(out, cap, &o, " HTTP/%u.%u ka=%d up=%d\n", q->http_major, q->http_minor,
-             q->keep_alive, q->upgrade);
+    dump_add(out, cap, &o, " HTTP/%u.%u ka=%d up=%d\n", q->http_major, q->http_minor, q->keep_alive,
+             q->upgrade);
     for (size_t i = 0; i < q->n_headers; i++)
-        dump_add(out, cap, &o, "[%.*s]=[%.*s]\n", (int)q->headers[i].name_len,
-                 q->headers[i].name, (int)q->headers[i].value_len, q->headers[i].value);
+        dump_add(out, cap, &o, "[%.*s]=[%.*s]\n", (int)q->headers[i].name_len, q->headers[i].name,
+                 (int)q->headers[i].value_len, q->headers[i].value);
     if (q->body) dump_add(out, cap, &o, "body=[%.*s]", (int)q->body_len, q->body);
     else dump_add(out, cap, &o, "nobody len=%zu", q->body_len);
 }
@@ -677,8 +677,8 @@ static void test_header_tokens(void) {
     q.n_headers = 4;
     size_t n;
     const char *v = http_header(&q, "CONNECTION", &n);
-    CHECK_SPAN(v, n, "keep-alive"); /* the first one */
-    CHECK(http_header_has_token(&q, "Connection", "upgrade"));     /* the second one */
+    CHECK_SPAN(v, n, "keep-alive");                            /* the first one */
+    CHECK(http_header_has_token(&q, "Connection", "upgrade")); /* the second one */
     CHECK(http_header_has_token(&q, "connection", "Keep-Alive"));
     CHECK(http_header_has_token(&q, "connection", "X-Y"));
     CHECK(!http_header_has_token(&q, "connection", ""));

@@ -22,10 +22,9 @@
  * VECTOR1: SECRET b"vector-secret-1", CLAIMS {"sub":"alice","iat":1700000000,"exp":1700003600}
  * VECTOR2: SECRET b"vector-secret-2", CLAIMS {"sub":"bob","iat":1700000000,
  *          "chats":["general","550e8400-e29b-41d4-a716-446655440000"]} */
-static const char VECTOR1[] =
-    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."
-    "eyJzdWIiOiJhbGljZSIsImlhdCI6MTcwMDAwMDAwMCwiZXhwIjoxNzAwMDAzNjAwfQ."
-    "IieCBvD0Yf2RswBw8L2gDkBY4yBXglv3ZU0kHagLAXU";
+static const char VECTOR1[] = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."
+                              "eyJzdWIiOiJhbGljZSIsImlhdCI6MTcwMDAwMDAwMCwiZXhwIjoxNzAwMDAzNjAwfQ."
+                              "IieCBvD0Yf2RswBw8L2gDkBY4yBXglv3ZU0kHagLAXU";
 static const char VECTOR2[] =
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."
     "eyJzdWIiOiJib2IiLCJpYXQiOjE3MDAwMDAwMDAsImNoYXRzIjpbImdlbmVyYWwiLCI1NTBlODQwMC1lMjliLTQx"
@@ -59,8 +58,7 @@ static char *sign_parts(const char *h64, const char *p64, const char *secret) {
     snprintf(signing, n + 1, "%s.%s", h64, p64);
     unsigned char mac[32];
     unsigned int mlen = 0;
-    HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)signing, n, mac,
-         &mlen);
+    HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)signing, n, mac, &mlen);
     char *sig = b64url(mac, mlen);
     char *tok = malloc(n + 1 + strlen(sig) + 1);
     sprintf(tok, "%s.%s", signing, sig);
@@ -399,8 +397,8 @@ static void test_nbf(void) {
 static void test_chats_claim(void) {
     jwt_claims_t c;
     CHECK_INT(verify_json(HS256, "{\"sub\":\"a\",\"chats\":[\"x\",\"y.z\"]}", &c), 0);
-    int ok = jwt_allows_chat(&c, "x") && jwt_allows_chat(&c, "y.z") &&
-             !jwt_allows_chat(&c, "y") && !jwt_allows_chat(&c, "X");
+    int ok = jwt_allows_chat(&c, "x") && jwt_allows_chat(&c, "y.z") && !jwt_allows_chat(&c, "y") &&
+             !jwt_allows_chat(&c, "X");
     jwt_claims_free(&c);
     CHECK(ok);
     jwt_claims_free(&c); /* idempotent */
@@ -412,8 +410,7 @@ static void test_chats_claim(void) {
     jwt_claims_free(&c);
     CHECK(ok);
 
-    CHECK_INT(verify_code(HS256, "{\"sub\":\"a\",\"chats\":[\"ok\",\"no/slash\"]}"),
-              CHAT_EINVAL);
+    CHECK_INT(verify_code(HS256, "{\"sub\":\"a\",\"chats\":[\"ok\",\"no/slash\"]}"), CHAT_EINVAL);
     CHECK_INT(verify_code(HS256, "{\"sub\":\"a\",\"chats\":[\"\"]}"), CHAT_EINVAL);
     CHECK_INT(verify_code(HS256, "{\"sub\":\"a\",\"chats\":[\"a b\"]}"), CHAT_EINVAL);
     CHECK_INT(verify_code(HS256, "{\"sub\":\"a\",\"chats\":[\"ok\",1]}"), CHAT_EINVAL);
@@ -442,8 +439,7 @@ static void test_malformed(void) {
     CHECK_INT(verify_str(t4, SECRET, NOW), CHAT_EINVAL);
     free(t4);
     /* a length that stops short of the NUL: the prefix is a different token */
-    CHECK_INT(jwt_verify(VECTOR1, strlen(VECTOR1) - 1, "vector-secret-1", NOW, &c),
-              CHAT_EINVAL);
+    CHECK_INT(jwt_verify(VECTOR1, strlen(VECTOR1) - 1, "vector-secret-1", NOW, &c), CHAT_EINVAL);
     /* NUL inside the given length */
     memcpy(tok, VECTOR1, strlen(VECTOR1) + 1);
     tok[3] = '\0';

@@ -149,14 +149,15 @@ static char *jwk(EVP_PKEY *key, const char *kid, const char *extra) {
     char *out = malloc(4096);
     if (EVP_PKEY_is_a(key, "RSA")) {
         char *n = bn_b64(key, OSSL_PKEY_PARAM_RSA_N, 0), *e = bn_b64(key, OSSL_PKEY_PARAM_RSA_E, 0);
-        snprintf(out, 4096, "{\"kty\":\"RSA\",\"kid\":\"%s\",\"n\":\"%s\",\"e\":\"%s\"%s}", kid,
-                 n, e, extra);
+        snprintf(out, 4096, "{\"kty\":\"RSA\",\"kid\":\"%s\",\"n\":\"%s\",\"e\":\"%s\"%s}", kid, n,
+                 e, extra);
         free(n);
         free(e);
     } else {
         char *x = bn_b64(key, OSSL_PKEY_PARAM_EC_PUB_X, 32);
         char *y = bn_b64(key, OSSL_PKEY_PARAM_EC_PUB_Y, 32);
-        snprintf(out, 4096, "{\"kty\":\"EC\",\"crv\":\"P-256\",\"kid\":\"%s\",\"x\":\"%s\",\"y\":\"%s\"%s}",
+        snprintf(out, 4096,
+                 "{\"kty\":\"EC\",\"crv\":\"P-256\",\"kid\":\"%s\",\"x\":\"%s\",\"y\":\"%s\"%s}",
                  kid, x, y, extra);
         free(x);
         free(y);
@@ -311,9 +312,10 @@ static void test_iss_aud(void) {
     CHECK_INT(WITH(&aud, "{\"sub\":\"alice\",\"aud\":7}"), CHAT_EINVAL);
     CHECK_INT(WITH(&aud, "{\"sub\":\"alice\"}"), CHAT_EINVAL);
     CHECK_INT(WITH(&both, "{\"sub\":\"alice\",\"aud\":\"chat\"}"), CHAT_EINVAL);
-    CHECK_INT(WITH(&both,
-                   "{\"sub\":\"alice\",\"iss\":\"https://idp.example/realms/chat\",\"aud\":\"chat\"}"),
-              0);
+    CHECK_INT(
+        WITH(&both,
+             "{\"sub\":\"alice\",\"iss\":\"https://idp.example/realms/chat\",\"aud\":\"chat\"}"),
+        0);
     /* not configured: not checked */
     CHECK_INT(WITH(NULL, "{\"sub\":\"alice\",\"iss\":\"anyone\",\"aud\":\"any\"}"), 0);
 #undef WITH
@@ -331,8 +333,10 @@ static void test_jwks_kid(void) {
     jwt_keyset_t *ks = jwt_keyset_new();
     char err[200];
     CHECK_INT(jwt_keyset_add_jwks(ks, doc, strlen(doc), err, sizeof err), 2);
-    CHECK_INT(verify_with(ks, NULL, rs_token(rsa1, "{\"alg\":\"RS256\",\"kid\":\"r1\"}", CLAIMS)), 0);
-    CHECK_INT(verify_with(ks, NULL, es_token(ec1, "{\"alg\":\"ES256\",\"kid\":\"e1\"}", CLAIMS)), 0);
+    CHECK_INT(verify_with(ks, NULL, rs_token(rsa1, "{\"alg\":\"RS256\",\"kid\":\"r1\"}", CLAIMS)),
+              0);
+    CHECK_INT(verify_with(ks, NULL, es_token(ec1, "{\"alg\":\"ES256\",\"kid\":\"e1\"}", CLAIMS)),
+              0);
     /* no kid: every key of the algorithm is tried */
     CHECK_INT(verify_with(ks, NULL, rs_token(rsa1, RS, CLAIMS)), 0);
     /* a kid nobody has: CHAT_ENOTFOUND, so that the caller may refresh */
@@ -368,8 +372,9 @@ static void test_jwks_skips(void) {
     BN_free(y);
     char *yb64 = b64url(yb, 32), *x64 = bn_b64(ec1, OSSL_PKEY_PARAM_EC_PUB_X, 32);
     char off[400];
-    snprintf(off, sizeof off, "{\"kty\":\"EC\",\"crv\":\"P-256\",\"kid\":\"off\",\"x\":\"%s\",\"y\":\"%s\"}",
-             x64, yb64);
+    snprintf(off, sizeof off,
+             "{\"kty\":\"EC\",\"crv\":\"P-256\",\"kid\":\"off\",\"x\":\"%s\",\"y\":\"%s\"}", x64,
+             yb64);
     free(yb64);
     free(x64);
     char doc[20000];
@@ -386,11 +391,12 @@ static void test_jwks_skips(void) {
     jwt_keyset_t *ks = jwt_keyset_new();
     char err[200];
     CHECK_INT(jwt_keyset_add_jwks(ks, doc, strlen(doc), err, sizeof err), 1);
-    CHECK_INT(verify_with(ks, NULL, es_token(ec2, "{\"alg\":\"ES256\",\"kid\":\"good\"}", CLAIMS)), 0);
+    CHECK_INT(verify_with(ks, NULL, es_token(ec2, "{\"alg\":\"ES256\",\"kid\":\"good\"}", CLAIMS)),
+              0);
     CHECK_INT(verify_with(ks, NULL, rs_token(rsa1, "{\"alg\":\"RS256\",\"kid\":\"enc\"}", CLAIMS)),
               CHAT_ENOTFOUND);
-    static const char *bad[] = {"", "[]", "{}", "{\"keys\":{}}", "{\"keys\":[]", "null",
-                                "{\"keys\":[],\"keys\":[]}"};
+    static const char *bad[] = {
+        "", "[]", "{}", "{\"keys\":{}}", "{\"keys\":[]", "null", "{\"keys\":[],\"keys\":[]}"};
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++)
         CHECK_INT(jwt_keyset_add_jwks(ks, bad[i], strlen(bad[i]), err, sizeof err), CHAT_EINVAL);
     CHECK_INT(jwt_keyset_add_jwks(ks, "{\"keys\":[]}", 11, err, sizeof err), 0);
@@ -436,16 +442,24 @@ static void test_sign_ex(void) {
     for (int i = 0; i < 2; i++) {
         char *pem = priv_pem(keys[i]), err[200] = "";
         const char *chats[] = {"general", NULL};
-        jwt_mint_t m = {.sub = "alice", .now = NOW, .ttl = 60, .chats = chats, .key_pem = pem,
-                        .key_pem_len = strlen(pem), .kid = "k", .iss = "me", .aud = "chat"};
+        jwt_mint_t m = {.sub = "alice",
+                        .now = NOW,
+                        .ttl = 60,
+                        .chats = chats,
+                        .key_pem = pem,
+                        .key_pem_len = strlen(pem),
+                        .kid = "k",
+                        .iss = "me",
+                        .aud = "chat"};
         char *tok = jwt_sign_ex(&m, err, sizeof err);
         free(pem);
         CHECK(tok);
         jwt_keyset_t *ks = pem_set(keys[i]);
         jwt_policy_t pol = {.issuer = "me", .audience = "chat"};
         jwt_claims_t c;
-        CHECK_INT(jwt_verify_keys(tok, strlen(tok), (const jwt_keyset_t *const *)&ks, 1, &pol, NOW,
-                                  &c), 0);
+        CHECK_INT(
+            jwt_verify_keys(tok, strlen(tok), (const jwt_keyset_t *const *)&ks, 1, &pol, NOW, &c),
+            0);
         CHECK_STR(c.sub, "alice");
         CHECK_INT(c.exp, NOW + 60);
         CHECK(jwt_allows_chat(&c, "general") && !jwt_allows_chat(&c, "other"));

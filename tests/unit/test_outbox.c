@@ -37,8 +37,10 @@ static bool fx_init(fx_t *f) {
 /* A stand-in for the protocol's encoder: the op, the id and the text, readable. */
 static void encode(sbuf_t *out, store_op_t op, const store_msg_t *m) {
     sbuf_printf(out, "%s|%" PRIu64 "|%s|%s",
-                op == STORE_APPEND ? "msg" : op == STORE_EDIT ? "edit" : "del", m->id,
-                m->chat_id, m->message ? m->message : "-");
+                op == STORE_APPEND ? "msg"
+                : op == STORE_EDIT ? "edit"
+                                   : "del",
+                m->id, m->chat_id, m->message ? m->message : "-");
 }
 
 static void on_notify(void *arg) { ((fx_t *)arg)->notified++; }
@@ -50,8 +52,7 @@ static int fx_open(fx_t *f, uint64_t max_rows) {
         fprintf(stderr, "  store_open: %s\n", err);
         return rc;
     }
-    store_outbox_opts_t o = {.encode = encode, .max_rows = max_rows, .notify = on_notify,
-                             .arg = f};
+    store_outbox_opts_t o = {.encode = encode, .max_rows = max_rows, .notify = on_notify, .arg = f};
     return store_outbox_enable(f->s, &o);
 }
 
@@ -91,8 +92,8 @@ static int run_req(fx_t *f, store_req_t *r) {
 }
 
 /* One write request; its status (or the submit's error). */
-static int write1(fx_t *f, store_op_t op, const char *user, const char *text,
-                  const char *client_id, uint64_t id) {
+static int write1(fx_t *f, store_op_t op, const char *user, const char *text, const char *client_id,
+                  uint64_t id) {
     store_req_t r;
     memset(&r, 0, sizeof r);
     r.op = op;

@@ -21,9 +21,9 @@ static void test_message(void) {
     CHECK_STR(c.client_id, "c-1");
     proto_cmd_free(&c);
     /* the seed's ChatMessage: event and message only */
-    CHECK_INT(decode("{\"event\":\"message:message\",\"message\":\"\\u00e9\\ud83d\\ude00\"}", ALL,
-                     &c),
-              0);
+    CHECK_INT(
+        decode("{\"event\":\"message:message\",\"message\":\"\\u00e9\\ud83d\\ude00\"}", ALL, &c),
+        0);
     CHECK_STR(c.message, "\xc3\xa9\xf0\x9f\x98\x80");
     CHECK(c.client_id == NULL);
     proto_cmd_free(&c);
@@ -81,8 +81,7 @@ static void test_typing_presence(void) {
 static void test_token_refresh(void) {
     unsigned ws = ALL | (1u << PROTO_TOKEN_REFRESH);
     proto_cmd_t c;
-    CHECK_INT(decode("{\"event\":\"token:refresh\",\"token\":\"a.b.c\",\"message\":\"x\"}", ws,
-                     &c),
+    CHECK_INT(decode("{\"event\":\"token:refresh\",\"token\":\"a.b.c\",\"message\":\"x\"}", ws, &c),
               0);
     CHECK_INT(c.kind, PROTO_TOKEN_REFRESH);
     CHECK_STR(c.token, "a.b.c");
@@ -178,15 +177,16 @@ static void test_bad_requests(void) {
     }
     /* a long client_id: 129 bytes */
     char big[300];
-    snprintf(big, sizeof big, "{\"event\":\"message:message\",\"message\":\"x\",\"client_id\":\"%0129d\"}", 0);
+    snprintf(big, sizeof big,
+             "{\"event\":\"message:message\",\"message\":\"x\",\"client_id\":\"%0129d\"}", 0);
     proto_cmd_t c;
     CHECK_INT(decode(big, ALL, &c), CHAT_EPROTO);
     proto_cmd_free(&c);
 }
 
 static void test_not_an_object(void) {
-    static const char *bad[] = {"", "not json", "[1,2]", "\"str\"", "42", "null",
-                                "{\"event\":\"message:message\""};
+    static const char *bad[] = {
+        "", "not json", "[1,2]", "\"str\"", "42", "null", "{\"event\":\"message:message\""};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         proto_cmd_t c;
         CHECK_INT(decode(bad[i], ALL, &c), CHAT_EINVAL);
@@ -197,7 +197,8 @@ static void test_not_an_object(void) {
 static void test_allowed_events(void) {
     proto_cmd_t c;
     /* the REST body: no event means message:message; edit is not allowed there */
-    CHECK_INT(decode("{\"message\":\"hi\"}", (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE, &c), 0);
+    CHECK_INT(decode("{\"message\":\"hi\"}", (1u << PROTO_MESSAGE) | PROTO_IMPLICIT_MESSAGE, &c),
+              0);
     CHECK_INT(c.kind, PROTO_MESSAGE);
     proto_cmd_free(&c);
     CHECK_INT(decode("{\"message\":\"hi\"}", ALL, &c), CHAT_EPROTO);
@@ -255,9 +256,12 @@ static void test_peek(void) {
     static const char *events[] = {"message:message", "message:edit", "message:delete"};
     for (size_t i = 0; i < sizeof chats / sizeof chats[0]; i++) {
         for (size_t k = 0; k < 3; k++) {
-            store_msg_t m = {.id = 7261835409563648ULL + i, .chat_id = (char *)chats[i],
-                             .user_from = "alice", .message = "hi \"there\"",
-                             .created_at = 1795940400123LL, .client_id = "c-1"};
+            store_msg_t m = {.id = 7261835409563648ULL + i,
+                             .chat_id = (char *)chats[i],
+                             .user_from = "alice",
+                             .message = "hi \"there\"",
+                             .created_at = 1795940400123LL,
+                             .client_id = "c-1"};
             if (k == 2) m.deleted_at = m.created_at + 1;
             sbuf_t sb = {0};
             proto_put_msg(&sb, events[k], &m);
@@ -283,8 +287,8 @@ static void test_peek(void) {
         "",
         "{}",
         "{\"event\":\"read\",\"chat_id\":\"r\",\"user_from\":\"a\"}",
-        "{\"chat_id\":\"r\",\"message_id\":\"5\"}",                    /* no event */
-        "{\"event\":\"message:message\",\"chat_id\":\"r\",\"message_id\":\"x5\"}", /* bad id */
+        "{\"chat_id\":\"r\",\"message_id\":\"5\"}",                                 /* no event */
+        "{\"event\":\"message:message\",\"chat_id\":\"r\",\"message_id\":\"x5\"}",  /* bad id */
         "{\"event\":\"message:message\",\"chat_id\":\"r\\\",\"message_id\":\"5\"}", /* open */
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {

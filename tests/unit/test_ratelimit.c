@@ -83,7 +83,7 @@ static void test_table(void) {
     CHECK_INT(rate_table_take(t, "dave", 1000), 1000);
     CHECK_INT(rate_table_take(t, "alice", 1000), 1000);
     rate_table_free(t);
-    CHECK(rate_table_new(0, 2, 3) == NULL);  /* off is not a table */
+    CHECK(rate_table_new(0, 2, 3) == NULL);   /* off is not a table */
     CHECK(rate_table_new(1, 0.5, 3) == NULL); /* a burst below one could never send */
     rate_table_free(NULL);
 }

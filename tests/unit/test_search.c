@@ -45,9 +45,9 @@ static void test_words_phrases_exclusions(void) {
 }
 
 static void test_bad_queries(void) {
-    static const char *bad[] = {"", "   ", "a b c d e f g h i", "a b c d e f g h -i",
-                                "red \"fox", "\"", "red \"\"", "red \"  \"", "-red -fox",
-                                "-\"red fox\"", "-\"open"};
+    static const char *bad[] = {
+        "",         "   ",        "a b c d e f g h i", "a b c d e f g h -i", "red \"fox", "\"",
+        "red \"\"", "red \"  \"", "-red -fox",         "-\"red fox\"",       "-\"open"};
     search_query_t q;
     const char *why;
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -110,8 +110,9 @@ static void test_fts_expressions_run(void) {
                            "FROM messages",
                            NULL, NULL, NULL),
               SQLITE_OK);
-    static const char *qs[] = {"NEAR(a OR b)", "cafe", "\"x\"", "a:b", "* ^ + - AND OR NOT",
-                               "é", "\"near a\"", "'", "a'b", "{col}", "x -\"y z\"", "\\"};
+    static const char *qs[] = {
+        "NEAR(a OR b)", "cafe", "\"x\"", "a:b",   "* ^ + - AND OR NOT", "é",
+        "\"near a\"",   "'",    "a'b",   "{col}", "x -\"y z\"",         "\\"};
     const char *chats[] = {"general"};
     int matched = 0;
     for (size_t i = 0; i < sizeof qs / sizeof qs[0]; i++) {
@@ -119,8 +120,10 @@ static void test_fts_expressions_run(void) {
         char *e = expr_of(qs[i], chats, 1, "al", &rc);
         if (!e) continue; /* no word in it: answered 400 before FTS5 */
         sqlite3_stmt *st;
-        CHECK_INT(sqlite3_prepare_v2(db, "SELECT rowid FROM messages_fts WHERE messages_fts "
-                                         "MATCH ?1", -1, &st, NULL),
+        CHECK_INT(sqlite3_prepare_v2(db,
+                                     "SELECT rowid FROM messages_fts WHERE messages_fts "
+                                     "MATCH ?1",
+                                     -1, &st, NULL),
                   SQLITE_OK);
         sqlite3_bind_text(st, 1, e, -1, SQLITE_STATIC);
         int s;
@@ -153,11 +156,14 @@ static search_query_t hq;
 static void terms(sbuf_t *sb, const char *t) { search_html_terms(sb, &hq, t, strlen(t)); }
 
 static void test_highlights_escape_everything_but_em(void) {
-    CHECK_STR(html(marked, "<b>\x01red\x02</b> & \"\x01" "fox\x02\" isn't"),
+    CHECK_STR(html(marked, "<b>\x01red\x02</b> & \"\x01"
+                           "fox\x02\" isn't"),
               "&lt;b&gt;<em>red</em>&lt;/b&gt; &amp; &quot;<em>fox</em>&quot; isn&#39;t");
     /* a text with the mark bytes of its own: no marks believed, all escaped */
     plain_text = "a\x01<b>";
-    CHECK_STR(html(marked_plain, "\x01" "a\x02\x01<b>"), "a\x01&lt;b&gt;");
+    CHECK_STR(html(marked_plain, "\x01"
+                                 "a\x02\x01<b>"),
+              "a\x01&lt;b&gt;");
     const char *why;
     CHECK_INT(parse(&hq, "red \"ed f\" -fox <b>", &why), 0);
     CHECK_STR(html(terms, "Red fox <b>x</b> RED"),

@@ -11,24 +11,25 @@
 static void test_urls(void) {
     char base[300], alias[SEARCH_OS_ALIAS_MAX + 1];
     const char *why;
-    CHECK_INT(search_os_url("opensearch://127.0.0.1:9200", base, sizeof base, alias,
-                            sizeof alias, &why), 0);
+    CHECK_INT(
+        search_os_url("opensearch://127.0.0.1:9200", base, sizeof base, alias, sizeof alias, &why),
+        0);
     CHECK_STR(base, "http://127.0.0.1:9200");
     CHECK_STR(alias, "chat-messages");
     CHECK_INT(search_os_url("elasticsearch://es:9200/my-chats", base, sizeof base, alias,
-                            sizeof alias, &why), 0);
+                            sizeof alias, &why),
+              0);
     CHECK_STR(base, "http://es:9200");
     CHECK_STR(alias, "my-chats");
-    CHECK_INT(search_os_url("https://es.example:443/", base, sizeof base, alias, sizeof alias,
-                            &why), 0);
+    CHECK_INT(
+        search_os_url("https://es.example:443/", base, sizeof base, alias, sizeof alias, &why), 0);
     CHECK_STR(base, "https://es.example:443");
-    const char *bad[] = {"opensearch://", "opensearch://h:1/Upper", "opensearch://h:1/a/b",
-                         "opensearch://h:1?x=1", "ftp://h:1", "opensearch://u@h:1",
-                         "opensearch://h:1/_all", "sqlite"};
+    const char *bad[] = {
+        "opensearch://", "opensearch://h:1/Upper", "opensearch://h:1/a/b",  "opensearch://h:1?x=1",
+        "ftp://h:1",     "opensearch://u@h:1",     "opensearch://h:1/_all", "sqlite"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         why = NULL;
-        CHECK_INT(search_os_url(bad[i], base, sizeof base, alias, sizeof alias, &why),
-                  CHAT_EINVAL);
+        CHECK_INT(search_os_url(bad[i], base, sizeof base, alias, sizeof alias, &why), CHAT_EINVAL);
         CHECK(why != NULL);
     }
 }
@@ -70,7 +71,8 @@ static void test_bulk_lines_of_each_event(void) {
     CHECK_INT(bulk("{\"event\":\"message:message\",\"chat_id\":\"general\",\"message_id\":"
                    "\"917917514350985216\",\"user_from\":\"alice\",\"message\":\"caf\\u00e9 <b>\","
                    "\"created_at\":\"2026-12-07T23:16:29.504Z\",\"client_id\":\"c-1\"}",
-                   7, &a, &d, &why), 0);
+                   7, &a, &d, &why),
+              0);
     json_t *ix = json_object_get(a, "index");
     CHECK_STR(json_string_value(json_object_get(ix, "_id")), "917917514350985216");
     CHECK_STR(json_string_value(json_object_get(ix, "_index")), "chat-messages-2026.12");
@@ -88,7 +90,8 @@ static void test_bulk_lines_of_each_event(void) {
                    "\"917917514350985216\",\"user_from\":\"alice\",\"message\":\"new\","
                    "\"created_at\":\"2026-12-07T23:16:29.504Z\",\"edited_at\":"
                    "\"2027-02-01T00:00:00Z\"}",
-                   9, &a, &d, &why), 0);
+                   9, &a, &d, &why),
+              0);
     /* the edit goes to the original's month, not the edit's */
     CHECK_STR(json_string_value(json_object_get(json_object_get(a, "index"), "_index")),
               "chat-messages-2026.12");
@@ -101,7 +104,8 @@ static void test_bulk_lines_of_each_event(void) {
                    "\"917917514350985216\",\"user_from\":\"alice\","
                    "\"created_at\":\"2026-12-07T23:16:29.504Z\",\"deleted_at\":"
                    "\"2026-12-08T00:00:00.1Z\"}",
-                   11, &a, &d, &why), 0);
+                   11, &a, &d, &why),
+              0);
     CHECK(json_is_true(json_object_get(d, "deleted")));
     CHECK(json_object_get(d, "text") == NULL);
     CHECK_INT(json_integer_value(json_object_get(d, "deleted_at")), 1796688000100LL);
@@ -111,10 +115,14 @@ static void test_bulk_lines_of_each_event(void) {
 }
 
 static void test_poison_records_are_refused(void) {
-    const char *ok = "{\"event\":\"message:message\",\"chat_id\":\"g\",\"message_id\":\"5\","
-                     "\"user_from\":\"a\",\"message\":\"x\",\"created_at\":\"2026-12-07T23:16:29Z\"}";
+    const char *ok =
+        "{\"event\":\"message:message\",\"chat_id\":\"g\",\"message_id\":\"5\","
+        "\"user_from\":\"a\",\"message\":\"x\",\"created_at\":\"2026-12-07T23:16:29Z\"}";
     const char *bad[] = {
-        "{not json", "[]", "{}", "null",
+        "{not json",
+        "[]",
+        "{}",
+        "null",
         "{\"event\":\"message:other\",\"chat_id\":\"g\",\"message_id\":\"5\",\"user_from\":\"a\","
         "\"message\":\"x\",\"created_at\":\"2026-12-07T23:16:29Z\"}",
         "{\"event\":\"message:message\",\"chat_id\":\"g\",\"message_id\":5,\"user_from\":\"a\","
@@ -146,8 +154,8 @@ static void test_query_is_built_from_terms(void) {
     const char *text = "caf\xc3\xa9 \"red fox\" -\"} OR {\" -hen !!!";
     CHECK_INT(search_query_parse(&q, text, strlen(text), &why), 0);
     const char *chats[] = {"general", "a\"b"};
-    search_req_t r = {.query = &q, .chats = chats, .n_chats = 2, .from = "alice",
-                      .before = 42, .limit = 20};
+    search_req_t r = {
+        .query = &q, .chats = chats, .n_chats = 2, .from = "alice", .before = 42, .limit = 20};
     sbuf_t sb = {0};
     CHECK_INT(search_os_query(&sb, &r, &why), 0);
     sbuf_put(&sb, "", 1);
@@ -161,9 +169,9 @@ static void test_query_is_built_from_terms(void) {
     CHECK_STR(json_string_value(json_object_get(
                   json_object_get(json_array_get(must, 1), "match_phrase"), "text")),
               "red fox");
-    CHECK_INT(json_array_size(not), 2);
-    CHECK_STR(json_string_value(json_object_get(
-                  json_object_get(json_array_get(not, 0), "match_phrase"), "text")),
+    CHECK_INT(json_array_size(not ), 2);
+    CHECK_STR(json_string_value(
+                  json_object_get(json_object_get(json_array_get(not, 0), "match_phrase"), "text")),
               "} OR {");
     json_t *f = json_object_get(b, "filter");
     CHECK_STR(json_string_value(json_array_get(

@@ -39,8 +39,13 @@ static int run_req(store_t *s, store_req_t *r) {
 
 static store_req_t append_req(const char *chat, const char *user, const char *text,
                               const char *client_id, uint64_t id, int64_t at) {
-    return (store_req_t){.op = STORE_APPEND, .chat_id = chat, .user = user, .text = text,
-                         .client_id = client_id, .id = id, .at = at};
+    return (store_req_t){.op = STORE_APPEND,
+                         .chat_id = chat,
+                         .user = user,
+                         .text = text,
+                         .client_id = client_id,
+                         .id = id,
+                         .at = at};
 }
 
 /* A Snowflake id at Unix ms t (node 1, sequence seq). */
@@ -196,12 +201,12 @@ static void test_migrate_and_open(void) {
     }
     qres_t q;
     cql_value_t v[] = {cql_text(ks)};
-    CHECK_INT(cql_sync("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", v,
-                       1, &q),
-              0);
+    CHECK_INT(
+        cql_sync("SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?", v, 1, &q),
+        0);
     CHECK_INT(q.count, 4);
-    CHECK_INT(cql_sync("SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?",
-                       v, 1, &q),
+    CHECK_INT(cql_sync("SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = ?", v,
+                       1, &q),
               0);
 
     /* nothing listens there */
@@ -294,8 +299,8 @@ static void test_idempotent_append(void) {
     store_req_t rs[N];
     bool done[N] = {0};
     for (int i = 0; i < N; i++) {
-        rs[i] = append_req("c2", "dave", "burst", "cid-burst", id_at(t + 10, 10 + (unsigned)i),
-                           t + 10);
+        rs[i] =
+            append_req("c2", "dave", "burst", "cid-burst", id_at(t + 10, 10 + (unsigned)i), t + 10);
         rs[i].data = &done[i];
         rs[i].cb = on_store;
         CHECK_INT(store_submit(s, &rs[i]), 0);
@@ -371,20 +376,24 @@ static void test_edit_delete(void) {
     CHECK_INT(run_req(s, &r), 0);
     store_req_cleanup(&r);
 
-    store_req_t e = {.op = STORE_EDIT, .chat_id = "c4", .user = "mallory", .text = "x", .id = id,
-                     .at = t + 1};
+    store_req_t e = {
+        .op = STORE_EDIT, .chat_id = "c4", .user = "mallory", .text = "x", .id = id, .at = t + 1};
     CHECK_INT(run_req(s, &e), CHAT_EPERM);
     store_req_cleanup(&e);
-    e = (store_req_t){.op = STORE_EDIT, .chat_id = "c4", .user = "frank", .text = "x",
-                      .id = id + 1, .at = t + 1};
+    e = (store_req_t){
+        .op = STORE_EDIT, .chat_id = "c4", .user = "frank", .text = "x", .id = id + 1, .at = t + 1};
     CHECK_INT(run_req(s, &e), CHAT_ENOTFOUND);
     store_req_cleanup(&e);
-    e = (store_req_t){.op = STORE_EDIT, .chat_id = "other", .user = "frank", .text = "x",
-                      .id = id, .at = t + 1};
+    e = (store_req_t){
+        .op = STORE_EDIT, .chat_id = "other", .user = "frank", .text = "x", .id = id, .at = t + 1};
     CHECK_INT(run_req(s, &e), CHAT_ENOTFOUND);
     store_req_cleanup(&e);
-    e = (store_req_t){.op = STORE_EDIT, .chat_id = "c4", .user = "frank", .text = "edited",
-                      .id = id, .at = t + 2};
+    e = (store_req_t){.op = STORE_EDIT,
+                      .chat_id = "c4",
+                      .user = "frank",
+                      .text = "edited",
+                      .id = id,
+                      .at = t + 2};
     CHECK_INT(run_req(s, &e), 0);
     CHECK(e.msg.id == id);
     CHECK_STR(e.msg.message, "edited");
@@ -406,8 +415,8 @@ static void test_edit_delete(void) {
     /* gone for good: no second delete, no edit */
     CHECK_INT(run_req(s, &d), CHAT_ENOTFOUND);
     store_req_cleanup(&d);
-    e = (store_req_t){.op = STORE_EDIT, .chat_id = "c4", .user = "frank", .text = "back",
-                      .id = id, .at = t + 4};
+    e = (store_req_t){
+        .op = STORE_EDIT, .chat_id = "c4", .user = "frank", .text = "back", .id = id, .at = t + 4};
     CHECK_INT(run_req(s, &e), CHAT_ENOTFOUND);
     store_req_cleanup(&e);
     store_req_t h = {.op = STORE_HISTORY, .chat_id = "c4", .limit = 10};
@@ -528,12 +537,12 @@ static void test_read_positions(void) {
     CHECK(!g.unread_capped);
     store_req_cleanup(&g);
 
-    store_req_t r = {.op = STORE_READ_SET, .chat_id = "other", .user = "alice", .id = ids[1],
-                     .at = t};
+    store_req_t r = {
+        .op = STORE_READ_SET, .chat_id = "other", .user = "alice", .id = ids[1], .at = t};
     CHECK_INT(run_req(s, &r), CHAT_ENOTFOUND);
     store_req_cleanup(&r);
-    r = (store_req_t){.op = STORE_READ_SET, .chat_id = "rp", .user = "alice", .id = ids[0],
-                      .at = t};
+    r = (store_req_t){
+        .op = STORE_READ_SET, .chat_id = "rp", .user = "alice", .id = ids[0], .at = t};
     CHECK_INT(run_req(s, &r), 0);
     CHECK(r.read_moved && r.read_id == ids[0]);
     store_req_cleanup(&r);
@@ -548,8 +557,12 @@ static void test_read_positions(void) {
     store_req_t rs[6];
     race_done = 0;
     for (int i = 0; i < 6; i++) {
-        rs[i] = (store_req_t){.op = STORE_READ_SET, .chat_id = "rp", .user = "alice",
-                              .id = ids[order[i]], .at = t + i, .cb = on_race};
+        rs[i] = (store_req_t){.op = STORE_READ_SET,
+                              .chat_id = "rp",
+                              .user = "alice",
+                              .id = ids[order[i]],
+                              .at = t + i,
+                              .cb = on_race};
         CHECK_INT(store_submit(s, &rs[i]), 0);
     }
     while (race_done < 6) uv_run(&loop, UV_RUN_ONCE);
@@ -558,8 +571,8 @@ static void test_read_positions(void) {
         CHECK(rs[i].read_id >= ids[order[i]]);
         store_req_cleanup(&rs[i]);
     }
-    r = (store_req_t){.op = STORE_READ_SET, .chat_id = "rp", .user = "alice", .id = ids[2],
-                      .at = t};
+    r = (store_req_t){
+        .op = STORE_READ_SET, .chat_id = "rp", .user = "alice", .id = ids[2], .at = t};
     CHECK_INT(run_req(s, &r), 0);
     CHECK(!r.read_moved && r.read_id == ids[4]);
     store_req_cleanup(&r);
@@ -595,8 +608,8 @@ static void test_write_order_and_paging(void) {
         /* a mix of plain and idempotent sends: the slower LWT ones must not overtake or be
          * overtaken */
         snprintf(cids[i], sizeof cids[i], "cid-%d", i);
-        rs[i] = append_req("co", "hank", "x", i % 7 == 0 ? cids[i] : NULL, id_at(t, (unsigned)i),
-                           t);
+        rs[i] =
+            append_req("co", "hank", "x", i % 7 == 0 ? cids[i] : NULL, id_at(t, (unsigned)i), t);
         rs[i].data = (void *)(intptr_t)i;
         rs[i].cb = on_ordered;
         CHECK_INT(store_submit(s, &rs[i]), 0);
@@ -686,8 +699,7 @@ static void on_vis_read(store_req_t *r) {
     if (!ok && !VIS.bad_reads++) {
         snprintf(VIS.first_bad, sizeof VIS.first_bad,
                  "%s read %d: %zu rows, row %d is seq %d after seq %d",
-                 VIS.hist ? "history" : "after",
-                 VIS.reads, r->n_msgs, at, vis_seq(r->msgs[at].id),
+                 VIS.hist ? "history" : "after", VIS.reads, r->n_msgs, at, vis_seq(r->msgs[at].id),
                  at > 0 ? vis_seq(r->msgs[at - 1].id) : -1);
     }
     store_req_cleanup(r);
@@ -717,8 +729,8 @@ static void test_appends_visible_in_id_order(void) {
      * read answered, so the reads see the writes at many points however fast either runs */
     VIS.budget = 100;
     while (VIS.acked < N || VIS.read_busy) {
-        for (int k = 0; k < WAVE && VIS.budget > 0 && VIS.submitted < N &&
-                        VIS.submitted - VIS.acked < 400;
+        for (int k = 0;
+             k < WAVE && VIS.budget > 0 && VIS.submitted < N && VIS.submitted - VIS.acked < 400;
              k++) {
             VIS.budget--;
             int i = VIS.submitted++;
@@ -929,8 +941,7 @@ static void on_typed(const cql_result_t *res, void *data) {
     for (int32_t j = 0; j < r->n_cols; j++) t->nulls += cql_rows_cell(r, 0, j)->n < 0;
 }
 
-static int typed_run(cql_stmt_t *st, const char *q, const cql_value_t *v, size_t n,
-                     typed_t *t) {
+static int typed_run(cql_stmt_t *st, const char *q, const cql_value_t *v, size_t n, typed_t *t) {
     memset(t, 0, sizeof *t);
     int rc = st ? cql_execute(cql, st, v, n, NULL, on_typed, t)
                 : cql_query(cql, q, v, n, NULL, on_typed, t);
@@ -978,10 +989,14 @@ static void test_types_roundtrip(void) {
     /* a version-1 (time) uuid, as timeuuid requires */
     const uint8_t tu[16] = {0x5b, 0x6e, 0x4a, 0x80, 0xcd, 0x9b, 0x11, 0xf0,
                             0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01};
-    cql_value_t v[] = {cql_text("k1"),           cql_text("tëxt 😀 \"q\""),
-                       cql_bigint(-9007199254740993LL), cql_int(-42),
-                       cql_bool(true),           cql_timestamp(1764424997756LL),
-                       cql_uuid(u),              cql_uuid(tu),
+    cql_value_t v[] = {cql_text("k1"),
+                       cql_text("tëxt 😀 \"q\""),
+                       cql_bigint(-9007199254740993LL),
+                       cql_int(-42),
+                       cql_bool(true),
+                       cql_timestamp(1764424997756LL),
+                       cql_uuid(u),
+                       cql_uuid(tu),
                        cql_blob("\0\1\xff", 3)};
     CHECK_INT(typed_run(ins, NULL, v, 9, &t), 0);
     snprintf(q, sizeof q, "SELECT * FROM %s.types WHERE k = ?", ks);
@@ -1001,7 +1016,7 @@ static void test_types_roundtrip(void) {
     CHECK_MEM(t.blob, "\0\1\xff", 3);
     CHECK_INT(t.nulls, 0);
     /* unset leaves a column alone, null clears it */
-    cql_value_t v2[] = {cql_text("k1"), cql_unset(), cql_null(), cql_unset(), cql_unset(),
+    cql_value_t v2[] = {cql_text("k1"), cql_unset(), cql_null(),  cql_unset(), cql_unset(),
                         cql_unset(),    cql_unset(), cql_unset(), cql_null()};
     CHECK_INT(typed_run(ins, NULL, v2, 9, &t), 0);
     CHECK_INT(typed_run(sel, NULL, k1, 1, &t), 0);
@@ -1066,16 +1081,14 @@ static int start_node(void) {
         snprintf(node_dir, sizeof node_dir, "/tmp/scalable-chat-cassandra-%d", port);
     }
     char cmd[600];
-    snprintf(cmd, sizeof cmd,
-             "bash scripts/cassandra status --port %d --dir '%s' >/dev/null 2>&1", port,
-             node_dir);
+    snprintf(cmd, sizeof cmd, "bash scripts/cassandra status --port %d --dir '%s' >/dev/null 2>&1",
+             port, node_dir);
     started_here = system(cmd) != 0;
     if (started_here) {
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", node_dir);
         if (system(cmd) != 0) return -1;
     }
-    snprintf(cmd, sizeof cmd, "bash scripts/cassandra start --port %d --dir '%s'", port,
-             node_dir);
+    snprintf(cmd, sizeof cmd, "bash scripts/cassandra start --port %d --dir '%s'", port, node_dir);
     if (system(cmd) != 0) {
         fprintf(stderr, "test_store_cassandra: cannot start Cassandra (%s)\n", cmd);
         return -1;
@@ -1101,8 +1114,11 @@ int main(void) {
     snprintf(ks, sizeof ks, "ut_%d", (int)getpid());
     snprintf(url, sizeof url, "cassandra://%s/%s", host, ks);
     const char *hosts[] = {host};
-    cql_client_opts_t o = {.hosts = hosts, .n_hosts = 1, .consistency = -1,
-                           .serial_consistency = -1, .conns_per_host = 1};
+    cql_client_opts_t o = {.hosts = hosts,
+                           .n_hosts = 1,
+                           .consistency = -1,
+                           .serial_consistency = -1,
+                           .conns_per_host = 1};
     int ready = 0;
     if (cql_client_new(&cql, &loop, &o) != 0) return 1;
     cql_client_on_ready(cql, on_ready, &ready);

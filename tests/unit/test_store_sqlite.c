@@ -591,8 +591,7 @@ static void test_delete(void) {
     CHECK_INT(query_int(f.path, "SELECT count(*) FROM messages WHERE id = 7 AND message IS NULL "
                                 "AND deleted_at = 1900000000000"),
               1);
-    CHECK_INT(query_int(f.path, "SELECT count(*) FROM messages WHERE message LIKE '%secret%'"),
-              0);
+    CHECK_INT(query_int(f.path, "SELECT count(*) FROM messages WHERE message LIKE '%secret%'"), 0);
     /* After a clean close the WAL is folded into the database, and secure_delete zeroed the
      * cell the text lived in: the words are not in the file either. */
     CHECK_INT(fx_close_store(&f), 1);
@@ -607,8 +606,7 @@ static void test_delete(void) {
     /* The search index holds words folded to lower case. It drops a deleted message's words
      * at once only with FTS5 secure-delete (SQLite 3.44+); before, they stay in an index
      * segment until FTS5 merges it (README: Search). */
-    if (sqlite3_libversion_number() >= 3044000)
-        CHECK(memmem(bytes, n, "secret", 6) == NULL);
+    if (sqlite3_libversion_number() >= 3044000) CHECK(memmem(bytes, n, "secret", 6) == NULL);
     else
         printf("  SQLite %s: a deleted message's words stay in the FTS5 index until a merge\n",
                sqlite3_libversion());
@@ -779,8 +777,10 @@ static void test_wal_checkpointed_in_background(void) {
     CHECK_INT(failed, 0);
     CHECK_INT(st1.writes - st0.writes, ROUND * ROUNDS);
     /* every round dirties hundreds of pages: tens of thousands of frames were written */
-    fprintf(stderr, "  %" PRIu64 " transactions, %" PRIu64 " background checkpoints, WAL at most %lld KB\n",
-            st1.batches - st0.batches, st1.checkpoints - st0.checkpoints, (long long)wal_max / 1024);
+    fprintf(stderr,
+            "  %" PRIu64 " transactions, %" PRIu64 " background checkpoints, WAL at most %lld KB\n",
+            st1.batches - st0.batches, st1.checkpoints - st0.checkpoints,
+            (long long)wal_max / 1024);
     CHECK(st1.checkpoints - st0.checkpoints >= 1);
     /* The WAL restarted: at most the 4096 frames that start a checkpoint, what the writer
      * added while it ran, and one round, far below the 40,000 pages it would hold else. */
@@ -807,8 +807,9 @@ static void hold_lock(void *arg) {
     lh->rc = sqlite3_open(lh->path, &db);
     if (lh->rc == SQLITE_OK) lh->rc = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
     if (lh->rc == SQLITE_OK) {
-        sqlite3_exec(db, "INSERT INTO messages (chat_id, id, user_from, message, created_at)"
-                         " VALUES ('other', 1, 'bob', 'from the other node', 1)",
+        sqlite3_exec(db,
+                     "INSERT INTO messages (chat_id, id, user_from, message, created_at)"
+                     " VALUES ('other', 1, 'bob', 'from the other node', 1)",
                      NULL, NULL, NULL);
         __atomic_store_n(&lh->locked, 1, __ATOMIC_RELEASE);
         struct timespec ts = {lh->hold_ms / 1000, (long)(lh->hold_ms % 1000) * 1000000};
@@ -824,7 +825,10 @@ static void test_waits_for_another_writer(void) {
     CHECK(fx_init(&f));
     CHECK_INT(fx_open(&f), 0);
     CHECK_INT(append1(&f, "c", "alice", "first", NULL, 1), 0);
-    struct { int hold_ms; int want; } cases[] = {{300, 0}, {5600, CHAT_EIO}};
+    struct {
+        int hold_ms;
+        int want;
+    } cases[] = {{300, 0}, {5600, CHAT_EIO}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         lock_holder_t lh = {f.path, cases[i].hold_ms, -1, 0};
         uv_thread_t t;
@@ -1203,11 +1207,13 @@ static void test_query_plans(void) {
     CHECK_INT(fx_open(&f), 0);
     sqlite3 *db = NULL;
     CHECK_INT(sqlite3_open_v2(f.path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
-    bool h = plan_uses(db, "SELECT * FROM messages WHERE chat_id = ?1 AND id < ?2 "
-                           "ORDER BY id DESC LIMIT ?3",
+    bool h = plan_uses(db,
+                       "SELECT * FROM messages WHERE chat_id = ?1 AND id < ?2 "
+                       "ORDER BY id DESC LIMIT ?3",
                        "USING PRIMARY KEY (chat_id=? AND id<?)");
-    bool k = plan_uses(db, "SELECT * FROM messages WHERE chat_id = ?1 AND user_from = ?2 "
-                           "AND client_id = ?3",
+    bool k = plan_uses(db,
+                       "SELECT * FROM messages WHERE chat_id = ?1 AND user_from = ?2 "
+                       "AND client_id = ?3",
                        "messages_client_id");
     sqlite3_close(db);
     CHECK(h);

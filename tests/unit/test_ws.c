@@ -36,7 +36,10 @@ static size_t ev_fmt(char *out, size_t cap, char kind, int op, unsigned code, co
 }
 
 /* Expected-log builder. */
-typedef struct { char s[4096]; size_t n; } elog_t;
+typedef struct {
+    char s[4096];
+    size_t n;
+} elog_t;
 
 static void e_msg(elog_t *e, int op, const void *d, size_t n) {
     e->n += ev_fmt(e->s + e->n, sizeof e->s - e->n, 'M', op, 0, d, n);
@@ -50,7 +53,7 @@ typedef struct rec {
     size_t n;
     const uint8_t *in; /* the buffer of the current feed */
     size_t in_len;
-    int in_place;      /* deliveries whose data pointed into the input */
+    int in_place; /* deliveries whose data pointed into the input */
     int events;
     int stop_at;       /* return non-zero from the stop_at-th event (1-based); 0 = never */
     bool free_on_stop; /* call ws_parser_free from the stopping callback */
@@ -79,8 +82,8 @@ static int on_ctl(void *ud, int op, uint16_t code, uint8_t *d, size_t n) {
 static const ws_parser_cb_t CB = {on_msg, on_ctl};
 
 typedef struct cfg {
-    bool client;  /* expect_unmasked, require_mask false */
-    size_t max;   /* 0: the default */
+    bool client;   /* expect_unmasked, require_mask false */
+    size_t max;    /* 0: the default */
     ws_zip_t *zip; /* permessage-deflate negotiated, with this inflater */
 } cfg_t;
 
@@ -151,8 +154,8 @@ static void expect(const uint8_t *in, size_t n, cfg_t c, const char *want_log, i
     size_t *cuts = calloc(n + 1, sizeof *cuts);
     for (size_t k = 1; k < n; k++) cuts[k - 1] = k;
     bool ok = same_run("bytewise", in, n, cuts, n ? n - 1 : 0, c, want_log, want_rc, want_code);
-    for (size_t k = 1; ok && k < n; k++) ok = same_run("split", in, n, &k, 1, c, want_log, want_rc,
-                                                        want_code);
+    for (size_t k = 1; ok && k < n; k++)
+        ok = same_run("split", in, n, &k, 1, c, want_log, want_rc, want_code);
     static const size_t steps[] = {2, 3, 5, 7, 13};
     for (size_t s = 0; ok && s < sizeof steps / sizeof *steps; s++) {
         size_t nc = 0;
@@ -163,13 +166,13 @@ static void expect(const uint8_t *in, size_t n, cfg_t c, const char *want_log, i
     want_reason_ = NULL;
     CHECK(ok);
 }
-#define EXPECT(...)                                                                        \
-    do {                                                                                   \
-        expect(__VA_ARGS__);                                                               \
-        if (test_cur_failed_) {                                                            \
-            fprintf(stderr, "  (from line %d)\n", __LINE__);                               \
-            return;                                                                        \
-        }                                                                                  \
+#define EXPECT(...)                                          \
+    do {                                                     \
+        expect(__VA_ARGS__);                                 \
+        if (test_cur_failed_) {                              \
+            fprintf(stderr, "  (from line %d)\n", __LINE__); \
+            return;                                          \
+        }                                                    \
     } while (0)
 
 static const cfg_t SERVER = {false, 0, NULL};
@@ -213,13 +216,13 @@ static void test_accept_key_invalid(void) {
     char out[29];
     static const char *bad[] = {
         "",
-        "dGhlIHNhbXBsZSBub25jZQ=",    /* 23 chars */
-        "dGhlIHNhbXBsZSBub25jZQ===",  /* 25 chars */
-        "dGhlIHNhbXBsZSBub25jZQAA",   /* 18 bytes, no padding */
-        "dGhlIHNhbXBsZSBub25jZ===",   /* 15 bytes + padding */
-        "dGhlIHNhbXBsZSBub25j*Q==",   /* bad alphabet */
-        "dGhlIHNhbXBsZSBub25jZ-==",   /* base64url is not base64 */
-        "dGhlIHNhbXBs=SBub25jZQ==",   /* padding inside */
+        "dGhlIHNhbXBsZSBub25jZQ=",   /* 23 chars */
+        "dGhlIHNhbXBsZSBub25jZQ===", /* 25 chars */
+        "dGhlIHNhbXBsZSBub25jZQAA",  /* 18 bytes, no padding */
+        "dGhlIHNhbXBsZSBub25jZ===",  /* 15 bytes + padding */
+        "dGhlIHNhbXBsZSBub25j*Q==",  /* bad alphabet */
+        "dGhlIHNhbXBsZSBub25jZ-==",  /* base64url is not base64 */
+        "dGhlIHNhbXBs=SBub25jZQ==",  /* padding inside */
         "dGhlIHNhbXBsZSBub25jZQ= ",
         " dGhlIHNhbXBsZSBub25jZQ==",
         "dGhlIHNhbXBsZSBub25jZ\x80==",
@@ -352,7 +355,10 @@ static void test_close_frame_new(void) {
 
     b = ws_close_frame_new(1000, "bye");
     CHECK_INT(b->len, 7);
-    CHECK_MEM(b->data, "\x88\x05\x03\xe8" "bye", 7);
+    CHECK_MEM(b->data,
+              "\x88\x05\x03\xe8"
+              "bye",
+              7);
     buf_unref(b);
 
     b = ws_close_frame_new(1009, NULL);
@@ -374,7 +380,10 @@ static void test_close_frame_new(void) {
     buf_unref(b);
 
     /* multi-byte: never cut inside a character */
-    struct { const char *ch; size_t clen; } t[] = {
+    struct {
+        const char *ch;
+        size_t clen;
+    } t[] = {
         {"\xc3\xa9", 2},         /* é */
         {"\xe2\x82\xac", 3},     /* € */
         {"\xf0\x9f\x92\xac", 4}, /* 💬 */
@@ -403,9 +412,13 @@ static void test_close_frame_new(void) {
     }
 
     /* an invalid reason is cut before the first bad byte */
-    b = ws_close_frame_new(1011, "ab\xff" "cd");
+    b = ws_close_frame_new(1011, "ab\xff"
+                                 "cd");
     CHECK_INT(b->len, 6);
-    CHECK_MEM(b->data, "\x88\x04\x03\xf3" "ab", 6);
+    CHECK_MEM(b->data,
+              "\x88\x04\x03\xf3"
+              "ab",
+              6);
     buf_unref(b);
     b = ws_close_frame_new(1000, "ok\xe2\x82");
     CHECK_INT(b->len, 6);
@@ -416,8 +429,8 @@ static void test_close_frame_new(void) {
 static void test_close_code_valid(void) {
     static const uint16_t ok[] = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010,
                                   1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999};
-    static const uint16_t bad[] = {0,    1,    999,  1004, 1005, 1006, 1015, 1016,
-                                   1100, 2000, 2999, 5000, 6000, 65535};
+    static const uint16_t bad[] = {0,    1,    999,  1004, 1005, 1006, 1015,
+                                   1016, 1100, 2000, 2999, 5000, 6000, 65535};
     for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) CHECK(ws_close_code_valid(ok[i]));
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) CHECK(!ws_close_code_valid(bad[i]));
     unsigned n = 0;
@@ -745,7 +758,10 @@ static void test_close_frames(void) {
     e_ctl(&e, WS_OP_CLOSE, 1005, "", 0);
     EXPECT(f, n, SERVER, e.s, 0, 0);
     /* code and reason */
-    n = cframe(f, WS_OP_CLOSE, true, "\x03\xe8" "bye \xce\xba", 8);
+    n = cframe(f, WS_OP_CLOSE, true,
+               "\x03\xe8"
+               "bye \xce\xba",
+               8);
     elog_t e2 = {0};
     e_ctl(&e2, WS_OP_CLOSE, 1000, "bye \xce\xba", 6);
     EXPECT(f, n, SERVER, e2.s, 0, 0);
@@ -768,9 +784,15 @@ static void test_close_frames(void) {
         EXPECT(f, n, SERVER, e3.s, 0, 0);
     }
     /* invalid UTF-8 reason */
-    n = cframe(f, WS_OP_CLOSE, true, "\x03\xe8" "a\xed\xa0\x80", 6);
+    n = cframe(f, WS_OP_CLOSE, true,
+               "\x03\xe8"
+               "a\xed\xa0\x80",
+               6);
     EXPECT(f, n, SERVER, "", CHAT_EUTF8, 1007);
-    n = cframe(f, WS_OP_CLOSE, true, "\x03\xe8" "a\xce", 4);
+    n = cframe(f, WS_OP_CLOSE, true,
+               "\x03\xe8"
+               "a\xce",
+               4);
     EXPECT(f, n, SERVER, "", CHAT_EUTF8, 1007);
     /* a 125-byte close */
     uint8_t body[125];
@@ -1051,7 +1073,10 @@ static void test_stream_all_splits(void) {
     n += cframe(f + n, WS_OP_PING, true, "?", 1);
     n += cframe(f + n, WS_OP_CONT, true, "\xbd\xb9\xcf\x83", 4);
     n += cframe(f + n, WS_OP_BINARY, true, mid, 130);
-    n += cframe(f + n, WS_OP_CLOSE, true, "\x03\xe8" "done", 6);
+    n += cframe(f + n, WS_OP_CLOSE, true,
+                "\x03\xe8"
+                "done",
+                6);
     elog_t e = {0};
     e_msg(&e, WS_OP_TEXT, "hi \xf0\x9f\x92\xac", 7);
     e_ctl(&e, WS_OP_PING, 0, "?", 1);
@@ -1193,7 +1218,8 @@ static void test_zip_frame_roundtrip(void) {
     buf_unref(plain);
     uint8_t noise[300];
     uint32_t x = 12345;
-    for (size_t i = 0; i < sizeof noise; i++) noise[i] = (uint8_t)((x = x * 1103515245u + 12345u) >> 23);
+    for (size_t i = 0; i < sizeof noise; i++)
+        noise[i] = (uint8_t)((x = x * 1103515245u + 12345u) >> 23);
     plain = ws_frame_new(WS_OP_BINARY, noise, sizeof noise);
     CHECK(ws_zip_frame(z, plain) == NULL);
     buf_unref(plain);
@@ -1271,7 +1297,8 @@ static void test_parser_deflate(void) {
     ws_zip_t *z = ws_zip_new();
     CHECK(z);
     const cfg_t ZS = {false, 0, z};
-    static const char msg[] = "{\"event\":\"message:message\",\"message\":\"h\u00e9llo h\u00e9llo\"}";
+    static const char msg[] =
+        "{\"event\":\"message:message\",\"message\":\"h\u00e9llo h\u00e9llo\"}";
     uint8_t c[256], f[1024];
     size_t cl = zdeflate(msg, sizeof msg - 1, c, sizeof c, 15);
     CHECK(cl > 0);
@@ -1337,7 +1364,8 @@ static void test_parser_deflate(void) {
     /* the wire limit of a compressed message leaves room for deflate's overhead */
     uint8_t noise[4096];
     uint32_t x = 7;
-    for (size_t i = 0; i < sizeof noise; i++) noise[i] = (uint8_t)((x = x * 1103515245u + 12345u) >> 23);
+    for (size_t i = 0; i < sizeof noise; i++)
+        noise[i] = (uint8_t)((x = x * 1103515245u + 12345u) >> 23);
     static uint8_t nz[4200], nf[4300];
     cl = zdeflate(noise, sizeof noise, nz, sizeof nz, 15);
     CHECK(cl > sizeof noise);
