@@ -92,7 +92,7 @@ struct peer {
     int kind;
     chat_server_t *srv;
     conn_t *conn;           /* NULL once the connection is gone */
-    peer_t *prev, *next;    /* the server's list of open connections */
+    queue_t link;           /* in the server's list of open connections */
     uint64_t last_rx;       /* uv_now() of the last bytes received */
     uint64_t closing_since; /* uv_now() when we started closing, 0 if not */
     int refs;               /* 1 for the connection + 1 per store request in flight */
@@ -190,7 +190,7 @@ struct chat_server {
     struct stream *stream; /* the Kafka relay, with --kafka */
     id_gen_t ids;
     room_table_t rooms;
-    peer_t *peers;
+    queue_t peers; /* peer_t.link: the open connections, newest first */
     size_t n_peers, n_sessions;
     uv_timer_t sweep;
     /* the loop's own load: a prepare handle runs once per turn, before the poll */
@@ -242,7 +242,11 @@ struct chat_server {
 /* peer.c */
 void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c);
 void chat_peer_unlink(peer_t *p); /* the connection closed */
-void chat_peer_unref(peer_t *p);  /* frees at zero */
+/* The open connections, newest first: the first, and the one after p (NULL past the last);
+ * borrowed. Closing a connection never unlinks it at once, so a walk may close as it goes. */
+peer_t *chat_peer_first(chat_server_t *s);
+peer_t *chat_peer_next(chat_server_t *s, peer_t *p);
+void chat_peer_unref(peer_t *p); /* frees at zero */
 /* metrics.c */
 void chat_hist_record(metric_hist_t *h, double secs);
 void chat_record_close(chat_server_t *s, uint16_t code);

@@ -44,8 +44,8 @@ static void cluster__catchup_submit(catchup_t *cu, uint64_t after);
 /* Close every member of r (they resume with since= and read what the room could not). */
 static void cluster__close_members(room_t *r, uint16_t code, const char *reason) {
     room_member_t *next;
-    for (room_member_t *m = r->members; m; m = next) {
-        next = m->next;
+    for (room_member_t *m = room_first(r); m; m = next) {
+        next = room_member_next(r, m);
         chat_session_close(chat_session_of(m), code, reason);
     }
 }

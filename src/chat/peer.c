@@ -16,19 +16,21 @@ void chat_peer_link(chat_server_t *s, peer_t *p, int kind, conn_t *c) {
     p->conn = c;
     p->refs = 1;
     p->last_rx = uv_now(s->loop);
-    p->prev = NULL;
-    p->next = s->peers;
-    if (s->peers) s->peers->prev = p;
-    s->peers = p;
+    queue_insert_head(&s->peers, &p->link);
     s->n_peers++;
+}
+
+peer_t *chat_peer_first(chat_server_t *s) {
+    return queue_empty(&s->peers) ? NULL : queue_data(queue_head(&s->peers), peer_t, link);
+}
+
+peer_t *chat_peer_next(chat_server_t *s, peer_t *p) {
+    return p->link.next == &s->peers ? NULL : queue_data(p->link.next, peer_t, link);
 }
 
 void chat_peer_unlink(peer_t *p) {
     chat_server_t *s = p->srv;
-    if (p->prev) p->prev->next = p->next;
-    else s->peers = p->next;
-    if (p->next) p->next->prev = p->prev;
-    p->prev = p->next = NULL;
+    queue_remove(&p->link);
     p->conn = NULL;
     s->n_peers--;
     chat_peer_unref(p);

@@ -334,7 +334,7 @@ static void pres__synced(void *ud, int status, const bus_presence_t *p, size_t n
     }
     c->synced = true;
     room_t *r = room_find(&s->rooms, c->id);
-    for (room_member_t *rm = r ? r->members : NULL; rm; rm = rm->next) {
+    for (room_member_t *rm = r ? room_first(r) : NULL; rm; rm = room_member_next(r, rm)) {
         session_t *m = chat_session_of(rm);
         if (m->presence_asked) {
             m->presence_asked = false;

@@ -114,6 +114,7 @@ int room_join(room_table_t *t, room_member_t *m, const char *chat_id) {
             free(r);
             return CHAT_ENOMEM;
         }
+        queue_init(&r->members);
         r->hash = chat_hash(chat_id);
         r->gen = ++t->gen;
         r->hnext = t->buckets[r->hash & (t->cap - 1)];
@@ -122,10 +123,7 @@ int room_join(room_table_t *t, room_member_t *m, const char *chat_id) {
         r->subscribed = t->on_open ? t->on_open(t->ud, chat_id) == 1 : true;
     }
     m->room = r;
-    m->prev = NULL;
-    m->next = r->members;
-    if (r->members) r->members->prev = m;
-    r->members = m;
+    queue_insert_head(&r->members, &m->link);
     r->n++;
     return 0;
 }
@@ -133,11 +131,8 @@ int room_join(room_table_t *t, room_member_t *m, const char *chat_id) {
 void room_leave(room_table_t *t, room_member_t *m) {
     room_t *r = m->room;
     if (!r) return;
-    if (m->prev) m->prev->next = m->next;
-    else r->members = m->next;
-    if (m->next) m->next->prev = m->prev;
+    queue_remove(&m->link);
     m->room = NULL;
-    m->prev = m->next = NULL;
     if (--r->n) return;
     room_t **pp = &t->buckets[r->hash & (t->cap - 1)];
     while (*pp != r) pp = &(*pp)->hnext;
@@ -147,14 +142,23 @@ void room_leave(room_table_t *t, room_member_t *m) {
     room__free(r);
 }
 
+room_member_t *room_first(room_t *r) {
+    return queue_empty(&r->members) ? NULL
+                                    : queue_data(queue_head(&r->members), room_member_t, link);
+}
+
+room_member_t *room_member_next(room_t *r, room_member_t *m) {
+    return m->link.next == &r->members ? NULL : queue_data(m->link.next, room_member_t, link);
+}
+
 /* ---- delivery ------------------------------------------------------------------------------- */
 
 size_t room_deliver(room_table_t *t, room_t *r, chat_frames_t *f, bool is_new, uint64_t id,
                     room_filter_fn filter, const void *arg) {
     size_t n = 0;
     room_member_t *next;
-    for (room_member_t *m = r->members; m; m = next) {
-        next = m->next; /* a delivery may close the member, never unlink it at once */
+    for (room_member_t *m = room_first(r); m; m = next) {
+        next = room_member_next(r, m); /* a delivery may close m, never unlink it at once */
         if ((!filter || filter(m, arg)) && t->deliver(m, f, is_new, id) == 0) n++;
     }
     t->delivered += n;

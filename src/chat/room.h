@@ -69,7 +69,7 @@ typedef struct room room_t;
 
 /* A member's link into its room; embedded in the member (session_t). */
 typedef struct room_member {
-    struct room_member *prev, *next;
+    queue_t link; /* in its room's members */
     room_t *room; /* NULL when in no room */
 } room_member_t;
 
@@ -81,7 +81,7 @@ typedef struct room_mark {
 
 struct room {
     char *chat_id;
-    room_member_t *members;
+    queue_t members; /* room_member_t.link; walk with room_first / room_member_next */
     size_t n;
     room_t *hnext;
     uint32_t hash;
@@ -135,6 +135,10 @@ void room_leave(room_table_t *t, room_member_t *m);
 /* Walk the rooms: the first with prev NULL, then the next; NULL at the end. The table must
  * not change during the walk. */
 room_t *room_next(room_table_t *t, room_t *prev);
+/* r's first member, and the one after m (NULL past the last); borrowed. A walk may close
+ * the member it is at (closing never unlinks it at once), so take the next one first. */
+room_member_t *room_first(room_t *r);
+room_member_t *room_member_next(room_t *r, room_member_t *m);
 
 /* Pass or drop an event by the room's marks and recent ids; true if it is new to this
  * room (and it is recorded as seen). */

@@ -47,9 +47,9 @@ static void chat__sweep(uv_timer_t *t) {
     uint64_t now = uv_now(s->loop), idle = s->cfg.idle_timeout_ms;
     int64_t wall = (int64_t)time(NULL); /* token exp is wall-clock seconds */
     chat_presence_sweep(s, now);
-    peer_t *p = s->peers;
+    peer_t *p = chat_peer_first(s);
     while (p) {
-        peer_t *next = p->next; /* closing below never unlinks synchronously, but be safe */
+        peer_t *next = chat_peer_next(s, p); /* closing never unlinks at once, but be safe */
         conn_t *c = p->conn;
         if (!c) {
             p = next;
@@ -138,8 +138,8 @@ static void chat__bus_subscribed(void *ud, const char *chat_id) {
     r->subscribed = true;
     chat_presence_subscribed(s, chat_id);
     room_member_t *next;
-    for (room_member_t *m = r->members; m; m = next) {
-        next = m->next;
+    for (room_member_t *m = room_first(r); m; m = next) {
+        next = room_member_next(r, m);
         chat_session_subscribed(chat_session_of(m));
     }
 }
@@ -162,6 +162,7 @@ int chat_server_start(chat_server_t **out, uv_loop_t *loop, const chat_config_t 
                       size_t errlen) {
     chat_server_t *s = calloc(1, sizeof(*s));
     if (!s) return CHAT_ENOMEM;
+    queue_init(&s->peers);
     s->loop = loop;
     s->cfg = *cfg;
     if (!s->cfg.on_fatal) {
@@ -341,7 +342,7 @@ static void chat__maybe_finish_stop(chat_server_t *s) {
 static void chat__stop_deadline(uv_timer_t *t) {
     chat_server_t *s = t->data;
     log_warn("shutdown_deadline open_connections=%zu: dropping them", s->n_peers);
-    for (peer_t *p = s->peers; p; p = p->next)
+    for (peer_t *p = chat_peer_first(s); p; p = chat_peer_next(s, p))
         if (p->conn) conn_abort(p->conn);
 }
 
@@ -354,7 +355,7 @@ void chat_server_shutdown(chat_server_t *s, uint16_t close_code, void (*done)(vo
     conn_server_stop_listening(&s->cs);
     chat_cluster_stop(s);
     log_info("shutdown connections=%zu code=%u", s->n_peers, close_code);
-    for (peer_t *p = s->peers; p; p = p->next) {
+    for (peer_t *p = chat_peer_first(s); p; p = chat_peer_next(s, p)) {
         if (!p->conn) continue;
         if (p->kind == PEER_WS)
             chat_session_close((session_t *)p, close_code, "server shutting down");
