@@ -26,6 +26,7 @@
  * handler (on_open) when its handshake is done; one whose handshake does not finish within
  * handshake_timeout_ms is reset.
  */
+#include "conn_internal.h"
 #include "core.h"
 #include "tls_internal.h"
 
@@ -40,31 +41,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
-
-/* What a connection is; opaque outside this file (core.h). */
-struct conn {
-    uv_tcp_t tcp;
-    conn_server_t *server;
-    const conn_handler_t *handler;
-    void *ctx; /* the handler's state */
-    /* output queue: refcounted segments, written by one sendmsg per loop turn */
-    struct conn_seg *q;
-    uint32_t q_head, q_len, q_cap;
-    size_t q_bytes;           /* bytes queued, not yet written */
-    size_t max_outbound;      /* conn_send fails with CHAT_EBUSY past this */
-    uv_write_t *wreq;         /* allocated only while a write waits for the kernel buffer */
-    uint32_t w_segs;          /* segments covered by wreq */
-    queue_t dirty_link;       /* on the server's list of connections to flush */
-    queue_t linger_link;      /* on the server's list of half-closed connections */
-    uint64_t linger_deadline; /* uv_now() after which a half-closed conn is dropped */
-    size_t drain_below;       /* on_drain fires once q_bytes <= this (CF_DRAIN armed) */
-    uint64_t last_tx;         /* uv_now() of the last write that moved bytes to the kernel */
-    struct conn_ip *ip;       /* its address's count, when connections per address are limited */
-    struct conn_tls *tls;     /* the TLS state, NULL on a plain connection */
-    uint8_t over_limit;       /* CONN_OVER_*: accepted beyond a limit; the handler refuses it */
-    uint16_t flags;
-    uint64_t id; /* for logs */
-};
 
 void conn_set_handler(conn_t *c, const conn_handler_t *h, void *ctx) {
     c->handler = h;

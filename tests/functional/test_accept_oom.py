@@ -54,7 +54,7 @@ void *calloc(size_t n, size_t size) {
 
 SIZEOF = r"""
 #include <stdio.h>
-#include "core/core.h"
+#include "core/conn_internal.h"
 int main(void) { printf("%zu\n", sizeof(conn_t)); return 0; }
 """
 
