@@ -53,22 +53,12 @@ struct jwks {
 
 /* ---- the worker thread ----------------------------------------------------------------- */
 
-typedef struct jwks_body {
-    char *p;
-    size_t n;
-} jwks_body_t;
-
 static size_t jwks__write(char *data, size_t size, size_t nmemb, void *arg) {
-    jwks_body_t *b = arg;
+    sbuf_t *b = arg;
     size_t n = size * nmemb;
-    if (n > JWKS_MAX_BODY - b->n) return 0; /* too big: curl aborts the transfer */
-    char *p = realloc(b->p, b->n + n + 1);
-    if (!p) return 0;
-    memcpy(p + b->n, data, n);
-    b->p = p;
-    b->n += n;
-    p[b->n] = '\0';
-    return n;
+    if (n > JWKS_MAX_BODY - b->len) return 0; /* too big: curl aborts the transfer */
+    sbuf_put(b, data, n);
+    return b->oom ? 0 : n;
 }
 
 /* Called by curl during the transfer: a non-zero answer aborts it, so jwks_close does not
@@ -89,7 +79,7 @@ static void jwks__worker(void *arg) {
         uv_mutex_unlock(&j->mu);
         if (stop) break;
 
-        jwks_body_t body = {0};
+        sbuf_t body = {0}; /* its bytes go to j->body, which frees them */
         char errbuf[CURL_ERROR_SIZE] = "";
         long status = 0;
         CURLcode rc = CURLE_FAILED_INIT;
@@ -116,7 +106,7 @@ static void jwks__worker(void *arg) {
         uv_mutex_lock(&j->mu);
         free(j->body);
         j->body = body.p;
-        j->body_len = body.n;
+        j->body_len = body.len;
         j->status = rc == CURLE_OK ? status : 0;
         snprintf(j->curl_err, sizeof j->curl_err, "%s", errbuf);
         j->done = true;

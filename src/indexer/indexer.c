@@ -85,27 +85,18 @@ static void nap(ix_t *ix, int ms) {
 
 /* ---- HTTP to the engine ---------------------------------------------------------------- */
 
-typedef struct body {
-    char *p;
-    size_t n;
-} body_t;
-
+/* curl's write callback: the body into an sbuf_t (0 on no memory: curl aborts). */
 static size_t on_body(char *data, size_t size, size_t nmemb, void *arg) {
-    body_t *b = arg;
+    sbuf_t *b = arg;
     size_t n = size * nmemb;
-    char *p = realloc(b->p, b->n + n + 1);
-    if (!p) return 0;
-    memcpy(p + b->n, data, n);
-    b->p = p;
-    b->n += n;
-    p[b->n] = '\0';
-    return n;
+    sbuf_put(b, data, n);
+    return b->oom ? 0 : n;
 }
 
 /* One request; the HTTP status (0: no answer, errbuf says why) and the body in *resp (the
- * caller frees resp->p). */
+ * caller frees it: sbuf_free). */
 static long http_call(ix_t *ix, const char *method, const char *path, const char *ctype,
-                      const char *data, size_t len, body_t *resp, char *errbuf) {
+                      const char *data, size_t len, sbuf_t *resp, char *errbuf) {
     char url[600];
     snprintf(url, sizeof url, "%s%s", ix->base, path);
     CURL *c = ix->curl;
@@ -151,7 +142,7 @@ static int install_template(ix_t *ix) {
     int backoff = BACKOFF_MIN_MS;
     int rc = 1;
     while (!*ix->stop) {
-        body_t resp = {0};
+        sbuf_t resp = {0};
         long st = http_call(ix, "PUT", path, "application/json", t.p, t.len, &resp, err);
         if (st == 200) {
             log_info("template_installed name=%s pattern=%s-*", ix->alias, ix->alias);
@@ -160,12 +151,12 @@ static int install_template(ix_t *ix) {
             log_error("template_refused status=%ld body=%s", st, LOG_STR(resp.p));
         } else {
             log_warn("template_retry status=%ld err=%s backoff_ms=%d", st, LOG_STR(err), backoff);
-            free(resp.p);
+            sbuf_free(&resp);
             nap(ix, backoff);
             backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
             continue;
         }
-        free(resp.p);
+        sbuf_free(&resp);
         break;
     }
     sbuf_free(&t);
@@ -265,7 +256,7 @@ static bool bulk_once(ix_t *ix, rec_t *r, size_t n, const sbuf_t *lines, char *w
         return false;
     }
     char err[CURL_ERROR_SIZE];
-    body_t resp = {0};
+    sbuf_t resp = {0};
     struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
     long st = http_call(ix, "POST", "/_bulk", "application/x-ndjson", body.p, body.len, &resp, err);
@@ -275,13 +266,13 @@ static bool bulk_once(ix_t *ix, rec_t *r, size_t n, const sbuf_t *lines, char *w
     if (st != 200) {
         ix->m.bulk_errors++;
         snprintf(why, whylen, "status=%ld err=%.180s", st, st ? "http" : err);
-        free(resp.p);
+        sbuf_free(&resp);
         return false;
     }
     observe_latency(ix, (int64_t)(b.tv_sec - a.tv_sec) * 1000000 + (b.tv_nsec - a.tv_nsec) / 1000);
     json_error_t jerr;
-    json_t *root = json_loadb(resp.p ? resp.p : "", resp.n, 0, &jerr);
-    free(resp.p);
+    json_t *root = json_loadb(resp.p ? resp.p : "", resp.len, 0, &jerr);
+    sbuf_free(&resp);
     json_t *items = json_object_get(root, "items");
     if (json_array_size(items) != k) {
         ix->m.bulk_errors++;
