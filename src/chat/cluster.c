@@ -94,9 +94,7 @@ static void cluster__catchup_done(store_req_t *req) {
             buf_t *frame = ev.oom ? NULL : ws_frame_new(WS_OP_TEXT, ev.p, ev.len);
             sbuf_free(&ev);
             if (!frame) continue;
-            chat_frames_t f = {.plain = frame};
-            room_deliver(&s->rooms, r, &f, is_new, m->id, NULL, NULL);
-            buf_unref(f.zipped);
+            room_deliver_frame(&s->rooms, r, frame, is_new, m->id, NULL, NULL);
             buf_unref(frame);
         }
         /* Held events were dropped (room_held_overflow): read on, past the page cap,

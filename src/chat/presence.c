@@ -179,11 +179,10 @@ static void pres__deliver(chat_server_t *s, const char *chat_id, const sbuf_t *e
                           const char *skip_user) {
     room_t *r = room_find(&s->rooms, chat_id);
     if (!r || ev->oom) return;
-    chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, ev->p, ev->len)};
-    if (!f.plain) return;
-    room_deliver(&s->rooms, r, &f, false, 0, pres__wants, skip_user);
-    buf_unref(f.plain);
-    buf_unref(f.zipped);
+    buf_t *frame = ws_frame_new(WS_OP_TEXT, ev->p, ev->len);
+    if (!frame) return;
+    room_deliver_frame(&s->rooms, r, frame, false, 0, pres__wants, skip_user);
+    buf_unref(frame);
 }
 
 /* {"event":"presence:join"|"presence:leave","chat_id":..,"user":..} and, for the bus, the
@@ -255,10 +254,9 @@ static void pres__send_list(session_t *ss, const pres_chat_t *c) {
     sbuf_t sb = {0};
     pres__put_list(&sb, "presence", ss->member.room->chat_id, c, NULL, 0);
     if (!sb.oom) {
-        chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, sb.p, sb.len)};
-        if (f.plain) ss->peer.srv->rooms.deliver(&ss->member, &f, false, 0);
-        buf_unref(f.plain);
-        buf_unref(f.zipped);
+        buf_t *frame = ws_frame_new(WS_OP_TEXT, sb.p, sb.len);
+        if (frame) room_deliver_one(&ss->peer.srv->rooms, &ss->member, frame);
+        buf_unref(frame);
     }
     sbuf_free(&sb);
 }

@@ -26,19 +26,15 @@ static bool read__is_user(const room_member_t *m, const void *user) {
 /* Queue frame to the connections of user in room r; returns how many took it. */
 static size_t read__deliver(chat_server_t *s, room_t *r, const char *user, buf_t *frame,
                             uint64_t id) {
-    chat_frames_t f = {.plain = frame};
-    size_t n = room_deliver(&s->rooms, r, &f, false, id, read__is_user, user);
-    buf_unref(f.zipped);
-    return n;
+    return room_deliver_frame(&s->rooms, r, frame, false, id, read__is_user, user);
 }
 
 static void read__send(session_t *ss, const sbuf_t *sb) {
     conn_t *c = ss->peer.conn;
     if (sb->oom || !c || conn_is_closing(c)) return;
-    chat_frames_t f = {.plain = ws_frame_new(WS_OP_TEXT, sb->p, sb->len)};
-    if (f.plain) ss->peer.srv->rooms.deliver(&ss->member, &f, false, 0);
-    buf_unref(f.plain);
-    buf_unref(f.zipped);
+    buf_t *frame = ws_frame_new(WS_OP_TEXT, sb->p, sb->len);
+    if (frame) room_deliver_one(&ss->peer.srv->rooms, &ss->member, frame);
+    buf_unref(frame);
 }
 
 static void read__error(session_t *ss, const char *code, const char *detail, uint64_t id) {

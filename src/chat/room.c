@@ -165,12 +165,19 @@ size_t room_deliver(room_table_t *t, room_t *r, chat_frames_t *f, bool is_new, u
     return n;
 }
 
-static size_t room__deliver_frame(room_table_t *t, room_t *r, buf_t *frame, bool is_new,
-                                  uint64_t id) {
+size_t room_deliver_frame(room_table_t *t, room_t *r, buf_t *frame, bool is_new, uint64_t id,
+                          room_filter_fn filter, const void *arg) {
     chat_frames_t f = {.plain = frame};
-    size_t n = room_deliver(t, r, &f, is_new, id, NULL, NULL);
+    size_t n = room_deliver(t, r, &f, is_new, id, filter, arg);
     buf_unref(f.zipped);
     return n;
+}
+
+int room_deliver_one(room_table_t *t, room_member_t *m, buf_t *frame) {
+    chat_frames_t f = {.plain = frame};
+    int rc = t->deliver(m, &f, false, 0);
+    buf_unref(f.zipped);
+    return rc;
 }
 
 size_t room_broadcast(room_table_t *t, room_t *r, buf_t *frame, bool is_new, uint64_t id) {
@@ -190,7 +197,7 @@ size_t room_broadcast(room_table_t *t, room_t *r, buf_t *frame, bool is_new, uin
         return 0;
     }
     if (!room_admit(r, is_new, id)) return 0;
-    return room__deliver_frame(t, r, frame, is_new, id);
+    return room_deliver_frame(t, r, frame, is_new, id, NULL, NULL);
 }
 
 void room_release_held(room_table_t *t, room_t *r) {
@@ -200,7 +207,8 @@ void room_release_held(room_table_t *t, room_t *r) {
     r->held = (held_queue_t){0};
     held_event_t *h;
     while ((h = held_pop(&q))) {
-        if (room_admit(r, h->is_new, h->id)) room__deliver_frame(t, r, h->frame, h->is_new, h->id);
+        if (room_admit(r, h->is_new, h->id))
+            room_deliver_frame(t, r, h->frame, h->is_new, h->id, NULL, NULL);
         held_free_one(h);
     }
 }

@@ -150,6 +150,13 @@ void room_free_filter(room_t *r);
  * f stays the caller's (and so does f->zipped). Returns deliveries. */
 size_t room_deliver(room_table_t *t, room_t *r, chat_frames_t *f, bool is_new, uint64_t id,
                     room_filter_fn filter, const void *arg);
+/* The same for one plain frame (borrowed): its compressed form, if a member wants one, is
+ * made here and released after. */
+size_t room_deliver_frame(room_table_t *t, room_t *r, buf_t *frame, bool is_new, uint64_t id,
+                          room_filter_fn filter, const void *arg);
+/* A frame (borrowed) to member m alone, through the deliver hook (held behind its replay,
+ * compressed if it negotiated that): a member's own answer. 0 if it took it. */
+int room_deliver_one(room_table_t *t, room_member_t *m, buf_t *frame);
 /* A live event: held while the room catches up (bounded: past held_max what is held is
  * dropped and held_dropped set, as a store read covers them), else admitted by the filter
  * and delivered to every member. frame stays the caller's. Returns deliveries. */
