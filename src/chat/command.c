@@ -25,7 +25,15 @@ static void command__done(store_req_t *req) {
     chat_record_latency(s, op->t0);
     sbuf_t ev = {0};
     if (req->status == 0) {
-        proto_put_msg(&ev, command__event_name(req->op), &req->msg);
+        /* a new message as it was encoded before the store (the outbox has the same bytes);
+         * a retry's original, or an edit or delete, as stored */
+        if (req->event && !req->duplicate && req->msg.id == req->id &&
+            req->msg.created_at == req->at) {
+            ev = op->ev;
+            op->ev = (sbuf_t){0};
+        } else {
+            proto_put_msg(&ev, command__event_name(req->op), &req->msg);
+        }
         if (!ev.oom) {
             /* Durable now: deliver to this node's members and to the other nodes. A retry
              * (duplicate) is delivered again too: the node that stored the original may
@@ -48,6 +56,7 @@ static void command__done(store_req_t *req) {
 
     op->reply(op, &ev);
     sbuf_free(&ev);
+    sbuf_free(&op->ev);
     store_req_cleanup(req);
     proto_cmd_free(&op->cmd);
     chat_peer_unref(op->origin);
@@ -78,6 +87,19 @@ int chat_submit(chat_server_t *s, peer_t *origin, op_reply_fn reply, bool keep_a
         r->text = op->cmd.message;
         r->client_id = op->cmd.client_id;
         r->id = id_next(&s->ids, &r->at);
+        /* Encoded once, here: the store's outbox keeps these bytes and the completion
+         * broadcasts them, instead of each encoding the same message again. */
+        store_msg_t m = {.id = r->id,
+                         .chat_id = op->chat_id,
+                         .user_from = op->user,
+                         .message = (char *)op->cmd.message, /* only read */
+                         .client_id = (char *)op->cmd.client_id,
+                         .created_at = r->at};
+        proto_put_msg(&op->ev, command__event_name(STORE_APPEND), &m);
+        if (!op->ev.oom) {
+            r->event = op->ev.p;
+            r->event_len = op->ev.len;
+        }
         break;
     case PROTO_EDIT:
         r->op = STORE_EDIT;
@@ -97,6 +119,7 @@ int chat_submit(chat_server_t *s, peer_t *origin, op_reply_fn reply, bool keep_a
     if (rc < 0) {
         /* the callback will not run: give the JSON back so the caller can name it */
         *cmd = op->cmd;
+        sbuf_free(&op->ev);
         free(op);
         return rc;
     }

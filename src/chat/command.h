@@ -28,6 +28,7 @@ struct op {
     bool keep_alive;   /* a REST caller's connection stays open after the answer */
     char chat_id[129];
     char user[129];
+    sbuf_t ev; /* a message's event, encoded before it is stored (store_req_t.event) */
 };
 
 /* Submit a message, edit or delete (cmd->kind PROTO_MESSAGE, _EDIT, _DELETE) by user in

@@ -98,6 +98,14 @@ void store_msg_clear(store_msg_t *m) {
     memset(m, 0, sizeof *m);
 }
 
+void store_outbox_rows_free(store_outbox_row_t *rows, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        free(rows[i].chat_id);
+        free(rows[i].event);
+    }
+    free(rows);
+}
+
 void store_req_cleanup(store_req_t *r) {
     store_msg_clear(&r->msg);
     for (size_t i = 0; i < r->n_msgs; i++) {
@@ -109,11 +117,7 @@ void store_req_cleanup(store_req_t *r) {
     r->msgs = NULL;
     r->marks = NULL;
     r->n_msgs = 0;
-    for (size_t i = 0; i < r->n_rows; i++) {
-        free(r->rows[i].chat_id);
-        free(r->rows[i].event);
-    }
-    free(r->rows);
+    store_outbox_rows_free(r->rows, r->n_rows);
     r->rows = NULL;
     r->n_rows = 0;
     r->duplicate = false;

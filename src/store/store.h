@@ -86,6 +86,13 @@ typedef struct store_outbox_opts {
      * once close was called. */
     void (*notify)(void *arg);
     void *arg;
+    /* Optional (NULL: nobody takes them; a backend may also not offer it, and then calls
+     * notify only). Called on the loop thread after a commit with the rows it added, in seq
+     * order, instead of notify: so the relay need not read back what was just written. The
+     * rows are in the outbox all the same (a crash loses nothing); a relay that cannot keep
+     * them may free them and read the outbox. rows and every row's strings become the
+     * callee's: release with store_outbox_rows_free. Never once close was called. */
+    void (*handoff)(void *arg, store_outbox_row_t *rows, size_t n);
 } store_outbox_opts_t;
 
 typedef struct store_outbox_stats {
@@ -110,6 +117,12 @@ struct store_req {
     uint64_t id; /* APPEND: the new id; EDIT/DELETE: target; HISTORY: before; AFTER: after */
     int64_t at;  /* APPEND: created_at; EDIT/DELETE: the time of the change (Unix ms) */
     int limit;   /* HISTORY/AFTER */
+    /* APPEND, optional: the event of this append exactly as the outbox encoder would make it
+     * of the stored message (store_outbox_opts_t.encode), event_len bytes, when the caller
+     * has it already (it broadcasts the same bytes): a backend with an outbox then stores
+     * these instead of encoding again. NULL: the backend encodes. */
+    const char *event;
+    size_t event_len;
     /* outputs, valid in the callback, freed by store_req_cleanup() */
     int status;        /* 0 or a negative CHAT_E* code */
     bool duplicate;    /* APPEND: client_id seen before; msg is the original */
@@ -204,6 +217,10 @@ static inline void store_outbox_stats(store_t *s, store_outbox_stats_t *out) {
     *out = (store_outbox_stats_t){0};
     if (s->ops->outbox_stats) s->ops->outbox_stats(s, out);
 }
+
+/* Free n outbox rows' strings and the rows array (a handoff's, see store_outbox_opts_t). A
+ * row whose chat_id or event was taken and set to NULL is fine. rows may be NULL. */
+void store_outbox_rows_free(store_outbox_row_t *rows, size_t n);
 
 /* Free the outputs of a request (msg strings, msgs array) so it can be reused. */
 void store_req_cleanup(store_req_t *r);

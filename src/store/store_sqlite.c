@@ -160,6 +160,13 @@ const int store_sqlite_schema_versions =
 
 typedef struct sqlite_store sqlite_store_t;
 
+/* Outbox rows on their way to the relay (store_outbox_opts_t.handoff). */
+typedef struct rows {
+    store_outbox_row_t *v;
+    size_t n, cap;
+    bool oom; /* a row could not be kept: the relay is only notified, and reads the outbox */
+} rows_t;
+
 typedef struct reader {
     sqlite_store_t *s;
     uv_thread_t tid;
@@ -219,8 +226,10 @@ struct sqlite_store {
     sqlite3_stmt *ob_insert, *ob_delete;
     sbuf_t ob_buf;
     int64_t ob_rows;
+    rows_t ob_batch;               /* the writer's: the rows of the batch being written */
     store_outbox_stats_t ob_stats; /* under lock */
     bool ob_new;                   /* under lock: a commit added rows since the last notify */
+    rows_t ob_done;                /* under lock: committed rows for ob.handoff, in seq order */
 
     /* loop thread only */
     queue_t cb; /* completed, callbacks not yet called (the loop thread's) */
@@ -875,11 +884,48 @@ static void do_read_get(reader_t *rd, store_req_t *r) {
     r->status = rc == SQLITE_OK ? 0 : CHAT_EIO;
 }
 
+static void rows_clear(rows_t *rs) {
+    store_outbox_rows_free(rs->v, rs->n);
+    *rs = (rows_t){0};
+}
+
+/* A copy of the row just inserted, for the relay after the commit. Out of memory the batch
+ * still commits (the row is in the outbox); the relay is then told to read it. */
+static void ob_keep(rows_t *rs, const store_req_t *r, uint64_t seq, const sbuf_t *ev) {
+    if (rs->oom) return;
+    if (rs->n == rs->cap) {
+        size_t ncap = rs->cap ? rs->cap * 2 : 64;
+        store_outbox_row_t *p = realloc(rs->v, ncap * sizeof *p);
+        if (!p) goto oom;
+        rs->v = p;
+        rs->cap = ncap;
+    }
+    store_outbox_row_t *o = &rs->v[rs->n];
+    *o = (store_outbox_row_t){.seq = seq, .message_id = r->msg.id, .at = r->at};
+    o->chat_id = strdup(r->msg.chat_id);
+    o->event = malloc(ev->len + 1);
+    if (!o->chat_id || !o->event) {
+        free(o->chat_id);
+        free(o->event);
+        goto oom;
+    }
+    memcpy(o->event, ev->p, ev->len + 1);
+    o->event_len = ev->len;
+    rs->n++;
+    return;
+oom:
+    store_outbox_rows_free(rs->v, rs->n);
+    *rs = (rows_t){.oom = true};
+}
+
 /* The event of a change that just succeeded, into the outbox, in the same transaction. */
 static int ob_write(sqlite_store_t *s, store_req_t *r) {
     sbuf_t *b = &s->ob_buf;
     b->len = 0;
-    s->ob.encode(b, r->op, &r->msg);
+    if (r->op == STORE_APPEND && r->event) /* the caller encoded it (store.h), once for all */
+        sbuf_put(b, r->event, r->event_len);
+    else
+        s->ob.encode(b, r->op, &r->msg);
     if (b->oom) { /* the batch fails: a change without its event would break the contract */
         sbuf_free(b);
         return SQLITE_NOMEM;
@@ -896,6 +942,7 @@ static int ob_write(sqlite_store_t *s, store_req_t *r) {
                   LOG_STR(sqlite3_errmsg(s->wdb)));
         return rc;
     }
+    if (s->ob.handoff) ob_keep(&s->ob_batch, r, (uint64_t)sqlite3_last_insert_rowid(s->wdb), b);
     return SQLITE_OK;
 }
 
@@ -924,6 +971,44 @@ static void fail_batch(queue_t *batch) {
         r->duplicate = false;
         r->status = CHAT_EIO;
     }
+}
+
+/* A commit added rows: queue the batch's for the relay, or just tell it. Under lock. */
+static void rows_hand(sqlite_store_t *s) {
+    rows_t *b = &s->ob_batch, *d = &s->ob_done;
+    if (!s->ob.handoff || b->oom || d->oom) {
+        s->ob_new = true;
+        if (d->oom || b->oom) { /* the relay reads the outbox: what d holds is in it too */
+            rows_clear(d);
+            d->oom = true;
+        }
+        rows_clear(b);
+        return;
+    }
+    if (!d->n) { /* the common case: the loop took the last batch's already */
+        rows_t keep = *d;
+        *d = *b;
+        *b = keep;
+        b->n = 0;
+        return;
+    }
+    if (d->n + b->n > d->cap) {
+        size_t ncap = d->cap;
+        while (ncap < d->n + b->n) ncap *= 2;
+        store_outbox_row_t *p = realloc(d->v, ncap * sizeof *p);
+        if (!p) {
+            rows_clear(d);
+            rows_clear(b);
+            d->oom = true;
+            s->ob_new = true;
+            return;
+        }
+        d->v = p;
+        d->cap = ncap;
+    }
+    memcpy(d->v + d->n, b->v, b->n * sizeof *b->v);
+    d->n += b->n;
+    b->n = 0; /* the strings are d's now */
 }
 
 /* One transaction for the whole batch. Caller holds wdb_lock. true if committed. */
@@ -976,11 +1061,12 @@ static bool write_batch(sqlite_store_t *s, queue_t *batch) {
         s->ob_stats.rows = (uint64_t)s->ob_rows;
         s->ob_stats.written += (uint64_t)added;
         s->ob_stats.refused += refused;
-        if (added) s->ob_new = true;
+        if (added) rows_hand(s);
         uv_mutex_unlock(&s->lock);
     }
     return true;
 fail:
+    rows_clear(&s->ob_batch);
     snprintf(s->werr, sizeof s->werr, "%s", sqlite3_errmsg(s->wdb));
     if (!sqlite3_get_autocommit(s->wdb)) step_once(s->rollback);
     fail_batch(batch);
@@ -1286,6 +1372,8 @@ static void free_store(sqlite_store_t *s) {
     uv_mutex_destroy(&s->lock);
     uv_mutex_destroy(&s->wdb_lock);
     sbuf_free(&s->ob_buf);
+    rows_clear(&s->ob_batch);
+    rows_clear(&s->ob_done);
     free(s->path);
     free(s);
 }
@@ -1315,11 +1403,15 @@ static void on_async(uv_async_t *h) {
     sqlite_store_t *s = h->data;
     uv_mutex_lock(&s->lock);
     queue_move_tail(&s->finished, &s->cb);
-    bool ob_new = s->ob_new;
+    bool ob_new = s->ob_new || s->ob_done.oom;
     s->ob_new = false;
+    rows_t hand = s->ob_done;
+    s->ob_done = (rows_t){0};
     uv_mutex_unlock(&s->lock);
     /* never after close: the relay is told to stop before the store closes */
     if (ob_new && s->ob.notify && !s->close_called) s->ob.notify(s->ob.arg);
+    if (hand.n && !s->close_called) s->ob.handoff(s->ob.arg, hand.v, hand.n);
+    else store_outbox_rows_free(hand.v, hand.n);
     for (int n = 0; !queue_empty(&s->cb) && n < DELIVER_MAX; n++) {
         store_req_t *r = req_of(queue_head(&s->cb));
         queue_remove(&r->link_); /* before the callback, which may free or resubmit r */

@@ -7,9 +7,20 @@
  * next run (at least once). Per-chat order: one key per chat, so one partition per chat,
  * and the idempotent producer keeps a partition's order across its retries.
  *
+ * Rows reach the relay two ways. A store that offers it hands each commit's rows over on the
+ * loop (store_outbox_opts_t.handoff): they wait in memory (pend) and are produced from
+ * there, so the outbox is written and deleted but, as long as Kafka keeps up, never read
+ * back. The outbox itself is read (STORE_OUTBOX_READ) at the start (what a previous run
+ * left), on every tick (rows of another process sharing the store), after pend overflowed
+ * (Kafka slow or away), after a failed delivery, and whenever the handed rows do not follow
+ * the last row produced (a gap: rows of another process, or rows dropped): reading from the
+ * last row produced until pend follows on again. The one rule that keeps the order: rows are
+ * produced strictly in seq order, from a read or from pend, never both at once.
+ *
  * Kafka away: librdkafka retries for ever (message.timeout.ms=0), so nothing fails; the
- * window fills, the relay stops reading, and the outbox grows in the store until
- * outbox_max_rows, where the store refuses changes. A delivery that fails anyway (an error
+ * window fills, pend fills and is dropped (the rows are in the outbox), the relay stops
+ * reading, and the outbox grows in the store until outbox_max_rows, where the store refuses
+ * changes. A delivery that fails anyway (an error
  * Kafka will not get over by itself, e.g. a topic deleted under us) purges what is in
  * flight and produces again from the oldest unacknowledged row after a pause: consumers see
  * some events twice, the last copy of each in order; the version header orders them.
@@ -29,6 +40,10 @@
  * own queue limit, 100,000, it stays far below) while Kafka is away. */
 #define WINDOW 4096
 #define READ_MAX 1000
+/* Handed-over rows waiting for room in the window. Past this many (Kafka slow or away)
+ * they are dropped and read back from the outbox when there is room again: the memory a
+ * long outage costs stays bounded (at about 300 bytes an event, a few MB). */
+#define PEND_MAX 8192
 /* Rows another process added, or a notify that raced a read, are found by this tick; it
  * also deletes what was acknowledged since the last one. */
 #define TICK_MS 200
@@ -71,12 +86,19 @@ struct stream {
     bool failed;          /* a delivery failed: purge and start again from acked_seq */
     int64_t retry_at;     /* no reads before this (Unix ms), after a failure */
 
+    /* handed-over rows not yet produced, in seq order, each following the one before:
+     * pend[pend_head .. pend_n) */
+    store_outbox_row_t *pend;
+    size_t pend_head, pend_n, pend_cap;
+    uint64_t read_gap; /* the first pend row when the read in flight was asked for, or 0 */
+
     store_req_t read_req, del_req;
     bool reading, deleting;
     bool closing;
 
     /* metrics */
     uint64_t produced, produce_errors, client_errors, restarts;
+    uint64_t rows_read;
     int64_t last_err_log;
     uint64_t errors_unlogged;
     bool erring; /* errors since the last acknowledgement: say when deliveries resume */
@@ -140,6 +162,11 @@ static void stream__delivered(rd_kafka_t *rk, const rd_kafka_message_t *m, void 
 
 static void stream__maybe_free(stream_t *st) {
     if (!st->closing || st->reading || st->deleting || st->handles) return;
+    for (size_t i = st->pend_head; i < st->pend_n; i++) {
+        free(st->pend[i].chat_id);
+        free(st->pend[i].event);
+    }
+    free(st->pend);
     free(st->topic);
     free(st);
 }
@@ -188,7 +215,9 @@ static void stream__advance(stream_t *st, bool tick) {
     }
 }
 
-static void stream__produce(stream_t *st, const store_outbox_row_t *row) {
+/* Produce one row; its event is handed to librdkafka (RD_KAFKA_MSG_F_FREE: no copy) and
+ * row->event is NULL afterwards. */
+static void stream__produce(stream_t *st, store_outbox_row_t *row) {
     char version[24];
     int vlen = snprintf(version, sizeof version, "%" PRIu64, row->seq);
     char mid[24];
@@ -199,10 +228,10 @@ static void stream__produce(stream_t *st, const store_outbox_row_t *row) {
     uint64_t abs = st->head;
     rd_kafka_resp_err_t err = rd_kafka_producev(
         st->rk, RD_KAFKA_V_TOPIC(st->topic), RD_KAFKA_V_KEY(row->chat_id, strlen(row->chat_id)),
-        RD_KAFKA_V_VALUE(row->event, row->event_len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_VALUE(row->event, row->event_len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_FREE),
         RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_OPAQUE((void *)(uintptr_t)abs), RD_KAFKA_V_END);
     if (err) {
-        /* Not queued (the headers stay ours): treat it as a failed delivery of this row. */
+        /* Not queued (the headers and the event stay ours): a failed delivery of this row. */
         rd_kafka_headers_destroy(h);
         st->produce_errors++;
         if (!st->failed)
@@ -211,6 +240,7 @@ static void stream__produce(stream_t *st, const store_outbox_row_t *row) {
         st->failed = true;
         return;
     }
+    row->event = NULL;
     entry_t *e = &st->win[abs % WINDOW];
     e->seq = row->seq;
     e->at = row->at;
@@ -218,6 +248,60 @@ static void stream__produce(stream_t *st, const store_outbox_row_t *row) {
     st->head++;
     st->read_seq = row->seq;
 }
+
+/* ---- pend: rows handed over by the store ---------------------------------------------- */
+
+static store_outbox_row_t *stream__pend_first(stream_t *st) {
+    return st->pend_head < st->pend_n ? &st->pend[st->pend_head] : NULL;
+}
+
+static void stream__pend_pop(stream_t *st) {
+    store_outbox_row_t *r = &st->pend[st->pend_head++];
+    free(r->chat_id);
+    free(r->event);
+    if (st->pend_head == st->pend_n) st->pend_head = st->pend_n = 0;
+}
+
+/* Drop every pending row: the outbox has them, a read will find them. */
+static void stream__pend_drop(stream_t *st) {
+    while (stream__pend_first(st)) stream__pend_pop(st);
+    st->more = true;
+}
+
+static void stream__handoff(void *arg, store_outbox_row_t *rows, size_t n) {
+    stream_t *st = arg;
+    for (size_t i = 0; i < n && !st->closing; i++) {
+        store_outbox_row_t *last = st->pend_n ? &st->pend[st->pend_n - 1] : NULL;
+        uint64_t known = last ? last->seq : st->read_seq;
+        if (rows[i].seq <= known) continue; /* produced from a read of the outbox already */
+        /* A gap inside pend (rows of another process between two commits of ours), or too
+         * many waiting: what pend held is read from the outbox, pend starts again here. */
+        if ((last && rows[i].seq != last->seq + 1) || st->pend_n - st->pend_head >= PEND_MAX)
+            stream__pend_drop(st);
+        if (st->pend_n == st->pend_cap) {
+            if (st->pend_head) { /* room at the front first */
+                st->pend_n -= st->pend_head;
+                memmove(st->pend, st->pend + st->pend_head, st->pend_n * sizeof *st->pend);
+                st->pend_head = 0;
+            } else {
+                size_t ncap = st->pend_cap ? st->pend_cap * 2 : 256;
+                store_outbox_row_t *p = realloc(st->pend, ncap * sizeof *p);
+                if (!p) {
+                    stream__pend_drop(st);
+                    continue;
+                }
+                st->pend = p;
+                st->pend_cap = ncap;
+            }
+        }
+        st->pend[st->pend_n++] = rows[i];
+        rows[i].chat_id = rows[i].event = NULL; /* pend's now */
+    }
+    store_outbox_rows_free(rows, n);
+    stream__kick(st);
+}
+
+/* ---- reading the outbox ------------------------------------------------------------------ */
 
 static void stream__read_done(store_req_t *r) {
     stream_t *st = r->data;
@@ -231,23 +315,39 @@ static void stream__read_done(store_req_t *r) {
         log_warn("outbox_read_failed err=%s", chat_strerror(r->status));
         st->retry_at = time_now_ms() + RETRY_MS;
         st->more = true;
+    } else if (r->id != st->read_seq) {
+        st->more = true; /* a restart while reading: these rows are from before it */
     } else {
-        /* a restart while reading: these rows are from before it, read them again */
-        bool stale = r->id != st->read_seq;
-        for (size_t i = 0; !stale && i < r->n_rows && !st->failed; i++)
-            stream__produce(st, &r->rows[i]);
-        st->more = stale || r->n_rows == (size_t)r->limit;
+        st->rows_read += r->n_rows;
+        for (size_t i = 0; i < r->n_rows && !st->failed; i++) stream__produce(st, &r->rows[i]);
+        bool full = r->n_rows == (size_t)r->limit;
+        /* The first pend row was committed before this read began, so a complete read that
+         * stopped short of it leaves nothing between: rows missing there were deleted by a
+         * relay that had them acknowledged (another process sharing the store). */
+        if (!full && !st->failed && st->read_gap > st->read_seq + 1) st->read_seq = st->read_gap - 1;
+        store_outbox_row_t *p = stream__pend_first(st);
+        st->more = full && !(p && p->seq <= st->read_seq + 1);
     }
     store_req_cleanup(r);
     stream__advance(st, false);
     stream__kick(st);
 }
 
-/* Read more rows when there is room and reason to. */
+/* Produce what is there to produce, in seq order: from pend while it follows on the last row
+ * produced, else (a gap, or rows pend never had) from the outbox. */
 static void stream__kick(stream_t *st) {
-    if (st->closing || st->reading || !st->more || st->failed) return;
+    if (st->closing || st->reading || st->failed) return;
     if (st->retry_at && time_now_ms() < st->retry_at) return;
     st->retry_at = 0;
+    store_outbox_row_t *p;
+    while ((p = stream__pend_first(st)) && p->seq <= st->read_seq) stream__pend_pop(st);
+    while ((p = stream__pend_first(st)) && p->seq == st->read_seq + 1 &&
+           st->head - st->tail < WINDOW && !st->failed) {
+        stream__produce(st, p);
+        stream__pend_pop(st);
+    }
+    if (p && p->seq == st->read_seq + 1) return; /* the window is full: acks make room */
+    if (!st->more && !p) return;
     size_t room = WINDOW - (size_t)(st->head - st->tail);
     if (room < READ_MAX / 4 && st->head != st->tail) return; /* wait for a useful amount */
     store_req_t *r = &st->read_req;
@@ -257,6 +357,7 @@ static void stream__kick(stream_t *st) {
     r->limit = (int)(room < READ_MAX ? room : READ_MAX);
     r->data = st;
     r->cb = stream__read_done;
+    st->read_gap = p ? p->seq : 0;
     st->more = false;
     if (store_submit(st->store, r) == 0) st->reading = true;
     else st->more = true;
@@ -358,8 +459,11 @@ int stream_open(stream_t **out, uv_loop_t *loop, store_t *store, const stream_op
         snprintf(err, errlen, "kafka: pipe: %s", strerror(errno));
         goto fail;
     }
-    store_outbox_opts_t so = {
-        .encode = o->encode, .max_rows = o->outbox_max_rows, .notify = stream__notify, .arg = st};
+    store_outbox_opts_t so = {.encode = o->encode,
+                              .max_rows = o->outbox_max_rows,
+                              .notify = stream__notify,
+                              .handoff = stream__handoff,
+                              .arg = st};
     if ((rc = store_outbox_enable(store, &so)) != 0) {
         snprintf(err, errlen,
                  rc == CHAT_EINVAL ? "kafka: the %s store has no outbox (use a sqlite store)"
@@ -446,6 +550,10 @@ void stream_metrics(stream_t *st, sbuf_t *sb) {
          "Changes refused because the outbox was full (outbox_max_rows).", os.refused},
         {"chat_kafka_inflight", "gauge", "Events produced and not yet acknowledged.",
          st->head - st->tail},
+        {"chat_outbox_read_total", "counter",
+         "Events the relay read back from the outbox (what a previous run left, what waited "
+         "while Kafka was slow or away); the others it got in memory from the store.",
+         st->rows_read},
         {"chat_kafka_produced_total", "counter", "Events Kafka acknowledged.", st->produced},
         {"chat_kafka_produce_errors_total", "counter",
          "Events Kafka refused or failed to take (each is produced again).", st->produce_errors},
