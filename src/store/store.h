@@ -88,11 +88,12 @@ typedef struct store_outbox_opts {
     void *arg;
     /* Optional (NULL: nobody takes them; a backend may also not offer it, and then calls
      * notify only). Called on the loop thread after a commit with the rows it added, in seq
-     * order, instead of notify: so the relay need not read back what was just written. The
-     * rows are in the outbox all the same (a crash loses nothing); a relay that cannot keep
-     * them may free them and read the outbox. rows and every row's strings become the
-     * callee's: release with store_outbox_rows_free. Never once close was called. */
-    void (*handoff)(void *arg, store_outbox_row_t *rows, size_t n);
+     * order, instead of notify: so that the relay need not read back what was just written.
+     * The rows are in the outbox all the same (a crash loses nothing), so a relay that
+     * cannot keep them may drop them and read the outbox. rows and their strings are lent
+     * for the call only (the backend's memory): copy what is kept. Never once close was
+     * called. */
+    void (*handoff)(void *arg, const store_outbox_row_t *rows, size_t n);
 } store_outbox_opts_t;
 
 typedef struct store_outbox_stats {
@@ -218,8 +219,7 @@ static inline void store_outbox_stats(store_t *s, store_outbox_stats_t *out) {
     if (s->ops->outbox_stats) s->ops->outbox_stats(s, out);
 }
 
-/* Free n outbox rows' strings and the rows array (a handoff's, see store_outbox_opts_t). A
- * row whose chat_id or event was taken and set to NULL is fine. rows may be NULL. */
+/* Free n outbox rows' strings (NULL ones are fine) and the rows array (may be NULL). */
 void store_outbox_rows_free(store_outbox_row_t *rows, size_t n);
 
 /* Free the outputs of a request (msg strings, msgs array) so it can be reused. */

@@ -141,17 +141,26 @@ const char *const store_sqlite_schema[] = {SCHEMA_V1, SCHEMA_V2, SCHEMA_V3};
 /* The outbox of the Kafka relay (src/stream/): created by outbox_enable, that is only when a
  * relay is configured, so that a store without one pays nothing for it. Not a schema
  * version: it belongs to a feature that can be switched on and off, and an empty outbox of a
- * store whose relay was switched off is harmless. AUTOINCREMENT so that a seq is never
+ * store whose relay was switched off is harmless.
+ *
+ * One row per group commit, not per event: the events a transaction stored, packed into one
+ * blob (see ob_pack), events first..seq. A row per event cost the writer, which every send
+ * waits for, about a quarter of its time in b-tree inserts and deletes; a row per batch costs
+ * one insert and one delete per commit and the bytes. Every event has its own seq all the
+ * same: AUTOINCREMENT on the last one keeps the high-water mark, so that a seq is never
  * reused, even after the outbox was emptied: the relay publishes it as the event's version
- * header, which must grow for every change of a message. event holds the bytes members
- * received, encoded by the domain's encoder in the same transaction as the change. */
+ * header, which must grow for every change of a message. The events are the bytes members
+ * received, encoded by the domain's encoder in the same transaction as the change.
+ * (The first version had a row per event with the columns seq, chat_id, message_id, at and
+ * event: outbox_enable converts such a table.) */
 static const char OUTBOX_DDL[] = "CREATE TABLE IF NOT EXISTS outbox (\n"
-                                 "    seq        INTEGER PRIMARY KEY AUTOINCREMENT,\n"
-                                 "    chat_id    TEXT    NOT NULL,\n"
-                                 "    message_id INTEGER NOT NULL,\n"
-                                 "    at         INTEGER NOT NULL,\n"
-                                 "    event      BLOB    NOT NULL\n"
+                                 "    seq    INTEGER PRIMARY KEY AUTOINCREMENT,\n"
+                                 "    first  INTEGER NOT NULL,\n"
+                                 "    events BLOB    NOT NULL\n"
                                  ");\n";
+/* A batch's blob is cut into several rows past this many bytes, so that a batch of large
+ * messages does not make one huge value. */
+#define OB_PACK_MAX (1 << 20)
 const int store_sqlite_schema_versions =
     (int)(sizeof store_sqlite_schema / sizeof store_sqlite_schema[0]);
 
@@ -159,13 +168,6 @@ const int store_sqlite_schema_versions =
 #define MSG_COLS "id, chat_id, user_from, message, client_id, created_at, edited_at, deleted_at"
 
 typedef struct sqlite_store sqlite_store_t;
-
-/* Outbox rows on their way to the relay (store_outbox_opts_t.handoff). */
-typedef struct rows {
-    store_outbox_row_t *v;
-    size_t n, cap;
-    bool oom; /* a row could not be kept: the relay is only notified, and reads the outbox */
-} rows_t;
 
 typedef struct reader {
     sqlite_store_t *s;
@@ -223,13 +225,23 @@ struct sqlite_store {
      * write; ob_insert, ob_delete, ob_buf and ob_rows are the writer's (under wdb_lock) */
     bool ob_on;
     store_outbox_opts_t ob;
-    sqlite3_stmt *ob_insert, *ob_delete;
+    sqlite3_stmt *ob_insert, *ob_delete, *ob_next;
     sbuf_t ob_buf;
+    /* The writer's: this batch's outbox rows as frames (OB_FRAME: the first event's seq and
+     * the pack's length, then the pack), the last one still open at ob_at (0: none open);
+     * kept for the relay after the commit when it takes them (ob.handoff), else cleared at
+     * each flush. ob_lost: they did not fit OB_HAND_MAX, the relay reads them instead. */
+    sbuf_t ob_hand;
+    size_t ob_at;
+    bool ob_lost;
+    uint64_t ob_first; /* the writer's: the seq of the open pack's first event */
+    uint64_t ob_seq;   /* the writer's: the seq of the next event, 0: not known yet */
     int64_t ob_rows;
-    rows_t ob_batch;               /* the writer's: the rows of the batch being written */
     store_outbox_stats_t ob_stats; /* under lock */
     bool ob_new;                   /* under lock: a commit added rows since the last notify */
-    rows_t ob_done;                /* under lock: committed rows for ob.handoff, in seq order */
+    sbuf_t ob_done;                /* under lock: committed frames for ob.handoff, in order */
+    store_outbox_row_t *ob_view;   /* the loop's: a frame's rows, lent to ob.handoff */
+    size_t ob_view_cap;
 
     /* loop thread only */
     queue_t cb; /* completed, callbacks not yet called (the loop thread's) */
@@ -550,10 +562,11 @@ static void checkpointer_main(void *arg) {
 }
 
 static int prepare_outbox(sqlite_store_t *s) {
-    return prepare(s->wdb,
-                   "INSERT INTO outbox (chat_id, message_id, at, event) VALUES (?1, ?2, ?3, ?4)",
+    return prepare(s->wdb, "INSERT INTO outbox (seq, first, events) VALUES (?1, ?2, ?3)",
                    &s->ob_insert) ||
-           prepare(s->wdb, "DELETE FROM outbox WHERE seq <= ?1", &s->ob_delete);
+           prepare(s->wdb, "DELETE FROM outbox WHERE seq <= ?1 RETURNING seq - first + 1",
+                   &s->ob_delete) ||
+           prepare(s->wdb, "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", &s->ob_next);
 }
 
 static int prepare_writer(sqlite_store_t *s) {
@@ -609,7 +622,7 @@ static void close_writer_db(sqlite_store_t *s) {
     sqlite3_stmt **sts[] = {&s->begin,     &s->commit,    &s->rollback,   &s->insert,
                             &s->by_client, &s->edit,      &s->del,        &s->get,
                             &s->ob_insert, &s->ob_delete, &s->fts_insert, &s->read_set,
-                            &s->read_get};
+                            &s->read_get,  &s->ob_next};
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++) {
         sqlite3_finalize(*sts[i]);
         *sts[i] = NULL;
@@ -884,68 +897,156 @@ static void do_read_get(reader_t *rd, store_req_t *r) {
     r->status = rc == SQLITE_OK ? 0 : CHAT_EIO;
 }
 
-static void rows_clear(rows_t *rs) {
-    store_outbox_rows_free(rs->v, rs->n);
-    *rs = (rows_t){0};
+/* ---- the outbox's packed rows ----
+ * A row's events blob is its events one after the other, each a 24-byte head (message_id
+ * u64, at i64, chat_id's length u32, the event's length u32, all little-endian) then the
+ * chat_id's bytes and the event's, each followed by a NUL (so that the rows a relay is lent
+ * can point into the pack). Read back by ob_unpack, which trusts nothing. */
+#define OB_HEAD 24
+/* In the writer's ob_hand, each pack follows a frame: its first seq and its length (u64s). */
+#define OB_FRAME 16
+/* The most bytes of events one batch keeps for the relay, and the loop may have waiting;
+ * beyond, the relay is only told, and reads them from the outbox. */
+#define OB_HAND_MAX (64u << 20)
+
+static void put_le(uint8_t *p, uint64_t v, int n) {
+    for (int i = 0; i < n; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
 
-/* A copy of the row just inserted, for the relay after the commit. Out of memory the batch
- * still commits (the row is in the outbox); the relay is then told to read it. */
-static void ob_keep(rows_t *rs, const store_req_t *r, uint64_t seq, const sbuf_t *ev) {
-    if (rs->oom) return;
-    if (rs->n == rs->cap) {
-        size_t ncap = rs->cap ? rs->cap * 2 : 64;
-        store_outbox_row_t *p = realloc(rs->v, ncap * sizeof *p);
-        if (!p) goto oom;
-        rs->v = p;
-        rs->cap = ncap;
-    }
-    store_outbox_row_t *o = &rs->v[rs->n];
-    *o = (store_outbox_row_t){.seq = seq, .message_id = r->msg.id, .at = r->at};
-    o->chat_id = strdup(r->msg.chat_id);
-    o->event = malloc(ev->len + 1);
-    if (!o->chat_id || !o->event) {
-        free(o->chat_id);
-        free(o->event);
-        goto oom;
-    }
-    memcpy(o->event, ev->p, ev->len + 1);
-    o->event_len = ev->len;
-    rs->n++;
-    return;
-oom:
-    store_outbox_rows_free(rs->v, rs->n);
-    *rs = (rows_t){.oom = true};
+static uint64_t get_le(const uint8_t *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++) v |= (uint64_t)p[i] << (8 * i);
+    return v;
 }
 
-/* The event of a change that just succeeded, into the outbox, in the same transaction. */
-static int ob_write(sqlite_store_t *s, store_req_t *r) {
-    sbuf_t *b = &s->ob_buf;
-    b->len = 0;
-    if (r->op == STORE_APPEND && r->event) /* the caller encoded it (store.h), once for all */
-        sbuf_put(b, r->event, r->event_len);
-    else
-        s->ob.encode(b, r->op, &r->msg);
-    if (b->oom) { /* the batch fails: a change without its event would break the contract */
-        sbuf_free(b);
-        return SQLITE_NOMEM;
+static void ob_pack(sbuf_t *pk, uint64_t message_id, int64_t at, const char *chat_id,
+                    const char *ev, size_t ev_len) {
+    size_t clen = strlen(chat_id);
+    uint8_t h[OB_HEAD];
+    put_le(h, message_id, 8);
+    put_le(h + 8, (uint64_t)at, 8);
+    put_le(h + 16, clen, 4);
+    put_le(h + 20, ev_len, 4);
+    sbuf_put(pk, h, sizeof h);
+    sbuf_put(pk, chat_id, clen + 1);
+    sbuf_put(pk, ev, ev_len);
+    sbuf_put(pk, "", 1);
+}
+
+/* The events of one pack as rows pointing into it (the pack must be well formed: ours). */
+static size_t ob_rows_of(const uint8_t *p, size_t len, uint64_t first, store_outbox_row_t *rows) {
+    size_t n = 0;
+    for (size_t off = 0; off + OB_HEAD <= len; n++) {
+        size_t clen = get_le(p + off + 16, 4), elen = get_le(p + off + 20, 4);
+        rows[n] = (store_outbox_row_t){.seq = first + n,
+                                       .message_id = get_le(p + off, 8),
+                                       .at = (int64_t)get_le(p + off + 8, 8),
+                                       .chat_id = (char *)p + off + OB_HEAD,
+                                       .event = (char *)p + off + OB_HEAD + clen + 1,
+                                       .event_len = elen};
+        off += OB_HEAD + clen + 1 + elen + 1;
     }
+    return n;
+}
+
+/* The events of one row (seqs first.. in order) with a seq above after, into rows from
+ * *n on, at most max in all. 0, or CHAT_EIO for a blob that is not a pack (logged) and
+ * CHAT_ENOMEM; either way *n counts the rows filled, whose strings are the caller's. */
+static int ob_unpack(const uint8_t *p, size_t len, uint64_t first, uint64_t last, uint64_t after,
+                     store_outbox_row_t *rows, size_t *n, size_t max) {
+    uint64_t seq = first;
+    size_t off = 0;
+    while (off < len && *n < max) {
+        if (len - off < OB_HEAD) break;
+        uint64_t clen = get_le(p + off + 16, 4), elen = get_le(p + off + 20, 4);
+        if (clen + elen + 2 > len - off - OB_HEAD) break;
+        if (seq > after) {
+            store_outbox_row_t *o = &rows[*n];
+            *o = (store_outbox_row_t){.seq = seq,
+                                      .message_id = get_le(p + off, 8),
+                                      .at = (int64_t)get_le(p + off + 8, 8),
+                                      .event_len = elen};
+            o->chat_id = malloc(clen + 1);
+            o->event = malloc(elen + 1);
+            if (!o->chat_id || !o->event) {
+                free(o->chat_id);
+                free(o->event);
+                return CHAT_ENOMEM;
+            }
+            memcpy(o->chat_id, p + off + OB_HEAD, clen);
+            o->chat_id[clen] = '\0';
+            memcpy(o->event, p + off + OB_HEAD + clen + 1, elen);
+            o->event[elen] = '\0';
+            (*n)++;
+        }
+        off += OB_HEAD + clen + 1 + elen + 1;
+        seq++;
+    }
+    if (*n < max && (off != len || seq != last + 1)) {
+        log_error("store_outbox_corrupt seq=%" PRIu64 " first=%" PRIu64, last, first);
+        return CHAT_EIO;
+    }
+    return 0;
+}
+
+/* The open pack into a row of its own. */
+static int ob_flush(sqlite_store_t *s) {
+    if (!s->ob_at) return SQLITE_OK;
+    sbuf_t *h = &s->ob_hand;
+    size_t len = h->len - s->ob_at;
+    put_le((uint8_t *)h->p + s->ob_at - OB_FRAME, s->ob_first, 8);
+    put_le((uint8_t *)h->p + s->ob_at - OB_FRAME + 8, len, 8);
     sqlite3_stmt *st = s->ob_insert;
-    sqlite3_bind_text(st, 1, r->msg.chat_id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, (sqlite3_int64)r->msg.id);
-    sqlite3_bind_int64(st, 3, r->at);
-    sqlite3_bind_blob(st, 4, b->p, (int)b->len, SQLITE_STATIC);
-    int rc = sqlite3_step(st);
-    sqlite3_reset(st);
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)(s->ob_seq - 1));
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)s->ob_first);
+    sqlite3_bind_blob(st, 3, h->p + s->ob_at, (int)len, SQLITE_STATIC);
+    int rc = step_once(st);
+    s->ob_at = 0;
+    if (!s->ob.handoff || h->len > OB_HAND_MAX) {
+        s->ob_lost = s->ob_lost || s->ob.handoff;
+        h->len = 0;
+    }
     if (rc != SQLITE_DONE) {
-        log_error("store_outbox_insert_failed chat=%s err=%s", LOG_STR(r->chat_id),
-                  LOG_STR(sqlite3_errmsg(s->wdb)));
+        log_error("store_outbox_insert_failed err=%s", LOG_STR(sqlite3_errmsg(s->wdb)));
         return rc;
     }
-    if (s->ob.handoff) ob_keep(&s->ob_batch, r, (uint64_t)sqlite3_last_insert_rowid(s->wdb), b);
     return SQLITE_OK;
 }
 
+/* The event of a change that just succeeded, into the outbox, in the same transaction: into
+ * the open pack, which ob_flush writes before the commit. */
+static int ob_write(sqlite_store_t *s, store_req_t *r) {
+    if (!s->ob_seq) { /* the batch's first: the seq after the highest ever given */
+        int rc = sqlite3_step(s->ob_next);
+        s->ob_seq = rc == SQLITE_ROW ? (uint64_t)sqlite3_column_int64(s->ob_next, 0) + 1 : 1;
+        sqlite3_reset(s->ob_next);
+        if (rc != SQLITE_ROW && rc != SQLITE_DONE) return rc;
+    }
+    sbuf_t *h = &s->ob_hand;
+    if (!s->ob_at) { /* a new pack, behind its frame */
+        s->ob_first = s->ob_seq;
+        sbuf_put(h, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0", OB_FRAME);
+        s->ob_at = h->len;
+    }
+    if (r->op == STORE_APPEND && r->event) { /* the caller encoded it (store.h), once for all */
+        ob_pack(h, r->msg.id, r->at, r->msg.chat_id, r->event, r->event_len);
+    } else {
+        sbuf_t *b = &s->ob_buf;
+        b->len = 0;
+        s->ob.encode(b, r->op, &r->msg);
+        if (!b->oom) ob_pack(h, r->msg.id, r->at, r->msg.chat_id, b->p, b->len);
+        if (b->oom) sbuf_free(b);
+    }
+    if (h->oom) { /* the batch fails: a change without its event would break the contract */
+        sbuf_free(h);
+        s->ob_at = 0;
+        return SQLITE_NOMEM;
+    }
+    s->ob_seq++;
+    return h->len - s->ob_at >= OB_PACK_MAX ? ob_flush(s) : SQLITE_OK;
+}
+
+/* Rows whose every event is through r->id; a row still holding a later one stays whole. */
 static int ob_delete(sqlite_store_t *s, store_req_t *r, int64_t *removed) {
     sqlite3_stmt *st = s->ob_delete;
     if (!st) {
@@ -953,10 +1054,16 @@ static int ob_delete(sqlite_store_t *s, store_req_t *r, int64_t *removed) {
         return SQLITE_OK;
     }
     sqlite3_bind_int64(st, 1, r->id > (uint64_t)INT64_MAX ? INT64_MAX : (sqlite3_int64)r->id);
-    int rc = sqlite3_step(st);
+    /* FAST, not ON, for these rows only: ON would write every page they free again, zeroed,
+     * into the WAL (as many bytes as the events themselves, for every event); the events
+     * are in Kafka by now, and the pages are reused by the next batches. */
+    int rc = exec(s->wdb, "PRAGMA secure_delete=FAST");
+    if (rc != SQLITE_OK) return rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) *removed += sqlite3_column_int64(st, 0);
     sqlite3_reset(st);
+    int rc2 = exec(s->wdb, "PRAGMA secure_delete=ON");
+    if (rc == SQLITE_DONE) rc = rc2 == SQLITE_OK ? SQLITE_DONE : rc2;
     if (rc != SQLITE_DONE) return rc;
-    *removed += sqlite3_changes(s->wdb);
     r->status = 0;
     return SQLITE_OK;
 }
@@ -973,42 +1080,26 @@ static void fail_batch(queue_t *batch) {
     }
 }
 
-/* A commit added rows: queue the batch's for the relay, or just tell it. Under lock. */
-static void rows_hand(sqlite_store_t *s) {
-    rows_t *b = &s->ob_batch, *d = &s->ob_done;
-    if (!s->ob.handoff || b->oom || d->oom) {
+/* A commit added rows: the batch's frames to the loop for the relay, or just tell it (it
+ * reads the outbox). Under lock. */
+static void ob_hand_over(sqlite_store_t *s) {
+    sbuf_t *h = &s->ob_hand, *d = &s->ob_done;
+    if (!s->ob.handoff || s->ob_lost || d->len + h->len > OB_HAND_MAX) {
         s->ob_new = true;
-        if (d->oom || b->oom) { /* the relay reads the outbox: what d holds is in it too */
-            rows_clear(d);
-            d->oom = true;
-        }
-        rows_clear(b);
-        return;
-    }
-    if (!d->n) { /* the common case: the loop took the last batch's already */
-        rows_t keep = *d;
-        *d = *b;
-        *b = keep;
-        b->n = 0;
-        return;
-    }
-    if (d->n + b->n > d->cap) {
-        size_t ncap = d->cap;
-        while (ncap < d->n + b->n) ncap *= 2;
-        store_outbox_row_t *p = realloc(d->v, ncap * sizeof *p);
-        if (!p) {
-            rows_clear(d);
-            rows_clear(b);
-            d->oom = true;
+        if (s->ob.handoff) d->len = 0; /* a gap would follow them: they are read too */
+    } else if (!d->len) { /* the common case: the loop took the last ones already */
+        sbuf_t t = *d;
+        *d = *h;
+        *h = t;
+    } else {
+        sbuf_put(d, h->p, h->len);
+        if (d->oom) {
+            sbuf_free(d);
             s->ob_new = true;
-            return;
         }
-        d->v = p;
-        d->cap = ncap;
     }
-    memcpy(d->v + d->n, b->v, b->n * sizeof *b->v);
-    d->n += b->n;
-    b->n = 0; /* the strings are d's now */
+    h->len = 0;
+    s->ob_lost = false;
 }
 
 /* One transaction for the whole batch. Caller holds wdb_lock. true if committed. */
@@ -1049,6 +1140,8 @@ static bool write_batch(sqlite_store_t *s, queue_t *batch) {
          * transaction back; either way nothing in this batch can be promised. */
         if (rc != SQLITE_OK) goto fail;
     }
+    if (s->ob_on && (rc = ob_flush(s)) != SQLITE_OK) goto fail;
+    s->ob_seq = 0;
     rc = step_once(s->commit);
     if (rc != SQLITE_DONE) {
         log_error("store_commit_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(s->wdb)));
@@ -1061,12 +1154,15 @@ static bool write_batch(sqlite_store_t *s, queue_t *batch) {
         s->ob_stats.rows = (uint64_t)s->ob_rows;
         s->ob_stats.written += (uint64_t)added;
         s->ob_stats.refused += refused;
-        if (added) rows_hand(s);
+        if (added) ob_hand_over(s);
         uv_mutex_unlock(&s->lock);
     }
     return true;
 fail:
-    rows_clear(&s->ob_batch);
+    s->ob_seq = 0;
+    s->ob_at = 0;
+    s->ob_hand.len = 0;
+    s->ob_lost = false;
     snprintf(s->werr, sizeof s->werr, "%s", sqlite3_errmsg(s->wdb));
     if (!sqlite3_get_autocommit(s->wdb)) step_once(s->rollback);
     fail_batch(batch);
@@ -1271,51 +1367,25 @@ static void do_read(reader_t *rd, store_req_t *r) {
 
 static void do_outbox_read(reader_t *rd, store_req_t *r) {
     int limit = r->limit < 1 ? 1 : r->limit > STORE_READ_MAX ? STORE_READ_MAX : r->limit;
-    if (!rd->outbox &&
-        prepare(rd->db,
-                "SELECT seq, chat_id, message_id, at, event FROM outbox WHERE seq > ?1"
-                " ORDER BY seq LIMIT ?2",
-                &rd->outbox)) {
+    if (!rd->outbox && prepare(rd->db,
+                               "SELECT seq, first, events FROM outbox WHERE seq > ?1 ORDER BY seq",
+                               &rd->outbox)) {
         r->status = CHAT_EIO;
         return;
     }
     sqlite3_stmt *st = rd->outbox;
     sqlite3_bind_int64(st, 1, r->id > (uint64_t)INT64_MAX ? INT64_MAX : (sqlite3_int64)r->id);
-    sqlite3_bind_int(st, 2, limit);
-    store_outbox_row_t *rows = NULL;
-    size_t n = 0, cap = 0;
-    int status = 0, rc;
-    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-        if (n == cap) {
-            size_t ncap = cap ? cap * 2 : 64;
-            store_outbox_row_t *p = realloc(rows, ncap * sizeof *p);
-            if (!p) {
-                status = CHAT_ENOMEM;
-                break;
-            }
-            rows = p;
-            cap = ncap;
-        }
-        store_outbox_row_t *o = &rows[n];
-        memset(o, 0, sizeof *o);
-        o->seq = (uint64_t)sqlite3_column_int64(st, 0);
-        o->message_id = (uint64_t)sqlite3_column_int64(st, 2);
-        o->at = sqlite3_column_int64(st, 3);
-        int len = sqlite3_column_bytes(st, 4);
-        const void *ev = sqlite3_column_blob(st, 4);
-        o->event = malloc((size_t)len + 1);
-        if (o->event) {
-            if (len) memcpy(o->event, ev, (size_t)len);
-            o->event[len] = '\0';
-            o->event_len = (size_t)len;
-        }
-        n++; /* counted before the checks below, so that cleanup frees what it holds */
-        if (!o->event || col_dup(st, 1, &o->chat_id) != 0) {
-            status = CHAT_ENOMEM;
-            break;
-        }
+    store_outbox_row_t *rows = malloc((size_t)limit * sizeof *rows);
+    size_t n = 0;
+    int status = rows ? 0 : CHAT_ENOMEM, rc = SQLITE_DONE;
+    while (status == 0 && n < (size_t)limit && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        uint64_t last = (uint64_t)sqlite3_column_int64(st, 0);
+        uint64_t first = (uint64_t)sqlite3_column_int64(st, 1);
+        const uint8_t *p = sqlite3_column_blob(st, 2);
+        size_t len = (size_t)sqlite3_column_bytes(st, 2);
+        status = ob_unpack(p, len, first, last, r->id, rows, &n, (size_t)limit);
     }
-    if (status == 0 && rc != SQLITE_DONE) {
+    if (status == 0 && rc != SQLITE_DONE && rc != SQLITE_ROW) {
         log_error("store_outbox_read_failed err=%s", LOG_STR(sqlite3_errmsg(rd->db)));
         status = CHAT_EIO;
     }
@@ -1324,11 +1394,7 @@ static void do_outbox_read(reader_t *rd, store_req_t *r) {
     r->rows = rows;
     r->n_rows = n;
     if (status != 0) {
-        for (size_t i = 0; i < n; i++) {
-            free(rows[i].chat_id);
-            free(rows[i].event);
-        }
-        free(rows);
+        store_outbox_rows_free(rows, n);
         r->rows = NULL;
         r->n_rows = 0;
     }
@@ -1372,8 +1438,9 @@ static void free_store(sqlite_store_t *s) {
     uv_mutex_destroy(&s->lock);
     uv_mutex_destroy(&s->wdb_lock);
     sbuf_free(&s->ob_buf);
-    rows_clear(&s->ob_batch);
-    rows_clear(&s->ob_done);
+    sbuf_free(&s->ob_hand);
+    sbuf_free(&s->ob_done);
+    free(s->ob_view);
     free(s->path);
     free(s);
 }
@@ -1399,19 +1466,42 @@ static void finish(sqlite_store_t *s) {
     uv_close((uv_handle_t *)&s->async, on_closed);
 }
 
+/* Committed frames (ob_done's) to the relay, as rows lent for the call. */
+static void ob_lend(sqlite_store_t *s, const uint8_t *p, size_t len) {
+    for (size_t off = 0; off + OB_FRAME <= len;) {
+        uint64_t first = get_le(p + off, 8);
+        size_t plen = get_le(p + off + 8, 8);
+        const uint8_t *pack = p + off + OB_FRAME;
+        off += OB_FRAME + plen;
+        /* at most one event per OB_HEAD + 2 bytes: room for the rows first */
+        size_t most = plen / (OB_HEAD + 2) + 1;
+        if (most > s->ob_view_cap) {
+            store_outbox_row_t *v = realloc(s->ob_view, most * sizeof *v);
+            if (!v) { /* the relay reads them from the outbox */
+                if (s->ob.notify) s->ob.notify(s->ob.arg);
+                return;
+            }
+            s->ob_view = v;
+            s->ob_view_cap = most;
+        }
+        size_t n = ob_rows_of(pack, plen, first, s->ob_view);
+        s->ob.handoff(s->ob.arg, s->ob_view, n);
+    }
+}
+
 static void on_async(uv_async_t *h) {
     sqlite_store_t *s = h->data;
     uv_mutex_lock(&s->lock);
     queue_move_tail(&s->finished, &s->cb);
-    bool ob_new = s->ob_new || s->ob_done.oom;
+    bool ob_new = s->ob_new;
     s->ob_new = false;
-    rows_t hand = s->ob_done;
-    s->ob_done = (rows_t){0};
+    sbuf_t hand = s->ob_done;
+    s->ob_done = (sbuf_t){0};
     uv_mutex_unlock(&s->lock);
     /* never after close: the relay is told to stop before the store closes */
     if (ob_new && s->ob.notify && !s->close_called) s->ob.notify(s->ob.arg);
-    if (hand.n && !s->close_called) s->ob.handoff(s->ob.arg, hand.v, hand.n);
-    else store_outbox_rows_free(hand.v, hand.n);
+    if (hand.len && !s->close_called) ob_lend(s, (const uint8_t *)hand.p, hand.len);
+    sbuf_free(&hand);
     for (int n = 0; !queue_empty(&s->cb) && n < DELIVER_MAX; n++) {
         store_req_t *r = req_of(queue_head(&s->cb));
         queue_remove(&r->link_); /* before the callback, which may free or resubmit r */
@@ -1534,16 +1624,70 @@ static int sq_health(store_t *base, char *detail, size_t n) {
     return failing ? CHAT_EIO : 0;
 }
 
+/* An outbox of the first version (a row per event, see OUTBOX_DDL) becomes one of packed
+ * rows, in one transaction: each event keeps its seq (a row of its own), and the high-water
+ * mark stays, so no seq is ever given twice. Caller holds wdb_lock. */
+static int ob_convert(sqlite_store_t *s) {
+    sqlite3 *db = s->wdb;
+    sqlite3_stmt *old = NULL, *ins = NULL;
+    sbuf_t pk = {0};
+    int rc = exec(db, "ALTER TABLE outbox RENAME TO outbox_v1");
+    if (rc == SQLITE_OK) rc = exec(db, OUTBOX_DDL);
+    if (rc == SQLITE_OK)
+        rc = prepare(db, "SELECT seq, chat_id, message_id, at, event FROM outbox_v1 ORDER BY seq",
+                     &old);
+    if (rc == SQLITE_OK)
+        rc = prepare(db, "INSERT INTO outbox (seq, first, events) VALUES (?1, ?1, ?2)", &ins);
+    uint64_t n = 0;
+    while (rc == SQLITE_OK && (rc = sqlite3_step(old)) == SQLITE_ROW) {
+        const char *chat = (const char *)sqlite3_column_text(old, 1);
+        const void *ev = sqlite3_column_blob(old, 4);
+        size_t len = (size_t)sqlite3_column_bytes(old, 4);
+        pk.len = 0;
+        ob_pack(&pk, (uint64_t)sqlite3_column_int64(old, 2), sqlite3_column_int64(old, 3),
+                chat ? chat : "", ev ? ev : "", len);
+        if (pk.oom) {
+            rc = SQLITE_NOMEM;
+            break;
+        }
+        sqlite3_bind_int64(ins, 1, sqlite3_column_int64(old, 0));
+        sqlite3_bind_blob(ins, 2, pk.p, (int)pk.len, SQLITE_STATIC);
+        rc = step_once(ins) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+        n++;
+    }
+    if (rc == SQLITE_DONE) rc = SQLITE_OK;
+    sqlite3_finalize(old);
+    sqlite3_finalize(ins);
+    sbuf_free(&pk);
+    if (rc == SQLITE_OK)
+        rc = exec(db, "DELETE FROM sqlite_sequence WHERE name = 'outbox';"
+                      "INSERT INTO sqlite_sequence (name, seq)"
+                      " SELECT 'outbox', seq FROM sqlite_sequence WHERE name = 'outbox_v1';"
+                      "DROP TABLE outbox_v1;");
+    if (rc == SQLITE_OK) log_info("store_outbox_converted path=%s events=%" PRIu64, s->path, n);
+    return rc;
+}
+
 static int sq_outbox_enable(store_t *base, const store_outbox_opts_t *o) {
     sqlite_store_t *s = (sqlite_store_t *)base;
     if (!o || !o->encode || s->ob_on || !s->base.loop) return CHAT_EINVAL;
     uv_mutex_lock(&s->wdb_lock);
     int rc = CHAT_EIO;
     sqlite3_stmt *st = NULL;
-    if (!s->wdb || exec(s->wdb, OUTBOX_DDL) != SQLITE_OK) goto out;
-    if (prepare(s->wdb, "SELECT count(*) FROM outbox", &st) || sqlite3_step(st) != SQLITE_ROW)
+    if (!s->wdb || exec(s->wdb, "BEGIN IMMEDIATE") != SQLITE_OK) goto out;
+    if (prepare(s->wdb, "SELECT count(*) FROM pragma_table_info('outbox') WHERE name = 'event'",
+                &st) ||
+        sqlite3_step(st) != SQLITE_ROW)
+        goto out;
+    bool v1 = sqlite3_column_int(st, 0) > 0;
+    sqlite3_finalize(st);
+    st = NULL;
+    if ((v1 ? ob_convert(s) : exec(s->wdb, OUTBOX_DDL)) != SQLITE_OK) goto out;
+    if (prepare(s->wdb, "SELECT coalesce(sum(seq - first + 1), 0) FROM outbox", &st) ||
+        sqlite3_step(st) != SQLITE_ROW)
         goto out;
     s->ob_rows = sqlite3_column_int64(st, 0);
+    if (exec(s->wdb, "COMMIT") != SQLITE_OK) goto out;
     s->ob = *o;
     s->ob_on = true; /* the writer reads it under wdb_lock, which we hold */
     if (prepare_outbox(s)) {
@@ -1561,6 +1705,7 @@ out:
         log_error("store_outbox_failed path=%s err=%s", s->path,
                   LOG_STR(s->wdb ? sqlite3_errmsg(s->wdb) : "closed"));
     sqlite3_finalize(st);
+    if (s->wdb && !sqlite3_get_autocommit(s->wdb)) exec(s->wdb, "ROLLBACK");
     uv_mutex_unlock(&s->wdb_lock);
     return rc;
 }
