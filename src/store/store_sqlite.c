@@ -225,7 +225,7 @@ struct sqlite_store {
      * write; ob_insert, ob_delete, ob_buf and ob_rows are the writer's (under wdb_lock) */
     bool ob_on;
     store_outbox_opts_t ob;
-    sqlite3_stmt *ob_insert, *ob_delete, *ob_next;
+    sqlite3_stmt *ob_insert, *ob_delete, *ob_next, *ob_count;
     sbuf_t ob_buf;
     /* The writer's: this batch's outbox rows as frames (OB_FRAME: the first event's seq and
      * the pack's length, then the pack), the last one still open at ob_at (0: none open);
@@ -566,7 +566,11 @@ static int prepare_outbox(sqlite_store_t *s) {
                    &s->ob_insert) ||
            prepare(s->wdb, "DELETE FROM outbox WHERE seq <= ?1 RETURNING seq - first + 1",
                    &s->ob_delete) ||
-           prepare(s->wdb, "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", &s->ob_next);
+           prepare(s->wdb, "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", &s->ob_next) ||
+           prepare(s->wdb,
+                   "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox')"
+                   " - (SELECT first FROM outbox ORDER BY seq LIMIT 1) + 1, 0)",
+                   &s->ob_count);
 }
 
 static int prepare_writer(sqlite_store_t *s) {
@@ -622,7 +626,7 @@ static void close_writer_db(sqlite_store_t *s) {
     sqlite3_stmt **sts[] = {&s->begin,     &s->commit,    &s->rollback,   &s->insert,
                             &s->by_client, &s->edit,      &s->del,        &s->get,
                             &s->ob_insert, &s->ob_delete, &s->fts_insert, &s->read_set,
-                            &s->read_get,  &s->ob_next};
+                            &s->read_get,  &s->ob_next,   &s->ob_count};
     for (size_t i = 0; i < sizeof sts / sizeof sts[0]; i++) {
         sqlite3_finalize(*sts[i]);
         *sts[i] = NULL;
@@ -1046,6 +1050,17 @@ static int ob_write(sqlite_store_t *s, store_req_t *r) {
     return h->len - s->ob_at >= OB_PACK_MAX ? ob_flush(s) : SQLITE_OK;
 }
 
+/* The events in the outbox, counted anew (after a delete): every node's, as seqs are given
+ * in order and only a prefix is ever deleted, everything from the oldest row's first event
+ * to the highest seq given. Counting what each node added and deleted itself would drift
+ * when several nodes share the file (one deletes what the other wrote). */
+static int ob_count(sqlite_store_t *s, int64_t *out) {
+    int rc = sqlite3_step(s->ob_count);
+    *out = rc == SQLITE_ROW ? sqlite3_column_int64(s->ob_count, 0) : 0;
+    sqlite3_reset(s->ob_count);
+    return rc == SQLITE_ROW ? SQLITE_OK : rc;
+}
+
 /* Rows whose every event is through r->id; a row still holding a later one stays whole. */
 static int ob_delete(sqlite_store_t *s, store_req_t *r, int64_t *removed) {
     sqlite3_stmt *st = s->ob_delete;
@@ -1114,12 +1129,14 @@ static bool write_batch(sqlite_store_t *s, queue_t *batch) {
         goto fail;
     }
     int64_t added = 0, removed = 0;
+    bool deleted = false;
     uint64_t refused = 0;
     queue_t *q;
     QUEUE_FOREACH(q, batch) {
         store_req_t *r = req_of(q);
         if (r->op == STORE_OUTBOX_DELETE) {
             rc = ob_delete(s, r, &removed);
+            deleted = true;
         } else if (r->op == STORE_READ_SET) { /* no event of a message: not in the outbox */
             rc = do_read_set(s, r);
         } else if (s->ob_on && s->ob.max_rows &&
@@ -1142,14 +1159,15 @@ static bool write_batch(sqlite_store_t *s, queue_t *batch) {
     }
     if (s->ob_on && (rc = ob_flush(s)) != SQLITE_OK) goto fail;
     s->ob_seq = 0;
+    int64_t count = -1;
+    if (deleted && (rc = ob_count(s, &count)) != SQLITE_OK) goto fail;
     rc = step_once(s->commit);
     if (rc != SQLITE_DONE) {
         log_error("store_commit_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(s->wdb)));
         goto fail;
     }
     if (s->ob_on) {
-        s->ob_rows += added - removed;
-        if (s->ob_rows < 0) s->ob_rows = 0; /* another node sharing the file deleted some */
+        s->ob_rows = count >= 0 ? count : s->ob_rows + added - removed;
         uv_mutex_lock(&s->lock);
         s->ob_stats.rows = (uint64_t)s->ob_rows;
         s->ob_stats.written += (uint64_t)added;

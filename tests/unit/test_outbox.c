@@ -23,6 +23,11 @@ typedef struct fx {
     char path[128];
     char url[160];
     int notified;
+    /* what the hand-off lent, copied (fx_open_handoff) */
+    size_t n_handed;
+    uint64_t handed_seq[64];
+    char handed_event[64][64];
+    char handed_chat[64][8];
 } fx_t;
 
 static bool fx_init(fx_t *f) {
@@ -45,16 +50,32 @@ static void encode(sbuf_t *out, store_op_t op, const store_msg_t *m) {
 
 static void on_notify(void *arg) { ((fx_t *)arg)->notified++; }
 
-static int fx_open(fx_t *f, uint64_t max_rows) {
+static void on_handoff(void *arg, const store_outbox_row_t *rows, size_t n) {
+    fx_t *f = arg;
+    for (size_t i = 0; i < n && f->n_handed < 64; i++, f->n_handed++) {
+        f->handed_seq[f->n_handed] = rows[i].seq;
+        snprintf(f->handed_event[f->n_handed], sizeof f->handed_event[0], "%.*s",
+                 (int)rows[i].event_len, rows[i].event);
+        snprintf(f->handed_chat[f->n_handed], sizeof f->handed_chat[0], "%s", rows[i].chat_id);
+    }
+}
+
+static int fx_open_opts(fx_t *f, uint64_t max_rows, bool handoff) {
     char err[256] = "";
     int rc = store_open(&f->s, &f->loop, f->url, err, sizeof err);
     if (rc) {
         fprintf(stderr, "  store_open: %s\n", err);
         return rc;
     }
-    store_outbox_opts_t o = {.encode = encode, .max_rows = max_rows, .notify = on_notify, .arg = f};
+    store_outbox_opts_t o = {.encode = encode,
+                             .max_rows = max_rows,
+                             .notify = on_notify,
+                             .handoff = handoff ? on_handoff : NULL,
+                             .arg = f};
     return store_outbox_enable(f->s, &o);
 }
+
+static int fx_open(fx_t *f, uint64_t max_rows) { return fx_open_opts(f, max_rows, false); }
 
 static void on_flag(void *arg) { (*(int *)arg)++; }
 
@@ -268,6 +289,121 @@ static void test_what_a_run_left_is_there_after_reopen(void) {
     CHECK_INT(fx_done(&f), 0);
 }
 
+/* One batch of changes: one packed row in the outbox, each event with a seq of its own, lent
+ * to the relay after the commit instead of a notify; a delete through a seq inside the
+ * batch keeps the row whole (its later events are not delivered yet). */
+static void test_a_batch_is_packed_and_handed_over(void) {
+    fx_t f;
+    CHECK(fx_init(&f));
+    CHECK_INT(fx_open_opts(&f, 0, true), 0);
+    enum { N = 40 };
+    store_req_t reqs[N];
+    char text[N][32];
+    int called = 0;
+    store_sqlite_pause(f.s, true);
+    for (int i = 0; i < N; i++) {
+        store_req_t *r = &reqs[i];
+        memset(r, 0, sizeof *r);
+        snprintf(text[i], sizeof text[i], "m%d", i);
+        r->op = i == N - 1 ? STORE_EDIT : STORE_APPEND; /* the last edits the first */
+        r->chat_id = "c";
+        r->user = "alice";
+        r->text = i == N - 1 ? "m0!" : text[i];
+        r->id = i == N - 1 ? 1 : (uint64_t)i + 1;
+        r->at = 1700000000000 + i;
+        r->cb = on_req;
+        r->data = &called;
+        if (i == 1) { /* what the caller encoded already is stored as it is */
+            r->event = "msg|2|c|m1 (the caller's bytes)";
+            r->event_len = strlen(r->event);
+        }
+        CHECK_INT(store_submit(f.s, r), 0);
+    }
+    store_sqlite_pause(f.s, false);
+    while (called < N) uv_run(&f.loop, UV_RUN_ONCE);
+    for (int i = 0; i < N; i++) {
+        CHECK_INT(reqs[i].status, 0);
+        store_req_cleanup(&reqs[i]);
+    }
+    while (f.n_handed < N) uv_run(&f.loop, UV_RUN_ONCE);
+    CHECK_INT(f.notified, 0);
+    CHECK_INT(query_int(f.path, "SELECT count(*) FROM outbox"), 1);
+    store_req_t r = read_rows(&f, 0, 100);
+    CHECK_INT(r.status, 0);
+    CHECK_INT(r.n_rows, N);
+    for (size_t i = 0; i < N && i < r.n_rows; i++) {
+        if (i) CHECK_INT(r.rows[i].seq, r.rows[i - 1].seq + 1);
+        CHECK_INT(r.rows[i].seq, f.handed_seq[i]);
+        CHECK_STR(r.rows[i].event, f.handed_event[i]);
+        CHECK_STR(f.handed_chat[i], "c");
+        CHECK_STR(r.rows[i].chat_id, "c");
+        CHECK_INT(r.rows[i].message_id, i == N - 1 ? 1 : i + 1);
+    }
+    CHECK_STR(r.rows[0].event, "msg|1|c|m0");
+    CHECK_STR(r.rows[1].event, "msg|2|c|m1 (the caller's bytes)");
+    CHECK_STR(r.rows[N - 1].event, "edit|1|c|m0!");
+    uint64_t first = r.rows[0].seq;
+    store_req_cleanup(&r);
+    /* acknowledged through the middle: the row stays, reads go on after that seq */
+    CHECK_INT(delete_through(&f, first + 9), 0);
+    CHECK_INT(query_int(f.path, "SELECT count(*) FROM outbox"), 1);
+    r = read_rows(&f, first + 9, 5);
+    CHECK_INT(r.n_rows, 5);
+    CHECK_INT(r.rows[0].seq, first + 10);
+    CHECK_STR(r.rows[0].event, "msg|11|c|m10");
+    store_req_cleanup(&r);
+    CHECK_INT(delete_through(&f, first + N - 1), 0);
+    CHECK_INT(query_int(f.path, "SELECT count(*) FROM outbox"), 0);
+    store_outbox_stats_t st;
+    store_outbox_stats(f.s, &st);
+    CHECK_INT(st.rows, 0);
+    CHECK_INT(fx_done(&f), 0);
+}
+
+/* An outbox of the first version (a row per event) is converted when the relay starts: the
+ * events it held come back with their seqs, and no seq is given twice. */
+static void test_a_first_version_outbox_is_converted(void) {
+    fx_t f;
+    CHECK(fx_init(&f));
+    char err[256];
+    CHECK_INT(store_open(&f.s, &f.loop, f.url, err, sizeof err), 0);
+    CHECK_INT(store_sqlite_exec(f.s,
+                                "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+                                " chat_id TEXT NOT NULL, message_id INTEGER NOT NULL,"
+                                " at INTEGER NOT NULL, event BLOB NOT NULL);"
+                                "INSERT INTO outbox VALUES (7, 'c', 1, 1700000000001, 'msg|1|c|a');"
+                                "INSERT INTO outbox VALUES (9, 'd', 2, 1700000000002, 'msg|2|d|b');"
+                                "INSERT INTO outbox VALUES (12, 'c', 3, 1700000000003, 'x');"
+                                "DELETE FROM outbox WHERE seq = 12;"),
+              0);
+    fx_close_store(&f);
+    CHECK_INT(fx_open(&f, 0), 0);
+    store_outbox_stats_t st;
+    store_outbox_stats(f.s, &st);
+    CHECK_INT(st.rows, 2);
+    store_req_t r = read_rows(&f, 0, 10);
+    CHECK_INT(r.n_rows, 2);
+    if (r.n_rows == 2) {
+        CHECK_INT(r.rows[0].seq, 7);
+        CHECK_STR(r.rows[0].event, "msg|1|c|a");
+        CHECK_STR(r.rows[0].chat_id, "c");
+        CHECK_INT(r.rows[0].message_id, 1);
+        CHECK_INT(r.rows[0].at, 1700000000001);
+        CHECK_INT(r.rows[1].seq, 9);
+        CHECK_STR(r.rows[1].event, "msg|2|d|b");
+        CHECK_STR(r.rows[1].chat_id, "d");
+    }
+    store_req_cleanup(&r);
+    /* seq 12 was given once (and its row deleted): the next one comes after it */
+    CHECK_INT(write1(&f, STORE_APPEND, "alice", "new", NULL, 5), 0);
+    r = read_rows(&f, 9, 10);
+    CHECK_INT(r.n_rows, 1);
+    if (r.n_rows == 1) CHECK_INT(r.rows[0].seq, 13);
+    store_req_cleanup(&r);
+    CHECK_INT(query_int(f.path, "SELECT count(*) FROM sqlite_master WHERE name = 'outbox_v1'"), 0);
+    CHECK_INT(fx_done(&f), 0);
+}
+
 static void test_without_outbox(void) {
     fx_t f;
     CHECK(fx_init(&f));
@@ -291,6 +427,8 @@ int main(void) {
     RUN(test_change_and_event_commit_together);
     RUN(test_full_outbox_refuses_and_stores_nothing);
     RUN(test_what_a_run_left_is_there_after_reopen);
+    RUN(test_a_batch_is_packed_and_handed_over);
+    RUN(test_a_first_version_outbox_is_converted);
     RUN(test_without_outbox);
     return test_summary("outbox");
 }
