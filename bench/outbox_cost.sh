@@ -5,49 +5,80 @@
 # (chatctl migrate --kafka), then runs bench/run's ingest and chat scenarios (quick, chatd
 # only) ROUNDS times (default 3), each round once without --kafka and once with it, turns
 # about: the two sides of a ratio always run back to back, so the noise of a shared machine
-# falls on both. Prints each run's summary line and, at the end, the median of each figure
-# with and without and their ratio. Run from the repository root after `make`.
+# falls on both. With CHATD_BEFORE=path (another build of chatd, e.g. the last release) each
+# round also runs that binary with --kafka, so that before and after come from one run.
+#
+# Prints each run's summary line and, at the end, the median of each figure per side and
+# its ratio to "off": durable sends/s and the chat scenario's p99 (what users get), and CPU
+# per acknowledged send in the ingest runs, chatd's own (its server_cpu over the sends) and
+# the Kafka broker's (its JVM's CPU time over the same runs: on this machine the broker
+# shares chatd's cores). Run from the repository root after `make`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
+BEFORE=${CHATD_BEFORE:+$(realpath "$CHATD_BEFORE")}
 DIR=$(mktemp -d /tmp/outbox-cost.XXXXXX)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 trap 'scripts/kafka stop --dir "$DIR/kafka" >/dev/null 2>&1 || true; rm -rf "$DIR"' EXIT
 scripts/kafka start --port "$PORT" --dir "$DIR/kafka" >&2
 build/chatctl migrate --store "sqlite:$DIR/topic.db" --kafka "127.0.0.1:$PORT" >&2
-run() { # label scenario extra-args
-    local out
-    out=$(BENCH_PEERS=none BENCH_CHATD_ARGS="$3" BENCH_OUT="$DIR/results" bench/run "$2" 2>&1 |
-        grep -E "^$2-quick" | head -1) || true
-    echo "$1 $out"
+KPID=$(cat "$DIR/kafka/kafka.pid")
+jvm_ticks() { awk '{print $14 + $15}' "/proc/$KPID/stat"; }
+run() { # side scenario
+    local side=$1 scenario=$2 args="" bin=build/chatd out t0 t1
+    [ "$side" = off ] || args="--kafka 127.0.0.1:$PORT"
+    [ "$side" = before ] && bin=$BEFORE
+    t0=$(jvm_ticks)
+    out=$(CHATD="$bin" BENCH_PEERS=none BENCH_CHATD_ARGS="$args" BENCH_OUT="$DIR/results" \
+        bench/run "$scenario" 2>&1 | grep -E "^$scenario-quick" | head -1) || true
+    t1=$(jvm_ticks)
+    echo "$side broker_ticks=$((t1 - t0)) $out"
 }
+SIDES=(off on)
+[ -z "$BEFORE" ] || SIDES+=(before)
 {
     for r in $(seq "$ROUNDS"); do
-        if ((r % 2)); then
-            run off ingest ""; run on ingest "--kafka 127.0.0.1:$PORT"
-            run off chat ""; run on chat "--kafka 127.0.0.1:$PORT"
-        else
-            run on ingest "--kafka 127.0.0.1:$PORT"; run off ingest ""
-            run on chat "--kafka 127.0.0.1:$PORT"; run off chat ""
-        fi
+        order=("${SIDES[@]}")
+        ((r % 2)) || order=($(printf '%s\n' "${SIDES[@]}" | tac))
+        for s in "${order[@]}"; do run "$s" ingest; done
+        for s in "${order[@]}"; do run "$s" chat; done
     done
 } | tee "$DIR/lines"
-python3 - "$DIR/lines" <<'PY'
+python3 - "$DIR/lines" "$(getconf CLK_TCK)" <<'PY'
 import re, statistics, sys
+hz = float(sys.argv[2])
 vals = {}
+def add(name, side, v):
+    vals.setdefault(name, {}).setdefault(side, []).append(v)
 for line in open(sys.argv[1]):
-    side, rest = line.split(" ", 1)
+    side, ticks, rest = line.rstrip("\n").split(" ", 2)
+    ticks = int(ticks.split("=")[1])
     if rest.startswith("ingest"):
         m = re.search(r"([\d.]+) durable sends/s", rest)
-        if m: vals.setdefault(("ingest sends/s", side), []).append(float(m.group(1)))
+        c = re.search(r"server_cpu=([\d.]+)%", rest)
+        if not m or not float(m.group(1)):
+            continue
+        sps = float(m.group(1))
+        add("ingest sends/s", side, sps)
+        if c:
+            add("ingest: chatd CPU us/send", side, float(c.group(1)) / 100 / sps * 1e6)
+        # the broker's CPU over the whole run (start, warm-up, the 10 s window, drain) per
+        # send of the window: an upper bound (the "off" figure is what it burns idle)
+        add("ingest: broker CPU us/send", side, ticks / hz / (sps * 10) * 1e6)
     elif rest.startswith("chat"):
         m = re.search(r"p99=([\d.]+)ms", rest)
-        if m: vals.setdefault(("chat p99 ms", side), []).append(float(m.group(1)))
-for name in ("ingest sends/s", "chat p99 ms"):
-    off, on = vals.get((name, "off"), []), vals.get((name, "on"), [])
-    if not off or not on:
-        print(f"{name}: missing runs (off={off} on={on})"); continue
-    mo, mn = statistics.median(off), statistics.median(on)
-    print(f"{name}: outbox off median {mo:.1f}, on median {mn:.1f}, on/off = {mn / mo:.3f}"
-          f"  (off {off}, on {on})")
+        if m:
+            add("chat p99 ms", side, float(m.group(1)))
+for name, sides in vals.items():
+    if "off" not in sides:
+        print(f"{name}: no outbox-off run"); continue
+    mo = statistics.median(sides["off"])
+    parts = [f"off {mo:.1f}"]
+    for side in ("on", "before"):
+        if side in sides:
+            mn = statistics.median(sides[side])
+            ratio = f"{mn / mo:.3f}" if mo else "-"
+            parts.append(f"{side} {mn:.1f} ({side}/off {ratio})")
+    print(f"{name}: medians " + ", ".join(parts) + "   all: " +
+          "; ".join(f"{s} {[round(v, 1) for v in vs]}" for s, vs in sides.items()))
 PY

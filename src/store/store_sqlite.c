@@ -1102,7 +1102,7 @@ static void ob_hand_over(sqlite_store_t *s) {
     if (!s->ob.handoff || s->ob_lost || d->len + h->len > OB_HAND_MAX) {
         s->ob_new = true;
         if (s->ob.handoff) d->len = 0; /* a gap would follow them: they are read too */
-    } else if (!d->len) { /* the common case: the loop took the last ones already */
+    } else if (!d->len) {              /* the common case: the loop took the last ones already */
         sbuf_t t = *d;
         *d = *h;
         *h = t;
@@ -1385,9 +1385,9 @@ static void do_read(reader_t *rd, store_req_t *r) {
 
 static void do_outbox_read(reader_t *rd, store_req_t *r) {
     int limit = r->limit < 1 ? 1 : r->limit > STORE_READ_MAX ? STORE_READ_MAX : r->limit;
-    if (!rd->outbox && prepare(rd->db,
-                               "SELECT seq, first, events FROM outbox WHERE seq > ?1 ORDER BY seq",
-                               &rd->outbox)) {
+    if (!rd->outbox &&
+        prepare(rd->db, "SELECT seq, first, events FROM outbox WHERE seq > ?1 ORDER BY seq",
+                &rd->outbox)) {
         r->status = CHAT_EIO;
         return;
     }

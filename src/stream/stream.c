@@ -312,8 +312,8 @@ static void stream__handoff(void *arg, const store_outbox_row_t *rows, size_t n)
         const store_outbox_row_t *row = &rows[i];
         store_outbox_row_t *last = st->pend_n ? &st->pend[st->pend_n - 1] : NULL;
         if (row->seq <= (last ? last->seq : st->read_seq)) continue; /* read already */
-        if (!last && row->seq == st->read_seq + 1 && !st->reading && !st->failed &&
-            !st->retry_at && st->head - st->tail < WINDOW) {
+        if (!last && row->seq == st->read_seq + 1 && !st->reading && !st->failed && !st->retry_at &&
+            st->head - st->tail < WINDOW) {
             stream__produce(st, row); /* the common case: Kafka keeps up */
             continue;
         }
@@ -349,7 +349,8 @@ static void stream__read_done(store_req_t *r) {
         /* The first pend row was committed before this read began, so a complete read that
          * stopped short of it leaves nothing between: rows missing there were deleted by a
          * relay that had them acknowledged (another process sharing the store). */
-        if (!full && !st->failed && st->read_gap > st->read_seq + 1) st->read_seq = st->read_gap - 1;
+        if (!full && !st->failed && st->read_gap > st->read_seq + 1)
+            st->read_seq = st->read_gap - 1;
         store_outbox_row_t *p = stream__pend_first(st);
         st->more = full && !(p && p->seq <= st->read_seq + 1);
     }
