@@ -158,6 +158,11 @@ static const char OUTBOX_DDL[] = "CREATE TABLE IF NOT EXISTS outbox (\n"
                                  "    first  INTEGER NOT NULL,\n"
                                  "    events BLOB    NOT NULL\n"
                                  ");\n";
+/* The events in the outbox: as seqs are given in order and only a prefix is ever deleted,
+ * everything from the oldest row's first event to the highest seq given (two lookups). */
+#define OB_COUNT_SQL                                                          \
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox')" \
+    " - (SELECT first FROM outbox ORDER BY seq LIMIT 1) + 1, 0)"
 /* A batch's blob is cut into several rows past this many bytes, so that a batch of large
  * messages does not make one huge value. */
 #define OB_PACK_MAX (1 << 20)
@@ -175,7 +180,7 @@ typedef struct reader {
     sqlite3 *db;
     sqlite3_stmt *history, *after, *search;
     sqlite3_stmt *read_pos, *unread; /* READ_GET */
-    sqlite3_stmt *outbox;            /* prepared at its first use: the table may be newer than db */
+    sqlite3_stmt *outbox, *ob_count; /* prepared at first use: the table may be newer than db */
 } reader_t;
 
 struct sqlite_store {
@@ -567,10 +572,7 @@ static int prepare_outbox(sqlite_store_t *s) {
            prepare(s->wdb, "DELETE FROM outbox WHERE seq <= ?1 RETURNING seq - first + 1",
                    &s->ob_delete) ||
            prepare(s->wdb, "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", &s->ob_next) ||
-           prepare(s->wdb,
-                   "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox')"
-                   " - (SELECT first FROM outbox ORDER BY seq LIMIT 1) + 1, 0)",
-                   &s->ob_count);
+           prepare(s->wdb, OB_COUNT_SQL, &s->ob_count);
 }
 
 static int prepare_writer(sqlite_store_t *s) {
@@ -679,7 +681,9 @@ static void close_reader_db(reader_t *rd) {
     sqlite3_finalize(rd->search);
     sqlite3_finalize(rd->read_pos);
     sqlite3_finalize(rd->unread);
+    sqlite3_finalize(rd->ob_count);
     rd->history = rd->after = rd->outbox = rd->search = rd->read_pos = rd->unread = NULL;
+    rd->ob_count = NULL;
     sqlite3_close(rd->db);
     rd->db = NULL;
 }
@@ -1050,10 +1054,9 @@ static int ob_write(sqlite_store_t *s, store_req_t *r) {
     return h->len - s->ob_at >= OB_PACK_MAX ? ob_flush(s) : SQLITE_OK;
 }
 
-/* The events in the outbox, counted anew (after a delete): every node's, as seqs are given
- * in order and only a prefix is ever deleted, everything from the oldest row's first event
- * to the highest seq given. Counting what each node added and deleted itself would drift
- * when several nodes share the file (one deletes what the other wrote). */
+/* The events in the outbox, counted anew (OB_COUNT_SQL) at each batch: counting only what
+ * this process added and deleted would drift when several share the file (one deletes what
+ * another wrote), and refuse changes for an outbox that is empty. */
 static int ob_count(sqlite_store_t *s, int64_t *out) {
     int rc = sqlite3_step(s->ob_count);
     *out = rc == SQLITE_ROW ? sqlite3_column_int64(s->ob_count, 0) : 0;
@@ -1128,6 +1131,8 @@ static bool write_batch(sqlite_store_t *s, queue_t *batch) {
         log_error("store_begin_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(s->wdb)));
         goto fail;
     }
+    /* what the outbox holds now, other processes' rows and deletes included (ob_count) */
+    if (s->ob_on && (rc = ob_count(s, &s->ob_rows)) != SQLITE_OK) goto fail;
     int64_t added = 0, removed = 0;
     bool deleted = false;
     uint64_t refused = 0;
@@ -1160,7 +1165,7 @@ static bool write_batch(sqlite_store_t *s, queue_t *batch) {
     if (s->ob_on && (rc = ob_flush(s)) != SQLITE_OK) goto fail;
     s->ob_seq = 0;
     int64_t count = -1;
-    if (deleted && (rc = ob_count(s, &count)) != SQLITE_OK) goto fail;
+    if ((deleted || added) && (rc = ob_count(s, &count)) != SQLITE_OK) goto fail;
     rc = step_once(s->commit);
     if (rc != SQLITE_DONE) {
         log_error("store_commit_failed path=%s err=%s", s->path, LOG_STR(sqlite3_errmsg(s->wdb)));
@@ -1408,6 +1413,16 @@ static void do_outbox_read(reader_t *rd, store_req_t *r) {
         status = CHAT_EIO;
     }
     sqlite3_reset(st);
+    /* The depth as this read saw it: a process that writes nothing (another one relays and
+     * deletes) has no batch of its own to count it at. */
+    if (status == 0 && (rd->ob_count || prepare(rd->db, OB_COUNT_SQL, &rd->ob_count) == 0) &&
+        sqlite3_step(rd->ob_count) == SQLITE_ROW) {
+        int64_t depth = sqlite3_column_int64(rd->ob_count, 0);
+        uv_mutex_lock(&rd->s->lock);
+        rd->s->ob_stats.rows = (uint64_t)depth;
+        uv_mutex_unlock(&rd->s->lock);
+    }
+    if (rd->ob_count) sqlite3_reset(rd->ob_count);
     r->status = status;
     r->rows = rows;
     r->n_rows = n;
@@ -1644,7 +1659,9 @@ static int sq_health(store_t *base, char *detail, size_t n) {
 
 /* An outbox of the first version (a row per event, see OUTBOX_DDL) becomes one of packed
  * rows, in one transaction: each event keeps its seq (a row of its own), and the high-water
- * mark stays, so no seq is ever given twice. Caller holds wdb_lock. */
+ * mark stays, so no seq is ever given twice. Until they are relayed, the depth (OB_COUNT_SQL)
+ * counts the seqs missing between them too: a little high, never low. Caller holds
+ * wdb_lock. */
 static int ob_convert(sqlite_store_t *s) {
     sqlite3 *db = s->wdb;
     sqlite3_stmt *old = NULL, *ins = NULL;

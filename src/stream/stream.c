@@ -71,6 +71,7 @@ struct stream {
     uv_loop_t *loop;
     store_t *store;
     rd_kafka_t *rk;
+    rd_kafka_topic_t *rkt; /* the topic's handle, once: by name, each record looked it up */
     rd_kafka_queue_t *mainq;
     char *topic;
     int pipefd[2];
@@ -231,7 +232,7 @@ static void stream__produce(stream_t *st, const store_outbox_row_t *row) {
     rd_kafka_header_add(h, "message_id", -1, mid, mlen);
     uint64_t abs = st->head;
     rd_kafka_resp_err_t err = rd_kafka_producev(
-        st->rk, RD_KAFKA_V_TOPIC(st->topic), RD_KAFKA_V_KEY(row->chat_id, strlen(row->chat_id)),
+        st->rk, RD_KAFKA_V_RKT(st->rkt), RD_KAFKA_V_KEY(row->chat_id, strlen(row->chat_id)),
         RD_KAFKA_V_VALUE(row->event, row->event_len), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
         RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_OPAQUE((void *)(uintptr_t)abs), RD_KAFKA_V_END);
     if (err) {
@@ -493,6 +494,11 @@ int stream_open(stream_t **out, uv_loop_t *loop, store_t *store, const stream_op
         goto fail;
     }
     rc = CHAT_EIO;
+    if (!(st->rkt = rd_kafka_topic_new(st->rk, st->topic, NULL))) {
+        snprintf(err, errlen, "kafka: topic %s: %s", st->topic,
+                 rd_kafka_err2str(rd_kafka_last_error()));
+        goto fail;
+    }
     if (pipe2(st->pipefd, O_NONBLOCK | O_CLOEXEC) != 0) {
         snprintf(err, errlen, "kafka: pipe: %s", strerror(errno));
         goto fail;
@@ -526,6 +532,7 @@ int stream_open(stream_t **out, uv_loop_t *loop, store_t *store, const stream_op
     *out = st;
     return 0;
 fail:
+    if (st->rkt) rd_kafka_topic_destroy(st->rkt);
     if (st->rk) rd_kafka_destroy(st->rk);
     if (st->pipefd[0] >= 0) close(st->pipefd[0]);
     if (st->pipefd[1] >= 0) close(st->pipefd[1]);
@@ -555,6 +562,7 @@ void stream_close(stream_t *st) {
     /* Nothing waits for Kafka: what is unacknowledged is still in the outbox. */
     rd_kafka_purge(st->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
     rd_kafka_poll(st->rk, 0);
+    rd_kafka_topic_destroy(st->rkt);
     rd_kafka_destroy(st->rk);
     st->rk = NULL;
     uv_close((uv_handle_t *)&st->poll, stream__handle_closed);
