@@ -578,8 +578,7 @@ void stream_metrics(stream_t *st, sbuf_t *sb) {
     if (age < 0) age = 0;
     sbuf_printf(sb,
                 "# HELP chat_outbox_depth Events stored and not yet acknowledged by Kafka "
-                "(rows in the outbox).\n# TYPE chat_outbox_depth gauge\nchat_outbox_depth %" PRIu64
-                "\n",
+                "(in the outbox).\n# TYPE chat_outbox_depth gauge\nchat_outbox_depth %" PRIu64 "\n",
                 os.rows);
     sbuf_printf(sb,
                 "# HELP chat_outbox_oldest_age_seconds Age of the oldest event in flight to "
