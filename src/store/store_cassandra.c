@@ -923,7 +923,9 @@ typedef struct ob_shard {
     ob_t *ob;
     int idx;
     bool owned, leasing, fetching, counting;
-    unsigned gen; /* bumped when the lease is lost: late answers of the old one are dropped */
+    /* bumped when the lease is lost: the answers of reads and counts sent under the old one
+     * (fetch_gen, count_gen) are dropped, not applied to the state of a new one */
+    unsigned gen, fetch_gen, count_gen;
     int64_t lease_sent, lease_until;
     ob_key_t done;      /* progress: every row up to it reached Kafka */
     ob_key_t scan;      /* the last row read */
@@ -1191,7 +1193,8 @@ static void ob_fetch_end(ob_shard_t *sh) {
 static void ob_on_fetched(const cql_result_t *res, void *data) {
     ob_shard_t *sh = data;
     ob_t *ob = sh->ob;
-    if (ob->s->closing || res->status || !rows_ok(res, 6) || !sh->owned) {
+    if (ob->s->closing || res->status || !rows_ok(res, 6) || !sh->owned ||
+        sh->fetch_gen != sh->gen) {
         if (res->status && !ob->s->closing) ob_log_err(ob, "read", res);
         return ob_fetch_end(sh);
     }
@@ -1244,6 +1247,7 @@ static void ob_sweep(ob_t *ob) {
         ob_shard_t *sh = &ob->sh[i];
         if (!sh->owned || sh->fetching || sh->in_ready >= OB_PAGE) continue;
         sh->fetching = true;
+        sh->fetch_gen = sh->gen;
         ob->sweeping++;
         ob_fetch(sh);
     }
@@ -1442,7 +1446,8 @@ static void ob_on_published(const cql_result_t *res, void *data) {
 static void ob_on_counted(const cql_result_t *res, void *data) {
     ob_shard_t *sh = data;
     ob_t *ob = sh->ob;
-    if (ob->s->closing || res->status || !rows_ok(res, 2) || !sh->owned) {
+    if (ob->s->closing || res->status || !rows_ok(res, 2) || !sh->owned ||
+        sh->count_gen != sh->gen) {
         if (res->status && !ob->s->closing) ob_log_err(ob, "count", res);
         return ob_count_end(sh);
     }
@@ -1517,6 +1522,7 @@ static void ob_on_cycle(uv_timer_t *t) {
             ob_shard_t *sh = &ob->sh[i];
             if (!sh->owned || sh->counting) continue;
             sh->counting = true;
+            sh->count_gen = sh->gen;
             sh->count_pages = 0;
             ob->counting++;
             ob_count(sh);
