@@ -424,7 +424,8 @@ static const char *const STMT_SQL[S_COUNT] = {
     [S_OB_DONE_SET] = "UPDATE %s.outbox_done SET seq = ?, writer = ? WHERE shard = ?",
     [S_OB_ACQUIRE] = "INSERT INTO %s.outbox_lease (shard, owner) VALUES (?, ?) IF NOT EXISTS"
                      " USING TTL " OB_LEASE_TTL_STR,
-    [S_OB_RENEW] = "UPDATE %s.outbox_lease USING TTL " OB_LEASE_TTL_STR " SET owner = ? WHERE shard = ? IF owner = ?",
+    [S_OB_RENEW] = "UPDATE %s.outbox_lease USING TTL " OB_LEASE_TTL_STR
+                   " SET owner = ? WHERE shard = ? IF owner = ?",
     [S_OB_DEPTH_SET] = "UPDATE %s.outbox_depth USING TTL 60 SET rows = ? WHERE shard = ?",
     [S_OB_DEPTH_ALL] = "SELECT shard, rows FROM %s.outbox_depth",
 };
@@ -927,10 +928,10 @@ typedef struct ob_shard {
      * (fetch_gen, count_gen) are dropped, not applied to the state of a new one */
     unsigned gen, fetch_gen, count_gen;
     int64_t lease_sent, lease_until;
-    ob_key_t done;      /* progress: every row up to it reached Kafka */
-    ob_key_t scan;      /* the last row read */
+    ob_key_t done; /* progress: every row up to it reached Kafka */
+    ob_key_t scan; /* the last row read */
     int64_t scan_bucket;
-    bool full;          /* the last read stopped at a full page */
+    bool full; /* the last read stopped at a full page */
     size_t in_ready;
     ob_key_t count_key; /* rows after done up to it are counted in count_n */
     int64_t count_bucket, count_n, published_n;
@@ -1019,7 +1020,8 @@ static void ob_rows_free(ob_rows_t *q) {
 
 static void ob_depth_update(ob_t *ob) {
     int64_t d = (int64_t)ob->n_recent;
-    for (int i = 0; i < OB_SHARDS; i++) d += ob->sh[i].owned ? ob->sh[i].count_n : ob->sh[i].others_n;
+    for (int i = 0; i < OB_SHARDS; i++)
+        d += ob->sh[i].owned ? ob->sh[i].count_n : ob->sh[i].others_n;
     __atomic_store_n(&ob->depth, (uint64_t)(d < 0 ? 0 : d), __ATOMIC_RELAXED);
 }
 
@@ -1364,8 +1366,7 @@ static void ob_delete(ob_t *ob, cass_op_t *op) {
                            cql_int(i)};
         if (cql_execute(ob->s->cql, ob->s->st[S_OB_DONE_SET], v, 3, NULL, ob_on_done_set, op) == 0)
             op->limit++;
-        else
-            op->defer_status = CHAT_EIO;
+        else op->defer_status = CHAT_EIO;
     }
     if (--op->limit == 0) ob_defer(ob, op, op->defer_status);
 }
@@ -1469,9 +1470,12 @@ static void ob_on_counted(const cql_result_t *res, void *data) {
 
 static void ob_count(ob_shard_t *sh) {
     ob_t *ob = sh->ob;
-    cql_value_t v[] = {cql_int(sh->idx),              cql_bigint(sh->count_bucket),
-                       cql_bigint(sh->count_key.seq), cql_bigint(sh->count_key.writer),
-                       cql_bigint(ob->count_bound),   cql_int(OB_COUNT_PAGE)};
+    cql_value_t v[] = {cql_int(sh->idx),
+                       cql_bigint(sh->count_bucket),
+                       cql_bigint(sh->count_key.seq),
+                       cql_bigint(sh->count_key.writer),
+                       cql_bigint(ob->count_bound),
+                       cql_int(OB_COUNT_PAGE)};
     if (cql_execute(ob->s->cql, ob->s->st[S_OB_KEYS], v, 6, NULL, ob_on_counted, sh))
         ob_count_end(sh);
 }
@@ -2481,7 +2485,8 @@ static int cs_outbox_enable(store_t *base, const store_outbox_opts_t *o) {
     ob->s = s;
     ob->o = *o;
     uint64_t w = 0;
-    if (getrandom(&w, sizeof w, 0) != (ssize_t)sizeof w) w = (uint64_t)time_now_ms() ^ (uint64_t)getpid();
+    if (getrandom(&w, sizeof w, 0) != (ssize_t)sizeof w)
+        w = (uint64_t)time_now_ms() ^ (uint64_t)getpid();
     ob->writer = (int64_t)(w >> 1) | 1;
     queue_init(&ob->deferred);
     for (int i = 0; i < OB_SHARDS; i++) {
@@ -2494,8 +2499,8 @@ static int cs_outbox_enable(store_t *base, const store_outbox_opts_t *o) {
     ob->handles = 2;
     s->ob = ob;
     uv_timer_start(&ob->cycle, ob_on_cycle, 0, OB_CYCLE_MS);
-    log_info("store_cassandra_outbox shards=%d horizon_ms=%d lease_s=%d writer=%" PRId64,
-             OB_SHARDS, OB_HORIZON_MS, OB_LEASE_TTL_S, ob->writer);
+    log_info("store_cassandra_outbox shards=%d horizon_ms=%d lease_s=%d writer=%" PRId64, OB_SHARDS,
+             OB_HORIZON_MS, OB_LEASE_TTL_S, ob->writer);
     return 0;
 }
 

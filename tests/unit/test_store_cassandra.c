@@ -841,7 +841,7 @@ static void test_close_drains(void) {
 
 static void ob_encode(sbuf_t *out, store_op_t op, const store_msg_t *m) {
     sbuf_printf(out, "%s|%" PRIu64 "|%s",
-                op == STORE_APPEND  ? "msg"
+                op == STORE_APPEND ? "msg"
                 : op == STORE_EDIT ? "edit"
                                    : "del",
                 m->id, m->message ? m->message : "-");
