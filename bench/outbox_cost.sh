@@ -7,17 +7,39 @@
 # about: the two sides of a ratio always run back to back, so the noise of a shared machine
 # falls on both. Prints each run's summary line and, at the end, the median of each figure
 # with and without and their ratio. Run from the repository root after `make`.
+# OUTBOX_CASSANDRA=HOST:PORT: chatd on that Cassandra instead of SQLite, each run on a fresh
+# keyspace made by `chatctl migrate` (dropped afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
+N=0
 DIR=$(mktemp -d /tmp/outbox-cost.XXXXXX)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-trap 'scripts/kafka stop --dir "$DIR/kafka" >/dev/null 2>&1 || true; rm -rf "$DIR"' EXIT
+drop_keyspaces() { # the per-run keyspaces of OUTBOX_CASSANDRA (runs happen in a subshell)
+    [ -s "$DIR/keyspaces" ] || return 0
+    python3 - "$OUTBOX_CASSANDRA" "$DIR/keyspaces" <<'PY' || true
+import sys
+sys.path.insert(0, "tests")
+from cassandra_support import MiniCQL
+host, port = sys.argv[1].rsplit(":", 1)
+c = MiniCQL(int(port), host=host, timeout=120)
+for ks in open(sys.argv[2]).read().split():
+    c.query(f"DROP KEYSPACE IF EXISTS {ks}")
+PY
+}
+trap 'drop_keyspaces; scripts/kafka stop --dir "$DIR/kafka" >/dev/null 2>&1 || true; rm -rf "$DIR"' EXIT
 scripts/kafka start --port "$PORT" --dir "$DIR/kafka" >&2
 build/chatctl migrate --store "sqlite:$DIR/topic.db" --kafka "127.0.0.1:$PORT" >&2
 run() { # label scenario extra-args
-    local out
-    out=$(BENCH_PEERS=none BENCH_CHATD_ARGS="$3" BENCH_OUT="$DIR/results" bench/run "$2" 2>&1 |
+    local out args=$3
+    if [ -n "${OUTBOX_CASSANDRA:-}" ]; then
+        N=$((N + 1))
+        local ks="outbox_cost_$$_$N" url="cassandra://$OUTBOX_CASSANDRA/outbox_cost_$$_$N"
+        echo "$ks" >>"$DIR/keyspaces"
+        build/chatctl migrate --store "$url" >/dev/null
+        args="$args --store $url"
+    fi
+    out=$(BENCH_PEERS=none BENCH_CHATD_ARGS="$args" BENCH_OUT="$DIR/results" bench/run "$2" 2>&1 |
         grep -E "^$2-quick" | head -1) || true
     echo "$1 $out"
 }

@@ -890,8 +890,8 @@ static int lwt_applied(const cql_result_t *res, bool *applied) {
 #define OB_HORIZON_MS 5000
 #define OB_WRITE_TIMEOUT_MS 2000
 #define OB_CYCLE_MS 1000
-#define OB_SWEEP_MS 300
-#define OB_PAGE 256
+#define OB_SWEEP_MS 500
+#define OB_PAGE 512
 #define OB_COUNT_PAGE 5000
 #define OB_COUNT_PAGES 20
 #define OB_START_BACK_MS 60000
@@ -1316,6 +1316,11 @@ static void ob_sweep_done(ob_t *ob) {
     ob->last_sweep = time_now_ms();
     cass_op_t *op = ob->parked;
     if (!op) return;
+    /* a backlog: fill the relay's read (it asks again at once only after a full one) */
+    bool more = false;
+    for (int i = 0; i < OB_SHARDS; i++)
+        more |= ob->sh[i].owned && ob->sh[i].full && ob->sh[i].in_ready < OB_PAGE;
+    if (more && !ob->s->closing && ob->ready.n < (size_t)op->req->limit) return ob_sweep(ob);
     ob->parked = NULL;
     ob_defer(ob, op, ob_answer_read(ob, op->req));
 }
