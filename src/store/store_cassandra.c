@@ -12,7 +12,8 @@
  * bucket = the message id's time / 10 days, so a partition holds at most ten days of one
  * chat. chat_buckets lists, per chat, the buckets that have messages, newest first: history
  * reads it to walk buckets backwards without probing the empty ones. message_client_ids
- * maps (chat, user, client_id) to the message id, for idempotent sends.
+ * maps (chat, user, client_id) to the message id, for idempotent sends. The Kafka outbox's
+ * four tables (chatd --kafka) are described at "the outbox" below.
  *
  * The one idea: every request is a small state machine of CQL calls, and the store's
  * callback reports success only after each write it made was acknowledged at the configured
@@ -898,6 +899,7 @@ static int lwt_applied(const cql_result_t *res, bool *applied) {
 #define OB_BATCH_MAX 32
 #define OB_BATCH_BYTES (16u << 10)
 #define OB_SEQ_SHIFT 20
+#define OB_PUBLISH_MS 20000 /* a count is republished this often (its row's TTL: 60 s) */
 #define OB_PAIR_VALS 15
 
 typedef struct ob_key {
@@ -934,7 +936,7 @@ typedef struct ob_shard {
     bool full; /* the last read stopped at a full page */
     size_t in_ready;
     ob_key_t count_key; /* rows after done up to it are counted in count_n */
-    int64_t count_bucket, count_n, published_n;
+    int64_t count_bucket, count_n, published_n, published_at;
     int count_pages;
     int64_t others_n; /* a shard we do not hold: its holder's published count */
 } ob_shard_t;
@@ -1436,8 +1438,14 @@ static void ob_count_end(ob_shard_t *sh) {
     ob->n_recent = k;
     for (int i = 0; i < OB_SHARDS; i++) {
         ob_shard_t *x = &ob->sh[i];
-        if (!x->owned || x->count_n == x->published_n || ob->s->closing) continue;
+        /* again before the row's TTL ends, unchanged or not: a backlog that stands still
+         * while Kafka is away must stay in every node's depth */
+        int64_t now = time_now_ms();
+        if (!x->owned || ob->s->closing ||
+            (x->count_n == x->published_n && now - x->published_at < OB_PUBLISH_MS))
+            continue;
         x->published_n = x->count_n;
+        x->published_at = now;
         cql_value_t v[] = {cql_bigint(x->count_n), cql_int(i)};
         cql_execute(ob->s->cql, ob->s->st[S_OB_DEPTH_SET], v, 2, NULL, ob_on_published, ob);
     }
