@@ -141,6 +141,7 @@ typedef struct session {
     uint32_t n_new;
     size_t inflight;     /* bytes of this member's commands the store has not answered */
     bool flow_paused;    /* not read until its own echoes drain (a fast sender) */
+    uint64_t paused_at;  /* uv_now() when flow_paused was set */
     bool presence;       /* gets presence:join/leave and typing (it asked for them) */
     bool presence_asked; /* a presence:get waits for the chat's snapshot */
     char user[129];

@@ -69,6 +69,16 @@ static void chat__sweep(uv_timer_t *t) {
             chat_session_check_expiry(ss, wall);
             if (conn_is_closing(c)) {
                 /* closed for an expired token */
+            } else if (ss->flow_paused) {
+                /* Not read while its echoes drain, so a ping's answer could not be seen:
+                 * alive while it reads what we write. A queue that has not moved for two
+                 * idle periods is a client gone (a queue drained to empty waits on the
+                 * store, not on it). */
+                uint64_t since = conn_last_tx(c) > ss->paused_at ? conn_last_tx(c) : ss->paused_at;
+                if (conn_queued(c) && now - since >= 2 * (uint64_t)idle) {
+                    log_info("write_timeout user=%s queued=%zu", LOG_STR(ss->user), conn_queued(c));
+                    chat_session_close(ss, WS_CLOSE_GOING_AWAY, "write timeout");
+                }
             } else if (ss->ping_sent && now - ss->ping_sent >= idle) {
                 log_info("ping_timeout user=%s", LOG_STR(ss->user));
                 chat_session_close(ss, WS_CLOSE_GOING_AWAY, "ping timeout");

@@ -41,9 +41,14 @@ static void chat__flow(session_t *ss) {
     if (!ss->flow_paused) {
         if (load <= high) return;
         ss->flow_paused = true;
+        ss->paused_at = uv_now(ss->peer.srv->loop);
         conn_pause_read(c);
     } else if (load <= low) {
+        /* Unread while paused, its pongs too: the keepalive counts from here afresh
+         * (chat_sweep judged it by its reading of our writes meanwhile). */
         ss->flow_paused = false;
+        ss->peer.last_rx = uv_now(ss->peer.srv->loop);
+        ss->ping_sent = 0;
         conn_resume_read(c);
         return;
     }

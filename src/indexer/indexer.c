@@ -64,6 +64,10 @@ typedef struct ix {
     bool mthread_on;
     _Atomic int dlq_pending, dlq_failed;
     bool fatal; /* stopped by an error, not a signal: exit status 1 */
+    /* Indices known to exist, be searchable and carry the alias (ensure_index): a month's
+     * index each, so a handful; the oldest name is forgotten when it is full. */
+    char ready[16][SEARCH_OS_ALIAS_MAX + 16];
+    unsigned n_ready, next_ready;
 } ix_t;
 
 /* ---- time ------------------------------------------------------------------------------ */
@@ -161,6 +165,56 @@ static int install_template(ix_t *ix) {
     }
     sbuf_free(&t);
     return *ix->stop ? 1 : rc;
+}
+
+/* ---- the month's index --------------------------------------------------------------- */
+
+/* The template gives an index its settings but not the alias: an index created by the first
+ * bulk into it would join the alias before its shard could answer, and searches in that
+ * moment (about 130 ms here, each month) fail with "all shards failed". So an index is created
+ * here first (its PUT returns once the primary shard is active), waited on if another indexer
+ * was creating it, and only then added to the alias. Retried while the engine is away;
+ * false when stopped. */
+static bool ensure_index(ix_t *ix, const char *index) {
+    for (unsigned i = 0; i < ix->n_ready; i++)
+        if (strcmp(ix->ready[i], index) == 0) return true;
+    char path[SEARCH_OS_ALIAS_MAX + 128], err[CURL_ERROR_SIZE], body[2 * SEARCH_OS_ALIAS_MAX + 128];
+    int backoff = BACKOFF_MIN_MS;
+    while (!*ix->stop) {
+        sbuf_t resp = {0};
+        snprintf(path, sizeof path, "/%s", index);
+        long st = http_call(ix, "PUT", path, "application/json", "{}", 2, &resp, err);
+        bool ok = st == 200 || (st == 400 && resp.p && strstr(resp.p, "resource_already_exists"));
+        sbuf_free(&resp);
+        if (ok) {
+            snprintf(path, sizeof path, "/_cluster/health/%s?wait_for_status=yellow&timeout=30s",
+                     index);
+            st = http_call(ix, "GET", path, "application/json", NULL, 0, &resp, err);
+            ok = st == 200 && resp.p && !strstr(resp.p, "\"timed_out\":true");
+            sbuf_free(&resp);
+        }
+        if (ok) {
+            snprintf(body, sizeof body,
+                     "{\"actions\":[{\"add\":{\"index\":\"%s\",\"alias\":\"%s\"}}]}", index,
+                     ix->alias);
+            st = http_call(ix, "POST", "/_aliases", "application/json", body, strlen(body), &resp,
+                           err);
+            ok = st == 200;
+            sbuf_free(&resp);
+        }
+        if (ok) {
+            log_info("index_ready index=%s alias=%s", index, ix->alias);
+            snprintf(ix->ready[ix->next_ready], sizeof ix->ready[0], "%s", index);
+            ix->next_ready = (ix->next_ready + 1) % 16;
+            if (ix->n_ready < 16) ix->n_ready++;
+            return true;
+        }
+        log_warn("index_retry index=%s status=%ld err=%s backoff_ms=%d", index, st, LOG_STR(err),
+                 backoff);
+        nap(ix, backoff);
+        backoff = backoff * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : backoff * 2;
+    }
+    return false;
 }
 
 /* ---- the dead-letter topic ------------------------------------------------------------- */
@@ -339,9 +393,15 @@ static void process(ix_t *ix, rec_t *r, size_t n) {
         uint64_t version = header_u64(m, "version");
         const char *why = NULL;
         size_t before = lines.len;
+        uint64_t mid = 0;
         int rc = version ? search_os_bulk_record(&lines, ix->alias, m->payload ? m->payload : "",
-                                                 m->payload ? m->len : 0, version, NULL, &why)
+                                                 m->payload ? m->len : 0, version, &mid, &why)
                          : CHAT_EINVAL;
+        if (rc == 0) {
+            char index[SEARCH_OS_ALIAS_MAX + 16];
+            search_os_index(index, sizeof index, ix->alias, mid);
+            if (!ensure_index(ix, index)) break; /* stopped: nothing is committed */
+        }
         if (!version) why = "no usable version header";
         if (rc == CHAT_EINVAL) {
             dead_letter(ix, m, why);

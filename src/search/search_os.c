@@ -89,7 +89,7 @@ void search_os_template(sbuf_t *out, const char *alias, int replicas) {
     json_t *t = json_pack(
         "{s:[s], s:i, s:{s:{s:{s:i, s:i, s:s, s:s, s:{s:{s:{s:s, s:s, s:[s, s]}}}}}, "
         "s:{s:s, s:{s:{s:s}, s:{s:s}, s:{s:s}, s:{s:s, s:s}, s:{s:s, s:b}, "
-        "s:{s:s, s:s}, s:{s:s, s:s}, s:{s:s, s:s}, s:{s:s}}}, s:{s:{}}}}",
+        "s:{s:s, s:s}, s:{s:s, s:s}, s:{s:s, s:s}, s:{s:s}}}}}",
         "index_patterns", pattern, "priority", 100, "template", "settings", "index",
         "number_of_shards", 1, "number_of_replicas", replicas, "sort.field", "message_id",
         "sort.order", "desc", "analysis", "analyzer", "chat_folding", "type", "custom", "tokenizer",
@@ -98,7 +98,7 @@ void search_os_template(sbuf_t *out, const char *alias, int replicas) {
         "type", "keyword", "text", "type", "text", "analyzer", "chat_folding", "client_id", "type",
         "keyword", "index", 0, "created_at", "type", "date", "format", "epoch_millis", "edited_at",
         "type", "date", "format", "epoch_millis", "deleted_at", "type", "date", "format",
-        "epoch_millis", "deleted", "type", "boolean", "aliases", alias);
+        "epoch_millis", "deleted", "type", "boolean");
     put_json(out, t);
 }
 

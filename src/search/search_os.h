@@ -38,7 +38,8 @@ int search_os_url(const char *url, char *base, size_t n, char *alias, size_t ali
 bool search_os_alias_valid(const char *alias);
 
 /* Append the index template's JSON (PUT /_index_template/ALIAS) to out: the pattern
- * "ALIAS-*", the folding analyzer, the mapping, the alias; replicas per index. */
+ * "ALIAS-*", the folding analyzer, the mapping; replicas per index. Not the alias: the
+ * indexer adds an index to it once the index can answer. */
 void search_os_template(sbuf_t *out, const char *alias, int replicas);
 
 /* The index a message lives in: "ALIAS-YYYY.MM" from the month of its id's time (UTC). */

@@ -98,13 +98,23 @@ def opensearch(component_base):
     yield from _node("opensearch", component_base)
 
 
+def running(pid):
+    """The process exists and is no zombie: an exited node that PID 1 has not reaped yet
+    (which some inits do late, or never) has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
 def assert_stops(c):
     """`stop` ends the node's process, frees its port, and `status` then says stopped."""
     pid = c.pid()
     assert pid is not None, f"{c.name} is not running before the stop"
     p = c.stop()
     assert p.returncode == 0, p.stdout
-    assert not os.path.exists(f"/proc/{pid}"), f"{c.name} pid {pid} still exists after stop"
+    assert not running(pid), f"{c.name} pid {pid} still runs after stop"
     assert not port_open(c.port), f"port {c.port} still accepts connections after stop"
     assert c.pid() is None
     # stopping a stopped node is a no-op, not an error

@@ -1,11 +1,13 @@
 """A member that never reads must not hold up the chat nor grow the server's memory: it is
 dropped (1008) once its pending output passes --max-outbound-bytes."""
 
+import json
 import socket
+import sqlite3
 import threading
 import time
 
-from helpers import metric_value, parse_metrics, wait_until
+from helpers import OP_PING, OP_TEXT, build_frame, metric_value, parse_metrics, wait_until
 
 # The kernel absorbs a lot before chatd's own queue grows: on loopback the server socket's
 # send buffer autotunes up to net.ipv4.tcp_wmem's max (4 MiB here), and only what is left
@@ -87,32 +89,101 @@ def test_slow_reader_is_dropped_fast_reader_gets_everything(chatd):
     assert metric_value(parse_metrics(srv.metrics_text()), "chat_connections") == 2
 
 
+def blast(raw, n, text, prefix):
+    """Send n messages from a thread of its own, on a socket object of its own (sharing the
+    connection), so that a send blocked by the server's flow control never holds up reading:
+    a client library that sends and reads under one lock (the websockets sync client does)
+    deadlocks here against any server that stops reading a sender, which is not what we test."""
+    sock = raw.sock.dup()
+    sock.settimeout(60)  # the descriptor's O_NONBLOCK is shared: both objects use timeouts
+    errors = []
+
+    def run():
+        try:
+            for i in range(n):
+                payload = json.dumps({"event": "message:message", "message": text,
+                                      "client_id": f"{prefix}{i}"})
+                sock.sendall(build_frame(OP_TEXT, payload))
+        except Exception as e:  # reported by the caller
+            errors.append(e)
+        finally:
+            sock.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, errors
+
+
+def read_echoes(raw, n, pace=0.0, timeout=30):
+    """The next n text messages as JSON, at the given pace; pings are not answered (a paused
+    sender is not read, so an answer could not help it); a close frame fails the test."""
+    echoes, pings = [], 0
+    while len(echoes) < n:
+        f = raw.recv_frame(timeout=timeout)
+        if f.opcode == OP_PING:
+            pings += 1
+            continue
+        assert f.opcode == OP_TEXT, f"after {len(echoes)} of {n} echoes: {f!r}"
+        echoes.append(json.loads(f.payload))
+        if pace:
+            time.sleep(pace)
+    return echoes, pings
+
+
 def test_fast_sender_reading_its_echoes_is_slowed_not_cut(chatd):
     """A sender that blasts messages (far more, in echoes, than --max-outbound-bytes) while it
     reads its echoes at its own pace is slowed down (not read until its echoes drain), never
     cut: every message is acknowledged."""
     srv = chatd()
     n, text = 300, "b" * 60000  # ~18 MB of echoes, over 4 MiB of queue plus what kernels buffer
-    sender = srv.client("blast", "blaster")
-    echoes, errors = [], []
-
-    def read_echoes():
-        try:
-            while len(echoes) < n:
-                ev = sender.recv(timeout=30)
-                assert ev["event"] == "message:message", ev
-                echoes.append(ev)
-                time.sleep(0.01)  # its own pace: slower than it sends
-        except Exception as e:  # reported by the main thread
-            errors.append(e)
-
-    t = threading.Thread(target=read_echoes, daemon=True)
-    t.start()
-    for i in range(n):
-        sender.send({"event": "message:message", "message": text, "client_id": f"b{i}"})
-    t.join(120)
-    assert not errors, f"after {len(echoes)} of {n} echoes: {errors[0]!r}"
+    raw = srv.raw("blast", "blaster", timeout=30)
+    t, errors = blast(raw, n, text, "b")
+    echoes, _ = read_echoes(raw, n, pace=0.01)  # its own pace: slower than it sends
+    t.join(30)
+    assert not errors, errors
+    assert [e["event"] for e in echoes] == ["message:message"] * n
     assert [e["client_id"] for e in echoes] == [f"b{i}" for i in range(n)]
     assert len({e["message_id"] for e in echoes}) == n
     m = parse_metrics(srv.metrics_text())
     assert not metric_value(m, "chat_ws_closes_total", code="1008"), "someone was cut"
+
+
+def test_paused_sender_is_not_cut_by_the_keepalive(chatd, tmp_path):
+    """A sender paused by the flow control is not read, so chatd cannot see its pongs: while the
+    store is slow (here: SQLite locked by another process for 3 s, three idle periods) and its
+    echoes are still to come, it must not be pinged and then cut for 'ping timeout'. Every
+    message is acknowledged once the store answers. (SQLite whatever CHAT_TEST_STORE says: the
+    stall is made with its lock.)"""
+    db = tmp_path / "chat.db"
+    srv = chatd("--idle-timeout", "1", store=f"sqlite:{db}")
+    srv.post("/api/chats/paused/messages", user="pausee", json={"message": "warm"})
+    n, text = 100, "p" * 60000  # 6 MB in flight: over half of --max-outbound-bytes (4 MiB)
+    raw = srv.raw("paused", "pausee", timeout=30)
+    lock = sqlite3.connect(db, timeout=10, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # chatd's writer waits (up to its 5 s busy timeout)
+    t, errors = blast(raw, n, text, "p")
+    time.sleep(3)
+    lock.execute("COMMIT")
+    lock.close()
+    echoes, _ = read_echoes(raw, n)
+    t.join(30)
+    assert not errors, errors
+    assert [e["event"] for e in echoes] == ["message:message"] * n
+    assert [e["client_id"] for e in echoes] == [f"p{i}" for i in range(n)]
+    m = parse_metrics(srv.metrics_text())
+    assert not metric_value(m, "chat_ws_closes_total", code="1001"), "cut for a ping timeout"
+
+
+def test_paused_sender_that_reads_nothing_is_still_cut(chatd):
+    """The other side of the same rule: a paused sender that reads none of its queue for two
+    idle periods is gone (a dead peer that cannot answer pings either), and is closed."""
+    srv = chatd("--idle-timeout", "1", "--max-outbound-bytes", "262144")
+    raw = srv.raw("stuck", "stuck", rcvbuf=4096, timeout=30)
+    t, _ = blast(raw, 500, "s" * 16000, "s")  # ~8 MB of echoes, never read
+
+    def closed_1001():
+        m = parse_metrics(srv.metrics_text())
+        return (metric_value(m, "chat_ws_closes_total", code="1001") or 0) >= 1
+    wait_until(closed_1001, timeout=30, what='chat_ws_closes_total{code="1001"} >= 1')
+    assert "write_timeout user=stuck" in srv.log
+    t.join(30)
