@@ -366,6 +366,7 @@ enum {
     S_OB_RENEW,
     S_OB_DEPTH_SET,
     S_OB_DEPTH_ALL,
+    S_OB_RELEASE,
     S_COUNT
 };
 
@@ -429,6 +430,7 @@ static const char *const STMT_SQL[S_COUNT] = {
                    " SET owner = ? WHERE shard = ? IF owner = ?",
     [S_OB_DEPTH_SET] = "UPDATE %s.outbox_depth USING TTL 60 SET rows = ? WHERE shard = ?",
     [S_OB_DEPTH_ALL] = "SELECT shard, rows FROM %s.outbox_depth",
+    [S_OB_RELEASE] = "DELETE FROM %s.outbox_lease WHERE shard = ? IF owner = ?",
 };
 
 /* The schema, applied in order by migrate; %1$s is the keyspace, %2$s the replication map.
@@ -955,7 +957,7 @@ struct ob {
     size_t n_recent, cap_recent;
     cql_stmt_t *pair[OB_BATCH_MAX + 1];
     uv_timer_t cycle, defer;
-    int handles;
+    int handles, releasing;
     bool handles_closing;
     queue_t deferred; /* cass_op_t.dlink: answers for the next loop turn */
     unsigned cycles;
@@ -1552,19 +1554,33 @@ static void ob_on_cycle(uv_timer_t *t) {
 
 static void ob_on_handle_closed(uv_handle_t *h) {
     ob_t *ob = h->data;
-    if (--ob->handles == 0) store_finish_close(ob->s);
+    if (--ob->handles == 0 && !ob->releasing) store_finish_close(ob->s);
 }
 
-/* Closing: true while the outbox's handles are still open (their close calls
- * store_finish_close again). */
+static void ob_on_released(const cql_result_t *res, void *data) {
+    ob_t *ob = data;
+    if (res->status) ob_log_err(ob, "release", res);
+    if (--ob->releasing == 0 && !ob->handles) store_finish_close(ob->s);
+}
+
+/* Closing, once every request is answered: give the shards' leases back (so that another
+ * node relays them at its next attempt, not once they run out), close the handles. True
+ * while any of that is under way (its end calls store_finish_close again). */
 static bool ob_closing(ob_t *ob) {
-    if (!ob->handles) return false;
     if (!ob->handles_closing) {
         ob->handles_closing = true;
+        cql_params_t p = CQL_PARAMS_DEFAULT;
+        p.timeout_ms = OB_WRITE_TIMEOUT_MS;
+        for (int i = 0; i < OB_SHARDS; i++) {
+            if (!ob->sh[i].owned) continue;
+            cql_value_t v[] = {cql_int(i), cql_bigint(ob->writer)};
+            if (cql_execute(ob->s->cql, ob->s->st[S_OB_RELEASE], v, 2, &p, ob_on_released, ob) == 0)
+                ob->releasing++;
+        }
         uv_close((uv_handle_t *)&ob->cycle, ob_on_handle_closed);
         uv_close((uv_handle_t *)&ob->defer, ob_on_handle_closed);
     }
-    return true;
+    return ob->handles || ob->releasing;
 }
 
 static void ob_free(ob_t *ob) {
