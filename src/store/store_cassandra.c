@@ -1137,12 +1137,13 @@ static void ob_on_change_written(const cql_result_t *res, void *data) {
     op_done(op, 0);
 }
 
-/* An edit or delete applied: its event into the outbox, then the answer. */
-static void ob_write_change(cass_op_t *op) {
+/* An edit or delete applied (kind: r->op), or a retried send answered with the stored
+ * message (kind: its state): the event into the outbox, then the answer. */
+static void ob_write_event(cass_op_t *op, store_op_t kind) {
     cass_store_t *s = op->s;
     store_req_t *r = op->req;
     sbuf_t ev = {0};
-    s->ob->o.encode(&ev, r->op, &r->msg);
+    s->ob->o.encode(&ev, kind, &r->msg);
     if (ev.oom) {
         sbuf_free(&ev);
         return op_done(op, CHAT_ENOMEM);
@@ -1805,7 +1806,16 @@ static void on_dup_read(const cql_result_t *res, void *data) {
         int rc = row_to_msg(&res->resp->rows, 0, r->chat_id, &r->msg);
         if (rc) return op_done(op, rc);
         r->duplicate = true;
-        return op_done(op, 0);
+        if (!op->s->ob) return op_done(op, 0);
+        /* The retry is acknowledged now, but the first attempt's outbox row may be lost to
+         * the relay: that attempt failed (reported so) and its batch can still be applied
+         * long after, when the relay's horizon has passed its seq (the batch log replays
+         * it). So the message's state as stored goes into the outbox again, under a new
+         * seq: a duplicate on the topic at worst, which the versions make harmless. */
+        op->ob_seq = ob_mint(op->s->ob);
+        return ob_write_event(op, r->msg.deleted_at  ? STORE_DELETE
+                                  : r->msg.edited_at ? STORE_EDIT
+                                                     : STORE_APPEND);
     }
     /* claimed, never written: finish the first attempt's work under its id and time */
     log_info("store_cassandra_claim_repair chat=%s user=%s id=%" PRIu64, r->chat_id,
@@ -1916,7 +1926,7 @@ static void on_changed(const cql_result_t *res, void *data) {
         m->message = NULL;
         m->deleted_at = r->at;
     }
-    if (op->s->ob) return ob_write_change(op);
+    if (op->s->ob) return ob_write_event(op, op->req->op);
     op_done(op, 0);
 }
 

@@ -368,3 +368,36 @@ def test_two_nodes_on_one_keyspace_a_killed_relay_s_shards_move(kafka, store, ch
             [ev["message_id"] for ev in acked[c]], c
     assert acquired_shards(second) == 16
     wait_metric(second, "chat_outbox_depth", lambda v: v == 0)
+
+
+@pytest.mark.parametrize("store", ["cassandra"], indirect=True)
+def test_a_retry_answered_with_the_stored_message_reaches_the_topic(kafka, store, chatd,
+                                                                      tmp_path):
+    """On Cassandra a send whose write timed out was reported failed, yet its batch can still
+    land (the batch log replays it) after the relay's read horizon passed its outbox row. The
+    client retries with the same client_id and is acknowledged with the stored message: that
+    acknowledgement must reach the topic too. The late row is made by hand: the first
+    attempt's outbox row is removed before the relay could read it (Kafka is down, and the
+    relay reads rows only 5 s after they were written)."""
+    import cassandra_support
+
+    topic = new_topic(kafka, tmp_path)
+    url = store()
+    server = start_chatd(chatd, kafka, topic, store=url)
+    assert kafka.stop().returncode == 0
+    try:
+        first = server.client("retry-chat", "alice").say("sent, then retried", client_id="c-r1")
+        cql = cassandra_support.MiniCQL(int(url.split(":")[2].split("/")[0]))
+        cql.query(f"TRUNCATE {url.rsplit('/', 1)[1]}.outbox", consistency=0x0005)
+        cql.close()
+        again = server.client("retry-chat", "alice").say("sent, then retried", client_id="c-r1")
+        assert again["message_id"] == first["message_id"]  # the stored one, not a new message
+    finally:
+        kafka.start()
+    marker = server.client("retry-chat", "bob").say("after the retry")
+    records = consume(kafka, topic, want=2, deadline_s=40)
+    got, _ = by_chat_first_copies(records)
+    ids = [json.loads(r.value)["message_id"] for r in got.get("retry-chat", [])]
+    assert first["message_id"] in ids, f"the acknowledged retry never reached the topic: {ids}"
+    assert rebuild(got["retry-chat"]) == server.all_history("retry-chat")
+    assert marker["message_id"] in ids
