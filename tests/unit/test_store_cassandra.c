@@ -898,24 +898,27 @@ static void test_outbox(void) {
     store_req_cleanup(&r);
     store_outbox_stats_t st;
     store_outbox_stats(s, &st);
-    CHECK(st.written == 5);
-    CHECK(st.rows == 5);
+    CHECK(st.written == 6);
+    CHECK(st.rows == 6);
 
-    char want[5][64];
+    /* the retry answered with the stored message writes its event again (its first
+     * attempt's row may be lost to the relay, see ob_write_event) */
+    char want[6][64];
     snprintf(want[0], 64, "msg|%" PRIu64 "|one", id[0]);
     snprintf(want[1], 64, "msg|%" PRIu64 "|two", id[1]);
     snprintf(want[2], 64, "msg|%" PRIu64 "|three", id[2]);
-    snprintf(want[3], 64, "edit|%" PRIu64 "|TWO", id[1]);
-    snprintf(want[4], 64, "del|%" PRIu64 "|-", id[2]);
+    snprintf(want[3], 64, "msg|%" PRIu64 "|one", id[0]);
+    snprintf(want[4], 64, "edit|%" PRIu64 "|TWO", id[1]);
+    snprintf(want[5], 64, "del|%" PRIu64 "|-", id[2]);
     /* twice: the second time as a relay that starts again from nothing acknowledged */
     uint64_t last = 0;
     for (int pass = 0; pass < 2; pass++) {
         int got = 0;
         uint64_t after = 0, version = 0;
-        for (int tries = 0; got < 5 && tries < 100; tries++) {
+        for (int tries = 0; got < 6 && tries < 100; tries++) {
             r = (store_req_t){.op = STORE_OUTBOX_READ, .id = after, .limit = 100};
             CHECK_INT(run_req(s, &r), 0);
-            for (size_t i = 0; i < r.n_rows && got < 5; i++, got++) {
+            for (size_t i = 0; i < r.n_rows && got < 6; i++, got++) {
                 store_outbox_row_t *x = &r.rows[i];
                 CHECK_STR(x->event, want[got]);
                 CHECK_STR(x->chat_id, "ob1");
@@ -926,9 +929,9 @@ static void test_outbox(void) {
                 version = x->version;
             }
             store_req_cleanup(&r);
-            if (got < 5) spin(200);
+            if (got < 6) spin(200);
         }
-        CHECK_INT(got, 5);
+        CHECK_INT(got, 6);
         if (pass == 1) CHECK(after == last);
         last = after;
     }
