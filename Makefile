@@ -158,7 +158,8 @@ fuzz: $(FUZZERS)
 functional: all
 	$(PYTHON) -m pytest -q tests/functional
 
-# A cluster on loopback: Redis, the store, three chatd nodes, HAProxy on :8000.
+# A cluster on loopback: Redis, the store, Kafka, OpenSearch, three chatd nodes, a
+# chat-indexer, HAProxy on :8000 (CLUSTER_SEARCH=none: without the search pipeline).
 cluster: all
 	scripts/cluster start
 

@@ -7,6 +7,8 @@
 # about: the two sides of a ratio always run back to back, so the noise of a shared machine
 # falls on both. With CHATD_BEFORE=path (another build of chatd, e.g. the last release) each
 # round also runs that binary with --kafka, so that before and after come from one run.
+# OUTBOX_CASSANDRA=HOST:PORT: chatd on that Cassandra instead of SQLite, each run on a fresh
+# keyspace made by `chatctl migrate` (dropped afterwards).
 #
 # Prints each run's summary line and, at the end, the median of each figure per side and
 # its ratio to "off": durable sends/s and the chat scenario's p99 (what users get), and CPU
@@ -17,9 +19,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 BEFORE=${CHATD_BEFORE:+$(realpath "$CHATD_BEFORE")}
+N=0
 DIR=$(mktemp -d /tmp/outbox-cost.XXXXXX)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-trap 'scripts/kafka stop --dir "$DIR/kafka" >/dev/null 2>&1 || true; rm -rf "$DIR"' EXIT
+drop_keyspaces() { # the per-run keyspaces of OUTBOX_CASSANDRA (runs happen in a subshell)
+    [ -s "$DIR/keyspaces" ] || return 0
+    python3 - "$OUTBOX_CASSANDRA" "$DIR/keyspaces" <<'PY' || true
+import sys
+sys.path.insert(0, "tests")
+from cassandra_support import MiniCQL
+host, port = sys.argv[1].rsplit(":", 1)
+c = MiniCQL(int(port), host=host, timeout=120)
+for ks in open(sys.argv[2]).read().split():
+    c.query(f"DROP KEYSPACE IF EXISTS {ks}")
+PY
+}
+trap 'drop_keyspaces; scripts/kafka stop --dir "$DIR/kafka" >/dev/null 2>&1 || true; rm -rf "$DIR"' EXIT
 scripts/kafka start --port "$PORT" --dir "$DIR/kafka" >&2
 build/chatctl migrate --store "sqlite:$DIR/topic.db" --kafka "127.0.0.1:$PORT" >&2
 KPID=$(cat "$DIR/kafka/kafka.pid")
@@ -28,6 +43,13 @@ run() { # side scenario
     local side=$1 scenario=$2 args="" bin=build/chatd out t0 t1
     [ "$side" = off ] || args="--kafka 127.0.0.1:$PORT"
     [ "$side" = before ] && bin=$BEFORE
+    if [ -n "${OUTBOX_CASSANDRA:-}" ]; then
+        N=$((N + 1))
+        local ks="outbox_cost_$$_$N" url="cassandra://$OUTBOX_CASSANDRA/outbox_cost_$$_$N"
+        echo "$ks" >>"$DIR/keyspaces"
+        build/chatctl migrate --store "$url" >/dev/null
+        args="$args --store $url"
+    fi
     t0=$(jvm_ticks)
     out=$(CHATD="$bin" BENCH_PEERS=none BENCH_CHATD_ARGS="$args" BENCH_OUT="$DIR/results" \
         bench/run "$scenario" 2>&1 | grep -E "^$scenario-quick" | head -1) || true

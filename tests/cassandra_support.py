@@ -7,7 +7,7 @@ Used by the functional suite when CHAT_TEST_STORE=cassandra, and by tests/cassan
     drop_store(url)                give the keyspace back (it is emptied and reused)
 
 The one idea: schema changes are the slow part of Cassandra (about 0.35 s to create a
-keyspace and its four tables, as much again to drop it; a table holds about a megabyte of
+keyspace and its tables, as much again to drop it; a table holds about a megabyte of
 heap, so a session cannot keep hundreds), while TRUNCATE of four small tables is a few tens
 of milliseconds. So keyspaces are created by `chatctl migrate` (the same code as `make
 create-models`) a few at a time in a background thread, and recycled: drop_store truncates
@@ -36,6 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "cassandra"
 TABLES = ("messages_by_chat", "chat_buckets", "message_client_ids", "read_positions")
+# the Kafka outbox's tables: emptied only in keyspaces handed out for a chatd with --kafka
+OUTBOX_TABLES = ("outbox", "outbox_done", "outbox_lease", "outbox_depth")
 POOL_TARGET = 3  # keyspaces kept ready ahead of the tests
 
 _lock = threading.Lock()
@@ -193,6 +195,7 @@ class KeyspacePool:
         self.ready = queue.Queue()
         self.dirty = queue.Queue()
         self.created = []
+        self.outbox_used = set()
         self.n_created = 0
         self.error = None
         self.waits = []  # seconds each new_store_url() waited
@@ -230,7 +233,9 @@ class KeyspacePool:
         self.ready.put(ks)
 
     def _recycle(self, ks):
-        for t in TABLES:
+        extra = OUTBOX_TABLES if ks in self.outbox_used else ()
+        self.outbox_used.discard(ks)
+        for t in TABLES + extra:
             self.cql.query(f"TRUNCATE {ks}.{t}", consistency=0x0005)  # ALL: every replica
         self.ready.put(ks)
 
@@ -285,10 +290,14 @@ def _get_pool():
         return _pool
 
 
-def new_store_url():
-    """A fresh, empty, migrated keyspace on the session's node, as a store URL."""
+def new_store_url(outbox=False):
+    """A fresh, empty, migrated keyspace on the session's node, as a store URL. outbox: for a
+    chatd with --kafka (its outbox tables are emptied too before the keyspace is reused)."""
     pool = _get_pool()
-    return pool.url(pool.take())
+    ks = pool.take()
+    if outbox:
+        pool.outbox_used.add(ks)
+    return pool.url(ks)
 
 
 def drop_store(url):

@@ -312,6 +312,9 @@ static void chat__stop_step(void *arg) {
         return;
     case 2:
         s->stop_step = 3;
+        /* the sweep (presence refresh) and the heartbeat use the bus: not after it closed */
+        uv_timer_stop(&s->sweep);
+        uv_timer_stop(&s->heartbeat);
         bus_close(s->bus, chat__stop_step, s);
         return;
     case 3:

@@ -65,6 +65,10 @@ typedef enum store_op {
  * Strings are owned by the containing request (freed by store_req_cleanup). */
 typedef struct store_outbox_row {
     uint64_t seq; /* strictly increasing over the store's life, never reused */
+    /* The record's version header when not 0 (else seq): a backend whose seq is a cursor of
+     * its own (Cassandra: local to one relay's run) gives here a number that orders the
+     * changes of one message across runs and nodes. */
+    uint64_t version;
     char *chat_id;
     uint64_t message_id;
     int64_t at;  /* when the change was stored, Unix ms */

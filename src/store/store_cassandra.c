@@ -12,7 +12,8 @@
  * bucket = the message id's time / 10 days, so a partition holds at most ten days of one
  * chat. chat_buckets lists, per chat, the buckets that have messages, newest first: history
  * reads it to walk buckets backwards without probing the empty ones. message_client_ids
- * maps (chat, user, client_id) to the message id, for idempotent sends.
+ * maps (chat, user, client_id) to the message id, for idempotent sends. The Kafka outbox's
+ * four tables (chatd --kafka) are described at "the outbox" below.
  *
  * The one idea: every request is a small state machine of CQL calls, and the store's
  * callback reports success only after each write it made was acknowledged at the configured
@@ -68,6 +69,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <unistd.h>
 
 #include "cql/cql.h"
 
@@ -354,8 +357,22 @@ enum {
     S_READ_POS,
     S_READ_MOVE,
     S_UNREAD,
+    S_OB_INSERT,
+    S_OB_FETCH,
+    S_OB_KEYS,
+    S_OB_DONE_GET,
+    S_OB_DONE_SET,
+    S_OB_ACQUIRE,
+    S_OB_RENEW,
+    S_OB_DEPTH_SET,
+    S_OB_DEPTH_ALL,
+    S_OB_RELEASE,
     S_COUNT
 };
+
+/* A shard's relay lease, in seconds: how long a crashed node's shards wait for a new owner. */
+#define OB_LEASE_TTL_S 8
+#define OB_LEASE_TTL_STR "8"
 
 #define MSG_COLS \
     "message_id, user_from, message, client_id, created_at, edited_at, deleted, deleted_at"
@@ -397,6 +414,23 @@ static const char *const STMT_SQL[S_COUNT] = {
                     " APPLY BATCH",
     [S_UNREAD] = "SELECT user_from, deleted FROM %s.messages_by_chat"
                  " WHERE chat_id = ? AND bucket = ? AND message_id > ? LIMIT ?",
+    /* The outbox (see "the outbox" below). */
+    [S_OB_INSERT] = "INSERT INTO %s.outbox (shard, bucket, seq, writer, chat_id, message_id, at,"
+                    " event) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    [S_OB_FETCH] = "SELECT seq, writer, chat_id, message_id, at, event FROM %s.outbox"
+                   " WHERE shard = ? AND bucket = ? AND (seq, writer) > (?, ?) AND seq < ?"
+                   " LIMIT ?",
+    [S_OB_KEYS] = "SELECT seq, writer FROM %s.outbox"
+                  " WHERE shard = ? AND bucket = ? AND (seq, writer) > (?, ?) AND seq < ? LIMIT ?",
+    [S_OB_DONE_GET] = "SELECT seq, writer FROM %s.outbox_done WHERE shard = ?",
+    [S_OB_DONE_SET] = "UPDATE %s.outbox_done SET seq = ?, writer = ? WHERE shard = ?",
+    [S_OB_ACQUIRE] = "INSERT INTO %s.outbox_lease (shard, owner) VALUES (?, ?) IF NOT EXISTS"
+                     " USING TTL " OB_LEASE_TTL_STR,
+    [S_OB_RENEW] = "UPDATE %s.outbox_lease USING TTL " OB_LEASE_TTL_STR
+                   " SET owner = ? WHERE shard = ? IF owner = ?",
+    [S_OB_DEPTH_SET] = "UPDATE %s.outbox_depth USING TTL 60 SET rows = ? WHERE shard = ?",
+    [S_OB_DEPTH_ALL] = "SELECT shard, rows FROM %s.outbox_depth",
+    [S_OB_RELEASE] = "DELETE FROM %s.outbox_lease WHERE shard = ? IF owner = ?",
 };
 
 /* The schema, applied in order by migrate; %1$s is the keyspace, %2$s the replication map.
@@ -429,13 +463,30 @@ static const char *const SCHEMA[] = {
     " user_id text, chat_id text, message_id bigint, updated_at timestamp,"
     " PRIMARY KEY ((user_id), chat_id, message_id)"
     ") WITH CLUSTERING ORDER BY (chat_id ASC, message_id DESC)",
+    /* The Kafka outbox (see "the outbox" in store_cassandra.c and the README's architecture
+     * section): events by (shard, minute), in seq order; each shard's relay progress; the
+     * relaying node of each shard (a lease: a row with a TTL); each shard's depth as its
+     * relay last counted it. Rows expire after 30 days, far past any refusal limit. */
+    "CREATE TABLE IF NOT EXISTS %1$s.outbox ("
+    " shard int, bucket bigint, seq bigint, writer bigint,"
+    " chat_id text, message_id bigint, at timestamp, event blob,"
+    " PRIMARY KEY ((shard, bucket), seq, writer)"
+    ") WITH default_time_to_live = 2592000",
+    "CREATE TABLE IF NOT EXISTS %1$s.outbox_done ("
+    " shard int PRIMARY KEY, seq bigint, writer bigint)",
+    "CREATE TABLE IF NOT EXISTS %1$s.outbox_lease ("
+    " shard int PRIMARY KEY, owner bigint)",
+    "CREATE TABLE IF NOT EXISTS %1$s.outbox_depth ("
+    " shard int PRIMARY KEY, rows bigint)",
 };
 #define N_SCHEMA (sizeof SCHEMA / sizeof SCHEMA[0])
 static const char *const TABLES[] = {"messages_by_chat", "chat_buckets", "message_client_ids",
-                                     "read_positions"};
+                                     "read_positions",   "outbox",       "outbox_done",
+                                     "outbox_lease",     "outbox_depth"};
 #define N_TABLES (sizeof TABLES / sizeof TABLES[0])
 
 typedef struct cass_op cass_op_t;
+typedef struct ob ob_t;
 
 /* An append's message row: ROW_WAIT while its id is not settled (the client_id claim is in
  * flight; it may turn out a duplicate with no row to write), ROW_READY to be written,
@@ -471,6 +522,7 @@ typedef struct cass_store {
     bool closing;
     void (*done)(void *);
     void *done_arg;
+    ob_t *ob; /* the outbox, once enabled */
 } cass_store_t;
 
 struct cass_op {
@@ -492,6 +544,10 @@ struct cass_op {
     cass_op_t *claim_next; /* the next claim in the same hash slot */
     cass_op_t *dups;       /* same key, waiting for this one to finish */
     cass_op_t *dup_next;
+    /* the outbox: this change's event seq (0: none); a deferred answer (ob_defer) */
+    int64_t ob_seq;
+    queue_t dlink;
+    int defer_status;
     /* edit/delete: the row before the change */
     store_msg_t row;
     cass_op_t *change_next; /* a later change of the same message, started when this ends */
@@ -804,6 +860,738 @@ static int lwt_applied(const cql_result_t *res, bool *applied) {
     return cql_cell_bool(cql_rows_cell(&res->resp->rows, 0, col), applied) ? CHAT_EIO : 0;
 }
 
+/* ---- the outbox (chatd --kafka, src/stream/) ---------------------------------------------
+ *
+ * Every change that succeeds also leaves its event in the outbox table, durable before the
+ * change is acknowledged: an append's event goes in the same LOGGED BATCH as its message row
+ * (the batch log makes the pair all or nothing); an edit's or a delete's is written right
+ * after its lightweight transaction applied (a conditional update cannot share a batch
+ * with another partition), before the answer. The row's key is (shard, minute of seq),
+ * seq, writer: shard = FNV-1a(chat_id) % OB_SHARDS keeps a chat's events in one shard;
+ * seq is minted by this node at submit (milliseconds << 20 | a counter), so a chat's events
+ * from one node are in submission order, which is the order its members get them; writer
+ * (a random id per process) keeps two nodes' equal seqs apart.
+ *
+ * Relaying: a node relays the shards it holds a lease on (outbox_lease, INSERT IF NOT EXISTS
+ * with a TTL, renewed by UPDATE IF owner = us), so a crashed node's shards move to another
+ * one within OB_LEASE_TTL_S. It reads each shard's rows in key order from its progress
+ * (outbox_done), but only those older than OB_HORIZON_MS: a write still in flight, on this
+ * node or another, carries a seq from before it lands, and a reader must not pass it.
+ * A write that took longer than the horizon allows is reported failed, never acknowledged.
+ * Progress moves only over rows Kafka acknowledged: a crash or a lost lease produces
+ * again (at least once), never skips.
+ *
+ * The relay (src/stream/) sees one sequence: its seq is a cursor local to this process
+ * (rows handed out, in order, kept here until it deletes through them, so that it can ask
+ * again after a failure), and the record's version is the row's seq, which orders the
+ * changes of one message across runs and nodes. Depth (for --outbox-max-rows and
+ * /metrics): each lease holder counts its shards' rows past their progress and publishes
+ * the counts (outbox_depth); a node adds the others' counts and its own recent writes.
+ */
+#define OB_SHARDS 16
+#define OB_BUCKET_MS 60000LL
+#define OB_HORIZON_MS 5000
+#define OB_WRITE_TIMEOUT_MS 2000
+#define OB_CYCLE_MS 1000
+#define OB_SWEEP_MS 500
+#define OB_PAGE 512
+#define OB_COUNT_PAGE 5000
+#define OB_COUNT_PAGES 20
+#define OB_START_BACK_MS 60000
+#define OB_BATCH_MAX 32
+#define OB_BATCH_BYTES (16u << 10)
+#define OB_SEQ_SHIFT 20
+#define OB_PUBLISH_MS 20000 /* a count is republished this often (its row's TTL: 60 s) */
+#define OB_PAIR_VALS 15
+
+typedef struct ob_key {
+    int64_t seq, writer;
+} ob_key_t;
+
+typedef struct ob_row {
+    ob_key_t key;
+    int shard;
+    uint64_t rseq; /* the relay's cursor, once handed out */
+    int64_t message_id, at;
+    char *chat_id;
+    char *event;
+    size_t event_len;
+} ob_row_t;
+
+/* A queue of rows: [head, head + n) of v. */
+typedef struct ob_rows {
+    ob_row_t **v;
+    size_t head, n, cap;
+} ob_rows_t;
+
+typedef struct ob_shard {
+    ob_t *ob;
+    int idx;
+    bool owned, leasing, fetching, counting;
+    /* bumped when the lease is lost: the answers of reads and counts sent under the old one
+     * (fetch_gen, count_gen) are dropped, not applied to the state of a new one */
+    unsigned gen, fetch_gen, count_gen;
+    int64_t lease_sent, lease_until;
+    ob_key_t done; /* progress: every row up to it reached Kafka */
+    ob_key_t scan; /* the last row read */
+    int64_t scan_bucket;
+    bool full; /* the last read stopped at a full page */
+    size_t in_ready;
+    ob_key_t count_key; /* rows after done up to it are counted in count_n */
+    int64_t count_bucket, count_n, published_n, published_at;
+    int count_pages;
+    int64_t others_n; /* a shard we do not hold: its holder's published count */
+} ob_shard_t;
+
+struct ob {
+    cass_store_t *s;
+    store_outbox_opts_t o;
+    int64_t writer, last_seq;
+    uint64_t rseq;
+    ob_shard_t sh[OB_SHARDS];
+    ob_rows_t ready, handed;
+    int sweeping, counting;
+    int64_t horizon, last_sweep, count_bound, pass_bound;
+    cass_op_t *parked; /* an OUTBOX_READ waiting for the sweep in flight */
+    int64_t *recent;   /* seqs of this node's rows written since pass_bound */
+    size_t n_recent, cap_recent;
+    cql_stmt_t *pair[OB_BATCH_MAX + 1];
+    uv_timer_t cycle, defer;
+    int handles, releasing;
+    bool handles_closing;
+    queue_t deferred; /* cass_op_t.dlink: answers for the next loop turn */
+    unsigned cycles;
+    int64_t last_err_log;
+    uint64_t refused, written, depth; /* read by outbox_stats: atomics */
+};
+
+static int64_t ob_floor(int64_t ms) { return (ms - ID_EPOCH_MS) << OB_SEQ_SHIFT; }
+static int64_t ob_seq_ms(int64_t seq) { return (seq >> OB_SEQ_SHIFT) + ID_EPOCH_MS; }
+static int64_t ob_bucket(int64_t seq) { return ob_seq_ms(seq) / OB_BUCKET_MS; }
+static int ob_shard_of(const char *chat) { return (int)(hash_str(chat) % OB_SHARDS); }
+
+static int ob_key_cmp(ob_key_t a, ob_key_t b) {
+    if (a.seq != b.seq) return a.seq < b.seq ? -1 : 1;
+    return a.writer < b.writer ? -1 : a.writer > b.writer;
+}
+
+/* The next seq of this node: never below the clock, strictly increasing. */
+static int64_t ob_mint(ob_t *ob) {
+    int64_t v = ob_floor(time_now_ms());
+    if (v <= ob->last_seq) v = ob->last_seq + 1;
+    ob->last_seq = v;
+    return v;
+}
+
+static void ob_row_free(ob_row_t *r) {
+    if (!r) return;
+    free(r->chat_id);
+    free(r->event);
+    free(r);
+}
+
+static int ob_rows_push(ob_rows_t *q, ob_row_t *r) {
+    if (q->head + q->n == q->cap) {
+        if (q->head) {
+            memmove(q->v, q->v + q->head, q->n * sizeof *q->v);
+            q->head = 0;
+        }
+        if (q->n == q->cap) {
+            size_t ncap = q->cap ? q->cap * 2 : 256;
+            ob_row_t **nv = realloc(q->v, ncap * sizeof *nv);
+            if (!nv) return CHAT_ENOMEM;
+            q->v = nv;
+            q->cap = ncap;
+        }
+    }
+    q->v[q->head + q->n++] = r;
+    return 0;
+}
+
+static ob_row_t *ob_rows_at(ob_rows_t *q, size_t i) { return q->v[q->head + i]; }
+
+static ob_row_t *ob_rows_pop(ob_rows_t *q) {
+    ob_row_t *r = q->v[q->head++];
+    if (--q->n == 0) q->head = 0;
+    return r;
+}
+
+static void ob_rows_free(ob_rows_t *q) {
+    while (q->n) ob_row_free(ob_rows_pop(q));
+    free(q->v);
+    memset(q, 0, sizeof *q);
+}
+
+static void ob_depth_update(ob_t *ob) {
+    int64_t d = (int64_t)ob->n_recent;
+    for (int i = 0; i < OB_SHARDS; i++)
+        d += ob->sh[i].owned ? ob->sh[i].count_n : ob->sh[i].others_n;
+    __atomic_store_n(&ob->depth, (uint64_t)(d < 0 ? 0 : d), __ATOMIC_RELAXED);
+}
+
+static bool ob_full(ob_t *ob) {
+    return ob->o.max_rows && __atomic_load_n(&ob->depth, __ATOMIC_RELAXED) >= ob->o.max_rows;
+}
+
+/* A row of ours is durable: counted until a count pass covers it. */
+static void ob_written(ob_t *ob, int64_t seq) {
+    __atomic_add_fetch(&ob->written, 1, __ATOMIC_RELAXED);
+    if (seq < ob->pass_bound) return;
+    if (ob->n_recent == ob->cap_recent) {
+        size_t ncap = ob->cap_recent ? ob->cap_recent * 2 : 1024;
+        int64_t *nv = realloc(ob->recent, ncap * sizeof *nv);
+        if (!nv) return; /* the depth undercounts it for a moment: the count pass finds it */
+        ob->recent = nv;
+        ob->cap_recent = ncap;
+    }
+    ob->recent[ob->n_recent++] = seq;
+    ob_depth_update(ob);
+}
+
+/* Log a failed internal request, at most once per 10 s. */
+static void ob_log_err(ob_t *ob, const char *what, const cql_result_t *res) {
+    int64_t now = time_now_ms();
+    if (now - ob->last_err_log < 10000) return;
+    ob->last_err_log = now;
+    log_warn("store_cassandra_outbox_failed op=%s err=%s", what,
+             LOG_STR(res->message ? res->message : chat_strerror(res->status)));
+}
+
+/* ---- deferred answers: a callback never runs inside submit ---- */
+
+static void ob_on_defer(uv_timer_t *t) {
+    ob_t *ob = t->data;
+    while (!queue_empty(&ob->deferred)) {
+        cass_op_t *op = queue_data(queue_head(&ob->deferred), cass_op_t, dlink);
+        queue_remove(&op->dlink);
+        op_done(op, op->defer_status);
+    }
+}
+
+static void ob_defer(ob_t *ob, cass_op_t *op, int status) {
+    op->defer_status = status;
+    queue_insert_tail(&ob->deferred, &op->dlink);
+    if (!uv_is_active((uv_handle_t *)&ob->defer)) uv_timer_start(&ob->defer, ob_on_defer, 0, 0);
+}
+
+/* ---- the writes' side ---- */
+
+/* The statement that writes n message rows and their n outbox rows in one LOGGED BATCH. */
+static cql_stmt_t *ob_pair_stmt(cass_store_t *s, size_t n) {
+    ob_t *ob = s->ob;
+    if (ob->pair[n]) return ob->pair[n];
+    sbuf_t q = {0};
+    sbuf_puts(&q, "BEGIN BATCH ");
+    for (size_t i = 0; i < n; i++) {
+        sbuf_printf(&q,
+                    "INSERT INTO %1$s.messages_by_chat (chat_id, bucket, message_id, user_from,"
+                    " message, client_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?);"
+                    " INSERT INTO %1$s.outbox (shard, bucket, seq, writer, chat_id, message_id,"
+                    " at, event) VALUES (?, ?, ?, ?, ?, ?, ?, ?); ",
+                    s->cfg.keyspace);
+    }
+    sbuf_puts(&q, "APPLY BATCH");
+    sbuf_put(&q, "", 1);
+    if (!q.oom) ob->pair[n] = cql_stmt_new(s->cql, q.p);
+    sbuf_free(&q);
+    return ob->pair[n];
+}
+
+/* The 8 values of op's outbox row; event is the encoded event. */
+static void ob_row_vals(cass_op_t *op, const store_msg_t *m, const char *event, size_t len,
+                        cql_value_t *v) {
+    ob_t *ob = op->s->ob;
+    v[0] = cql_int(ob_shard_of(m->chat_id));
+    v[1] = cql_bigint(ob_bucket(op->ob_seq));
+    v[2] = cql_bigint(op->ob_seq);
+    v[3] = cql_bigint(ob->writer);
+    v[4] = cql_text(m->chat_id);
+    v[5] = cql_bigint((int64_t)m->id);
+    v[6] = cql_timestamp(op->req->op == STORE_APPEND ? m->created_at : op->req->at);
+    v[7] = cql_blob(event, len);
+}
+
+/* A write carrying outbox rows minted at seq came back at status: too late for the relay's
+ * horizon, it must not be acknowledged (a reader may have passed its seq). */
+static int ob_write_status(ob_t *ob, int64_t seq, int status, const char **why) {
+    if (status) return status;
+    if (time_now_ms() - ob_seq_ms(seq) > OB_HORIZON_MS - 1000) {
+        *why = "the write with its outbox row took longer than the relay's horizon";
+        return CHAT_EIO;
+    }
+    (void)ob;
+    return 0;
+}
+
+static void ob_on_change_written(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    ob_t *ob = op->s->ob;
+    const char *why = res->message;
+    int st = ob_write_status(ob, op->ob_seq, res->status ? CHAT_EIO : 0, &why);
+    if (st) {
+        log_error("store_cassandra_failed op=outbox chat=%s id=%" PRIu64 " err=%s",
+                  op->req->chat_id, op->req->id, LOG_STR(why ? why : chat_strerror(st)));
+        return op_done(op, st);
+    }
+    ob_written(ob, op->ob_seq);
+    op_done(op, 0);
+}
+
+/* An edit or delete applied (kind: r->op), or a retried send answered with the stored
+ * message (kind: its state): the event into the outbox, then the answer. */
+static void ob_write_event(cass_op_t *op, store_op_t kind) {
+    cass_store_t *s = op->s;
+    store_req_t *r = op->req;
+    sbuf_t ev = {0};
+    s->ob->o.encode(&ev, kind, &r->msg);
+    if (ev.oom) {
+        sbuf_free(&ev);
+        return op_done(op, CHAT_ENOMEM);
+    }
+    cql_value_t v[8];
+    ob_row_vals(op, &r->msg, ev.p, ev.len, v);
+    cql_params_t p = CQL_PARAMS_DEFAULT;
+    p.timeout_ms = OB_WRITE_TIMEOUT_MS;
+    int rc = cql_execute(s->cql, s->st[S_OB_INSERT], v, 8, &p, ob_on_change_written, op);
+    sbuf_free(&ev);
+    if (rc) op_done(op, rc == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO);
+}
+
+/* ---- the relay's side: leases, reads, progress, counts ---- */
+
+static void ob_lose(ob_shard_t *sh, const char *why) {
+    ob_t *ob = sh->ob;
+    if (!sh->owned) return;
+    sh->owned = false;
+    sh->gen++;
+    sh->count_n = 0;
+    /* rows read and not handed out go; handed ones stay with the relay (produced, they only
+     * make duplicates for the next holder) */
+    if (sh->in_ready) {
+        ob_rows_t keep = {0};
+        while (ob->ready.n) {
+            ob_row_t *r = ob_rows_pop(&ob->ready);
+            if (r->shard == sh->idx || ob_rows_push(&keep, r)) ob_row_free(r);
+        }
+        ob_rows_free(&ob->ready);
+        ob->ready = keep;
+        sh->in_ready = 0;
+    }
+    log_info("outbox_shard_released shard=%d reason=%s", sh->idx, why);
+    ob_depth_update(ob);
+}
+
+static int ob_cell_key(const cql_rows_t *rows, int32_t i, ob_key_t *k) {
+    return cql_cell_bigint(cql_rows_cell(rows, i, 0), &k->seq) ||
+                   cql_cell_bigint(cql_rows_cell(rows, i, 1), &k->writer)
+               ? CHAT_EIO
+               : 0;
+}
+
+static void ob_sweep_done(ob_t *ob);
+static void ob_fetch(ob_shard_t *sh);
+
+static void ob_fetch_end(ob_shard_t *sh) {
+    ob_t *ob = sh->ob;
+    sh->fetching = false;
+    if (--ob->sweeping == 0) ob_sweep_done(ob);
+}
+
+static void ob_on_fetched(const cql_result_t *res, void *data) {
+    ob_shard_t *sh = data;
+    ob_t *ob = sh->ob;
+    if (ob->s->closing || res->status || !rows_ok(res, 6) || !sh->owned ||
+        sh->fetch_gen != sh->gen) {
+        if (res->status && !ob->s->closing) ob_log_err(ob, "read", res);
+        return ob_fetch_end(sh);
+    }
+    const cql_rows_t *rows = &res->resp->rows;
+    for (int32_t i = 0; i < rows->n_rows; i++) {
+        ob_row_t *r = calloc(1, sizeof *r);
+        cql_str_t ev;
+        if (!r || ob_cell_key(rows, i, &r->key) ||
+            cql_cell_strdup(cql_rows_cell(rows, i, 2), &r->chat_id) || !r->chat_id ||
+            cql_cell_bigint(cql_rows_cell(rows, i, 3), &r->message_id) ||
+            cql_cell_text(cql_rows_cell(rows, i, 5), &ev) || !(r->event = malloc(ev.n + 1))) {
+            /* read again from the last good row next time */
+            ob_row_free(r);
+            return ob_fetch_end(sh);
+        }
+        cql_cell_bigint(cql_rows_cell(rows, i, 4), &r->at);
+        memcpy(r->event, ev.p, ev.n);
+        r->event[ev.n] = '\0';
+        r->event_len = ev.n;
+        r->shard = sh->idx;
+        if (ob_rows_push(&ob->ready, r)) {
+            ob_row_free(r);
+            return ob_fetch_end(sh);
+        }
+        sh->scan = r->key;
+        sh->in_ready++;
+    }
+    sh->full = rows->n_rows == OB_PAGE;
+    if (!sh->full && sh->scan_bucket < ob_bucket(ob->horizon - 1)) {
+        sh->scan_bucket++; /* a minute wholly behind the horizon is read to its end */
+        return ob_fetch(sh);
+    }
+    ob_fetch_end(sh);
+}
+
+static void ob_fetch(ob_shard_t *sh) {
+    ob_t *ob = sh->ob;
+    cql_value_t v[] = {cql_int(sh->idx),         cql_bigint(sh->scan_bucket),
+                       cql_bigint(sh->scan.seq), cql_bigint(sh->scan.writer),
+                       cql_bigint(ob->horizon),  cql_int(OB_PAGE)};
+    if (cql_execute(ob->s->cql, ob->s->st[S_OB_FETCH], v, 6, NULL, ob_on_fetched, sh))
+        ob_fetch_end(sh);
+}
+
+/* Read the next rows of every shard held, up to the horizon. */
+static void ob_sweep(ob_t *ob) {
+    ob->horizon = ob_floor(time_now_ms() - OB_HORIZON_MS);
+    ob->sweeping = 1; /* held while starting, so that a synchronous end does not finish it */
+    for (int i = 0; i < OB_SHARDS; i++) {
+        ob_shard_t *sh = &ob->sh[i];
+        if (!sh->owned || sh->fetching || sh->in_ready >= OB_PAGE) continue;
+        sh->fetching = true;
+        sh->fetch_gen = sh->gen;
+        ob->sweeping++;
+        ob_fetch(sh);
+    }
+    if (--ob->sweeping == 0) ob_sweep_done(ob);
+}
+
+/* Answer an OUTBOX_READ (after r->id, up to r->limit rows) from what is here. */
+static int ob_answer_read(ob_t *ob, store_req_t *r) {
+    size_t limit = r->limit > 0 ? (size_t)r->limit : 1;
+    size_t from = 0, n = 0;
+    ob_rows_t *src;
+    if (r->id < ob->rseq && ob->handed.n) {
+        /* asked again (the relay restarts from its last acknowledged row): rows handed out
+         * are consecutive in rseq */
+        uint64_t first = ob_rows_at(&ob->handed, 0)->rseq;
+        from = r->id + 1 > first ? (size_t)(r->id + 1 - first) : 0;
+        src = &ob->handed;
+        n = src->n > from ? src->n - from : 0;
+    } else {
+        src = &ob->ready;
+        n = src->n;
+    }
+    if (n > limit) n = limit;
+    if (!n) return 0;
+    store_outbox_row_t *out = calloc(n, sizeof *out);
+    if (!out) return CHAT_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        ob_row_t *x = ob_rows_at(src, from + i);
+        out[i].chat_id = strdup(x->chat_id);
+        out[i].event = malloc(x->event_len + 1);
+        if (!out[i].chat_id || !out[i].event) {
+            r->rows = out;
+            r->n_rows = i + 1;
+            return CHAT_ENOMEM; /* store_req_cleanup frees them */
+        }
+        memcpy(out[i].event, x->event, x->event_len + 1);
+        out[i].event_len = x->event_len;
+        out[i].message_id = (uint64_t)x->message_id;
+        out[i].at = x->at;
+        out[i].version = (uint64_t)x->key.seq;
+    }
+    if (src == &ob->ready) {
+        for (size_t i = 0; i < n; i++) {
+            ob_row_t *x = ob_rows_pop(&ob->ready);
+            x->rseq = ++ob->rseq;
+            ob->sh[x->shard].in_ready--;
+            if (ob_rows_push(&ob->handed, x)) {
+                ob_row_free(x); /* it was never handed: read again after a restart */
+                ob->rseq--;
+                n = i;
+                break;
+            }
+        }
+    }
+    /* the seqs: consecutive from the first row's */
+    uint64_t first = src == &ob->ready ? ob->rseq - n + 1 : ob_rows_at(src, from)->rseq;
+    for (size_t i = 0; i < n; i++) out[i].seq = first + i;
+    r->rows = out;
+    r->n_rows = n;
+    return 0;
+}
+
+static void ob_sweep_done(ob_t *ob) {
+    ob->last_sweep = time_now_ms();
+    cass_op_t *op = ob->parked;
+    if (!op) return;
+    /* a backlog: fill the relay's read (it asks again at once only after a full one) */
+    bool more = false;
+    for (int i = 0; i < OB_SHARDS; i++)
+        more |= ob->sh[i].owned && ob->sh[i].full && ob->sh[i].in_ready < OB_PAGE;
+    if (more && !ob->s->closing && ob->ready.n < (size_t)op->req->limit) return ob_sweep(ob);
+    ob->parked = NULL;
+    ob_defer(ob, op, ob_answer_read(ob, op->req));
+}
+
+static void ob_read(ob_t *ob, cass_op_t *op) {
+    store_req_t *r = op->req;
+    bool any_full = false;
+    for (int i = 0; i < OB_SHARDS; i++) any_full |= ob->sh[i].owned && ob->sh[i].full;
+    if ((r->id < ob->rseq && ob->handed.n) || ob->ready.n || ob->parked || ob->s->closing ||
+        (!ob->sweeping && !any_full && time_now_ms() - ob->last_sweep < OB_SWEEP_MS)) {
+        return ob_defer(ob, op, ob_answer_read(ob, r));
+    }
+    ob->parked = op;
+    if (!ob->sweeping) ob_sweep(ob);
+}
+
+static void ob_on_done_set(const cql_result_t *res, void *data) {
+    cass_op_t *op = data;
+    if (res->status) {
+        ob_log_err(op->s->ob, "progress", res);
+        op->defer_status = CHAT_EIO;
+    }
+    if (--op->limit == 0) op_done(op, op->defer_status);
+}
+
+/* OUTBOX_DELETE through r->id: Kafka has every row handed out up to it. */
+static void ob_delete(ob_t *ob, cass_op_t *op) {
+    bool touched[OB_SHARDS] = {0};
+    while (ob->handed.n && ob_rows_at(&ob->handed, 0)->rseq <= op->req->id) {
+        ob_row_t *x = ob_rows_pop(&ob->handed);
+        ob_shard_t *sh = &ob->sh[x->shard];
+        if (ob_key_cmp(x->key, sh->done) > 0) sh->done = x->key;
+        if (ob_key_cmp(x->key, sh->count_key) <= 0) {
+            if (sh->count_n > 0) sh->count_n--;
+        } else {
+            sh->count_key = x->key; /* relayed before it was counted */
+            sh->count_bucket = ob_bucket(x->key.seq);
+        }
+        touched[x->shard] = true;
+        ob_row_free(x);
+    }
+    ob_depth_update(ob);
+    op->limit = 1;
+    op->defer_status = 0;
+    for (int i = 0; i < OB_SHARDS; i++) {
+        if (!touched[i]) continue;
+        cql_value_t v[] = {cql_bigint(ob->sh[i].done.seq), cql_bigint(ob->sh[i].done.writer),
+                           cql_int(i)};
+        if (cql_execute(ob->s->cql, ob->s->st[S_OB_DONE_SET], v, 3, NULL, ob_on_done_set, op) == 0)
+            op->limit++;
+        else op->defer_status = CHAT_EIO;
+    }
+    if (--op->limit == 0) ob_defer(ob, op, op->defer_status);
+}
+
+static void ob_on_loaded(const cql_result_t *res, void *data) {
+    ob_shard_t *sh = data;
+    ob_t *ob = sh->ob;
+    sh->leasing = false;
+    if (ob->s->closing) return;
+    ob_key_t done = {ob_floor(time_now_ms() - OB_START_BACK_MS), 0};
+    if (res->status || !rows_ok(res, 2) ||
+        (res->resp->rows.n_rows > 0 && ob_cell_key(&res->resp->rows, 0, &done))) {
+        ob_log_err(ob, "load", res);
+        return; /* the lease runs out; another attempt later */
+    }
+    sh->owned = true;
+    sh->done = sh->scan = sh->count_key = done;
+    sh->scan_bucket = sh->count_bucket = ob_bucket(done.seq);
+    sh->count_n = 0;
+    sh->full = true; /* a backlog may wait: read at once */
+    log_info("outbox_shard_acquired shard=%d done_seq=%" PRId64, sh->idx, done.seq);
+}
+
+static void ob_on_lease(const cql_result_t *res, void *data) {
+    ob_shard_t *sh = data;
+    ob_t *ob = sh->ob;
+    if (ob->s->closing) return;
+    bool applied = false;
+    if (res->status || lwt_applied(res, &applied)) {
+        sh->leasing = false;
+        if (res->status) ob_log_err(ob, "lease", res);
+        return;
+    }
+    if (sh->owned) {
+        sh->leasing = false;
+        if (applied) sh->lease_until = sh->lease_sent + OB_LEASE_TTL_S * 1000 - 2000;
+        else ob_lose(sh, "taken");
+        return;
+    }
+    if (!applied) {
+        sh->leasing = false;
+        return;
+    }
+    sh->lease_until = sh->lease_sent + OB_LEASE_TTL_S * 1000 - 2000;
+    cql_value_t v[] = {cql_int(sh->idx)};
+    if (cql_execute(ob->s->cql, ob->s->st[S_OB_DONE_GET], v, 1, NULL, ob_on_loaded, sh))
+        sh->leasing = false;
+}
+
+static void ob_count(ob_shard_t *sh);
+static void ob_on_published(const cql_result_t *res, void *data);
+
+static void ob_count_end(ob_shard_t *sh) {
+    ob_t *ob = sh->ob;
+    sh->counting = false;
+    if (--ob->counting) return;
+    /* the pass is complete: what this node wrote before its bound is counted by now */
+    ob->pass_bound = ob->count_bound;
+    size_t k = 0;
+    for (size_t i = 0; i < ob->n_recent; i++)
+        if (ob->recent[i] >= ob->pass_bound) ob->recent[k++] = ob->recent[i];
+    ob->n_recent = k;
+    for (int i = 0; i < OB_SHARDS; i++) {
+        ob_shard_t *x = &ob->sh[i];
+        /* again before the row's TTL ends, unchanged or not: a backlog that stands still
+         * while Kafka is away must stay in every node's depth */
+        int64_t now = time_now_ms();
+        if (!x->owned || ob->s->closing ||
+            (x->count_n == x->published_n && now - x->published_at < OB_PUBLISH_MS))
+            continue;
+        x->published_n = x->count_n;
+        x->published_at = now;
+        cql_value_t v[] = {cql_bigint(x->count_n), cql_int(i)};
+        cql_execute(ob->s->cql, ob->s->st[S_OB_DEPTH_SET], v, 2, NULL, ob_on_published, ob);
+    }
+    ob_depth_update(ob);
+}
+
+static void ob_on_published(const cql_result_t *res, void *data) {
+    ob_t *ob = data;
+    if (res->status && !ob->s->closing) ob_log_err(ob, "publish", res);
+}
+
+static void ob_on_counted(const cql_result_t *res, void *data) {
+    ob_shard_t *sh = data;
+    ob_t *ob = sh->ob;
+    if (ob->s->closing || res->status || !rows_ok(res, 2) || !sh->owned ||
+        sh->count_gen != sh->gen) {
+        if (res->status && !ob->s->closing) ob_log_err(ob, "count", res);
+        return ob_count_end(sh);
+    }
+    const cql_rows_t *rows = &res->resp->rows;
+    ob_key_t k;
+    for (int32_t i = 0; i < rows->n_rows; i++) {
+        if (ob_cell_key(rows, i, &k)) return ob_count_end(sh);
+        if (ob_key_cmp(k, sh->count_key) <= 0) continue; /* relayed meanwhile */
+        sh->count_key = k;
+        sh->count_n++;
+    }
+    if (rows->n_rows == OB_COUNT_PAGE && ++sh->count_pages < OB_COUNT_PAGES) return ob_count(sh);
+    if (rows->n_rows < OB_COUNT_PAGE && sh->count_bucket < ob_bucket(ob->count_bound - 1)) {
+        sh->count_bucket++;
+        return ob_count(sh);
+    }
+    ob_count_end(sh);
+}
+
+static void ob_count(ob_shard_t *sh) {
+    ob_t *ob = sh->ob;
+    cql_value_t v[] = {cql_int(sh->idx),
+                       cql_bigint(sh->count_bucket),
+                       cql_bigint(sh->count_key.seq),
+                       cql_bigint(sh->count_key.writer),
+                       cql_bigint(ob->count_bound),
+                       cql_int(OB_COUNT_PAGE)};
+    if (cql_execute(ob->s->cql, ob->s->st[S_OB_KEYS], v, 6, NULL, ob_on_counted, sh))
+        ob_count_end(sh);
+}
+
+static void ob_on_depths(const cql_result_t *res, void *data) {
+    ob_t *ob = data;
+    if (ob->s->closing || res->status || !rows_ok(res, 2)) return;
+    int64_t n[OB_SHARDS] = {0};
+    const cql_rows_t *rows = &res->resp->rows;
+    for (int32_t i = 0; i < rows->n_rows; i++) {
+        int32_t sh;
+        int64_t v;
+        if (cql_cell_int(cql_rows_cell(rows, i, 0), &sh) == 0 && sh >= 0 && sh < OB_SHARDS &&
+            cql_cell_bigint(cql_rows_cell(rows, i, 1), &v) == 0)
+            n[sh] = v;
+    }
+    for (int i = 0; i < OB_SHARDS; i++) ob->sh[i].others_n = n[i];
+    ob_depth_update(ob);
+}
+
+/* Every OB_CYCLE_MS: leases (every other cycle), a count pass, the others' counts. */
+static void ob_on_cycle(uv_timer_t *t) {
+    ob_t *ob = t->data;
+    cass_store_t *s = ob->s;
+    if (s->closing) return;
+    int64_t now = time_now_ms();
+    bool leases = ob->cycles++ % 2 == 0;
+    for (int i = 0; i < OB_SHARDS; i++) {
+        ob_shard_t *sh = &ob->sh[i];
+        if (sh->owned && now >= sh->lease_until) ob_lose(sh, "lease_expired");
+        if (!leases || sh->leasing) continue;
+        sh->leasing = true;
+        sh->lease_sent = now;
+        int rc;
+        if (sh->owned) {
+            cql_value_t v[] = {cql_bigint(ob->writer), cql_int(i), cql_bigint(ob->writer)};
+            rc = cql_execute(s->cql, s->st[S_OB_RENEW], v, 3, NULL, ob_on_lease, sh);
+        } else {
+            cql_value_t v[] = {cql_int(i), cql_bigint(ob->writer)};
+            rc = cql_execute(s->cql, s->st[S_OB_ACQUIRE], v, 2, NULL, ob_on_lease, sh);
+        }
+        if (rc) sh->leasing = false;
+    }
+    if (!ob->counting) {
+        ob->count_bound = ob_floor(now - OB_HORIZON_MS);
+        ob->counting = 1;
+        for (int i = 0; i < OB_SHARDS; i++) {
+            ob_shard_t *sh = &ob->sh[i];
+            if (!sh->owned || sh->counting) continue;
+            sh->counting = true;
+            sh->count_gen = sh->gen;
+            sh->count_pages = 0;
+            ob->counting++;
+            ob_count(sh);
+        }
+        ob_shard_t dummy = {.ob = ob};
+        ob_count_end(&dummy); /* the hold taken above */
+    }
+    cql_execute(s->cql, s->st[S_OB_DEPTH_ALL], NULL, 0, NULL, ob_on_depths, ob);
+}
+
+static void ob_on_handle_closed(uv_handle_t *h) {
+    ob_t *ob = h->data;
+    if (--ob->handles == 0 && !ob->releasing) store_finish_close(ob->s);
+}
+
+static void ob_on_released(const cql_result_t *res, void *data) {
+    ob_t *ob = data;
+    if (res->status) ob_log_err(ob, "release", res);
+    if (--ob->releasing == 0 && !ob->handles) store_finish_close(ob->s);
+}
+
+/* Closing, once every request is answered: give the shards' leases back (so that another
+ * node relays them at its next attempt, not once they run out), close the handles. True
+ * while any of that is under way (its end calls store_finish_close again). */
+static bool ob_closing(ob_t *ob) {
+    if (!ob->handles_closing) {
+        ob->handles_closing = true;
+        cql_params_t p = CQL_PARAMS_DEFAULT;
+        p.timeout_ms = OB_WRITE_TIMEOUT_MS;
+        for (int i = 0; i < OB_SHARDS; i++) {
+            if (!ob->sh[i].owned) continue;
+            cql_value_t v[] = {cql_int(i), cql_bigint(ob->writer)};
+            if (cql_execute(ob->s->cql, ob->s->st[S_OB_RELEASE], v, 2, &p, ob_on_released, ob) == 0)
+                ob->releasing++;
+        }
+        uv_close((uv_handle_t *)&ob->cycle, ob_on_handle_closed);
+        uv_close((uv_handle_t *)&ob->defer, ob_on_handle_closed);
+    }
+    return ob->handles || ob->releasing;
+}
+
+static void ob_free(ob_t *ob) {
+    if (!ob) return;
+    ob_rows_free(&ob->ready);
+    ob_rows_free(&ob->handed);
+    free(ob->recent);
+    free(ob);
+}
+
 /* ---- append ------------------------------------------------------------------------------ */
 
 static void append_fill(cass_op_t *op) {
@@ -861,8 +1649,64 @@ static void batch_done(cass_op_t *first, int status, const char *why) {
 }
 
 static void on_batch_written(const cql_result_t *res, void *data) {
+    cass_op_t *first = data;
     int st = res->status == 0 ? 0 : res->status == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO;
-    batch_done(data, st, res->message);
+    const char *why = res->message;
+    ob_t *ob = first->s->ob;
+    if (ob) {
+        st = ob_write_status(ob, first->ob_seq, st, &why);
+        for (cass_op_t *op = first; op && !st; op = op->bnext) ob_written(ob, op->ob_seq);
+    }
+    batch_done(first, st, why);
+}
+
+/* With the outbox: each message row and its outbox row, n pairs in one LOGGED BATCH. */
+static void batch_send_outbox(cass_op_t *first, size_t n) {
+    cass_store_t *s = first->s;
+    cql_stmt_t *st = ob_pair_stmt(s, n);
+    cql_value_t *v = malloc(n * OB_PAIR_VALS * sizeof *v);
+    size_t *off = malloc((n + 1) * sizeof *off);
+    sbuf_t ev = {0};
+    if (!st || !v || !off) {
+        free(v);
+        free(off);
+        return batch_done(first, CHAT_ENOMEM, "out of memory");
+    }
+    size_t i = 0;
+    for (cass_op_t *op = first; op; op = op->bnext, i++) {
+        store_req_t *r = op->req;
+        store_msg_t m = {.id = op->id,
+                         .chat_id = (char *)r->chat_id,
+                         .user_from = (char *)r->user,
+                         .message = (char *)r->text,
+                         .client_id = (char *)r->client_id,
+                         .created_at = op->created_at};
+        off[i] = ev.len;
+        s->ob->o.encode(&ev, STORE_APPEND, &m);
+    }
+    off[n] = ev.len;
+    i = 0;
+    for (cass_op_t *op = first; op && !ev.oom; op = op->bnext, i++) {
+        store_req_t *r = op->req;
+        cql_value_t *x = v + i * OB_PAIR_VALS;
+        x[0] = cql_text(r->chat_id);
+        x[1] = cql_int(op->bucket);
+        x[2] = cql_bigint((int64_t)op->id);
+        x[3] = cql_text(r->user);
+        x[4] = cql_text(r->text);
+        x[5] = cql_text(r->client_id);
+        x[6] = cql_timestamp(op->created_at);
+        store_msg_t m = {.id = op->id, .chat_id = (char *)r->chat_id, .created_at = op->created_at};
+        ob_row_vals(op, &m, ev.p + off[i], off[i + 1] - off[i], x + 7);
+    }
+    cql_params_t p = CQL_PARAMS_DEFAULT;
+    p.timeout_ms = OB_WRITE_TIMEOUT_MS;
+    int rc = ev.oom ? CHAT_ENOMEM
+                    : cql_execute(s->cql, st, v, n * OB_PAIR_VALS, &p, on_batch_written, first);
+    free(v);
+    free(off);
+    sbuf_free(&ev);
+    if (rc) batch_done(first, rc == CHAT_ENOMEM ? CHAT_ENOMEM : CHAT_EIO, chat_strerror(rc));
 }
 
 /* Write the rows of the batch first..: one INSERT when alone, else one UNLOGGED BATCH (they
@@ -872,6 +1716,7 @@ static void batch_send(cass_op_t *first) {
     cass_store_t *s = first->s;
     size_t n = 0;
     for (cass_op_t *op = first; op; op = op->bnext) n++;
+    if (s->ob) return batch_send_outbox(first, n);
     cql_value_t one[7], *v = n == 1 ? one : malloc(n * 7 * sizeof *v);
     if (!v) return batch_done(first, CHAT_ENOMEM, "out of memory");
     size_t i = 0;
@@ -916,8 +1761,12 @@ static void chatq_pump(cass_store_t *s, chatq_t *q) {
         if (op->row_at == ROW_NONE) continue;
         if (op->row_at != ROW_READY) break;
         size_t sz = strlen(op->req->text) + strlen(op->req->user) + 64;
-        if (first &&
-            (op->bucket != first->bucket || n == BATCH_MAX_ROWS || bytes + sz > BATCH_MAX_BYTES)) {
+        /* with the outbox the batch spans partitions: Cassandra's batch size limits apply
+         * (warned past 5 KB, refused past 50 KB by default), and each row goes twice */
+        size_t max_rows = s->ob ? OB_BATCH_MAX : BATCH_MAX_ROWS;
+        size_t max_bytes = s->ob ? OB_BATCH_BYTES : BATCH_MAX_BYTES;
+        if (s->ob) sz = 2 * sz + strlen(op->req->chat_id) + 256;
+        if (first && (op->bucket != first->bucket || n == max_rows || bytes + sz > max_bytes)) {
             break;
         }
         op->row_at = ROW_SENT;
@@ -957,7 +1806,16 @@ static void on_dup_read(const cql_result_t *res, void *data) {
         int rc = row_to_msg(&res->resp->rows, 0, r->chat_id, &r->msg);
         if (rc) return op_done(op, rc);
         r->duplicate = true;
-        return op_done(op, 0);
+        if (!op->s->ob) return op_done(op, 0);
+        /* The retry is acknowledged now, but the first attempt's outbox row may be lost to
+         * the relay: that attempt failed (reported so) and its batch can still be applied
+         * long after, when the relay's horizon has passed its seq (the batch log replays
+         * it). So the message's state as stored goes into the outbox again, under a new
+         * seq: a duplicate on the topic at worst, which the versions make harmless. */
+        op->ob_seq = ob_mint(op->s->ob);
+        return ob_write_event(op, r->msg.deleted_at  ? STORE_DELETE
+                                  : r->msg.edited_at ? STORE_EDIT
+                                                     : STORE_APPEND);
     }
     /* claimed, never written: finish the first attempt's work under its id and time */
     log_info("store_cassandra_claim_repair chat=%s user=%s id=%" PRIu64, r->chat_id,
@@ -1068,6 +1926,7 @@ static void on_changed(const cql_result_t *res, void *data) {
         m->message = NULL;
         m->deleted_at = r->at;
     }
+    if (op->s->ob) return ob_write_event(op, op->req->op);
     op_done(op, 0);
 }
 
@@ -1363,9 +2222,11 @@ static int cs_submit(store_t *base, store_req_t *r) {
     cass_store_t *s = (cass_store_t *)base;
     if (!s->cql) return CHAT_EINVAL;
     switch (r->op) {
-    case STORE_SEARCH: /* over SQLite's FTS5 table only */
+    case STORE_SEARCH: return CHAT_EINVAL; /* over SQLite's FTS5 table only */
     case STORE_OUTBOX_READ:
-    case STORE_OUTBOX_DELETE: return CHAT_EINVAL; /* no outbox here yet */
+    case STORE_OUTBOX_DELETE:
+        if (!s->ob) return CHAT_EINVAL;
+        break;
     default: break;
     }
     if (s->closing) return CHAT_ECLOSED;
@@ -1374,7 +2235,21 @@ static int cs_submit(store_t *base, store_req_t *r) {
     op->s = s;
     op->req = r;
     r->priv_ = op;
-    if (r->op == STORE_APPEND || r->op == STORE_EDIT || r->op == STORE_DELETE) {
+    bool change = r->op == STORE_APPEND || r->op == STORE_EDIT || r->op == STORE_DELETE;
+    if (s->ob && (r->op == STORE_OUTBOX_READ || r->op == STORE_OUTBOX_DELETE ||
+                  (change && ob_full(s->ob)))) {
+        /* answered on the next loop turn (or, a read, when its sweep ends) */
+        s->n_ops++;
+        if (r->op == STORE_OUTBOX_READ) ob_read(s->ob, op);
+        else if (r->op == STORE_OUTBOX_DELETE) ob_delete(s->ob, op);
+        else {
+            __atomic_add_fetch(&s->ob->refused, 1, __ATOMIC_RELAXED);
+            ob_defer(s->ob, op, CHAT_EBUSY);
+        }
+        return 0;
+    }
+    if (s->ob && change) op->ob_seq = ob_mint(s->ob);
+    if (change) {
         if (!(op->q = chatq_get(s, r->chat_id))) {
             free(op);
             return CHAT_ENOMEM;
@@ -1419,11 +2294,13 @@ static void on_cql_closed(void *arg) {
     void *darg = s->done_arg;
     bcache_clear(s);
     cfg_free(&s->cfg);
+    ob_free(s->ob);
     free(s);
     if (done) done(darg);
 }
 
 static void store_finish_close(cass_store_t *s) {
+    if (s->ob && ob_closing(s->ob)) return; /* called again once its handles closed */
     if (!s->cql) return;
     cql_client_t *c = s->cql;
     s->cql = NULL;
@@ -1444,6 +2321,7 @@ static void cs_close(store_t *base, void (*done)(void *), void *arg) {
         on_cql_closed(s);
         return;
     }
+    if (s->ob) uv_timer_stop(&s->ob->cycle);
     log_info("store_closing backend=cassandra in_flight=%zu", s->n_ops);
     if (!s->n_ops) store_finish_close(s);
 }
@@ -1610,12 +2488,77 @@ static int cs_health(store_t *base, char *detail, size_t n) {
     return CHAT_EIO;
 }
 
+/* Every shard's progress starts a minute back, once for the keyspace's life: before this
+ * node writes its first outbox row (IF NOT EXISTS: the first node to enable decides; every
+ * row written later has a larger seq, whichever node writes it, give or take a minute of
+ * clock skew). */
+static int ob_init_progress(cass_store_t *s) {
+    uv_loop_t loop;
+    if (uv_loop_init(&loop)) return CHAT_EIO;
+    cql_client_t *c = NULL;
+    char err[700];
+    int rc = sync_connect(&loop, &s->cfg, &c, err, sizeof err);
+    if (rc) log_error("store_cassandra_outbox_failed op=init err=\"%s\"", err);
+    char q[300];
+    snprintf(q, sizeof q,
+             "INSERT INTO %s.outbox_done (shard, seq, writer) VALUES (?, ?, 0) IF NOT EXISTS",
+             s->cfg.keyspace);
+    int64_t start = ob_floor(time_now_ms() - OB_START_BACK_MS);
+    for (int i = 0; rc == 0 && i < OB_SHARDS; i++) {
+        sync_ctx_t x = {0};
+        cql_value_t v[] = {cql_int(i), cql_bigint(start)};
+        if ((rc = sync_query(&loop, c, q, v, 2, &x)))
+            log_error("store_cassandra_outbox_failed op=init err=\"%s\"", x.msg);
+    }
+    if (c) sync_close(&loop, c);
+    uv_loop_close(&loop);
+    return rc ? CHAT_EIO : 0;
+}
+
+static int cs_outbox_enable(store_t *base, const store_outbox_opts_t *o) {
+    cass_store_t *s = (cass_store_t *)base;
+    if (!s->cql || s->ob || !o->encode) return CHAT_EINVAL;
+    if (ob_init_progress(s)) return CHAT_EIO;
+    ob_t *ob = calloc(1, sizeof *ob);
+    if (!ob) return CHAT_EIO;
+    ob->s = s;
+    ob->o = *o;
+    uint64_t w = 0;
+    if (getrandom(&w, sizeof w, 0) != (ssize_t)sizeof w)
+        w = (uint64_t)time_now_ms() ^ (uint64_t)getpid();
+    ob->writer = (int64_t)(w >> 1) | 1;
+    queue_init(&ob->deferred);
+    for (int i = 0; i < OB_SHARDS; i++) {
+        ob->sh[i].ob = ob;
+        ob->sh[i].idx = i;
+    }
+    uv_timer_init(base->loop, &ob->cycle);
+    uv_timer_init(base->loop, &ob->defer);
+    ob->cycle.data = ob->defer.data = ob;
+    ob->handles = 2;
+    s->ob = ob;
+    uv_timer_start(&ob->cycle, ob_on_cycle, 0, OB_CYCLE_MS);
+    log_info("store_cassandra_outbox shards=%d horizon_ms=%d lease_s=%d writer=%" PRId64, OB_SHARDS,
+             OB_HORIZON_MS, OB_LEASE_TTL_S, ob->writer);
+    return 0;
+}
+
+static void cs_outbox_stats(store_t *base, store_outbox_stats_t *out) {
+    ob_t *ob = ((cass_store_t *)base)->ob;
+    if (!ob) return;
+    out->rows = __atomic_load_n(&ob->depth, __ATOMIC_RELAXED);
+    out->refused = __atomic_load_n(&ob->refused, __ATOMIC_RELAXED);
+    out->written = __atomic_load_n(&ob->written, __ATOMIC_RELAXED);
+}
+
 static const store_ops_t cassandra_ops = {
     .name = "cassandra",
     .submit = cs_submit,
     .migrate = cs_migrate,
     .close = cs_close,
     .health = cs_health,
+    .outbox_enable = cs_outbox_enable,
+    .outbox_stats = cs_outbox_stats,
 };
 
 int store_cassandra_open(store_t **out, uv_loop_t *loop, const char *url, char *err,

@@ -224,7 +224,8 @@ static void stream__advance(stream_t *st, bool tick) {
  * and freed on this thread). */
 static void stream__produce(stream_t *st, const store_outbox_row_t *row) {
     char version[24];
-    int vlen = snprintf(version, sizeof version, "%" PRIu64, row->seq);
+    int vlen =
+        snprintf(version, sizeof version, "%" PRIu64, row->version ? row->version : row->seq);
     char mid[24];
     int mlen = snprintf(mid, sizeof mid, "%" PRIu64, row->message_id);
     rd_kafka_headers_t *h = rd_kafka_headers_new(2);

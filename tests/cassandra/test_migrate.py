@@ -1,5 +1,5 @@
 """`chatctl migrate` (what `make create-models` runs) creates the keyspace with the
-replication asked for and the three tables, idempotently, and chatd refuses a keyspace that
+replication asked for and its tables, idempotently, and chatd refuses a keyspace that
 was never migrated with a message that says what to do."""
 
 import os
@@ -9,7 +9,8 @@ import cassandra_support as cs
 
 from conftest import REPO, Chatd, clean_env
 
-TABLES = ["chat_buckets", "message_client_ids", "messages_by_chat", "read_positions"]
+TABLES = ["chat_buckets", "message_client_ids", "messages_by_chat", "outbox", "outbox_depth",
+          "outbox_done", "outbox_lease", "read_positions"]
 
 
 def keyspace_row(session, ks):

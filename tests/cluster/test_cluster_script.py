@@ -33,6 +33,7 @@ def script_env(tmp_path):
     env = clean_env({
         "CLUSTER_DIR": str(tmp_path / "cluster"),
         "CLUSTER_STORE": "sqlite",
+        "CLUSTER_SEARCH": "none",  # the search pipeline: test_cluster_search.py
         "CLUSTER_PORT": str(free_port()),
         # nodes on NODE_PORT_BASE+1..3
         "NODE_PORT_BASE": str(free_port(block=4)),

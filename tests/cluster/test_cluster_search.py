@@ -1,4 +1,4 @@
-"""scripts/cluster with the search pipeline (CLUSTER_STORE=sqlite CLUSTER_SEARCH=opensearch),
+"""scripts/cluster with the search pipeline (its default CLUSTER_SEARCH=opensearch; CLUSTER_STORE=sqlite),
 run as a user runs it: start brings up Redis, Kafka, OpenSearch, three nodes, HAProxy and a
 chat-indexer on free ports in a tmp dir; messages sent, edited and deleted over WebSocket
 (through HAProxy and straight to the nodes) become searchable on every node; status says
@@ -72,8 +72,7 @@ def all_ports(env):
 def search_cluster(tmp_path_factory):
     env = clean_env({
         "CLUSTER_DIR": str(tmp_path_factory.mktemp("cluster-search") / "cluster"),
-        "CLUSTER_STORE": "sqlite",
-        "CLUSTER_SEARCH": "opensearch",
+        "CLUSTER_STORE": "sqlite",  # CLUSTER_SEARCH left to its default: the pipeline
         # nodes on NODE_PORT_BASE+1..3
         "NODE_PORT_BASE": str(free_port(block=4)),
         **{v: str(free_port()) for v in PORT_VARS},

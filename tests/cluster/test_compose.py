@@ -1,7 +1,8 @@
 """The Docker deployment, checked without a Docker engine: docker-compose.yml passes
 `docker compose config` (or docker-compose's), its services, ports and CHAT_* environment
-match what chatd reads (`chatd --help` is the reference), the Dockerfile's runtime stage
-runs as non-root with a HEALTHCHECK, and deploy/haproxy.cfg passes `haproxy -c`."""
+match what chatd reads (`chatd --help` is the reference), the search pipeline (Kafka,
+OpenSearch, chat-indexer) is wired to the nodes, the Dockerfile's runtime stage runs as
+non-root with a HEALTHCHECK, and deploy/haproxy.cfg passes `haproxy -c`."""
 
 import os
 import re
@@ -90,7 +91,8 @@ def test_every_chat_variable_is_one_chatd_reads(chatd_vars):
 
 def test_compose_services(config, chatd_vars):
     services = config["services"]
-    assert set(services) >= {"redis", "cassandra", "migrate", "haproxy", *NODES}
+    assert set(services) >= {"redis", "cassandra", "kafka", "opensearch", "migrate",
+                             "chat-indexer", "haproxy", *NODES}
 
     cas = services["cassandra"]
     assert cas["image"] == "cassandra:5.0"
@@ -102,8 +104,10 @@ def test_compose_services(config, chatd_vars):
 
     mig = services["migrate"]
     assert "chatctl" in " ".join(mig["command"]) and "migrate" in " ".join(mig["command"])
-    assert depends(mig) == {"cassandra": "service_healthy"}
+    assert depends(mig) == {"cassandra": "service_healthy", "kafka": "service_healthy"}
     assert env_of(mig)["CHAT_STORE"].startswith("cassandra://cassandra:9042/")
+    # migrate also creates the topic the nodes produce to
+    assert env_of(mig)["CHAT_KAFKA"] == "kafka:9092"
 
     node_ids, public = set(), {}
     for name in NODES:
@@ -113,6 +117,8 @@ def test_compose_services(config, chatd_vars):
         assert env["CHAT_PORT"] == "8000" and env["CHAT_HOST"] == "0.0.0.0"
         assert env["CHAT_BUS"] == "redis://redis:6379"
         assert env["CHAT_STORE"] == env_of(mig)["CHAT_STORE"], "nodes and migrate: one store"
+        assert env["CHAT_KAFKA"] == env_of(mig)["CHAT_KAFKA"], "nodes and migrate: one Kafka"
+        assert env["CHAT_SEARCH"] == "opensearch://opensearch:9200"
         assert env["CHAT_JWT_SECRET"] == SECRET, "the secret comes from the environment"
         node_ids.add(int(env["CHAT_NODE_ID"]))
         ports = published(svc)
@@ -125,6 +131,34 @@ def test_compose_services(config, chatd_vars):
         assert "deploy/Dockerfile" in str(svc["build"].get("dockerfile")), svc["build"]
     assert node_ids == {1, 2, 3}, "each node its own id"
     assert sorted(public.values()) == [8001, 8002, 8003]
+
+    kafka = services["kafka"]
+    kenv = env_of(kafka)
+    assert kafka["image"].startswith("apache/kafka:")
+    assert "broker" in kenv["KAFKA_PROCESS_ROLES"] and "controller" in kenv["KAFKA_PROCESS_ROLES"]
+    assert "PLAINTEXT://kafka:9092" in kenv["KAFKA_ADVERTISED_LISTENERS"], \
+        "the broker announces the name the other containers reach it by"
+    assert kenv["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "a typo must not make a topic"
+    assert "kafka-broker-api-versions" in " ".join(kafka["healthcheck"]["test"])
+
+    osearch = services["opensearch"]
+    assert osearch["image"].startswith("opensearchproject/opensearch:2.")
+    assert env_of(osearch)["discovery.type"] == "single-node"
+    assert "_cluster/health" in " ".join(osearch["healthcheck"]["test"])
+
+    ix = services["chat-indexer"]
+    cmd = ix["command"]
+    assert cmd[0] == "chat-indexer"
+    assert cmd[cmd.index("--kafka") + 1] == "kafka:9092"
+    assert cmd[cmd.index("--search") + 1] == env_of(services["chatd1"])["CHAT_SEARCH"], \
+        "the indexer fills the index the nodes search"
+    mport = int(cmd[cmd.index("--metrics-port") + 1])
+    assert ("127.0.0.1", mport, mport) in published(ix), "/metrics on the host's loopback"
+    assert depends(ix) == {"migrate": "service_completed_successfully",
+                           "opensearch": "service_healthy"}
+    assert f"127.0.0.1:{mport}/metrics" in " ".join(ix["healthcheck"]["test"]), \
+        "its own healthcheck, not the image's chatd one"
+    assert ix["image"] == services["chatd1"]["image"]
 
     hap = services["haproxy"]
     assert any(t == 8000 and p == 8000 for _, p, t in published(hap))
@@ -184,6 +218,7 @@ def test_dockerfile_runtime_stage():
     assert any(w == "EXPOSE" and "8000" in r.split() for w, r in instr)
     copies = " ".join(r for w, r in instr if w == "COPY")
     assert "--from=" in copies and "chatd" in copies and "chatctl" in copies
+    assert "chat-indexer" in copies
     assert re.search(r"(^|\s)web/?\s", copies + " "), "the web client is in the image"
 
 

@@ -5,7 +5,9 @@ The one idea: reuse, not copy. chatd is started by the functional suite's Chatd 
 fixture, Kafka by the components suite's Component class (both loaded from their files), so
 these tests start both exactly as the other suites do. Kafka is started once (about 20 s)
 and stopped and started again only by the tests that need an outage; every test uses a topic
-of its own, created by `chatctl migrate`, the way an operator would.
+of its own, created by `chatctl migrate`, the way an operator would. The contract tests run
+on both stores (the `store` fixture): SQLite, and the shared Cassandra node of
+tests/cassandra_support.py (the Makefile's, or one it starts), a fresh keyspace per chatd.
 """
 
 import importlib.util
@@ -17,6 +19,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 sys.path.insert(0, str(TESTS / "functional"))
+sys.path.insert(0, str(TESTS))
 
 
 def _load(name, path):
@@ -44,3 +47,24 @@ def kafka(tmp_path_factory):
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture(params=["sqlite", "cassandra"])
+def store(request):
+    """A factory of --store URLs: None (chatd's own SQLite file) or a fresh keyspace of the
+    shared Cassandra, given back after the test. Name it before `chatd` in a test's
+    arguments, so that the servers stop before their keyspaces are recycled."""
+    if request.param == "sqlite":
+        yield lambda: None
+        return
+    import cassandra_support
+
+    urls = []
+
+    def new():
+        urls.append(cassandra_support.new_store_url(outbox=True))
+        return urls[-1]
+
+    yield new
+    for u in urls:
+        cassandra_support.drop_store(u)

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import defaultdict
 
+import pytest
 from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
@@ -41,8 +42,8 @@ def new_topic(kafka, tmp_path):
     return topic
 
 
-def start_chatd(chatd, kafka, topic, *extra, **kw):
-    return chatd("--kafka", brokers(kafka), "--kafka-topic", topic, *extra, **kw)
+def start_chatd(chatd, kafka, topic, *extra, store=None):
+    return chatd("--kafka", brokers(kafka), "--kafka-topic", topic, *extra, store=store)
 
 
 class Record:
@@ -145,9 +146,9 @@ def ack(client, pred, timeout=10):
     return client.wait_for(check, timeout=timeout)
 
 
-def test_events_reach_the_topic_as_members_receive_them(kafka, chatd, tmp_path):
+def test_events_reach_the_topic_as_members_receive_them(kafka, store, chatd, tmp_path):
     topic = new_topic(kafka, tmp_path)
-    server = start_chatd(chatd, kafka, topic)
+    server = start_chatd(chatd, kafka, topic, store=store())
     chats = ["room-a", "room-b", "room-c"]
     alice = {c: server.client(c, "alice") for c in chats}
     bob = {c: server.client(c, "bob") for c in chats}
@@ -185,9 +186,10 @@ def test_events_reach_the_topic_as_members_receive_them(kafka, chatd, tmp_path):
     wait_metric(server, "chat_outbox_depth", lambda v: v == 0)
 
 
-def test_kafka_down_then_up_every_acknowledged_event_arrives_in_order(kafka, chatd, tmp_path):
+def test_kafka_down_then_up_every_acknowledged_event_arrives_in_order(kafka, store, chatd,
+                                                                     tmp_path):
     topic = new_topic(kafka, tmp_path)
-    server = start_chatd(chatd, kafka, topic)
+    server = start_chatd(chatd, kafka, topic, store=store())
     chats = ["down-a", "down-b", "down-c"]
     alice = {c: server.client(c, "alice") for c in chats}
     acked = defaultdict(list)  # chat -> the acknowledged events, in order
@@ -228,10 +230,10 @@ def test_kafka_down_then_up_every_acknowledged_event_arrives_in_order(kafka, cha
     assert metric_value(metrics(server), "chat_kafka_produced_total") >= total
 
 
-def test_kill9_while_kafka_down_and_a_full_outbox(kafka, chatd, tmp_path):
+def test_kill9_while_kafka_down_and_a_full_outbox(kafka, store, chatd, tmp_path):
     topic = new_topic(kafka, tmp_path)
-    victim = start_chatd(chatd, kafka, topic)
-    bounded = start_chatd(chatd, kafka, topic, "--outbox-max-rows", "3")
+    victim = start_chatd(chatd, kafka, topic, store=store())
+    bounded = start_chatd(chatd, kafka, topic, "--outbox-max-rows", "3", store=store())
     assert kafka.stop().returncode == 0
     try:
         a = victim.client("kill9-chat", "alice")
@@ -354,3 +356,77 @@ def test_two_nodes_sharing_one_store_each_relay_every_event(kafka, chatd, tmp_pa
     m = [metrics(n) for n in (a, b)]
     print("read back: a", metric_value(m[0], "chat_outbox_read_total"),
           "b", metric_value(m[1], "chat_outbox_read_total"))
+
+
+def acquired_shards(server):
+    return server.log.count("outbox_shard_acquired")
+
+
+@pytest.mark.parametrize("store", ["cassandra"], indirect=True)
+def test_two_nodes_on_one_keyspace_a_killed_relay_s_shards_move(kafka, store, chatd, tmp_path):
+    """Two chatd on one Cassandra keyspace; the one relaying every shard (it came first) is
+    killed while Kafka is down, right after acknowledging: the other takes the shards over
+    once their leases run out, and every acknowledged event of both reaches the topic, in
+    per-chat order."""
+    url = store()
+    topic = new_topic(kafka, tmp_path)
+    first = start_chatd(chatd, kafka, topic, "--node-id", "1", store=url)
+    end = time.monotonic() + 30
+    while acquired_shards(first) < 16 and time.monotonic() < end:
+        time.sleep(0.1)
+    assert acquired_shards(first) == 16, first.log
+    second = start_chatd(chatd, kafka, topic, "--node-id", "2", store=url)
+    chats = {"lease-a": first, "lease-b": first, "lease-c": second, "lease-d": second}
+    clients = {c: node.client(c, "alice") for c, node in chats.items()}
+    acked = defaultdict(list)
+    assert kafka.stop().returncode == 0
+    try:
+        for i in range(5):
+            for c, cl in clients.items():
+                acked[c].append(cl.say(f"{c} {i}"))
+        first.kill9()
+        assert acquired_shards(second) == 0  # the first one still held them all
+    finally:
+        kafka.start()
+    total = sum(len(v) for v in acked.values())
+    records = consume(kafka, topic, want=total)
+    got, dups = by_chat_first_copies(records)
+    print(f"acknowledged={total} records={len(records)} duplicates={dups}")
+    for c in chats:
+        assert [json.loads(r.value)["message_id"] for r in got[c]] == \
+            [ev["message_id"] for ev in acked[c]], c
+    assert acquired_shards(second) == 16
+    wait_metric(second, "chat_outbox_depth", lambda v: v == 0)
+
+
+@pytest.mark.parametrize("store", ["cassandra"], indirect=True)
+def test_a_retry_answered_with_the_stored_message_reaches_the_topic(kafka, store, chatd,
+                                                                      tmp_path):
+    """On Cassandra a send whose write timed out was reported failed, yet its batch can still
+    land (the batch log replays it) after the relay's read horizon passed its outbox row. The
+    client retries with the same client_id and is acknowledged with the stored message: that
+    acknowledgement must reach the topic too. The late row is made by hand: the first
+    attempt's outbox row is removed before the relay could read it (Kafka is down, and the
+    relay reads rows only 5 s after they were written)."""
+    import cassandra_support
+
+    topic = new_topic(kafka, tmp_path)
+    url = store()
+    server = start_chatd(chatd, kafka, topic, store=url)
+    assert kafka.stop().returncode == 0
+    try:
+        first = server.client("retry-chat", "alice").say("sent, then retried", client_id="c-r1")
+        cql = cassandra_support.MiniCQL(int(url.split(":")[2].split("/")[0]))
+        cql.query(f"TRUNCATE {url.rsplit('/', 1)[1]}.outbox", consistency=0x0005)
+        cql.close()
+        again = server.client("retry-chat", "alice").say("sent, then retried", client_id="c-r1")
+        assert again["message_id"] == first["message_id"]  # the stored one, not a new message
+    finally:
+        kafka.start()
+    marker = server.client("retry-chat", "bob").say("after the retry")
+    records = consume(kafka, topic, want=2, deadline_s=40)
+    got, _ = by_chat_first_copies(records)
+    ids = [json.loads(r.value)["message_id"] for r in got.get("retry-chat", [])]
+    assert first["message_id"] in ids, f"the acknowledged retry never reached the topic: {ids}"
+    assert rebuild(got["retry-chat"]) == server.all_history("retry-chat")
+    assert marker["message_id"] in ids
