@@ -546,6 +546,7 @@ struct cass_op {
     cass_op_t *dup_next;
     /* the outbox: this change's event seq (0: none); a deferred answer (ob_defer) */
     int64_t ob_seq;
+    int ob_then; /* the answer once its outbox row is written (0: the change's own) */
     queue_t dlink;
     int defer_status;
     /* edit/delete: the row before the change */
@@ -1134,7 +1135,7 @@ static void ob_on_change_written(const cql_result_t *res, void *data) {
         return op_done(op, st);
     }
     ob_written(ob, op->ob_seq);
-    op_done(op, 0);
+    op_done(op, op->ob_then);
 }
 
 /* An edit or delete applied (kind: r->op), or a retried send answered with the stored
@@ -1938,7 +1939,20 @@ static void on_row_read(const cql_result_t *res, void *data) {
     if (res->resp->rows.n_rows == 0) return op_done(op, CHAT_ENOTFOUND);
     int rc = row_to_msg(&res->resp->rows, 0, r->chat_id, &op->row);
     if (rc) return op_done(op, rc);
-    if (op->row.deleted_at) return op_done(op, CHAT_ENOTFOUND);
+    if (op->row.deleted_at) {
+        if (op->s->ob && r->op == STORE_DELETE && strcmp(op->row.user_from, r->user) == 0) {
+            /* Its author deletes it again: most likely a retry of a delete that applied but
+             * whose outbox row was never written (chatd died between the two, or that write
+             * failed), so nothing told the topic. The tombstone goes into the outbox again
+             * under a new seq (harmless if it was there), and the answer stays not_found. */
+            r->msg = op->row;
+            memset(&op->row, 0, sizeof op->row);
+            op->ob_seq = ob_mint(op->s->ob);
+            op->ob_then = CHAT_ENOTFOUND;
+            return ob_write_event(op, STORE_DELETE);
+        }
+        return op_done(op, CHAT_ENOTFOUND);
+    }
     if (strcmp(op->row.user_from, r->user) != 0) return op_done(op, CHAT_EPERM);
     int32_t b = bucket_of(r->id);
     cql_params_t p = CQL_PARAMS_DEFAULT;

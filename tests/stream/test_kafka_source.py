@@ -430,3 +430,38 @@ def test_a_retry_answered_with_the_stored_message_reaches_the_topic(kafka, store
     assert first["message_id"] in ids, f"the acknowledged retry never reached the topic: {ids}"
     assert rebuild(got["retry-chat"]) == server.all_history("retry-chat")
     assert marker["message_id"] in ids
+
+
+@pytest.mark.parametrize("store", ["cassandra"], indirect=True)
+def test_a_delete_retried_after_its_event_was_lost_reaches_the_topic(kafka, store, chatd,
+                                                                      tmp_path):
+    """On Cassandra a delete is a lightweight transaction and its outbox row a write after it:
+    if chatd dies between the two, the message is deleted and the topic never hears of it (a
+    search engine fed from the topic would keep finding it). The author's client, never
+    acknowledged, deletes again: still not_found, as on SQLite, but the tombstone now reaches
+    the topic. The lost row is made by hand (removed while Kafka is down)."""
+    import cassandra_support
+
+    topic = new_topic(kafka, tmp_path)
+    url = store()
+    server = start_chatd(chatd, kafka, topic, store=url)
+    assert kafka.stop().returncode == 0
+    try:
+        alice = server.client("undelete-chat", "alice")
+        m = alice.say("secret, then deleted")
+        alice.send({"event": "message:delete", "message_id": m["message_id"]})
+        ack(alice, lambda ev: ev.get("event") == "message:delete")
+        cql = cassandra_support.MiniCQL(int(url.split(":")[2].split("/")[0]))
+        cql.query(f"TRUNCATE {url.rsplit('/', 1)[1]}.outbox", consistency=0x0005)
+        cql.close()
+        alice.send({"event": "message:delete", "message_id": m["message_id"]})
+        err = alice.wait_for(lambda ev: ev.get("event") == "error")
+        assert err["code"] == "not_found", err
+    finally:
+        kafka.start()
+    marker = alice.say("after the second delete")
+    records = consume(kafka, topic, want=2, deadline_s=40)
+    events = [json.loads(r.value) for r in records if r.key == "undelete-chat"]
+    assert {"event": "message:delete", "message_id": m["message_id"]}.items() <= \
+        next((e for e in events if e["event"] == "message:delete"), {}).items(), events
+    assert marker["message_id"] in [e["message_id"] for e in events]
