@@ -46,45 +46,32 @@ void chat_record_close(chat_server_t *s, uint16_t code) {
 }
 
 void chat_metrics_render(chat_server_t *s, sbuf_t *sb) {
-    sbuf_puts(sb, "# HELP chat_connections Open WebSocket connections.\n"
-                  "# TYPE chat_connections gauge\n");
-    sbuf_printf(sb, "chat_connections %zu\n", s->n_sessions);
-    sbuf_puts(sb, "# HELP chat_http_connections Open connections still speaking HTTP.\n"
-                  "# TYPE chat_http_connections gauge\n");
-    sbuf_printf(sb, "chat_http_connections %zu\n", s->n_peers - s->n_sessions);
-    sbuf_puts(sb, "# HELP chat_rooms Chats with at least one member on this node.\n"
-                  "# TYPE chat_rooms gauge\n");
-    sbuf_printf(sb, "chat_rooms %zu\n", s->rooms.n);
-    sbuf_puts(sb, "# HELP chat_websocket_opened_total WebSocket connections accepted.\n"
-                  "# TYPE chat_websocket_opened_total counter\n");
-    sbuf_printf(sb, "chat_websocket_opened_total %" PRIu64 "\n", s->m.ws_opened);
-    sbuf_puts(sb, "# HELP chat_websocket_deflate_total WebSocket connections accepted with "
-                  "permessage-deflate.\n"
-                  "# TYPE chat_websocket_deflate_total counter\n");
-    sbuf_printf(sb, "chat_websocket_deflate_total %" PRIu64 "\n", s->m.ws_deflate);
-    sbuf_puts(sb, "# HELP chat_deflate_frames_total Frames compressed (one per event, whatever "
-                  "the number of compressing members it went to).\n"
-                  "# TYPE chat_deflate_frames_total counter\n");
-    sbuf_printf(sb, "chat_deflate_frames_total %" PRIu64 "\n", s->m.deflate_frames);
-    sbuf_puts(sb, "# HELP chat_deflate_deliveries_total Compressed frames queued to members.\n"
-                  "# TYPE chat_deflate_deliveries_total counter\n");
-    sbuf_printf(sb, "chat_deflate_deliveries_total %" PRIu64 "\n", s->m.deflate_out);
-    sbuf_puts(sb, "# HELP chat_messages_in_total Chat events received from clients.\n"
-                  "# TYPE chat_messages_in_total counter\n");
-    sbuf_printf(sb, "chat_messages_in_total %" PRIu64 "\n", s->m.messages_in);
-    sbuf_puts(sb, "# HELP chat_messages_out_total Event frames queued to WebSocket members.\n"
-                  "# TYPE chat_messages_out_total counter\n");
-    sbuf_printf(sb, "chat_messages_out_total %" PRIu64 "\n",
+    sbuf_metric(sb, "chat_connections", "gauge", "Open WebSocket connections.", s->n_sessions);
+    sbuf_metric(sb, "chat_http_connections", "gauge", "Open connections still speaking HTTP.",
+                s->n_peers - s->n_sessions);
+    sbuf_metric(sb, "chat_rooms", "gauge", "Chats with at least one member on this node.",
+                s->rooms.n);
+    sbuf_metric(sb, "chat_websocket_opened_total", "counter", "WebSocket connections accepted.",
+                s->m.ws_opened);
+    sbuf_metric(sb, "chat_websocket_deflate_total", "counter",
+                "WebSocket connections accepted with permessage-deflate.", s->m.ws_deflate);
+    sbuf_metric(
+        sb, "chat_deflate_frames_total", "counter",
+        "Frames compressed (one per event, whatever the number of compressing members it went to).",
+        s->m.deflate_frames);
+    sbuf_metric(sb, "chat_deflate_deliveries_total", "counter",
+                "Compressed frames queued to members.", s->m.deflate_out);
+    sbuf_metric(sb, "chat_messages_in_total", "counter", "Chat events received from clients.",
+                s->m.messages_in);
+    sbuf_metric(sb, "chat_messages_out_total", "counter",
+                "Event frames queued to WebSocket members.",
                 s->m.messages_out + s->rooms.delivered);
-    sbuf_puts(sb, "# HELP chat_http_requests_total HTTP requests answered.\n"
-                  "# TYPE chat_http_requests_total counter\n");
-    sbuf_printf(sb, "chat_http_requests_total %" PRIu64 "\n", s->m.http_requests);
-    sbuf_puts(sb, "# HELP chat_store_errors_total Store requests that failed.\n"
-                  "# TYPE chat_store_errors_total counter\n");
-    sbuf_printf(sb, "chat_store_errors_total %" PRIu64 "\n", s->m.store_errors);
-    sbuf_puts(sb, "# HELP chat_rate_limited_total Sends refused by --rate-limit.\n"
-                  "# TYPE chat_rate_limited_total counter\n");
-    sbuf_printf(sb, "chat_rate_limited_total %" PRIu64 "\n", s->m.rate_limited);
+    sbuf_metric(sb, "chat_http_requests_total", "counter", "HTTP requests answered.",
+                s->m.http_requests);
+    sbuf_metric(sb, "chat_store_errors_total", "counter", "Store requests that failed.",
+                s->m.store_errors);
+    sbuf_metric(sb, "chat_rate_limited_total", "counter", "Sends refused by --rate-limit.",
+                s->m.rate_limited);
     chat__hist_render(sb, "chat_store_latency_seconds", "Time from store submit to completion.",
                       &s->m.store_lat);
     store_metrics(s->store, sb);

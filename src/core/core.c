@@ -277,6 +277,11 @@ void sbuf_json_str(sbuf_t *sb, const char *s, size_t n) {
     sb->p[sb->len] = 0;
 }
 
+void sbuf_metric(sbuf_t *sb, const char *name, const char *type, const char *help, uint64_t v) {
+    sbuf_printf(sb, "# HELP %s %s\n# TYPE %s %s\n%s %" PRIu64 "\n", name, help, name, type, name,
+                v);
+}
+
 void sbuf_free(sbuf_t *sb) {
     free(sb->p);
     sb->p = NULL;

@@ -78,6 +78,9 @@ void sbuf_puts(sbuf_t *sb, const char *s);
 void sbuf_printf(sbuf_t *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Append s[0..n) as a JSON string literal, quotes included (json_escape). */
 void sbuf_json_str(sbuf_t *sb, const char *s, size_t n);
+/* Append one Prometheus metric with its HELP and TYPE lines: "counter" or "gauge" for
+ * type; name and help are the caller's (written as they are, not escaped). */
+void sbuf_metric(sbuf_t *sb, const char *name, const char *type, const char *help, uint64_t v);
 
 /* ---- JSON strings and UTF-8 ----------------------------------------------------------- */
 /* The contents of a JSON string literal for s[0..n), without the quotes: written to out

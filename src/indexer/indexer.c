@@ -435,30 +435,28 @@ static void process(ix_t *ix, rec_t *r, size_t n) {
 
 /* ---- /metrics -------------------------------------------------------------------------- */
 
-static void put_counter(sbuf_t *sb, const char *name, const char *help, uint64_t v) {
-    sbuf_printf(sb, "# HELP %s %s\n# TYPE %s counter\n%s %" PRIu64 "\n", name, help, name, name, v);
-}
-
 static void metrics_text(ix_t *ix, sbuf_t *sb) {
     metrics_t *m = &ix->m;
-    put_counter(sb, "chat_indexer_records_total", "Kafka records consumed.", m->records);
-    put_counter(sb, "chat_indexer_docs_indexed_total", "Documents the engine wrote.", m->indexed);
-    put_counter(sb, "chat_indexer_docs_stale_total",
+    sbuf_metric(sb, "chat_indexer_records_total", "counter", "Kafka records consumed.", m->records);
+    sbuf_metric(sb, "chat_indexer_docs_indexed_total", "counter", "Documents the engine wrote.",
+                m->indexed);
+    sbuf_metric(sb, "chat_indexer_docs_stale_total", "counter",
                 "Records the engine refused as older than the document it holds (replays).",
                 m->stale);
-    put_counter(sb, "chat_indexer_dead_letters_total",
+    sbuf_metric(sb, "chat_indexer_dead_letters_total", "counter",
                 "Records copied to the dead-letter topic (poison: never indexable).", m->dead);
-    put_counter(sb, "chat_indexer_bulk_requests_total", "_bulk requests sent.", m->bulks);
-    put_counter(sb, "chat_indexer_bulk_errors_total",
+    sbuf_metric(sb, "chat_indexer_bulk_requests_total", "counter", "_bulk requests sent.",
+                m->bulks);
+    sbuf_metric(sb, "chat_indexer_bulk_errors_total", "counter",
                 "_bulk requests that failed as a whole (engine away, 5xx): retried.",
                 m->bulk_errors);
-    put_counter(sb, "chat_indexer_item_retries_total",
+    sbuf_metric(sb, "chat_indexer_item_retries_total", "counter",
                 "Documents the engine answered with a retryable error (429, 5xx).",
                 m->item_retries);
-    put_counter(sb, "chat_indexer_commit_errors_total",
+    sbuf_metric(sb, "chat_indexer_commit_errors_total", "counter",
                 "Offset commits that failed (a rebalance): those records are indexed again.",
                 m->commit_errors);
-    put_counter(sb, "chat_indexer_dlq_errors_total",
+    sbuf_metric(sb, "chat_indexer_dlq_errors_total", "counter",
                 "Failed deliveries to the dead-letter topic (retried).", m->dlq_errors);
     sbuf_puts(sb, "# HELP chat_indexer_bulk_latency_seconds Time of a successful _bulk request.\n"
                   "# TYPE chat_indexer_bulk_latency_seconds histogram\n");

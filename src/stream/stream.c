@@ -609,8 +609,7 @@ void stream_metrics(stream_t *st, sbuf_t *sb) {
          "Times the relay produced again from the oldest unacknowledged event.", st->restarts},
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
-        sbuf_printf(sb, "# HELP %s %s\n# TYPE %s %s\n%s %" PRIu64 "\n", rows[i].name, rows[i].help,
-                    rows[i].name, rows[i].type, rows[i].name, rows[i].v);
+        sbuf_metric(sb, rows[i].name, rows[i].type, rows[i].help, rows[i].v);
 }
 
 /* ---- the topic (chatctl migrate) ---------------------------------------------------------- */
