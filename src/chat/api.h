@@ -29,6 +29,18 @@ static inline void api_done(http_peer_t *hp) {
     chat_peer_unref(&hp->peer);
 }
 
+/* A store read for an HTTP request (op->origin) came back: its latency recorded, and a
+ * failure counted and answered (503 store_unavailable). true: answered, nothing more to
+ * send. */
+static inline bool api_store_failed(op_t *op, const store_req_t *req) {
+    chat_record_latency(op->srv, op->t0);
+    if (req->status >= 0) return false;
+    op->srv->m.store_errors++;
+    http_conn_error(&((http_peer_t *)op->origin)->http, 503, "store_unavailable",
+                    chat_strerror(req->status), op->keep_alive);
+    return true;
+}
+
 /* api_auth.c: the one token check of REST and WebSocket. true: *cl filled (the caller
  * frees it with jwt_claims_free). false: answered 401 or 403, cl untouched. chat_id NULL:
  * no chat to check. */

@@ -14,13 +14,7 @@
 static void api__history_done(store_req_t *req) {
     op_t *op = req->data;
     http_peer_t *hp = (http_peer_t *)op->origin;
-    chat_server_t *s = op->srv;
-    chat_record_latency(s, op->t0);
-    if (req->status < 0) {
-        s->m.store_errors++;
-        http_conn_error(&hp->http, 503, "store_unavailable", chat_strerror(req->status),
-                        op->keep_alive);
-    } else {
+    if (!api_store_failed(op, req)) {
         int want = req->limit - 1; /* one more was asked for, to know if a page follows */
         size_t n = req->n_msgs > (size_t)want ? (size_t)want : req->n_msgs;
         sbuf_t sb = {0};

@@ -9,13 +9,7 @@
 static void api__read_done(store_req_t *req) {
     op_t *op = req->data;
     http_peer_t *hp = (http_peer_t *)op->origin;
-    chat_server_t *s = op->srv;
-    chat_record_latency(s, op->t0);
-    if (req->status < 0) {
-        s->m.store_errors++;
-        http_conn_error(&hp->http, 503, "store_unavailable", chat_strerror(req->status),
-                        op->keep_alive);
-    } else {
+    if (!api_store_failed(op, req)) {
         sbuf_t sb = {0};
         sbuf_puts(&sb, "{\"chat_id\":");
         sbuf_json_str(&sb, op->chat_id, strlen(op->chat_id));
