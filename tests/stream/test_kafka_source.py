@@ -399,6 +399,16 @@ def test_two_nodes_on_one_keyspace_a_killed_relay_s_shards_move(kafka, store, ch
     wait_metric(second, "chat_outbox_depth", lambda v: v == 0)
 
 
+def lose_outbox_rows(url):
+    """Every outbox row of the keyspace behind a cassandra:// store URL removed, as if the
+    relay had never been able to see them."""
+    import cassandra_support
+
+    cql = cassandra_support.MiniCQL(int(url.split(":")[2].split("/")[0]))
+    cql.query(f"TRUNCATE {url.rsplit('/', 1)[1]}.outbox", consistency=0x0005)  # ALL
+    cql.close()
+
+
 @pytest.mark.parametrize("store", ["cassandra"], indirect=True)
 def test_a_retry_answered_with_the_stored_message_reaches_the_topic(kafka, store, chatd,
                                                                       tmp_path):
@@ -408,17 +418,13 @@ def test_a_retry_answered_with_the_stored_message_reaches_the_topic(kafka, store
     acknowledgement must reach the topic too. The late row is made by hand: the first
     attempt's outbox row is removed before the relay could read it (Kafka is down, and the
     relay reads rows only 5 s after they were written)."""
-    import cassandra_support
-
     topic = new_topic(kafka, tmp_path)
     url = store()
     server = start_chatd(chatd, kafka, topic, store=url)
     assert kafka.stop().returncode == 0
     try:
         first = server.client("retry-chat", "alice").say("sent, then retried", client_id="c-r1")
-        cql = cassandra_support.MiniCQL(int(url.split(":")[2].split("/")[0]))
-        cql.query(f"TRUNCATE {url.rsplit('/', 1)[1]}.outbox", consistency=0x0005)
-        cql.close()
+        lose_outbox_rows(url)
         again = server.client("retry-chat", "alice").say("sent, then retried", client_id="c-r1")
         assert again["message_id"] == first["message_id"]  # the stored one, not a new message
     finally:
@@ -440,8 +446,6 @@ def test_a_delete_retried_after_its_event_was_lost_reaches_the_topic(kafka, stor
     search engine fed from the topic would keep finding it). The author's client, never
     acknowledged, deletes again: still not_found, as on SQLite, but the tombstone now reaches
     the topic. The lost row is made by hand (removed while Kafka is down)."""
-    import cassandra_support
-
     topic = new_topic(kafka, tmp_path)
     url = store()
     server = start_chatd(chatd, kafka, topic, store=url)
@@ -451,9 +455,7 @@ def test_a_delete_retried_after_its_event_was_lost_reaches_the_topic(kafka, stor
         m = alice.say("secret, then deleted")
         alice.send({"event": "message:delete", "message_id": m["message_id"]})
         ack(alice, lambda ev: ev.get("event") == "message:delete")
-        cql = cassandra_support.MiniCQL(int(url.split(":")[2].split("/")[0]))
-        cql.query(f"TRUNCATE {url.rsplit('/', 1)[1]}.outbox", consistency=0x0005)
-        cql.close()
+        lose_outbox_rows(url)
         alice.send({"event": "message:delete", "message_id": m["message_id"]})
         err = alice.wait_for(lambda ev: ev.get("event") == "error")
         assert err["code"] == "not_found", err
